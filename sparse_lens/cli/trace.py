@@ -1,0 +1,114 @@
+"""``sparse-lens trace``: one sparse trace of a needle-in-a-haystack prompt, end to end.
+
+Loads the model, builds a RULER-style needle prompt of ``--length`` tokens, runs it sparsely with
+every layer's pattern cached, scores fidelity against dense attention (where dense is affordable),
+lets the model answer (sparse prefill, greedy decode), and writes ``summary.json`` and a plot of
+the needle's block in the kept patterns per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from sparse_lens.analysis import fidelity
+from sparse_lens.analysis.needle import needle_recall
+from sparse_lens.config import StreamConfig
+from sparse_lens.data import needle_prompt, score_answer
+from sparse_lens.plots import plot_needle_recall
+from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
+
+DENSE_FIDELITY_LIMIT = 16_384
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, GGUF path, HF directory or hub id")
+    parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
+    parser.add_argument("--out", type=Path, default=Path("trace_out"), help="output directory")
+    parser.add_argument("--query-block", type=int, default=64)
+    parser.add_argument("--key-block", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=16, help="key blocks kept per query block")
+    parser.add_argument("--sink-blocks", type=int, default=1)
+    parser.add_argument("--local-blocks", type=int, default=1)
+    parser.add_argument("--depth", type=float, default=0.5, help="needle depth in the haystack, 0..1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fidelity", choices=["auto", "on", "off"], default="auto",
+                        help=f"score against dense attention (auto: up to {DENSE_FIDELITY_LIMIT} tokens)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1") if str(args.model) == DEFAULT_MODEL else None
+    started = time.perf_counter()
+    stream = StreamConfig(
+        query_block=args.query_block, key_block=args.key_block, top_k=args.top_k,
+        sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, mode="sparse", keep_qk=False,
+    )
+    print(f"[1/5] loading {args.model}", flush=True)
+    model = HookedSparseTransformer.from_pretrained(args.model, stream=stream, device=args.device)
+    print(f"[2/5] building a {args.length}-token needle prompt", flush=True)
+    sample = needle_prompt(model.tokenizer, args.length, depth=args.depth, seed=args.seed, answer_tokens=args.max_new_tokens)
+    tokens = torch.tensor([sample.input_ids], device=args.device)
+
+    print(f"[3/5] sparse forward with every layer's pattern cached ({sample.length} tokens)", flush=True)
+    forward_started = time.perf_counter()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    forward_seconds = time.perf_counter() - forward_started
+    patterns = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
+    recall = needle_recall(patterns, sample.needle_spans[0])
+
+    scores = {}
+    if args.fidelity == "on" or (args.fidelity == "auto" and sample.length <= DENSE_FIDELITY_LIMIT):
+        print("[4/5] fidelity against dense attention (observe mode, quadratic time)", flush=True)
+        scores = fidelity(model, tokens, verbose=True)
+    else:
+        print("[4/5] fidelity skipped (sequence beyond the dense limit; --fidelity on forces it)", flush=True)
+
+    print("[5/5] answering (sparse prefill, greedy decode)", flush=True)
+    generated = model.generate(tokens, max_new_tokens=args.max_new_tokens)
+    answer = model.tokenizer.decode(generated[0, tokens.shape[1]:], skip_special_tokens=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_path = plot_needle_recall(recall, args.out / "needle_blocks.png",
+                                   title=f"Needle blocks kept at the answer position ({sample.length} tokens)")
+    summary = {
+        "model": str(args.model),
+        "length": sample.length,
+        "config": stream.to_dict(),
+        "pruned_fraction": scores.get("pruned_fraction", sum(p.pruned_fraction() for p in patterns) / len(patterns)),
+        "mass_recall_mean": scores.get("mass_recall_mean"),
+        "mass_recall_p5": scores.get("mass_recall_p5"),
+        "oracle_ratio": scores.get("oracle_ratio"),
+        "top1_agreement": scores.get("top1_agreement"),
+        "next_token_kl": scores.get("next_token_kl"),
+        "answer": answer,
+        "expected": sample.answers,
+        "correct": score_answer(answer, sample.answers) == 1.0,
+        "needle_span": list(sample.needle_spans[0]),
+        "needle_kept_fraction": recall.kept_fraction,
+        "needle_layers": recall.layers_with_needle(),
+        "pattern_bytes": sum(p.nbytes() for p in patterns),
+        "forward_seconds": round(forward_seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_memory_gb": round(_peak_memory_gb(args.device), 3),
+        "device": str(args.device),
+        "plot": plot_path.name,
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _peak_memory_gb(device: str) -> float:
+    """Peak GPU memory on CUDA, else the process's peak resident memory."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

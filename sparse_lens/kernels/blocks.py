@@ -1,0 +1,93 @@
+"""Block geometry shared by the estimator, the attention kernels and the pattern.
+
+Conventions used everywhere in sparse_lens:
+- query block ``j`` holds token positions ``[j * query_block, min((j + 1) * query_block, T))``;
+- key block ``b`` holds positions ``[b * key_block, min((b + 1) * key_block, T))``;
+- a query block *sees* key block ``b`` when ``b * key_block`` is at or before its last query,
+  so it sees ``ceil(query_end / key_block)`` key blocks;
+- ``block_indices`` rows list kept key blocks in ascending order, ``-1`` marks an unused slot
+  (always at the end of the row).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+UNUSED_SLOT = -1
+
+
+def num_blocks(seq_len: int, block: int) -> int:
+    """Number of blocks of ``block`` tokens covering ``seq_len`` tokens (the last may be partial)."""
+    return -(-seq_len // block)
+
+
+def visible_key_blocks(
+    seq_len: int, query_block: int, key_block: int, device: torch.device | None = None
+) -> Int[Tensor, "n_query_blocks"]:
+    """For each query block, how many key blocks it sees causally (its diagonal included)."""
+    n_query_blocks = num_blocks(seq_len, query_block)
+    query_end: Int[Tensor, "n_query_blocks"] = torch.clamp(
+        (torch.arange(n_query_blocks, device=device) + 1) * query_block, max=seq_len
+    )
+    return (query_end + key_block - 1) // key_block
+
+
+def causal_pairs(seq_len: int) -> int:
+    """Query-key pairs of a causal head over ``seq_len`` tokens, T (T + 1) / 2."""
+    return seq_len * (seq_len + 1) // 2
+
+
+def kept_pairs_per_slot(
+    block_indices: Int[Tensor, "*batch n_query_blocks top_k"],
+    seq_len: int,
+    query_block: int,
+    key_block: int,
+) -> Int[Tensor, "*batch n_query_blocks top_k"]:
+    """Causal query-key pairs covered by each kept (query block, key block) slot.
+
+    Closed form, no token-level tensor: for queries ``t`` in ``[q_first, q_last]`` and keys
+    ``[k_first, k_last]``, query ``t`` sees ``clamp(min(t, k_last) - k_first + 1, 0)`` keys.
+    """
+    device = block_indices.device
+    n_query_blocks = block_indices.shape[-2]
+    q_first = torch.arange(n_query_blocks, device=device, dtype=torch.int64) * query_block
+    q_last = torch.clamp(q_first + query_block, max=seq_len) - 1
+    q_first, q_last = q_first[:, None], q_last[:, None]
+    used = block_indices >= 0
+    k_first = block_indices.clamp(min=0).to(torch.int64) * key_block
+    k_last = torch.clamp(k_first + key_block, max=seq_len) - 1
+    # Queries between k_first and k_last see a growing prefix of the block (the diagonal part).
+    ramp_first = torch.maximum(q_first, k_first)
+    ramp_last = torch.minimum(q_last, k_last)
+    ramp_len = (ramp_last - ramp_first + 1).clamp(min=0)
+    ramp_pairs = ramp_len * ((ramp_first - k_first + 1) + (ramp_last - k_first + 1)) // 2
+    # Queries after k_last see the whole block.
+    full_queries = (q_last - torch.maximum(q_first, k_last + 1) + 1).clamp(min=0)
+    full_pairs = full_queries * (k_last - k_first + 1)
+    return torch.where(used, ramp_pairs + full_pairs, torch.zeros_like(ramp_pairs))
+
+
+def sort_block_row(block_indices: Int[Tensor, "... top_k"]) -> Int[Tensor, "... top_k"]:
+    """Sort each row ascending with the unused slots (-1) moved to the end."""
+    big = torch.iinfo(block_indices.dtype).max
+    keyed = torch.where(block_indices < 0, torch.full_like(block_indices, big), block_indices)
+    keyed = keyed.sort(dim=-1).values
+    return torch.where(keyed == big, torch.full_like(keyed, UNUSED_SLOT), keyed)
+
+
+def pad_to_blocks(tensor: Tensor, block: int, dim: int = -2) -> Tensor:
+    """Zero-pad ``dim`` up to a multiple of ``block``."""
+    length = tensor.shape[dim]
+    missing = num_blocks(length, block) * block - length
+    if missing == 0:
+        return tensor
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+
+
+def query_blocks_per_chunk(bytes_per_query_block: int, budget_bytes: int = 256 * 2**20) -> int:
+    """How many query blocks to process at once so that a chunk's scratch stays near ``budget_bytes``."""
+    return max(1, budget_bytes // max(1, bytes_per_query_block))

@@ -1,0 +1,33 @@
+"""Matplotlib figures of sparse traces (files, never a T x T array)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sparse_lens.analysis.needle import NeedleRecall  # noqa: E402
+
+
+def plot_needle_recall(recall: NeedleRecall, path: str | Path, title: str = "") -> Path:
+    """Heatmap layers x heads of the mass the answer position puts on the needle's kept blocks
+    (0 where no needle block is kept), with kept cells marked."""
+    layers, heads = recall.mass.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * heads + 2), max(3, 0.25 * layers + 1.5)))
+    image = ax.imshow(recall.mass.numpy(), aspect="auto", cmap="viridis", vmin=0)
+    kept_layer, kept_head = recall.kept.nonzero(as_tuple=True)
+    ax.scatter(kept_head, kept_layer, marker="s", s=12, facecolors="none", edgecolors="white", linewidths=0.6,
+               label="needle block kept")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"Needle blocks {list(recall.needle_blocks)} at query block {recall.query_block}")
+    ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
+    fig.colorbar(image, ax=ax, label="attention mass on needle blocks")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,196 @@
+"""SparseAttentionBridge: TransformerLens' RoPE attention bridge, running on Stream-sparse attention.
+
+It keeps the hook contract of ``PositionEmbeddingsAttentionBridge`` (``hook_q/k/v`` after the
+projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projection,
+``hook_result`` when ``cfg.use_attn_result``) and changes what happens between RoPE and
+``hook_z``:
+
+- prefill (the whole sequence at once): the Stream estimator picks ``top_k`` key blocks per
+  query block and head; in ``"sparse"`` mode attention runs over those blocks only, in
+  ``"observe"`` mode it runs dense (chunked) and the estimate is recorded beside it;
+- ``hook_pattern`` fires with a :class:`~sparse_lens.pattern.BlockSparsePattern`, never a
+  T x T tensor. A hook that *returns a different pattern* (``pattern.with_block_indices(...)``
+  or ``pattern.with_gate(...)``) makes the layer recompute its attention over that pattern
+  (sparse mode only);
+- ``hook_attn_scores`` never fires: dense pre-softmax scores do not exist on this path. Use
+  ``pattern.to_dense()`` (token level, short sequences) or ``pattern.block_mass``;
+- decoding with a KV cache (``generate``): the new queries attend densely to every cached key,
+  O(T) per token. Prefill is sparse, decode is dense, as in sparse-prefill methods; decode
+  steps fire no ``hook_pattern``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+    PositionEmbeddingsAttentionBridge,
+)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from sparse_lens.config import StreamConfig
+from sparse_lens.errors import (
+    ContextTooLongError,
+    PaddingNotSupportedError,
+    SparseLensError,
+    UnsupportedModelError,
+)
+from sparse_lens.kernels import (
+    block_sparse_attention,
+    dense_attention,
+    kept_block_mass,
+    stream_estimate,
+)
+from sparse_lens.pattern import BlockSparsePattern
+
+# Attention features of the HF module that this bridge does not reproduce.
+_UNSUPPORTED_HF_FEATURES = {
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "sinks": "learned attention sinks",
+    "sliding_window": "sliding-window attention",
+    "key_multiplier": "scaled keys",
+}
+# Bridge config flags that route attention through paths this bridge does not implement.
+_UNSUPPORTED_CONFIG_FLAGS = ("use_split_qkv_input", "use_attn_in", "gated_q_proj")
+
+
+class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
+    """RoPE self-attention whose pattern is estimated and applied block-sparsely."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stream = StreamConfig()
+        self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
+
+    @classmethod
+    def replacing(cls, template: PositionEmbeddingsAttentionBridge) -> "SparseAttentionBridge":
+        """A sparse bridge with the same HF name, config and q/k/v/o submodules as ``template``."""
+        return cls(
+            name=template.name,
+            config=template.config,
+            submodules=template.submodules,
+            optional=getattr(template, "optional", False),
+        )
+
+    def set_original_component(self, component: torch.nn.Module) -> None:
+        super().set_original_component(component)
+        unsupported = [
+            what for attr, what in _UNSUPPORTED_HF_FEATURES.items() if getattr(component, attr, None) is not None
+        ]
+        unsupported += [flag for flag in _UNSUPPORTED_CONFIG_FLAGS if getattr(self.config, flag, False)]
+        if self._qk_norm_phase is not None:
+            unsupported.append("query/key normalisation")
+        if unsupported:
+            raise UnsupportedModelError(
+                f"{type(component).__name__} at {self.name} uses {', '.join(unsupported)}, which "
+                "sparse_lens' attention does not reproduce."
+            )
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        hf_attn: Any = self.original_component
+        hidden_states = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        position_embeddings = kwargs.pop("position_embeddings", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+
+        hidden_states = self.hook_in(hidden_states)
+        batch, n_new = hidden_states.shape[:2]
+        head_dim = hf_attn.head_dim
+        split_heads = "batch pos (head d_head) -> batch head pos d_head"
+        query: Float[Tensor, "batch q_head pos d_head"] = rearrange(self.q(hidden_states), split_heads, d_head=head_dim)
+        key: Float[Tensor, "batch kv_head pos d_head"] = rearrange(self.k(hidden_states), split_heads, d_head=head_dim)
+        value: Float[Tensor, "batch kv_head pos d_head"] = rearrange(self.v(hidden_states), split_heads, d_head=head_dim)
+
+        if position_embeddings is None:
+            raise UnsupportedModelError(f"{self.name}: no rotary position embeddings were passed to attention.")
+        cos, sin = self._apply_position_embedding_hooks(position_embeddings)
+        if cos.shape[-1] != head_dim:
+            raise UnsupportedModelError(f"{self.name}: partial rotary embeddings are not supported.")
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query = self.hook_rot_q(query)
+        key = self.hook_rot_k(key)
+        key, value = self._update_kv_cache(key, value, **kwargs)
+
+        scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
+        n_cached = key.shape[2] - n_new
+        if n_cached == 0:
+            if attention_mask is not None:
+                raise PaddingNotSupportedError(
+                    "An attention mask reached sparse attention: padded batches are not supported. "
+                    "Run sequences of equal length (or one at a time)."
+                )
+            z = self._prefill(query, key, value, scale)
+        else:
+            z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached)
+
+        z = rearrange(z, "batch head pos d_head -> batch pos (head d_head)")
+        return self._project_output(z, batch, n_new, head_dim), None
+
+    def _prefill(
+        self,
+        query: Float[Tensor, "batch q_head seq d_head"],
+        key: Float[Tensor, "batch kv_head seq d_head"],
+        value: Float[Tensor, "batch kv_head seq d_head"],
+        scale: float,
+    ) -> Float[Tensor, "batch q_head seq d_head"]:
+        cfg = self.stream
+        seq_len = query.shape[2]
+        geometry = {"query_block": cfg.query_block, "key_block": cfg.key_block}
+        if cfg.mode == "observe" and seq_len > cfg.observe_max_tokens:
+            raise ContextTooLongError(
+                f"mode='observe' runs dense attention (quadratic time) and is limited to "
+                f"observe_max_tokens={cfg.observe_max_tokens}; got {seq_len} tokens. Use mode='sparse'."
+            )
+        with torch.no_grad():
+            block_indices = stream_estimate(query, key, **cfg.estimator_kwargs())
+        if cfg.mode == "sparse":
+            z, lse, block_mass = block_sparse_attention(query, key, value, block_indices, scale=scale, **geometry)
+        else:
+            z, lse = dense_attention(query, key, value, scale=scale)
+            with torch.no_grad():
+                block_mass = kept_block_mass(query, key, block_indices, lse, scale=scale, **geometry)
+        pattern = BlockSparsePattern(
+            block_indices=block_indices,
+            block_mass=block_mass,
+            lse=lse,
+            seq_len=seq_len,
+            scale=scale,
+            mode=cfg.mode,
+            query=query if cfg.keep_qk else None,
+            key=key if cfg.keep_qk else None,
+            **geometry,
+        )
+        hooked = self.hook_pattern(pattern)
+        if hooked is pattern:
+            return z
+        if cfg.mode == "observe":
+            raise SparseLensError(
+                f"{self.name}: a hook_pattern hook returned a new pattern in observe mode, where the "
+                "model runs dense attention; switch to mode='sparse' to run on an edited pattern."
+            )
+        z, _, _ = block_sparse_attention(
+            query, key, value, hooked.block_indices, scale=scale, block_gate=hooked.block_gate, **geometry
+        )
+        return z
+
+    def _update_kv_cache(self, key: Tensor, value: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Append to HF's KV cache when one is passed (``cache=`` since transformers 5.24, else
+        ``past_key_values=``) and return the keys and values of every position so far."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            return key, value
+        return cache.update(key, value, self._layer_idx)
+
+    def _project_output(self, z: Tensor, batch: int, n_new: int, head_dim: int) -> Tensor:
+        """``hook_z`` -> output projection -> ``hook_out`` (per-head ``hook_result`` if enabled)."""
+        o_weight = self.o.original_component.weight
+        z = z.to(o_weight.dtype)
+        if getattr(self.config, "use_attn_result", False):
+            n_heads = int(self.config.n_heads)
+            z = self.o.hook_in(z)
+            result = self._compute_per_head_result(z.view(batch, n_new, n_heads, head_dim), n_heads, head_dim)
+            return self.hook_out(result)
+        return self.hook_out(self.o(z))

@@ -1,0 +1,46 @@
+"""Greedy decoding with Hugging Face's KV cache, through the bridged modules (so hooks fire).
+
+TransformerBridge.generate's own KV-cache path gave wrong text in TL 4.3.0, and its cache-free
+path re-runs the whole prompt per token; this loop prefills once and then feeds one token at a
+time with ``past_key_values``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+
+def greedy_generate(
+    hf_model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+    verbose: bool = False,
+) -> Int[Tensor, "batch pos_plus_new"]:
+    """Append up to ``max_new_tokens`` greedy tokens; stop early once every row produced EOS."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf_model.config)
+    # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
+    cache_kwarg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    output = tokens
+    step_input = tokens
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose):
+        logits = hf_model(input_ids=step_input, use_cache=True, **{cache_kwarg: cache}).logits
+        next_token = logits[:, -1].argmax(-1)
+        if eos_token_id is not None:
+            next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+            finished |= next_token == eos_token_id
+        output = torch.cat([output, next_token[:, None]], dim=1)
+        if bool(finished.all()):
+            break
+        step_input = next_token[:, None]
+    return output

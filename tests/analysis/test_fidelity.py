@@ -1,0 +1,61 @@
+"""sl.fidelity on a tiny model, every figure recomputed by brute force from dense T x T tensors."""
+
+import pytest
+import torch
+
+import sparse_lens as sl
+from tests.conftest import sparse_and_dense, tiny_llama_config
+
+SEQ, BLOCK, TOP_K = 160, 16, 4
+
+
+def test_fidelity_figures_match_brute_force():
+    stream = sl.StreamConfig(query_block=BLOCK, key_block=BLOCK, top_k=TOP_K)
+    sparse, dense = sparse_and_dense(tiny_llama_config(), stream)
+    tokens = torch.randint(0, 90, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    report = sl.fidelity(sparse, tokens)
+
+    with torch.no_grad(), sparse.stream_settings(mode="observe"):
+        _, observed = sparse.run_with_cache(tokens)
+    with torch.no_grad():
+        dense_logits, dense_cache = dense.run_with_cache(tokens)
+        sparse_logits = sparse(tokens)
+    n_rows = SEQ // BLOCK
+    searched_rows = list(range(TOP_K, n_rows))  # query block j sees j + 1 key blocks
+    recalls, oracles, kept_pairs = [], [], 0
+    for layer in range(2):
+        probs = dense_cache[f"blocks.{layer}.attn.hook_pattern"][0]  # [head, q, k]
+        indices = observed[f"blocks.{layer}.attn.hook_pattern"].block_indices[0]
+        block_mass = probs.unflatten(-1, (n_rows, BLOCK)).sum(-1).unflatten(1, (n_rows, BLOCK)).mean(2)
+        for head in range(probs.shape[0]):
+            for row in range(n_rows):
+                kept = [b for b in indices[head, row].tolist() if b >= 0]
+                for b in kept:
+                    for q in range(row * BLOCK, (row + 1) * BLOCK):
+                        kept_pairs += sum(1 for k in range(b * BLOCK, (b + 1) * BLOCK) if k <= q)
+                if row in searched_rows:
+                    recalls.append(float(block_mass[head, row, kept].sum()))
+                    oracles.append(float(block_mass[head, row].topk(TOP_K).values.sum()))
+    recalls, oracles = torch.tensor(recalls), torch.tensor(oracles)
+    dense_logp = dense_logits[0, TOP_K * BLOCK:].log_softmax(-1)
+    sparse_logp = sparse_logits[0, TOP_K * BLOCK:].log_softmax(-1)
+    kl = (dense_logp.exp() * (dense_logp - sparse_logp)).sum(-1)
+
+    assert report["pruned_fraction"] == pytest.approx(1 - kept_pairs / (2 * 4 * SEQ * (SEQ + 1) / 2), abs=1e-9)
+    assert report["mass_recall_mean"] == pytest.approx(float(recalls.mean()), abs=1e-5)
+    assert report["mass_recall_p5"] == pytest.approx(float(torch.quantile(recalls, 0.05)), abs=1e-5)
+    assert report["oracle_recall_mean"] == pytest.approx(float(oracles.mean()), abs=1e-5)
+    assert report["oracle_ratio"] == pytest.approx(float(recalls.mean() / oracles.mean()), abs=1e-5)
+    assert report["next_token_kl"] == pytest.approx(float(kl.mean()), abs=1e-5)
+    assert report["top1_agreement"] == pytest.approx(float((dense_logp.argmax(-1) == sparse_logp.argmax(-1)).float().mean()))
+    assert report["positions_scored"] == SEQ - TOP_K * BLOCK
+    assert 0 < report["mass_recall_mean"] <= report["oracle_recall_mean"] + 1e-6
+
+
+def test_fidelity_is_perfect_when_nothing_is_pruned():
+    sparse, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=64))
+    tokens = torch.randint(0, 90, (1, 100), generator=torch.Generator().manual_seed(0))
+    dense = sl.collect_dense(sparse, tokens)
+    report = sl.fidelity(sparse, tokens, dense=dense)
+    assert report["pruned_fraction"] == 0.0 and report["mass_recall_mean"] == 1.0
+    assert report["top1_agreement"] == 1.0 and abs(report["next_token_kl"]) < 1e-6

@@ -1,0 +1,47 @@
+import pytest
+
+from sparse_lens.data import needle_prompt, score_answer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+@pytest.mark.parametrize("length", [1024, 2048])
+def test_length_is_within_one_percent_of_target(tokenizer, length):
+    sample = needle_prompt(tokenizer, length, answer_tokens=0)
+    assert length * 0.99 <= sample.length <= length
+
+
+def test_needle_span_decodes_to_the_needle(tokenizer):
+    for depth in (0.0, 0.37, 1.0):
+        sample = needle_prompt(tokenizer, 700, depth=depth, seed=5)
+        start, end = sample.needle_spans[0]
+        assert tokenizer.decode(sample.input_ids[start:end]).strip() == sample.needle_texts[0]
+        assert sample.answers[0] in sample.needle_texts[0]
+
+
+def test_seed_reproduces_and_depth_moves_the_needle(tokenizer):
+    first, again = needle_prompt(tokenizer, 600, seed=3), needle_prompt(tokenizer, 600, seed=3)
+    assert first == again
+    assert needle_prompt(tokenizer, 600, seed=4).answers != first.answers
+    shallow, deep = needle_prompt(tokenizer, 600, depth=0.1), needle_prompt(tokenizer, 600, depth=0.9)
+    assert shallow.needle_spans[0][0] < deep.needle_spans[0][0]
+    with pytest.raises(ValueError):
+        needle_prompt(tokenizer, 600, depth=1.5)
+
+
+def test_score_answer_is_case_insensitive_substring_share():
+    assert score_answer(" It is 1234567.", ["1234567"]) == 1.0
+    assert score_answer("ABC and def", ["abc", "DEF", "ghi", "jkl"]) == 0.5
+
+
+def test_prose_tokens_are_exact_length_and_seeded(tokenizer):
+    from sparse_lens.data import essays, prose_tokens
+
+    assert len(essays()) == 9 and all(essay.startswith("# ") for essay in essays())
+    ids = prose_tokens(tokenizer, 12_000)  # longer than the essays: they cycle
+    assert len(ids) == 12_000
+    assert prose_tokens(tokenizer, 500, seed=1) == prose_tokens(tokenizer, 500, seed=1)
+    assert prose_tokens(tokenizer, 500, seed=1) != prose_tokens(tokenizer, 500, seed=2)

@@ -1,0 +1,28 @@
+import pytest
+
+import sparse_lens as sl
+
+
+@pytest.mark.parametrize("fields,error", [
+    (dict(query_block=0), sl.BlockSizeError),
+    (dict(key_block=-16), sl.BlockSizeError),
+    (dict(query_block=48, key_block=64), sl.BlockSizeError),
+    (dict(query_block=64.0), sl.BlockSizeError),
+    (dict(top_k=0), sl.InvalidConfigError),
+    (dict(top_k=2, sink_blocks=2, local_blocks=1), sl.InvalidConfigError),
+    (dict(local_blocks=-1), sl.InvalidConfigError),
+    (dict(mode="dense"), sl.InvalidConfigError),
+    (dict(representative_keys=0), sl.InvalidConfigError),
+    (dict(key_block=16, representative_keys=32), sl.InvalidConfigError),
+])
+def test_invalid_configs_raise_named_errors(fields, error):
+    with pytest.raises(error):
+        sl.StreamConfig(**fields)
+
+
+def test_valid_configs_and_replace():
+    config = sl.StreamConfig(query_block=64, key_block=16, top_k=8, local_blocks=4)
+    assert config.replace(top_k=6).top_k == 6 and config.top_k == 8
+    with pytest.raises(sl.InvalidConfigError):
+        config.replace(top_k=3)  # sink 1 + local 4 > 3
+    assert config.estimator_kwargs()["key_block"] == 16
