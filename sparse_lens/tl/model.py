@@ -26,6 +26,7 @@ from transformer_lens.model_bridge.sources.transformers_driver import Transforme
 from sparse_lens.config import StreamConfig
 from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, UnsupportedModelError
 from sparse_lens.tl.attention import SparseAttentionBridge
+from sparse_lens.tl.chunking import set_mlp_chunking
 from sparse_lens.tl.generation import greedy_generate
 from sparse_lens.tl.loading import DEFAULT_MODEL, check_supported, load_hf_model, resolve_model_source
 
@@ -118,6 +119,17 @@ class HookedSparseTransformer(TransformerBridge):
             yield self.stream
         finally:
             self.stream = previous
+
+    @property
+    def mlp_chunk_tokens(self) -> int | None:
+        """Positions each MLP processes at a time (``None``: the whole sequence). Results do not
+        change; set it (e.g. to 65536) for very long inputs, whose MLP intermediates are large."""
+        return getattr(self, "_mlp_chunk_tokens", None)
+
+    @mlp_chunk_tokens.setter
+    def mlp_chunk_tokens(self, chunk_tokens: int | None) -> None:
+        set_mlp_chunking(self.blocks, chunk_tokens)
+        self._mlp_chunk_tokens = chunk_tokens
 
     def sparse_attention_layers(self) -> list[SparseAttentionBridge]:
         """The attention bridge of every block, in layer order."""
