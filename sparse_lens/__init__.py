@@ -4,9 +4,13 @@
     model = sl.HookedSparseTransformer.from_pretrained(sl.DEFAULT_MODEL, stream=sl.StreamConfig(top_k=16))
     logits, cache = model.run_with_cache(tokens)
     pattern = cache["blocks.3.attn.hook_pattern"]   # a BlockSparsePattern
+
+Names that need TransformerLens (the model, fidelity) are imported on first use, so that
+``import sparse_lens.kernels`` stays free of TransformerLens (kernel benchmarks on bare GPU images).
 """
 
-from sparse_lens.analysis import collect_dense, fidelity
+from importlib import import_module
+
 from sparse_lens.config import StreamConfig
 from sparse_lens.errors import (
     BlockSizeError,
@@ -19,20 +23,40 @@ from sparse_lens.errors import (
     UnsupportedModelError,
 )
 from sparse_lens.pattern import BlockSparsePattern
-from sparse_lens.tl import DEFAULT_MODEL, SUPPORTED_ARCHITECTURES, HookedSparseTransformer
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "DEFAULT_MODEL": "sparse_lens.tl.loading",
+    "SUPPORTED_ARCHITECTURES": "sparse_lens.tl.loading",
+    "HookedSparseTransformer": "sparse_lens.tl.model",
+    "collect_dense": "sparse_lens.analysis.fidelity",
+    "fidelity": "sparse_lens.analysis.fidelity",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sparse_lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
 __all__ = [
-    "DEFAULT_MODEL",
-    "SUPPORTED_ARCHITECTURES",
     "BlockSizeError",
     "BlockSparsePattern",
     "ContextTooLongError",
+    "DEFAULT_MODEL",
     "HookedSparseTransformer",
     "InvalidConfigError",
     "ModelSourceError",
     "PaddingNotSupportedError",
+    "SUPPORTED_ARCHITECTURES",
     "ShapeError",
     "SparseLensError",
     "StreamConfig",

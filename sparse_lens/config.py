@@ -35,6 +35,8 @@ class StreamConfig:
             O(T * d_head) per head; turn off for very long contexts.
         observe_max_tokens: Longest sequence accepted in ``"observe"`` mode, whose dense
             attention takes time quadratic in the length.
+        backend: Kernel implementation: ``"auto"`` (Triton on CUDA tensors, the torch reference
+            elsewhere), ``"triton"`` or ``"reference"`` to force one.
     """
 
     query_block: int = 64
@@ -46,6 +48,7 @@ class StreamConfig:
     mode: Mode = "sparse"
     keep_qk: bool = True
     observe_max_tokens: int = 65_536
+    backend: Literal["auto", "triton", "reference"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("query_block", "key_block"):
@@ -74,6 +77,8 @@ class StreamConfig:
             )
         if self.mode not in ("sparse", "observe"):
             raise InvalidConfigError(f"mode must be 'sparse' or 'observe', got {self.mode!r}.")
+        if self.backend not in ("auto", "triton", "reference"):
+            raise InvalidConfigError(f"backend must be 'auto', 'triton' or 'reference', got {self.backend!r}.")
         if self.observe_max_tokens < 1:
             raise InvalidConfigError("observe_max_tokens must be >= 1.")
 
@@ -86,6 +91,7 @@ class StreamConfig:
             "sink_blocks": self.sink_blocks,
             "local_blocks": self.local_blocks,
             "representative_keys": self.representative_keys,
+            "backend": self.backend,
         }
 
     def replace(self, **changes) -> "StreamConfig":

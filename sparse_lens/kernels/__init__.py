@@ -2,22 +2,30 @@
 
 Nothing here imports TransformerLens. Every function takes [batch, heads, seq, d_head] tensors
 (keys and values may have fewer heads than queries: GQA) and returns plain tensors.
-The torch references in ``*_ref.py`` are the readable definitions and the test oracles.
+
+- ``*_ref.py``: torch references, the readable definitions and the test oracles;
+- ``*_triton.py``: Triton kernels with the same signatures;
+- ``dispatch.py``: ``stream_estimate`` and ``block_sparse_attention`` pick one (``backend=``).
 """
 
 from sparse_lens.kernels.dense_ref import dense_attention, dense_block_mass
-from sparse_lens.kernels.estimator_ref import stream_estimate
-from sparse_lens.kernels.sparse_attention_ref import (
+from sparse_lens.kernels.dispatch import (
+    BACKENDS,
     block_sparse_attention,
-    kept_block_mass,
-    kept_token_probs,
+    block_sparse_attention_reference,
+    stream_estimate,
+    stream_estimate_reference,
 )
+from sparse_lens.kernels.sparse_attention_ref import kept_block_mass, kept_token_probs
 
 __all__ = [
+    "BACKENDS",
     "block_sparse_attention",
+    "block_sparse_attention_reference",
     "dense_attention",
     "dense_block_mass",
     "kept_block_mass",
     "kept_token_probs",
     "stream_estimate",
+    "stream_estimate_reference",
 ]

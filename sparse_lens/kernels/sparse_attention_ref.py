@@ -54,7 +54,7 @@ def block_sparse_attention(
         flat_scores = scores.flatten(-2)
         lse: Float[Tensor, "batch q_head chunk query_block"] = torch.logsumexp(flat_scores, dim=-1)
         # A query that sees no kept key has an all -inf row: softmax gives NaN, we want 0.
-        probs = torch.softmax(flat_scores, dim=-1).nan_to_num_(0.0).unflatten(-1, scores.shape[-2:])
+        probs = torch.softmax(flat_scores, dim=-1).nan_to_num(0.0).unflatten(-1, scores.shape[-2:])
         masses.append(_mean_over_queries(probs.sum(-1), block_ids, query_block, seq_len))
         if block_gate is not None:
             probs = probs * block_gate[:, :, block_ids, None, :, None].to(probs.dtype)

@@ -147,7 +147,9 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         with torch.no_grad():
             block_indices = stream_estimate(query, key, **cfg.estimator_kwargs())
         if cfg.mode == "sparse":
-            z, lse, block_mass = block_sparse_attention(query, key, value, block_indices, scale=scale, **geometry)
+            z, lse, block_mass = block_sparse_attention(
+                query, key, value, block_indices, scale=scale, backend=cfg.backend, **geometry
+            )
         else:
             z, lse = dense_attention(query, key, value, scale=scale)
             with torch.no_grad():
@@ -172,7 +174,8 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
                 "model runs dense attention; switch to mode='sparse' to run on an edited pattern."
             )
         z, _, _ = block_sparse_attention(
-            query, key, value, hooked.block_indices, scale=scale, block_gate=hooked.block_gate, **geometry
+            query, key, value, hooked.block_indices, scale=scale, block_gate=hooked.block_gate,
+            backend=cfg.backend, **geometry,
         )
         return z
 

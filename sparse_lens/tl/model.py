@@ -58,11 +58,13 @@ class HookedSparseTransformer(TransformerBridge):
         seed: int = 0,
         tokenizer: Any = None,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> "HookedSparseTransformer":
-        """A random-init model from a HF config (e.g. a tiny ``LlamaConfig``), for tests. Offline."""
+        """A random-init model from a HF config (e.g. a tiny ``LlamaConfig``), for tests and
+        benchmarks. Offline; parameters are created directly on ``device``."""
         from transformers import AutoModelForCausalLM
 
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
             hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         hf_model.config.architectures = [type(hf_model).__name__]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_lens.errors import ShapeError
-from sparse_lens.kernels import stream_estimate
+from sparse_lens.kernels.estimator_ref import stream_estimate
 from sparse_lens.kernels.blocks import visible_key_blocks
 
 

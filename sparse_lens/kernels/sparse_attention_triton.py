@@ -1,0 +1,376 @@
+"""Block-sparse attention, Triton kernels (forward and backward) matching ``sparse_attention_ref``.
+
+``block_sparse_attention_triton`` has the signature and semantics of the torch reference
+``block_sparse_attention``: each query attends causally to the keys of its query block's kept key
+blocks only, softmax renormalised over those keys; it returns ``(output, lse, block_mass)`` and is
+differentiable (through ``output``) with respect to query, key, value and ``block_gate``.
+
+Forward (``_forward_kernel``, one launch)
+    Grid ``(n_query_blocks, batch * q_head)``: one program per (head, query block), so that the
+    program owns everything written for that block and every store is plain (no atomics, the
+    result is deterministic). The program walks its query block in query tiles of
+    ``min(query_block, 64)`` rows; for each tile it loops over the ``top_k`` slots of the block's
+    row of ``block_indices`` and, inside a kept block, over key tiles of ``min(key_block, 64)``
+    keys, running the flash-attention online softmax (running row max, row sum, fp32 output
+    accumulator). The causal mask (key position <= query position), the end of the sequence
+    (positions >= T) and unused slots (-1) are handled in registers; key tiles that lie wholly
+    after the tile's last query, or in an unused slot, are skipped without loading anything.
+    ``block_mass`` needs the final normaliser, which the online softmax only knows at the end; it
+    gets it without a second pass: a [query_tile, top_k] register tensor keeps each slot's
+    partial row sums, rescaled with the output accumulator whenever the running max moves, so at
+    the end ``slot_sums / row_sum = sum over the slot's keys of exp(s - lse)`` exactly. The gate
+    multiplies a slot's ``P @ V`` contribution only, so lse and block_mass stay ungated.
+
+Backward (``_backward_kernel``, one launch)
+    Same grid and loops. With ``p = exp(s - lse)`` recomputed from the saved lse, ``g`` the slot's
+    gate and ``delta = rowsum(dO * O)`` (equal to ``sum_j p_j dp_j`` also with gates, since
+    ``O = sum_b g_b P_b V_b``): ``dp = g * dO V^T``, ``ds = p * (dp - delta)``, ``dq = scale * ds K``,
+    ``dk = scale * ds^T Q``, ``dv = (g p)^T dO`` and ``d gate = sum(p * dO V^T)`` over the slot.
+    dq and d gate belong to one program and are stored plainly. A key block is kept by many query
+    blocks (and, with GQA, by several query heads), so dk and dv are accumulated with
+    ``tl.atomic_add`` into fp32 [batch, kv_head, seq, d] buffers, cast to the input dtype at the end.
+    We chose atomics over a transposed (key block -> query blocks) index because building that
+    index needs a device-side sort/histogram per call and a second kernel for dk/dv, whereas the
+    atomics add ``top_k * key_block * (d + d_value)`` fp32 adds per query block, the same order as
+    the tile loads. The price: the order of the fp32 sums (hence the last bits of dk, dv) varies
+    from run to run.
+
+Memory traffic per (head, query block): the query tile once, each kept key/value tile once
+(``top_k * key_block * (d + d_value)`` elements), the output and lse once; the backward adds the
+output and its gradient once and the dk/dv atomics. Nothing of size T x T or ``top_k * key_block``
+per query is ever written to global memory; registers hold at most a query tile x key tile of
+scores. Query blocks vary fastest in the grid, so programs running together belong to one head
+and share its sink and local key blocks in L2. Total work is O(T * top_k * key_block * d) per head.
+
+Measured on one H200 (triton 3.6, bf16, 32 query / 8 KV heads, d = 128, blocks 64, top_k = 16):
+forward 1.7 ms at T = 32k and 7.5 ms at 128k (about 300 TFLOP/s on the kept tiles; dense causal
+SDPA: 14 and 258 ms); the backward kernel takes about 4.5x the forward, a fifth of it in the atomics.
+
+Inputs are made contiguous; fp32, bf16 and fp16 are supported, accumulation is fp32; fp32
+products use ``input_precision="ieee"`` (no TF32), bf16/fp16 products run on tensor cores. Under
+the Triton interpreter (``TRITON_INTERPRET=1``, the CPU test runs) bf16 products are made in fp32,
+because the interpreter's ``tl.dot`` mishandles bf16. Block sizes must be powers of two >= 16
+(``tl.dot`` tiles need at least 16 rows and columns). ``_launch_forward`` / ``_launch_backward``
+write into caller-given buffers: the tests use them to run the kernels into poisoned outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sparse_lens.errors import BlockSizeError, ShapeError
+from sparse_lens.kernels.blocks import num_blocks
+from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+
+MAX_TILE = 64  # rows of a query tile and keys of a key tile, at most
+MIN_BLOCK = 16  # smallest tile tl.dot accepts
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _load_rows(base, rows, n_rows, columns, n_columns):
+    """Rows ``rows`` of a row-major [n_rows, n_columns] matrix at ``base``; 0 out of range."""
+    in_range = (rows[:, None] < n_rows) & (columns[None, :] < n_columns)
+    return tl.load(base + rows[:, None] * n_columns + columns[None, :], mask=in_range, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, n_rows, columns, n_columns, values):
+    """Write ``values`` to rows ``rows`` of a row-major [n_rows, n_columns] matrix, in range only."""
+    in_range = (rows[:, None] < n_rows) & (columns[None, :] < n_columns)
+    tl.store(base + rows[:, None] * n_columns + columns[None, :], values.to(base.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def _add_rows(base, rows, n_rows, columns, n_columns, values):
+    """Atomically add ``values`` to rows ``rows`` of a row-major fp32 [n_rows, n_columns] matrix."""
+    in_range = (rows[:, None] < n_rows) & (columns[None, :] < n_columns)
+    tl.atomic_add(base + rows[:, None] * n_columns + columns[None, :], values, mask=in_range, sem="relaxed")
+
+
+@triton.jit
+def _kv_batch_head(batch_head, n_q_heads, n_kv_heads):
+    """Row ``batch * n_kv_heads + kv_head`` of the key head that query row ``batch_head`` reads (GQA)."""
+    batch, q_head = batch_head // n_q_heads, batch_head % n_q_heads
+    return batch * n_kv_heads + q_head // (n_q_heads // n_kv_heads)
+
+
+@triton.jit
+def _dot(left, right, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """fp32 ``left @ right``; ``DOT_UPCAST`` multiplies in fp32 (the interpreter's bf16 workaround)."""
+    if DOT_UPCAST:
+        product = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(left, right, input_precision=DOT_PRECISION)
+    return product
+
+
+@triton.jit
+def _masked_scores(query_tile, key_tile, query_pos, key_pos, seq_len, scale,
+                   DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """fp32 ``scale * q . k`` of a [query tile, key tile], -inf where the key is not visible."""
+    scores = _dot(query_tile, tl.trans(key_tile), DOT_PRECISION, DOT_UPCAST) * scale
+    visible = (key_pos[None, :] <= query_pos[:, None]) & (query_pos[:, None] < seq_len)
+    return tl.where(visible, scores, float("-inf"))
+
+
+@triton.jit
+def _forward_kernel(
+    query_ptr, key_ptr, value_ptr, block_indices_ptr, block_gate_ptr,
+    output_ptr, lse_ptr, block_mass_ptr,
+    scale, seq_len, n_q_heads, n_kv_heads, n_query_blocks, top_k, d_head, d_value,
+    QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    query_block_id = tl.program_id(0)
+    batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
+    kv_batch_head = _kv_batch_head(batch_head, n_q_heads, n_kv_heads)
+    query_base = query_ptr + batch_head * seq_len * d_head
+    key_base = key_ptr + kv_batch_head * seq_len * d_head
+    value_base = value_ptr + kv_batch_head * seq_len * d_value
+    slots_row = (batch_head * n_query_blocks + query_block_id) * top_k
+    dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    slot_ids = tl.arange(0, SLOTS)
+    mass_sum = tl.zeros([SLOTS], dtype=tl.float32)
+    for query_tile in range(QUERY_BLOCK // QUERY_TILE):
+        first_query = query_block_id * QUERY_BLOCK + query_tile * QUERY_TILE
+        query_pos = first_query + tl.arange(0, QUERY_TILE)
+        last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
+        query_tile_values = _load_rows(query_base, query_pos, seq_len, dims, d_head)
+        row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros([QUERY_TILE], dtype=tl.float32)
+        slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
+        accumulator = tl.zeros([QUERY_TILE, BLOCK_DV], dtype=tl.float32)
+        for slot in range(top_k):
+            key_block_id = tl.load(block_indices_ptr + slots_row + slot)
+            gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
+            for key_tile in range(KEY_BLOCK // KEY_TILE):
+                first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
+                if (key_block_id >= 0) & (first_key <= last_query):
+                    key_pos = first_key + tl.arange(0, KEY_TILE)
+                    keys = _load_rows(key_base, key_pos, seq_len, dims, d_head)
+                    values = _load_rows(value_base, key_pos, seq_len, value_dims, d_value)
+                    scores = _masked_scores(query_tile_values, keys, query_pos, key_pos, seq_len, scale,
+                                            DOT_PRECISION, DOT_UPCAST)
+                    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+                    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
+                    rescale = tl.exp(row_max - shift)
+                    probs = tl.exp(scores - shift[:, None])
+                    tile_sum = tl.sum(probs, axis=1)
+                    row_sum = row_sum * rescale + tile_sum
+                    in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
+                    slot_sums = slot_sums * rescale[:, None] + in_slot
+                    update = _dot(probs.to(values.dtype), values, DOT_PRECISION, DOT_UPCAST)
+                    accumulator = accumulator * rescale[:, None] + gate * update
+                    row_max = new_max
+        seen = row_sum > 0.0
+        inverse_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
+        real = query_pos < seq_len
+        output_base = output_ptr + batch_head * seq_len * d_value
+        _store_rows(output_base, query_pos, seq_len, value_dims, d_value, accumulator * inverse_sum[:, None])
+        lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+        tl.store(lse_ptr + batch_head * seq_len + query_pos, lse, mask=real)
+        mass_sum += tl.sum(tl.where(real[:, None], slot_sums * inverse_sum[:, None], 0.0), axis=0)
+    n_real = tl.minimum(seq_len - query_block_id * QUERY_BLOCK, QUERY_BLOCK)
+    tl.store(block_mass_ptr + slots_row + slot_ids, mass_sum / n_real, mask=slot_ids < top_k)
+
+
+@triton.jit
+def _backward_kernel(
+    query_ptr, key_ptr, value_ptr, block_indices_ptr, block_gate_ptr, output_ptr, grad_output_ptr, lse_ptr,
+    grad_query_ptr, grad_key_ptr, grad_value_ptr, grad_gate_ptr,
+    scale, seq_len, n_q_heads, n_kv_heads, n_query_blocks, top_k, d_head, d_value,
+    QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    query_block_id = tl.program_id(0)
+    batch_head = tl.program_id(1).to(tl.int64)
+    kv_batch_head = _kv_batch_head(batch_head, n_q_heads, n_kv_heads)
+    query_offset, key_offset = batch_head * seq_len * d_head, kv_batch_head * seq_len * d_head
+    output_offset, value_offset = batch_head * seq_len * d_value, kv_batch_head * seq_len * d_value
+    slots_row = (batch_head * n_query_blocks + query_block_id) * top_k
+    dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    slot_ids = tl.arange(0, SLOTS)
+    gate_grad = tl.zeros([SLOTS], dtype=tl.float32)
+    for query_tile in range(QUERY_BLOCK // QUERY_TILE):
+        first_query = query_block_id * QUERY_BLOCK + query_tile * QUERY_TILE
+        query_pos = first_query + tl.arange(0, QUERY_TILE)
+        last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
+        real = query_pos < seq_len
+        queries = _load_rows(query_ptr + query_offset, query_pos, seq_len, dims, d_head)
+        grad_out = _load_rows(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value)
+        output = _load_rows(output_ptr + output_offset, query_pos, seq_len, value_dims, d_value)
+        delta = tl.sum(grad_out.to(tl.float32) * output.to(tl.float32), axis=1)
+        lse = tl.load(lse_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see no key: every p is 0 anyway
+        grad_query = tl.zeros([QUERY_TILE, BLOCK_D], dtype=tl.float32)
+        for slot in range(top_k):
+            key_block_id = tl.load(block_indices_ptr + slots_row + slot)
+            gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
+            for key_tile in range(KEY_BLOCK // KEY_TILE):
+                first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
+                if (key_block_id >= 0) & (first_key <= last_query):
+                    key_pos = first_key + tl.arange(0, KEY_TILE)
+                    keys = _load_rows(key_ptr + key_offset, key_pos, seq_len, dims, d_head)
+                    values = _load_rows(value_ptr + value_offset, key_pos, seq_len, value_dims, d_value)
+                    scores = _masked_scores(queries, keys, query_pos, key_pos, seq_len, scale,
+                                            DOT_PRECISION, DOT_UPCAST)
+                    probs = tl.exp(scores - lse[:, None])
+                    grad_probs = _dot(grad_out, tl.trans(values), DOT_PRECISION, DOT_UPCAST)  # ungated
+                    if HAS_GATE:
+                        slot_grad = tl.sum(tl.sum(probs * grad_probs, axis=1), axis=0)
+                        gate_grad += tl.where(slot_ids == slot, slot_grad, 0.0)
+                    grad_scores = probs * (gate * grad_probs - delta[:, None])
+                    grad_query += _dot(grad_scores.to(keys.dtype), keys, DOT_PRECISION, DOT_UPCAST)
+                    grad_key = _dot(tl.trans(grad_scores).to(queries.dtype), queries, DOT_PRECISION, DOT_UPCAST)
+                    grad_value = _dot(tl.trans(probs * gate).to(grad_out.dtype), grad_out, DOT_PRECISION, DOT_UPCAST)
+                    _add_rows(grad_key_ptr + key_offset, key_pos, seq_len, dims, d_head, grad_key * scale)
+                    _add_rows(grad_value_ptr + value_offset, key_pos, seq_len, value_dims, d_value, grad_value)
+        _store_rows(grad_query_ptr + query_offset, query_pos, seq_len, dims, d_head, grad_query * scale)
+    if HAS_GATE:
+        grad_gate_at = grad_gate_ptr + slots_row + slot_ids
+        tl.store(grad_gate_at, gate_grad.to(grad_gate_ptr.dtype.element_ty), mask=slot_ids < top_k)
+
+
+def check_triton_block_sizes(query_block: int, key_block: int) -> None:
+    """Raise ``BlockSizeError`` unless both block sizes are powers of two of at least 16."""
+    for name, block in (("query_block", query_block), ("key_block", key_block)):
+        if not isinstance(block, int) or block < MIN_BLOCK or block & (block - 1):
+            raise BlockSizeError(
+                f"The Triton block-sparse attention needs {name} to be a power of two >= {MIN_BLOCK} "
+                f"(tl.dot tiles), got {block!r}; use the torch reference block_sparse_attention for other sizes."
+            )
+
+
+def _launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_gate: Tensor | None,
+                   query_block: int, key_block: int) -> dict:
+    """Compile-time constants of both kernels."""
+    return dict(
+        QUERY_BLOCK=query_block, KEY_BLOCK=key_block,
+        QUERY_TILE=min(query_block, MAX_TILE), KEY_TILE=min(key_block, MAX_TILE),
+        BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(query.shape[-1])),
+        BLOCK_DV=max(MIN_BLOCK, triton.next_power_of_2(value.shape[-1])),
+        SLOTS=max(2, triton.next_power_of_2(block_indices.shape[-1])),
+        HAS_GATE=block_gate is not None,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        # The Triton interpreter multiplies bf16 tl.dot operands as raw uint16 bits
+        # (triton-lang/triton#11584): there, bf16 operands are multiplied in fp32 instead.
+        DOT_UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+    )
+
+
+def _sizes(query: Tensor, key: Tensor, value: Tensor, block_indices: Tensor) -> tuple:
+    """Runtime integer arguments shared by both kernels, after the pointers and ``scale``."""
+    batch, n_q_heads, seq_len, d_head = query.shape
+    n_query_blocks, top_k = block_indices.shape[2:]
+    return seq_len, n_q_heads, key.shape[1], n_query_blocks, top_k, d_head, value.shape[-1]
+
+
+def _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass, *,
+                    query_block: int, key_block: int, scale: float) -> None:
+    """Run the forward kernel into caller-given buffers (every element of them is written).
+
+    All tensors contiguous, ``block_indices`` int32; the tests call it with poisoned buffers.
+    """
+    batch, n_q_heads = query.shape[:2]
+    grid = (block_indices.shape[2], batch * n_q_heads)
+    _forward_kernel[grid](
+        query, key, value, block_indices, block_gate if block_gate is not None else block_mass,
+        output, lse, block_mass, float(scale), *_sizes(query, key, value, block_indices),
+        **_launch_config(query, value, block_indices, block_gate, query_block, key_block), num_warps=4,
+    )
+
+
+def _launch_backward(query, key, value, block_indices, block_gate, output, grad_output, lse,
+                     grad_query, grad_key, grad_value, grad_gate, *, query_block: int, key_block: int,
+                     scale: float) -> None:
+    """Run the backward kernel: ``grad_query`` and ``grad_gate`` are overwritten, ``grad_key`` and
+    ``grad_value`` (fp32, zero on entry) are accumulated into with atomics."""
+    batch, n_q_heads = query.shape[:2]
+    grid = (block_indices.shape[2], batch * n_q_heads)
+    gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
+    _backward_kernel[grid](
+        query, key, value, block_indices, gate_args[0], output, grad_output, lse,
+        grad_query, grad_key, grad_value, gate_args[1], float(scale), *_sizes(query, key, value, block_indices),
+        **_launch_config(query, value, block_indices, block_gate, query_block, key_block), num_warps=4,
+    )
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Autograd wrapper: Triton forward, Triton backward; lse and block_mass are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, block_gate, block_indices, query_block, key_block, scale):
+        batch, n_q_heads, seq_len, _ = query.shape
+        output: Float[Tensor, "batch q_head seq d_value"] = query.new_empty(
+            (batch, n_q_heads, seq_len, value.shape[-1])
+        )
+        lse: Float[Tensor, "batch q_head seq"] = query.new_empty((batch, n_q_heads, seq_len), dtype=torch.float32)
+        block_mass: Float[Tensor, "batch q_head n_query_blocks top_k"] = query.new_empty(
+            block_indices.shape, dtype=torch.float32
+        )
+        _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass,
+                        query_block=query_block, key_block=key_block, scale=scale)
+        ctx.save_for_backward(query, key, value, block_gate, block_indices, output, lse)
+        ctx.blocks = (query_block, key_block, scale)
+        ctx.mark_non_differentiable(lse, block_mass)
+        return output, lse, block_mass
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_lse, _grad_block_mass):
+        query, key, value, block_gate, block_indices, output, lse = ctx.saved_tensors
+        query_block, key_block, scale = ctx.blocks
+        grad_query: Float[Tensor, "batch q_head seq d_head"] = torch.empty_like(query)
+        grad_key: Float[Tensor, "batch kv_head seq d_head"] = torch.zeros_like(key, dtype=torch.float32)
+        grad_value: Float[Tensor, "batch kv_head seq d_value"] = torch.zeros_like(value, dtype=torch.float32)
+        grad_gate = None if block_gate is None else torch.empty_like(block_gate)
+        _launch_backward(query, key, value, block_indices, block_gate, output, grad_output.contiguous(), lse,
+                         grad_query, grad_key, grad_value, grad_gate,
+                         query_block=query_block, key_block=key_block, scale=scale)
+        return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), grad_gate, None, None, None, None
+
+
+def block_sparse_attention_triton(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    value: Float[Tensor, "batch kv_head seq d_value"],
+    block_indices: Int[Tensor, "batch q_head n_query_blocks top_k"],
+    *,
+    query_block: int,
+    key_block: int,
+    scale: float,
+    block_gate: Float[Tensor, "batch q_head n_query_blocks top_k"] | None = None,
+) -> tuple[
+    Float[Tensor, "batch q_head seq d_value"],
+    Float[Tensor, "batch q_head seq"],
+    Float[Tensor, "batch q_head n_query_blocks top_k"],
+]:
+    """Attention restricted to the kept key blocks: ``(output, lse, block_mass)``, on Triton.
+
+    Same contract as ``sparse_attention_ref.block_sparse_attention``; differentiable w.r.t.
+    query, key, value and ``block_gate`` through ``output``. Block sizes: powers of two >= 16.
+    """
+    check_attention_inputs(query, key, value)
+    check_triton_block_sizes(query_block, key_block)
+    check_block_indices(block_indices, query, num_blocks(query.shape[2], query_block))
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in SUPPORTED_DTYPES:
+        raise ShapeError(
+            f"query, key and value must share one dtype of {SUPPORTED_DTYPES}, "
+            f"got {query.dtype}, {key.dtype}, {value.dtype}."
+        )
+    if block_gate is not None and block_gate.shape != block_indices.shape:
+        raise ShapeError(f"block_gate {tuple(block_gate.shape)} must match block_indices {tuple(block_indices.shape)}.")
+    if block_gate is not None:
+        block_gate = block_gate.contiguous()
+    return _BlockSparseAttention.apply(
+        query.contiguous(), key.contiguous(), value.contiguous(), block_gate,
+        block_indices.to(torch.int32).contiguous(), query_block, key_block, scale,
+    )

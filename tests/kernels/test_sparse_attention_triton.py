@@ -1,0 +1,198 @@
+"""Triton block-sparse attention, forward and backward, against the torch reference.
+
+Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 and the kernels run on the CPU through the
+Triton interpreter (slow: sizes stay tiny); with one, the same tests run the compiled kernels on it.
+Inputs are fresh random draws each run; the seed is printed and shown in every failure message
+(set SPARSE_LENS_TEST_SEED to replay one).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+import torch
+
+from sparse_lens.errors import BlockSizeError, ShapeError
+from sparse_lens.kernels.blocks import visible_key_blocks
+from sparse_lens.kernels.sparse_attention_ref import block_sparse_attention
+from sparse_lens.kernels.sparse_attention_triton import (
+    _launch_backward,
+    _launch_forward,
+    block_sparse_attention_triton,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+
+
+@pytest.fixture
+def seed() -> int:
+    drawn = int(os.environ.get("SPARSE_LENS_TEST_SEED", secrets.randbelow(2**31)))
+    print(f"random seed: {drawn} (replay with SPARSE_LENS_TEST_SEED={drawn})")
+    return drawn
+
+
+def assert_close(actual, expected, seed, what, **tolerance):
+    torch.testing.assert_close(
+        actual, expected, **tolerance, msg=lambda message: f"{what} (seed {seed}): {message}"
+    )
+
+
+def draw_qkv(generator, batch, q_heads, kv_heads, seq, d=16, dtype=torch.float32):
+    make = lambda heads: torch.randn(batch, heads, seq, d, generator=generator).to(DEVICE, dtype)  # noqa: E731
+    return make(q_heads), make(kv_heads), make(kv_heads)
+
+
+def draw_block_indices(generator, batch, heads, seq, query_block, key_block, top_k):
+    """Random ascending kept blocks per row; a random number of them (at least 1), -1 after."""
+    visible = visible_key_blocks(seq, query_block, key_block).tolist()
+    block_indices = torch.full((batch, heads, len(visible), top_k), -1)
+    for b in range(batch):
+        for h in range(heads):
+            for row, n_visible in enumerate(visible):
+                n_kept = int(torch.randint(1, min(top_k, n_visible) + 1, (), generator=generator))
+                chosen = torch.randperm(n_visible, generator=generator)[:n_kept]
+                block_indices[b, h, row, :n_kept] = chosen.sort().values
+    return block_indices.to(DEVICE)
+
+
+def forward_into_poisoned_buffers(query, key, value, block_indices, block_gate, **blocks):
+    """Run the forward kernel into NaN-filled buffers: an element it fails to write stays NaN."""
+    batch, heads, seq, _ = query.shape
+    output = torch.full((batch, heads, seq, value.shape[-1]), float("nan"), dtype=query.dtype, device=DEVICE)
+    lse = torch.full((batch, heads, seq), float("nan"), device=DEVICE)
+    block_mass = torch.full(block_indices.shape, float("nan"), device=DEVICE)
+    _launch_forward(query, key, value, block_indices.to(torch.int32), block_gate, output, lse, block_mass, **blocks)
+    return output, lse, block_mass
+
+
+def reference_with_autograd(*args, **kwargs):
+    """The torch reference, made differentiable: its ``nan_to_num_`` edits the softmax output in
+    place, which autograd refuses; cloning tensors as they are saved for backward avoids that."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda saved: saved.clone(), lambda saved: saved):
+        return block_sparse_attention(*args, **kwargs)
+
+
+FORWARD_CASES = {
+    # name: (batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype)
+    "equal_blocks_gqa_ragged_end": (2, 4, 2, 75, 16, 16, 3, False, torch.float32),
+    "query_block_32_key_block_16": (1, 4, 1, 70, 32, 16, 3, False, torch.float32),
+    "query_block_16_key_block_32": (1, 2, 2, 90, 16, 32, 2, False, torch.float32),
+    "gated": (1, 4, 2, 61, 16, 16, 3, True, torch.float32),
+    "bf16_gqa": (1, 4, 2, 75, 16, 16, 3, False, torch.bfloat16),
+    "bf16_mixed_blocks_gated": (1, 2, 1, 70, 32, 16, 3, True, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES.values(), ids=FORWARD_CASES.keys())
+def test_forward_matches_reference_and_writes_every_element(case, seed):
+    batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype = case
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = draw_qkv(generator, batch, q_heads, kv_heads, seq, dtype=dtype)
+    block_indices = draw_block_indices(generator, batch, q_heads, seq, query_block, key_block, top_k)
+    block_gate = torch.rand(block_indices.shape, generator=generator).to(DEVICE) if gated else None
+    blocks = dict(query_block=query_block, key_block=key_block, scale=0.35)
+    output, lse, block_mass = forward_into_poisoned_buffers(query, key, value, block_indices, block_gate, **blocks)
+    expected = block_sparse_attention(query, key, value, block_indices, block_gate=block_gate, **blocks)
+    tolerance = TOLERANCE[dtype]
+    assert_close(output, expected[0], seed, "output", **tolerance)
+    assert_close(lse, expected[1], seed, "lse", atol=1e-4, rtol=1e-4)
+    assert_close(block_mass, expected[2], seed, "block_mass", atol=1e-4, rtol=1e-4)
+
+
+def test_rows_seeing_no_key_give_zero_output_and_minus_infinite_lse(seed):
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = draw_qkv(generator, 1, 2, 1, 64)
+    block_indices = torch.full((1, 2, 2, 2), -1, device=DEVICE)
+    block_indices[:, :, 1, 0] = 3  # query block 1 (32..63) keeps key block 3 (48..63): 32..47 see nothing
+    block_indices[:, 1, 0, 0] = 0  # head 1's query block 0 keeps block 0; head 0's keeps nothing
+    blocks = dict(query_block=32, key_block=16, scale=1.0)
+    output, lse, block_mass = forward_into_poisoned_buffers(query, key, value, block_indices, None, **blocks)
+    expected = block_sparse_attention(query, key, value, block_indices, **blocks)
+    assert torch.all(output[:, 0, :48] == 0) and torch.all(lse[:, 0, :48] == float("-inf"))
+    assert torch.all(output[:, 1, 32:48] == 0) and torch.all(lse[:, 1, 32:48] == float("-inf"))
+    for actual, reference, what in zip((output, lse, block_mass), expected, ("output", "lse", "block_mass")):
+        assert_close(actual, reference, seed, what, atol=1e-5, rtol=1e-5)
+
+
+BACKWARD_CASES = {
+    # name: (batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype)
+    "gqa_gated_ragged_end": (2, 4, 2, 75, 16, 16, 3, True, torch.float32),
+    "query_block_32_key_block_16": (1, 4, 1, 70, 32, 16, 3, False, torch.float32),
+    "query_block_16_key_block_32_gated": (1, 2, 1, 90, 16, 32, 2, True, torch.float32),
+    "bf16_gated": (1, 4, 2, 61, 16, 16, 3, True, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES.values(), ids=BACKWARD_CASES.keys())
+def test_gradients_match_autograd_through_the_reference(case, seed):
+    batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype = case
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [tensor.requires_grad_() for tensor in draw_qkv(generator, batch, q_heads, kv_heads, seq, dtype=dtype)]
+    block_indices = draw_block_indices(generator, batch, q_heads, seq, query_block, key_block, top_k)
+    if gated:
+        inputs.append(torch.rand(block_indices.shape, generator=generator).to(DEVICE).requires_grad_())
+    gate = inputs[3] if gated else None
+    blocks = dict(query_block=query_block, key_block=key_block, scale=0.35, block_gate=gate)
+    output, lse, block_mass = block_sparse_attention_triton(*inputs[:3], block_indices, **blocks)
+    assert output.dtype == dtype and output.requires_grad
+    assert not lse.requires_grad and not block_mass.requires_grad
+    grad_output = torch.randn(output.shape, generator=generator).to(DEVICE, dtype)
+    grads = torch.autograd.grad(output, inputs, grad_output)
+    expected_output = reference_with_autograd(*inputs[:3], block_indices, **blocks)[0]
+    expected_grads = torch.autograd.grad(expected_output, inputs, grad_output)
+    assert_close(output, expected_output, seed, "output", **TOLERANCE[dtype])
+    for grad, expected, name in zip(grads, expected_grads, ("query", "key", "value", "gate")):
+        assert grad.dtype == expected.dtype
+        scale = expected.abs().max().clamp(min=1.0)  # bf16 errors grow with the gradient's magnitude
+        assert_close(grad / scale, expected / scale, seed, f"grad of {name}", **TOLERANCE[dtype])
+
+
+def test_backward_writes_every_element_of_dq_and_dgate(seed):
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = draw_qkv(generator, 1, 2, 1, 45)
+    block_indices = draw_block_indices(generator, 1, 2, 45, 16, 16, 2)
+    block_indices[0, 0, 1] = -1  # a query block that keeps nothing: its dq rows and gate grads are 0
+    gate = torch.rand(block_indices.shape, generator=generator).to(DEVICE)
+    blocks = dict(query_block=16, key_block=16, scale=0.5)
+    output, lse, _ = forward_into_poisoned_buffers(query, key, value, block_indices, gate, **blocks)
+    grad_output = torch.randn(output.shape, generator=generator).to(DEVICE)
+    grad_query = torch.full_like(query, float("nan"))
+    grad_gate = torch.full_like(gate, float("nan"))
+    grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+    _launch_backward(query, key, value, block_indices.to(torch.int32), gate, output, grad_output, lse,
+                     grad_query, grad_key, grad_value, grad_gate, **blocks)
+    inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value, gate)]
+    expected_output = reference_with_autograd(*inputs[:3], block_indices, block_gate=inputs[3], **blocks)[0]
+    expected = torch.autograd.grad(expected_output, inputs, grad_output)
+    names = ("query", "key", "value", "gate")
+    for grad, reference, name in zip((grad_query, grad_key, grad_value, grad_gate), expected, names):
+        assert_close(grad, reference, seed, f"grad of {name}", atol=2e-5, rtol=2e-5)
+    assert torch.all(grad_query[0, 0, 16:32] == 0) and torch.all(grad_gate[0, 0, 1] == 0)
+
+
+@pytest.mark.parametrize("query_block,key_block", [(24, 16), (16, 48), (8, 16), (16, 0)])
+def test_block_sizes_that_are_not_powers_of_two_from_16_raise(query_block, key_block):
+    query, key, value = draw_qkv(torch.Generator().manual_seed(0), 1, 2, 1, 48)
+    block_indices = torch.zeros((1, 2, 3, 1), dtype=torch.int64, device=DEVICE)
+    with pytest.raises(BlockSizeError, match="power of two >= 16"):
+        block_sparse_attention_triton(query, key, value, block_indices, query_block=query_block,
+                                      key_block=key_block, scale=1.0)
+
+
+def test_mismatched_dtypes_and_gate_shapes_raise_shape_errors():
+    query, key, value = draw_qkv(torch.Generator().manual_seed(0), 1, 2, 1, 32)
+    block_indices = torch.zeros((1, 2, 2, 1), dtype=torch.int64, device=DEVICE)
+    blocks = dict(query_block=16, key_block=16, scale=1.0)
+    with pytest.raises(ShapeError, match="dtype"):
+        block_sparse_attention_triton(query, key.bfloat16(), value, block_indices, **blocks)
+    with pytest.raises(ShapeError, match="block_gate"):
+        block_sparse_attention_triton(query, key, value, block_indices, block_gate=torch.ones(1, 2, 2, 2), **blocks)
+    with pytest.raises(ShapeError, match="block_indices"):
+        block_sparse_attention_triton(query, key, value, block_indices[:, :, :1], **blocks)
