@@ -1,15 +1,12 @@
-"""Matplotlib figures of sparse traces (files, never a T x T array)."""
+"""Needle recall per layer and head, as a heatmap."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sparse_lens.analysis.needle import NeedleRecall  # noqa: E402
+from sparse_lens.analysis.needle import NeedleRecall
 
 
 def plot_needle_recall(recall: NeedleRecall, path: str | Path, title: str = "") -> Path:
