@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if str(args.model) == DEFAULT_MODEL else None
+    if str(args.model) == DEFAULT_MODEL:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model needs no hub
     started = time.perf_counter()
     stream = StreamConfig(
         query_block=args.query_block, key_block=args.key_block, top_k=args.top_k,
