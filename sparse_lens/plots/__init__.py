@@ -5,5 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from sparse_lens.plots.needle import plot_needle_recall  # noqa: E402
+from sparse_lens.plots.anchors import plot_receiver_kurtosis, plot_salience  # noqa: E402
+from sparse_lens.plots.routes import plot_route  # noqa: E402
 
-__all__ = ["plot_needle_recall"]
+__all__ = ["plot_needle_recall", "plot_receiver_kurtosis", "plot_route", "plot_salience"]

@@ -1,0 +1,85 @@
+"""Thought-anchor figures: sentence salience with the anchors marked, receiver-head kurtosis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from sparse_lens.analysis.thought_anchors import ThoughtAnchors
+
+
+def _pool_max(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Downsample to at most ``bins`` bars (max over each bin, NaN-aware); returns (x, values)."""
+    n = len(values)
+    if n <= bins:
+        return np.arange(n), values
+    edges = np.linspace(0, n, bins + 1).astype(int)
+    pooled = np.array([np.nanmax(values[a:b]) if np.isfinite(values[a:b]).any() else np.nan
+                       for a, b in zip(edges[:-1], edges[1:])])
+    return (edges[:-1] + edges[1:] - 1) / 2, pooled
+
+
+def plot_salience(
+    anchors: ThoughtAnchors,
+    path: str | Path,
+    *,
+    sentences: Sequence[str] | None = None,
+    k: int = 5,
+    reference: ThoughtAnchors | None = None,
+    max_bars: int = 400,
+    title: str = "",
+) -> Path:
+    """Bars of sentence salience (mean vertical score over the receiver heads) with the top-``k``
+    anchors in red and labelled (with their text if ``sentences`` is given). ``reference`` (e.g. the
+    dense result) is drawn as dots. Above ``max_bars`` sentences, bars are max-pooled."""
+    salience = anchors.salience.float().numpy()
+    x, bars = _pool_max(salience, max_bars)
+    top = anchors.anchors(k)
+    fig, ax = plt.subplots(figsize=(min(16, 4 + 0.12 * len(bars)), 4.2))
+    ax.bar(x, np.nan_to_num(bars), width=max(1.0, len(salience) / len(bars)) * 0.85, color="#8da0cb",
+           label=f"salience ({anchors.method})")
+    ax.bar(top, salience[top], width=0.85, color="#d62728", label=f"top-{len(top)} anchors")
+    if reference is not None:
+        ref_x, ref = _pool_max(reference.salience.float().numpy(), max_bars)
+        ax.plot(ref_x, ref, "k.", markersize=4, label=f"salience ({reference.method})")
+    for rank, index in enumerate(top):
+        label = f"{index}" + (f": {sentences[index][:40]}" if sentences is not None else "")
+        ax.annotate(label, (index, salience[index]), xytext=(0, 4 + 11 * rank), textcoords="offset points",
+                    ha="center", fontsize=7, color="#d62728", arrowprops=dict(arrowstyle="-", color="#d62728", lw=0.4))
+    finite = salience[np.isfinite(salience)]
+    if finite.size:
+        ax.set_ylim(0, float(finite.max()) * (1.25 + 0.08 * len(top)))
+    ax.set_xlabel("sentence")
+    ax.set_ylabel("mean vertical score over receiver heads")
+    ax.set_title(title or f"Thought anchors: {anchors.n_sentences} sentences, {len(anchors.receiver_heads)} receiver heads")
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_receiver_kurtosis(anchors: ThoughtAnchors, path: str | Path, title: str = "") -> Path:
+    """Heatmap layers x heads of the kurtosis of each head's vertical scores; receiver heads boxed."""
+    kurt = anchors.kurtosis.float()
+    layers, heads = kurt.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * heads + 2), max(3, 0.25 * layers + 1.5)))
+    image = ax.imshow(kurt.numpy(), aspect="auto", cmap="magma")
+    if anchors.receiver_heads:
+        layer_ids, head_ids = zip(*anchors.receiver_heads)
+        ax.scatter(head_ids, layer_ids, marker="s", s=40, facecolors="none", edgecolors="cyan", linewidths=1.0,
+                   label="receiver heads")
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"Kurtosis of vertical scores ({anchors.method})")
+    fig.colorbar(image, ax=ax, label="Fisher kurtosis")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
