@@ -43,7 +43,11 @@ import torch  # noqa: E402
 
 import sparse_lens as sl  # noqa: E402
 from sparse_lens.data import prose_tokens  # noqa: E402
-from sparse_lens.kernels import estimators_ref as est  # noqa: E402
+from sparse_lens.kernels.oneshot_ref import antidiagonal_estimate, oneshot_pooled_estimate  # noqa: E402
+from sparse_lens.kernels.rescore_ref import (  # noqa: E402
+    adaptive_candidates, adaptive_estimate, rescored_estimate, select_top_p,
+)
+from sparse_lens.kernels.search_ref import bounds_estimate, pooled_estimate  # noqa: E402
 from sparse_lens.kernels.blocks import (  # noqa: E402
     causal_pairs, kept_pairs_per_slot, num_blocks, pad_to_blocks, visible_key_blocks,
 )
@@ -66,16 +70,16 @@ def estimators(scale: float) -> dict:
 
     return {
         "stream": call(stream_estimate, representative_keys=REPRESENTATIVE_KEYS),
-        "pooled": call(est.pooled_estimate),
-        "pooled_meanq": call(est.pooled_estimate, query_stride=0, mean_query=True),
-        "bounds": call(est.bounds_estimate),
-        "oneshot_pooled": call(est.oneshot_pooled_estimate),
-        "antidiagonal": call(est.antidiagonal_estimate, stride=ANTIDIAGONAL_STRIDE),
-        "antidiagonal_softmax": call(est.antidiagonal_estimate, stride=ANTIDIAGONAL_STRIDE, normalize="softmax",
+        "pooled": call(pooled_estimate),
+        "pooled_meanq": call(pooled_estimate, query_stride=0, mean_query=True),
+        "bounds": call(bounds_estimate),
+        "oneshot_pooled": call(oneshot_pooled_estimate),
+        "antidiagonal": call(antidiagonal_estimate, stride=ANTIDIAGONAL_STRIDE),
+        "antidiagonal_softmax": call(antidiagonal_estimate, stride=ANTIDIAGONAL_STRIDE, normalize="softmax",
                                      scale=scale),
-        "rescored_beam2": call(est.rescored_estimate, beam=2, scale=scale),
-        "rescored_beam4": call(est.rescored_estimate, beam=4, scale=scale),
-        "rescored_beam4_qs4": call(est.rescored_estimate, beam=4, scale=scale, query_stride=RESCORE_QUERY_STRIDE),
+        "rescored_beam2": call(rescored_estimate, beam=2, scale=scale),
+        "rescored_beam4": call(rescored_estimate, beam=4, scale=scale),
+        "rescored_beam4_qs4": call(rescored_estimate, beam=4, scale=scale, query_stride=RESCORE_QUERY_STRIDE),
     }
 
 
@@ -254,7 +258,7 @@ def evaluate_layers(dense, args, plan, results_path, meta) -> dict:
                                                            pruned_fraction(indices, seq_len, block), seconds, flops)
             for max_blocks, estimate in adaptive_variants(plan, block, args):
                 (cands, cmass, keep), seconds = timed(functools.partial(
-                    est.adaptive_candidates, query_block=block, key_block=block, max_blocks=max_blocks,
+                    adaptive_candidates, query_block=block, key_block=block, max_blocks=max_blocks,
                     sink_blocks=SINK, local_blocks=LOCAL, estimate=estimate, scale=dense.scale,
                     query_stride=RESCORE_QUERY_STRIDE if estimate == "exact" else 1), q, k)
                 rows = n_visible > args.min_blocks
@@ -262,7 +266,7 @@ def evaluate_layers(dense, args, plan, results_path, meta) -> dict:
                                        d_head=d_head)
                 for p in args.p:
                     indices, select_seconds = timed(functools.partial(
-                        est.select_top_p, p=p, min_blocks=args.min_blocks), cands, cmass, keep)
+                        select_top_p, p=p, min_blocks=args.min_blocks), cands, cmass, keep)
                     _, oracle = oracle_top_p(mass, p, args.min_blocks)
                     acc[("adaptive", f"{estimate} mass, cap {max_blocks}", block, p)].add(
                         kept_mass(mass, indices)[:, :, rows], oracle[:, :, rows],
@@ -306,30 +310,47 @@ def adaptive_variants(plan, block, args) -> list[tuple[int, str]]:
     return variants
 
 
+def kl_estimator(name: str, scale: float, min_blocks: int):
+    """``f(q, k, block, top_k)`` for a --kl name: an entry of ``estimators`` or
+    ``adaptive:P:CAP`` (adaptive_estimate, bounds search, exact mass on every 4th query)."""
+    if not name.startswith("adaptive:"):
+        return estimators(scale)[name]
+    _, p, cap = name.split(":")
+    return lambda q, k, block, top_k: adaptive_estimate(
+        q, k, query_block=block, key_block=block, p=float(p), min_blocks=min_blocks, max_blocks=int(cap),
+        sink_blocks=SINK, local_blocks=LOCAL, estimate="exact", scale=scale, query_stride=RESCORE_QUERY_STRIDE)
+
+
 @torch.no_grad()
 def next_token_runs(model, tokens, dense, args, plan) -> list[dict]:
-    """Sparse model runs at one budget: stream (no hook) and the others through hook_pattern."""
+    """Sparse model runs at one budget: stream (no hook) and the others through hook_pattern,
+    each estimate made on the sparse run's own rotated q, k."""
     from sparse_lens.analysis.fidelity import _first_pruned_position, _next_token_figures
 
     block = args.kl_block
     top_k = plan[block][min(plan[block])] if args.kl_top_k is None else args.kl_top_k
-    fns = estimators(dense.scale)
+    seq_len = tokens.shape[-1]
     out = []
     for name in args.kl:
+        estimate = kl_estimator(name, dense.scale, args.min_blocks) if name != "stream" else None
         settings = dict(query_block=block, key_block=block, top_k=top_k, sink_blocks=SINK, local_blocks=LOCAL,
                         mode="sparse", keep_qk=name != "stream")
+        pruned = []
 
-        def hook(pattern, hook, name=name):
-            return pattern.with_block_indices(fns[name](pattern.query, pattern.key, block, top_k))
+        def hook(pattern, hook, estimate=estimate, pruned=pruned):
+            indices = estimate(pattern.query, pattern.key, block, top_k)
+            pruned.append(pruned_fraction(indices, seq_len, block))
+            return pattern.with_block_indices(indices)
 
         started = time.perf_counter()
         with model.stream_settings(**settings) as stream:
             hooks = [] if name == "stream" else [
                 (f"blocks.{layer}.attn.hook_pattern", hook) for layer in range(model.cfg.n_layers)]
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks).float()
-            first = _first_pruned_position(stream, tokens.shape[-1])
+            first = _first_pruned_position(stream, seq_len)
         figures = _next_token_figures(dense.logits, logits, first_position=first)
         out.append({"estimator": name, "block": block, "top_k": top_k, "seconds": time.perf_counter() - started,
+                    "pruned": float(np.mean(pruned)) if pruned else window_pruned_fraction(seq_len, block, top_k),
                     **figures})
         print(json.dumps(out[-1]), flush=True)
     return out
@@ -375,10 +396,11 @@ def print_tables(results: dict) -> None:
             print(f"| {r['block']} | {r['p']} | {what} | {r['pruned']:.3f} | {r['recall_mean']:.3f} | "
                   f"{r['recall_p5']:.3f} | {r['seconds']:.1f} |")
     if results.get("next_token"):
-        print("\n| estimator | block | top_k | KL (nats) | top-1 | final KL | final top-1 | positions | s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| estimator | block | top_k | pruned | KL (nats) | top-1 | final KL | final top-1 | positions | s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in results["next_token"]:
-            print(f"| {r['estimator']} | {r['block']} | {r['top_k']} | {r['next_token_kl']:.4f} | "
+            pruned = f"{r['pruned']:.3f}" if "pruned" in r else "-"
+            print(f"| {r['estimator']} | {r['block']} | {r['top_k']} | {pruned} | {r['next_token_kl']:.4f} | "
                   f"{r['top1_agreement']:.3f} | {r['final_kl']:.4f} | {r['final_top1']:.0f} | "
                   f"{r['positions_scored']} | {r['seconds']:.0f} |")
 
@@ -395,7 +417,8 @@ def main() -> None:
     parser.add_argument("--adaptive", nargs="*", default=["exact:2", "exact:4", "pooled:2"],
                         help="ESTIMATE:FACTOR, mass estimate (exact or pooled) and cap = FACTOR x loosest top_k")
     parser.add_argument("--layers", type=int, default=None, help="first N layers only (debugging)")
-    parser.add_argument("--kl", nargs="*", default=[], help="estimators to run the model sparsely with")
+    parser.add_argument("--kl", nargs="*", default=[],
+                        help="estimators to run the model sparsely with (or adaptive:P:CAP)")
     parser.add_argument("--kl-block", type=int, default=64)
     parser.add_argument("--kl-top-k", type=int, default=None, help="default: the loosest budget at --kl-block")
     parser.add_argument("--threads", type=int, default=None)
@@ -433,7 +456,7 @@ def main() -> None:
     else:
         results = evaluate_layers(dense, args, plan, out, meta)
     if args.kl:
-        results["next_token"] = next_token_runs(model, tokens, dense, args, plan)
+        results["next_token"] = results.get("next_token", []) + next_token_runs(model, tokens, dense, args, plan)
         out.write_text(json.dumps(results, indent=2))
     print_tables(results)
 

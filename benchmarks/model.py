@@ -31,7 +31,8 @@ def build(args):
     import sparse_lens as sl
 
     config = Qwen2Config(**{**QWEN25_15B, "num_hidden_layers": args.layers})
-    stream = sl.StreamConfig(query_block=args.block, key_block=args.block, top_k=args.top_k, keep_qk=False)
+    stream = sl.StreamConfig(query_block=args.block, key_block=args.block, top_k=args.top_k, keep_qk=False,
+                             estimator=args.estimator)
     model = sl.HookedSparseTransformer.from_config(config, stream, dtype=getattr(torch, args.dtype), device=args.device)
     model.mlp_chunk_tokens = args.mlp_chunk
     return model
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--estimator", default="rescored")
     parser.add_argument("--mlp-chunk", type=int, default=65536)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -7,7 +7,10 @@ from typing import Literal
 
 from sparse_lens.errors import BlockSizeError, InvalidConfigError
 
-Mode = Literal["sparse", "observe"]
+Mode = Literal["sparse", "observe", "dense"]
+MODES = ("sparse", "observe", "dense")
+# Names of sparse_lens.kernels.estimate.ESTIMATORS (kept here so that config imports no kernel).
+ESTIMATORS = ("rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal")
 
 
 @dataclass(frozen=True)
@@ -19,17 +22,37 @@ class StreamConfig:
         key_block: Tokens per key block (columns). One of the two block sizes must divide
             the other so that block grids line up.
         top_k: Key blocks kept per query block, sink and local blocks included. A query block
-            that sees ``top_k`` causal key blocks or fewer keeps all of them.
+            that sees ``top_k`` causal key blocks or fewer keeps all of them. With
+            ``estimator="adaptive"`` it is the cap (rows keep between ``min_blocks`` and ``top_k``).
         sink_blocks: Always-kept key blocks at the start of the sequence.
         local_blocks: Always-kept key blocks ending at the query block's diagonal. With
             ``key_block < query_block`` use ``local_blocks >= query_block // key_block`` so that
             every query sees its own position.
-        representative_keys: Keys the estimator reads to score a candidate branch (evenly
+        estimator: How kept blocks are chosen (``sparse_lens.kernels.estimate``):
+            ``"rescored"`` (default: a bounds search keeping ``beam`` x the blocks, then exact
+            block masses of those candidates pick the heaviest; measured closest to the exact
+            top-k oracle, see docs/fidelity.md), ``"adaptive"`` (the same candidates, keeping per
+            row the fewest whose mass reaches ``top_p``), ``"stream"`` (the paper's estimator,
+            with a Triton kernel), and the comparison baselines ``"bounds"``, ``"pooled"``,
+            ``"oneshot_pooled"``, ``"antidiagonal"``.
+        representative_keys: ``"stream"``: keys read to score a candidate branch (evenly
             strided keys of the branch's centre block); ``key_block`` reads the whole block.
             Estimation cost is proportional to it.
+        beam: ``"rescored"``: candidates kept by the search, as a multiple of the searched slots.
+        rescore_search: ``"rescored"`` / ``"adaptive"``: how candidates are found, ``"stream"``
+            (Stream's search; with ``rescore_query_stride=1`` the whole estimator runs on the
+            Triton kernels) or ``"bounds"`` (Quest-style key min / max bounds; torch only,
+            slightly closer to the oracle at small top_k).
+        rescore_query_stride: ``"rescored"`` / ``"adaptive"``: the exact candidate masses are
+            computed on every n-th query of a block (cost proportional to 1 / n).
+        top_p: ``"adaptive"``: estimated attention mass each row keeps.
+        min_blocks: ``"adaptive"``: fewest key blocks a row keeps.
+        antidiagonal_stride: ``"antidiagonal"``: stride of the scored antidiagonals.
         mode: ``"sparse"``: the model runs on the sparse attention (downstream activations
             change). ``"observe"``: the model runs exact dense attention (chunked, quadratic
-            time) and the sparse estimate is recorded beside it.
+            time) and the sparse estimate is recorded beside it. ``"dense"``: plain dense causal
+            attention (torch SDPA), no estimate and no ``hook_pattern``: the fast baseline for
+            comparisons (task accuracy, patching references).
         keep_qk: Keep each layer's rotated queries and keys inside the cached pattern so that
             token-level values can be recomputed (``BlockSparsePattern.to_dense``). Costs
             O(T * d_head) per head; turn off for very long contexts.
@@ -44,7 +67,14 @@ class StreamConfig:
     top_k: int = 16
     sink_blocks: int = 1
     local_blocks: int = 1
+    estimator: str = "rescored"
     representative_keys: int = 8
+    beam: int = 4
+    rescore_search: str = "stream"
+    rescore_query_stride: int = 1
+    top_p: float = 0.93
+    min_blocks: int = 4
+    antidiagonal_stride: int = 8
     mode: Mode = "sparse"
     keep_qk: bool = True
     observe_max_tokens: int = 65_536
@@ -75,24 +105,36 @@ class StreamConfig:
             raise InvalidConfigError(
                 f"representative_keys must be between 1 and key_block={self.key_block}, got {self.representative_keys!r}."
             )
-        if self.mode not in ("sparse", "observe"):
-            raise InvalidConfigError(f"mode must be 'sparse' or 'observe', got {self.mode!r}.")
+        if self.mode not in MODES:
+            raise InvalidConfigError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.estimator not in ESTIMATORS:
+            raise InvalidConfigError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}.")
+        for name in ("beam", "rescore_query_stride", "antidiagonal_stride"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidConfigError(f"{name} must be an int >= 1, got {value!r}.")
+        if self.rescore_search not in ("stream", "bounds", "pooled"):
+            raise InvalidConfigError(f"rescore_search must be 'stream', 'bounds' or 'pooled', got {self.rescore_search!r}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidConfigError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
+            raise InvalidConfigError(f"min_blocks must be an int >= 1, got {self.min_blocks!r}.")
+        if self.estimator == "adaptive" and self.min_blocks > self.top_k:
+            raise InvalidConfigError(
+                f"estimator='adaptive' keeps between min_blocks={self.min_blocks} and top_k={self.top_k} "
+                "blocks per row: min_blocks must not exceed top_k."
+            )
         if self.backend not in ("auto", "triton", "reference"):
             raise InvalidConfigError(f"backend must be 'auto', 'triton' or 'reference', got {self.backend!r}.")
         if self.observe_max_tokens < 1:
             raise InvalidConfigError("observe_max_tokens must be >= 1.")
 
     def estimator_kwargs(self) -> dict:
-        """Keyword arguments of ``sparse_lens.kernels.stream_estimate`` for this config."""
-        return {
-            "query_block": self.query_block,
-            "key_block": self.key_block,
-            "top_k": self.top_k,
-            "sink_blocks": self.sink_blocks,
-            "local_blocks": self.local_blocks,
-            "representative_keys": self.representative_keys,
-            "backend": self.backend,
-        }
+        """Keyword arguments of ``sparse_lens.kernels.estimate_blocks`` for this config."""
+        names = ("estimator", "query_block", "key_block", "top_k", "sink_blocks", "local_blocks",
+                 "representative_keys", "beam", "rescore_search", "rescore_query_stride", "top_p", "min_blocks",
+                 "antidiagonal_stride", "backend")
+        return {name: getattr(self, name) for name in names}
 
     def replace(self, **changes) -> "StreamConfig":
         """A copy with some fields changed (validated again)."""

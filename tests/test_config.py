@@ -11,7 +11,11 @@ import sparse_lens as sl
     (dict(top_k=0), sl.InvalidConfigError),
     (dict(top_k=2, sink_blocks=2, local_blocks=1), sl.InvalidConfigError),
     (dict(local_blocks=-1), sl.InvalidConfigError),
-    (dict(mode="dense"), sl.InvalidConfigError),
+    (dict(mode="exact"), sl.InvalidConfigError),
+    (dict(estimator="oracle"), sl.InvalidConfigError),
+    (dict(beam=0), sl.InvalidConfigError),
+    (dict(top_p=1.5), sl.InvalidConfigError),
+    (dict(estimator="adaptive", top_k=4, min_blocks=5), sl.InvalidConfigError),
     (dict(representative_keys=0), sl.InvalidConfigError),
     (dict(key_block=16, representative_keys=32), sl.InvalidConfigError),
 ])

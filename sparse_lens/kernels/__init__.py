@@ -5,7 +5,10 @@ Nothing here imports TransformerLens. Every function takes [batch, heads, seq, d
 
 - ``*_ref.py``: torch references, the readable definitions and the test oracles;
 - ``*_triton.py``: Triton kernels with the same signatures;
-- ``dispatch.py``: ``stream_estimate`` and ``block_sparse_attention`` pick one (``backend=``).
+- ``dispatch.py``: ``stream_estimate`` and ``block_sparse_attention`` pick one (``backend=``);
+- ``estimate.py``: ``estimate_blocks(..., estimator=name)``, every block-selection estimator
+  (``estimator_ref`` Stream, ``search_ref`` bounds / pooled searches, ``oneshot_ref`` baselines,
+  ``rescore_ref`` rescored and adaptive) behind one call.
 """
 
 from sparse_lens.kernels.dense_ref import dense_attention, dense_block_mass
@@ -16,14 +19,17 @@ from sparse_lens.kernels.dispatch import (
     stream_estimate,
     stream_estimate_reference,
 )
+from sparse_lens.kernels.estimate import ESTIMATORS, estimate_blocks
 from sparse_lens.kernels.sparse_attention_ref import kept_block_mass, kept_token_probs
 
 __all__ = [
     "BACKENDS",
+    "ESTIMATORS",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "dense_attention",
     "dense_block_mass",
+    "estimate_blocks",
     "kept_block_mass",
     "kept_token_probs",
     "stream_estimate",

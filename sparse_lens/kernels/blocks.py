@@ -12,7 +12,7 @@ Conventions used everywhere in sparse_lens:
 from __future__ import annotations
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 UNUSED_SLOT = -1
@@ -91,3 +91,69 @@ def pad_to_blocks(tensor: Tensor, block: int, dim: int = -2) -> Tensor:
 def query_blocks_per_chunk(bytes_per_query_block: int, budget_bytes: int = 256 * 2**20) -> int:
     """How many query blocks to process at once so that a chunk's scratch stays near ``budget_bytes``."""
     return max(1, budget_bytes // max(1, bytes_per_query_block))
+
+
+# Geometry of the estimators' candidate search (search_ref, oneshot_ref, rescore_ref)
+def split_into_blocks(tensor: Float[Tensor, "batch head seq d"], block: int) -> Float[Tensor, "batch head n block d"]:
+    """Zero-pad the sequence to whole blocks and split it: [batch, head, n_blocks, block, d]."""
+    n = num_blocks(tensor.shape[2], block)
+    return pad_to_blocks(tensor.float(), block).unflatten(2, (n, block))
+
+
+def tokens_per_block(seq_len: int, block: int, device: torch.device | None = None) -> Int[Tensor, "n_blocks"]:
+    """Real (unpadded) tokens in each block: ``block`` except possibly the last."""
+    first = torch.arange(num_blocks(seq_len, block), device=device) * block
+    return (seq_len - first).clamp(max=block)
+
+
+def real_query_mask(block_ids: Int[Tensor, "chunk"], query_block: int, seq_len: int) -> Bool[Tensor, "chunk query_block"]:
+    """Which query slots of the given query blocks are real positions (< seq_len)."""
+    positions = block_ids[:, None] * query_block + torch.arange(query_block, device=block_ids.device)
+    return positions < seq_len
+
+
+def kv_head_index(n_q_heads: int, n_kv_heads: int, device: torch.device) -> Int[Tensor, "q_head"]:
+    """GQA: the key head each query head reads."""
+    return torch.arange(n_q_heads, device=device) // (n_q_heads // n_kv_heads)
+
+
+def gather_per_head(
+    table: Float[Tensor, "batch kv_head n ..."], index: Int[Tensor, "batch q_head *rest"]
+) -> Tensor:
+    """``table[b, h // group, index[b, h, ...]]`` for every query head ``h`` (GQA gather)."""
+    batch, n_q_heads = index.shape[:2]
+    kv_head = kv_head_index(n_q_heads, table.shape[1], index.device)
+    extra = (None,) * (index.dim() - 2)
+    batch_idx = torch.arange(batch, device=index.device)[(slice(None), None) + extra]
+    return table[batch_idx, kv_head[(None, slice(None)) + extra], index]
+
+
+def fixed_blocks(
+    n_visible: Int[Tensor, "rows"], sink_blocks: int, local_blocks: int
+) -> Int[Tensor, "rows n_fixed"]:
+    """The always-kept key blocks of each row: ``[0, sink)`` then ``[n_visible - local, n_visible)``."""
+    slot = torch.arange(sink_blocks + local_blocks, device=n_visible.device)
+    sinks = slot[:sink_blocks].expand(len(n_visible), sink_blocks)
+    locals_ = n_visible[:, None] - local_blocks + slot[:local_blocks]
+    return torch.cat([sinks, locals_], dim=-1)
+
+
+def keep_all_rows(n_visible: Int[Tensor, "rows"], width: int) -> Int[Tensor, "rows width"]:
+    """Rows that keep every visible key block: ``0 .. n_visible - 1`` then ``-1``."""
+    slot = torch.arange(width, device=n_visible.device)
+    return torch.where(slot < n_visible[:, None], slot, torch.full_like(slot, UNUSED_SLOT))
+
+
+def first_searched_block(seq_len: int, query_block: int, key_block: int, top_k: int) -> int:
+    """First query block that sees more than ``top_k`` key blocks (a Python int)."""
+    n_visible = visible_key_blocks(seq_len, query_block, key_block)
+    rows = torch.nonzero(n_visible > top_k)
+    return int(rows[0]) if len(rows) else len(n_visible)
+
+
+def check_estimator_settings(query_block: int, key_block: int, top_k: int, sink_blocks: int, local_blocks: int) -> None:
+    if query_block % key_block and key_block % query_block:
+        raise ValueError(f"query_block={query_block} and key_block={key_block}: one must divide the other.")
+    if top_k < 1 or sink_blocks < 0 or local_blocks < 0 or sink_blocks + local_blocks > top_k:
+        raise ValueError(f"need top_k >= 1 and 0 <= sink_blocks + local_blocks <= top_k, got "
+                         f"top_k={top_k}, sink_blocks={sink_blocks}, local_blocks={local_blocks}.")

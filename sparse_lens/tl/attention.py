@@ -5,9 +5,11 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
 ``hook_result`` when ``cfg.use_attn_result``) and changes what happens between RoPE and
 ``hook_z``:
 
-- prefill (the whole sequence at once): the Stream estimator picks ``top_k`` key blocks per
-  query block and head; in ``"sparse"`` mode attention runs over those blocks only, in
-  ``"observe"`` mode it runs dense (chunked) and the estimate is recorded beside it;
+- prefill (the whole sequence at once): the configured estimator (``StreamConfig.estimator``)
+  picks ``top_k`` key blocks per query block and head; in ``"sparse"`` mode attention runs over
+  those blocks only, in ``"observe"`` mode it runs dense (chunked) and the estimate is recorded
+  beside it; in ``"dense"`` mode it runs plain dense attention (torch SDPA) and nothing is
+  estimated or recorded (``hook_pattern`` does not fire);
 - ``hook_pattern`` fires with a :class:`~sparse_lens.pattern.BlockSparsePattern`, never a
   T x T tensor. A hook that *returns a different pattern* (``pattern.with_block_indices(...)``
   or ``pattern.with_gate(...)``) makes the layer recompute its attention over that pattern
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
@@ -42,8 +45,8 @@ from sparse_lens.errors import (
 from sparse_lens.kernels import (
     block_sparse_attention,
     dense_attention,
+    estimate_blocks,
     kept_block_mass,
-    stream_estimate,
 )
 from sparse_lens.pattern import BlockSparsePattern
 
@@ -144,8 +147,12 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
                 f"mode='observe' runs dense attention (quadratic time) and is limited to "
                 f"observe_max_tokens={cfg.observe_max_tokens}; got {seq_len} tokens. Use mode='sparse'."
             )
+        if cfg.mode == "dense":
+            return F.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+            )
         with torch.no_grad():
-            block_indices = stream_estimate(query, key, **cfg.estimator_kwargs())
+            block_indices = estimate_blocks(query, key, scale=scale, **cfg.estimator_kwargs())
         if cfg.mode == "sparse":
             z, lse, block_mass = block_sparse_attention(
                 query, key, value, block_indices, scale=scale, backend=cfg.backend, **geometry

@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from sparse_lens.errors import ShapeError
-from sparse_lens.kernels.dense_ref import dense_attention, dense_block_mass
-from sparse_lens.kernels.sparse_attention_ref import block_sparse_attention, kept_block_mass, kept_token_probs
 from sparse_lens.kernels.blocks import visible_key_blocks
+from sparse_lens.kernels.dense_ref import dense_attention, dense_block_mass
+from sparse_lens.kernels.sparse_attention_ref import (
+    block_sparse_attention,
+    kept_block_mass,
+    kept_token_probs,
+)
 
 
 def qkv(batch=2, q_heads=4, kv_heads=2, seq=75, d=8, seed=0):

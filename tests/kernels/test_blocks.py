@@ -1,6 +1,11 @@
 import torch
 
-from sparse_lens.kernels.blocks import causal_pairs, kept_pairs_per_slot, sort_block_row, visible_key_blocks
+from sparse_lens.kernels.blocks import (
+    causal_pairs,
+    kept_pairs_per_slot,
+    sort_block_row,
+    visible_key_blocks,
+)
 
 
 def brute_force_pairs(block_indices, seq_len, query_block, key_block):

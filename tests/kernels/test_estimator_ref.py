@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sparse_lens.errors import ShapeError
-from sparse_lens.kernels.estimator_ref import stream_estimate
 from sparse_lens.kernels.blocks import visible_key_blocks
+from sparse_lens.kernels.estimator_ref import stream_estimate
 
 
 def random_qk(batch=1, q_heads=4, kv_heads=2, seq=128, d=8, seed=0):

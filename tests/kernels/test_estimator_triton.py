@@ -18,8 +18,14 @@ import torch
 from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
 from sparse_lens.kernels import estimator_ref
 from sparse_lens.kernels.blocks import num_blocks, pad_to_blocks, visible_key_blocks
-from sparse_lens.kernels.estimator_ref import score_branches_by_center_block, stream_estimate
-from sparse_lens.kernels.estimator_triton import _stream_estimate_into, stream_estimate_triton
+from sparse_lens.kernels.estimator_ref import (
+    score_branches_by_center_block,
+    stream_estimate,
+)
+from sparse_lens.kernels.estimator_triton import (
+    _stream_estimate_into,
+    stream_estimate_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEAR_TIE = 1e-4  # score gap under which the two implementations may legitimately disagree

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sparse_lens as sl
+from sparse_lens.kernels import ESTIMATORS, estimate_blocks
 from tests.conftest import sparse_and_dense, tiny_llama_config, tiny_qwen2_config
 
 FULL = dict(query_block=16, key_block=16, top_k=64, sink_blocks=1, local_blocks=1)
@@ -63,3 +64,28 @@ def test_pruning_changes_the_output_but_keeps_it_finite():
     pattern = cache["blocks.0.attn.hook_pattern"]
     assert 0.8 < pattern.pruned_fraction() < 1.0
     torch.testing.assert_close(pattern.recall(), torch.ones_like(pattern.recall()))
+
+
+@pytest.mark.parametrize("make_config", [tiny_llama_config, tiny_qwen2_config], ids=["llama", "qwen2"])
+def test_dense_mode_equals_the_dense_bridge_and_fires_no_pattern(make_config):
+    sparse, dense = sparse_and_dense(make_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=2, mode="dense"))
+    tokens = torch.randint(0, 90, (2, 150), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, cache = sparse.run_with_cache(tokens)
+        dense_logits = dense(tokens)
+    assert (logits - dense_logits).abs().max() <= 1e-4
+    assert not any(name.endswith("hook_pattern") for name in cache.keys())
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_estimator_runs_the_model_and_the_pattern_records_it(estimator):
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4, estimator=estimator, min_blocks=2, top_p=0.7)
+    sparse, dense = sparse_and_dense(tiny_llama_config(), stream)
+    tokens = torch.randint(0, 90, (1, 192), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, cache = sparse.run_with_cache(tokens)
+    pattern = cache["blocks.1.attn.hook_pattern"]
+    assert torch.isfinite(logits).all() and pattern.block_indices.shape == (1, 4, 12, 4)
+    expected = estimate_blocks(pattern.query, pattern.key, scale=pattern.scale, **stream.estimator_kwargs())
+    assert torch.equal(pattern.block_indices, expected)
+    assert 0.45 < pattern.pruned_fraction() < 1.0  # 4 of up to 12 key blocks kept per row

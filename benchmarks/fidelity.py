@@ -1,0 +1,151 @@
+"""Fidelity of sparse tracing on the default model (CPU), and the page that reports it.
+
+    python -m benchmarks.fidelity run --length 8192 --dense-cache /tmp/dense8k.pt     # end to end
+    python -m benchmarks.fidelity ruler --length 4096 --samples 3                       # task accuracy
+    python -m benchmarks.fidelity render                                                # docs/fidelity.md
+
+``run``: one dense (observe-mode) trace of ``--length`` tokens of the shipped prose, then
+``sl.fidelity`` for every configuration of ``--configs`` (estimator:block:top_k, or
+adaptive:block:cap:p): pruned fraction, mass recall (mean, p5, per layer), the exact top-k
+oracle's recall and the ratio, estimator time, and next-token KL / top-1 of the model run
+sparsely against the dense run over every pruned position. Writes
+benchmarks/results/fidelity_e2e_<length>.json after every configuration.
+
+``ruler``: RULER NIAH samples (``sparse_lens.data.ruler``) at ``--length``: greedy answers of the
+model run densely and sparsely (``sl.ruler_accuracy``), and needle recall at the answer position
+(``sl.needle_fidelity``: in which heads the estimator keeps the needle block where dense
+attention puts >= 10% of its mass on the needle). Writes benchmarks/results/fidelity_ruler_<length>.json.
+
+``render``: docs/fidelity.md and its figures (docs/img/fidelity_*.png) from the JSON files above
+and from benchmarks/estimators.py's comparison (benchmarks/results/estimators_smollm2_8192*.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_CONFIGS = [
+    "rescored:16:16", "stream:16:16",  # 94% pruned at 8k
+    "adaptive:16:128:top_p=0.93",  # adaptive budget (cap 128 blocks), ~90% pruned
+    "rescored:64:16", "stream:64:16",  # the StreamConfig default budget (77% pruned at 8k)
+]
+
+
+def parse_config(text: str):
+    """``estimator:block:top_k[:field=value...]`` -> StreamConfig (sink 1, local 1, query block =
+    key block), e.g. ``rescored:16:16`` or ``adaptive:16:128:top_p=0.93``."""
+    import sparse_lens as sl
+
+    name, block, top_k, *rest = text.split(":")
+    fields = {field: value for field, _, value in (item.partition("=") for item in rest)}
+    types = {field.name: field.type for field in sl.StreamConfig.__dataclass_fields__.values()}
+    cast = {"int": int, "float": float, "str": str, "bool": lambda v: v == "True"}
+    extra = {field: cast.get(str(types[field]), str)(value) for field, value in fields.items()}
+    return sl.StreamConfig(query_block=int(block), key_block=int(block), top_k=int(top_k), sink_blocks=1,
+                           local_blocks=1, estimator=name, keep_qk=False, **extra)
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"
+
+
+def load_dense(model, tokens, cache: Path | None):
+    """``sl.collect_dense`` once; with a cache path the trace is saved there and reused."""
+    import torch
+
+    import sparse_lens as sl
+    from sparse_lens.analysis.fidelity import DenseTrace
+
+    if cache is not None and cache.exists():
+        saved = torch.load(cache)
+        if torch.equal(saved["tokens"], tokens):
+            print(f"dense trace loaded from {cache}", flush=True)
+            return DenseTrace(**{name: saved[name] for name in ("logits", "query", "key", "lse", "scale")})
+    started = time.perf_counter()
+    dense = sl.collect_dense(model, tokens)
+    print(f"dense observe run: {time.perf_counter() - started:.1f} s", flush=True)
+    if cache is not None:
+        torch.save({"tokens": tokens, "logits": dense.logits, "query": dense.query, "key": dense.key,
+                    "lse": dense.lse, "scale": dense.scale, "seconds": time.perf_counter() - started}, cache)
+    return dense
+
+
+def run_end_to_end(args: argparse.Namespace) -> None:
+    import torch
+
+    import sparse_lens as sl
+    from sparse_lens.data import prose_tokens
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = sl.HookedSparseTransformer.from_pretrained(sl.DEFAULT_MODEL)
+    tokens = torch.tensor([prose_tokens(model.tokenizer, args.length)])
+    dense = load_dense(model, tokens, args.dense_cache)
+    out = RESULTS / f"fidelity_e2e_{args.length}.json"
+    results = json.loads(out.read_text()) if out.exists() and args.append else {"rows": []}
+    results.update(date=str(date.today()), machine=machine(), length=args.length, model=sl.DEFAULT_MODEL,
+                   torch_threads=torch.get_num_threads(),
+                   command="python -m benchmarks.fidelity run " + " ".join(args.argv))
+    for text in args.configs:
+        stream = parse_config(text)
+        started = time.perf_counter()
+        report = sl.fidelity(model, tokens, stream, dense=dense, per_layer=True, verbose=True)
+        row = {"config": text, **stream.to_dict(), **report, "seconds": time.perf_counter() - started}
+        results["rows"] = [r for r in results["rows"] if r["config"] != text] + [row]
+        out.write_text(json.dumps(results, indent=2))
+        print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
+    print_end_to_end(results)
+
+
+def print_end_to_end(results: dict) -> None:
+    print(f"\n{results['length']} tokens of prose, sink 1, local 1, {results['machine']}\n")
+    print("| estimator | block | top_k | pruned | recall mean | recall p5 | oracle ratio | KL (nats) | top-1 | est. s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        budget = f"{r['top_k']} (p {r['top_p']})" if r["estimator"] == "adaptive" else str(r["top_k"])
+        print(f"| {r['estimator']} | {r['query_block']} | {budget} | {r['pruned_fraction']:.3f} | "
+              f"{r['mass_recall_mean']:.3f} | {r['mass_recall_p5']:.3f} | {r['oracle_ratio']:.3f} | "
+              f"{r['next_token_kl']:.4f} | {r['top1_agreement']:.3f} | {r['estimate_seconds']:.0f} |")
+
+
+def main() -> None:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="end-to-end fidelity of several configurations on one dense trace")
+    run.add_argument("--length", type=int, default=8192)
+    run.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    run.add_argument("--dense-cache", type=Path, default=None)
+    run.add_argument("--append", action="store_true", help="keep rows of other configs already in the JSON")
+    run.add_argument("--threads", type=int, default=None)
+    ruler = commands.add_parser("ruler", help="RULER accuracy, dense against sparse, and needle recall")
+    ruler.add_argument("--length", type=int, default=4096)
+    ruler.add_argument("--samples", type=int, default=3, help="samples per task")
+    ruler.add_argument("--tasks", nargs="+", default=None)
+    ruler.add_argument("--configs", nargs="+", default=["rescored:16:16", "stream:16:16"])
+    commands.add_parser("render", help="write docs/fidelity.md and its figures from the JSON results")
+    args = parser.parse_args()
+    args.argv = sys.argv[2:]
+    if args.command == "run":
+        run_end_to_end(args)
+    elif args.command == "ruler":
+        from benchmarks.fidelity_ruler import run_ruler
+
+        run_ruler(args)
+    else:
+        from benchmarks.fidelity_render import render
+
+        render()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Every estimator: the output contract, GQA, bad input, and the estimate_blocks entry point."""
+
+import pytest
+import torch
+
+from sparse_lens.config import ESTIMATORS as CONFIG_ESTIMATORS
+from sparse_lens.config import StreamConfig
+from sparse_lens.errors import ShapeError
+from sparse_lens.kernels import oneshot_ref, rescore_ref, search_ref
+from sparse_lens.kernels.estimate import ESTIMATORS, estimate_blocks
+from sparse_lens.kernels.estimator_ref import stream_estimate
+from tests.kernels.estimator_cases import check_rows, random_qk
+
+FIXED_K = {
+    "pooled": search_ref.pooled_estimate,
+    "pooled_strided_meanq": lambda q, k, **kw: search_ref.pooled_estimate(q, k, query_stride=4, mean_query=True, **kw),
+    "pooled_meanq": lambda q, k, **kw: search_ref.pooled_estimate(q, k, query_stride=0, mean_query=True, **kw),
+    "bounds": search_ref.bounds_estimate,
+    "oneshot_pooled": oneshot_ref.oneshot_pooled_estimate,
+    "antidiagonal": oneshot_ref.antidiagonal_estimate,
+    "antidiagonal_softmax": lambda q, k, **kw: oneshot_ref.antidiagonal_estimate(q, k, normalize="softmax", **kw),
+    "rescored": rescore_ref.rescored_estimate,
+    "rescored_pooled": lambda q, k, **kw: rescore_ref.rescored_estimate(q, k, search="pooled", beam=2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(FIXED_K))
+@pytest.mark.parametrize("seq,query_block,key_block", [(130, 16, 16), (100, 16, 8), (77, 8, 16)])
+def test_fixed_budget_contract(name, seq, query_block, key_block):
+    query, key = random_qk(batch=2, q_heads=6, kv_heads=3, seq=seq)
+    top_k, sink, local = 5, 1, 2
+    chosen = FIXED_K[name](query, key, query_block=query_block, key_block=key_block, top_k=top_k,
+                           sink_blocks=sink, local_blocks=local)
+    assert chosen.shape[:2] == (2, 6)
+
+    def exact_count(n_visible, used):
+        assert len(used) == min(top_k, n_visible)
+
+    check_rows(chosen, seq, query_block, key_block, top_k, sink, local, exact_count)
+
+
+@pytest.mark.parametrize("name", ["pooled", "bounds", "oneshot_pooled", "antidiagonal", "rescored"])
+def test_gqa_query_heads_sharing_a_key_head_search_independently(name):
+    query, key = random_qk(q_heads=4, kv_heads=1, seq=256, seed=1)
+    query[:, 1] = -query[:, 0]
+    query[:, 2] = query[:, 0]
+    chosen = FIXED_K[name](query, key, query_block=16, key_block=16, top_k=4, sink_blocks=0, local_blocks=1)
+    assert not torch.equal(chosen[:, 0], chosen[:, 1])
+    assert torch.equal(chosen[:, 0], chosen[:, 2])
+
+
+def test_gqa_reads_the_shared_key_head():
+    query, key = random_qk(q_heads=4, kv_heads=2, seq=192, seed=4)
+    kwargs = dict(query_block=16, key_block=16, top_k=5, sink_blocks=1, local_blocks=1)
+    for name in ("pooled", "bounds", "antidiagonal", "rescored"):
+        together = FIXED_K[name](query, key, **kwargs)
+        # query head 3 reads key head 1: alone with that key head it must choose the same blocks
+        alone = FIXED_K[name](query[:, 3:4], key[:, 1:2], **kwargs)
+        assert torch.equal(together[:, 3:4], alone), name
+
+
+def test_rejects_bad_inputs():
+    query, key = random_qk(q_heads=3, kv_heads=2)
+    with pytest.raises(ShapeError):
+        search_ref.pooled_estimate(query, key, query_block=16, key_block=16, top_k=4)
+    query, key = random_qk()
+    with pytest.raises(ValueError):
+        search_ref.bounds_estimate(query, key, query_block=16, key_block=16, top_k=2, sink_blocks=2, local_blocks=1)
+    with pytest.raises(ValueError):
+        oneshot_ref.oneshot_pooled_estimate(query, key, query_block=16, key_block=24, top_k=4)
+
+
+# ----- estimate_blocks: one call for every estimator -------------------------------------------
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_estimate_blocks_runs_every_named_estimator_with_the_contract(name):
+    query, key = random_qk(batch=1, q_heads=4, kv_heads=2, seq=150, seed=16)
+    top_k, sink, local = 6, 1, 1
+    chosen = estimate_blocks(query, key, estimator=name, query_block=16, key_block=16, top_k=top_k,
+                             sink_blocks=sink, local_blocks=local, min_blocks=3, top_p=0.8, backend="reference")
+
+    def count(n_visible, used):
+        if name == "adaptive":
+            assert min(3, n_visible) <= len(used) <= min(top_k, n_visible)
+        else:
+            assert len(used) == min(top_k, n_visible)
+
+    check_rows(chosen, 150, 16, 16, top_k, sink, local, count)
+
+
+def test_estimate_blocks_passes_each_estimator_its_own_settings():
+    query, key = random_qk(batch=1, q_heads=2, kv_heads=1, seq=256, seed=17)
+    budget = dict(query_block=16, key_block=16, top_k=5, sink_blocks=1, local_blocks=1)
+    assert torch.equal(estimate_blocks(query, key, estimator="stream", representative_keys=4, **budget),
+                       stream_estimate(query, key, representative_keys=4, **budget))
+    assert torch.equal(
+        estimate_blocks(query, key, estimator="rescored", beam=2, rescore_query_stride=2, rescore_search="bounds",
+                        scale=0.3, **budget),
+        rescore_ref.rescored_estimate(query, key, beam=2, query_stride=2, search="bounds", scale=0.3, **budget))
+    assert torch.equal(estimate_blocks(query, key, estimator="antidiagonal", antidiagonal_stride=4, **budget),
+                       oneshot_ref.antidiagonal_estimate(query, key, stride=4, **budget))
+
+
+def test_estimate_blocks_rejects_an_unknown_name_and_config_lists_the_same_names():
+    query, key = random_qk()
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        estimate_blocks(query, key, estimator="oracle", query_block=16, key_block=16, top_k=4)
+    assert CONFIG_ESTIMATORS == ESTIMATORS
+    kwargs = StreamConfig(estimator="adaptive", top_k=8, min_blocks=2).estimator_kwargs()
+    assert kwargs["estimator"] == "adaptive" and kwargs["min_blocks"] == 2
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
+
+
+@pytest.mark.parametrize("estimator", ["rescored", "adaptive"])
+def test_rescored_and_adaptive_on_the_triton_kernels_equal_the_reference(estimator):
+    # Triton path: Stream's kernel for the candidates, the attention kernel's block_mass for their mass.
+    query, key = (tensor.to(DEVICE) for tensor in random_qk(batch=1, q_heads=4, kv_heads=2, seq=200, d=16, seed=18))
+    settings = dict(estimator=estimator, query_block=16, key_block=16, top_k=5, sink_blocks=1, local_blocks=1,
+                    beam=2, min_blocks=3, top_p=0.8, scale=0.5)
+    on_triton = estimate_blocks(query * 2, key, backend="triton", **settings)
+    reference = estimate_blocks(query * 2, key, backend="reference", **settings)
+    assert torch.equal(on_triton, reference)
