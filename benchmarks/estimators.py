@@ -80,6 +80,9 @@ def estimators(scale: float) -> dict:
         "rescored_beam2": call(rescored_estimate, beam=2, scale=scale),
         "rescored_beam4": call(rescored_estimate, beam=4, scale=scale),
         "rescored_beam4_qs4": call(rescored_estimate, beam=4, scale=scale, query_stride=RESCORE_QUERY_STRIDE),
+        # the StreamConfig default: Stream's search for the candidates (runs on the Triton kernels)
+        "rescored_stream_beam4": call(rescored_estimate, beam=4, scale=scale, search="stream",
+                                      representative_keys=REPRESENTATIVE_KEYS),
     }
 
 
@@ -93,6 +96,13 @@ def estimator_flops(name: str, *, seq_len: int, block: int, top_k: int, heads: i
     rescored_beamB: bounds at top_k' = sink + local + B n_search, plus exact logits of the
     B n_search candidates, 2 B n_search bq bk D per searched query block (/ 4 for _qs4).
     """
+    if name.startswith("rescored_stream_beam"):
+        beam = int(name.removeprefix("rescored_stream_beam"))
+        n_search = top_k - SINK - LOCAL
+        searched = int((visible_key_blocks(seq_len, block, block) > top_k).sum())
+        search = estimator_flops("stream", seq_len=seq_len, block=block, top_k=SINK + LOCAL + beam * n_search,
+                                 heads=heads, d_head=d_head)
+        return search + 2.0 * heads * searched * beam * n_search * block * block * d_head
     if name.startswith("rescored_beam"):
         beam, _, strided = name.removeprefix("rescored_beam").partition("_qs")
         beam, query_share = int(beam), 1 / int(strided or 1)

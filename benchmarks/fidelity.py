@@ -67,7 +67,7 @@ def load_dense(model, tokens, cache: Path | None):
 
     if cache is not None and cache.exists():
         saved = torch.load(cache)
-        if torch.equal(saved["tokens"], tokens):
+        if torch.equal(saved["tokens"], tokens.cpu()):
             print(f"dense trace loaded from {cache}", flush=True)
             return DenseTrace(**{name: saved[name] for name in ("logits", "query", "key", "lse", "scale")})
     started = time.perf_counter()
@@ -86,14 +86,18 @@ def run_end_to_end(args: argparse.Namespace) -> None:
     from sparse_lens.data import prose_tokens
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = sl.HookedSparseTransformer.from_pretrained(sl.DEFAULT_MODEL)
-    tokens = torch.tensor([prose_tokens(model.tokenizer, args.length)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = sl.HookedSparseTransformer.from_pretrained(args.model or sl.DEFAULT_MODEL, device=device)
+    tokens = torch.tensor([prose_tokens(model.tokenizer, args.length)], device=device)
     dense = load_dense(model, tokens, args.dense_cache)
-    out = RESULTS / f"fidelity_e2e_{args.length}.json"
+    out = RESULTS / f"fidelity_e2e_{args.length}{args.suffix}.json"
     results = json.loads(out.read_text()) if out.exists() and args.append else {"rows": []}
-    results.update(date=str(date.today()), machine=machine(), length=args.length, model=sl.DEFAULT_MODEL,
+    command = "python -m benchmarks.fidelity run " + " ".join(args.argv)
+    results["commands"] = results.get("commands", []) + [command]
+    results.update(date=str(date.today()), length=args.length, model=sl.DEFAULT_MODEL,
+                   machine=torch.cuda.get_device_name() if device == "cuda" else machine(),
                    torch_threads=torch.get_num_threads(),
-                   command="python -m benchmarks.fidelity run " + " ".join(args.argv))
+                   command=command)
     for text in args.configs:
         stream = parse_config(text)
         started = time.perf_counter()
@@ -127,11 +131,16 @@ def main() -> None:
     run.add_argument("--dense-cache", type=Path, default=None)
     run.add_argument("--append", action="store_true", help="keep rows of other configs already in the JSON")
     run.add_argument("--threads", type=int, default=None)
+    run.add_argument("--model", default=None, help="default: sl.DEFAULT_MODEL (a GGUF path on machines without the package)")
+    run.add_argument("--suffix", default="", help="added to the JSON name (e.g. _h200)")
     ruler = commands.add_parser("ruler", help="RULER accuracy, dense against sparse, and needle recall")
     ruler.add_argument("--length", type=int, default=4096)
     ruler.add_argument("--samples", type=int, default=3, help="samples per task")
     ruler.add_argument("--tasks", nargs="+", default=None)
     ruler.add_argument("--configs", nargs="+", default=["rescored:16:16", "stream:16:16"])
+    ruler.add_argument("--max-new-tokens", type=int, default=32)
+    ruler.add_argument("--model", default=None, help="default: sl.DEFAULT_MODEL")
+    ruler.add_argument("--suffix", default="", help="added to the JSON name (e.g. _h200)")
     commands.add_parser("render", help="write docs/fidelity.md and its figures from the JSON results")
     args = parser.parse_args()
     args.argv = sys.argv[2:]

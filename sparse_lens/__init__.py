@@ -32,6 +32,8 @@ _LAZY = {
     "HookedSparseTransformer": "sparse_lens.tl.model",
     "collect_dense": "sparse_lens.analysis.fidelity",
     "fidelity": "sparse_lens.analysis.fidelity",
+    "needle_fidelity": "sparse_lens.analysis.needle",
+    "ruler_accuracy": "sparse_lens.analysis.task_accuracy",
 }
 
 
@@ -63,4 +65,6 @@ __all__ = [
     "UnsupportedModelError",
     "collect_dense",
     "fidelity",
+    "needle_fidelity",
+    "ruler_accuracy",
 ]

@@ -1,5 +1,11 @@
-"""Every notebook runs end to end on the default model (CPU, small lengths)."""
+"""Every notebook runs end to end on the default model (CPU, small lengths).
 
+The kernels run torch on one thread (``OMP_NUM_THREADS=1`` unless set): on a small CPU shared with
+other test processes, torch's OpenMP threads spin against each other, and one thread ran
+01_quickstart in 61 s instead of 229 s (2 cores, load ~3.5).
+"""
+
+import os
 from pathlib import Path
 
 import nbformat
@@ -10,7 +16,8 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # the kernel inherits it
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.get("output_type") == "error"]

@@ -8,13 +8,17 @@ Metrics (see docs/fidelity.md), computed without any T x T tensor:
   block mass (same budget), and estimator recall / oracle recall;
 - ``next_token_kl``: mean KL(dense || sparse) of the next-token distribution, and
   ``top1_agreement``: share of positions whose greedy next token agrees;
-- ``final_kl`` / ``final_top1``: the same at the last position only.
+- ``final_kl`` / ``final_top1``: the same at the last position only;
+- ``estimate_seconds``: wall time of the estimator calls (on the dense run's q, k).
 Recall and next-token figures are taken over the query blocks and positions where pruning
-happens (query blocks that see more than top_k key blocks); earlier ones are exact by design.
+happens (query blocks that see more than top_k key blocks, or more than ``min_blocks`` with
+``estimator="adaptive"``); earlier ones are exact by design. For ``"adaptive"`` the oracle is the
+exact top-k at the cap ``top_k``, an upper reference rather than an equal-budget one.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sparse_lens.config import StreamConfig
-from sparse_lens.kernels import dense_block_mass, kept_block_mass, stream_estimate
+from sparse_lens.kernels import dense_block_mass, estimate_blocks
 from sparse_lens.kernels.blocks import visible_key_blocks
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.model import HookedSparseTransformer
@@ -74,41 +78,58 @@ def fidelity(
     *,
     dense: DenseTrace | None = None,
     verbose: bool = False,
+    per_layer: bool = False,
 ) -> dict[str, float]:
     """Fidelity of ``stream`` (default: the model's) against dense attention on ``tokens``.
 
     Pass ``dense=collect_dense(model, tokens)`` to evaluate several configs on one dense run.
+    ``per_layer=True`` adds ``"layers"``: one dict per layer with its ``layer``,
+    ``pruned_fraction`` and recall figures (``mass_recall_mean``, ``mass_recall_p5``,
+    ``oracle_recall_mean``, ``oracle_ratio``).
     """
     stream = stream or model.stream
     dense = dense or collect_dense(model, tokens)
     seq_len = tokens.shape[-1]
-    searched = visible_key_blocks(seq_len, stream.query_block, stream.key_block) > stream.top_k
-    recalls, oracle_recalls, pruned = [], [], []
+    searched = _pruned_rows(stream, seq_len)
+    recalls, oracle_recalls, pruned, layers, estimate_seconds = [], [], [], [], 0.0
     for layer in tqdm(range(model.cfg.n_layers), desc="fidelity", disable=not verbose):
         query, key, lse = dense.query[layer], dense.key[layer], dense.lse[layer]
         geometry = {"query_block": stream.query_block, "key_block": stream.key_block}
-        block_indices = stream_estimate(query, key, **stream.estimator_kwargs())
-        kept = kept_block_mass(query, key, block_indices, lse, scale=dense.scale, **geometry)
+        started = time.perf_counter()
+        block_indices = estimate_blocks(query, key, scale=dense.scale, **stream.estimator_kwargs())
+        estimate_seconds += time.perf_counter() - started
+        all_blocks = dense.block_mass(layer, stream.query_block, stream.key_block)
+        kept = all_blocks.gather(-1, block_indices.clamp(min=0)) * (block_indices >= 0)  # dense mass of kept blocks
         pattern = BlockSparsePattern(block_indices, kept, lse, seq_len, scale=dense.scale, mode="observe", **geometry)
         pruned.append(pattern.pruned_fraction())
         recalls.append(pattern.recall()[:, :, searched].flatten())
-        all_blocks = dense.block_mass(layer, stream.query_block, stream.key_block)
         oracle = all_blocks.topk(min(stream.top_k, all_blocks.shape[-1]), dim=-1).values.sum(-1)
         oracle_recalls.append(oracle[:, :, searched].flatten())
+        if per_layer:
+            layers.append({"layer": layer, "pruned_fraction": pruned[-1],
+                           **_recall_figures(recalls[-1], oracle_recalls[-1])})
     with model.stream_settings(**{**stream.to_dict(), "mode": "sparse", "keep_qk": False}):
         sparse_logits = model(tokens).float()
     report = {
         "seq_len": seq_len,
         "pruned_fraction": float(np.mean(pruned)),
         **_recall_figures(torch.cat(recalls), torch.cat(oracle_recalls)),
+        "estimate_seconds": estimate_seconds,
         **_next_token_figures(dense.logits, sparse_logits, first_position=_first_pruned_position(stream, seq_len)),
     }
+    if per_layer:
+        report["layers"] = layers
     return report
 
 
+def _pruned_rows(stream: StreamConfig, seq_len: int) -> Tensor:
+    """Which query blocks can lose key blocks: they see more than the fewest a row may keep."""
+    fewest_kept = stream.min_blocks if stream.estimator == "adaptive" else stream.top_k
+    return visible_key_blocks(seq_len, stream.query_block, stream.key_block) > fewest_kept
+
+
 def _first_pruned_position(stream: StreamConfig, seq_len: int) -> int:
-    searched = visible_key_blocks(seq_len, stream.query_block, stream.key_block) > stream.top_k
-    rows = torch.nonzero(searched)
+    rows = torch.nonzero(_pruned_rows(stream, seq_len))
     return int(rows[0]) * stream.query_block if len(rows) else seq_len
 
 

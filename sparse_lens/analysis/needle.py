@@ -1,13 +1,33 @@
-"""Where does the answer position look? Needle blocks in the kept patterns, per layer and head."""
+"""Where does the answer position look? Needle blocks in the kept patterns, per layer and head.
+
+- :func:`needle_recall`: from the patterns of a sparse run, whether the answer position's query
+  block keeps a key block of the needle, and the mass the pattern gives it.
+- :func:`needle_fidelity`: the same estimate against dense attention. For the answer position
+  (the last prompt token), per needle, layer and head: the exact dense softmax mass on the
+  needle's tokens (one O(T) row, never T x T) and whether the estimator keeps a needle block.
+  Target: every head that puts >= 10% of its dense mass on the needle keeps its needle block.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
+from sparse_lens.config import StreamConfig
+from sparse_lens.data.niah import NeedleSample
+from sparse_lens.kernels import estimate_blocks
+from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.pattern import BlockSparsePattern
+
+if TYPE_CHECKING:
+    from sparse_lens.analysis.fidelity import DenseTrace
+    from sparse_lens.tl.model import HookedSparseTransformer
 
 
 @dataclass(frozen=True)
@@ -43,3 +63,256 @@ def needle_recall(
         kept_rows.append(is_needle.any(-1))
         mass_rows.append((pattern.block_mass[batch, :, row] * is_needle).sum(-1))
     return NeedleRecall(torch.stack(kept_rows).cpu(), torch.stack(mass_rows).float().cpu(), needle_blocks, row)
+
+
+# ----- needle fidelity: the estimate against dense attention at the answer position ---------
+NEEDLE_MASS_THRESHOLD = 0.10  # a "needle head" puts at least this share of its dense mass on the needle
+
+
+@dataclass
+class NeedleFidelity:
+    """For the answer position (by default the last prompt token), per needle span, layer and head:
+    the dense softmax mass on the needle's tokens and whether the estimator keeps a key block of
+    the needle for the answer position's query block.
+
+    A *needle head* (of a needle) puts at least ``threshold`` of its dense mass on that needle; the
+    target is every needle head keeping its needle block (``missed_heads()`` empty).
+    """
+
+    needle_spans: list[tuple[int, int]]
+    needle_blocks: list[tuple[int, ...]]  # key blocks overlapping each needle span
+    answer_position: int
+    query_block_index: int  # the answer position's query block (row of block_indices)
+    needle_mass: Float[Tensor, "needle layer head"]  # dense softmax mass on the needle's tokens
+    needle_mass_kept: Float[Tensor, "needle layer head"]  # ... on those of its tokens inside kept blocks
+    kept: Bool[Tensor, "needle layer head"]  # a key block of the needle is kept
+    row_recall: Float[Tensor, "layer head"]  # dense mass of the answer position inside the kept blocks
+    threshold: float = NEEDLE_MASS_THRESHOLD
+    stream: dict | None = None  # the StreamConfig that was estimated, as a dict
+
+    def is_needle_head(self) -> Bool[Tensor, "needle layer head"]:
+        return self.needle_mass >= self.threshold
+
+    def needle_heads(self, needle: int | None = None) -> list[tuple[int, int, int]]:
+        """(needle, layer, head) of every needle head (of one needle, or of all)."""
+        return self._select(self.is_needle_head(), needle)
+
+    def missed_heads(self, needle: int | None = None) -> list[tuple[int, int, int]]:
+        """(needle, layer, head) of the needle heads whose needle block is not kept."""
+        return self._select(self.is_needle_head() & ~self.kept, needle)
+
+    def kept_share(self, needle: int | None = None) -> float | None:
+        """Share of needle heads that keep their needle block (None when there is no needle head)."""
+        heads = len(self.needle_heads(needle))
+        return None if heads == 0 else 1.0 - len(self.missed_heads(needle)) / heads
+
+    def needle_mass_recall(self, needle: int | None = None) -> float | None:
+        """Dense needle mass inside kept blocks / dense needle mass, summed over the needle heads."""
+        heads = self.is_needle_head()
+        if needle is not None:
+            heads = heads & (torch.arange(heads.shape[0]) == needle)[:, None, None]
+        total = float(self.needle_mass[heads].sum())
+        return None if total == 0 else float(self.needle_mass_kept[heads].sum()) / total
+
+    def summary(self) -> dict[str, Any]:
+        """Headline figures (all needles together, then per needle), JSON-ready."""
+        per_needle = []
+        for index, span in enumerate(self.needle_spans):
+            per_needle.append({
+                "span": list(span),
+                "blocks": list(self.needle_blocks[index]),
+                "needle_heads": len(self.needle_heads(index)),
+                "kept_share": self.kept_share(index),
+                "needle_mass_recall": self.needle_mass_recall(index),
+                "max_needle_mass": float(self.needle_mass[index].max()),
+                "missed": [[layer, head, round(float(self.needle_mass[index, layer, head]), 4)]
+                           for _, layer, head in self.missed_heads(index)],
+            })
+        return {
+            "answer_position": self.answer_position,
+            "threshold": self.threshold,
+            "needle_heads": len(self.needle_heads()),
+            "missed_heads": len(self.missed_heads()),
+            "kept_share": self.kept_share(),
+            "needle_mass_recall": self.needle_mass_recall(),
+            "answer_row_recall_mean": float(self.row_recall.mean()),
+            "needles": per_needle,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary plus every per (needle, layer, head) figure as nested lists."""
+        return {
+            **self.summary(),
+            "stream": self.stream,
+            "query_block_index": self.query_block_index,
+            "needle_mass": self.needle_mass.tolist(),
+            "needle_mass_kept": self.needle_mass_kept.tolist(),
+            "kept": self.kept.tolist(),
+            "row_recall": self.row_recall.tolist(),
+        }
+
+    def _select(self, mask: Bool[Tensor, "needle layer head"], needle: int | None) -> list[tuple[int, int, int]]:
+        hits = [tuple(int(i) for i in index) for index in torch.nonzero(mask)]
+        return [hit for hit in hits if needle is None or hit[0] == needle]
+
+
+class NeedleProbe:
+    """Accumulates needle fidelity layer by layer from each layer's rotated q and k, so that a
+    whole run never holds more than one layer's q and k (``hooks`` captures them during a dense
+    prefill; ``add_layer`` takes them from anywhere, e.g. a :class:`DenseTrace`)."""
+
+    def __init__(
+        self,
+        needle_spans: list[tuple[int, int]],
+        stream: StreamConfig,
+        n_layers: int,
+        *,
+        answer_position: int = -1,
+        threshold: float = NEEDLE_MASS_THRESHOLD,
+    ):
+        if not needle_spans:
+            raise ValueError("needle_spans is empty: give the [start, end) token span of at least one needle.")
+        self.needle_spans = [(int(start), int(end)) for start, end in needle_spans]
+        self.stream, self.n_layers = stream, n_layers
+        self.answer_position, self.threshold = answer_position, threshold
+        self._layers: dict[int, dict[str, Tensor]] = {}
+        self._pending_query: dict[int, Tensor] = {}
+        self._seq_len: int | None = None
+        self.seconds = 0.0  # time spent in add_layer (estimation and figures)
+
+    def add_layer(
+        self,
+        layer: int,
+        query: Float[Tensor, "batch q_head seq d_head"],
+        key: Float[Tensor, "batch kv_head seq d_head"],
+        scale: float,
+    ) -> None:
+        """Estimate the layer's blocks with the probe's StreamConfig and record its figures (batch 0)."""
+        started = time.perf_counter()
+        seq_len = query.shape[2]
+        position = self.answer_position % seq_len
+        if any(not 0 <= start < end <= position + 1 for start, end in self.needle_spans):
+            raise ValueError(f"Needle spans {self.needle_spans} must lie within [0, {position + 1}), before the answer position.")
+        block_indices = estimate_blocks(query, key, scale=scale, **self.stream.estimator_kwargs())
+        row = position // self.stream.query_block
+        self._layers[layer] = _answer_row_figures(
+            query[0, :, position], key[0, :, : position + 1], scale, block_indices[0, :, row],
+            self.needle_spans, self.stream.key_block,
+        )
+        self._seq_len = seq_len
+        self.seconds += time.perf_counter() - started
+
+    def hooks(self, model: HookedSparseTransformer) -> list[tuple[str, Callable]]:
+        """Forward hooks on every layer's ``hook_rot_q`` / ``hook_rot_k`` that feed ``add_layer``
+        with the first (prefill) call of each layer; decode steps are ignored. TransformerLens
+        hands these hooks [batch, pos, head, d_head] tensors."""
+        hooks = []
+        for layer in range(self.n_layers):
+            scale = _attention_scale(model, layer)
+
+            def take_query(query: Tensor, hook: Any, layer: int = layer) -> None:
+                if layer not in self._layers:
+                    self._pending_query[layer] = query.detach().transpose(1, 2)
+
+            def take_key(key: Tensor, hook: Any, layer: int = layer, scale: float = scale) -> None:
+                if layer not in self._layers and layer in self._pending_query:
+                    self.add_layer(layer, self._pending_query.pop(layer), key.detach().transpose(1, 2), scale)
+
+            hooks += [(f"blocks.{layer}.attn.hook_rot_q", take_query), (f"blocks.{layer}.attn.hook_rot_k", take_key)]
+        return hooks
+
+    def result(self) -> NeedleFidelity:
+        missing = [layer for layer in range(self.n_layers) if layer not in self._layers]
+        if missing or self._seq_len is None:
+            raise RuntimeError(f"NeedleProbe: no q and k were recorded for layers {missing}.")
+        stacked = {name: torch.stack([self._layers[layer][name] for layer in range(self.n_layers)])
+                   for name in self._layers[0]}
+        position = self.answer_position % self._seq_len
+        key_block = self.stream.key_block
+        return NeedleFidelity(
+            needle_spans=self.needle_spans,
+            needle_blocks=[tuple(range(start // key_block, (end - 1) // key_block + 1)) for start, end in self.needle_spans],
+            answer_position=position,
+            query_block_index=position // self.stream.query_block,
+            needle_mass=stacked["needle_mass"].transpose(0, 1),
+            needle_mass_kept=stacked["needle_mass_kept"].transpose(0, 1),
+            kept=stacked["kept"].transpose(0, 1),
+            row_recall=stacked["row_recall"],
+            threshold=self.threshold,
+            stream=self.stream.to_dict(),
+        )
+
+
+@torch.no_grad()
+def needle_fidelity(
+    model: HookedSparseTransformer,
+    tokens: Int[Tensor, "batch pos"] | NeedleSample,
+    needle_spans: list[tuple[int, int]] | None = None,
+    stream: StreamConfig | None = None,
+    *,
+    answer_position: int = -1,
+    threshold: float = NEEDLE_MASS_THRESHOLD,
+    dense: DenseTrace | None = None,
+) -> NeedleFidelity:
+    """Needle fidelity of ``stream`` (default: the model's) at ``answer_position`` (default: the last
+    token), against dense attention: one entry per needle span.
+
+    ``tokens`` may be a :class:`~sparse_lens.data.NeedleSample` (its ``input_ids`` and
+    ``needle_spans``). Pass ``dense=collect_dense(model, tokens)`` to reuse a dense run; otherwise
+    one dense forward runs here with hooks on ``hook_rot_q`` / ``hook_rot_k``. Batch 1.
+    """
+    if isinstance(tokens, NeedleSample):
+        needle_spans = tokens.needle_spans if needle_spans is None else needle_spans
+        tokens = torch.tensor([tokens.input_ids], device=model.cfg.device)
+    if needle_spans is None:
+        raise ValueError("needle_spans is required with a token tensor.")
+    tokens = tokens if tokens.ndim == 2 else tokens[None]
+    stream = stream or model.stream
+    probe = NeedleProbe(needle_spans, stream, model.cfg.n_layers, answer_position=answer_position, threshold=threshold)
+    if dense is not None:
+        for layer in range(model.cfg.n_layers):
+            probe.add_layer(layer, dense.query[layer], dense.key[layer], dense.scale)
+    else:
+        with model.stream_settings(mode="dense"), model.hooks(fwd_hooks=probe.hooks(model)):
+            model(tokens, logits_to_keep=1)  # the whole input: a query block's estimate reads all its queries
+    return probe.result()
+
+
+def _answer_row_figures(
+    query: Float[Tensor, "q_head d_head"],
+    key: Float[Tensor, "kv_head n_keys d_head"],
+    scale: float,
+    kept_indices: Int[Tensor, "q_head width"],
+    needle_spans: list[tuple[int, int]],
+    key_block: int,
+) -> dict[str, Tensor]:
+    """Per head: the answer query's exact dense softmax row over its ``n_keys`` causal keys (O(T)),
+    its mass on each needle, the part of that inside kept blocks, and the row's recall."""
+    n_q_heads, (n_kv_heads, n_keys, _) = query.shape[0], key.shape
+    grouped = query.float().unflatten(0, (n_kv_heads, n_q_heads // n_kv_heads))  # q head h reads kv head h // group
+    scores: Float[Tensor, "q_head n_keys"] = torch.einsum("vgd,vkd->vgk", grouped, key.float()).flatten(0, 1) * scale
+    probs = torch.softmax(scores, dim=-1)
+    n_key_blocks = num_blocks(n_keys, key_block)  # the blocks the answer query sees
+    kept_blocks: Bool[Tensor, "q_head n_key_blocks"] = torch.zeros(n_q_heads, n_key_blocks + 1, dtype=torch.bool, device=query.device)
+    seen = (kept_indices >= 0) & (kept_indices < n_key_blocks)  # -1 slots (and non-causal blocks) go to a spare column
+    kept_blocks.scatter_(1, torch.where(seen, kept_indices, n_key_blocks), True)
+    kept_blocks = kept_blocks[:, :n_key_blocks]
+    kept_keys: Bool[Tensor, "q_head n_keys"] = kept_blocks.repeat_interleave(key_block, dim=1)[:, :n_keys]
+    needle_mass, needle_mass_kept, kept = [], [], []
+    for start, end in needle_spans:
+        needle_probs = probs[:, start:end]
+        needle_mass.append(needle_probs.sum(-1))
+        needle_mass_kept.append((needle_probs * kept_keys[:, start:end]).sum(-1))
+        kept.append(kept_blocks[:, start // key_block : (end - 1) // key_block + 1].any(-1))
+    return {
+        "needle_mass": torch.stack(needle_mass).cpu(),
+        "needle_mass_kept": torch.stack(needle_mass_kept).cpu(),
+        "kept": torch.stack(kept).cpu(),
+        "row_recall": (probs * kept_keys).sum(-1).cpu(),
+    }
+
+
+def _attention_scale(model: HookedSparseTransformer, layer: int) -> float:
+    """The softmax scale the model's attention uses (as SparseAttentionBridge reads it)."""
+    hf_attention = model.blocks[layer].attn.original_component
+    return float(getattr(hf_attention, "scaling", hf_attention.head_dim**-0.5))

@@ -2,8 +2,11 @@
 
 Loads the model, builds a RULER-style needle prompt of ``--length`` tokens, runs it sparsely with
 every layer's pattern cached, scores fidelity against dense attention (where dense is affordable),
-lets the model answer (sparse prefill, greedy decode), and writes ``summary.json`` and a plot of
-the needle's block in the kept patterns per layer.
+lets the model answer (sparse prefill, greedy decode), then makes the figures (recall per layer,
+the needle's blocks per layer and head, the route from the answer to the needle, sentence
+salience, per-head block heatmaps of a few layers) and writes ``summary.json`` and
+``report.html`` (a self-contained page embedding the figures) beside them. The sparse forward,
+fidelity and figure passes show progress bars over layers.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import json
 import os
 import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
-from sparse_lens.analysis import fidelity
+from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.needle import needle_recall
+from sparse_lens.cli.trace_report import parse_layers, write_trace_report
 from sparse_lens.config import StreamConfig
 from sparse_lens.data import needle_prompt, score_answer
-from sparse_lens.plots import plot_needle_recall
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
 
 DENSE_FIDELITY_LIMIT = 16_384
@@ -42,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fidelity", choices=["auto", "on", "off"], default="auto",
                         help=f"score against dense attention (auto: up to {DENSE_FIDELITY_LIMIT} tokens)")
+    parser.add_argument("--heatmap-layers", default="auto",
+                        help="layers whose per-head block heatmaps go into the report: 'auto' (first, last, and "
+                             "where the needle is read most), 'all', 'none' or a comma list")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -52,15 +61,16 @@ def run(args: argparse.Namespace) -> dict:
         query_block=args.query_block, key_block=args.key_block, top_k=args.top_k,
         sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, mode="sparse", keep_qk=False,
     )
-    print(f"[1/5] loading {args.model}", flush=True)
+    print(f"[1/6] loading {args.model}", flush=True)
     model = HookedSparseTransformer.from_pretrained(args.model, stream=stream, device=args.device)
-    print(f"[2/5] building a {args.length}-token needle prompt", flush=True)
+    heatmap_layers = parse_layers(args.heatmap_layers, model.cfg.n_layers)
+    print(f"[2/6] building a {args.length}-token needle prompt", flush=True)
     sample = needle_prompt(model.tokenizer, args.length, depth=args.depth, seed=args.seed, answer_tokens=args.max_new_tokens)
     tokens = torch.tensor([sample.input_ids], device=args.device)
 
-    print(f"[3/5] sparse forward with every layer's pattern cached ({sample.length} tokens)", flush=True)
+    print(f"[3/6] sparse forward with every layer's pattern cached ({sample.length} tokens)", flush=True)
     forward_started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), layer_progress(model, "sparse forward"):
         logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     forward_seconds = time.perf_counter() - forward_started
     patterns = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
@@ -68,18 +78,19 @@ def run(args: argparse.Namespace) -> dict:
 
     scores = {}
     if args.fidelity == "on" or (args.fidelity == "auto" and sample.length <= DENSE_FIDELITY_LIMIT):
-        print("[4/5] fidelity against dense attention (observe mode, quadratic time)", flush=True)
-        scores = fidelity(model, tokens, verbose=True)
+        print("[4/6] fidelity against dense attention (observe mode, quadratic time)", flush=True)
+        with layer_progress(model, "dense forward"):
+            dense = collect_dense(model, tokens)
+        scores = fidelity(model, tokens, dense=dense, verbose=True, per_layer=True)
+        del dense
     else:
-        print("[4/5] fidelity skipped (sequence beyond the dense limit; --fidelity on forces it)", flush=True)
+        print("[4/6] fidelity skipped (sequence beyond the dense limit; --fidelity on forces it)", flush=True)
 
-    print("[5/5] answering (sparse prefill, greedy decode)", flush=True)
+    print("[5/6] answering (sparse prefill, greedy decode)", flush=True)
     generated = model.generate(tokens, max_new_tokens=args.max_new_tokens)
     answer = model.tokenizer.decode(generated[0, tokens.shape[1]:], skip_special_tokens=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_path = plot_needle_recall(recall, args.out / "needle_blocks.png",
-                                   title=f"Needle blocks kept at the answer position ({sample.length} tokens)")
     summary = {
         "model": str(args.model),
         "length": sample.length,
@@ -101,11 +112,35 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
         "peak_memory_gb": round(_peak_memory_gb(args.device), 3),
         "device": str(args.device),
-        "plot": plot_path.name,
+        "plot": "needle_blocks.png",
     }
+    print("[6/6] per-layer figures and the report", flush=True)
+    summary.update(write_trace_report(
+        args.out, summary, patterns=patterns, recall=recall, fidelity_layers=scores.get("layers", []),
+        sample=sample, tokenizer=model.tokenizer, heatmap_layers=heatmap_layers,
+    ))
+    summary["seconds"] = round(time.perf_counter() - started, 2)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({key: value for key, value in summary.items() if key != "per_layer"}, indent=2))
+    print(f"wrote {args.out / 'summary.json'} and {args.out / 'report.html'}", flush=True)
     return summary
+
+
+@contextmanager
+def layer_progress(model: HookedSparseTransformer, desc: str) -> Iterator[None]:
+    """A progress bar ticking once per layer as each layer's ``hook_pattern`` fires."""
+    bar = tqdm(total=model.cfg.n_layers, desc=desc, unit="layer")
+
+    def tick(*_: object) -> None:  # returns None: the hook must leave the pattern as it is
+        bar.update(1)
+
+    handles = [block.attn.hook_pattern.register_forward_hook(tick) for block in model.blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
 
 
 def _peak_memory_gb(device: str) -> float:

@@ -30,11 +30,14 @@ def plot_salience(
     k: int = 5,
     reference: ThoughtAnchors | None = None,
     max_bars: int = 400,
+    highlight: Sequence[int] = (),
+    highlight_label: str = "highlighted",
     title: str = "",
 ) -> Path:
     """Bars of sentence salience (mean vertical score over the receiver heads) with the top-``k``
     anchors in red and labelled (with their text if ``sentences`` is given). ``reference`` (e.g. the
-    dense result) is drawn as dots. Above ``max_bars`` sentences, bars are max-pooled."""
+    dense result) is drawn as dots. Above ``max_bars`` sentences, bars are max-pooled.
+    ``highlight``: sentences (e.g. a needle) drawn in orange, with a triangle above them."""
     salience = anchors.salience.float().numpy()
     x, bars = _pool_max(salience, max_bars)
     top = anchors.anchors(k)
@@ -42,6 +45,13 @@ def plot_salience(
     ax.bar(x, np.nan_to_num(bars), width=max(1.0, len(salience) / len(bars)) * 0.85, color="#8da0cb",
            label=f"salience ({anchors.method})")
     ax.bar(top, salience[top], width=0.85, color="#d62728", label=f"top-{len(top)} anchors")
+    marked = [int(i) for i in highlight if 0 <= int(i) < len(salience)]
+    if marked:
+        heights = np.nan_to_num(salience[marked])
+        ax.bar(marked, heights, width=0.85, color="#ff7f0e")
+        lift = 0.04 * float(np.nanmax(salience)) if np.isfinite(salience).any() else 0.0
+        ax.scatter(marked, heights + lift, marker="v", s=40, color="#ff7f0e", edgecolors="k", linewidths=0.5, zorder=5,
+                   label=highlight_label)
     if reference is not None:
         ref_x, ref = _pool_max(reference.salience.float().numpy(), max_bars)
         ax.plot(ref_x, ref, "k.", markersize=4, label=f"salience ({reference.method})")

@@ -8,6 +8,7 @@ time with ``past_key_values``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +24,10 @@ def greedy_generate(
     *,
     eos_token_id: int | None = None,
     verbose: bool = False,
+    stop: Callable[[Tensor], bool] | None = None,
 ) -> Int[Tensor, "batch pos_plus_new"]:
-    """Append up to ``max_new_tokens`` greedy tokens; stop early once every row produced EOS."""
+    """Append up to ``max_new_tokens`` greedy tokens; stop early once every row produced EOS, or
+    once ``stop(output)`` (called with the tokens so far after each step) returns True."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=hf_model.config)
@@ -40,7 +43,7 @@ def greedy_generate(
             next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
             finished |= next_token == eos_token_id
         output = torch.cat([output, next_token[:, None]], dim=1)
-        if bool(finished.all()):
+        if bool(finished.all()) or (stop is not None and stop(output)):
             break
         step_input = next_token[:, None]
     return output

@@ -59,3 +59,20 @@ def test_fidelity_is_perfect_when_nothing_is_pruned():
     report = sl.fidelity(sparse, tokens, dense=dense)
     assert report["pruned_fraction"] == 0.0 and report["mass_recall_mean"] == 1.0
     assert report["top1_agreement"] == 1.0 and abs(report["next_token_kl"]) < 1e-6
+
+
+def test_fidelity_per_layer_figures_add_up_to_the_totals():
+    stream = sl.StreamConfig(query_block=BLOCK, key_block=BLOCK, top_k=TOP_K)
+    sparse, _ = sparse_and_dense(tiny_llama_config(), stream)
+    tokens = torch.randint(0, 90, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    dense = sl.collect_dense(sparse, tokens)
+    report = sl.fidelity(sparse, tokens, dense=dense, per_layer=True)
+    assert "layers" not in sl.fidelity(sparse, tokens, dense=dense)
+    layers = report["layers"]
+    assert [row["layer"] for row in layers] == [0, 1]
+    # Every layer scores the same number of query blocks, so the totals are the means of the layers.
+    assert report["pruned_fraction"] == pytest.approx(sum(row["pruned_fraction"] for row in layers) / 2)
+    assert report["mass_recall_mean"] == pytest.approx(sum(row["mass_recall_mean"] for row in layers) / 2, rel=1e-5)
+    assert report["oracle_recall_mean"] == pytest.approx(sum(row["oracle_recall_mean"] for row in layers) / 2, rel=1e-5)
+    for row in layers:
+        assert 0 < row["mass_recall_p5"] <= row["mass_recall_mean"] <= row["oracle_recall_mean"] + 1e-6 <= 1 + 1e-6

@@ -1,0 +1,43 @@
+"""``sparse-lens fidelity`` end to end on a tiny random model with a byte-level tokenizer (offline, fast)."""
+
+import json
+
+import sparse_lens as sl
+from sparse_lens.cli import fidelity as fidelity_cli
+from sparse_lens.cli.main import main
+from tests.conftest import tiny_llama_config
+
+
+def byte_tokenizer():
+    """One token per byte (no merges) and an EOS token: exact decoding, so needle spans check out."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+
+
+def test_fidelity_command_writes_fidelity_needles_and_ruler(tmp_path, monkeypatch):
+    def tiny_model(name, stream, device):
+        tokenizer = byte_tokenizer()
+        return sl.HookedSparseTransformer.from_config(tiny_llama_config(vocab_size=len(tokenizer)), stream, tokenizer=tokenizer)
+
+    monkeypatch.setattr(fidelity_cli, "load_model", tiny_model)
+    out = tmp_path / "fidelity.json"
+    assert main(["fidelity", "--length", "640", "--query-block", "16", "--key-block", "16", "--top-k", "8",
+                 "--task", "niah_multikey_1", "--ruler", "2", "--ruler-tasks", "niah_single_1", "vt",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 600 <= result["length"] <= 636 and result["stream"]["top_k"] == 8
+    assert 0.3 < result["fidelity"]["pruned_fraction"] < 1 and 0 < result["fidelity"]["mass_recall_mean"] <= 1
+    needle = result["needle"]
+    assert len(needle["needles"]) == 4 and len(needle["needle_mass"]) == 4  # niah_multikey_1: 4 needles
+    assert len(needle["kept"][0]) == 2 and len(needle["kept"][0][0]) == 4  # [needle][layer][head]
+    ruler = result["ruler"]
+    assert ruler["samples"] == 2 and [r["task"] for r in ruler["records"]] == ["niah_single_1", "vt"]
+    assert all(r["needle"] is not None and r["dense_new_tokens"] <= 4 for r in ruler["records"])
+    assert 0 <= ruler["dense_accuracy"] <= 1 and 0 <= ruler["sparse_accuracy"] <= 1
