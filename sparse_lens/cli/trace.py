@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.needle import needle_recall
 from sparse_lens.cli.trace_report import parse_layers, write_trace_report
-from sparse_lens.config import StreamConfig
+from sparse_lens.config import ESTIMATORS, StreamConfig
 from sparse_lens.data import needle_prompt, score_answer
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
 
@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=16, help="key blocks kept per query block")
     parser.add_argument("--sink-blocks", type=int, default=1)
     parser.add_argument("--local-blocks", type=int, default=1)
+    parser.add_argument("--estimator", choices=ESTIMATORS, default=StreamConfig().estimator,
+                        help="how key blocks are kept (see StreamConfig.estimator); 'stream' is the fastest")
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth in the haystack, 0..1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     stream = StreamConfig(
         query_block=args.query_block, key_block=args.key_block, top_k=args.top_k,
-        sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, mode="sparse", keep_qk=False,
+        sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, estimator=args.estimator, mode="sparse",
+        keep_qk=False,
     )
     print(f"[1/6] loading {args.model}", flush=True)
     model = HookedSparseTransformer.from_pretrained(args.model, stream=stream, device=args.device)
