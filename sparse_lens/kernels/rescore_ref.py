@@ -291,8 +291,8 @@ def adaptive_estimate(
 ) -> Int[Tensor, "batch q_head n_query_blocks max_blocks"]:
     """Adaptive budget: per (head, query block) the smallest set of candidates reaching mass ``p``.
 
-    1. Candidates: ``search`` (``"bounds"`` or ``"pooled"``) with ``top_k = max_blocks`` (rows
-       seeing at most ``max_blocks`` key blocks: all of them).
+    1. Candidates: ``search`` (``"stream"``, ``"bounds"`` or ``"pooled"``) with ``top_k =
+       max_blocks`` (rows seeing at most ``max_blocks`` key blocks: all of them).
     2. Their mass (``candidate_block_mass``): per query a softmax over the candidates' block
        log-masses, averaged over the block's queries; ``estimate="exact"`` uses exact block
        log-sum-exps (the rescoring of ``rescored_estimate``), ``"pooled"`` the mean-key estimate
