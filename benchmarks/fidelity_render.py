@@ -83,7 +83,7 @@ def adaptive_section(comparison: dict, sweep: dict | None) -> list[str]:
     return lines + [""]
 
 
-def end_to_end_section(e2e: dict) -> list[str]:
+def end_to_end_section(e2e: dict, figure: str) -> list[str]:
     lines = [
         "## End to end: the model run sparsely against the same model run densely",
         "Command: " + ", then ".join(f"`{c}`" for c in e2e.get("commands", [e2e["command"]]))
@@ -101,7 +101,7 @@ def end_to_end_section(e2e: dict) -> list[str]:
             f"| `{r['config']}` | {r['pruned_fraction']:.3f} | "
             f"{r['mass_recall_mean']:.3f} | {r['mass_recall_p5']:.3f} | {r['oracle_ratio']:.3f} | "
             f"{r['next_token_kl']:.4f} | {r['top1_agreement']:.3f} | {r['final_kl']:.4f} | {r['positions_scored']:,} |")
-    return lines + ["", "![recall per layer](img/fidelity_layer_recall.png)", ""]
+    return lines + ["", f"![recall per layer](img/{figure})", ""]
 
 
 def ruler_section(ruler: dict) -> list[str]:
@@ -257,7 +257,7 @@ def plot_layer_recall(e2e: dict, path: Path) -> None:
     for r in e2e["rows"]:
         if "layers" not in r:
             continue
-        label = f"{r['estimator']} b{r['query_block']} k{r['top_k']} (pruned {r['pruned_fraction']:.2f})"
+        label = f"{r['config']} (pruned {r['pruned_fraction']:.3f})"
         ax.plot([layer["layer"] for layer in r["layers"]], [layer["mass_recall_mean"] for layer in r["layers"]],
                 "o-", ms=3, label=label)
     ax.set(xlabel="layer", ylabel="mass recall (mean)", title="Recall per layer")
@@ -323,11 +323,10 @@ def render() -> Path:
     ruler_gpu = load("fidelity_ruler_8192_h200.json")
     if e2e or e2e_gpu:
         lines += summary_section(e2e, e2e_gpu, ruler_gpu)
-    if e2e_gpu:
-        lines += end_to_end_section(e2e_gpu)
-    if e2e:
-        lines += end_to_end_section(e2e)
-        plot_layer_recall(e2e, IMAGES / "fidelity_layer_recall.png")
+    for source, figure in ((e2e_gpu, "fidelity_layer_recall_h200.png"), (e2e, "fidelity_layer_recall_cpu.png")):
+        if source:
+            lines += end_to_end_section(source, figure)
+            plot_layer_recall(source, IMAGES / figure)
     if comparison:
         lines += estimator_section(comparison, extra_rows) + ["![recall vs pruned](img/fidelity_recall_vs_pruned.png)", ""]
         plot_recall_vs_pruned(comparison, extra_rows, IMAGES / "fidelity_recall_vs_pruned.png")
