@@ -29,7 +29,6 @@ from typing import Literal
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.kernels.blocks import visible_key_blocks
 from sparse_lens.kernels.dispatch import Backend, block_sparse_attention, stream_estimate, use_triton
 from sparse_lens.kernels.oneshot_ref import antidiagonal_estimate, oneshot_pooled_estimate
 from sparse_lens.kernels.rescore_ref import (
@@ -96,8 +95,7 @@ def estimate_blocks(
                                                   key_block=key_block, scale=scale, backend=backend)
         if estimator == "rescored":
             return keep_heaviest(candidates, block_mass, seq_len=query.shape[2], top_k=top_k, **budget)
-        n_visible = visible_key_blocks(query.shape[2], query_block, key_block, device=query.device)
-        always_keep = fixed_slot_mask(candidates, n_visible, sink_blocks, local_blocks)
+        always_keep = fixed_slot_mask(candidates, seq_len=query.shape[2], **budget)
         return select_top_p(candidates, block_mass, always_keep, p=top_p, min_blocks=min_blocks)
     if estimator == "rescored":
         return rescored_estimate(query, key, top_k=top_k, beam=beam, search=rescore_search, scale=scale,

@@ -109,11 +109,15 @@ def estimated_block_mass(
 
 def fixed_slot_mask(
     candidates: Int[Tensor, "batch q_head n_query_blocks width"],
-    n_visible: Int[Tensor, "n_query_blocks"],
+    *,
+    seq_len: int,
+    query_block: int,
+    key_block: int,
     sink_blocks: int,
     local_blocks: int,
 ) -> Bool[Tensor, "batch q_head n_query_blocks width"]:
     """Which candidate slots hold a sink or local block (always kept)."""
+    n_visible = visible_key_blocks(seq_len, query_block, key_block, device=candidates.device)
     fixed = fixed_blocks(n_visible, sink_blocks, local_blocks)
     return (candidates[..., None] == fixed[None, None, :, None, :]).any(-1) & (candidates >= 0)
 
@@ -143,8 +147,8 @@ def candidate_block_mass(
     scale = d_head**-0.5 if scale is None else scale
     width = candidates.shape[-1]
     query_blocks = split_into_blocks(query, query_block)
-    n_visible = visible_key_blocks(seq_len, query_block, key_block, device=query.device)
-    always_keep = fixed_slot_mask(candidates, n_visible, sink_blocks, local_blocks)
+    always_keep = fixed_slot_mask(candidates, seq_len=seq_len, query_block=query_block, key_block=key_block,
+                                  sink_blocks=sink_blocks, local_blocks=local_blocks)
     slots = torch.arange(query_block - 1, -1, -query_stride, device=query.device).flip(0)
     if estimate not in ("pooled", "exact"):
         raise ValueError(f"estimate must be 'pooled' or 'exact', got {estimate!r}.")
@@ -245,8 +249,8 @@ def keep_heaviest(
     local_blocks: int,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Step 3 of ``rescored_estimate``: sink and local blocks, then the heaviest candidates."""
-    n_visible = visible_key_blocks(seq_len, query_block, key_block, device=candidates.device)
-    always_keep = fixed_slot_mask(candidates, n_visible, sink_blocks, local_blocks)
+    always_keep = fixed_slot_mask(candidates, seq_len=seq_len, query_block=query_block, key_block=key_block,
+                                  sink_blocks=sink_blocks, local_blocks=local_blocks)
     return select_heaviest(candidates, block_mass, always_keep, top_k)[..., :top_k]
 
 
@@ -343,5 +347,5 @@ def adaptive_candidates(
     mass = candidate_block_mass(query, key, candidates, query_block=query_block, key_block=key_block,
                                 sink_blocks=sink_blocks, local_blocks=local_blocks, estimate=estimate, scale=scale,
                                 query_stride=query_stride)
-    n_visible = visible_key_blocks(query.shape[2], query_block, key_block, device=query.device)
-    return candidates, mass, fixed_slot_mask(candidates, n_visible, sink_blocks, local_blocks)
+    return candidates, mass, fixed_slot_mask(candidates, seq_len=query.shape[2], query_block=query_block,
+                                             key_block=key_block, sink_blocks=sink_blocks, local_blocks=local_blocks)
