@@ -24,7 +24,7 @@ from transformer_lens.model_bridge.sources._bridge_builder import (
 from transformer_lens.model_bridge.sources.transformers_driver import TransformersDriver
 
 from sparse_lens.config import StreamConfig
-from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, UnsupportedModelError
+from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, ShapeError, UnsupportedModelError
 from sparse_lens.tl.attention import SparseAttentionBridge
 from sparse_lens.tl.chunking import set_mlp_chunking
 from sparse_lens.tl.generation import greedy_generate
@@ -138,40 +138,127 @@ class HookedSparseTransformer(TransformerBridge):
         return [block.attn for block in self.blocks]
 
     # ----- running ----------------------------------------------------------------------------
-    def forward(self, input: Any, *args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
-        if attention_mask is not None and bool((attention_mask == 0).any()):
+    def forward(
+        self,
+        input: Any,
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """TransformerBridge's forward (``run_with_cache`` and ``run_with_hooks`` call it too), on
+        unpadded input only.
+
+        Padded batches are not supported: the estimator and kernels take no per-row lengths, so
+        pad tokens would be attended to and steer block selection. A list of strings whose token
+        lengths differ, or an ``attention_mask`` with a zero, raises
+        :class:`~sparse_lens.errors.PaddingNotSupportedError`; run such rows one at a time (or
+        make them equally long). Token tensors are taken as they are: every position is real.
+        """
+        _reject_padding(attention_mask)
+        if isinstance(input, list) and all(isinstance(item, str) for item in input):
+            input = self.unpadded_tokens(input, prepend_bos=prepend_bos)
+        return super().forward(
+            input, return_type=return_type, loss_per_token=loss_per_token, prepend_bos=prepend_bos,
+            padding_side=padding_side, attention_mask=attention_mask, **kwargs,
+        )
+
+    def unpadded_tokens(
+        self, prompts: str | list[str], *, prepend_bos: bool | None = None, truncate: bool = True
+    ) -> Int[Tensor, "batch pos"]:
+        """``to_tokens`` for prompts that need no padding: each prompt is tokenized alone (as
+        ``to_tokens`` would), and prompts of different token lengths raise
+        :class:`~sparse_lens.errors.PaddingNotSupportedError` instead of being padded."""
+        rows = [self.to_tokens(prompt, prepend_bos=prepend_bos, truncate=truncate)
+                for prompt in ([prompts] if isinstance(prompts, str) else prompts)]
+        lengths = [row.shape[-1] for row in rows]
+        if len(set(lengths)) > 1:
             raise PaddingNotSupportedError(
-                "The attention mask has padding (zeros); sparse_lens runs unpadded sequences. "
-                "Run sequences of equal length, or one at a time."
+                f"These {len(rows)} prompts have different token lengths ({lengths}) and would be padded; "
+                "sparse_lens runs unpadded sequences only (pads would be attended to and change the "
+                "shorter rows' results). Run the prompts one at a time, or make them equally long."
             )
-        return super().forward(input, *args, attention_mask=attention_mask, **kwargs)
+        return torch.cat(rows)
 
     @torch.no_grad()
     def generate(
         self,
-        input: str | Int[Tensor, "batch pos"],
+        input: str | list[str] | Int[Tensor, "pos"] | Int[Tensor, "batch pos"],
         max_new_tokens: int = 32,
         *,
         stop_at_eos: bool = True,
+        eos_token_id: int | None = None,
+        do_sample: bool = False,
+        prepend_bos: bool | None = None,
+        return_type: str = "input",
+        attention_mask: Tensor | None = None,
         verbose: bool = False,
         **unsupported: Any,
-    ) -> str | Int[Tensor, "batch pos"]:
+    ) -> str | list[str] | Int[Tensor, "pos"] | Int[Tensor, "batch pos"]:
         """Greedy decoding: one sparse prefill of the prompt, then KV-cached dense decode steps.
 
-        Returns a string (prompt + continuation) for string input, else the token tensor.
+        Accepts what TransformerBridge's ``generate`` accepts, unpadded:
+
+        - a string: returns a string (prompt + continuation, special tokens kept);
+        - a list of strings of equal token length: returns a list of strings, one per prompt (a
+          list even for one prompt, where TransformerLens returns a bare string); prompts of
+          different token lengths raise :class:`~sparse_lens.errors.PaddingNotSupportedError`;
+        - token ids ``[pos]`` (one sequence): returns ``[pos + new]`` (the rank is kept);
+        - token ids ``[batch, pos]``: returns ``[batch, pos + new]``.
+
+        ``return_type``: ``"input"`` (the above), ``"str"`` (text of every row, a list unless the
+        input was a string) or ``"tokens"`` (always ``[batch, pos + new]``). Rows that produce EOS
+        stop early and are filled with EOS while the others go on. ``do_sample=True`` and other
+        sampling options are not supported (greedy only); an ``attention_mask`` with a zero
+        raises ``PaddingNotSupportedError``.
         """
-        if unsupported:
-            raise TypeError(
-                f"HookedSparseTransformer.generate does greedy decoding only; unsupported: {sorted(unsupported)}"
-            )
-        tokens = self.to_tokens(input) if isinstance(input, str) else input
-        eos_token_id = getattr(self.tokenizer, "eos_token_id", None) if stop_at_eos else None
+        if do_sample or unsupported:
+            names = sorted(unsupported) + (["do_sample=True"] if do_sample else [])
+            raise TypeError(f"HookedSparseTransformer.generate does greedy decoding only; unsupported: {names}")
+        if return_type not in ("input", "str", "tokens"):
+            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}.")
+        _reject_padding(attention_mask)
+        tokens = self._generation_tokens(input, prepend_bos)
+        if stop_at_eos and eos_token_id is None:
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         output = greedy_generate(
-            self.original_model, tokens.to(self.cfg.device), max_new_tokens, eos_token_id=eos_token_id, verbose=verbose
+            self.original_model, tokens.to(self.cfg.device), max_new_tokens,
+            eos_token_id=eos_token_id if stop_at_eos else None, verbose=verbose,
         )
-        if isinstance(input, str):
-            return self.tokenizer.decode(output[0], skip_special_tokens=False)
-        return output
+        if return_type == "tokens":
+            return output
+        if return_type == "str" or not isinstance(input, Tensor):
+            texts = [self.tokenizer.decode(row, skip_special_tokens=False) for row in output]
+            return texts[0] if isinstance(input, str) else texts
+        return output[0] if input.ndim == 1 else output
+
+    def _generation_tokens(self, input: Any, prepend_bos: bool | None) -> Int[Tensor, "batch pos"]:
+        """The ``[batch, pos]`` prompt tokens of what ``generate`` accepts, else a named error."""
+        if isinstance(input, str) or (isinstance(input, list) and input and all(isinstance(p, str) for p in input)):
+            return self.unpadded_tokens(input, prepend_bos=prepend_bos, truncate=False)
+        if isinstance(input, Tensor):
+            if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
+                raise ShapeError(f"generate takes integer token ids, got a {input.dtype} tensor.")
+            if input.ndim not in (1, 2) or input.shape[-1] == 0:
+                raise ShapeError(
+                    f"generate takes token ids shaped [pos] or [batch, pos] with pos >= 1, got {tuple(input.shape)}."
+                )
+            return input if input.ndim == 2 else input[None]
+        raise TypeError(
+            "generate takes a string, a non-empty list of strings (equal token lengths) or an integer token "
+            f"tensor [pos] / [batch, pos]; got {type(input).__name__}."
+        )
+
+
+def _reject_padding(attention_mask: Tensor | None) -> None:
+    """Raise PaddingNotSupportedError for an attention mask that masks out any position."""
+    if attention_mask is not None and bool((attention_mask == 0).any()):
+        raise PaddingNotSupportedError(
+            "The attention mask has padding (zeros); sparse_lens runs unpadded sequences (padding is not "
+            "supported: pads would be attended to). Run the rows one at a time, or make them equally long."
+        )
 
 
 def _install_sparse_attention(adapter: Any) -> None:

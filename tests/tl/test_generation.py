@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 import sparse_lens as sl
-from tests.conftest import sparse_and_dense, tiny_qwen2_config
+from tests.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+from tests.conftest import sparse_and_dense, tiny_llama_config, tiny_qwen2_config
 
 
 def test_cached_greedy_decode_equals_recomputing_the_whole_sequence():
@@ -15,3 +17,44 @@ def test_cached_greedy_decode_equals_recomputing_the_whole_sequence():
         for _ in range(6):
             expected = torch.cat([expected, sparse(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, expected)
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=3)
+    return sl.HookedSparseTransformer.from_config(tiny_llama_config(vocab_size=VOCAB_SIZE), stream,
+                                                  tokenizer=byte_tokenizer())
+
+
+PROMPTS = ["a tiny prompt of forty bytes, or so it is", "b tiny prompt of forty bytes, or so it is"]
+
+
+def test_every_input_kind_of_transformer_lens_generate(text_model):
+    model = text_model
+    rows = model.to_tokens(PROMPTS)  # [2, pos]: equal lengths, no padding
+    expected = model.generate(rows, max_new_tokens=3, stop_at_eos=False)
+    assert expected.shape == (2, rows.shape[1] + 3)
+
+    one = model.generate(rows[1], max_new_tokens=3, stop_at_eos=False)  # [pos] in, [pos + new] out
+    assert one.ndim == 1 and torch.equal(one, expected[1])
+
+    texts = model.generate(PROMPTS, max_new_tokens=3, stop_at_eos=False)
+    assert texts == [model.tokenizer.decode(row) for row in expected]
+    assert model.generate(PROMPTS[:1], max_new_tokens=3, stop_at_eos=False) == texts[:1]  # a list stays a list
+    assert model.generate(PROMPTS[0], max_new_tokens=3, stop_at_eos=False) == texts[0]
+    assert model.generate(rows, max_new_tokens=3, stop_at_eos=False, return_type="str") == texts
+    assert torch.equal(model.generate(PROMPTS, max_new_tokens=3, stop_at_eos=False, return_type="tokens"), expected)
+
+
+def test_unsupported_generate_inputs_raise_named_errors(text_model):
+    model = text_model
+    with pytest.raises(sl.PaddingNotSupportedError):
+        model.generate([PROMPTS[0], PROMPTS[0] + " longer"], max_new_tokens=2)
+    with pytest.raises(sl.ShapeError, match=r"\[pos\] or \[batch, pos\]"):
+        model.generate(torch.zeros(1, 2, 3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(sl.ShapeError, match="integer token ids"):
+        model.generate(torch.zeros(1, 4), max_new_tokens=2)
+    with pytest.raises(TypeError, match="a string, a non-empty list of strings"):
+        model.generate([], max_new_tokens=2)
+    with pytest.raises(TypeError, match="greedy decoding only"):
+        model.generate(PROMPTS[0], max_new_tokens=2, do_sample=True)
