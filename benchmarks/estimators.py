@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,29 @@ def estimators(scale: float) -> dict:
     }
 
 
+def stream_rescore_settings(name: str) -> dict | None:
+    """``rescored_stream_beamB[_rkR][_qsS]`` -> ``{beam, representative_keys, query_stride}``
+    (Stream's search with R representative keys, default 8; exact masses on every S-th query,
+    default 1), the variants the fused Triton rescoring runs; ``None`` for other names."""
+    match = re.fullmatch(r"rescored_stream_beam(\d+)(?:_rk(\d+))?(?:_qs(\d+))?", name)
+    if match is None:
+        return None
+    beam, keys, stride = match.groups()
+    return {"beam": int(beam), "representative_keys": int(keys or REPRESENTATIVE_KEYS), "query_stride": int(stride or 1)}
+
+
+def estimator_fns(names, scale: float) -> dict:
+    """``estimators(scale)`` plus every ``rescored_stream_beamB[_rkR][_qsS]`` name in ``names``."""
+    fns = estimators(scale)
+    for name in names:
+        settings = stream_rescore_settings(name)
+        if name not in fns and settings is not None:
+            fns[name] = lambda q, k, block, top_k, settings=settings: rescored_estimate(
+                q, k, query_block=block, key_block=block, top_k=top_k, sink_blocks=SINK, local_blocks=LOCAL,
+                search="stream", scale=scale, **settings)
+    return fns
+
+
 def estimator_flops(name: str, *, seq_len: int, block: int, top_k: int, heads: int, d_head: int) -> float:
     """Scoring FLOPs of one layer (all query heads), 2 per multiply-add.
 
@@ -96,13 +120,14 @@ def estimator_flops(name: str, *, seq_len: int, block: int, top_k: int, heads: i
     rescored_beamB: bounds at top_k' = sink + local + B n_search, plus exact logits of the
     B n_search candidates, 2 B n_search bq bk D per searched query block (/ 4 for _qs4).
     """
-    if name.startswith("rescored_stream_beam"):
-        beam = int(name.removeprefix("rescored_stream_beam"))
-        n_search = top_k - SINK - LOCAL
+    settings = stream_rescore_settings(name)
+    if settings is not None:
+        beam, n_search = settings["beam"], top_k - SINK - LOCAL
         searched = int((visible_key_blocks(seq_len, block, block) > top_k).sum())
         search = estimator_flops("stream", seq_len=seq_len, block=block, top_k=SINK + LOCAL + beam * n_search,
-                                 heads=heads, d_head=d_head)
-        return search + 2.0 * heads * searched * beam * n_search * block * block * d_head
+                                 heads=heads, d_head=d_head) * settings["representative_keys"] / REPRESENTATIVE_KEYS
+        rescore = 2.0 * heads * searched * (SINK + LOCAL + beam * n_search) * block * block * d_head
+        return search + rescore / settings["query_stride"]
     if name.startswith("rescored_beam"):
         beam, _, strided = name.removeprefix("rescored_beam").partition("_qs")
         beam, query_share = int(beam), 1 / int(strided or 1)
@@ -246,7 +271,7 @@ def timed(fn, *args):
 def evaluate_layers(dense, args, plan, results_path, meta) -> dict:
     seq_len = dense.query[0].shape[2]
     heads, d_head = dense.query[0].shape[1], dense.query[0].shape[3]
-    fns = estimators(dense.scale)
+    fns = estimator_fns(args.estimators, dense.scale)
     names = [n for n in fns if n in args.estimators]
     acc = {key: Accumulator() for key in plan_keys(plan, names, args)}
     n_layers = len(dense.query) if args.layers is None else args.layers
@@ -324,7 +349,7 @@ def kl_estimator(name: str, scale: float, min_blocks: int):
     """``f(q, k, block, top_k)`` for a --kl name: an entry of ``estimators`` or
     ``adaptive:P:CAP`` (adaptive_estimate, bounds search, exact mass on every 4th query)."""
     if not name.startswith("adaptive:"):
-        return estimators(scale)[name]
+        return estimator_fns([name], scale)[name]
     _, p, cap = name.split(":")
     return lambda q, k, block, top_k: adaptive_estimate(
         q, k, query_block=block, key_block=block, p=float(p), min_blocks=min_blocks, max_blocks=int(cap),

@@ -2,7 +2,7 @@
 
 | name | what it is | where |
 |---|---|---|
-| ``"rescored"`` (default) | a search (``rescore_search``: Stream or bounds) with ``beam`` x the branches, then exact block masses of the candidates (every ``rescore_query_stride``-th query); keeps the heaviest | ``rescore_ref.py``; on Triton: Stream's kernel + the attention kernel's ``block_mass`` |
+| ``"rescored"`` (default) | a search (``rescore_search``: Stream or bounds) with ``beam`` x the branches, then exact block masses of the candidates (every ``rescore_query_stride``-th query); keeps the heaviest | ``rescore_ref.py``; on Triton: Stream's kernel + ``rescore_triton`` |
 | ``"adaptive"`` | the same candidates (``top_k`` of them), keeps per row the fewest whose mass reaches ``top_p`` (at least ``min_blocks``) | ``rescore_ref.py``; on Triton as above |
 | ``"stream"`` | the paper's Stream refinement (representative keys of each branch's centre block) | ``estimator_ref.py``, ``estimator_triton.py`` |
 | ``"bounds"`` | hierarchical search scored by Quest's key min / max bound | ``search_ref.py`` |
@@ -14,10 +14,10 @@ All return int64 ``[batch, q_head, n_query_blocks, top_k]`` kept key blocks, asc
 unused slots (``"adaptive"`` uses ``top_k`` as its cap and leaves unused slots).
 
 Backends: ``"stream"`` has its own Triton kernel. ``"rescored"`` and ``"adaptive"`` with
-``rescore_search="stream"`` and ``rescore_query_stride=1`` run on Triton too, as two existing
-kernels: Stream's search keeps the candidates, then block-sparse attention over the candidates
-returns, as its ``block_mass``, exactly the per-query softmax over candidates averaged over the
-block's queries that the rescoring needs (its output is discarded). Everything else is torch code
+``rescore_search="stream"`` run on Triton too, as two kernels: Stream's search keeps the
+candidates, then the fused rescoring kernel (``rescore_triton.py``) computes their exact block
+masses from ``q . k`` alone (every ``rescore_query_stride``-th query) and selects in the same
+launch (top-k, or per-row top-p without a sort). Everything else is torch code
 running on the tensors' device (slow on long GPU inputs: the bounds search and the chunked exact
 masses). Why ``"rescored"`` is the default: docs/fidelity.md.
 """
@@ -29,15 +29,9 @@ from typing import Literal
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.kernels.dispatch import Backend, block_sparse_attention, stream_estimate, use_triton
+from sparse_lens.kernels.dispatch import Backend, stream_estimate, use_triton
 from sparse_lens.kernels.oneshot_ref import antidiagonal_estimate, oneshot_pooled_estimate
-from sparse_lens.kernels.rescore_ref import (
-    adaptive_estimate,
-    fixed_slot_mask,
-    keep_heaviest,
-    rescored_estimate,
-    select_top_p,
-)
+from sparse_lens.kernels.rescore_ref import adaptive_estimate, rescored_estimate
 from sparse_lens.kernels.search_ref import SearchName, bounds_estimate, pooled_estimate
 
 EstimatorName = Literal["rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal"]
@@ -84,19 +78,17 @@ def estimate_blocks(
         backend: ``"stream"`` only: Triton or the torch reference (see ``dispatch.py``).
     """
     budget = dict(query_block=query_block, key_block=key_block, sink_blocks=sink_blocks, local_blocks=local_blocks)
-    two_kernels = (rescore_search == "stream" and rescore_query_stride == 1
-                   and use_triton(backend, query, query_block, key_block))
-    if estimator in ("rescored", "adaptive") and two_kernels:
+    fused = rescore_search == "stream" and use_triton(backend, query, query_block, key_block)
+    if estimator in ("rescored", "adaptive") and fused:
+        from sparse_lens.kernels.rescore_triton import rescore_top_k_triton, rescore_top_p_triton
+
         width = top_k if estimator == "adaptive" else sink_blocks + local_blocks + beam * (top_k - sink_blocks - local_blocks)
         candidates = stream_estimate(query, key, top_k=width, representative_keys=representative_keys, backend=backend,
                                      **budget)
-        scale = query.shape[-1] ** -0.5 if scale is None else scale
-        _, _, block_mass = block_sparse_attention(query, key, key, candidates, query_block=query_block,
-                                                  key_block=key_block, scale=scale, backend=backend)
+        rescore = dict(scale=scale, query_stride=rescore_query_stride, **budget)
         if estimator == "rescored":
-            return keep_heaviest(candidates, block_mass, seq_len=query.shape[2], top_k=top_k, **budget)
-        always_keep = fixed_slot_mask(candidates, seq_len=query.shape[2], **budget)
-        return select_top_p(candidates, block_mass, always_keep, p=top_p, min_blocks=min_blocks)
+            return rescore_top_k_triton(query, key, candidates, top_k=top_k, **rescore)
+        return rescore_top_p_triton(query, key, candidates, p=top_p, min_blocks=min_blocks, **rescore)
     if estimator == "rescored":
         return rescored_estimate(query, key, top_k=top_k, beam=beam, search=rescore_search, scale=scale,
                                  representative_keys=representative_keys, query_stride=rescore_query_stride, **budget)

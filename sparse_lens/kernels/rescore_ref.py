@@ -190,6 +190,68 @@ def select_heaviest(
     return sort_block_row(kept)
 
 
+def exact_candidate_mass(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    *,
+    query_block: int,
+    key_block: int,
+    scale: float | None = None,
+    query_stride: int = 1,
+) -> Float[Tensor, "batch q_head n_query_blocks width"]:
+    """``candidate_block_mass`` with exact masses: per query (every ``query_stride``-th, counted
+    from the block's last) a softmax over the candidates' exact block log-sum-exps, averaged over
+    the block's real queries; 0 for ``-1`` slots. The oracle of ``exact_candidate_mass_triton``."""
+    return candidate_block_mass(query, key, candidates, query_block=query_block, key_block=key_block,
+                                sink_blocks=0, local_blocks=0, estimate="exact", scale=scale,
+                                query_stride=query_stride)
+
+
+def rescore_top_k(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    *,
+    query_block: int,
+    key_block: int,
+    top_k: int,
+    sink_blocks: int,
+    local_blocks: int,
+    scale: float | None = None,
+    query_stride: int = 1,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """Steps 2-3 of ``rescored_estimate`` on given candidates: exact masses, then sink, local and
+    the heaviest (``keep_heaviest``). The oracle of ``rescore_top_k_triton``."""
+    mass = exact_candidate_mass(query, key, candidates, query_block=query_block, key_block=key_block,
+                                scale=scale, query_stride=query_stride)
+    return keep_heaviest(candidates, mass, seq_len=query.shape[2], query_block=query_block, key_block=key_block,
+                         top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+
+
+def rescore_top_p(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    *,
+    query_block: int,
+    key_block: int,
+    sink_blocks: int,
+    local_blocks: int,
+    p: float,
+    min_blocks: int,
+    scale: float | None = None,
+    query_stride: int = 1,
+) -> Int[Tensor, "batch q_head n_query_blocks width"]:
+    """Steps 2-3 of ``adaptive_estimate`` (exact mass) on given candidates: exact masses, then
+    ``select_top_p``. The oracle of ``rescore_top_p_triton``."""
+    mass = exact_candidate_mass(query, key, candidates, query_block=query_block, key_block=key_block,
+                                scale=scale, query_stride=query_stride)
+    always_keep = fixed_slot_mask(candidates, seq_len=query.shape[2], query_block=query_block, key_block=key_block,
+                                  sink_blocks=sink_blocks, local_blocks=local_blocks)
+    return select_top_p(candidates, mass, always_keep, p=p, min_blocks=min_blocks)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rescored search: a wide hierarchical search, then exact masses of its candidates
 # ---------------------------------------------------------------------------------------------

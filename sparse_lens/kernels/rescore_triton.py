@@ -1,0 +1,283 @@
+"""Fused rescoring, Triton kernel: exact candidate block masses from ``q . k`` alone, and the selection.
+
+Three entry points, each with the signature and semantics of its torch reference in
+``rescore_ref.py`` (the test oracles):
+
+| Triton | reference | returns |
+|---|---|---|
+| ``exact_candidate_mass_triton`` | ``exact_candidate_mass`` | float32 ``[batch, q_head, n_query_blocks, width]`` |
+| ``rescore_top_k_triton`` | ``rescore_top_k`` | int64 ``[batch, q_head, n_query_blocks, min(top_k, width)]`` |
+| ``rescore_top_p_triton`` | ``rescore_top_p`` | int64 ``[batch, q_head, n_query_blocks, width]`` |
+
+One launch, grid ``(n_query_blocks, batch * q_head)``: a program owns one (head, query block) row
+of ``width`` candidate key blocks (``-1`` = no candidate) and
+
+1. takes the block's queries at slots ``query_block - 1, query_block - 1 - stride, ...`` (every
+   ``query_stride``-th query counted from the last, as the reference), in tiles of at most 64 rows;
+2. walks the candidates' keys once, tile by tile, with an online log-sum-exp: a running row max and
+   a ``[query_tile, SLOTS]`` register tensor of per-slot partial sums, all rescaled when the row max
+   moves. No values are read and nothing is written per key: at the end
+   ``slot_sums / slot_sums.sum(1)`` is, per query, the softmax over the candidates of their exact
+   block log-masses; averaged over the block's real queries (queries seeing no candidate key count
+   as 0, as in the reference) it is the candidate's ``block_mass``;
+3. ``MODE`` 0 stores the masses; 1 keeps the sink / local candidates and then the heaviest,
+   ``min(top_k, valid)`` in all (``keep_heaviest``); 2 keeps, heaviest first (sink / local first of
+   all), the fewest whose mass reaches ``p``, at least ``max(min_blocks, n_fixed)`` (``select_top_p``).
+   Selection is sort-free: a slot's rank is the number of slots that beat it (higher key; on equal
+   keys the lower slot), the mass ranked before it is a ``[SLOTS, SLOTS]`` compare-and-sum, and the
+   kept blocks are written ascending by the same rank counting, ``-1`` after them.
+
+Cost per (head, query block): ``width * key_block * (query_block / query_stride) * d`` multiply-adds
+(the logits over the candidates: half of attention's FLOPs, a quarter of the two-kernel path's
+bytes since no values are loaded), plus ``SLOTS**2`` compares. Memory: the output only, O(T).
+
+Ties: the reference sorts stably by the same key, so the two agree except when two masses are equal
+to within rounding (e.g. two candidates no sampled query sees, both 0): then either may be kept.
+
+Block sizes: powers of two >= 16 (as the attention kernel; ``tl.dot`` tiles); under the Triton
+interpreter bf16 products are made in fp32 (``sparse_attention_triton``'s workaround).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sparse_lens.errors import ShapeError
+from sparse_lens.kernels.blocks import check_estimator_settings, num_blocks
+from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+from sparse_lens.kernels.sparse_attention_triton import (
+    MAX_TILE,
+    MIN_BLOCK,
+    SUPPORTED_DTYPES,
+    _kv_batch_head,
+    _load_rows,
+    _masked_scores,
+    check_triton_block_sizes,
+)
+
+MODE_MASS, MODE_TOP_K, MODE_TOP_P = 0, 1, 2
+
+
+@triton.jit
+def _candidate_mass(
+    query_base, key_base, slots_row, candidates_ptr, query_block_id, scale, seq_len, width, d_head,
+    QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_STRIDE: tl.constexpr, N_QUERIES: tl.constexpr,
+    QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, SLOTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """``[SLOTS]`` block masses of the row's candidates (0 beyond ``width`` and for ``-1`` slots)."""
+    dims, slot_ids = tl.arange(0, BLOCK_D), tl.arange(0, SLOTS)
+    mass_sum = tl.zeros([SLOTS], dtype=tl.float32)
+    n_real = 0
+    block_last = query_block_id * QUERY_BLOCK + QUERY_BLOCK - 1
+    for query_tile in range((N_QUERIES + QUERY_TILE - 1) // QUERY_TILE):
+        row = query_tile * QUERY_TILE + tl.arange(0, QUERY_TILE)
+        query_pos = block_last - QUERY_STRIDE * (N_QUERIES - 1 - row)
+        real = (row < N_QUERIES) & (query_pos < seq_len)
+        query_pos = tl.where(real, query_pos, seq_len)  # padded rows: loaded as 0, masked everywhere
+        last_query = tl.max(tl.where(real, query_pos, -1), axis=0)
+        queries = _load_rows(query_base, query_pos, seq_len, dims, d_head)
+        row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
+        slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
+        for slot in range(width):
+            key_block_id = tl.load(candidates_ptr + slots_row + slot)
+            for key_tile in range(KEY_BLOCK // KEY_TILE):
+                first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
+                if (key_block_id >= 0) & (first_key <= last_query):
+                    key_pos = first_key + tl.arange(0, KEY_TILE)
+                    keys = _load_rows(key_base, key_pos, seq_len, dims, d_head)
+                    scores = _masked_scores(queries, keys, query_pos, key_pos, seq_len, scale,
+                                            DOT_PRECISION, DOT_UPCAST)
+                    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+                    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
+                    tile_sum = tl.sum(tl.exp(scores - shift[:, None]), axis=1)
+                    in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
+                    slot_sums = slot_sums * tl.exp(row_max - shift)[:, None] + in_slot
+                    row_max = new_max
+        row_sum = tl.sum(slot_sums, axis=1)
+        seen = real & (row_sum > 0.0)
+        inverse_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
+        mass_sum += tl.sum(slot_sums * inverse_sum[:, None], axis=0)
+        n_real += tl.sum(real.to(tl.int32), axis=0)
+    return mass_sum / tl.maximum(n_real, 1).to(tl.float32)
+
+
+@triton.jit
+def _rescore_kernel(
+    query_ptr, key_ptr, candidates_ptr, out_ptr,
+    scale, p, seq_len, n_q_heads, n_kv_heads, n_query_blocks, width, out_width, d_head, min_blocks,
+    QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_STRIDE: tl.constexpr, N_QUERIES: tl.constexpr,
+    QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, SLOTS: tl.constexpr,
+    OUT_PAD: tl.constexpr, SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MODE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    query_block_id = tl.program_id(0)
+    batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
+    kv_batch_head = _kv_batch_head(batch_head, n_q_heads, n_kv_heads)
+    row_id = batch_head * n_query_blocks + query_block_id
+    slots_row = row_id * width
+    slot_ids = tl.arange(0, SLOTS)
+    mass = _candidate_mass(
+        query_ptr + batch_head * seq_len * d_head, key_ptr + kv_batch_head * seq_len * d_head, slots_row,
+        candidates_ptr, query_block_id, scale, seq_len, width, d_head,
+        QUERY_BLOCK, KEY_BLOCK, QUERY_STRIDE, N_QUERIES, QUERY_TILE, KEY_TILE, BLOCK_D, SLOTS,
+        DOT_PRECISION, DOT_UPCAST,
+    )
+    if MODE == 0:
+        tl.store(out_ptr + slots_row + slot_ids, mass, mask=slot_ids < width)
+    else:
+        blocks = tl.load(candidates_ptr + slots_row + slot_ids, mask=slot_ids < width, other=-1)
+        valid = blocks >= 0
+        n_visible = (tl.minimum((query_block_id + 1) * QUERY_BLOCK, seq_len) + KEY_BLOCK - 1) // KEY_BLOCK
+        fixed = valid & ((blocks < SINK_BLOCKS) | (blocks >= n_visible - LOCAL_BLOCKS))
+        rank_key = tl.where(valid, mass, -1.0) + tl.where(fixed, 2.0, 0.0)
+        # beats[i, j]: slot j is ranked before slot i (stable descending order of rank_key)
+        beats = (rank_key[None, :] > rank_key[:, None]) | (
+            (rank_key[None, :] == rank_key[:, None]) & (slot_ids[None, :] < slot_ids[:, None]))
+        rank = tl.sum(beats.to(tl.int32), axis=1)
+        n_valid = tl.sum(valid.to(tl.int32), axis=0)
+        if MODE == 1:
+            n_keep = tl.minimum(out_width, n_valid)
+        else:
+            mass_before = tl.sum(tl.where(beats & valid[None, :], mass[None, :], 0.0), axis=1)
+            n_reaching = tl.sum(((mass_before < p) & (slot_ids < width)).to(tl.int32), axis=0)
+            n_keep = tl.maximum(tl.maximum(n_reaching, tl.sum(fixed.to(tl.int32), axis=0)), min_blocks)
+            n_keep = tl.minimum(n_keep, n_valid)
+        kept = valid & (rank < n_keep)
+        # ascending output: a kept block's position is the number of kept blocks below it
+        below = kept[None, :] & (blocks[None, :] < blocks[:, None])
+        position = tl.sum(below.to(tl.int32), axis=1)
+        out_slots = tl.arange(0, OUT_PAD)
+        placed = kept[None, :] & (position[None, :] == out_slots[:, None])  # [OUT_PAD, SLOTS]
+        out = tl.sum(tl.where(placed, blocks[None, :], 0), axis=1)
+        out = tl.where(out_slots < n_keep, out, -1)
+        tl.store(out_ptr + row_id * out_width + out_slots, out.to(tl.int64), mask=out_slots < out_width)
+
+
+def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_block: int, scale: float,
+            query_stride: int, sink_blocks: int = 0, local_blocks: int = 0, p: float = 1.0,
+            min_blocks: int = 1) -> None:
+    """Run the kernel into ``out`` (every element written): contiguous q, k, int32 ``candidates``;
+    ``out`` float32 of the candidates' shape (mode 0) or int64 ``[..., out_width]`` (modes 1, 2).
+    The tests call it with poisoned buffers."""
+    batch, n_q_heads, seq_len, d_head = query.shape
+    n_query_blocks, width = candidates.shape[2:]
+    if out.numel() == 0:
+        return
+    n_queries = -(-query_block // query_stride)
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    grid = (n_query_blocks, batch * n_q_heads)
+    _rescore_kernel[grid](
+        query, key, candidates, out,
+        float(scale), float(p), seq_len, n_q_heads, key.shape[1], n_query_blocks, width, out.shape[-1], d_head,
+        int(min_blocks),
+        QUERY_BLOCK=query_block, KEY_BLOCK=key_block, QUERY_STRIDE=query_stride, N_QUERIES=n_queries,
+        QUERY_TILE=min(max(MIN_BLOCK, triton.next_power_of_2(n_queries)), MAX_TILE),
+        KEY_TILE=min(key_block, MAX_TILE), BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(d_head)),
+        SLOTS=max(2, triton.next_power_of_2(width)), OUT_PAD=max(2, triton.next_power_of_2(out.shape[-1])),
+        SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks, MODE=mode,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        DOT_UPCAST=query.dtype == torch.bfloat16 and interpreting,
+        num_warps=8 if width > 64 else 4,
+    )
+
+
+def _prepare(query, key, candidates, query_block: int, key_block: int, query_stride: int):
+    """Validate once; contiguous q, k in a supported dtype and int32 candidates."""
+    check_attention_inputs(query, key)
+    check_triton_block_sizes(query_block, key_block)
+    check_block_indices(candidates, query, num_blocks(query.shape[2], query_block))
+    if not isinstance(query_stride, int) or not 1 <= query_stride <= query_block:
+        raise ValueError(f"query_stride must be an int in [1, query_block={query_block}], got {query_stride!r}.")
+    if query.dtype != key.dtype or query.dtype not in SUPPORTED_DTYPES:
+        raise ShapeError(f"query and key must share one dtype of {SUPPORTED_DTYPES}, got {query.dtype}, {key.dtype}.")
+    if not (query.device == key.device == candidates.device):
+        raise ShapeError(f"query, key and candidates must share a device, got {query.device}, {key.device}, "
+                         f"{candidates.device}.")
+    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("The Triton rescoring needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU).")
+    return query.contiguous(), key.contiguous(), candidates.to(torch.int32).contiguous()
+
+
+def exact_candidate_mass_triton(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    *,
+    query_block: int,
+    key_block: int,
+    scale: float | None = None,
+    query_stride: int = 1,
+) -> Float[Tensor, "batch q_head n_query_blocks width"]:
+    """Each candidate's share of its query block's attention over the candidates (``rescore_ref.
+    exact_candidate_mass``): per sampled query a softmax over the candidates' exact block
+    log-sum-exps, averaged over the block's real sampled queries; 0 for ``-1`` slots."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride)
+    mass: Float[Tensor, "batch q_head n_query_blocks width"] = torch.empty(
+        candidates.shape, dtype=torch.float32, device=query.device)
+    _launch(query, key, candidates, mass, mode=MODE_MASS, query_block=query_block, key_block=key_block,
+            scale=scale, query_stride=query_stride)
+    return mass
+
+
+def rescore_top_k_triton(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    *,
+    query_block: int,
+    key_block: int,
+    top_k: int,
+    sink_blocks: int,
+    local_blocks: int,
+    scale: float | None = None,
+    query_stride: int = 1,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """Sink and local candidates, then the heaviest by exact mass, ``top_k`` valid slots in all
+    (``rescore_ref.rescore_top_k``): ascending, ``-1`` in unused slots, width ``min(top_k, width)``."""
+    check_estimator_settings(query_block, key_block, top_k, sink_blocks, local_blocks)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride)
+    kept: Int[Tensor, "batch q_head n_query_blocks top_k"] = torch.empty(
+        (*candidates.shape[:3], min(top_k, candidates.shape[-1])), dtype=torch.int64, device=query.device)
+    _launch(query, key, candidates, kept, mode=MODE_TOP_K, query_block=query_block, key_block=key_block,
+            scale=scale, query_stride=query_stride, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    return kept
+
+
+def rescore_top_p_triton(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    *,
+    query_block: int,
+    key_block: int,
+    sink_blocks: int,
+    local_blocks: int,
+    p: float,
+    min_blocks: int,
+    scale: float | None = None,
+    query_stride: int = 1,
+) -> Int[Tensor, "batch q_head n_query_blocks width"]:
+    """Per row the fewest candidates, heaviest by exact mass first (sink / local first of all), whose
+    mass reaches ``p``; at least ``min_blocks`` (``rescore_ref.rescore_top_p``): ascending, ``-1``
+    in unused slots, the candidates' width. No sort: ranks by compare-and-count in the kernel."""
+    check_estimator_settings(query_block, key_block, max(min_blocks, sink_blocks + local_blocks, 1),
+                             sink_blocks, local_blocks)
+    if not 0.0 < p <= 1.0 or min_blocks < 1:
+        raise ValueError(f"need 0 < p <= 1 and min_blocks >= 1, got p={p!r}, min_blocks={min_blocks!r}.")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride)
+    kept: Int[Tensor, "batch q_head n_query_blocks width"] = torch.empty(
+        candidates.shape, dtype=torch.int64, device=query.device)
+    _launch(query, key, candidates, kept, mode=MODE_TOP_P, query_block=query_block, key_block=key_block,
+            scale=scale, query_stride=query_stride, sink_blocks=sink_blocks, local_blocks=local_blocks, p=p,
+            min_blocks=min_blocks)
+    return kept
