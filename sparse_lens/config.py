@@ -49,15 +49,18 @@ class StreamConfig:
         min_blocks: ``"adaptive"``: fewest key blocks a row keeps.
         antidiagonal_stride: ``"antidiagonal"``: stride of the scored antidiagonals.
         mode: ``"sparse"``: the model runs on the sparse attention (downstream activations
-            change). ``"observe"``: the model runs exact dense attention (chunked, quadratic
-            time) and the sparse estimate is recorded beside it. ``"dense"``: plain dense causal
+            change). ``"observe"``: the model runs exact dense attention (flash kernels with
+            their log-sum-exp on the GPU, O(T) memory, quadratic time) and the sparse estimate
+            is recorded beside it. ``"dense"``: plain dense causal
             attention (torch SDPA), no estimate and no ``hook_pattern``: the fast baseline for
             comparisons (task accuracy, patching references).
         keep_qk: Keep each layer's rotated queries and keys inside the cached pattern so that
             token-level values can be recomputed (``BlockSparsePattern.to_dense``). Costs
             O(T * d_head) per head; turn off for very long contexts.
-        observe_max_tokens: Longest sequence accepted in ``"observe"`` mode, whose dense
-            attention takes time quadratic in the length.
+        observe_max_tokens: Optional cap on the sequence length in ``"observe"`` mode (None, the
+            default: no cap). Observe mode's dense attention is O(T) in memory (flash kernels on
+            the GPU, chunked elsewhere) and quadratic only in time; an input whose estimated
+            memory exceeds what the device has free raises ``ContextTooLongError`` either way.
         backend: Kernel implementation: ``"auto"`` (Triton on CUDA tensors, the torch reference
             elsewhere), ``"triton"`` or ``"reference"`` to force one.
     """
@@ -77,7 +80,7 @@ class StreamConfig:
     antidiagonal_stride: int = 8
     mode: Mode = "sparse"
     keep_qk: bool = True
-    observe_max_tokens: int = 65_536
+    observe_max_tokens: int | None = None
     backend: Literal["auto", "triton", "reference"] = "auto"
 
     def __post_init__(self) -> None:
@@ -126,8 +129,10 @@ class StreamConfig:
             )
         if self.backend not in ("auto", "triton", "reference"):
             raise InvalidConfigError(f"backend must be 'auto', 'triton' or 'reference', got {self.backend!r}.")
-        if self.observe_max_tokens < 1:
-            raise InvalidConfigError("observe_max_tokens must be >= 1.")
+        if self.observe_max_tokens is not None and (
+            not isinstance(self.observe_max_tokens, int) or self.observe_max_tokens < 1
+        ):
+            raise InvalidConfigError(f"observe_max_tokens must be None or an int >= 1, got {self.observe_max_tokens!r}.")
 
     def estimator_kwargs(self) -> dict:
         """Keyword arguments of ``sparse_lens.kernels.estimate_blocks`` for this config."""

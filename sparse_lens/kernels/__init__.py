@@ -5,33 +5,45 @@ Nothing here imports TransformerLens. Every function takes [batch, heads, seq, d
 
 - ``*_ref.py``: torch references, the readable definitions and the test oracles;
 - ``*_triton.py``: Triton kernels with the same signatures;
-- ``dispatch.py``: ``stream_estimate`` and ``block_sparse_attention`` pick one (``backend=``);
+- ``dispatch.py``: ``stream_estimate``, ``block_sparse_attention``, ``dense_attention``,
+  ``kept_block_mass`` and ``block_mass_rows`` pick one (``backend=``); dense attention's fast path
+  is torch's fused SDPA with its log-sum-exp (``dense_sdpa.py``), block masses under a given lse
+  run on ``block_mass_triton.py``;
+- ``oracle.py``: ``oracle_blocks``, the exact top-k blocks by dense mass, streamed over query blocks;
 - ``estimate.py``: ``estimate_blocks(..., estimator=name)``, every block-selection estimator
   (``estimator_ref`` Stream, ``search_ref`` bounds / pooled searches, ``oneshot_ref`` baselines,
   ``rescore_ref`` rescored and adaptive) behind one call.
 """
 
-from sparse_lens.kernels.dense_ref import dense_attention, dense_block_mass
+from sparse_lens.kernels.dense_ref import dense_block_mass
 from sparse_lens.kernels.dispatch import (
     BACKENDS,
+    block_mass_rows,
     block_sparse_attention,
     block_sparse_attention_reference,
+    dense_attention,
+    dense_attention_bytes,
+    kept_block_mass,
     stream_estimate,
     stream_estimate_reference,
 )
 from sparse_lens.kernels.estimate import ESTIMATORS, estimate_blocks
-from sparse_lens.kernels.sparse_attention_ref import kept_block_mass, kept_token_probs
+from sparse_lens.kernels.oracle import oracle_blocks
+from sparse_lens.kernels.sparse_attention_ref import kept_token_probs
 
 __all__ = [
     "BACKENDS",
     "ESTIMATORS",
+    "block_mass_rows",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "dense_attention",
+    "dense_attention_bytes",
     "dense_block_mass",
     "estimate_blocks",
     "kept_block_mass",
     "kept_token_probs",
+    "oracle_blocks",
     "stream_estimate",
     "stream_estimate_reference",
 ]

@@ -1,15 +1,17 @@
 """Exact dense causal attention, computed chunk by chunk so that no T x T tensor exists.
 
-Used where sparse_lens needs the truth: ``mode="observe"`` (the model runs dense attention while
-the sparse estimate is recorded) and the fidelity harness (dense block masses, the exact top-k
-oracle). Time is quadratic in T; memory is O(T * chunk) per head.
+The torch references of the truth sparse_lens measures against: ``mode="observe"`` (the model
+runs dense attention while the sparse estimate is recorded) and the fidelity harness (dense
+block masses, the exact top-k oracle). Time is quadratic in T; memory is O(T * chunk) per head.
+They run on the CPU and are the test oracles of the fast paths: ``dense_sdpa`` (torch's fused
+SDPA kernels, with their log-sum-exp) and ``block_mass_triton`` (block masses).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from sparse_lens.kernels.blocks import num_blocks, pad_to_blocks, query_blocks_per_chunk
@@ -56,21 +58,58 @@ def dense_block_mass(
     """Dense softmax mass of every (query block, key block), averaged over the block's queries.
 
     Memory is (T / query_block) x (T / key_block) per head: for analysis at moderate lengths.
+    At length, stream it by rows (``block_mass_rows``, ``oracle.oracle_blocks``).
+    """
+    n_query_blocks = num_blocks(query.shape[2], query_block)
+    rows = torch.arange(n_query_blocks, device=query.device)
+    mass = block_mass_rows(query, key, lse, rows, query_block=query_block, key_block=key_block, scale=scale)
+    return F.pad(mass, (0, num_blocks(query.shape[2], key_block) - mass.shape[-1]))
+
+
+def block_mass_rows(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    lse: Float[Tensor, "batch q_head seq"],
+    rows: Int[Tensor, "n_rows"],
+    *,
+    query_block: int,
+    key_block: int,
+    scale: float,
+) -> Float[Tensor, "batch q_head n_rows n_key_blocks"]:
+    """Dense mass of every key block for the query blocks ``rows`` (ascending block ids).
+
+    ``mass[.., r, b] = mean over the queries t of block rows[r] of sum over the keys k <= t of
+    block b of exp(scale * q_t . k - lse_t)``. ``n_key_blocks`` is the number of key blocks the
+    last of ``rows`` sees; blocks a row does not see get 0. Computed a few query blocks at a time
+    (O(chunk * T) memory per head); reference of ``block_mass_triton.block_mass_rows_triton``.
     """
     check_attention_inputs(query, key)
     batch, n_q_heads, seq_len, _ = query.shape
-    n_key_blocks = num_blocks(seq_len, key_block)
-    lse = lse.float().unflatten(1, (key.shape[1], -1))
-    per_query = []
-    for rows, scores in _dense_scores_by_chunk(query, key, scale=scale, query_chunk=query_block):
-        probs = torch.exp(scores - lse[..., rows, None])
-        probs = pad_to_blocks(probs, key_block, dim=-1)
-        per_query.append(probs.unflatten(-1, (-1, key_block)).sum(-1))
-    mass = torch.cat([F.pad(m, (0, n_key_blocks - m.shape[-1])) for m in per_query], dim=-2)
-    mass = pad_to_blocks(mass.flatten(1, 2), query_block, dim=-2)
-    n_real = (seq_len - torch.arange(num_blocks(seq_len, query_block), device=query.device) * query_block)
-    n_real = n_real.clamp(max=query_block).to(mass.dtype)
-    return mass.unflatten(2, (-1, query_block)).sum(3) / n_real[:, None]
+    n_kv_heads = key.shape[1]
+    rows = rows.to(device=query.device, dtype=torch.int64)
+    last_query = min((int(rows.max()) + 1) * query_block, seq_len) - 1 if rows.numel() else 0
+    n_key_blocks = last_query // key_block + 1
+    keys = key[:, :, : last_query + 1].float()
+    query_blocks = pad_to_blocks(query.float(), query_block).unflatten(2, (-1, query_block))
+    lse_blocks = pad_to_blocks(lse.float()[..., None], query_block).squeeze(-1).unflatten(2, (-1, query_block))
+    key_pos = torch.arange(keys.shape[2], device=query.device)
+    chunk = query_blocks_per_chunk(batch * n_q_heads * query_block * keys.shape[2] * 4 * 3)
+    masses = []
+    for first in range(0, rows.numel(), chunk):
+        ids = rows[first : first + chunk]
+        grouped = query_blocks[:, :, ids].unflatten(1, (n_kv_heads, -1))  # [batch, kv, group, chunk, qb, d]
+        scores = torch.einsum("bhgcqd,bhkd->bhgcqk", grouped, keys) * scale
+        query_pos = ids[:, None] * query_block + torch.arange(query_block, device=query.device)
+        row_lse = lse_blocks[:, :, ids].unflatten(1, (n_kv_heads, -1))
+        seen = torch.isfinite(row_lse) & (query_pos < seq_len)
+        visible = (key_pos <= query_pos[..., None]) & seen[..., None]
+        probs = torch.where(visible, torch.exp(scores - torch.where(seen, row_lse, 0.0)[..., None]), 0.0)
+        per_block = pad_to_blocks(probs, key_block, dim=-1).unflatten(-1, (-1, key_block)).sum(-1).sum(-2)
+        n_real = (seq_len - ids * query_block).clamp(max=query_block).to(per_block.dtype)
+        masses.append((per_block / n_real[:, None]).flatten(1, 2))
+    if not masses:
+        return query.new_zeros((batch, n_q_heads, 0, n_key_blocks), dtype=torch.float32)
+    return torch.cat(masses, dim=2)
 
 
 def _dense_scores_by_chunk(

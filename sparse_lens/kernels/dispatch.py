@@ -78,3 +78,95 @@ def block_sparse_attention(
 
         return block_sparse_attention_triton(query, key, value, block_indices, **settings)
     return block_sparse_attention_reference(query, key, value, block_indices, **settings)
+
+
+def dense_attention(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    value: Float[Tensor, "batch kv_head seq d_value"],
+    *,
+    scale: float,
+    query_offset: int = 0,
+    backend: Backend = "auto",
+) -> tuple[Float[Tensor, "batch q_head seq d_value"], Float[Tensor, "batch q_head seq"]]:
+    """Exact causal attention with its lse (see ``dense_ref``), on the chosen backend.
+
+    Dense attention has no Triton kernel of its own: ``"auto"`` and ``"triton"`` run torch's
+    fused SDPA kernel with its log-sum-exp (``dense_sdpa``: flash / cuDNN on CUDA, flash on the
+    CPU) wherever SDPA has one for these tensors (prefill, fp16/bf16 on CUDA, any float on the
+    CPU); ``"reference"`` and every other case run the chunked torch reference.
+    """
+    if backend not in BACKENDS:
+        raise InvalidConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    from sparse_lens.kernels.dense_ref import dense_attention as dense_attention_reference
+    from sparse_lens.kernels.dense_sdpa import dense_attention_sdpa, fused_backend
+
+    if backend != "reference" and query_offset == 0 and fused_backend(query, key, value, scale=scale) is not None:
+        return dense_attention_sdpa(query, key, value, scale=scale)
+    return dense_attention_reference(query, key, value, scale=scale, query_offset=query_offset)
+
+
+def dense_attention_bytes(query: Tensor, key: Tensor, value: Tensor, *, scale: float, backend: Backend = "auto") -> int:
+    """Estimated bytes ``dense_attention`` allocates for these inputs (output, lse, copies, scratch).
+
+    Fused path: the output and the float32 lse (plus keys and values repeated per query head
+    for efficient attention). Reference: float32 copies of q, k, v and of the output, and the
+    chunked scores (at most 128 rows x T keys x heads, 3 float32 buffers). O(T) either way.
+    """
+    from sparse_lens.kernels.dense_sdpa import fused_backend
+
+    batch, n_q_heads, seq_len, d_head = query.shape
+    elements_out = batch * n_q_heads * seq_len * value.shape[-1]
+    lse_bytes = batch * n_q_heads * seq_len * 4
+    fused = backend != "reference" and fused_backend(query, key, value, scale=scale)
+    if fused:
+        repeated = 2 * elements_out * value.element_size() if str(fused).endswith("EFFICIENT_ATTENTION") else 0
+        return elements_out * query.element_size() + lse_bytes + repeated
+    copies = 4 * (query.numel() + key.numel() + value.numel() + elements_out)
+    row_bytes = 3 * 4 * batch * n_q_heads * seq_len  # one query row of scores, 3 float32 buffers
+    scores = row_bytes * max(1, min(128, seq_len, 256 * 2**20 // row_bytes))  # dense_ref's chunking
+    return copies + elements_out * query.element_size() + lse_bytes + scores
+
+
+def kept_block_mass(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    block_indices: Int[Tensor, "batch q_head n_query_blocks top_k"],
+    lse: Float[Tensor, "batch q_head seq"],
+    *,
+    query_block: int,
+    key_block: int,
+    scale: float,
+    backend: Backend = "auto",
+) -> Float[Tensor, "batch q_head n_query_blocks top_k"]:
+    """Mass of each kept block under a given lse (see ``sparse_attention_ref.kept_block_mass``)."""
+    settings = dict(query_block=query_block, key_block=key_block, scale=scale)
+    if use_triton(backend, query, query_block, key_block):
+        from sparse_lens.kernels.block_mass_triton import kept_block_mass_triton
+
+        return kept_block_mass_triton(query, key, block_indices, lse, **settings)
+    from sparse_lens.kernels.sparse_attention_ref import kept_block_mass as kept_block_mass_reference
+
+    return kept_block_mass_reference(query, key, block_indices, lse, **settings)
+
+
+def block_mass_rows(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    lse: Float[Tensor, "batch q_head seq"],
+    rows: Int[Tensor, "n_rows"],
+    *,
+    query_block: int,
+    key_block: int,
+    scale: float,
+    backend: Backend = "auto",
+) -> Float[Tensor, "batch q_head n_rows n_key_blocks"]:
+    """Dense mass of every key block for some query blocks (see ``dense_ref.block_mass_rows``)."""
+    settings = dict(query_block=query_block, key_block=key_block, scale=scale)
+    if use_triton(backend, query, query_block, key_block):
+        from sparse_lens.kernels.block_mass_triton import block_mass_rows_triton
+
+        return block_mass_rows_triton(query, key, lse, rows, **settings)
+    from sparse_lens.kernels.dense_ref import block_mass_rows as block_mass_rows_reference
+
+    return block_mass_rows_reference(query, key, lse, rows, **settings)

@@ -7,8 +7,8 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
 
 - prefill (the whole sequence at once): the configured estimator (``StreamConfig.estimator``)
   picks ``top_k`` key blocks per query block and head; in ``"sparse"`` mode attention runs over
-  those blocks only, in ``"observe"`` mode it runs dense (chunked) and the estimate is recorded
-  beside it; in ``"dense"`` mode it runs plain dense attention (torch SDPA) and nothing is
+  those blocks only, in ``"observe"`` mode it runs exact dense attention (torch's fused SDPA
+  kernels with their log-sum-exp, O(T) memory) and the estimate is recorded beside it; in ``"dense"`` mode it runs plain dense attention (torch SDPA) and nothing is
   estimated or recorded (``hook_pattern`` does not fire);
 - ``hook_pattern`` fires with a :class:`~sparse_lens.pattern.BlockSparsePattern`, never a
   T x T tensor. A hook that *returns a different pattern* (``pattern.with_block_indices(...)``
@@ -45,6 +45,7 @@ from sparse_lens.errors import (
 from sparse_lens.kernels import (
     block_sparse_attention,
     dense_attention,
+    dense_attention_bytes,
     estimate_blocks,
     kept_block_mass,
 )
@@ -142,11 +143,8 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         cfg = self.stream
         seq_len = query.shape[2]
         geometry = {"query_block": cfg.query_block, "key_block": cfg.key_block}
-        if cfg.mode == "observe" and seq_len > cfg.observe_max_tokens:
-            raise ContextTooLongError(
-                f"mode='observe' runs dense attention (quadratic time) and is limited to "
-                f"observe_max_tokens={cfg.observe_max_tokens}; got {seq_len} tokens. Use mode='sparse'."
-            )
+        if cfg.mode == "observe":
+            _check_observe_fits(query, key, value, scale, cfg)
         if cfg.mode == "dense":
             return F.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
@@ -158,9 +156,10 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
                 query, key, value, block_indices, scale=scale, backend=cfg.backend, **geometry
             )
         else:
-            z, lse = dense_attention(query, key, value, scale=scale)
+            z, lse = dense_attention(query, key, value, scale=scale, backend=cfg.backend)
             with torch.no_grad():
-                block_mass = kept_block_mass(query, key, block_indices, lse, scale=scale, **geometry)
+                block_mass = kept_block_mass(query, key, block_indices, lse, scale=scale, backend=cfg.backend,
+                                             **geometry)
         pattern = BlockSparsePattern(
             block_indices=block_indices,
             block_mass=block_mass,
@@ -204,3 +203,37 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             result = self._compute_per_head_result(z.view(batch, n_new, n_heads, head_dim), n_heads, head_dim)
             return self.hook_out(result)
         return self.hook_out(self.o(z))
+
+def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: StreamConfig) -> None:
+    """Raise ``ContextTooLongError`` when observe mode's dense attention would not fit: past
+    ``cfg.observe_max_tokens`` (if set), or when its estimated memory exceeds what is free."""
+    seq_len = query.shape[2]
+    if cfg.observe_max_tokens is not None and seq_len > cfg.observe_max_tokens:
+        raise ContextTooLongError(
+            f"mode='observe' is capped at observe_max_tokens={cfg.observe_max_tokens}; got {seq_len} tokens. "
+            "Set observe_max_tokens=None (limited by memory only) or use mode='sparse'."
+        )
+    needed = dense_attention_bytes(query, key, value, scale=scale, backend=cfg.backend)
+    free = _free_bytes(query.device)
+    if needed > free:
+        raise ContextTooLongError(
+            f"mode='observe' at {seq_len} tokens: dense attention needs about {needed / 2**30:.2f} GiB per layer "
+            f"(output, lse, scratch) and {free / 2**30:.2f} GiB is free on {query.device}. Use mode='sparse', "
+            "a shorter input or a larger device."
+        )
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device``: CUDA free plus PyTorch's unused cache; on the CPU
+    the kernel's MemAvailable (unbounded where the platform does not say)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**63
