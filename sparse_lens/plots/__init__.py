@@ -1,22 +1,32 @@
-"""Matplotlib figures of sparse traces, written to files; none serialises a T x T array."""
+"""Matplotlib figures of sparse traces; none serialises a T x T array.
 
-import matplotlib
+Each ``*_figure`` function builds and returns a ``matplotlib.figure.Figure`` without touching
+pyplot or the session's backend (a notebook shows it inline); :func:`save_figure` writes one.
+Each ``plot_*`` function is its ``*_figure`` saved to a path, and returns the path.
+"""
 
-matplotlib.use("Agg")
-
-from sparse_lens.plots.needle import plot_needle_recall  # noqa: E402
-from sparse_lens.plots.anchors import plot_receiver_kurtosis, plot_salience  # noqa: E402
-from sparse_lens.plots.blocks import BlockGrid, block_grid, plot_block_heatmap  # noqa: E402
-from sparse_lens.plots.layers import plot_layer_recall  # noqa: E402
-from sparse_lens.plots.routes import plot_route  # noqa: E402
+from sparse_lens.plots.anchors import plot_receiver_kurtosis, plot_salience, receiver_kurtosis_figure, salience_figure
+from sparse_lens.plots.blocks import BlockGrid, block_grid, block_heatmap_figure, plot_block_heatmap
+from sparse_lens.plots.layers import layer_recall_figure, plot_layer_recall
+from sparse_lens.plots.needle import needle_recall_figure, plot_needle_recall
+from sparse_lens.plots.routes import plot_route, route_figure
+from sparse_lens.plots.save import figure_png, save_figure
 
 __all__ = [
     "BlockGrid",
     "block_grid",
+    "block_heatmap_figure",
+    "figure_png",
+    "layer_recall_figure",
+    "needle_recall_figure",
     "plot_block_heatmap",
     "plot_layer_recall",
     "plot_needle_recall",
     "plot_receiver_kurtosis",
     "plot_route",
     "plot_salience",
+    "receiver_kurtosis_figure",
+    "route_figure",
+    "salience_figure",
+    "save_figure",
 ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from sparse_lens.analysis.thought_anchors import ThoughtAnchors
+from sparse_lens.plots.save import save_figure
 
 
 def _pool_max(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -22,9 +23,8 @@ def _pool_max(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     return (edges[:-1] + edges[1:] - 1) / 2, pooled
 
 
-def plot_salience(
+def salience_figure(
     anchors: ThoughtAnchors,
-    path: str | Path,
     *,
     sentences: Sequence[str] | None = None,
     k: int = 5,
@@ -33,7 +33,7 @@ def plot_salience(
     highlight: Sequence[int] = (),
     highlight_label: str = "highlighted",
     title: str = "",
-) -> Path:
+) -> Figure:
     """Bars of sentence salience (mean vertical score over the receiver heads) with the top-``k``
     anchors in red and labelled (with their text if ``sentences`` is given). ``reference`` (e.g. the
     dense result) is drawn as dots. Above ``max_bars`` sentences, bars are max-pooled.
@@ -41,7 +41,8 @@ def plot_salience(
     salience = anchors.salience.float().numpy()
     x, bars = _pool_max(salience, max_bars)
     top = anchors.anchors(k)
-    fig, ax = plt.subplots(figsize=(min(16, 4 + 0.12 * len(bars)), 4.2))
+    fig = Figure(figsize=(min(16, 4 + 0.12 * len(bars)), 4.2))
+    ax = fig.subplots()
     ax.bar(x, np.nan_to_num(bars), width=max(1.0, len(salience) / len(bars)) * 0.85, color="#8da0cb",
            label=f"salience ({anchors.method})")
     ax.bar(top, salience[top], width=0.85, color="#d62728", label=f"top-{len(top)} anchors")
@@ -67,17 +68,20 @@ def plot_salience(
     ax.set_title(title or f"Thought anchors: {anchors.n_sentences} sentences, {len(anchors.receiver_heads)} receiver heads")
     ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_receiver_kurtosis(anchors: ThoughtAnchors, path: str | Path, title: str = "") -> Path:
+def plot_salience(anchors: ThoughtAnchors, path: str | Path, **options: Any) -> Path:
+    """:func:`salience_figure` (same keyword options), saved to ``path`` (returned)."""
+    return save_figure(salience_figure(anchors, **options), path)
+
+
+def receiver_kurtosis_figure(anchors: ThoughtAnchors, title: str = "") -> Figure:
     """Heatmap layers x heads of the kurtosis of each head's vertical scores; receiver heads boxed."""
     kurt = anchors.kurtosis.float()
     layers, heads = kurt.shape
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * heads + 2), max(3, 0.25 * layers + 1.5)))
+    fig = Figure(figsize=(max(4, 0.45 * heads + 2), max(3, 0.25 * layers + 1.5)))
+    ax = fig.subplots()
     image = ax.imshow(kurt.numpy(), aspect="auto", cmap="magma")
     if anchors.receiver_heads:
         layer_ids, head_ids = zip(*anchors.receiver_heads)
@@ -89,7 +93,9 @@ def plot_receiver_kurtosis(anchors: ThoughtAnchors, path: str | Path, title: str
     ax.set_title(title or f"Kurtosis of vertical scores ({anchors.method})")
     fig.colorbar(image, ax=ax, label="Fisher kurtosis")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_receiver_kurtosis(anchors: ThoughtAnchors, path: str | Path, title: str = "") -> Path:
+    """:func:`receiver_kurtosis_figure`, saved to ``path`` (returned)."""
+    return save_figure(receiver_kurtosis_figure(anchors, title=title), path)

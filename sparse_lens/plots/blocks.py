@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
-import matplotlib.pyplot as plt
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
 from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.pattern import BlockSparsePattern
+from sparse_lens.plots.save import save_figure
 
 Pool = Literal["max", "sum"]
 
@@ -83,9 +85,8 @@ def block_grid(
                      pattern.first_query_block, pattern.query_block, pattern.key_block, pattern.seq_len, pool)
 
 
-def plot_block_heatmap(
+def block_heatmap_figure(
     pattern: BlockSparsePattern,
-    path: str | Path,
     *,
     heads: Sequence[int] | None = None,
     batch: int = 0,
@@ -95,7 +96,7 @@ def plot_block_heatmap(
     query_position: int | None = None,
     columns: int = 3,
     title: str = "",
-) -> Path:
+) -> Figure:
     """One panel per head (default: all) of the kept block mass, pooled to at most ``max_cells``
     cells a side (see :class:`BlockGrid`), on a log colour scale; unkept cells are blank. Axes are
     token positions (queries down, keys across). ``key_span`` (e.g. the needle's tokens) is
@@ -111,8 +112,9 @@ def plot_block_heatmap(
     vmin = min(vmin, vmax * 0.999)
     columns = max(1, min(columns, len(heads)))
     rows = math.ceil(len(heads) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1.2, 3.0 * rows + 0.6), squeeze=False)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#f2f2f2")
+    fig = Figure(figsize=(3.2 * columns + 1.2, 3.0 * rows + 0.6))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#f2f2f2")
     image = None
     for ax, head, grid in zip(axes.flat, heads, grids):
         shown = np.where(np.isfinite(grid.values), np.clip(grid.values, vmin, None), np.nan)
@@ -135,7 +137,9 @@ def plot_block_heatmap(
     cell = f"{grid.rows_per_cell * grid.query_block} x {grid.cols_per_cell * grid.key_block} tokens per cell"
     fig.suptitle(title or f"Kept block mass ({pool} pooled, {cell})", fontsize=9)
     fig.colorbar(image, ax=axes.ravel().tolist(), label=f"block mass ({pool})", shrink=0.8)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_block_heatmap(pattern: BlockSparsePattern, path: str | Path, **options: Any) -> Path:
+    """:func:`block_heatmap_figure` (same keyword options), saved to ``path`` (returned)."""
+    return save_figure(block_heatmap_figure(pattern, **options), path, dpi=110)

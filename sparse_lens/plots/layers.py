@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
+
+from sparse_lens.plots.save import save_figure
 
 # key in a per-layer row -> (legend label, colour, line style)
 LAYER_SERIES = {
@@ -25,7 +27,7 @@ def _series(layers: Sequence[Mapping[str, Any]], key: str) -> np.ndarray | None:
     return np.array([np.nan if value is None else float(value) for value in values])
 
 
-def plot_layer_recall(layers: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
+def layer_recall_figure(layers: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
     """Lines over layers of whichever of these keys the per-layer rows hold (None = not measured):
     ``mass_recall_mean`` (with the band down to ``mass_recall_p5``), ``oracle_recall_mean``,
     ``needle_heads_kept``, ``needle_mass`` and ``pruned_fraction``, all in [0, 1]. Rows are dicts
@@ -34,7 +36,8 @@ def plot_layer_recall(layers: Sequence[Mapping[str, Any]], path: str | Path, *, 
     if not layers:
         raise ValueError("No layers to plot.")
     x = np.array([row.get("layer", index) for index, row in enumerate(layers)])
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers) + 3.5), 4))
+    fig = Figure(figsize=(max(6, 0.22 * len(layers) + 3.5), 4))
+    ax = fig.subplots()
     recall, p5 = _series(layers, "mass_recall_mean"), _series(layers, "mass_recall_p5")
     if recall is not None and p5 is not None:
         ax.fill_between(x, p5, recall, color="#1f77b4", alpha=0.15, lw=0, label="mass recall, p5 to mean")
@@ -50,7 +53,9 @@ def plot_layer_recall(layers: Sequence[Mapping[str, Any]], path: str | Path, *, 
     ax.set_title(title or "Recall per layer")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, framealpha=0.7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_layer_recall(layers: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """:func:`layer_recall_figure`, saved to ``path`` (returned)."""
+    return save_figure(layer_recall_figure(layers, title=title), path)

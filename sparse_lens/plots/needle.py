@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from sparse_lens.analysis.needle import NeedleRecall
+from sparse_lens.plots.save import save_figure
 
 
-def plot_needle_recall(recall: NeedleRecall, path: str | Path, title: str = "") -> Path:
+def needle_recall_figure(recall: NeedleRecall, title: str = "") -> Figure:
     """Heatmap layers x heads of the mass the answer position puts on the needle's kept blocks
     (0 where no needle block is kept), with kept cells marked."""
     layers, heads = recall.mass.shape
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * heads + 2), max(3, 0.25 * layers + 1.5)))
+    fig = Figure(figsize=(max(4, 0.45 * heads + 2), max(3, 0.25 * layers + 1.5)))
+    ax = fig.subplots()
     image = ax.imshow(recall.mass.numpy(), aspect="auto", cmap="viridis", vmin=0)
     kept_layer, kept_head = recall.kept.nonzero(as_tuple=True)
     ax.scatter(kept_head, kept_layer, marker="s", s=12, facecolors="none", edgecolors="white", linewidths=0.6,
@@ -24,7 +26,9 @@ def plot_needle_recall(recall: NeedleRecall, path: str | Path, title: str = "") 
     ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
     fig.colorbar(image, ax=ax, label="attention mass on needle blocks")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_needle_recall(recall: NeedleRecall, path: str | Path, title: str = "") -> Path:
+    """:func:`needle_recall_figure`, saved to ``path`` (returned)."""
+    return save_figure(needle_recall_figure(recall, title=title), path)

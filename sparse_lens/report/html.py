@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,13 +32,20 @@ p.note { color: #555; font-size: 0.9em; }
 
 @dataclass(frozen=True)
 class Figure:
-    """A PNG to embed: a file path or the PNG bytes."""
+    """A PNG to embed: a file path, the PNG bytes, or a ``matplotlib.figure.Figure`` (rendered
+    to PNG when the page is written)."""
 
-    image: str | Path | bytes
+    image: Any
     caption: str = ""
 
     def png_bytes(self) -> bytes:
-        return self.image if isinstance(self.image, bytes) else Path(self.image).read_bytes()
+        if isinstance(self.image, bytes):
+            return self.image
+        if hasattr(self.image, "savefig"):  # a matplotlib figure
+            buffer = io.BytesIO()
+            self.image.savefig(buffer, format="png", dpi=120)
+            return buffer.getvalue()
+        return Path(self.image).read_bytes()
 
 
 @dataclass(frozen=True)

@@ -3,20 +3,20 @@
 import base64
 import re
 
-import matplotlib
+import matplotlib.figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from sparse_lens.plots import figure_png, save_figure
+from sparse_lens.report import Figure, Section, Table, format_value, render_report, write_report
 
-from sparse_lens.report import Figure, Section, Table, format_value, render_report, write_report  # noqa: E402
+
+def small_figure():
+    fig = matplotlib.figure.Figure(figsize=(2, 2))
+    fig.subplots().plot([0, 1], [1, 0])
+    return fig
 
 
 def small_png(path):
-    fig, ax = plt.subplots(figsize=(2, 2))
-    ax.plot([0, 1], [1, 0])
-    fig.savefig(path, dpi=50)
-    plt.close(fig)
-    return path
+    return save_figure(small_figure(), path, dpi=50)
 
 
 def test_report_embeds_figures_and_tables(tmp_path):
@@ -57,3 +57,10 @@ def test_format_value():
 def test_render_without_sections():
     page = render_report("t", {"k": 1})
     assert "<h2>Summary</h2>" in page and "data:image" not in page
+
+
+def test_a_matplotlib_figure_is_embedded_as_its_png(tmp_path):
+    fig = small_figure()
+    page = render_report("t", {}, [Section("s", figures=[Figure(fig, "live figure")])])
+    (image,) = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert base64.b64decode(image) == figure_png(fig)
