@@ -53,6 +53,7 @@ from sparse_lens.kernels.blocks import (  # noqa: E402
     causal_pairs, kept_pairs_per_slot, num_blocks, pad_to_blocks, visible_key_blocks,
 )
 from sparse_lens.kernels.estimator_ref import stream_estimate  # noqa: E402
+from sparse_lens.kernels import block_mass_rows  # noqa: E402
 
 SINK, LOCAL = 1, 1
 REPRESENTATIVE_KEYS = 8
@@ -165,31 +166,22 @@ def adaptive_flops(estimate: str, *, seq_len: int, block: int, max_blocks: int, 
     return search + 2.0 * heads * num_blocks(seq_len, block) * d_head * per_query_block
 
 
-def dense_block_masses(query, key, lse, blocks, scale, chunk=512) -> dict[int, torch.Tensor]:
-    """``dense_block_mass`` for several block sizes (multiples of the smallest) in one chunked pass:
-    exact probabilities summed into the smallest blocks, then pooled. Same values, ~15x faster."""
+def dense_block_masses(query, key, lse, blocks, scale) -> dict[int, torch.Tensor]:
+    """``dense_block_mass`` for several block sizes (multiples of the smallest) from one pass: the
+    package's exact block masses (``sparse_lens.kernels.block_mass_rows``) at the smallest block,
+    turned back into sums over the queries, then pooled."""
     base = min(blocks)
-    seq_len, n_kv_heads = query.shape[2], key.shape[1]
-    grouped = query.float().unflatten(1, (n_kv_heads, -1))
-    lse = lse.float().unflatten(1, (n_kv_heads, -1))
+    seq_len = query.shape[2]
     n_base = num_blocks(seq_len, base)
-    chunk = max(base, chunk // base * base)
-    sums = []
-    for first in range(0, seq_len, chunk):
-        last = min(first + chunk, seq_len)
-        scores = torch.einsum("bhgqd,bhkd->bhgqk", grouped[:, :, :, first:last], key.float()[:, :, :last]) * scale
-        causal = torch.arange(last)[None, :] <= torch.arange(first, last)[:, None]
-        probs = torch.exp(scores - lse[:, :, :, first:last, None]).masked_fill(~causal, 0.0)
-        probs = pad_to_blocks(probs, base, dim=-1).unflatten(-1, (-1, base)).sum(-1)
-        probs = torch.nn.functional.pad(probs, (0, n_base - probs.shape[-1]))
-        sums.append(pad_to_blocks(probs, base, dim=-2).unflatten(-2, (-1, base)).sum(-2))
-    total = torch.cat(sums, dim=-2).flatten(1, 2)
+    mass = block_mass_rows(query, key, lse, torch.arange(n_base), query_block=base, key_block=base, scale=scale)
+    n_real_base = (seq_len - torch.arange(n_base, device=mass.device) * base).clamp(max=base).float()
+    total = torch.nn.functional.pad(mass, (0, n_base - mass.shape[-1])) * n_real_base[:, None]
     out = {}
     for block in blocks:
         factor = block // base
         pooled = pad_to_blocks(pad_to_blocks(total, factor, -1), factor, -2)
         pooled = pooled.unflatten(-1, (-1, factor)).sum(-1).unflatten(-2, (-1, factor)).sum(-2)
-        n_real = (seq_len - torch.arange(num_blocks(seq_len, block)) * block).clamp(max=block).float()
+        n_real = (seq_len - torch.arange(num_blocks(seq_len, block), device=total.device) * block).clamp(max=block).float()
         out[block] = pooled / n_real[:, None]
     return out
 

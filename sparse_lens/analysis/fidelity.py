@@ -1,11 +1,14 @@
 """How true is a sparse trace to the model? Fidelity metrics against dense attention.
 
-Metrics (see docs/fidelity.md), computed without any T x T tensor:
+Metrics (see docs/fidelity.md), computed without any T x T tensor or [T / block, T / block]
+matrix, so that they run at 32k-1M tokens on a GPU:
 - ``pruned_fraction``: 1 - kept query-key pairs / causal pairs, over all layers and heads;
 - ``mass_recall_mean`` / ``mass_recall_p5``: share of the dense softmax mass that falls in the
-  kept blocks, per (layer, head, query block), mean and 5th percentile;
+  kept blocks, per (layer, head, query block), mean and 5th percentile (``kept_block_mass``
+  under the dense lse: one pass over the kept blocks);
 - ``oracle_recall_mean`` and ``oracle_ratio``: the same for the exact top-k blocks by dense
-  block mass (same budget), and estimator recall / oracle recall;
+  block mass (same budget; ``kernels.oracle_blocks``, streamed over query blocks), and
+  estimator recall / oracle recall over the same query blocks;
 - ``next_token_kl``: mean KL(dense || sparse) of the next-token distribution, and
   ``top1_agreement``: share of positions whose greedy next token agrees;
 - ``final_kl`` / ``final_top1``: the same at the last position only;
@@ -14,12 +17,17 @@ Recall and next-token figures are taken over the query blocks and positions wher
 happens (query blocks that see more than top_k key blocks, or more than ``min_blocks`` with
 ``estimator="adaptive"``); earlier ones are exact by design. For ``"adaptive"`` the oracle is the
 exact top-k at the cap ``top_k``, an upper reference rather than an equal-budget one.
+
+Without ``dense=``, each layer is scored inside the observe-mode forward (a ``hook_pattern``
+hook reads that layer's q, k and dense lse, then lets them go), so memory stays that of one
+forward; ``positions=`` limits the logits to a few positions (at 1M tokens a full
+[T, vocab] logit tensor does not fit anywhere).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +36,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sparse_lens.config import StreamConfig
-from sparse_lens.kernels import dense_block_mass, estimate_blocks
+from sparse_lens.errors import InvalidConfigError
+from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
 from sparse_lens.kernels.blocks import visible_key_blocks
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.model import HookedSparseTransformer
@@ -36,24 +45,17 @@ from sparse_lens.tl.model import HookedSparseTransformer
 
 @dataclass
 class DenseTrace:
-    """One dense (observe-mode) run: logits and each layer's rotated q, k and dense lse."""
+    """One dense (observe-mode) run: logits and each layer's rotated q, k and dense lse.
+
+    Holds every layer's q and k (``T * d_head`` per head and layer): for reusing one dense run
+    across several configs at moderate lengths; ``fidelity`` without ``dense=`` needs none of it.
+    """
 
     logits: Float[Tensor, "batch pos vocab"]
     query: list[Tensor]
     key: list[Tensor]
     lse: list[Tensor]
     scale: float
-    _block_mass: dict = field(default_factory=dict, repr=False)
-
-    def block_mass(self, layer: int, query_block: int, key_block: int) -> Float[Tensor, "batch head n_qb n_kb"]:
-        """Dense mass of every (query block, key block) of a layer (computed once per geometry)."""
-        cache_key = (layer, query_block, key_block)
-        if cache_key not in self._block_mass:
-            self._block_mass[cache_key] = dense_block_mass(
-                self.query[layer], self.key[layer], self.lse[layer],
-                query_block=query_block, key_block=key_block, scale=self.scale,
-            )
-        return self._block_mass[cache_key]
 
 
 def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"]) -> DenseTrace:
@@ -79,47 +81,97 @@ def fidelity(
     dense: DenseTrace | None = None,
     verbose: bool = False,
     per_layer: bool = False,
+    positions: Int[Tensor, "n_positions"] | None = None,
+    oracle_stride: int = 1,
 ) -> dict[str, float]:
     """Fidelity of ``stream`` (default: the model's) against dense attention on ``tokens``.
 
     Pass ``dense=collect_dense(model, tokens)`` to evaluate several configs on one dense run.
     ``per_layer=True`` adds ``"layers"``: one dict per layer with its ``layer``,
     ``pruned_fraction`` and recall figures (``mass_recall_mean``, ``mass_recall_p5``,
-    ``oracle_recall_mean``, ``oracle_ratio``).
+    ``oracle_recall_mean``, ``oracle_ratio``). ``positions`` (ascending token positions): the
+    next-token figures are taken at those positions only (logits computed there only), and
+    ``final_*`` at the last of them. ``oracle_stride``: the oracle is computed on every n-th
+    pruned query block (it costs half a dense attention pass per layer); ``oracle_recall_mean``
+    and ``oracle_ratio`` then compare estimator and oracle on those query blocks.
     """
+    if not isinstance(oracle_stride, int) or oracle_stride < 1:
+        raise InvalidConfigError(f"oracle_stride must be an int >= 1, got {oracle_stride!r}.")
     stream = stream or model.stream
-    dense = dense or collect_dense(model, tokens)
     seq_len = tokens.shape[-1]
+    keep = {} if positions is None else {"logits_to_keep": _check_positions(positions, seq_len, tokens.device)}
     searched = _pruned_rows(stream, seq_len)
-    recalls, oracle_recalls, pruned, layers, estimate_seconds = [], [], [], [], 0.0
-    for layer in tqdm(range(model.cfg.n_layers), desc="fidelity", disable=not verbose):
-        query, key, lse = dense.query[layer], dense.key[layer], dense.lse[layer]
-        geometry = {"query_block": stream.query_block, "key_block": stream.key_block}
-        started = time.perf_counter()
-        block_indices = estimate_blocks(query, key, scale=dense.scale, **stream.estimator_kwargs())
-        estimate_seconds += time.perf_counter() - started
-        all_blocks = dense.block_mass(layer, stream.query_block, stream.key_block)
-        kept = all_blocks.gather(-1, block_indices.clamp(min=0)) * (block_indices >= 0)  # dense mass of kept blocks
-        pattern = BlockSparsePattern(block_indices, kept, lse, seq_len, scale=dense.scale, mode="observe", **geometry)
-        pruned.append(pattern.pruned_fraction())
-        recalls.append(pattern.recall()[:, :, searched].flatten())
-        oracle = all_blocks.topk(min(stream.top_k, all_blocks.shape[-1]), dim=-1).values.sum(-1)
-        oracle_recalls.append(oracle[:, :, searched].flatten())
-        if per_layer:
-            layers.append({"layer": layer, "pruned_fraction": pruned[-1],
-                           **_recall_figures(recalls[-1], oracle_recalls[-1])})
+    layers: list[dict] = []
+    progress = tqdm(total=model.cfg.n_layers, desc="fidelity", disable=not verbose)
+
+    def score(layer: int, query: Tensor, key: Tensor, lse: Tensor, scale: float) -> None:
+        layers.append({"layer": layer, **_score_layer(query, key, lse, scale, stream, searched, oracle_stride)})
+        progress.update()
+
+    if dense is not None:
+        for layer in range(model.cfg.n_layers):
+            score(layer, dense.query[layer], dense.key[layer], dense.lse[layer], dense.scale)
+        dense_logits = dense.logits if positions is None else dense.logits[:, keep["logits_to_keep"]]
+    else:
+        hooks = [(f"blocks.{layer}.attn.hook_pattern",
+                  lambda pattern, hook, layer=layer: score(layer, pattern.query, pattern.key, pattern.lse, pattern.scale))
+                 for layer in range(model.cfg.n_layers)]
+        with model.stream_settings(mode="observe", keep_qk=True):
+            dense_logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **keep).float()
+    progress.close()
     with model.stream_settings(**{**stream.to_dict(), "mode": "sparse", "keep_qk": False}):
-        sparse_logits = model(tokens).float()
+        sparse_logits = model(tokens, **keep).float()
+    recalls = torch.cat([row.pop("recall") for row in layers])
+    sampled = torch.cat([row.pop("sampled_recall") for row in layers])
+    oracles = torch.cat([row.pop("oracle") for row in layers])
+    first = _first_pruned_position(stream, seq_len)
+    if positions is not None:  # score the kept positions at or after the first pruned one
+        first = int((keep["logits_to_keep"] < first).sum())
     report = {
         "seq_len": seq_len,
-        "pruned_fraction": float(np.mean(pruned)),
-        **_recall_figures(torch.cat(recalls), torch.cat(oracle_recalls)),
-        "estimate_seconds": estimate_seconds,
-        **_next_token_figures(dense.logits, sparse_logits, first_position=_first_pruned_position(stream, seq_len)),
+        "pruned_fraction": float(np.mean([row["pruned_fraction"] for row in layers])),
+        **_recall_figures(recalls, sampled, oracles),
+        "estimate_seconds": sum(row.pop("estimate_seconds") for row in layers),
+        **_next_token_figures(dense_logits, sparse_logits, first_position=first),
     }
     if per_layer:
         report["layers"] = layers
     return report
+
+
+def _score_layer(query: Tensor, key: Tensor, lse: Tensor, scale: float, stream: StreamConfig, searched: Tensor,
+                 oracle_stride: int) -> dict:
+    """One layer's figures: the estimate's kept mass under the dense lse, and the exact oracle."""
+    geometry = {"query_block": stream.query_block, "key_block": stream.key_block}
+    _sync(query)
+    started = time.perf_counter()
+    block_indices = estimate_blocks(query, key, scale=scale, **stream.estimator_kwargs())
+    _sync(query)
+    seconds = time.perf_counter() - started
+    kept = kept_block_mass(query, key, block_indices, lse, scale=scale, backend=stream.backend, **geometry)
+    pattern = BlockSparsePattern(block_indices, kept, lse, query.shape[2], scale=scale, mode="observe", **geometry)
+    rows = torch.nonzero(searched.to(query.device)).flatten()
+    sampled_rows = rows[::oracle_stride]
+    _, oracle_mass = oracle_blocks(query, key, lse, top_k=stream.top_k, scale=scale, rows=sampled_rows,
+                                   backend=stream.backend, **geometry)
+    recall = pattern.recall().float()
+    figures = {"recall": recall[:, :, rows].flatten().cpu(), "sampled_recall": recall[:, :, sampled_rows].flatten().cpu(),
+               "oracle": oracle_mass.sum(-1).flatten().cpu()}
+    return {"pruned_fraction": pattern.pruned_fraction(),
+            **_recall_figures(figures["recall"], figures["sampled_recall"], figures["oracle"]),
+            **figures, "estimate_seconds": seconds}
+
+
+def _sync(tensor: Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+def _check_positions(positions: Tensor, seq_len: int, device: torch.device) -> Tensor:
+    positions = torch.as_tensor(positions, device=device).long().flatten()
+    if positions.numel() == 0 or positions.min() < 0 or positions.max() >= seq_len or (positions.diff() <= 0).any():
+        raise InvalidConfigError(f"positions must be ascending token positions in [0, {seq_len}), got {positions.tolist()[:8]}.")
+    return positions
 
 
 def _pruned_rows(stream: StreamConfig, seq_len: int) -> Tensor:
@@ -133,14 +185,15 @@ def _first_pruned_position(stream: StreamConfig, seq_len: int) -> int:
     return int(rows[0]) * stream.query_block if len(rows) else seq_len
 
 
-def _recall_figures(recall: Tensor, oracle: Tensor) -> dict[str, float]:
+def _recall_figures(recall: Tensor, sampled_recall: Tensor, oracle: Tensor) -> dict[str, float]:
+    """Recall over the pruned rows; oracle and ratio over the rows the oracle was computed on."""
     if recall.numel() == 0:  # nothing pruned: every row keeps all its blocks
         return {"mass_recall_mean": 1.0, "mass_recall_p5": 1.0, "oracle_recall_mean": 1.0, "oracle_ratio": 1.0}
     return {
         "mass_recall_mean": float(recall.mean()),
         "mass_recall_p5": float(torch.quantile(recall.float(), 0.05)),
         "oracle_recall_mean": float(oracle.mean()),
-        "oracle_ratio": float(recall.mean() / oracle.mean()),
+        "oracle_ratio": float(sampled_recall.mean() / oracle.mean()),
     }
 
 

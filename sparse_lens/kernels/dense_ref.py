@@ -98,13 +98,14 @@ def block_mass_rows(
     for first in range(0, rows.numel(), chunk):
         ids = rows[first : first + chunk]
         grouped = query_blocks[:, :, ids].unflatten(1, (n_kv_heads, -1))  # [batch, kv, group, chunk, qb, d]
-        scores = torch.einsum("bhgcqd,bhkd->bhgcqk", grouped, keys) * scale
+        scores = torch.einsum("bhgcqd,bhkd->bhgcqk", grouped, keys).mul_(scale)
         query_pos = ids[:, None] * query_block + torch.arange(query_block, device=query.device)
         row_lse = lse_blocks[:, :, ids].unflatten(1, (n_kv_heads, -1))
         seen = torch.isfinite(row_lse) & (query_pos < seq_len)
         visible = (key_pos <= query_pos[..., None]) & seen[..., None]
-        probs = torch.where(visible, torch.exp(scores - torch.where(seen, row_lse, 0.0)[..., None]), 0.0)
-        per_block = pad_to_blocks(probs, key_block, dim=-1).unflatten(-1, (-1, key_block)).sum(-1).sum(-2)
+        scores = scores.sub_(torch.where(seen, row_lse, 0.0)[..., None]).masked_fill_(~visible, float("-inf"))
+        per_query = pad_to_blocks(scores.exp_(), key_block, dim=-1).unflatten(-1, (-1, key_block)).sum(-1)
+        per_block = per_query.sum(-2)
         n_real = (seq_len - ids * query_block).clamp(max=query_block).to(per_block.dtype)
         masses.append((per_block / n_real[:, None]).flatten(1, 2))
     if not masses:
