@@ -15,14 +15,19 @@ from sparse_lens.config import StreamConfig
 from sparse_lens.errors import (
     BlockSizeError,
     ContextTooLongError,
+    DensePatternRequiredError,
     InvalidConfigError,
+    InvalidPatternError,
     ModelSourceError,
+    ObserveModeEditError,
     PaddingNotSupportedError,
+    PatternGeometryError,
     ShapeError,
     SparseLensError,
     UnsupportedModelError,
 )
 from sparse_lens.pattern import BlockSparsePattern
+from sparse_lens.pattern_stack import BlockSparsePatternStack
 
 __version__ = "0.1.0"
 
@@ -52,12 +57,17 @@ def __dir__() -> list[str]:
 __all__ = [
     "BlockSizeError",
     "BlockSparsePattern",
+    "BlockSparsePatternStack",
     "ContextTooLongError",
+    "DensePatternRequiredError",
     "DEFAULT_MODEL",
     "HookedSparseTransformer",
     "InvalidConfigError",
+    "InvalidPatternError",
     "ModelSourceError",
+    "ObserveModeEditError",
     "PaddingNotSupportedError",
+    "PatternGeometryError",
     "SUPPORTED_ARCHITECTURES",
     "ShapeError",
     "SparseLensError",

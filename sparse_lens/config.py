@@ -55,7 +55,7 @@ class StreamConfig:
             attention (torch SDPA), no estimate and no ``hook_pattern``: the fast baseline for
             comparisons (task accuracy, patching references).
         keep_qk: Keep each layer's rotated queries and keys inside the cached pattern so that
-            token-level values can be recomputed (``BlockSparsePattern.to_dense``). Costs
+            token-level values can be recomputed (``BlockSparsePattern.token_probs``). Costs
             O(T * d_head) per head; turn off for very long contexts.
         observe_max_tokens: Optional cap on the sequence length in ``"observe"`` mode (None, the
             default: no cap). Observe mode's dense attention is O(T) in memory (flash kernels on

@@ -24,7 +24,7 @@ class ShapeError(SparseLensError, ValueError):
 class ContextTooLongError(SparseLensError, MemoryError):
     """The request needs memory quadratic in the sequence length and the sequence is too long.
 
-    Raised by ``BlockSparsePattern.to_dense`` and by ``mode="observe"`` (dense attention),
+    Raised by ``BlockSparsePattern.token_probs`` and by ``mode="observe"`` (dense attention),
     never by the sparse path, which is linear in the sequence length.
     """
 
@@ -39,3 +39,24 @@ class PaddingNotSupportedError(SparseLensError, ValueError):
 
 class ModelSourceError(SparseLensError, FileNotFoundError):
     """A model name or path could not be resolved to weights (missing file, package, or no hub access)."""
+
+class InvalidPatternError(SparseLensError, ValueError):
+    """An edited pattern (returned by a ``hook_pattern`` / ``hook_block_indices`` / ``hook_block_mass``
+    hook) is not one attention can run on: a block out of range, a block listed twice, a block
+    after the query block's causal horizon, a query left with no visible key, or a changed geometry."""
+
+
+class DensePatternRequiredError(SparseLensError, TypeError):
+    """An operation needs a dense ``[batch, head, query, key]`` pattern tensor (indexing heads or keys,
+    writing entries: what ``transformer_lens.patching``'s ``..._attn_head_pattern_...`` helpers do),
+    which sparse_lens never builds. The message names the block-level tool to use instead."""
+
+
+class PatternGeometryError(ShapeError):
+    """Patterns of different geometry (sequence length, block sizes, top_k, batch, heads, rows)
+    were combined, e.g. by ``torch.stack`` / ``ActivationCache.stack_activation``."""
+
+
+class ObserveModeEditError(SparseLensError, RuntimeError):
+    """A hook edited the pattern, its block indices or its block mass in ``mode="observe"``, where
+    the model runs dense attention and nothing sparse can be recomputed; use ``mode="sparse"``."""

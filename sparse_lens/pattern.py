@@ -6,25 +6,58 @@ One pattern per attention layer, covering every query head. Its primary content 
 Token-level values are recomputed on demand from the rotated queries and keys it keeps
 (``StreamConfig.keep_qk``) and the exact softmax normaliser ``lse``.
 
-It quacks like a tensor where TransformerLens needs it to: ``detach``, ``to``, ``clone``,
-``dim``/``ndim``/``shape`` and slicing of the query axis (``run_with_cache(pos_slice=...)``
-keeps the query blocks that hold the selected positions).
+It quacks like a tensor where TransformerLens' ``ActivationCache`` needs it to: ``detach``,
+``to``, ``cpu``, ``clone``, ``dim``/``ndim``/``shape``/``size``, ``squeeze(0)``/``unsqueeze(0)``,
+indexing the batch axis (``remove_batch_dim``, ``apply_slice_to_batch_dim``) and the query axis
+(``run_with_cache(pos_slice=...)`` keeps the query blocks that hold the selected positions), and
+``torch.stack`` (``stack_activation``; see :mod:`sparse_lens.pattern_stack`). Indexing heads or
+keys, or writing entries, are dense-tensor operations and raise ``DensePatternRequiredError``.
+
+**Batch dimension.** ``pattern[0]`` (what ``remove_batch_dim`` and an int batch slice do) gives
+a pattern with ``has_batch_dim=False`` whose tensors lost their batch axis: ``block_indices``
+[head, n_query_blocks, top_k], ``lse`` [head, seq], ``query`` [head, seq, d_head], and
+``shape`` [head, seq, seq], as a TransformerLens pattern without batch dimension.
+``unsqueeze(0)`` restores it. Methods work in both layouts.
+
+FlexAttention names: ``kv_num_blocks``, ``kv_indices``, ``BLOCK_SIZE``, ``to_block_mask()``,
+``to_string()``.
 """
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.errors import ContextTooLongError, ShapeError
+from sparse_lens.errors import ContextTooLongError, DensePatternRequiredError, ShapeError
 from sparse_lens.kernels.blocks import causal_pairs, kept_pairs_per_slot, num_blocks
 from sparse_lens.kernels.sparse_attention_ref import kept_token_probs
+from sparse_lens.pattern_edits import normalize_block_indices
+from sparse_lens.pattern_flex import DEFAULT_BLOCK_MASK_BYTES, block_grid, block_mask_from_indices
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 DEFAULT_DENSE_LIMIT = 4096
+
+_DENSE_ONLY = (
+    "A BlockSparsePattern is not a dense [batch, head, query, key] tensor: {what}. This is what "
+    "transformer_lens.patching's get_act_patch_attn_head_pattern_* helpers (and generic_activation_patch "
+    "on hook_pattern) do; they do not apply to sparse attention. Instead: patch blocks.{{l}}.attn."
+    "hook_block_indices (a plain tensor hook: TL's patching and caching work on it), return "
+    "pattern.with_block_indices(...) / pattern.with_gate(...) from a hook_pattern hook, use "
+    "sparse_lens.analysis (block_attribution, suppress_span, path_patch), or pattern.token_probs() "
+    "for token-level values on short inputs."
+)
+
+
+def _full(selection: Any) -> bool:
+    return isinstance(selection, slice) and selection == slice(None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +79,8 @@ class BlockSparsePattern:
         block_gate: optional float [batch, head, n_query_blocks, top_k] multiplying each kept
             block's probabilities in the output (attribution and suppression experiments).
         first_query_block: index of the first row when the pattern was sliced along queries.
+        has_batch_dim: ``False`` after ``pattern[0]`` / ``remove_batch_dim``: every tensor above
+            then lacks its leading batch axis.
     """
 
     block_indices: Int[Tensor, "batch head n_query_blocks top_k"]
@@ -60,12 +95,15 @@ class BlockSparsePattern:
     key: Float[Tensor, "batch kv_head seq d_head"] | None = None
     block_gate: Float[Tensor, "batch head n_query_blocks top_k"] | None = None
     first_query_block: int = 0
+    has_batch_dim: bool = True
 
     def __post_init__(self) -> None:
-        if self.block_indices.dim() != 4 or self.block_mass.shape != self.block_indices.shape:
+        rank = 4 if self.has_batch_dim else 3
+        if self.block_indices.dim() != rank or self.block_mass.shape != self.block_indices.shape:
+            layout = "[batch, head, n_query_blocks, top_k]" if self.has_batch_dim else "[head, n_query_blocks, top_k]"
             raise ShapeError(
                 f"block_indices {tuple(self.block_indices.shape)} and block_mass "
-                f"{tuple(self.block_mass.shape)} must both be [batch, head, n_query_blocks, top_k]."
+                f"{tuple(self.block_mass.shape)} must both be {layout}."
             )
         if self.block_gate is not None and self.block_gate.shape != self.block_indices.shape:
             raise ShapeError(f"block_gate must have shape {tuple(self.block_indices.shape)}.")
@@ -78,7 +116,7 @@ class BlockSparsePattern:
     @property
     def n_query_blocks(self) -> int:
         """Rows held (fewer than the sequence has if the pattern was sliced)."""
-        return self.block_indices.shape[2]
+        return self.block_indices.shape[-2]
 
     @property
     def is_sliced(self) -> bool:
@@ -86,16 +124,25 @@ class BlockSparsePattern:
 
     @property
     def shape(self) -> torch.Size:
-        """Shape of the dense pattern this stands for: [batch, head, seq, seq]."""
-        batch, heads = self.block_indices.shape[:2]
-        return torch.Size([batch, heads, self.seq_len, self.seq_len])
+        """Shape of the dense pattern this stands for: [batch, head, seq, seq] ([head, seq, seq]
+        without batch dimension)."""
+        return torch.Size([*self.block_indices.shape[:-2], self.seq_len, self.seq_len])
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        """``shape``, or its entry ``dim``, as ``Tensor.size``."""
+        return self.shape if dim is None else self.shape[dim]
 
     @property
     def ndim(self) -> int:
-        return 4
+        return 4 if self.has_batch_dim else 3
 
     def dim(self) -> int:
-        return 4
+        return self.ndim
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether the block mass or gate carries gradients."""
+        return any(t is not None and t.requires_grad for t in (self.block_mass, self.block_gate))
 
     @property
     def device(self) -> torch.device:
@@ -109,13 +156,13 @@ class BlockSparsePattern:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ----- tensor-like protocol used by TransformerLens' cache ------------------------------
-    def _map_tensors(self, fn) -> "BlockSparsePattern":
+    def _map_tensors(self, fn, **other_changes: Any) -> "BlockSparsePattern":
         changes = {
             f.name: fn(getattr(self, f.name))
             for f in fields(self)
             if isinstance(getattr(self, f.name), Tensor)
         }
-        return replace(self, **changes)
+        return replace(self, **changes, **other_changes)
 
     def detach(self) -> "BlockSparsePattern":
         return self._map_tensors(Tensor.detach)
@@ -133,17 +180,72 @@ class BlockSparsePattern:
     def cpu(self) -> "BlockSparsePattern":
         return self.to("cpu")
 
-    def __getitem__(self, index) -> "BlockSparsePattern":
-        """Slice the query axis (dim 2 or -2) in token positions, as ``pos_slice`` does.
+    def squeeze(self, dim: int = 0) -> "BlockSparsePattern":
+        """Drop a batch axis of size 1 (``dim=0`` only); unchanged otherwise, as ``Tensor.squeeze``."""
+        if dim != 0:
+            raise DensePatternRequiredError(_DENSE_ONLY.format(what=f"only the batch axis squeezes, not dim {dim}"))
+        return self[0] if self.has_batch_dim and self.shape[0] == 1 else self
 
-        Keeps the contiguous run of query blocks spanning the selected positions (an int, a
-        slice, or a sequence of ints); batch, head and key axes must be ``:``.
+    def unsqueeze(self, dim: int = 0) -> "BlockSparsePattern":
+        """Restore the batch axis of a pattern without one (``dim=0`` only)."""
+        if dim != 0 or self.has_batch_dim:
+            raise ShapeError("unsqueeze(0) restores the batch axis of a pattern without one; nothing else.")
+        return self._map_tensors(lambda t: t.unsqueeze(0), has_batch_dim=True)
+
+    def _batched(self) -> "BlockSparsePattern":
+        return self if self.has_batch_dim else self.unsqueeze(0)
+
+    def __setitem__(self, index, value) -> None:
+        raise DensePatternRequiredError(_DENSE_ONLY.format(what="its entries cannot be assigned"))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """``torch.stack(patterns)`` gives a :class:`~sparse_lens.pattern_stack.BlockSparsePatternStack`;
+        other torch functions do not apply to a pattern."""
+        if func is torch.stack:
+            from sparse_lens.pattern_stack import stack_patterns
+
+            return stack_patterns(*args, **(kwargs or {}))
+        return NotImplemented
+
+    def __getitem__(self, index) -> "BlockSparsePattern":
+        """Index the batch axis and/or slice the query axis, as TransformerLens' cache does.
+
+        ``[batch, head, query, key]`` (``[head, query, key]`` without batch dimension). The batch
+        selection may be an int (drops the batch axis), a slice or a sequence of ints. The query
+        selection is in token positions (an int, a slice, or a sequence of ints, as ``pos_slice``
+        gives): the contiguous run of query blocks spanning them is kept. Head and key axes must
+        be ``:`` (``DensePatternRequiredError`` otherwise).
         """
         index = index if isinstance(index, tuple) else (index,)
-        index = index + (slice(None),) * (4 - len(index))
-        batch_sel, head_sel, query_sel, key_sel = index
-        if any(sel != slice(None) for sel in (batch_sel, head_sel, key_sel)):
-            raise IndexError("A BlockSparsePattern can only be sliced along its query axis (dim 2).")
+        if any(sel is Ellipsis for sel in index):
+            at = next(i for i, sel in enumerate(index) if sel is Ellipsis)
+            index = index[:at] + (slice(None),) * (self.ndim - len(index) + 1) + index[at + 1:]
+        if len(index) > self.ndim:
+            raise IndexError(f"too many indices for a {self.ndim}-d pattern: {len(index)}")
+        index = index + (slice(None),) * (self.ndim - len(index))
+        batch_sel = index[0] if self.has_batch_dim else slice(None)
+        head_sel, query_sel, key_sel = index[-3:]
+        if not _full(head_sel):
+            raise DensePatternRequiredError(_DENSE_ONLY.format(what="heads are not indexed one by one"))
+        if not _full(key_sel):
+            raise DensePatternRequiredError(_DENSE_ONLY.format(what="its key axis is not indexed"))
+        pattern = self
+        if not _full(query_sel):
+            pattern = pattern._select_queries(query_sel)
+        if not _full(batch_sel):
+            pattern = pattern._select_batch(batch_sel)
+        return pattern
+
+    def _select_batch(self, selection: Any) -> "BlockSparsePattern":
+        if isinstance(selection, numbers.Integral) or (isinstance(selection, Tensor) and selection.dim() == 0):
+            row = int(selection)
+            return self._map_tensors(lambda t: t[row], has_batch_dim=False)
+        if not isinstance(selection, slice):
+            selection = torch.as_tensor(selection, dtype=torch.long, device=self.device).flatten()
+        return self._map_tensors(lambda t: t[selection])
+
+    def _select_queries(self, query_sel: Any) -> "BlockSparsePattern":
         if isinstance(query_sel, slice):
             positions = list(range(self.seq_len)[query_sel])
         else:  # an int, or a list / array / tensor of ints (TransformerLens' Slice gives arrays)
@@ -158,9 +260,9 @@ class BlockSparsePattern:
         rows = slice(first_row, last_row + 1)
         return replace(
             self,
-            block_indices=self.block_indices[:, :, rows],
-            block_mass=self.block_mass[:, :, rows],
-            block_gate=None if self.block_gate is None else self.block_gate[:, :, rows],
+            block_indices=self.block_indices[..., rows, :],
+            block_mass=self.block_mass[..., rows, :],
+            block_gate=None if self.block_gate is None else self.block_gate[..., rows, :],
             first_query_block=self.first_query_block + first_row,
         )
 
@@ -170,59 +272,150 @@ class BlockSparsePattern:
         return self.block_mass.sum(-1)
 
     def kept_pairs(self) -> Int[Tensor, "batch head"]:
-        """Causal query-key pairs covered by the kept blocks, per head (rows held only)."""
+        """Causal query-key pairs covered by the kept blocks, per head (rows held only); [head]
+        without batch dimension."""
+        indices = self._batched().block_indices
         full = torch.full(
-            (*self.block_indices.shape[:2], self.first_query_block, self.top_k), -1,
-            dtype=self.block_indices.dtype, device=self.device,
+            (*indices.shape[:2], self.first_query_block, self.top_k), -1, dtype=indices.dtype, device=self.device,
         )
-        pairs = kept_pairs_per_slot(
-            torch.cat([full, self.block_indices], dim=2), self.seq_len, self.query_block, self.key_block
-        )
-        return pairs.sum(dim=(-1, -2))
+        pairs = kept_pairs_per_slot(torch.cat([full, indices], dim=2), self.seq_len, self.query_block, self.key_block)
+        pairs = pairs.sum(dim=(-1, -2))
+        return pairs if self.has_batch_dim else pairs[0]
 
     def pruned_fraction(self) -> float:
         """``1 - kept query-key pairs / causal pairs``, over every batch row and head."""
         if self.is_sliced:
             raise ValueError("pruned_fraction needs the whole pattern; this one was sliced along queries.")
-        heads = self.block_indices.shape[0] * self.block_indices.shape[1]
-        return 1.0 - float(self.kept_pairs().sum()) / (causal_pairs(self.seq_len) * heads)
+        kept = self.kept_pairs()
+        return 1.0 - float(kept.sum()) / (causal_pairs(self.seq_len) * kept.numel())
 
     def with_block_indices(
         self, block_indices: Int[Tensor, "batch head n_query_blocks top_k"]
     ) -> "BlockSparsePattern":
         """A pattern keeping other blocks (e.g. a knockout). Returned from a ``hook_pattern`` hook in
-        sparse mode, the layer recomputes its attention over these blocks."""
+        sparse mode, the layer recomputes its attention over these blocks (after
+        :meth:`validated`'s checks; rows may be in any order, ``-1`` anywhere)."""
         return replace(self, block_indices=block_indices)
 
     def with_gate(self, block_gate: Float[Tensor, "batch head n_query_blocks top_k"]) -> "BlockSparsePattern":
         """A pattern whose kept blocks are scaled by ``block_gate`` in the layer's output."""
         return replace(self, block_gate=block_gate)
 
-    def to_dense(self, max_tokens: int = DEFAULT_DENSE_LIMIT) -> Float[Tensor, "batch head seq seq"]:
+    def validated(self) -> "BlockSparsePattern":
+        """This pattern with its rows checked and sorted (``-1`` last, the gate permuted alike).
+
+        What the attention layer does to an edited pattern (see :mod:`sparse_lens.pattern_edits`).
+
+        Raises:
+            InvalidPatternError: a block out of range, repeated, not causal, or a query left
+                with no visible key.
+        """
+        batched = self._batched()
+        indices, gate = normalize_block_indices(
+            batched.block_indices, seq_len=self.seq_len, query_block=self.query_block, key_block=self.key_block,
+            first_query_block=self.first_query_block, block_gate=batched.block_gate,
+        )
+        if not self.has_batch_dim:
+            indices, gate = indices[0], None if gate is None else gate[0]
+        return replace(self, block_indices=indices, block_gate=gate)
+
+    # ----- FlexAttention vocabulary ---------------------------------------------------------
+    @property
+    def BLOCK_SIZE(self) -> tuple[int, int]:  # noqa: N802 (FlexAttention's name)
+        """``(query_block, key_block)`` in tokens, as ``BlockMask.BLOCK_SIZE``."""
+        return (self.query_block, self.key_block)
+
+    @property
+    def kv_num_blocks(self) -> Int[Tensor, "batch head n_query_blocks"]:
+        """int32 [batch, head, n_query_blocks]: kept key blocks per query block (used slots)."""
+        return (self.block_indices >= 0).sum(-1).to(torch.int32)
+
+    @property
+    def kv_indices(self) -> Int[Tensor, "batch head n_query_blocks top_k"]:
+        """int32 [batch, head, n_query_blocks, top_k]: the compact kept-block list, ascending; only
+        the first ``kv_num_blocks`` entries of a row are used (the rest are ``-1``). FlexAttention's
+        own ``BlockMask.kv_indices`` is ``[.., Q_BLOCKS, KV_BLOCKS]`` (see :meth:`to_block_mask`)."""
+        return self.block_indices.to(torch.int32)
+
+    def to_block_mask(self, max_bytes: int = DEFAULT_BLOCK_MASK_BYTES) -> "BlockMask":
+        """A ``torch.nn.attention.flex_attention.BlockMask`` keeping exactly these blocks.
+
+        Kept blocks are partial blocks with a causal ``mask_mod``, so
+        ``flex_attention(q, k, v, block_mask=pattern.to_block_mask(), scale=pattern.scale,
+        enable_gqa=True)`` reproduces sparse mode's attention (ungated). Its index tables are
+        ``[batch, head, Q_BLOCKS, KV_BLOCKS]`` int32 (and the transpose): quadratic in the number
+        of blocks.
+
+        Raises:
+            ContextTooLongError: those tables would need more than ``max_bytes``.
+            ValueError: the pattern was sliced along queries.
+        """
+        if self.is_sliced:
+            raise ValueError("to_block_mask needs the whole pattern; this one was sliced along queries.")
+        return block_mask_from_indices(
+            self._batched().block_indices, seq_len=self.seq_len, query_block=self.query_block,
+            key_block=self.key_block, max_bytes=max_bytes,
+        )
+
+    def to_string(self, limit: int = 4, max_blocks: int = 128) -> str:
+        """A readable grid per (batch, head), as ``BlockMask.to_string``: one line per query block,
+        ``█`` kept key block, ``░`` causal but pruned, blank not causal. At most ``limit`` heads;
+        refused (``ContextTooLongError``) beyond ``max_blocks`` blocks per side."""
+        n_key_blocks = num_blocks(self.seq_len, self.key_block)
+        if max(self.n_query_blocks, n_key_blocks) > max_blocks:
+            raise ContextTooLongError(
+                f"to_string draws {self.n_query_blocks} x {n_key_blocks} blocks; the limit is max_blocks={max_blocks}."
+            )
+        if self.is_sliced:
+            raise ValueError("to_string needs the whole pattern; this one was sliced along queries.")
+        indices = self._batched().block_indices
+        parts = [f"{self!r}  (█ kept, ░ pruned, blank not causal)"]
+        for flat, (batch, head) in enumerate((b, h) for b in range(indices.shape[0]) for h in range(indices.shape[1])):
+            if flat == limit:
+                parts.append(f"... {indices.shape[0] * indices.shape[1] - limit} more (batch, head) pairs")
+                break
+            parts.append(f"batch {batch}, head {head}:" if self.has_batch_dim else f"head {head}:")
+            parts += block_grid(indices[batch, head], seq_len=self.seq_len, query_block=self.query_block,
+                                key_block=self.key_block)
+        return "\n".join(parts)
+
+    # ----- token level ----------------------------------------------------------------------
+    def token_probs(self, max_tokens: int = DEFAULT_DENSE_LIMIT) -> Float[Tensor, "batch head seq seq"]:
         """Token-level pattern [batch, head, seq, seq]: ``exp(q.k * scale - lse)`` on kept entries, 0 elsewhere.
 
-        In sparse mode this is the softmax the model actually used; in observe mode the dense
-        probabilities restricted to the kept blocks. Raises ``ContextTooLongError`` above
-        ``max_tokens`` (the tensor is quadratic in the sequence length).
+        In sparse mode this is the softmax the model actually used (ungated); in observe mode the
+        dense probabilities restricted to the kept blocks. [head, seq, seq] without batch
+        dimension. Raises ``ContextTooLongError`` above ``max_tokens`` (the tensor is quadratic
+        in the sequence length).
         """
         if self.seq_len > max_tokens:
             raise ContextTooLongError(
-                f"to_dense would build a [{self.shape[0]}, {self.shape[1]}, {self.seq_len}, "
-                f"{self.seq_len}] tensor; the limit is max_tokens={max_tokens}. Use block_mass, or "
-                "run a window of the sequence, or raise max_tokens if you have the memory."
+                f"token_probs would build a {list(self.shape)} tensor; the limit is max_tokens={max_tokens}. "
+                "Use block_mass, or run a window of the sequence, or raise max_tokens if you have the memory."
             )
         if self.query is None or self.key is None:
-            raise ValueError("This pattern kept no queries/keys (StreamConfig.keep_qk=False); to_dense needs them.")
+            raise ValueError("This pattern kept no queries/keys (StreamConfig.keep_qk=False); token_probs needs them.")
         if self.is_sliced:
-            raise ValueError("to_dense needs the whole pattern; this one was sliced along queries.")
-        return kept_token_probs(
-            self.query, self.key, self.block_indices, self.lse,
+            raise ValueError("token_probs needs the whole pattern; this one was sliced along queries.")
+        batched = self._batched()
+        probs = kept_token_probs(
+            batched.query, batched.key, batched.block_indices, batched.lse,
             query_block=self.query_block, key_block=self.key_block, scale=self.scale,
         )
+        return probs if self.has_batch_dim else probs[0]
+
+    def to_dense(self, max_tokens: int = DEFAULT_DENSE_LIMIT) -> Float[Tensor, "batch head seq seq"]:
+        """Deprecated alias of :meth:`token_probs` (removed in the next release)."""
+        warnings.warn(
+            "BlockSparsePattern.to_dense() is renamed token_probs(); to_dense will be removed in the next release.",
+            DeprecationWarning, stacklevel=2,
+        )
+        return self.token_probs(max_tokens=max_tokens)
 
     def __repr__(self) -> str:
-        batch, heads, rows, top_k = self.block_indices.shape
+        *lead, rows, top_k = self.block_indices.shape
+        batch = lead[0] if self.has_batch_dim else "removed"
         return (
-            f"BlockSparsePattern(mode={self.mode!r}, batch={batch}, heads={heads}, seq_len={self.seq_len}, "
+            f"BlockSparsePattern(mode={self.mode!r}, batch={batch}, heads={lead[-1]}, seq_len={self.seq_len}, "
             f"query_block={self.query_block}, key_block={self.key_block}, top_k={top_k}, rows={rows})"
         )

@@ -12,9 +12,12 @@ Nothing here imports TransformerLens. Every function takes [batch, heads, seq, d
 - ``oracle.py``: ``oracle_blocks``, the exact top-k blocks by dense mass, streamed over query blocks;
 - ``estimate.py``: ``estimate_blocks(..., estimator=name)``, every block-selection estimator
   (``estimator_ref`` Stream, ``search_ref`` bounds / pooled searches, ``oneshot_ref`` baselines,
-  ``rescore_ref`` rescored and adaptive) behind one call.
+  ``rescore_ref`` rescored and adaptive) behind one call;
+- ``causal.py``: ``lagged_selection``, the strictly causal selection wrapped around any estimator
+  (``estimate_blocks(..., causal=True)``).
 """
 
+from sparse_lens.kernels.causal import lagged_selection
 from sparse_lens.kernels.dense_ref import dense_block_mass
 from sparse_lens.kernels.dispatch import (
     BACKENDS,
@@ -43,6 +46,7 @@ __all__ = [
     "estimate_blocks",
     "kept_block_mass",
     "kept_token_probs",
+    "lagged_selection",
     "oracle_blocks",
     "stream_estimate",
     "stream_estimate_reference",

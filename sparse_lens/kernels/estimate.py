@@ -11,7 +11,8 @@
 | ``"antidiagonal"`` | strided antidiagonal sums of every block pair (XAttention-style baseline) | ``oneshot_ref.py`` |
 
 All return int64 ``[batch, q_head, n_query_blocks, top_k]`` kept key blocks, ascending, ``-1`` in
-unused slots (``"adaptive"`` uses ``top_k`` as its cap and leaves unused slots).
+unused slots (``"adaptive"`` uses ``top_k`` as its cap and leaves unused slots). ``causal=True``
+wraps any of them in the strictly causal *lagged selection* of ``causal.py``.
 
 Backends: ``"stream"`` has its own Triton kernel. ``"rescored"`` and ``"adaptive"`` with
 ``rescore_search="stream"`` run on Triton too, as two kernels: Stream's search keeps the
@@ -29,6 +30,7 @@ from typing import Literal
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from sparse_lens.kernels.causal import causal_inner_budget, lagged_selection
 from sparse_lens.kernels.dispatch import Backend, stream_estimate, use_triton
 from sparse_lens.kernels.oneshot_ref import antidiagonal_estimate, oneshot_pooled_estimate
 from sparse_lens.kernels.rescore_ref import adaptive_estimate, rescored_estimate
@@ -57,6 +59,7 @@ def estimate_blocks(
     antidiagonal_stride: int = 8,
     scale: float | None = None,
     backend: Backend = "auto",
+    causal: bool = False,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Kept key blocks per (batch, query head, query block) by the named estimator.
 
@@ -76,7 +79,21 @@ def estimate_blocks(
         antidiagonal_stride: ``"antidiagonal"``: stride of the scored antidiagonals.
         scale: Softmax scale of the attention (default ``d_head ** -0.5``); exact masses use it.
         backend: ``"stream"`` only: Triton or the torch reference (see ``dispatch.py``).
+        causal: Strictly causal selection (``causal.py``): the estimator runs with
+            ``top_k - ceil(query_block / key_block)`` blocks and query block ``b`` keeps the
+            blocks chosen for the query block before it plus the key blocks overlapping ``b``, so
+            no query's blocks depend on later tokens. ``False``: each query block's own queries
+            choose its blocks (later tokens of a block steer what earlier ones read).
     """
+    if causal:
+        inner = causal_inner_budget(query_block=query_block, key_block=key_block, top_k=top_k,
+                                    sink_blocks=sink_blocks, local_blocks=local_blocks, min_blocks=min_blocks)
+        rows = estimate_blocks(
+            query, key, estimator=estimator, query_block=query_block, key_block=key_block, top_k=inner["top_k"],
+            sink_blocks=sink_blocks, local_blocks=inner["local_blocks"], representative_keys=representative_keys,
+            beam=beam, rescore_search=rescore_search, rescore_query_stride=rescore_query_stride, top_p=top_p,
+            min_blocks=inner["min_blocks"], antidiagonal_stride=antidiagonal_stride, scale=scale, backend=backend)
+        return lagged_selection(rows, seq_len=query.shape[2], query_block=query_block, key_block=key_block, top_k=top_k)
     budget = dict(query_block=query_block, key_block=key_block, sink_blocks=sink_blocks, local_blocks=local_blocks)
     fused = rescore_search == "stream" and use_triton(backend, query, query_block, key_block)
     if estimator in ("rescored", "adaptive") and fused:

@@ -102,7 +102,7 @@ def kept_token_probs(
 ) -> Float[Tensor, "batch q_head seq seq"]:
     """Token-level probabilities ``exp(q.k * scale - lse)`` on kept entries, 0 elsewhere.
 
-    Quadratic in memory: only for short sequences (``BlockSparsePattern.to_dense`` guards it).
+    Quadratic in memory: only for short sequences (``BlockSparsePattern.token_probs`` guards it).
     """
     batch, n_q_heads, seq_len, _ = query.shape
     n_key_blocks = num_blocks(seq_len, key_block)

@@ -10,12 +10,13 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
   those blocks only, in ``"observe"`` mode it runs exact dense attention (torch's fused SDPA
   kernels with their log-sum-exp, O(T) memory) and the estimate is recorded beside it; in ``"dense"`` mode it runs plain dense attention (torch SDPA) and nothing is
   estimated or recorded (``hook_pattern`` does not fire);
-- ``hook_pattern`` fires with a :class:`~sparse_lens.pattern.BlockSparsePattern`, never a
-  T x T tensor. A hook that *returns a different pattern* (``pattern.with_block_indices(...)``
-  or ``pattern.with_gate(...)``) makes the layer recompute its attention over that pattern
-  (sparse mode only);
+- ``hook_block_indices`` (before attention), ``hook_block_mass`` (after) and ``hook_pattern`` fire,
+  in that order; the last carries a :class:`~sparse_lens.pattern.BlockSparsePattern`, never a
+  T x T tensor. An edit through any of them (``pattern.with_block_indices(...)``,
+  ``pattern.with_gate(...)``, a changed tensor) is validated and the layer runs on it (sparse
+  mode only): see :mod:`sparse_lens.tl.pattern_hooks`;
 - ``hook_attn_scores`` never fires: dense pre-softmax scores do not exist on this path. Use
-  ``pattern.to_dense()`` (token level, short sequences) or ``pattern.block_mass``;
+  ``pattern.token_probs()`` (token level, short sequences) or ``pattern.block_mass``;
 - decoding with a KV cache (``generate``): the new queries attend densely to every cached key,
   O(T) per token. Prefill is sparse, decode is dense, as in sparse-prefill methods; decode
   steps fire no ``hook_pattern``.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
     PositionEmbeddingsAttentionBridge,
 )
@@ -39,7 +41,6 @@ from sparse_lens.config import StreamConfig
 from sparse_lens.errors import (
     ContextTooLongError,
     PaddingNotSupportedError,
-    SparseLensError,
     UnsupportedModelError,
 )
 from sparse_lens.kernels import (
@@ -50,6 +51,7 @@ from sparse_lens.kernels import (
     kept_block_mass,
 )
 from sparse_lens.pattern import BlockSparsePattern
+from sparse_lens.tl.pattern_hooks import fire_block_indices, fire_block_mass, fire_pattern
 
 # Attention features of the HF module that this bridge does not reproduce.
 _UNSUPPORTED_HF_FEATURES = {
@@ -69,6 +71,10 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         super().__init__(*args, **kwargs)
         self.stream = StreamConfig()
         self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
+        # Tensor hooks beside hook_pattern (as TL's DSA bridge's hook_topk_indices); order and edit
+        # semantics in sparse_lens.tl.pattern_hooks.
+        self.hook_block_indices = HookPoint()
+        self.hook_block_mass = HookPoint()
 
     @classmethod
     def replacing(cls, template: PositionEmbeddingsAttentionBridge) -> "SparseAttentionBridge":
@@ -151,6 +157,8 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             )
         with torch.no_grad():
             block_indices = estimate_blocks(query, key, scale=scale, **cfg.estimator_kwargs())
+        hook_geometry = {"seq_len": seq_len, "mode": cfg.mode, "layer": self.name, **geometry}
+        block_indices = fire_block_indices(self.hook_block_indices, block_indices, **hook_geometry)
         if cfg.mode == "sparse":
             z, lse, block_mass = block_sparse_attention(
                 query, key, value, block_indices, scale=scale, backend=cfg.backend, **geometry
@@ -160,6 +168,11 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             with torch.no_grad():
                 block_mass = kept_block_mass(query, key, block_indices, lse, scale=scale, backend=cfg.backend,
                                              **geometry)
+        block_gate = fire_block_mass(self.hook_block_mass, block_mass, mode=cfg.mode, layer=self.name)
+        if block_gate is not None:
+            z, _, _ = block_sparse_attention(
+                query, key, value, block_indices, scale=scale, block_gate=block_gate, backend=cfg.backend, **geometry
+            )
         pattern = BlockSparsePattern(
             block_indices=block_indices,
             block_mass=block_mass,
@@ -169,16 +182,12 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             mode=cfg.mode,
             query=query if cfg.keep_qk else None,
             key=key if cfg.keep_qk else None,
+            block_gate=block_gate,
             **geometry,
         )
-        hooked = self.hook_pattern(pattern)
-        if hooked is pattern:
+        hooked = fire_pattern(self.hook_pattern, pattern, layer=self.name)
+        if hooked is None:
             return z
-        if cfg.mode == "observe":
-            raise SparseLensError(
-                f"{self.name}: a hook_pattern hook returned a new pattern in observe mode, where the "
-                "model runs dense attention; switch to mode='sparse' to run on an edited pattern."
-            )
         z, _, _ = block_sparse_attention(
             query, key, value, hooked.block_indices, scale=scale, block_gate=hooked.block_gate,
             backend=cfg.backend, **geometry,
@@ -203,6 +212,7 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             result = self._compute_per_head_result(z.view(batch, n_new, n_heads, head_dim), n_heads, head_dim)
             return self.hook_out(result)
         return self.hook_out(self.o(z))
+
 
 def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: StreamConfig) -> None:
     """Raise ``ContextTooLongError`` when observe mode's dense attention would not fit: past

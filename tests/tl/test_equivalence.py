@@ -30,7 +30,7 @@ def test_full_top_k_equals_dense_bridge(make_config, seq):
         assert pattern.pruned_fraction() == 0.0
         torch.testing.assert_close(pattern.recall(), torch.ones_like(pattern.recall()))
         dense_pattern = dense_cache[f"blocks.{layer}.attn.hook_pattern"]
-        assert (pattern.to_dense() - dense_pattern).abs().max() <= 1e-5
+        assert (pattern.token_probs() - dense_pattern).abs().max() <= 1e-5
 
 
 def test_observe_mode_runs_dense_and_records_the_estimate():
@@ -44,7 +44,7 @@ def test_observe_mode_runs_dense_and_records_the_estimate():
     pattern = cache["blocks.1.attn.hook_pattern"]
     assert pattern.mode == "observe" and pattern.pruned_fraction() > 0.5
     # block_mass is the dense mass in the kept blocks, so a row sums to its recall (< 1 when pruned)
-    token_level = pattern.to_dense()
+    token_level = pattern.token_probs()
     dense_pattern = dense_cache["blocks.1.attn.hook_pattern"]
     kept = token_level > 0
     assert (token_level[kept] - dense_pattern[kept]).abs().max() <= 1e-5

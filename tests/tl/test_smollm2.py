@@ -28,7 +28,7 @@ def test_default_model_matches_the_dense_bridge_at_full_top_k(sparse_and_dense_s
         dense_logits, dense_cache = dense.run_with_cache(tokens, names_filter=names)
     assert (logits - dense_logits).abs().max() <= 1e-3  # 30 layers of fp32 on logits of size ~20
     assert (cache["blocks.5.attn.hook_z"] - dense_cache["blocks.5.attn.hook_z"]).abs().max() <= 1e-4
-    assert (cache["blocks.5.attn.hook_pattern"].to_dense() - dense_cache["blocks.5.attn.hook_pattern"]).abs().max() <= 1e-5
+    assert (cache["blocks.5.attn.hook_pattern"].token_probs() - dense_cache["blocks.5.attn.hook_pattern"]).abs().max() <= 1e-5
 
 
 def test_default_model_knows_a_fact(smollm2):

@@ -1,7 +1,7 @@
 """Dense reference sentence attention (step 1 of the method, exactly).
 
 - ``sentence_attention_from_probs``: from token-level probabilities (a dense bridge's
-  ``hook_pattern``, or ``BlockSparsePattern.to_dense()``) for short inputs: the brute-force
+  ``hook_pattern``, or ``BlockSparsePattern.token_probs()``) for short inputs: the brute-force
   definition ``M[i, j] = 1 / (|S_i| |S_j|) * sum_{q in S_i} sum_{k in S_j} A[q, k]``.
 - ``sentence_attention_dense``: exact dense attention recomputed from an observe-mode pattern's
   rotated ``query``/``key`` and its dense ``lse`` in query chunks: quadratic time, O(T x chunk)
@@ -24,7 +24,7 @@ def sentence_attention_from_probs(
     probs: Float[Tensor, "... seq seq"], spans: Sequence[Span]
 ) -> Float[Tensor, "... n n"]:
     """The paper's matrix from token-level attention probabilities (short inputs: a dense bridge's
-    ``hook_pattern`` or ``BlockSparsePattern.to_dense()``): ``M[i, j]`` = mean of ``probs`` over
+    ``hook_pattern`` or ``BlockSparsePattern.token_probs()``): ``M[i, j]`` = mean of ``probs`` over
     the block (queries of sentence i) x (keys of sentence j)."""
     spans = _check_spans(spans, probs.shape[-1])
     one_hot = _one_hot(_sentence_ids(spans, probs.shape[-1], device=probs.device), len(spans)).double()

@@ -1,0 +1,108 @@
+"""Patterns of several layers stacked along a leading layer axis.
+
+``torch.stack([pattern_0, pattern_1, ...])`` and TransformerLens'
+``ActivationCache.stack_activation("pattern")`` return a :class:`BlockSparsePatternStack`: the
+layers' patterns, with their compact tensors stacked (``block_indices`` [layer, batch, head,
+n_query_blocks, top_k], ...). Patterns of different geometry raise ``PatternGeometryError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from sparse_lens.errors import PatternGeometryError
+
+if TYPE_CHECKING:
+    from sparse_lens.pattern import BlockSparsePattern
+
+_GEOMETRY = ("seq_len", "query_block", "key_block", "mode", "first_query_block", "has_batch_dim")
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparsePatternStack:
+    """Patterns of equal geometry with a leading layer axis (``stack[i]`` is layer i's pattern).
+
+    Attributes:
+        patterns: the stacked patterns, in order.
+    """
+
+    patterns: tuple["BlockSparsePattern", ...]
+
+    def __post_init__(self) -> None:
+        if not self.patterns:
+            raise PatternGeometryError("Cannot stack an empty list of patterns.")
+        from sparse_lens.pattern import BlockSparsePattern
+
+        strangers = [type(p).__name__ for p in self.patterns if not isinstance(p, BlockSparsePattern)]
+        if strangers:
+            raise PatternGeometryError(f"Only BlockSparsePatterns stack together, got {', '.join(strangers)}.")
+        first = self.patterns[0]
+        for layer, pattern in enumerate(self.patterns[1:], start=1):
+            different = [name for name in _GEOMETRY if getattr(pattern, name) != getattr(first, name)]
+            if pattern.block_indices.shape != first.block_indices.shape:
+                different.append(f"block_indices shape {tuple(pattern.block_indices.shape)} vs "
+                                 f"{tuple(first.block_indices.shape)}")
+            if different:
+                raise PatternGeometryError(
+                    f"pattern {layer} differs from pattern 0 in {', '.join(different)}; only patterns of equal "
+                    "geometry stack. Stack their block_indices yourself after padding, or keep them in a list."
+                )
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def __iter__(self) -> Iterator["BlockSparsePattern"]:
+        return iter(self.patterns)
+
+    def __getitem__(self, layer: int) -> "BlockSparsePattern":
+        return self.patterns[layer]
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[layer, *pattern.shape]``: the dense stack this stands for."""
+        return torch.Size([len(self.patterns), *self.patterns[0].shape])
+
+    def _stacked(self, name: str) -> Tensor:
+        return torch.stack([getattr(pattern, name) for pattern in self.patterns])
+
+    @cached_property
+    def block_indices(self) -> Tensor:
+        """int64 [layer, (batch,) head, n_query_blocks, top_k]."""
+        return self._stacked("block_indices")
+
+    @cached_property
+    def block_mass(self) -> Tensor:
+        """float [layer, (batch,) head, n_query_blocks, top_k]."""
+        return self._stacked("block_mass")
+
+    @cached_property
+    def lse(self) -> Tensor:
+        """float [layer, (batch,) head, seq]."""
+        return self._stacked("lse")
+
+    @property
+    def kv_num_blocks(self) -> Tensor:
+        """int32 [layer, (batch,) head, n_query_blocks]: used slots per row."""
+        return (self.block_indices >= 0).sum(-1).to(torch.int32)
+
+    def pruned_fraction(self) -> Tensor:
+        """float64 [layer]: each layer's pruned fraction."""
+        return torch.tensor([pattern.pruned_fraction() for pattern in self.patterns], dtype=torch.float64)
+
+    def to(self, *args, **kwargs) -> "BlockSparsePatternStack":
+        return BlockSparsePatternStack(tuple(pattern.to(*args, **kwargs) for pattern in self.patterns))
+
+    def __repr__(self) -> str:
+        return f"BlockSparsePatternStack(layers={len(self.patterns)}, {self.patterns[0]!r})"
+
+
+def stack_patterns(patterns: Sequence["BlockSparsePattern"], dim: int = 0, *, out: None = None) -> BlockSparsePatternStack:
+    """``torch.stack`` for patterns: a leading layer axis only (``dim=0``)."""
+    if dim != 0 or out is not None:
+        raise PatternGeometryError("Patterns stack along a new leading axis only (torch.stack(patterns, dim=0)).")
+    return BlockSparsePatternStack(tuple(patterns))
