@@ -1,0 +1,226 @@
+"""The default estimator's cost: Stream, the old two-kernel rescoring, the fused rescoring variants and
+adaptive, against dense cuDNN SDPA in the same run; plus the attention kernel's effective TFLOP/s.
+
+    python3 benchmarks/rescore.py --out $OUT/rescore_h200.json                 # H200: 128k and 1M
+    python3 benchmarks/rescore.py --device cpu --lengths 512 --shapes tiny     # CPU smoke run (interpreter)
+
+One layer, random bf16 q / k / v, head dim 128, 64-token blocks, sink 1, local 1, ``top_k`` 16.
+Rows (``--variants``, each ``name[:beam=B][:rk=R][:qs=S][:p=P]``):
+- ``stream``: Stream's Triton search with ``top_k`` branches (``rk`` representative keys);
+- ``two_kernel``: the previous default path: Stream's search with ``beam`` x the branches, the whole
+  block-sparse attention kernel over the candidates for its ``block_mass``, a torch top-k;
+- ``rescored``: Stream's search with ``beam`` x the branches, then the fused rescoring kernel
+  (``rescore_triton``: q.k over the candidates only, every ``qs``-th query, top-k in the kernel);
+  also timed alone: ``search_s`` (the search) and ``rescore_s`` (the fused kernel on its output);
+- ``adaptive``: Stream's search with ``top_k`` candidates, fused rescoring with top-p ``p``.
+Every row gives the estimate time and its ratio to dense causal SDPA (cuDNN, flash fallback; GQA) on
+the same tensors, timed in the same run. The ``attention`` row times block-sparse attention on the
+first variant's blocks: time, ratio to dense, and effective TFLOP/s = kept causal query-key pairs x
+4 x d_head / time (QK^T and PV, 2 FLOPs per multiply-add). Dense above ``--dense-limit`` seconds
+(predicted from the previous length, x (T'/T)^2) is skipped. CUDA-event medians; the CPU path times
+wall clock once (Triton interpreter) and is a smoke test only. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _runs_on_cpu(argv: list[str]) -> bool:
+    if "--device" in argv:
+        return argv[argv.index("--device") + 1:][:1] == ["cpu"]
+    return not torch.cuda.is_available()
+
+
+if _runs_on_cpu(sys.argv):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run on the CPU
+
+from sparse_lens.kernels.blocks import kept_pairs_per_slot  # noqa: E402
+from sparse_lens.kernels.dispatch import block_sparse_attention, stream_estimate  # noqa: E402
+from sparse_lens.kernels.estimate import estimate_blocks  # noqa: E402
+from sparse_lens.kernels.rescore_ref import keep_heaviest  # noqa: E402
+from sparse_lens.kernels.rescore_triton import rescore_top_k_triton  # noqa: E402
+
+SHAPES = {"qwen2.5-1.5b": (12, 2, 128), "llama-3.1-8b": (32, 8, 128), "tiny": (2, 1, 32)}
+DEFAULT_VARIANTS = ["stream", "two_kernel:beam=4", "rescored:beam=4", "rescored:beam=4:qs=4",
+                    "rescored:beam=8:rk=2:qs=4", "rescored:beam=8:rk=4:qs=4", "rescored:beam=6:qs=4",
+                    "rescored:beam=8:qs=4", "adaptive:qs=4:p=0.93"]
+SINK, LOCAL = 1, 1
+
+
+def parse_variant(spec: str) -> dict:
+    """``"rescored:beam=8:rk=2:qs=4"`` -> {kind, beam, rk, qs, p} with defaults beam 4, rk 8, qs 1, p 0.93."""
+    kind, *options = spec.split(":")
+    if kind not in ("stream", "two_kernel", "rescored", "adaptive"):
+        raise SystemExit(f"unknown variant {spec!r}")
+    settings = {"kind": kind, "beam": 4, "rk": 8, "qs": 1, "p": 0.93}
+    for option in options:
+        name, value = option.split("=")
+        settings[name] = float(value) if name == "p" else int(value)
+    return settings
+
+
+def make_timer(device: str):
+    """``timer(fn, repeats) -> median seconds``: CUDA events on the GPU, one wall-clock run on the CPU."""
+    if device != "cuda":
+        def wall(fn, repeats):
+            started = time.perf_counter()
+            fn()
+            return time.perf_counter() - started
+        return wall
+
+    def cuda_events(fn, repeats):
+        fn()  # warm-up (compiles)
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        return statistics.median(times)
+    return cuda_events
+
+
+def dense_sdpa(query, key, value):
+    if not query.is_cuda:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+
+
+def two_kernel_rescored(query, key, *, top_k, beam, rk, geometry):
+    """The previous Triton path of estimate_blocks("rescored"): search, attention kernel's block_mass, torch top-k."""
+    width = SINK + LOCAL + beam * (top_k - SINK - LOCAL)
+    candidates = stream_estimate(query, key, top_k=width, representative_keys=rk, backend="triton", **geometry)
+    _, _, mass = block_sparse_attention(query, key, key, candidates, scale=query.shape[-1] ** -0.5, backend="triton",
+                                        query_block=geometry["query_block"], key_block=geometry["key_block"])
+    return keep_heaviest(candidates, mass, seq_len=query.shape[2], top_k=top_k, **geometry)
+
+
+def variant_fn(settings: dict, query, key, top_k: int, geometry: dict):
+    kind, beam, rk, qs = settings["kind"], settings["beam"], settings["rk"], settings["qs"]
+    if kind == "two_kernel":
+        return lambda: two_kernel_rescored(query, key, top_k=top_k, beam=beam, rk=rk, geometry=geometry)
+    common = dict(top_k=top_k, representative_keys=rk, backend="triton", **geometry)
+    if kind == "stream":
+        return lambda: estimate_blocks(query, key, estimator="stream", **common)
+    if kind == "rescored":
+        return lambda: estimate_blocks(query, key, estimator="rescored", beam=beam, rescore_query_stride=qs, **common)
+    return lambda: estimate_blocks(query, key, estimator="adaptive", rescore_query_stride=qs, top_p=settings["p"],
+                                   min_blocks=4, **common)
+
+
+def bench_length(shape: str, seq_len: int, args, dense_predicted: float | None, timer) -> list[dict]:
+    q_heads, kv_heads, d_head = SHAPES[shape]
+    device = args.device
+    generator = torch.Generator(device=device).manual_seed(seq_len)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    make = lambda heads: torch.randn(1, heads, seq_len, d_head, device=device, dtype=dtype, generator=generator)  # noqa: E731
+    query, key, value = make(q_heads), make(kv_heads), make(kv_heads)
+    repeats = 5 if seq_len <= 131072 else 2
+    geometry = dict(query_block=args.block, key_block=args.block, sink_blocks=SINK, local_blocks=LOCAL)
+    base = {"shape": shape, "seq_len": seq_len, "top_k": args.top_k}
+    if dense_predicted is not None and dense_predicted > args.dense_limit:
+        dense_s, dense_note = None, f"skipped: predicted {dense_predicted:.0f} s"
+    else:
+        dense_s, dense_note = timer(lambda: dense_sdpa(query, key, value), repeats if seq_len <= 131072 else 1), None
+    rows = []
+    first_blocks = None
+    for spec in args.variants:
+        settings = parse_variant(spec)
+        fn = variant_fn(settings, query, key, args.top_k, geometry)
+        row = {**base, "variant": spec, "estimate_s": timer(fn, repeats)}
+        if settings["kind"] == "rescored":  # its two halves alone
+            width = SINK + LOCAL + settings["beam"] * (args.top_k - SINK - LOCAL)
+            search = lambda: stream_estimate(query, key, top_k=width, representative_keys=settings["rk"],  # noqa: E731
+                                             backend="triton", **geometry)
+            candidates = search()
+            row["search_s"] = timer(search, repeats)
+            row["rescore_s"] = timer(lambda: rescore_top_k_triton(
+                query, key, candidates, top_k=args.top_k, query_stride=settings["qs"], **geometry), repeats)
+        if first_blocks is None:
+            first_blocks = fn()
+        rows.append(row)
+    blocks = first_blocks
+    attention = lambda: block_sparse_attention(query, key, value, blocks, scale=d_head**-0.5, backend="triton",  # noqa: E731
+                                               query_block=args.block, key_block=args.block)
+    kept_pairs = int(kept_pairs_per_slot(blocks, seq_len, args.block, args.block).sum())
+    attention_s = timer(attention, repeats)
+    rows.append({**base, "variant": f"attention (blocks of {args.variants[0]})", "estimate_s": None,
+                 "attention_s": attention_s, "kept_pairs": kept_pairs,
+                 "attention_tflops": kept_pairs * 4 * d_head / attention_s / 1e12})
+    for row in rows:
+        row["dense_s"], row["dense_note"] = dense_s, dense_note
+        spent = row["estimate_s"] if row["estimate_s"] is not None else row["attention_s"]
+        row["over_dense"] = spent / dense_s if dense_s else None
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['device_name']}, torch {result['torch']}, triton {result['triton']}, "
+          f"{'bf16' if result['device'] == 'cuda' else 'fp32'}, {result['block']}-token blocks, top_k {result['top_k']}, "
+          f"sink {SINK}, local {LOCAL}")
+    print("| shape | T | variant | estimate ms | search ms | rescore ms | dense SDPA ms | / dense | attention TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ms = lambda value: f"{value * 1e3:.2f}" if value is not None else "-"  # noqa: E731
+    for r in result["rows"]:
+        dense = ms(r["dense_s"]) if r["dense_s"] else r["dense_note"]
+        ratio = f"{r['over_dense'] * 100:.2f}%" if r["over_dense"] is not None else "-"
+        spent = r["estimate_s"] if r["estimate_s"] is not None else r["attention_s"]
+        tflops = f"{r['attention_tflops']:.0f}" if "attention_tflops" in r else "-"
+        print(f"| {r['shape']} | {r['seq_len']:,} | {r['variant']} | {ms(spent)} | {ms(r.get('search_s'))} | "
+              f"{ms(r.get('rescore_s'))} | {dense} | {ratio} | {tflops} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 1048576])
+    parser.add_argument("--shapes", nargs="+", default=["qwen2.5-1.5b", "llama-3.1-8b"], choices=list(SHAPES))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--dense-limit", type=float, default=60.0, help="skip dense SDPA predicted above (s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rescore.json"))
+    args = parser.parse_args()
+    if args.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 before Triton is imported (pass --device cpu).")
+    import triton
+
+    timer = make_timer(args.device)
+    rows = []
+    for shape in args.shapes:
+        previous = None
+        for seq_len in sorted(args.lengths):
+            predicted = None if previous is None or previous[1] is None else previous[1] * (seq_len / previous[0]) ** 2
+            length_rows = bench_length(shape, seq_len, args, predicted, timer)
+            rows += length_rows
+            previous = (seq_len, length_rows[0]["dense_s"])
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    result = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
+              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)",
+              "torch": torch.__version__, "triton": triton.__version__, "block": args.block, "top_k": args.top_k,
+              "rows": rows, "command": "python3 benchmarks/rescore.py " + " ".join(sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print_table(result)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCH_CUDNN_SDPA_ENABLED", "1")
+    main()
