@@ -48,6 +48,12 @@ class StreamConfig:
         top_p: ``"adaptive"``: estimated attention mass each row keeps.
         min_blocks: ``"adaptive"``: fewest key blocks a row keeps.
         antidiagonal_stride: ``"antidiagonal"``: stride of the scored antidiagonals.
+        causal_selection: Strictly causal selection (``sparse_lens.kernels.causal``): query block
+            ``b`` keeps the key blocks the estimator chose for the query block before it plus the
+            ``ceil(query_block / key_block)`` key blocks overlapping ``b`` (the estimator runs with
+            that many fewer blocks), so what a position reads never depends on later tokens.
+            ``False``: each query block's own queries choose its blocks, so changing token
+            ``p + 1`` can change the output at ``p`` (docs/concepts.md, "Causality of the selection").
         mode: ``"sparse"``: the model runs on the sparse attention (downstream activations
             change). ``"observe"``: the model runs exact dense attention (flash kernels with
             their log-sum-exp on the GPU, O(T) memory, quadratic time) and the sparse estimate
@@ -78,6 +84,7 @@ class StreamConfig:
     top_p: float = 0.93
     min_blocks: int = 4
     antidiagonal_stride: int = 8
+    causal_selection: bool = True
     mode: Mode = "sparse"
     keep_qk: bool = True
     observe_max_tokens: int | None = None
@@ -127,6 +134,17 @@ class StreamConfig:
                 f"estimator='adaptive' keeps between min_blocks={self.min_blocks} and top_k={self.top_k} "
                 "blocks per row: min_blocks must not exceed top_k."
             )
+        if not isinstance(self.causal_selection, bool):
+            raise InvalidConfigError(f"causal_selection must be True or False, got {self.causal_selection!r}.")
+        band = -(-self.query_block // self.key_block)  # key blocks overlapping a query block
+        inner_top_k, inner_local = self.top_k - band, max(self.local_blocks - band, 0)
+        if self.causal_selection and inner_top_k < max(1, self.sink_blocks + inner_local):
+            raise InvalidConfigError(
+                f"causal_selection=True always keeps the {band} key block(s) overlapping each query block and "
+                f"chooses the rest with top_k - {band} = {inner_top_k} blocks, which must hold at least one block "
+                f"and the sink_blocks={self.sink_blocks} (+ {inner_local} more local): raise top_k to "
+                f"{band + max(1, self.sink_blocks + inner_local)} or set causal_selection=False."
+            )
         if self.backend not in ("auto", "triton", "reference"):
             raise InvalidConfigError(f"backend must be 'auto', 'triton' or 'reference', got {self.backend!r}.")
         if self.observe_max_tokens is not None and (
@@ -139,7 +157,7 @@ class StreamConfig:
         names = ("estimator", "query_block", "key_block", "top_k", "sink_blocks", "local_blocks",
                  "representative_keys", "beam", "rescore_search", "rescore_query_stride", "top_p", "min_blocks",
                  "antidiagonal_stride", "backend")
-        return {name: getattr(self, name) for name in names}
+        return {**{name: getattr(self, name) for name in names}, "causal": self.causal_selection}
 
     def replace(self, **changes) -> "StreamConfig":
         """A copy with some fields changed (validated again)."""
