@@ -60,3 +60,14 @@ class PatternGeometryError(ShapeError):
 class ObserveModeEditError(SparseLensError, RuntimeError):
     """A hook edited the pattern, its block indices or its block mass in ``mode="observe"``, where
     the model runs dense attention and nothing sparse can be recomputed; use ``mode="sparse"``."""
+
+
+class LogitsNotKeptError(SparseLensError, IndexError):
+    """A metric read logits at a position the tool did not keep: with ``positions=`` the metric
+    receives ``[batch, len(positions), d_vocab]`` logits, the kept positions in order."""
+
+
+class GradientModeError(SparseLensError, ValueError):
+    """Gradients were asked for in a mode that cannot give them: ``mode="observe"`` (its chunked
+    dense attention would keep quadratic memory for the backward) or gate gradients outside
+    ``mode="sparse"`` (gates exist only on the sparse attention)."""

@@ -9,7 +9,9 @@ pattern (sparse mode), so no dense pattern is ever built.
   block's attention probabilities in the layer's output. That is attribution patching with the
   block removed as the counterfactual: ``metric(gate = 0) - metric(gate = 1) ~ -gradient``.
   (The layer's attention is computed twice in that run: once to find the pattern, once with the
-  gate in the autograd graph.)
+  gate in the autograd graph.) The backward is memory-lean: logits only at ``positions``, every
+  block checkpointed (recomputed in the backward, the checkpoints optionally in host memory), see
+  :mod:`sparse_lens.tl.checkpointing`.
 - :func:`suppress_span`: drop every kept key block overlapping a token span (all or chosen layers
   and heads); the softmax renormalises over what remains, and the change of the next-token
   distribution at later positions is reported (the attention-suppression method of the thought
@@ -18,15 +20,19 @@ pattern (sparse mode), so no dense pattern is ever built.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from sparse_lens.analysis.attribution_patching import GateHooks, call_metric, check_gradient_mode
+from sparse_lens.analysis.positions import kept_positions, logits_kwargs
 from sparse_lens.kernels.blocks import sort_block_row
 from sparse_lens.pattern import BlockSparsePattern
+from sparse_lens.tl.checkpointing import checkpoint_blocks
 from sparse_lens.tl.model import HookedSparseTransformer
 
 
@@ -56,31 +62,41 @@ def block_attribution(
     tokens: Int[Tensor, "batch pos"],
     metric: Callable[[Tensor], Tensor],
     layers: Iterable[int] | None = None,
+    *,
+    positions: Sequence[int] | Tensor | None = None,
+    checkpoint: bool = True,
+    offload: bool = False,
 ) -> BlockAttribution:
-    """Gradient of ``metric(logits)`` (a scalar) with respect to every kept block's gate, at gate 1."""
-    if model.stream.mode != "sparse":
-        raise ValueError("block_attribution needs mode='sparse' (the gate acts on the sparse attention).")
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    gates: dict[int, Tensor] = {}
-    indices: dict[int, Tensor] = {}
+    """Gradient of ``metric(logits)`` (a scalar) with respect to every kept block's gate, at gate 1.
 
-    def gate_hook(layer: int):
-        def hook(pattern: BlockSparsePattern, hook) -> BlockSparsePattern:
-            gate = torch.ones_like(pattern.block_mass, requires_grad=True)
-            gates[layer], indices[layer] = gate, pattern.block_indices
-            return pattern.with_gate(gate)
+    Args:
+        tokens: Token ids ``[batch, pos]``.
+        metric: Logits -> scalar tensor. It receives ``[batch, pos, d_vocab]`` logits, or
+            ``[batch, len(positions), d_vocab]`` (the kept positions, in order) with ``positions``.
+        layers: Layers whose gates are differentiated (default all).
+        positions: Positions whose logits the metric reads (``None``: all). At long contexts pass
+            them (e.g. ``[-1]``): the full logits are ``T x d_vocab``.
+        checkpoint: Checkpoint every block (the backward recomputes it; memory: one
+            ``[batch, T, d_model]`` block input per layer plus one block's intermediates).
+        offload: Keep those block inputs in host memory.
 
-        return hook
-
-    hooks = [(f"blocks.{layer}.attn.hook_pattern", gate_hook(layer)) for layer in layers]
-    with torch.enable_grad():
-        value = metric(model.run_with_hooks(tokens, fwd_hooks=hooks))
-        gradients = torch.autograd.grad(value, [gates[layer] for layer in layers], allow_unused=True)
+    Raises:
+        GradientModeError: the model does not run ``mode="sparse"``.
+        InvalidPositionsError: bad ``positions``. LogitsNotKeptError: the metric read a position
+        whose logits were not kept.
+    """
+    check_gradient_mode(model, gates=True)
+    index = kept_positions(positions, tokens.shape[-1], tokens.device)
+    gate_hooks = GateHooks(model, layers)
+    checkpointing = checkpoint_blocks(model, offload=offload) if checkpoint else contextlib.nullcontext()
+    with checkpointing, model.hooks(fwd_hooks=gate_hooks.hooks()), torch.enable_grad():
+        value = call_metric(metric, model(tokens, use_cache=False, **logits_kwargs(index)), index)
+        gradients = torch.autograd.grad(value, gate_hooks.gate_list(), allow_unused=True)
     return BlockAttribution(
-        block_indices=[indices[layer] for layer in layers],
+        block_indices=gate_hooks.index_list(),
         gradient=[
-            torch.zeros_like(gates[layer]) if grad is None else grad * (indices[layer] >= 0)
-            for layer, grad in zip(layers, gradients)
+            torch.zeros_like(gate) if grad is None else grad * (indices >= 0)
+            for gate, grad, indices in zip(gate_hooks.gate_list(), gradients, gate_hooks.index_list())
         ],
         metric=float(value.detach()),
     )

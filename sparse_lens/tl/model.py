@@ -26,6 +26,7 @@ from transformer_lens.model_bridge.sources.transformers_driver import Transforme
 from sparse_lens.config import StreamConfig
 from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, ShapeError, UnsupportedModelError
 from sparse_lens.tl.attention import SparseAttentionBridge
+from sparse_lens.tl.checkpointing import RecomputeState, checkpoint_blocks, recompute_state
 from sparse_lens.tl.chunking import set_mlp_chunking
 from sparse_lens.tl.generation import greedy_generate
 from sparse_lens.tl.loading import DEFAULT_MODEL, check_supported, load_hf_model, resolve_model_source
@@ -130,8 +131,15 @@ class HookedSparseTransformer(TransformerBridge):
 
     @mlp_chunk_tokens.setter
     def mlp_chunk_tokens(self, chunk_tokens: int | None) -> None:
-        set_mlp_chunking(self.blocks, chunk_tokens)
+        set_mlp_chunking(self.blocks, chunk_tokens, recompute_state(self))
         self._mlp_chunk_tokens = chunk_tokens
+
+    def lean_backward(self, offload: bool = False) -> contextlib.AbstractContextManager[RecomputeState]:
+        """Activation checkpointing per block while the context is open (``with model.lean_backward():``):
+        the backward recomputes each block instead of keeping its intermediates, and with
+        ``offload=True`` the per-block checkpoints (block inputs) wait in host memory. Keep hooks
+        installed across forward and backward (``model.hooks(...)``); see ``sparse_lens.tl.checkpointing``."""
+        return checkpoint_blocks(self, offload=offload)
 
     def sparse_attention_layers(self) -> list[SparseAttentionBridge]:
         """The attention bridge of every block, in layer order."""

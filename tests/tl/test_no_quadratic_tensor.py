@@ -16,12 +16,15 @@ class LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.largest = (0, None, None)
+        self.largest_backward_op = 0  # largest output of an aten *_backward op (the scan sees the backward)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.numel() > self.largest[0]:
                 self.largest = (tensor.numel(), tuple(tensor.shape), str(func))
+            if isinstance(tensor, torch.Tensor) and "backward" in str(func):
+                self.largest_backward_op = max(self.largest_backward_op, tensor.numel())
         return out
 
 
@@ -48,3 +51,31 @@ def test_observe_mode_is_chunked_too():
     tokens = torch.randint(0, 90, (1, SEQ), generator=torch.Generator().manual_seed(0))
     numel, shape, op = largest_tensor(sparse, tokens)
     assert numel < SEQ * SEQ, f"{op} created a tensor of shape {shape}"
+
+
+def test_attribution_backward_creates_no_quadratic_tensor():
+    """Forward and backward of attribution patching and block attribution (heads, spans, gates)."""
+    from sparse_lens.analysis.attribution_patching import attribution_patching
+    from sparse_lens.analysis.interventions import block_attribution
+
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4, keep_qk=False)
+    sparse, dense = sparse_and_dense(tiny_llama_config(), stream)
+    tokens = torch.randint(0, 90, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    corrupted = tokens.flip(-1)
+
+    def metric(logits):
+        return logits[0, -1, 3] - logits[0, -1, 8]
+
+    def attribution(model, gates):
+        return attribution_patching(model, tokens, corrupted, metric, positions=[-1], spans=64, gates=gates)
+
+    for run in (lambda: attribution(sparse, True), lambda: block_attribution(sparse, tokens, metric, positions=[-1])):
+        with LargestTensor() as recorder:
+            run()
+        numel, shape, op = recorder.largest
+        assert numel < SEQ * SEQ, f"{op} created a tensor of shape {shape}"
+        assert recorder.largest_backward_op > 0  # backward ops ran inside the scan
+    # The scan catches a quadratic backward: the dense bridge's softmax gradient is [head, T, T].
+    with LargestTensor() as recorder:
+        attribution(dense, False)
+    assert recorder.largest_backward_op >= SEQ * SEQ
