@@ -71,3 +71,18 @@ class GradientModeError(SparseLensError, ValueError):
     """Gradients were asked for in a mode that cannot give them: ``mode="observe"`` (its chunked
     dense attention would keep quadratic memory for the backward) or gate gradients outside
     ``mode="sparse"`` (gates exist only on the sparse attention)."""
+
+
+class InvalidPathError(SparseLensError, ValueError):
+    """A path-patching request the model cannot carry out: an unknown layer or head, a
+    ``receiver_input`` other than ``"q"``, ``"k"``, ``"v"``, a key/value receiver named by a query
+    head under GQA, or a sender at or after a receiver's layer (its output cannot reach it)."""
+
+
+class InvalidSpanError(SparseLensError, ValueError):
+    """A token span ``[start, end)`` that is empty or reaches outside the sequence, or no spans at all."""
+
+
+class InvalidPositionsError(SparseLensError, ValueError):
+    """Positions whose logits a tool should keep (``positions=``) that are empty, repeated or
+    outside the sequence."""

@@ -1,5 +1,6 @@
 """Analyses on sparse traces: fidelity against dense attention, needle recall and routes, thought
-anchors, and interventions (attribution, suppression, path patching; import those submodules)."""
+anchors, and interventions (attribution patching, block attribution, suppression, path and span
+patching; import those submodules)."""
 
 from sparse_lens.analysis.fidelity import DenseTrace, collect_dense, fidelity
 from sparse_lens.analysis.needle import NeedleFidelity, NeedleProbe, NeedleRecall, needle_fidelity, needle_recall

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from sparse_lens.analysis.attribution_patching import GateHooks, call_metric, check_gradient_mode
 from sparse_lens.analysis.positions import kept_positions, logits_kwargs
+from sparse_lens.analysis.span_patching import check_spans
 from sparse_lens.kernels.blocks import sort_block_row
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.checkpointing import checkpoint_blocks
@@ -104,11 +105,16 @@ def block_attribution(
 
 @dataclass(frozen=True)
 class Suppression:
-    """Effect of suppressing a span: KL(base || suppressed) of the next token at each position after it."""
+    """Effect of suppressing a span: KL(base || suppressed) of the next token at each measured position.
 
-    kl: Float[Tensor, "batch pos"]
+    ``positions`` are the measured positions (default: every position from the span's end on),
+    ``kl[:, i]`` the KL at ``positions[i]``; ``first_position`` is the first of them.
+    """
+
+    kl: Float[Tensor, "batch n_positions"]
     first_position: int
     blocks_removed: int
+    positions: Int[Tensor, "n_positions"] | None = None
 
     @property
     def mean_kl(self) -> float:
@@ -121,14 +127,37 @@ def suppress_span(
     span: tuple[int, int],
     layers: Iterable[int] | None = None,
     heads: Iterable[int] | None = None,
+    *,
+    positions: Sequence[int] | Tensor | None = None,
+    chunk_tokens: int = 4096,
 ) -> Suppression:
     """Remove the key blocks overlapping ``span = [start, end)`` from every kept set (chosen layers and
-    heads, default all) and measure the KL change of the next-token distribution after the span."""
+    heads, default all) and measure the KL change of the next-token distribution.
+
+    Args:
+        tokens: Token ids ``[batch, pos]``.
+        span: ``[start, end)`` token range; every key block holding one of its tokens is removed.
+        layers, heads: Where to suppress (default every layer, every query head).
+        positions: Positions whose predictions are compared (default every position from ``end``
+            on; positions before the span's first key block are unchanged by construction).
+        chunk_tokens: Positions unembedded at a time. Memory: the two runs' final hidden states
+            (``2 x batch x n_positions x d_model``) plus ``chunk_tokens x d_vocab`` logits, never
+            the full ``[batch, T, d_vocab]`` logits.
+
+    Raises:
+        InvalidSpanError: an empty span or one outside the sequence.
+        InvalidPositionsError: bad ``positions``. ValueError: not ``mode='sparse'``.
+    """
     if model.stream.mode != "sparse":
         raise ValueError("suppress_span needs mode='sparse' (the model must run on the edited pattern).")
-    start, end = span
-    if not 0 <= start < end <= tokens.shape[-1]:
-        raise ValueError(f"span {span} is not a non-empty range inside the {tokens.shape[-1]} tokens.")
+    seq_len = tokens.shape[-1]
+    ((start, end),) = check_spans([span], seq_len)
+    if positions is None:
+        index = torch.arange(end, seq_len, device=tokens.device)
+    else:
+        index = kept_positions(positions, seq_len, tokens.device)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     key_block = model.stream.key_block
     span_blocks = torch.arange(start // key_block, (end - 1) // key_block + 1)
@@ -143,10 +172,29 @@ def suppress_span(
         removed[0] += int(hit.sum())
         return pattern.with_block_indices(sort_block_row(pattern.block_indices.masked_fill(hit, -1)))
 
+    def final_states(fwd_hooks: list) -> Float[Tensor, "batch n_positions d_model"]:
+        kept: list[Tensor] = []
+
+        def keep(value: Tensor, hook) -> Tensor:
+            kept.append(value[:, index])
+            return value
+
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks + [("ln_final.hook_out", keep)], logits_to_keep=1)
+        return kept[0]
+
     with torch.no_grad():
-        base = model(tokens)
-        suppressed = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", suppress) for layer in layers])
-    base_logp = base[:, end:].float().log_softmax(-1)
-    suppressed_logp = suppressed[:, end:].float().log_softmax(-1)
-    kl = (base_logp.exp() * (base_logp - suppressed_logp)).sum(-1)
-    return Suppression(kl=kl, first_position=end, blocks_removed=removed[0])
+        base = final_states([])
+        suppressed = final_states([(f"blocks.{layer}.attn.hook_pattern", suppress) for layer in layers])
+        kl = torch.cat([
+            _next_token_kl(model.unembed(base_part), model.unembed(suppressed_part))
+            for base_part, suppressed_part in zip(base.split(chunk_tokens, dim=1), suppressed.split(chunk_tokens, dim=1))
+        ], dim=1) if index.numel() else base.new_zeros(tokens.shape[0], 0)
+    first = int(index[0]) if index.numel() else end
+    return Suppression(kl=kl, first_position=first, blocks_removed=removed[0], positions=index.cpu())
+
+
+def _next_token_kl(base: Tensor, suppressed: Tensor) -> Float[Tensor, "batch pos"]:
+    """KL(base || suppressed) of the next-token distributions, from logits ``[batch, pos, d_vocab]``."""
+    base_logp = base.float().log_softmax(-1)
+    suppressed_logp = suppressed.float().log_softmax(-1)
+    return (base_logp.exp() * (base_logp - suppressed_logp)).sum(-1)

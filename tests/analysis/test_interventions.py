@@ -1,5 +1,6 @@
 """Block attribution against finite differences and dense attribution; span suppression."""
 
+import pytest
 import torch
 
 import sparse_lens as sl
@@ -62,3 +63,81 @@ def test_suppressing_a_span_changes_only_later_predictions():
     assert result.kl.shape == (1, 64) and result.mean_kl > 0
     none_removed = suppress_span(model, TOKENS, (16, 32), heads=[])
     assert none_removed.blocks_removed == 0 and none_removed.mean_kl < 1e-8
+
+
+# ----- suppress_span against independent oracles, on 3 layers --------------------------------
+SPAN = (20, 40)  # tokens of key blocks 1 and 2 (16-token blocks): keys 16..47 go
+THREE_LAYERS = dict(num_hidden_layers=3, initializer_range=0.2)  # layers interact strongly
+
+
+def next_token_kl(base, suppressed):
+    base_logp, suppressed_logp = base.log_softmax(-1), suppressed.log_softmax(-1)
+    return (base_logp.exp() * (base_logp - suppressed_logp)).sum(-1)
+
+
+def dense_suppression_kl(dense, removed_keys: range):
+    """Oracle without blocks: the dense bridge with the removed keys' attention set to 0 and every
+    row renormalised, in every layer and head."""
+    def drop_keys(pattern, hook):
+        keep = torch.ones(pattern.shape[-1])
+        keep[list(removed_keys)] = 0
+        pattern = pattern * keep
+        return pattern / pattern.sum(-1, keepdim=True)
+
+    with torch.no_grad():
+        base = dense(TOKENS)
+        suppressed = dense.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", drop_keys)
+                                                             for layer in range(dense.cfg.n_layers)])
+    return next_token_kl(base, suppressed)
+
+
+def test_suppress_span_equals_dense_attention_without_the_span_blocks_when_nothing_is_pruned():
+    sparse, dense = sparse_and_dense(tiny_llama_config(**THREE_LAYERS), sl.StreamConfig(query_block=16, key_block=16, top_k=64))
+    expected = dense_suppression_kl(dense, range(16, 48))
+    result = suppress_span(sparse, TOKENS, SPAN)
+    assert result.first_position == 40 and result.positions.tolist() == list(range(40, 96))
+    torch.testing.assert_close(result.kl, expected[:, 40:], atol=1e-4, rtol=1e-3)
+    # Before the span's first key block nothing can change; inside it, predictions do.
+    before = suppress_span(sparse, TOKENS, SPAN, positions=range(0, 40))
+    assert before.kl[:, :16].abs().max() < 1e-6
+    torch.testing.assert_close(before.kl, expected[:, :40], atol=1e-4, rtol=1e-3)
+    # The oracle tells the span's blocks from their neighbours: one block later, or one block short, changes it.
+    assert (dense_suppression_kl(dense, range(32, 64))[:, 40:] - expected[:, 40:]).abs().max() > 1e-2
+    assert (dense_suppression_kl(dense, range(16, 32))[:, 40:] - expected[:, 40:]).abs().max() > 1e-2
+
+
+def test_suppress_span_equals_explicit_block_lists_on_a_pruned_model():
+    """Oracle: the same sparse model with a hook that rebuilds every chosen row's kept list in
+    Python, leaving out the blocks that hold a token of the span."""
+    model, _ = sparse_and_dense(tiny_llama_config(**THREE_LAYERS), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
+    layers, heads = [0, 2], [1, 2]
+    span_blocks = {block for block in range(96 // 16) if block * 16 < SPAN[1] and (block + 1) * 16 > SPAN[0]}
+
+    def explicit(pattern, hook):
+        rows = pattern.block_indices.tolist()
+        for batch_rows in rows:
+            for head in heads:
+                for row_index, row in enumerate(batch_rows[head]):
+                    kept = [block for block in row if block >= 0 and block not in span_blocks]
+                    batch_rows[head][row_index] = kept + [-1] * (len(row) - len(kept))
+        return pattern.with_block_indices(torch.tensor(rows))
+
+    with torch.no_grad():
+        base = model(TOKENS)
+        edited = model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", explicit) for layer in layers])
+    expected = next_token_kl(base, edited)
+    result = suppress_span(model, TOKENS, SPAN, layers=layers, heads=heads, positions=range(96), chunk_tokens=7)
+    assert result.blocks_removed > 0
+    torch.testing.assert_close(result.kl, expected, atol=1e-5, rtol=1e-4)
+    assert result.kl[:, :16].abs().max() < 1e-6 and expected[:, 40:].max() > 1e-3
+
+
+def test_suppress_span_rejects_bad_spans_and_positions():
+    from sparse_lens.errors import InvalidPositionsError, InvalidSpanError
+
+    model, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
+    for span in [(5, 5), (90, 97), (-1, 3)]:
+        with pytest.raises(InvalidSpanError):
+            suppress_span(model, TOKENS, span)
+    with pytest.raises(InvalidPositionsError):
+        suppress_span(model, TOKENS, SPAN, positions=[96])

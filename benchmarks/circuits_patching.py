@@ -1,0 +1,159 @@
+"""Path patching and span patching at long contexts (issue 10 items 3 and 4), beside one forward.
+
+    python benchmarks/circuits_patching.py --shape qwen2.5-1.5b --lengths 131072 1048576 --out $OUT/circuits_patching_qwen.json
+    python benchmarks/circuits_patching.py --shape llama-3.1-8b --lengths 131072 --out $OUT/circuits_patching_llama.json
+    python benchmarks/circuits_patching.py --device cpu --dtype float32 --layers 2 --lengths 512   # smoke test
+
+Per length, on a random-init model of the chosen shape (bf16, default StreamConfig, keep_qk=False,
+MLPs chunked over 65536 positions, logits only at the last position):
+- ``forward``: one sparse forward;
+- ``path_patch``: one sender set (two heads of layer L/2 - 1) -> one receiver set (two heads of
+  layer L/2, queries), :func:`sparse_lens.analysis.path_patching.path_patch`;
+- ``path_patch_cached``: the same with the whole-sequence cache of every layer (the old tool; only
+  up to ``--cached-max`` tokens);
+- ``span_patch``: residual stream at layer L/2 over ``--spans`` equal spans, seconds per span and
+  its ratio to one forward (target <= 1.2);
+- with ``--dense``: the forward and path patching again in ``mode="dense"`` (SDPA attention).
+Seconds and peak GPU GB per row; an out-of-memory row is recorded, not fatal. Prints a table and
+writes JSON. (To merge into ``benchmarks/circuits.py``: ``measure`` returns the rows.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.model import QWEN25_15B  # noqa: E402
+
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 21,
+                  rope_theta=500_000.0, tie_word_embeddings=False)
+
+
+def build(args):
+    from transformers import LlamaConfig, Qwen2Config
+
+    import sparse_lens as sl
+
+    shape, config_class = (QWEN25_15B, Qwen2Config) if args.shape == "qwen2.5-1.5b" else (LLAMA31_8B, LlamaConfig)
+    config = config_class(**{**shape, **({"num_hidden_layers": args.layers} if args.layers else {})})
+    stream = sl.StreamConfig(keep_qk=False)
+    model = sl.HookedSparseTransformer.from_config(config, stream, dtype=getattr(torch, args.dtype), device=args.device)
+    model.mlp_chunk_tokens = args.mlp_chunk
+    return model
+
+
+def timed(device: str, work) -> dict:
+    """Seconds and peak GPU GB of ``work()``; an out-of-memory error becomes the row's ``error``."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    try:
+        value = work()
+    except torch.OutOfMemoryError as error:
+        return {"error": f"out of memory: {str(error).splitlines()[0]}"}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    row = {"seconds": time.perf_counter() - started, "value": value}
+    if device.startswith("cuda"):
+        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def measure(model, length: int, args) -> list[dict]:
+    from sparse_lens.analysis.path_patching import path_patch, path_patch_cached
+    from sparse_lens.analysis.span_patching import span_patch
+
+    device, n_layers = args.device, model.cfg.n_layers
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    clean = torch.randint(0, model.cfg.d_vocab, (1, length), generator=generator).to(device)
+    corrupted = clean.clone()
+    corrupted[:, : length // 2] = torch.randint(0, model.cfg.d_vocab, (1, length // 2), generator=generator).to(device)
+    receiver_layer = max(1, n_layers // 2)
+    senders = [(receiver_layer - 1, 0), (receiver_layer - 1, 1)]
+    receivers = [(receiver_layer, 0), (receiver_layer, 1)]
+
+    def metric(logits):
+        return logits[0, -1, 0].float() - logits[0, -1, 1].float()
+
+    def forward():
+        with torch.no_grad():
+            return float(metric(model(clean, logits_to_keep=1)))
+
+    def patch(tool):
+        return lambda: tool(model, clean, corrupted, senders, receivers, metric, positions=[-1])
+
+    spans = [(start * length // args.spans, (start + 1) * length // args.spans) for start in range(args.spans)]
+
+    def spans_run():
+        values = span_patch(model, clean, corrupted, metric, spans, layers=[receiver_layer], positions=[-1], progress=False)
+        return values.tolist()
+
+    modes = ["sparse"] + (["dense"] if args.dense else [])
+    rows = []
+    for mode in modes:
+        with model.stream_settings(mode=mode):
+            tools = [("forward", forward), ("path_patch", patch(path_patch))]
+            if length <= args.cached_max:
+                tools.append(("path_patch_cached", patch(path_patch_cached)))
+            if mode == "sparse":
+                tools.append(("span_patch", spans_run))
+            for tool, work in tools:
+                row = {"length": length, "mode": mode, "tool": tool, **timed(device, work)}
+                if tool == "span_patch" and "seconds" in row:
+                    row["spans"] = args.spans
+                    forward_seconds = next(r["seconds"] for r in rows if r["tool"] == "forward" and r["mode"] == mode
+                                           and "seconds" in r)
+                    row["seconds_per_span"] = row["seconds"] / args.spans
+                    row["per_span_over_forward"] = row["seconds_per_span"] / forward_seconds
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["qwen2.5-1.5b", "llama-3.1-8b"], default="qwen2.5-1.5b")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 1048576])
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the shape (smoke tests)")
+    parser.add_argument("--spans", type=int, default=8)
+    parser.add_argument("--cached-max", type=int, default=131072, help="longest input for path_patch_cached")
+    parser.add_argument("--dense", action="store_true", help="also run mode='dense' (SDPA)")
+    parser.add_argument("--mlp-chunk", type=int, default=65536)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup-length", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/circuits_patching.json"))
+    args = parser.parse_args()
+    model = build(args)
+    with torch.no_grad():  # compiles the kernels
+        model(torch.zeros(1, min(args.warmup_length, max(args.lengths)), dtype=torch.long, device=args.device),
+              logits_to_keep=1)
+    rows = [row for length in args.lengths for row in measure(model, length, args)]
+    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, "model": f"random-init {args.shape} shape, {model.cfg.n_layers} layers",
+              "config": vars(args) | {"out": str(args.out)}, "rows": rows,
+              "command": "python benchmarks/circuits_patching.py " + " ".join(os.sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\n{result['model']}, {args.dtype}, default StreamConfig (keep_qk=False), {result['device']}")
+    print("| tokens | mode | tool | seconds | peak GPU GB | per span / forward |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        seconds = row.get("seconds")
+        print(f"| {row['length']:,} | {row['mode']} | {row['tool']} | "
+              f"{row['error'] if seconds is None else f'{seconds:.2f}'} | {row.get('peak_gpu_gb', float('nan')):.1f} | "
+              f"{row.get('per_span_over_forward', float('nan')):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Logits at chosen positions only: the ``positions=`` argument of the circuit tools.
+
+A metric usually reads one or a few positions, while the full logits are ``[batch, T, d_vocab]``
+(40 GB at 128k tokens for a 152k vocabulary). The tools pass ``positions`` to the model as HF's
+``logits_to_keep`` (an index tensor), and the metric then receives
+``logits[:, positions]``: shape ``[batch, len(positions), d_vocab]``, in the order given.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from sparse_lens.errors import InvalidPositionsError
+
+
+def kept_positions(
+    positions: Sequence[int] | Tensor | None, seq_len: int, device: torch.device | str | None = None
+) -> Int[Tensor, "n_positions"] | None:
+    """``positions`` as a 1-D int64 tensor of positions in ``[0, seq_len)`` (negative values count
+    from the end, as in Python), or ``None`` when ``positions`` is ``None`` (keep every position).
+
+    Raises:
+        InvalidPositionsError: empty, not 1-D integers, repeated, or outside the sequence.
+    """
+    if positions is None:
+        return None
+    index = torch.as_tensor(positions)
+    if index.ndim != 1 or index.numel() == 0 or index.is_floating_point() or index.dtype == torch.bool:
+        raise InvalidPositionsError(f"positions must be a non-empty 1-D list of ints, got {positions!r}.")
+    index = index.to(torch.int64)
+    if bool(((index < -seq_len) | (index >= seq_len)).any()):
+        raise InvalidPositionsError(f"positions {index.tolist()} reach outside the {seq_len} tokens.")
+    index = index % seq_len
+    if index.unique().numel() != index.numel():
+        raise InvalidPositionsError(f"positions {index.tolist()} repeat a position.")
+    return index.to(device) if device is not None else index
+
+
+def logits_kwargs(index: Tensor | None) -> dict:
+    """Keyword arguments for a model call that keeps the logits at ``index`` only (none: all)."""
+    return {} if index is None else {"logits_to_keep": index}

@@ -1,0 +1,196 @@
+"""Span patching: the long-context form of per-position activation patching.
+
+TransformerLens' ``get_act_patch_resid_pre`` and friends patch one position per forward: at 128k
+tokens that is 128k forwards per layer. Here the unit is a *span* of tokens (a sentence, a key
+block, any ``[start, end)`` range): for each span and each chosen layer (or head), one forward
+runs with the activation over that span replaced, and the metric is reported per span.
+
+- ``ablation="patch"`` (TransformerLens' convention, denoising): run ``corrupted_tokens`` and
+  write the *clean* activation into the span;
+- ``ablation="zero"``: run ``clean_tokens`` with the span's activation set to 0;
+- ``ablation="mean"``: run ``clean_tokens`` with the span's activation set to its mean over all
+  positions of the clean run (per batch row and feature).
+
+Activations: ``"resid_pre"`` / ``"resid_post"`` (``blocks.{l}.hook_resid_pre`` / ``_post``, result
+``[layer, span]``) or ``"z"`` (the heads' outputs ``blocks.{l}.attn.hook_z``, result
+``[head, span]`` over the chosen ``(layer, head)`` pairs).
+
+Memory and cost: only one layer's clean activation (``[batch, T, d_model]``) is alive at a time.
+Layers are visited in order; for each, one clean forward that stops after that layer caches the
+patched hook alone, then every span (and head) of that layer takes one forward, with logits at
+``positions`` only. Per span that is one forward plus ``1 / (n_spans x heads)`` of a partial clean
+forward. On the sparse model each patched forward re-estimates its blocks (the patch changes the
+queries and keys downstream), as the model would run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sparse_lens.analysis.positions import kept_positions, logits_kwargs
+from sparse_lens.errors import InvalidPathError, InvalidSpanError, ShapeError
+
+Span = tuple[int, int]
+Activation = Literal["resid_pre", "resid_post", "z"]
+Ablation = Literal["patch", "zero", "mean"]
+_HOOKS = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_post": "blocks.{}.hook_resid_post", "z": "blocks.{}.attn.hook_z"}
+
+
+def block_spans(seq_len: int, block: int) -> list[Span]:
+    """``[start, end)`` of every ``block``-token block of a ``seq_len``-token sequence (the last may
+    be shorter): the key blocks of a ``StreamConfig`` with ``key_block = block``."""
+    if block < 1 or seq_len < 1:
+        raise InvalidSpanError(f"block ({block}) and seq_len ({seq_len}) must be >= 1.")
+    return [(start, min(start + block, seq_len)) for start in range(0, seq_len, block)]
+
+
+def span_patch(
+    model: Any,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"] | None,
+    metric: Callable[[Tensor], Tensor],
+    spans: Iterable[Span],
+    *,
+    activation: Activation = "resid_pre",
+    layers: Sequence[int] | None = None,
+    heads: Sequence[tuple[int, int]] | None = None,
+    ablation: Ablation = "patch",
+    positions: Sequence[int] | Tensor | None = None,
+    progress: bool = True,
+) -> Float[Tensor, "unit span"]:
+    """The metric after patching (or ablating) one activation over each span, one forward each.
+
+    Args:
+        model: A TransformerLens bridge (``HookedSparseTransformer`` or a dense ``TransformerBridge``).
+        clean_tokens: Token ids ``[batch, pos]``: the source of patched activations, and the run
+            that is ablated for ``"zero"`` / ``"mean"``.
+        corrupted_tokens: Token ids of the same shape, the run patched for ``"patch"`` (ignored,
+            may be ``None``, otherwise).
+        metric: Logits -> scalar tensor. It receives ``[batch, pos, d_vocab]``, or
+            ``[batch, len(positions), d_vocab]`` (the kept positions, in order) with ``positions``.
+        spans: ``[start, end)`` token ranges (e.g. :func:`block_spans`, or a
+            :class:`~sparse_lens.analysis.anchors.sentences.Sentences`); they may overlap (each is
+            patched in its own forward).
+        activation: ``"resid_pre"``, ``"resid_post"`` or ``"z"``.
+        layers: Layers for the residual stream (default all); for ``"z"``, the layers whose every
+            head is patched when ``heads`` is not given.
+        heads: ``"z"`` only: ``(layer, head)`` pairs (default every head of ``layers``, layer-major,
+            so the result reshapes to ``[layer, head, span]``).
+        ablation: ``"patch"``, ``"zero"`` or ``"mean"`` (module docstring).
+        positions: Positions whose logits the metric reads (``None``: all; keep few at long T).
+        progress: Show a tqdm progress bar over the forwards.
+
+    Returns:
+        float32 ``[layer, span]`` (residual stream) or ``[head, span]`` (``"z"``), on the CPU.
+
+    Raises:
+        InvalidSpanError: no spans, an empty span or one outside the sequence.
+        InvalidPathError: an unknown layer or head. InvalidPositionsError: bad ``positions``.
+        ShapeError / ValueError: mismatched tokens, unknown ``activation`` or ``ablation``.
+    """
+    if activation not in _HOOKS:
+        raise ValueError(f"activation must be one of {tuple(_HOOKS)}, got {activation!r}.")
+    if ablation not in ("patch", "zero", "mean"):
+        raise ValueError(f"ablation must be 'patch', 'zero' or 'mean', got {ablation!r}.")
+    if clean_tokens.ndim != 2:
+        raise ShapeError(f"clean_tokens must be [batch, pos], got {tuple(clean_tokens.shape)}.")
+    if ablation == "patch" and (corrupted_tokens is None or corrupted_tokens.shape != clean_tokens.shape):
+        raise ShapeError("ablation='patch' needs corrupted_tokens of the same [batch, pos] shape as clean_tokens.")
+    seq_len = clean_tokens.shape[1]
+    span_list = check_spans(spans, seq_len)
+    units = _units(model, activation, layers, heads)  # [(layer, head or None)], layer-major
+    index = kept_positions(positions, seq_len, clean_tokens.device)
+    run_tokens = corrupted_tokens if ablation == "patch" else clean_tokens
+    results = torch.zeros(len(units), len(span_list))
+    bar = tqdm(total=len(units) * len(span_list), desc=f"span patching ({activation}, {ablation})", disable=not progress)
+    with torch.no_grad():
+        for layer in sorted({layer for layer, _ in units}):
+            name = _HOOKS[activation].format(layer)
+            layer_heads = [(row, head) for row, (unit_layer, head) in enumerate(units) if unit_layer == layer]
+            source = None if ablation == "zero" else _clean_activation(model, clean_tokens, name, layer, ablation)
+            for row, head in layer_heads:
+                for column, (start, end) in enumerate(span_list):
+                    hook = _span_hook(source, head, start, end)
+                    logits = model.run_with_hooks(run_tokens, fwd_hooks=[(name, hook)], **logits_kwargs(index))
+                    results[row, column] = float(metric(logits))
+                    bar.update()
+            del source
+    bar.close()
+    return results
+
+
+def check_spans(spans: Iterable[Span], seq_len: int) -> list[Span]:
+    """``spans`` as a list of ``(start, end)`` ints with ``0 <= start < end <= seq_len``.
+
+    Raises:
+        InvalidSpanError: no spans, a malformed, empty or out-of-range span.
+    """
+    checked = []
+    for span in spans:
+        try:
+            start, end = (int(value) for value in span)
+        except (TypeError, ValueError):
+            raise InvalidSpanError(f"a span must be a (start, end) pair of ints, got {span!r}.") from None
+        if start >= end:
+            raise InvalidSpanError(f"span {(start, end)} is empty: spans are [start, end) with start < end.")
+        if start < 0 or end > seq_len:
+            raise InvalidSpanError(f"span {(start, end)} reaches outside the {seq_len} tokens [0, {seq_len}).")
+        checked.append((start, end))
+    if not checked:
+        raise InvalidSpanError("no spans given: pass at least one [start, end) token range.")
+    return checked
+
+
+def _units(model: Any, activation: str, layers: Sequence[int] | None, heads: Sequence[tuple[int, int]] | None):
+    """The rows of the result: ``(layer, None)`` for the residual stream, ``(layer, head)`` for z."""
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    chosen = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    if not chosen or any(not 0 <= layer < n_layers for layer in chosen):
+        raise InvalidPathError(f"layers {chosen} must be a non-empty list of layers in 0..{n_layers - 1}.")
+    if activation != "z":
+        if heads is not None:
+            raise ValueError("heads= applies to activation='z' only.")
+        return [(layer, None) for layer in chosen]
+    pairs = [(layer, head) for layer in chosen for head in range(n_heads)] if heads is None else \
+        [(int(layer), int(head)) for layer, head in heads]
+    bad = [pair for pair in pairs if not (0 <= pair[0] < n_layers and 0 <= pair[1] < n_heads)]
+    if bad or not pairs:
+        raise InvalidPathError(f"heads {bad or pairs} must be (layer, head) pairs with layers 0..{n_layers - 1} "
+                               f"and heads 0..{n_heads - 1}.")
+    return pairs
+
+
+def _clean_activation(model: Any, tokens: Tensor, name: str, layer: int, ablation: str) -> Tensor:
+    """The clean run's activation at hook ``name`` (``"mean"``: its mean over positions), from a
+    forward that stops after ``layer``."""
+    kept: list[Tensor] = []
+
+    def keep(value: Tensor, hook) -> Tensor:
+        kept.append(value.mean(dim=1, keepdim=True) if ablation == "mean" else value.clone())
+        return value
+
+    model.run_with_hooks(tokens, fwd_hooks=[(name, keep)], stop_at_layer=layer + 1)
+    return kept[0]
+
+
+def _span_hook(source: Tensor | None, head: int | None, start: int, end: int) -> Callable:
+    """A hook writing ``source`` (clean values, or a per-row mean broadcast; ``None``: zeros) into
+    positions ``[start, end)`` (of ``head`` only, for ``hook_z``)."""
+    where = (slice(None), slice(start, end)) if head is None else (slice(None), slice(start, end), head)
+
+    def hook(value: Tensor, hook) -> Tensor:
+        value = value.clone()  # the residual tensor may be shared with the previous block's output
+        if source is None:
+            value[where] = 0
+        elif source.shape[1] == 1:  # a mean over positions
+            value[where] = (source[:, :, head] if head is not None else source).to(value.dtype)
+        else:
+            value[where] = source[where].to(value.dtype)
+        return value
+
+    return hook

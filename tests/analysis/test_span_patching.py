@@ -1,0 +1,125 @@
+"""Span patching against a brute-force loop of activation patching (a full clean cache and plain
+hooks), on a 3-layer pruned sparse model and on the dense bridge."""
+
+import pytest
+import torch
+
+import sparse_lens as sl
+from sparse_lens.analysis.span_patching import block_spans, span_patch
+from sparse_lens.errors import InvalidPathError, InvalidSpanError, ShapeError
+from tests.conftest import sparse_and_dense, tiny_llama_config
+
+GENERATOR = torch.Generator().manual_seed(5)
+CLEAN = torch.randint(0, 90, (1, 64), generator=GENERATOR)
+CORRUPTED = torch.randint(0, 90, (1, 64), generator=GENERATOR)
+SPANS = [(0, 16), (20, 37), (30, 48), (48, 64)]  # overlapping spans are allowed: one forward each
+HOOKS = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_post": "blocks.{}.hook_resid_post", "z": "blocks.{}.attn.hook_z"}
+
+
+def metric(logits):
+    return logits[0, -1, 5] - logits[0, -1, 9]
+
+
+@pytest.fixture(scope="module")
+def models():
+    config = tiny_llama_config(num_hidden_layers=3, initializer_range=0.2)
+    pruned, _ = sparse_and_dense(config, sl.StreamConfig(query_block=16, key_block=16, top_k=2))
+    unpruned, dense = sparse_and_dense(config, sl.StreamConfig(query_block=16, key_block=16, top_k=64))
+    return pruned, unpruned, dense
+
+
+def brute_force(model, activation, ablation, units):
+    """One forward per (unit, span), the replacement taken from a full clean cache."""
+    names = [HOOKS[activation].format(layer) for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, clean = model.run_with_cache(CLEAN, names_filter=lambda name: name in names)
+        run = CORRUPTED if ablation == "patch" else CLEAN
+        results = torch.zeros(len(units), len(SPANS))
+        for row, (layer, head) in enumerate(units):
+            source = clean[names[layer]]
+            for column, (start, end) in enumerate(SPANS):
+                def hook(value, hook, start=start, end=end, head=head, source=source):
+                    value = value.clone()
+                    for position in range(start, end):
+                        if ablation == "patch":
+                            new = source[:, position]
+                        elif ablation == "mean":
+                            new = source.mean(dim=1)
+                        else:
+                            new = torch.zeros_like(source[:, position])
+                        if head is None:
+                            value[:, position] = new
+                        else:
+                            value[:, position, head] = new[:, head]
+                    return value
+
+                results[row, column] = metric(model.run_with_hooks(run, fwd_hooks=[(names[layer], hook)]))
+        return results
+
+
+@pytest.mark.parametrize("activation, ablation", [("resid_pre", "patch"), ("resid_post", "mean"), ("z", "zero"), ("z", "patch")])
+def test_equals_the_brute_force_loop_on_a_pruned_model(models, activation, ablation):
+    pruned = models[0]
+    heads = [(0, 1), (1, 2), (2, 0)] if activation == "z" else None
+    units = heads or [(layer, None) for layer in range(3)]
+    result = span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation=activation, heads=heads, ablation=ablation,
+                        progress=False)
+    assert result.shape == (len(units), len(SPANS))
+    expected = brute_force(pruned, activation, ablation, units)
+    torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-5)
+    assert expected.std() > 1e-2  # spans and layers differ: a wrong span or layer would show
+
+
+def test_default_heads_are_every_head_layer_major_and_positions_keep_the_last_logits(models):
+    pruned = models[0]
+    every_head = span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS[:2], activation="z", layers=[1], progress=False)
+    expected = brute_force(pruned, "z", "patch", [(1, head) for head in range(4)])[:, :2]
+    torch.testing.assert_close(every_head, expected, atol=1e-4, rtol=1e-5)
+    last = span_patch(pruned, CLEAN, CORRUPTED, lambda logits: logits[0, 0, 5] - logits[0, 0, 9], SPANS[:2],
+                      activation="z", layers=[1], positions=[63], progress=False)
+    torch.testing.assert_close(last, every_head, atol=1e-5, rtol=1e-5)
+
+
+def test_equals_the_dense_bridge_when_nothing_is_pruned(models):
+    _, unpruned, dense = models
+    results = [span_patch(model, CLEAN, CORRUPTED, metric, SPANS, layers=[1, 2], progress=False) for model in (unpruned, dense)]
+    torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
+
+
+def test_positions_before_the_span_are_unchanged(models):
+    """Patching [32, 48) at layer 1 leaves the predictions of query blocks before it as in the corrupted run."""
+    pruned = models[0]
+    kept = []
+
+    def record(logits):
+        kept.append(logits)
+        return logits[0, -1, 0]
+
+    span_patch(pruned, CLEAN, CORRUPTED, record, [(32, 48)], layers=[1], progress=False)
+    with torch.no_grad():
+        corrupted_logits = pruned(CORRUPTED)
+    torch.testing.assert_close(kept[0][:, :32], corrupted_logits[:, :32], atol=1e-5, rtol=0)
+    assert (kept[0][:, 32:48] - corrupted_logits[:, 32:48]).abs().amax(-1).min() > 1e-3  # the span's own positions move
+
+
+def test_block_spans():
+    assert block_spans(40, 16) == [(0, 16), (16, 32), (32, 40)]
+
+
+@pytest.mark.parametrize("spans, message", [([(0, 65)], "outside"), ([(-1, 4)], "outside"), ([(5, 5)], "empty"),
+                                            ([], "no spans"), ([(1, 2, 3)], "pair")])
+def test_bad_spans_raise_named_errors(models, spans, message):
+    with pytest.raises(InvalidSpanError, match=message):
+        span_patch(models[0], CLEAN, CORRUPTED, metric, spans, progress=False)
+
+
+def test_bad_requests_raise_named_errors(models):
+    pruned = models[0]
+    with pytest.raises(InvalidPathError):
+        span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, layers=[3], progress=False)
+    with pytest.raises(InvalidPathError):
+        span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation="z", heads=[(0, 4)], progress=False)
+    with pytest.raises(ShapeError):
+        span_patch(pruned, CLEAN, None, metric, SPANS, progress=False)
+    with pytest.raises(ValueError, match="activation"):
+        span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation="hook_q", progress=False)
