@@ -3,9 +3,10 @@
     python -m benchmarks.route_ruler --length 8192 --task niah_single_1
 
 One sparse forward with every layer's hook_pattern cached (its last position gives the first
-answer token), then ``route_to_needle``: the heaviest kept-edge paths from the answer position back to the needle,
-the layers where a route can enter the needle, and through which heads. Prints the route summary
-and writes benchmarks/results/route_<task>_<length>.json and docs/img/route_<task>_<length>.png.
+answer token), then ``route_to_needle``: the exact heaviest kept-edge path from the answer position
+back to the input, and per layer the best route first entering the needle there, through which
+heads (scores: log-mass). Prints the route summary and writes
+benchmarks/results/route_<task>_<length>.json and docs/img/route_<task>_<length>.png.
 """
 
 from __future__ import annotations
@@ -45,17 +46,21 @@ def main() -> None:
         logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     forward_seconds = time.perf_counter() - started
     patterns = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
-    route = route_to_needle(patterns, sample.needle_spans[0], answer_position=-1, beam=4)
+    started = time.perf_counter()
+    route = route_to_needle(patterns, sample.needle_spans[0], answer_position=-1)
+    route_seconds = time.perf_counter() - started
     first_token = model.tokenizer.decode([int(logits[0, -1].argmax())])
     entry = route.best_entry
     steps = [{"layer": step.layer, "query_block": step.query_block, "key_block": step.key_block, "mass": step.mass,
               "heads": [list(h) for h in step.heads], "needle": step.needle} for step in (entry.steps if entry else [])]
     result = {
         "date": str(date.today()), "task": args.task, "length": len(sample.input_ids), "needle_span": list(sample.needle_spans[0]),
-        "stream": stream.to_dict(), "forward_seconds": forward_seconds, "answers": list(sample.answers),
+        "stream": stream.to_dict(), "forward_seconds": forward_seconds, "route_seconds": route_seconds,
+        "answers": list(sample.answers),
         "first_answer_token": first_token, "entry_layers": route.entry_layers(),
         "best_entry_layer": entry.entry_layer if entry else None,
-        "best_entry_score": entry.score if entry else None, "best_score": route.best.score if route.best else None,
+        "best_entry_log_mass": entry.log_score if entry else None,
+        "best_log_mass": route.best.log_score if route.best else None,
         "best_entry_steps": steps, "summary": route.summary(),
         "command": "python -m benchmarks.route_ruler " + " ".join(os.sys.argv[1:]),
     }

@@ -10,51 +10,69 @@ The route graph (method notes, "Layer-wise routes from needle to output"):
   the edges of layer 0 land on the input tokens;
 - an edge's weight is the kept block mass reduced over heads: ``"mean"`` (sum over heads / number
   of heads; heads that do not keep the block count 0; ranks paths exactly as the sum does),
-  ``"sum"`` or ``"max"``. A path's score is the product of its edge weights (the probability of a
-  random walk along attention that takes one head-averaged attention step per layer; the
-  residual stream's identity path is not an edge).
+  ``"sum"`` or ``"max"``. A path takes one edge per layer, from the answer's query block at the
+  last layer down to the input; the residual stream's identity path is not an edge.
 
-``route_to_needle`` walks back from the answer position's query block at the last layer with a
-beam search over nodes (Viterbi with the frontier cut to the ``beam`` best nodes per layer;
-``beam=None`` keeps every node and is exact): O(L x beam x heads x top_k) work, and the graph
-has O(L x T / block x top_k) edges at most. Edges into the first ``skip_sink_blocks`` key blocks
-(the attention sink, which takes much of most heads' mass and carries no content) are not
-followed unless they hold the needle.
+**Scores are log-mass**: a path's score is the natural log of the product of its edge weights
+(the log-probability of a random walk that takes one head-averaged attention step per layer), so
+``-20`` reads "e^-20 of the mass". Products of 28 masses underflow floats at long contexts; sums of
+logs do not. Two routes compare by their difference: ``-3`` is e^-3 = 5% of the other's mass.
 
-Besides the surviving paths it reports, for every layer where the needle can be *entered* (the
-first step, from the output down, whose key block overlaps the needle's tokens), the best
-complete route through that entry: beam-searched from the answer down to the entry (each node
-keeps its best path only, so an entry is found from a node whose best path has not read the
-needle yet), and continued by the exact best route below it (a dynamic programme over every kept
-edge of the lower layers, vectorised, O(edges)). All routes span every layer, so their scores
-compare across entry layers.
+``route_to_needle`` is exact: a dynamic programme (Viterbi) over the (layer, block) states,
+vectorised over every kept edge with ``scatter_reduce`` (O(layers x query blocks x heads x top_k)
+work and O(layers x query blocks) memory; one layer's edges at a time, no [blocks, blocks]
+tensor). Two passes:
+
+1. bottom-up, ``down[l][q]``: the best log-mass from node (l, q) down to the input;
+2. top-down from the answer, ``reach[l][q]``: the best log-mass from the answer to node (l, q), and
+   ``clean[l][q]``: the same over paths that have not read a needle block yet.
+
+The best path is ``down`` followed from the answer. The best route whose *first* needle-reading
+step (from the output down) is at layer ``l`` is the needle edge of layer ``l`` maximising
+``clean[l][q] + log w + down[l - 1][b']``, followed up through ``clean``'s and down through
+``down``'s back pointers. Every reported path's log-mass is the sum of its steps' log weights,
+taken top-down, so the best path is never below a needle route (ties are resolved by that same
+sum). Edges into the first ``skip_sink_blocks`` key blocks (the attention sink, which takes much
+of most heads' mass and carries no content) are not followed unless they hold the needle.
 
 Reading the result: max-product routes favour early blocks (a query block that sees few key
 blocks gives each a large mass) and secondary sinks, so the unconstrained best path often settles
 in the first blocks; the needle entries (which layer first reads the needle, from which block,
-through which heads, at what cost relative to the best path) are the informative part.
+through which heads, at what log-mass relative to the best path) are the informative part.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
+from sparse_lens.errors import (
+    InvalidConfigError,
+    InvalidPositionsError,
+    InvalidSpanError,
+    PatternGeometryError,
+    ShapeError,
+)
 from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.pattern import BlockSparsePattern
 
 HeadReduce = Literal["mean", "sum", "max"]
+DEFAULT_MAX_EDGES = 2000
 
 
 @dataclass(frozen=True)
 class RouteStep:
     """One edge of a route: at ``layer``, query block ``query_block`` reads key block ``key_block``.
 
-    ``mass``: the edge weight (block mass reduced over heads); ``heads``: ``(head, block mass)`` of
-    every head keeping this block, heaviest first; ``needle``: the key block overlaps the needle.
+    ``mass``: the edge weight (block mass reduced over heads, a probability, not a log);
+    ``heads``: ``(head, block mass)`` of every head keeping this block, heaviest first; ``needle``:
+    the key block overlaps the needle.
     """
 
     layer: int
@@ -73,9 +91,10 @@ class RouteStep:
 
 @dataclass(frozen=True)
 class RoutePath:
-    """Steps from the top layer down (one per layer), and the log of the product of their masses.
+    """Steps from the top layer down (one per layer) and their log-mass.
 
-    ``entry_layer``: for a needle route, the layer whose step enters the needle (else None)."""
+    ``log_score``: the natural log of the product of the steps' masses (log-mass), summed top-down.
+    ``entry_layer``: for a needle route, the layer whose step first enters the needle (else None)."""
 
     steps: tuple[RouteStep, ...]
     log_score: float
@@ -83,6 +102,7 @@ class RoutePath:
 
     @property
     def score(self) -> float:
+        """``exp(log_score)``: the product of the masses (underflows to 0 on long routes)."""
         return math.exp(self.log_score)
 
     @property
@@ -101,15 +121,18 @@ class RoutePath:
 
 @dataclass(frozen=True)
 class Route:
-    """Result of ``route_to_needle``.
+    """Result of ``route_to_needle`` (exact; scores are natural-log masses).
 
     Attributes:
-        paths: the beam's paths from the answer block at the last layer to the input, best first.
+        paths: ``(best path,)``, the highest log-mass path from the answer block at the last layer
+            to the input (a tuple for compatibility with the former beam search); empty if no path
+            reaches the input.
         needle_entries: one complete route per layer ``l`` where the needle can be entered: the
-            best path from the answer to the input whose first needle-reading step is at layer ``l``
-            (beam-searched above ``l``, exact below it), ``entry_layer = l``; best score first.
-            Scores are products over all layers, so entries at different layers compare.
-        edges: every edge examined, ``(layer, query block, key block, weight)`` (for plots).
+            best path from the answer to the input whose first needle-reading step is at layer
+            ``l``, ``entry_layer = l``; highest log-mass first. Every path spans all layers, so
+            entries at different layers compare, and none is above ``best``.
+        edges: the ``max_edges`` edges with the highest log-mass of a complete route through them,
+            ``(layer, query block, key block, weight)`` (for plots).
     """
 
     paths: tuple[RoutePath, ...]
@@ -124,9 +147,14 @@ class Route:
     n_query_blocks: int
     query_block: int
     key_block: int
-    beam: int | None
     head_reduce: str
     skip_sink_blocks: int
+
+    @property
+    def beam(self) -> None:
+        """Deprecated: the search is exact (it was a beam width); always None."""
+        warnings.warn("Route.beam is deprecated: route_to_needle is exact.", DeprecationWarning, stacklevel=2)
+        return None
 
     @property
     def best(self) -> RoutePath | None:
@@ -134,11 +162,11 @@ class Route:
 
     @property
     def best_entry(self) -> RoutePath | None:
-        """The highest-scoring complete route through the needle."""
+        """The highest log-mass complete route through the needle."""
         return self.needle_entries[0] if self.needle_entries else None
 
     def entry_layers(self) -> list[int]:
-        """Layers where a route from the answer can enter the needle (within the beam), best first."""
+        """Layers where a route from the answer can first enter the needle, best route first."""
         return [path.entry_layer for path in self.needle_entries]
 
     def needle_node_blocks(self) -> tuple[int, ...]:
@@ -149,15 +177,15 @@ class Route:
     def summary(self, max_entries: int = 5) -> str:
         lines = [
             f"Route from position {self.answer_position} (query block {self.answer_block}) at layer "
-            f"{self.n_layers - 1} back to the input: beam {self.beam}, head_reduce {self.head_reduce!r}, "
-            f"{self.skip_sink_blocks} sink block(s) skipped, {len(self.edges)} edges examined.",
+            f"{self.n_layers - 1} back to the input: exact, head_reduce {self.head_reduce!r}, "
+            f"{self.skip_sink_blocks} sink block(s) skipped; scores are log-mass (natural log).",
             f"Needle tokens [{self.needle_span[0]}, {self.needle_span[1]}) = key blocks {list(self.needle_blocks)}.",
         ]
         best = self.best
         if best is None:
             lines.append("No path reaches the input (every edge skipped or of zero mass).")
         else:
-            lines.append(f"Best path (score {best.score:.3g}), layer: query block -> key block:")
+            lines.append(f"Best path (log-mass {best.log_score:.3f}), layer: query block -> key block:")
             lines += ["  " + step.describe() for step in best.steps]
             entry = best.needle_entry
             lines.append(
@@ -167,18 +195,17 @@ class Route:
                 if entry else "The needle does not enter the best path."
             )
         if self.needle_entries:
-            reference = f" (best path: {best.score:.3g})" if best is not None else ""
-            lines.append("Best complete routes through the needle, by entry layer (route score"
-                         f"{reference}; query block -> needle block, mass, heads):")
+            lines.append("Best complete routes through the needle, by first entry layer (log-mass, and its "
+                         "difference to the best path; query block -> needle block, mass, heads):")
             for path in self.needle_entries[:max_entries]:
                 step = path.needle_entry
                 heads = ", ".join(f"H{h} {m:.2f}" for h, m in step.heads[:4])
-                lines.append(f"  L{step.layer}: {path.score:.3g}; {step.query_block} -> {step.key_block}, "
-                             f"mass {step.mass:.3f}, {heads}")
+                lines.append(f"  L{step.layer}: {path.log_score:.3f} ({path.log_score - best.log_score:+.3f}); "
+                             f"{step.query_block} -> {step.key_block}, mass {step.mass:.3f}, {heads}")
             if len(self.needle_entries) > max_entries:
                 lines.append(f"  ... {len(self.needle_entries) - max_entries} more layers")
         else:
-            lines.append("No path within the beam reads a needle block.")
+            lines.append("No path reads a needle block.")
         return "\n".join(lines)
 
 
@@ -188,184 +215,238 @@ def needle_key_blocks(needle_span: tuple[int, int], key_block: int) -> tuple[int
     return tuple(range(start // key_block, (end - 1) // key_block + 1))
 
 
-def _edges_of(pattern: BlockSparsePattern, batch: int, query_block: int, head_reduce: str):
-    """Kept key blocks of one query block and their head-reduced weights: (blocks, weights) lists."""
-    row = query_block - pattern.first_query_block
-    if not 0 <= row < pattern.n_query_blocks:
-        raise ValueError(f"Query block {query_block} is not held by this pattern (rows from {pattern.first_query_block}).")
-    indices = pattern.block_indices[batch, :, row]  # [head, top_k]
-    mass = pattern.block_mass[batch, :, row].float()
-    used = indices >= 0
-    blocks, inverse = torch.unique(indices[used], return_inverse=True)
-    weights = torch.zeros(len(blocks), dtype=torch.float64, device=mass.device)
-    if head_reduce == "max":
-        weights = weights.scatter_reduce(0, inverse, mass[used].double(), reduce="amax", include_self=False)
-    else:
-        weights = weights.index_add(0, inverse, mass[used].double())
-        if head_reduce == "mean":
-            weights = weights / indices.shape[0]
-    return blocks.tolist(), weights.tolist()
+@dataclass(frozen=True)
+class _Edges:
+    """One layer's followed edges, deduplicated over heads (E edges, sorted by (row, key block))."""
+
+    rows: Int[Tensor, "E"]  # query block (node) the edge leaves
+    blocks: Int[Tensor, "E"]  # key block it reads
+    targets: Int[Tensor, "E"]  # node of layer - 1 it lands on
+    weights: Float[Tensor, "E"]  # float64 head-reduced mass, > 0
+    needle: Bool[Tensor, "E"]  # the key block overlaps the needle
 
 
-def _best_routes_down(
-    patterns: Sequence[BlockSparsePattern], batch: int, head_reduce: str, skip_sink_blocks: int,
-    needle: set[int], node_scale: tuple[int, int],
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Exact best log-score from every node (layer, q) down to the input, over all kept edges
-    (vectorised, O(edges) per layer): ``down[l][q]``, and the key block / weight achieving it."""
+def _layer_edges(pattern: BlockSparsePattern, batch: int, head_reduce: str, skip_sink_blocks: int,
+                 needle_blocks: tuple[int, int], node_scale: tuple[int, int]) -> _Edges:
+    """The kept (query block, key block) edges of one layer with their head-reduced weights,
+    leaving out unused slots, zero weights and skipped sink blocks (O(heads x rows x top_k); no
+    boolean gathers, which are slow on a CPU at a million tokens). ``needle_blocks``: the first
+    and last needle key block."""
     key_block, query_block = node_scale
-    downs, best_blocks, best_weights = [], [], []
-    below = None  # log-score of the nodes under the current layer (0 for the input tokens)
-    for pattern in patterns:
-        indices = pattern.block_indices[batch].cpu()  # [head, rows, top_k]
-        mass = pattern.block_mass[batch].detach().cpu().double()
-        n_heads, n_rows, _ = indices.shape
-        n_key_blocks = num_blocks(pattern.seq_len, pattern.key_block)
-        rows = torch.arange(n_rows)[None, :, None].expand_as(indices)
-        usable = indices >= 0
-        if skip_sink_blocks:
-            sink = indices < skip_sink_blocks
-            if needle:
-                sink &= ~torch.isin(indices, torch.tensor(sorted(needle)))
-            usable &= ~sink
-        keys = rows[usable] * n_key_blocks + indices[usable]
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        weights = torch.zeros(len(unique), dtype=torch.float64)
-        if head_reduce == "max":
-            weights = weights.scatter_reduce(0, inverse, mass[usable], reduce="amax", include_self=False)
-        else:
-            weights = weights.index_add(0, inverse, mass[usable]) / (n_heads if head_reduce == "mean" else 1)
-        edge_rows, edge_blocks = unique // n_key_blocks, unique % n_key_blocks
-        value = torch.log(weights.clamp(min=1e-300)).masked_fill(weights <= 0, -math.inf)
-        if below is not None:
-            value = value + below[(edge_blocks * key_block // query_block).clamp(max=len(below) - 1)]
-        down = torch.full((n_rows,), -math.inf, dtype=torch.float64)
-        down = down.scatter_reduce(0, edge_rows, value, reduce="amax", include_self=True)
-        is_best = (value == down[edge_rows]) & torch.isfinite(value)
-        best_block = torch.full((n_rows,), -1, dtype=torch.int64)
-        best_weight = torch.zeros(n_rows, dtype=torch.float64)
-        best_block[edge_rows[is_best]] = edge_blocks[is_best]
-        best_weight[edge_rows[is_best]] = weights[is_best]
-        downs.append(down)
-        best_blocks.append(best_block)
-        best_weights.append(best_weight)
-        below = down
-    return downs, best_blocks, best_weights
+    indices = pattern.block_indices[batch]  # [head, rows, top_k]
+    mass = pattern.block_mass[batch].detach().double()
+    n_heads, n_rows, _ = indices.shape
+    n_key_blocks = num_blocks(pattern.seq_len, pattern.key_block)
+    first_needle, last_needle = needle_blocks
+    in_needle = (indices >= first_needle) & (indices <= last_needle)
+    usable = (indices >= max(skip_sink_blocks, 0)) | in_needle
+    rows = torch.arange(n_rows, device=indices.device)[None, :, None]
+    unused = n_rows * n_key_blocks  # a key above every edge's: sorts last, dropped below
+    keys = torch.where(usable, rows * n_key_blocks + indices, unused)  # one id per (row, key block)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    mass = torch.where(usable, mass, 0.0)
+    weights = torch.zeros(len(unique), dtype=torch.float64, device=indices.device)
+    if head_reduce == "max":
+        weights = weights.scatter_reduce(0, inverse.flatten(), mass.flatten(), reduce="amax", include_self=False)
+    else:
+        weights = weights.index_add(0, inverse.flatten(), mass.flatten()) / (n_heads if head_reduce == "mean" else 1)
+    positive = (weights > 0) & (unique < unused)
+    unique, weights = unique[positive], weights[positive]
+    blocks = unique % n_key_blocks
+    return _Edges(unique // n_key_blocks, blocks, blocks * key_block // query_block, weights,
+                  (blocks >= first_needle) & (blocks <= last_needle))
+
+
+def _max_by_node(values: Tensor, nodes: Tensor, n_nodes: int) -> tuple[Tensor, Tensor]:
+    """Per node: the max of ``values`` over the edges grouped on it (-inf if none) and the index of
+    the first edge achieving it (-1 if none), vectorised."""
+    best = torch.full((n_nodes,), -math.inf, dtype=values.dtype, device=values.device)
+    best = best.scatter_reduce(0, nodes, values, reduce="amax", include_self=True)
+    edge_ids = torch.arange(len(values), device=values.device)
+    winners = torch.where((values == best[nodes]) & torch.isfinite(values), edge_ids, len(values))
+    first = torch.full((n_nodes,), len(values), dtype=torch.int64, device=values.device)
+    first = first.scatter_reduce(0, nodes, winners, reduce="amin", include_self=True)
+    return best, torch.where(first < len(values), first, -1)
+
+
+def _pick(values: Tensor, edge: Tensor, fill: float) -> Tensor:
+    """``values[edge]`` on the CPU, ``fill`` where ``edge`` is -1 (no edge; also when there are none)."""
+    if not len(values):
+        return torch.full(edge.shape, fill, dtype=values.dtype)
+    return torch.where(edge >= 0, values[edge.clamp(min=0)], fill).cpu()
 
 
 def _step(pattern: BlockSparsePattern, batch: int, layer: int, query_block: int, key_block: int, weight: float,
           needle_blocks: set[int]) -> RouteStep:
-    row = query_block - pattern.first_query_block
-    indices = pattern.block_indices[batch, :, row]
-    mass = pattern.block_mass[batch, :, row]
+    indices = pattern.block_indices[batch, :, query_block]
+    mass = pattern.block_mass[batch, :, query_block]
     hits = (indices == key_block).nonzero(as_tuple=False).tolist()
     heads = sorted(((head, float(mass[head, slot])) for head, slot in hits), key=lambda item: -item[1])
     return RouteStep(layer, query_block, key_block, weight, tuple(heads), key_block in needle_blocks)
+
+
+def _path(steps: list[RouteStep], entry_layer: int | None = None) -> RoutePath:
+    """A path whose log-mass is the sum of its steps' log masses, top-down (the one way every
+    reported score is computed, so that scores of equal paths are equal)."""
+    return RoutePath(tuple(steps), math.fsum(math.log(step.mass) for step in steps), entry_layer)
+
+
+def _validate(patterns: Sequence[BlockSparsePattern], needle_span: tuple[int, int], answer_position: int,
+              head_reduce: str, batch: int, max_edges: int) -> None:
+    if head_reduce not in ("mean", "sum", "max"):
+        raise InvalidConfigError(f"head_reduce must be 'mean', 'sum' or 'max', got {head_reduce!r}.")
+    if max_edges < 0:
+        raise InvalidConfigError(f"max_edges must be >= 0, got {max_edges}.")
+    if not patterns:
+        raise PatternGeometryError("route_to_needle needs one pattern per layer; got none.")
+    first = patterns[0]
+    geometry = (first.seq_len, first.query_block, first.key_block, first.block_indices.shape[:2])
+    for pattern in patterns:
+        if (pattern.seq_len, pattern.query_block, pattern.key_block, pattern.block_indices.shape[:2]) != geometry:
+            raise PatternGeometryError("Every layer's pattern must share seq_len, block sizes, batch and heads.")
+        if pattern.is_sliced:
+            raise PatternGeometryError("route_to_needle needs whole patterns; one was sliced along queries.")
+    seq_len = first.seq_len
+    if not 0 <= batch < first.block_indices.shape[0]:
+        raise ShapeError(f"batch {batch} is not in the patterns' batch of {first.block_indices.shape[0]}.")
+    if not 0 <= needle_span[0] < needle_span[1] <= seq_len:
+        raise InvalidSpanError(f"needle_span {tuple(needle_span)} is not a non-empty span inside [0, {seq_len}).")
+    if not -seq_len <= answer_position < seq_len:
+        raise InvalidPositionsError(f"answer_position {answer_position} is outside the {seq_len} positions.")
 
 
 def route_to_needle(
     patterns: Sequence[BlockSparsePattern],
     needle_span: tuple[int, int],
     answer_position: int = -1,
-    beam: int | None = 4,
+    beam: int | None = None,
     *,
     head_reduce: HeadReduce = "mean",
     skip_sink_blocks: int = 1,
     batch: int = 0,
+    max_edges: int = DEFAULT_MAX_EDGES,
 ) -> Route:
-    """Walk back from the answer position's query block at the last layer along the heaviest kept
-    edges (beam search over nodes, ``beam`` best per layer; ``None``: exact) and report where the
-    needle's key blocks enter the paths, through which layers and heads, with what mass.
+    """The exact best route from the answer position's query block at the last layer to the input,
+    and per layer the best route that first enters the needle there (see the module docstring).
 
-    ``patterns``: one ``BlockSparsePattern`` per layer, in layer order (sparse or observe mode),
-    not sliced along queries. ``needle_span``: the needle's token span ``[start, end)``.
+    Args:
+        patterns: one ``BlockSparsePattern`` per layer, in layer order (sparse or observe mode),
+            not sliced along queries; only ``block_indices`` and ``block_mass`` are read, on the
+            patterns' device.
+        needle_span: the needle's token span ``[start, end)``.
+        answer_position: the token whose query block the routes start from (negative: from the end).
+        beam: deprecated and ignored (the former beam width; the search is now exact).
+        head_reduce: how an edge's weight combines the heads keeping the block.
+        skip_sink_blocks: key blocks ``< skip_sink_blocks`` are not followed unless in the needle.
+        batch: the batch row.
+        max_edges: how many edges (those on the best routes) ``Route.edges`` keeps for plots.
+
+    Returns:
+        a ``Route``; path scores are natural-log masses.
+
+    Raises:
+        PatternGeometryError: no patterns, patterns of different geometry, or sliced ones.
+        InvalidSpanError: an empty needle span or one outside the sequence.
+        InvalidPositionsError: an answer position outside the sequence.
+        ShapeError: a batch row out of range.
+        InvalidConfigError: an unknown ``head_reduce``, a negative ``max_edges``.
     """
-    if head_reduce not in ("mean", "sum", "max"):
-        raise ValueError(f"head_reduce must be 'mean', 'sum' or 'max', got {head_reduce!r}.")
-    if beam is not None and beam < 1:
-        raise ValueError("beam must be >= 1 (or None for an exact search).")
-    if not patterns:
-        raise ValueError("No patterns.")
+    if beam is not None:
+        warnings.warn("route_to_needle(beam=...) is deprecated and ignored: the route is an exact dynamic "
+                      "programme now.", DeprecationWarning, stacklevel=2)
+    _validate(patterns, needle_span, answer_position, head_reduce, batch, max_edges)
     first = patterns[0]
     seq_len, qb, kb = first.seq_len, first.query_block, first.key_block
-    for pattern in patterns:
-        if (pattern.seq_len, pattern.query_block, pattern.key_block) != (seq_len, qb, kb):
-            raise ValueError("Every layer's pattern must share seq_len and block sizes.")
-    if not 0 <= needle_span[0] < needle_span[1] <= seq_len:
-        raise ValueError(f"needle_span {needle_span} is not inside [0, {seq_len}).")
-    n_layers = len(patterns)
+    n_layers, n_nodes = len(patterns), num_blocks(seq_len, qb)
     position = answer_position % seq_len
     answer_block = position // qb
     needle_blocks = needle_key_blocks(needle_span, kb)
     needle_set = set(needle_blocks)
 
-    def node_of(key_block: int) -> int:
-        return key_block * kb // qb
+    def edges_of(layer: int) -> _Edges:
+        return _layer_edges(patterns[layer], batch, head_reduce, skip_sink_blocks,
+                            (needle_blocks[0], needle_blocks[-1]), (kb, qb))
 
-    for pattern in patterns:
-        if pattern.is_sliced:
-            raise ValueError("route_to_needle needs whole patterns; one was sliced along queries.")
-    downs, down_blocks, down_weights = _best_routes_down(patterns, batch, head_reduce, skip_sink_blocks, needle_set, (kb, qb))
+    # 1. Bottom-up: down[l][q], the best log-mass from (l, q) to the input, and its edge.
+    downs: list[Tensor] = []
+    down_block: list[Tensor] = []
+    down_weight: list[Tensor] = []
+    for layer in range(n_layers):
+        edges = edges_of(layer)
+        value = edges.weights.log() + (downs[-1][edges.targets] if downs else 0.0)
+        best, edge = _max_by_node(value, edges.rows, n_nodes)
+        downs.append(best)
+        down_block.append(_pick(edges.blocks, edge, -1))
+        down_weight.append(_pick(edges.weights, edge, 0.0))
 
-    # node -> (log score from the answer, whether its best path already read a needle block)
-    frontier: dict[int, tuple[float, bool]] = {answer_block: (0.0, False)}
-    back: list[dict[int, tuple[float, int, int, float, bool]]] = [dict() for _ in range(n_layers)]
-    needle_best: dict[int, tuple[float, float, int, int, float]] = {}  # layer -> (full, prefix, node, block, w)
-    edges: list[tuple[int, int, int, float]] = []
+    # 2. Top-down from the answer: reach (any path) and clean (no needle read yet), with clean's
+    #    back pointers; the best needle entry of each layer; the edges on the best routes.
+    device = downs[0].device
+    reach = torch.full((n_nodes,), -math.inf, dtype=torch.float64, device=device)
+    reach[answer_block] = 0.0
+    clean = reach.clone()
+    clean_from: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * n_layers  # (row, block, weight) per node
+    entries_raw: list[tuple[int, int, int, float]] = []  # (layer, query block, key block, weight)
+    kept_edges: list[tuple[Tensor, ...]] = []
     for layer in reversed(range(n_layers)):
-        pattern = patterns[layer]
-        arrivals = back[layer]  # next node -> (log score, from node, key block, weight, touched)
-        for node, (log_score, touched) in frontier.items():
-            blocks, weights = _edges_of(pattern, batch, node, head_reduce)
-            for block, weight in zip(blocks, weights):
-                edges.append((layer, node, block, weight))
-                if weight <= 0 or (block < skip_sink_blocks and block not in needle_set):
-                    continue
-                candidate = log_score + math.log(weight)
-                target = node_of(block)
-                if block in needle_set and not touched:  # the first needle step of this path
-                    below = 0.0 if layer == 0 else float(downs[layer - 1][target])
-                    if candidate + below > needle_best.get(layer, (-math.inf,))[0]:
-                        needle_best[layer] = (candidate + below, candidate, node, block, weight)
-                if candidate > arrivals.get(target, (-math.inf,))[0]:
-                    arrivals[target] = (candidate, node, block, weight, touched or block in needle_set)
-        ranked = sorted(arrivals.items(), key=lambda item: -item[1][0])
-        frontier = {node: (entry[0], entry[4]) for node, entry in (ranked if beam is None else ranked[:beam])}
+        edges = edges_of(layer)
+        log_w = edges.weights.log()
+        below = downs[layer - 1][edges.targets] if layer else torch.zeros_like(log_w)
+        through = reach[edges.rows] + log_w + below
+        entry = torch.where(edges.needle, clean[edges.rows] + log_w + below, -math.inf)
+        if len(entry) and bool(torch.isfinite(entry.max())):
+            e = int(entry.argmax())
+            entries_raw.append((layer, int(edges.rows[e]), int(edges.blocks[e]), float(edges.weights[e])))
+        finite = torch.isfinite(through)
+        top = torch.topk(through[finite], min(max_edges, int(finite.sum()))).indices
+        kept_edges.append((torch.full_like(top, layer), edges.rows[finite][top], edges.blocks[finite][top],
+                           edges.weights[finite][top], through[finite][top]))
+        if layer == 0:
+            break
+        reach, _ = _max_by_node(reach[edges.rows] + log_w, edges.targets, n_nodes)
+        clean_value = torch.where(edges.needle, -math.inf, clean[edges.rows] + log_w)
+        clean, edge = _max_by_node(clean_value, edges.targets, n_nodes)
+        clean_from[layer - 1] = (_pick(edges.rows, edge, -1), _pick(edges.blocks, edge, -1),
+                                 _pick(edges.weights, edge, 0.0))
 
-    def prefix(layer: int, entry: tuple) -> list[RouteStep]:
-        """Steps from the top layer down to ``entry`` at ``layer``, from the back pointers above it."""
-        steps = []
-        while True:
-            _, node, block, weight = entry[:4]
-            steps.append(_step(patterns[layer], batch, layer, node, block, weight, needle_set))
-            if layer == n_layers - 1:
-                break
-            layer += 1
-            entry = back[layer][node]
-        return list(reversed(steps))
-
-    def continuation(layer: int, node: int) -> list[RouteStep]:
-        """The exact best steps from node (layer, node) down to the input."""
+    def down_steps(layer: int, node: int) -> list[RouteStep]:
+        """The best steps from node (layer, node) down to the input."""
         steps = []
         for lower in reversed(range(layer + 1)):
-            block = int(down_blocks[lower][node])
-            if block < 0:
-                break
-            steps.append(_step(patterns[lower], batch, lower, node, block, float(down_weights[lower][node]), needle_set))
-            node = node_of(block)
+            block = int(down_block[lower][node])
+            steps.append(_step(patterns[lower], batch, lower, node, block, float(down_weight[lower][node]), needle_set))
+            node = block * kb // qb
         return steps
 
-    paths = tuple(sorted((RoutePath(tuple(prefix(0, back[0][node])), back[0][node][0]) for node in frontier),
-                         key=lambda path: -path.log_score))
+    def up_steps(layer: int, node: int) -> list[RouteStep]:
+        """The best needle-free steps from the answer down to node (layer, node), top layer first."""
+        steps = []
+        for upper in range(layer + 1, n_layers):
+            rows, blocks, weights = clean_from[upper - 1]
+            row = int(rows[node])
+            steps.append(_step(patterns[upper], batch, upper, row, int(blocks[node]), float(weights[node]), needle_set))
+            node = row
+        return list(reversed(steps))
+
+    paths = ()
+    if bool(torch.isfinite(downs[-1][answer_block])):
+        paths = (_path(down_steps(n_layers - 1, answer_block)),)
     entries = []
-    for layer, (full, prefix_score, node, block, weight) in needle_best.items():
-        steps = prefix(layer, (prefix_score, node, block, weight))
-        steps += continuation(layer - 1, node_of(block)) if layer > 0 else []
-        entries.append(RoutePath(tuple(steps), full, entry_layer=layer))
-    entries = tuple(sorted(entries, key=lambda path: -path.log_score))
+    for layer, node, block, weight in entries_raw:
+        steps = up_steps(layer, node) + [_step(patterns[layer], batch, layer, node, block, weight, needle_set)]
+        steps += down_steps(layer - 1, block * kb // qb) if layer else []
+        entries.append(_path(steps, entry_layer=layer))
+    entries.sort(key=lambda path: -path.log_score)
+    if entries and (not paths or entries[0].log_score > paths[0].log_score):
+        # Only a rounding tie can put a needle route above the exact best path: report it as the best.
+        paths = (RoutePath(entries[0].steps, entries[0].log_score),)
+    layer_ids, rows, blocks, weights, through = (torch.cat(column) for column in zip(*kept_edges))
+    order = torch.topk(through, min(max_edges, len(through))).indices.cpu()
+    edge_list = tuple(zip(layer_ids.cpu()[order].tolist(), rows.cpu()[order].tolist(), blocks.cpu()[order].tolist(),
+                          weights.cpu()[order].tolist()))
     return Route(
-        paths=paths, needle_entries=entries, edges=tuple(edges), needle_span=tuple(needle_span),
+        paths=paths, needle_entries=tuple(entries), edges=edge_list, needle_span=tuple(needle_span),
         needle_blocks=needle_blocks, answer_position=position, answer_block=answer_block, n_layers=n_layers,
-        n_heads=first.block_indices.shape[1], n_query_blocks=num_blocks(seq_len, qb), query_block=qb, key_block=kb,
-        beam=beam, head_reduce=head_reduce, skip_sink_blocks=skip_sink_blocks,
+        n_heads=first.block_indices.shape[1], n_query_blocks=n_nodes, query_block=qb, key_block=kb,
+        head_reduce=head_reduce, skip_sink_blocks=skip_sink_blocks,
     )

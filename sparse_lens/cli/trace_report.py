@@ -88,7 +88,7 @@ def layer_pass(
     fidelity recall figures if measured, the needle at the answer, the best route entering the
     needle there), its sentence vertical scores, and its block heatmap if asked for."""
     n_heads = recall.kept.shape[1]
-    entries = {path.entry_layer: path.score for path in route.needle_entries} if route is not None else {}
+    entries = {path.entry_layer: path.log_score for path in route.needle_entries} if route is not None else {}
     by_layer = {row["layer"]: row for row in fidelity_layers}
     rows, heatmaps, vertical = [], {}, []
     chosen = set(heatmap_layers)
@@ -105,7 +105,7 @@ def layer_pass(
             "needle_heads": f"{int(recall.kept[layer].sum())}/{n_heads}",
             "needle_mass": float(recall.mass[layer].mean()),
             "needle_mass_max": float(recall.mass[layer].max()),
-            "needle_route_score": entries.get(layer),
+            "needle_route_log_mass": entries.get(layer),
         })
         if sentences is not None:
             vertical.append(vertical_scores_sparse(pattern, list(sentences), proximity=SALIENCE_PROXIMITY))
@@ -162,7 +162,7 @@ def write_trace_report(
     (``per_layer``, the needle route and salience figures, the file names)."""
     needle_span = tuple(sample.needle_spans[0])
     length = sample.length
-    route = route_to_needle(patterns, needle_span, answer_position=-1, beam=4)
+    route = route_to_needle(patterns, needle_span, answer_position=-1)
     if heatmap_layers is None:
         heatmap_layers = auto_heatmap_layers(recall, route, len(patterns))
     sentences = prompt_sentences(sample, tokenizer)
@@ -187,8 +187,8 @@ def write_trace_report(
     best_entry = route.best_entry
     added = {
         "needle_route_entry_layer": best_entry.entry_layer if best_entry is not None else None,
-        "needle_route_score": best_entry.score if best_entry is not None else None,
-        "best_route_score": route.best.score if route.best is not None else None,
+        "needle_route_log_mass": best_entry.log_score if best_entry is not None else None,
+        "best_route_log_mass": route.best.log_score if route.best is not None else None,
         "needle_salience_rank": rank,
         "n_sentences": layers.anchors.n_sentences if layers.anchors is not None else None,
         "heatmap_layers": sorted(layers.heatmaps),
@@ -198,7 +198,7 @@ def write_trace_report(
     }
     sections = _sections(summary, layers, figures, route, sentences, needle_sentence_ids)
     headline = {key: value for key, value in {**summary, **added}.items()
-                if key not in ("per_layer", "figures", "plot", "report")}
+                if key not in ("per_layer", "figures", "plot", "report", "config")}  # config: in summary.json
     write_report(out / "report.html", f"sparse-lens trace: {length}-token needle in a haystack", headline, sections,
                  note=f"Model {summary['model']}; figures are also PNG files beside this page.")
     return added
@@ -207,10 +207,10 @@ def write_trace_report(
 def _sections(summary, layers: LayerPass, figures: dict[str, Path], route: Route, sentences, needle_ids) -> list[Section]:
     table = Table(
         ["layer", "pruned", "mass recall mean", "mass recall p5", "oracle recall", "heads keeping needle",
-         "needle mass (mean)", "needle mass (max)", "best route via needle entering here"],
+         "needle mass (mean)", "needle mass (max)", "best route via needle entering here (log-mass)"],
         [[row["layer"], row["pruned_fraction"], row["mass_recall_mean"], row["mass_recall_p5"],
           row["oracle_recall_mean"], row["needle_heads"], row["needle_mass"], row["needle_mass_max"],
-          row["needle_route_score"]] for row in layers.rows],
+          row["needle_route_log_mass"]] for row in layers.rows],
     )
     fidelity_note = ("Mass recall: share of the dense softmax mass inside the kept blocks, over the query blocks "
                      "that are pruned; oracle: the same for the exact top-k blocks."
@@ -224,7 +224,8 @@ def _sections(summary, layers: LayerPass, figures: dict[str, Path], route: Route
                      "needle's kept key blocks (boxes: a needle block is kept).",
                 figures=[Figure(figures["needle"], "needle blocks per layer and head")]),
         Section("Route from the answer to the needle",
-                note="Layer-wise routes over the kept blocks (edge weight: block mass averaged over heads).",
+                note="Exact layer-wise routes over the kept blocks (edge weight: block mass averaged over heads; "
+                     "route scores: natural log of the product of the edge weights).",
                 figures=[Figure(figures["route"], "route graph")], text=route.summary()),
     ]
     if layers.anchors is not None:

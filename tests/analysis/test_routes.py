@@ -1,5 +1,6 @@
-"""Needle routes: a hand-built graph with a known heaviest path, brute force on a tiny model, and
-the real default model on a RULER needle prompt."""
+"""Needle routes: exact against a brute-force enumeration of every path (hand-built graph with a
+known heaviest path, random tiny patterns, a tiny model), the best path never below a needle route,
+no [blocks, blocks] tensor, and the real default model on a RULER needle prompt."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import sparse_lens as sl
 from sparse_lens.analysis.needle import needle_recall
 from sparse_lens.analysis.routes import needle_key_blocks, route_to_needle
 from sparse_lens.data import needle_prompt
+from sparse_lens.errors import InvalidConfigError, InvalidPositionsError, InvalidSpanError, PatternGeometryError
 from sparse_lens.plots import plot_route
 from tests.conftest import sparse_and_dense, tiny_llama_config
 
@@ -28,7 +32,8 @@ def hand_built_patterns() -> list[sl.BlockSparsePattern]:
     layer 0: the default rows (itself 0.5, previous 0.3)
 
     Heaviest path from block 7: 7 -> 5 -> 2 -> 2, score 0.15 * 0.65 * 0.5 = 0.04875 (it enters the
-    needle at layer 1); greedy (beam 1) takes 7 -> 7 -> 6 -> 6 = 0.21 * 0.26 * 0.5 = 0.0273.
+    needle at layer 1); a greedy walk (heaviest edge first) takes 7 -> 7 -> 6 -> 6 = 0.21 * 0.26 * 0.5
+    = 0.0273, and a beam of 2 drops block 5 at layer 2.
     """
     layers = []
     for layer in range(3):
@@ -53,10 +58,33 @@ def hand_built_patterns() -> list[sl.BlockSparsePattern]:
     return layers
 
 
+def random_patterns(seed: int, n_layers: int = 4, n_query_blocks: int = 7, query_block: int = 4,
+                    key_block: int = 4, heads: int = 2, top_k: int = 3) -> list[sl.BlockSparsePattern]:
+    """Random causal kept sets (ascending, -1 padded) with random masses, some of them 0."""
+    generator = torch.Generator().manual_seed(seed)
+    seq_len = n_query_blocks * query_block
+    layers = []
+    for _ in range(n_layers):
+        indices = torch.full((1, heads, n_query_blocks, top_k), -1, dtype=torch.int64)
+        mass = torch.zeros(1, heads, n_query_blocks, top_k)
+        for head in range(heads):
+            for row in range(n_query_blocks):
+                visible = ((row + 1) * query_block - 1) // key_block + 1
+                kept = torch.randperm(visible, generator=generator)[:top_k].sort().values
+                kept_mass = torch.rand(len(kept), generator=generator) > 0.1  # some zero masses
+                weights = torch.rand(len(kept), generator=generator) * kept_mass
+                indices[0, head, row, :len(kept)] = kept
+                mass[0, head, row, :len(kept)] = weights / weights.sum().clamp(min=1e-6)
+        layers.append(sl.BlockSparsePattern(indices, mass, torch.zeros(1, heads, seq_len), seq_len, query_block,
+                                            key_block, 1.0))
+    return layers
+
+
 def brute_force_routes(patterns, answer_block, needle_blocks, skip_sink_blocks=1, reduce="mean"):
     """Every path from the answer block at the top layer to the input (exhaustive): the best one, and
-    per layer the best one whose first needle-reading step is at that layer."""
+    per layer the best one whose first needle-reading step (from the top) is at that layer."""
     n_layers = len(patterns)
+    qb, kb = patterns[0].query_block, patterns[0].key_block
 
     def edges(layer, node):
         indices, mass = patterns[layer].block_indices[0, :, node], patterns[layer].block_mass[0, :, node]
@@ -85,7 +113,7 @@ def brute_force_routes(patterns, answer_block, needle_blocks, skip_sink_blocks=1
                 entries[first[0]] = (log_score, steps)
             return
         for block, weight in edges(layer, node).items():
-            walk(layer - 1, block, log_score + math.log(weight), steps + [(layer, node, block)])
+            walk(layer - 1, block * kb // qb, log_score + math.log(weight), steps + [(layer, node, block)])
 
     walk(n_layers - 1, answer_block, 0.0, [])
     return best, entries
@@ -95,10 +123,30 @@ def as_triples(path):
     return [(step.layer, step.query_block, step.key_block) for step in path.steps]
 
 
+def assert_matches_brute_force(route, patterns, needle, answer_block, **options):
+    best, entries = brute_force_routes(patterns, answer_block, set(needle_key_blocks(needle, patterns[0].key_block)),
+                                       **options)
+    if best[1] is None:
+        assert route.best is None and not route.needle_entries
+        return
+    assert route.best.log_score == pytest.approx(best[0], abs=1e-9)
+    assert as_triples(route.best) == best[1]
+    assert {path.entry_layer: path.log_score for path in route.needle_entries} == pytest.approx(
+        {layer: value[0] for layer, value in entries.items()}, abs=1e-9)
+    for path in route.needle_entries:
+        assert as_triples(path) == entries[path.entry_layer][1]
+        assert path.needle_entry.needle and not any(step.needle for step in path.steps if step.layer > path.entry_layer)
+        # the best path is never below a route through the needle
+        assert route.best.log_score >= path.log_score
+    assert [path.log_score for path in route.needle_entries] == sorted(
+        (path.log_score for path in route.needle_entries), reverse=True)
+
+
 def test_hand_built_route_is_the_known_heaviest_path(tmp_path):
     patterns = hand_built_patterns()
-    exact = route_to_needle(patterns, NEEDLE, answer_position=-1, beam=None)
+    exact = route_to_needle(patterns, NEEDLE, answer_position=-1)
     assert as_triples(exact.best) == [(2, 7, 5), (1, 5, 2), (0, 2, 2)]
+    assert exact.best.log_score == pytest.approx(math.log(0.15 * 0.65 * 0.5))
     assert exact.best.score == pytest.approx(0.15 * 0.65 * 0.5)
     assert [step.mass for step in exact.best.steps] == pytest.approx([0.15, 0.65, 0.5])
     entry = exact.best.needle_entry
@@ -110,26 +158,45 @@ def test_hand_built_route_is_the_known_heaviest_path(tmp_path):
     assert exact.entry_layers() == [1, 0]
     assert as_triples(exact.needle_entries[1]) == [(2, 7, 3), (1, 3, 3), (0, 3, 2)]
     assert exact.needle_entries[1].score == pytest.approx(0.19 * 0.35 * 0.3)
-
-    assert as_triples(route_to_needle(patterns, NEEDLE, beam=1).best) == [(2, 7, 7), (1, 7, 6), (0, 6, 6)]
-    assert route_to_needle(patterns, NEEDLE, beam=1).best.score == pytest.approx(0.21 * 0.26 * 0.5)
-    assert as_triples(route_to_needle(patterns, NEEDLE, beam=2).best) != as_triples(exact.best)  # 5 falls off
-    assert as_triples(route_to_needle(patterns, NEEDLE, beam=3).best) == as_triples(exact.best)
+    # the best path enters the needle: it is the best needle route, with the same log-mass exactly
+    assert exact.best_entry.steps == exact.best.steps and exact.best_entry.log_score == exact.best.log_score
     # the sink is followed only when asked: then 7 -> 0 -> 0 -> 0 carries 0.45
-    with_sink = route_to_needle(patterns, NEEDLE, beam=None, skip_sink_blocks=0)
+    with_sink = route_to_needle(patterns, NEEDLE, skip_sink_blocks=0)
     assert as_triples(with_sink.best) == [(2, 7, 0), (1, 0, 0), (0, 0, 0)]
-
-    best, entries = brute_force_routes(patterns, 7, {2})
-    assert best[0] == pytest.approx(exact.best.log_score)
-    assert {layer: value[0] for layer, value in entries.items()} == pytest.approx(
-        {path.entry_layer: path.log_score for path in exact.needle_entries})
+    assert_matches_brute_force(with_sink, patterns, NEEDLE, 7, skip_sink_blocks=0)
+    assert_matches_brute_force(exact, patterns, NEEDLE, 7)
+    # the former beam width is deprecated and ignored
+    with pytest.warns(DeprecationWarning):
+        beamed = route_to_needle(patterns, NEEDLE, beam=1)
+    assert as_triples(beamed.best) == as_triples(exact.best)
+    # the edges kept for plots are those on the best routes, the best path's among them
+    assert {(layer, q, b) for layer, q, b, _ in exact.edges} >= set(as_triples(exact.best))
+    few = route_to_needle(patterns, NEEDLE, max_edges=3)
+    assert {(layer, q, b) for layer, q, b, _ in few.edges} == set(as_triples(exact.best))
     summary = exact.summary()
-    assert "enters the best path at layer 1" in summary and "L1: 5 -> 2" in summary
+    assert "enters the best path at layer 1" in summary and "L1: 5 -> 2" in summary and "log-mass" in summary
     assert plot_route(exact, tmp_path / "route.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("head_reduce", ["mean", "max", "sum"])
-def test_exact_route_matches_brute_force_on_a_tiny_model(head_reduce):
+@pytest.mark.parametrize("blocks", [(4, 4), (8, 4), (4, 8)])
+def test_exact_route_matches_brute_force_on_random_patterns(head_reduce, blocks):
+    query_block, key_block = blocks
+    for seed in range(12):
+        patterns = random_patterns(seed, n_query_blocks=7 if query_block <= key_block else 5,
+                                   query_block=query_block, key_block=key_block)
+        seq_len = patterns[0].seq_len
+        needle = (seq_len // 3, seq_len // 3 + 5)
+        answer = seq_len - 1 - seed % 3
+        route = route_to_needle(patterns, needle, answer_position=answer, head_reduce=head_reduce)
+        assert_matches_brute_force(route, patterns, needle, answer // query_block, reduce=head_reduce)
+        # a needle in the sink block is followed even though the sink is skipped
+        sink_needle = (0, 3)
+        route = route_to_needle(patterns, sink_needle, head_reduce=head_reduce)
+        assert_matches_brute_force(route, patterns, sink_needle, (seq_len - 1) // query_block, reduce=head_reduce)
+
+
+def test_exact_route_matches_brute_force_on_a_tiny_model():
     stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4)
     sparse, _ = sparse_and_dense(tiny_llama_config(num_hidden_layers=3), stream)
     tokens = torch.randint(0, 90, (1, 160), generator=torch.Generator().manual_seed(0))
@@ -137,20 +204,66 @@ def test_exact_route_matches_brute_force_on_a_tiny_model(head_reduce):
         _, cache = sparse.run_with_cache(tokens)
     patterns = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(3)]
     needle = (70, 90)  # key blocks 4 and 5
-    route = route_to_needle(patterns, needle, beam=None, head_reduce=head_reduce)
-    best, entries = brute_force_routes(patterns, 9, set(needle_key_blocks(needle, 16)), reduce=head_reduce)
-    assert route.best.log_score == pytest.approx(best[0])
-    assert as_triples(route.best) == best[1]
-    # Entries below the top layer follow each node's best path (Viterbi), which the brute force
-    # matches on this graph whenever that path has not read the needle yet.
-    got = {path.entry_layer: path.log_score for path in route.needle_entries}
-    assert got[2] == pytest.approx(entries[2][0])
-    for layer, score in got.items():
-        assert score <= entries[layer][0] + 1e-9
+    route = route_to_needle(patterns, needle)
+    assert route.needle_entries
+    assert_matches_brute_force(route, patterns, needle, 9)
     for path in route.needle_entries:
-        assert path.needle_entry.layer == path.entry_layer and path.needle_entry.needle
-        assert not any(step.needle for step in path.steps if step.layer > path.entry_layer)
         assert path.log_score == pytest.approx(sum(math.log(step.mass) for step in path.steps))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count, shape and op of the largest tensor any op creates."""
+
+    largest = (0, None, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.numel() > self.largest[0]:
+                self.largest = (tensor.numel(), tuple(tensor.shape), str(func))
+        return out
+
+
+def test_route_builds_no_block_by_block_tensor():
+    n_blocks = 1024
+    patterns = random_patterns(0, n_layers=2, n_query_blocks=n_blocks, query_block=1, key_block=1, heads=2, top_k=4)
+    with LargestTensor() as recorder:
+        route = route_to_needle(patterns, (n_blocks // 2, n_blocks // 2 + 3))
+    assert route.best is not None
+    numel, shape, op = recorder.largest
+    assert numel < 64 * n_blocks, f"{op} created a tensor of shape {shape}"
+
+
+def test_no_path_when_a_layer_keeps_only_the_sink():
+    patterns = hand_built_patterns()
+    only_sink = patterns[0].block_indices.clone()
+    only_sink[..., 1:] = -1  # every row of layer 0 keeps block 0 only, which is skipped
+    patterns[0] = patterns[0].with_block_indices(only_sink)
+    route = route_to_needle(patterns, NEEDLE)
+    assert route.best is None and not route.needle_entries and not route.edges
+    assert "No path reaches the input" in route.summary()
+    # with the sink followed, every path ends on it
+    route = route_to_needle(patterns, NEEDLE, skip_sink_blocks=0)
+    assert route.best.steps[-1].key_block == 0
+    assert_matches_brute_force(route, patterns, NEEDLE, 7, skip_sink_blocks=0)
+
+
+def test_bad_input_gets_named_errors():
+    patterns = hand_built_patterns()
+    with pytest.raises(InvalidSpanError):
+        route_to_needle(patterns, (30, 40))  # past the 32 tokens
+    with pytest.raises(InvalidSpanError):
+        route_to_needle(patterns, (8, 8))  # empty
+    with pytest.raises(InvalidPositionsError):
+        route_to_needle(patterns, NEEDLE, answer_position=32)
+    with pytest.raises(PatternGeometryError):
+        route_to_needle([patterns[0][:, :, 8:], *patterns[1:]], NEEDLE)  # sliced along queries
+    with pytest.raises(PatternGeometryError):
+        route_to_needle([patterns[0], random_patterns(0, n_layers=1, n_query_blocks=6)[0]], NEEDLE)
+    with pytest.raises(PatternGeometryError):
+        route_to_needle([], NEEDLE)
+    with pytest.raises(InvalidConfigError):
+        route_to_needle(patterns, NEEDLE, head_reduce="median")
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +279,14 @@ def needle_trace(smollm2):
 def test_real_needle_route_is_reported(needle_trace, tmp_path, record_property):
     sample, patterns = needle_trace
     span = sample.needle_spans[0]
-    route = route_to_needle(patterns, span, answer_position=-1, beam=4)
+    route = route_to_needle(patterns, span, answer_position=-1)
     summary = route.summary()
     print(summary)
     record_property("needle_route", summary)
     n_layers, n_heads = len(patterns), patterns[0].block_indices.shape[1]
     assert patterns[0].pruned_fraction() > 0.5
     assert route.answer_block == (sample.length - 1) // 32 and route.needle_blocks == needle_key_blocks(span, 32)
-    assert 1 <= len(route.paths) <= 4 and len(route.edges) <= n_layers * 4 * n_heads * 8
+    assert len(route.paths) == 1 and 0 < len(route.edges) <= 2000
 
     def check(path):
         assert [step.layer for step in path.steps] == list(reversed(range(n_layers)))
@@ -188,17 +301,16 @@ def test_real_needle_route_is_reported(needle_trace, tmp_path, record_property):
             assert sorted(h for h, _ in step.heads) == sorted(kept.any(-1).nonzero().flatten().tolist())
             assert step.needle == (step.key_block in route.needle_blocks)
             assert step.key_block >= 1 or step.needle  # the sink is not followed
-        assert path.log_score == pytest.approx(sum(math.log(step.mass) for step in path.steps), rel=1e-6)
+        assert path.log_score == pytest.approx(sum(math.log(step.mass) for step in path.steps), rel=1e-9)
 
-    for path in route.paths:
-        check(path)
-    assert route.best.log_score == max(path.log_score for path in route.paths)
-    # The needle's entry layers are reported, each with a complete route through it.
+    check(route.best)
+    # The needle's entry layers are reported, each with a complete route through it, none above the best.
     recall = needle_recall(patterns, span)
     assert route.needle_entries and set(route.entry_layers()) <= set(range(n_layers))
     for path in route.needle_entries:
         check(path)
         assert path.needle_entry.needle and path.needle_entry.heads
+        assert path.log_score <= route.best.log_score
     if recall.kept[-1].any():  # the answer block keeps a needle block at the last layer: a direct entry
         assert n_layers - 1 in route.entry_layers()
     assert "Needle tokens" in summary and f"L{route.entry_layers()[0]}:" in summary
