@@ -10,14 +10,12 @@ what ``mode="dense"`` costs: O(T) memory, no T x T tensor, flash speed.
 
 Per backend (what each ``aten`` entry point returns, as of torch 2.11 - 2.13):
 
-=====================  ==========================================  ==========================
-backend                entry point                                 ``lse`` it returns
-=====================  ==========================================  ==========================
-flash (CUDA)           ``_scaled_dot_product_flash_attention``     [batch, head, T], float32
-flash (CPU)            ``_scaled_dot_product_flash_attention_for_cpu``  [batch, head, T]
-cuDNN (CUDA)           ``_scaled_dot_product_cudnn_attention``     [batch, head, T(, 1)]
-efficient (CUDA)       ``_scaled_dot_product_efficient_attention`` [batch, head, >= T] (padded)
-=====================  ==========================================  ==========================
+| backend | entry point | ``lse`` it returns |
+|---|---|---|
+| flash (CUDA) | ``_scaled_dot_product_flash_attention`` | [batch, head, T], float32 |
+| flash (CPU) | ``_scaled_dot_product_flash_attention_for_cpu`` | [batch, head, T] |
+| cuDNN (CUDA) | ``_scaled_dot_product_cudnn_attention`` | [batch, head, T(, 1)] |
+| efficient (CUDA) | ``_scaled_dot_product_efficient_attention`` | [batch, head, >= T] (padded) |
 
 Flash and cuDNN take fewer key heads than query heads (GQA) as they are, as SDPA does; the
 efficient kernel gets keys and values repeated per query head. When SDPA would fall back to its
