@@ -131,7 +131,9 @@ def attribution_patching(
 
     Raises:
         GradientModeError: ``mode="observe"``, or ``gates`` outside ``mode="sparse"``.
-        ShapeError: token shapes differ. InvalidPositionsError / InvalidSpanError: bad positions or spans.
+        ShapeError: token shapes differ.
+        InvalidPositionsError: bad positions.
+        InvalidSpanError: an empty span, one outside the sequence, or an empty list of spans.
         LogitsNotKeptError: the metric read a position whose logits were not kept.
     """
     check_gradient_mode(model, gates=gates)

@@ -83,8 +83,8 @@ def block_attribution(
 
     Raises:
         GradientModeError: the model does not run ``mode="sparse"``.
-        InvalidPositionsError: bad ``positions``. LogitsNotKeptError: the metric read a position
-        whose logits were not kept.
+        InvalidPositionsError: bad ``positions``.
+        LogitsNotKeptError: the metric read a position whose logits were not kept.
     """
     check_gradient_mode(model, gates=True)
     index = kept_positions(positions, tokens.shape[-1], tokens.device)
