@@ -50,7 +50,7 @@ from sparse_lens.kernels.rescore_ref import (  # noqa: E402
 )
 from sparse_lens.kernels.search_ref import bounds_estimate, pooled_estimate  # noqa: E402
 from sparse_lens.kernels.blocks import (  # noqa: E402
-    causal_pairs, kept_pairs_per_slot, num_blocks, pad_to_blocks, visible_key_blocks,
+    causal_pairs, fixed_blocks, kept_pairs_per_slot, num_blocks, pad_to_blocks, visible_key_blocks,
 )
 from sparse_lens.kernels.estimator_ref import stream_estimate  # noqa: E402
 from sparse_lens.kernels import block_mass_rows  # noqa: E402
@@ -225,6 +225,20 @@ def oracle_top_p(block_mass: torch.Tensor, p: float, min_blocks: int) -> tuple[t
     return indices, (sorted_mass * (slot < n_keep)).sum(-1)
 
 
+FIXED_SLOT_ORACLE = "oracle_sink_local_fixed"
+
+
+def fixed_slot_oracle(block_mass: torch.Tensor, n_visible: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Recall of the best selection that keeps the sink and local blocks (as every estimator here
+    does) plus the ``top_k - sink - local`` heaviest other blocks: the ceiling of their recall.
+    Its ``oracle_ratio`` says how much of the exact top-k oracle is reachable with fixed slots."""
+    fixed = fixed_blocks(n_visible, SINK, LOCAL)[None, None].expand(*block_mass.shape[:2], -1, -1)
+    fixed = fixed.clamp(min=0, max=block_mass.shape[-1] - 1)
+    fixed_mass = (block_mass.gather(-1, fixed).sum(-1) if fixed.shape[-1] else 0.0)
+    rest = block_mass.scatter(-1, fixed, 0.0) if fixed.shape[-1] else block_mass
+    return fixed_mass + rest.topk(max(top_k - SINK - LOCAL, 0), dim=-1).values.sum(-1)
+
+
 class Accumulator:
     """Per-row recalls, pruned fractions and timings over layers, for one table row."""
 
@@ -283,6 +297,9 @@ def evaluate_layers(dense, args, plan, results_path, meta) -> dict:
                     flops = estimator_flops(name, seq_len=seq_len, block=block, top_k=top_k, heads=heads, d_head=d_head)
                     acc[("fixed", name, block, top_k)].add(kept_mass(mass, indices)[:, :, rows], oracle,
                                                            pruned_fraction(indices, seq_len, block), seconds, flops)
+                acc[("fixed", FIXED_SLOT_ORACLE, block, top_k)].add(
+                    fixed_slot_oracle(mass, n_visible, top_k)[:, :, rows], oracle,
+                    window_pruned_fraction(seq_len, block, top_k))
             for max_blocks, estimate in adaptive_variants(plan, block, args):
                 (cands, cmass, keep), seconds = timed(functools.partial(
                     adaptive_candidates, query_block=block, key_block=block, max_blocks=max_blocks,
@@ -318,7 +335,7 @@ def plan_keys(plan, names, args):
     keys = []
     for block in args.blocks:
         for top_k in sorted(set(plan[block].values())):
-            keys += [("fixed", name, block, top_k) for name in names]
+            keys += [("fixed", name, block, top_k) for name in [*names, FIXED_SLOT_ORACLE]]
         for max_blocks, estimate in adaptive_variants(plan, block, args):
             keys += [("adaptive", f"{estimate} mass, cap {max_blocks}", block, p) for p in args.p]
         keys += [("oracle_top_p", None, block, p) for p in args.p]
