@@ -147,3 +147,16 @@ def test_bad_inputs_raise():
         exact_candidate_mass_triton(query, key, candidates[:, :, :2], query_block=16, key_block=16)
     with pytest.raises(ValueError):
         exact_candidate_mass_triton(query, key, candidates, query_block=16, key_block=16, query_stride=0)
+
+
+@pytest.mark.parametrize("estimator", ["rescored", "adaptive"])
+def test_estimate_blocks_runs_strided_rescoring_on_the_fused_kernel(estimator):
+    # estimate_blocks' Triton branch (Stream's kernel, then this kernel) with a query stride
+    # equals the torch path (Stream's reference search, then the reference rescoring).
+    from sparse_lens.kernels.estimate import estimate_blocks
+
+    query, key, _ = inputs(seq_len=136, d_head=16, seed=4)
+    settings = dict(estimator=estimator, query_block=16, key_block=16, top_k=5, sink_blocks=1, local_blocks=1,
+                    beam=2, rescore_query_stride=4, min_blocks=3, top_p=0.8, scale=0.5)
+    assert torch.equal(estimate_blocks(query, key, backend="triton", **settings),
+                       estimate_blocks(query, key, backend="reference", **settings))
