@@ -123,6 +123,10 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         query = self.hook_rot_q(query)
         key = self.hook_rot_k(key)
         key, value = self._update_kv_cache(key, value, **kwargs)
+        # The rotary outputs are strided views of [batch, pos, heads * d_head] buffers, which each
+        # kernel would copy to contiguous again: one copy here, and the strided buffers are freed
+        # before the estimator and attention run (about 1.5 residual-stream copies less at their peak).
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
 
         scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         n_cached = key.shape[2] - n_new
