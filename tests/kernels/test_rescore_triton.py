@@ -40,13 +40,16 @@ def random_candidates(seq_len: int, query_block: int, key_block: int, width: int
             row[slots] = chosen
             head_rows.append(row)
         rows.append(torch.stack(head_rows))
-    return torch.stack(rows)[None]
+    return torch.stack(rows)[None].to(DEVICE)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
 
 
 def inputs(seq_len=136, q_heads=4, kv_heads=2, d_head=32, dtype=torch.float32, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    query = torch.randn(1, q_heads, seq_len, d_head, generator=generator).to(dtype)
-    key = torch.randn(1, kv_heads, seq_len, d_head, generator=generator).to(dtype)
+    query = torch.randn(1, q_heads, seq_len, d_head, generator=generator).to(DEVICE, dtype)
+    key = torch.randn(1, kv_heads, seq_len, d_head, generator=generator).to(DEVICE, dtype)
     # a few keys that some queries attend to strongly, so masses are far from uniform
     key[:, :, ::37] *= 3.0
     return query, key, generator
@@ -77,9 +80,9 @@ def test_mass_bf16_and_default_scale():
 def test_every_output_element_is_written():
     query, key, generator = inputs(seq_len=96)
     candidates = random_candidates(96, 16, 16, 5, query.shape[1], generator).to(torch.int32)
-    mass = torch.full(candidates.shape, -7.0)
+    mass = torch.full(candidates.shape, -7.0, device=DEVICE)
     _launch(query, key, candidates, mass, mode=MODE_MASS, query_block=16, key_block=16, scale=0.2, query_stride=1)
-    kept = torch.full((*candidates.shape[:3], 3), -7, dtype=torch.int64)
+    kept = torch.full((*candidates.shape[:3], 3), -7, dtype=torch.int64, device=DEVICE)
     _launch(query, key, candidates, kept, mode=MODE_TOP_K, query_block=16, key_block=16, scale=0.2, query_stride=1,
             sink_blocks=1, local_blocks=1)
     assert (mass != -7).all() and (kept != -7).all()
