@@ -166,6 +166,10 @@ class HookedSparseTransformer(TransformerBridge):
         make them equally long). Token tensors are taken as they are: every position is real.
         """
         _reject_padding(attention_mask)
+        if kwargs.get("past_key_values") is None and return_type != "logits_and_cache":
+            # HF builds a KV cache by default: every layer's keys and values would stay alive to
+            # the end of the forward (16 residual-stream copies for a Llama-3.1-8B shape).
+            kwargs.setdefault("use_cache", False)
         if isinstance(input, list) and all(isinstance(item, str) for item in input):
             input = self.unpadded_tokens(input, prepend_bos=prepend_bos)
         return super().forward(
