@@ -48,7 +48,7 @@ class StreamConfig:
         top_p: ``"adaptive"``: estimated attention mass each row keeps.
         min_blocks: ``"adaptive"``: fewest key blocks a row keeps.
         antidiagonal_stride: ``"antidiagonal"``: stride of the scored antidiagonals.
-        causal_selection: Strictly causal selection (``sparse_lens.kernels.causal``): query block
+        causal_selection: Strictly causal selection (``kernels/causal.py``): query block
             ``b`` keeps the key blocks the estimator chose for the query block before it plus the
             ``ceil(query_block / key_block)`` key blocks overlapping ``b`` (the estimator runs with
             that many fewer blocks), so what a position reads never depends on later tokens.
