@@ -1,12 +1,19 @@
 """``sparse-lens trace``: one sparse trace of a needle-in-a-haystack prompt, end to end.
 
-Loads the model, builds a RULER-style needle prompt of ``--length`` tokens, runs it sparsely with
+Loads the model, builds a RULER-style needle prompt of ``--length`` tokens (the haystack is
+generated, or the user's own document with ``--text FILE``), runs it sparsely with
 every layer's pattern cached, scores fidelity against dense attention (where dense is affordable),
 lets the model answer (sparse prefill, greedy decode), then makes the figures (recall per layer,
 the needle's blocks per layer and head, the route from the answer to the needle, sentence
 salience, per-head block heatmaps of a few layers) and writes ``summary.json`` and
 ``report.html`` (a self-contained page embedding the figures) beside them. The sparse forward,
 fidelity and figure passes show progress bars over layers.
+
+Defaults are chosen so that a first run finishes in minutes on a laptop CPU and shows real
+pruning: 16-token blocks and ``--top-k auto``, which keeps about one key block in 16 at the end of
+the prompt (so ~87% of the causal query-key pairs are pruned at any length); ``--length`` is
+4096 tokens on a GPU and 1024 on the CPU, where the dense comparison (quadratic time) is the
+slowest step.
 """
 
 from __future__ import annotations
@@ -31,15 +38,43 @@ from sparse_lens.data import needle_prompt, score_answer
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
 
 DENSE_FIDELITY_LIMIT = 16_384
+GPU_LENGTH, CPU_LENGTH = 4096, 1024
+TRACE_BLOCK = 16
+AUTO_TOP_K_SHARE = 16  # --top-k auto keeps about 1 / AUTO_TOP_K_SHARE of the last query block's key blocks
+
+
+def auto_top_k(length: int, key_block: int, query_block: int, sink_blocks: int, local_blocks: int) -> int:
+    """``--top-k auto``: about one in ``AUTO_TOP_K_SHARE`` of the key blocks a prompt of ``length``
+    tokens has (so the share of pruned query-key pairs stays near 1 - 2 / AUTO_TOP_K_SHARE at any
+    length), and never fewer than the sink, local and (causal selection) diagonal blocks need."""
+    n_key_blocks = -(-length // key_block)
+    band = -(-query_block // key_block)
+    fewest = band + max(1, sink_blocks + max(local_blocks - band, 0))
+    return max(fewest, sink_blocks + local_blocks, -(-n_key_blocks // AUTO_TOP_K_SHARE))
+
+
+def _top_k_argument(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("--top-k must be 'auto' or an int >= 1")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, GGUF path, HF directory or hub id")
-    parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
+    parser.add_argument("--length", type=int, default=None,
+                        help=f"prompt length in tokens (default: {GPU_LENGTH} on a GPU, {CPU_LENGTH} on the CPU)")
+    parser.add_argument("--text", type=Path, default=None, metavar="FILE",
+                        help="trace your own document: FILE's text (UTF-8) is the haystack the needle is hidden in, "
+                             "cut to --length tokens")
     parser.add_argument("--out", type=Path, default=Path("trace_out"), help="output directory")
-    parser.add_argument("--query-block", type=int, default=64)
-    parser.add_argument("--key-block", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=16, help="key blocks kept per query block")
+    parser.add_argument("--query-block", type=int, default=TRACE_BLOCK)
+    parser.add_argument("--key-block", type=int, default=TRACE_BLOCK)
+    parser.add_argument("--top-k", type=_top_k_argument, default="auto",
+                        help="key blocks kept per query block, or 'auto': about 1 in "
+                             f"{AUTO_TOP_K_SHARE} of the prompt's key blocks (~87%% of pairs pruned)")
     parser.add_argument("--sink-blocks", type=int, default=1)
     parser.add_argument("--local-blocks", type=int, default=1)
     parser.add_argument("--estimator", choices=ESTIMATORS, default=StreamConfig().estimator,
@@ -59,16 +94,23 @@ def run(args: argparse.Namespace) -> dict:
     if str(args.model) == DEFAULT_MODEL:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model needs no hub
     started = time.perf_counter()
+    length = args.length or (GPU_LENGTH if str(args.device).startswith("cuda") else CPU_LENGTH)
+    top_k = args.top_k
+    if top_k == "auto":
+        top_k = auto_top_k(length, args.key_block, args.query_block, args.sink_blocks, args.local_blocks)
+    haystack = args.text.read_text(encoding="utf-8") if args.text is not None else None
     stream = StreamConfig(
-        query_block=args.query_block, key_block=args.key_block, top_k=args.top_k,
+        query_block=args.query_block, key_block=args.key_block, top_k=top_k,
         sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, estimator=args.estimator, mode="sparse",
         keep_qk=False,
     )
-    print(f"[1/6] loading {args.model}", flush=True)
+    print(f"[1/6] loading {args.model} on {args.device}", flush=True)
     model = HookedSparseTransformer.from_pretrained(args.model, stream=stream, device=args.device)
     heatmap_layers = parse_layers(args.heatmap_layers, model.cfg.n_layers)
-    print(f"[2/6] building a {args.length}-token needle prompt", flush=True)
-    sample = needle_prompt(model.tokenizer, args.length, depth=args.depth, seed=args.seed, answer_tokens=args.max_new_tokens)
+    source = f"the text of {args.text}" if args.text is not None else "a generated haystack"
+    print(f"[2/6] building a {length}-token needle prompt from {source}", flush=True)
+    sample = needle_prompt(model.tokenizer, length, depth=args.depth, seed=args.seed, answer_tokens=args.max_new_tokens,
+                           haystack=haystack)
     tokens = torch.tensor([sample.input_ids], device=args.device)
 
     print(f"[3/6] sparse forward with every layer's pattern cached ({sample.length} tokens)", flush=True)
@@ -84,20 +126,22 @@ def run(args: argparse.Namespace) -> dict:
         print("[4/6] fidelity against dense attention (observe mode, quadratic time)", flush=True)
         with layer_progress(model, "dense forward"):
             dense = collect_dense(model, tokens)
-        scores = fidelity(model, tokens, dense=dense, verbose=True, per_layer=True)
+        with layer_progress(model, "sparse forward (fidelity)"):  # fidelity's own sparse run, after its layer loop
+            scores = fidelity(model, tokens, dense=dense, verbose=True, per_layer=True)
         del dense
     else:
         print("[4/6] fidelity skipped (sequence beyond the dense limit; --fidelity on forces it)", flush=True)
 
     print("[5/6] answering (sparse prefill, greedy decode)", flush=True)
-    generated = model.generate(tokens, max_new_tokens=args.max_new_tokens)
+    generated = model.generate(tokens, max_new_tokens=args.max_new_tokens, verbose=True)
     answer = model.tokenizer.decode(generated[0, tokens.shape[1]:], skip_special_tokens=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {
         "model": str(args.model),
         "length": sample.length,
-        "config": stream.to_dict(),
+        "document": str(args.text) if args.text is not None else "generated haystack",
+        "settings": describe(stream),
         "pruned_fraction": scores.get("pruned_fraction", sum(p.pruned_fraction() for p in patterns) / len(patterns)),
         "mass_recall_mean": scores.get("mass_recall_mean"),
         "mass_recall_p5": scores.get("mass_recall_p5"),
@@ -116,6 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         "peak_memory_gb": round(_peak_memory_gb(args.device), 3),
         "device": str(args.device),
         "plot": "needle_blocks.png",
+        "config": stream.to_dict(),
     }
     print("[6/6] per-layer figures and the report", flush=True)
     summary.update(write_trace_report(
@@ -125,8 +170,15 @@ def run(args: argparse.Namespace) -> dict:
     summary["seconds"] = round(time.perf_counter() - started, 2)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({key: value for key, value in summary.items() if key != "per_layer"}, indent=2))
-    print(f"wrote {args.out / 'summary.json'} and {args.out / 'report.html'}", flush=True)
+    print(f"wrote {args.out / 'summary.json'} and the figures; open the report: {args.out / 'report.html'}", flush=True)
     return summary
+
+
+def describe(stream: StreamConfig) -> str:
+    """The trace's settings in one line, for the report's summary."""
+    selection = "causal selection" if getattr(stream, "causal_selection", False) else "selection by the whole query block"
+    return (f"{stream.estimator} estimator, {stream.query_block}-token query and {stream.key_block}-token key blocks, "
+            f"top_k {stream.top_k} (incl. {stream.sink_blocks} sink, {stream.local_blocks} local), {selection}")
 
 
 @contextmanager

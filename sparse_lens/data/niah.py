@@ -46,10 +46,13 @@ def needle_prompt(
     depth: float = 0.5,
     seed: int = 0,
     answer_tokens: int = 16,
+    haystack: str | None = None,
 ) -> NeedleSample:
     """A single-needle prompt of at most ``length - answer_tokens`` tokens (as close as the lines allow).
 
-    ``depth`` in [0, 1] places the needle at that fraction of the haystack lines.
+    ``depth`` in [0, 1] places the needle at that fraction of the haystack lines. ``haystack``: a
+    document (e.g. the user's own text) whose non-blank lines replace the generated noise lines,
+    from its start; the prompt is shorter than ``length`` when the document is.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}.")
@@ -60,17 +63,24 @@ def needle_prompt(
     question = f"What is the special magic number for {key} mentioned in the provided text?"
     answer_prefix = f"The special magic number for {key} mentioned in the provided text is"
     budget = length - answer_tokens
+    lines = None if haystack is None else [line.rstrip("\n") + "\n" for line in haystack.splitlines() if line.strip()]
+    max_lines = None if lines is None else len(lines)
+
+    def filler(start: int, end: int) -> str:
+        return NOISE_LINE * (end - start) if lines is None else "".join(lines[start:end])
 
     def build(n_lines: int) -> tuple[str, str]:
         before = int(round(depth * n_lines))
-        head = _format(tokenizer, INSTRUCTION + NOISE_LINE * before, question, answer_prefix, part="head")
-        body = needle + NOISE_LINE * (n_lines - before)
-        return head, _format(tokenizer, INSTRUCTION + NOISE_LINE * before + body, question, answer_prefix)
+        head = _format(tokenizer, INSTRUCTION + filler(0, before), question, answer_prefix, part="head")
+        body = needle + filler(before, n_lines)
+        return head, _format(tokenizer, INSTRUCTION + filler(0, before) + body, question, answer_prefix)
 
     n_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     low, high = 0, max(1, budget // max(1, n_tokens(NOISE_LINE) - 1))
-    while n_tokens(build(high)[1]) <= budget:
-        high *= 2
+    if max_lines is not None:
+        high = min(high, max_lines)
+    while (max_lines is None or high < max_lines) and n_tokens(build(high)[1]) <= budget:
+        high = high * 2 if max_lines is None else min(high * 2, max_lines)
     while low < high:  # largest line count that fits the budget
         mid = (low + high + 1) // 2
         low, high = (mid, high) if n_tokens(build(mid)[1]) <= budget else (low, mid - 1)

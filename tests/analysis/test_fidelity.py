@@ -76,3 +76,51 @@ def test_fidelity_per_layer_figures_add_up_to_the_totals():
     assert report["oracle_recall_mean"] == pytest.approx(sum(row["oracle_recall_mean"] for row in layers) / 2, rel=1e-5)
     for row in layers:
         assert 0 < row["mass_recall_p5"] <= row["mass_recall_mean"] <= row["oracle_recall_mean"] + 1e-6 <= 1 + 1e-6
+
+
+def test_adaptive_fidelity_figures_match_brute_force():
+    # estimator="adaptive" keeps between min_blocks and top_k blocks per row: fidelity scores every
+    # row that sees more than min_blocks key blocks, against the exact top-k at the cap top_k.
+    top_k, min_blocks = 6, 2
+    stream = sl.StreamConfig(query_block=BLOCK, key_block=BLOCK, top_k=top_k, min_blocks=min_blocks,
+                             estimator="adaptive", top_p=0.6)
+    sparse, dense = sparse_and_dense(tiny_llama_config(), stream)
+    tokens = torch.randint(0, 90, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    report = sl.fidelity(sparse, tokens)
+
+    with torch.no_grad(), sparse.stream_settings(mode="observe"):
+        _, observed = sparse.run_with_cache(tokens)
+    with torch.no_grad():
+        dense_logits, dense_cache = dense.run_with_cache(tokens)
+        sparse_logits = sparse(tokens)
+    n_rows = SEQ // BLOCK
+    recalls, oracles, late_recalls, kept_pairs, kept_counts = [], [], [], 0, []
+    for layer in range(2):
+        probs = dense_cache[f"blocks.{layer}.attn.hook_pattern"][0]
+        indices = observed[f"blocks.{layer}.attn.hook_pattern"].block_indices[0]
+        block_mass = probs.unflatten(-1, (n_rows, BLOCK)).sum(-1).unflatten(1, (n_rows, BLOCK)).mean(2)
+        for head in range(probs.shape[0]):
+            for row in range(n_rows):
+                kept = [b for b in indices[head, row].tolist() if b >= 0]
+                kept_counts.append(len(kept))
+                kept_pairs += sum(BLOCK * BLOCK if b < row else BLOCK * (BLOCK + 1) // 2 for b in kept)
+                if row + 1 > min_blocks:  # row j sees j + 1 key blocks
+                    recalls.append(float(block_mass[head, row, kept].sum()))
+                    oracles.append(float(block_mass[head, row].topk(top_k).values.sum()))
+                if row + 1 > top_k:
+                    late_recalls.append(recalls[-1])
+    recalls, oracles = torch.tensor(recalls), torch.tensor(oracles)
+    first = min_blocks * BLOCK
+    dense_logp, sparse_logp = dense_logits[0, first:].log_softmax(-1), sparse_logits[0, first:].log_softmax(-1)
+    kl = (dense_logp.exp() * (dense_logp - sparse_logp)).sum(-1)
+
+    assert min(kept_counts) < top_k  # the adaptive rows really keep fewer blocks than the cap
+    assert report["pruned_fraction"] == pytest.approx(1 - kept_pairs / (2 * 4 * SEQ * (SEQ + 1) / 2), abs=1e-9)
+    assert report["mass_recall_mean"] == pytest.approx(float(recalls.mean()), abs=1e-5)
+    assert report["mass_recall_p5"] == pytest.approx(float(torch.quantile(recalls, 0.05)), abs=1e-5)
+    assert report["oracle_recall_mean"] == pytest.approx(float(oracles.mean()), abs=1e-5)
+    assert report["next_token_kl"] == pytest.approx(float(kl.mean()), abs=1e-5)
+    assert report["top1_agreement"] == pytest.approx(float((dense_logp.argmax(-1) == sparse_logp.argmax(-1)).float().mean()))
+    assert report["positions_scored"] == SEQ - first
+    # Scoring only the rows past top_k (the non-adaptive rule) would give another figure:
+    assert abs(float(torch.tensor(late_recalls).mean()) - report["mass_recall_mean"]) > 1e-4

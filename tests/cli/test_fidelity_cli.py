@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 import sparse_lens as sl
 from sparse_lens.cli import fidelity as fidelity_cli
 from sparse_lens.cli.main import main
@@ -41,3 +44,31 @@ def test_fidelity_command_writes_fidelity_needles_and_ruler(tmp_path, monkeypatc
     assert ruler["samples"] == 2 and [r["task"] for r in ruler["records"]] == ["niah_single_1", "vt"]
     assert all(r["needle"] is not None and r["dense_new_tokens"] <= 4 for r in ruler["records"])
     assert 0 <= ruler["dense_accuracy"] <= 1 and 0 <= ruler["sparse_accuracy"] <= 1
+
+
+def test_fidelity_command_reports_what_it_scored(tmp_path, monkeypatch):
+    # The figures of `sparse-lens fidelity --top-k 8` equal sl.fidelity's with top_k 8 on the same model
+    # and sample (computed here independently), so a CLI scoring another config than it reports fails.
+    from sparse_lens.data import make_sample
+
+    def tiny_model(name, stream, device):
+        tokenizer = byte_tokenizer()
+        return sl.HookedSparseTransformer.from_config(tiny_llama_config(vocab_size=len(tokenizer)), stream, tokenizer=tokenizer)
+
+    monkeypatch.setattr(fidelity_cli, "load_model", tiny_model)
+    out = tmp_path / "fidelity.json"
+    assert main(["fidelity", "--length", "400", "--query-block", "16", "--key-block", "16", "--top-k", "8",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["stream"]["top_k"] == 8 and result["stream"]["query_block"] == 16
+
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=8, keep_qk=False)
+    model = tiny_model(None, stream, "cpu")
+    sample = make_sample("niah_single_1", model.tokenizer, 400, seed=0, answer_tokens=4)
+    assert result["length"] == sample.length
+    expected = sl.fidelity(model, torch.tensor([sample.input_ids]), stream)
+    for key in ("pruned_fraction", "mass_recall_mean", "mass_recall_p5", "oracle_ratio", "next_token_kl",
+                "top1_agreement", "final_top1"):
+        assert result["fidelity"][key] == pytest.approx(expected[key], abs=1e-6), key
+    with_16 = sl.fidelity(model, torch.tensor([sample.input_ids]), stream.replace(top_k=16))
+    assert abs(with_16["pruned_fraction"] - expected["pruned_fraction"]) > 0.05  # the check can tell them apart

@@ -4,6 +4,8 @@ so the run takes seconds; the default model's loading and prompts are tested in 
 tests/data."""
 
 import base64
+import contextlib
+import io
 import json
 import re
 
@@ -12,8 +14,9 @@ import torch
 
 from sparse_lens.analysis.needle import NeedleRecall
 from sparse_lens.cli.main import main
+from sparse_lens.cli.trace import auto_top_k
 from sparse_lens.cli.trace_report import auto_heatmap_layers, parse_layers
-from sparse_lens.data.niah import ADJECTIVES, INSTRUCTION, NOISE_LINE, NOUNS
+from sparse_lens.data.niah import ADJECTIVES, INSTRUCTION, NOISE_LINE, NOUNS, needle_prompt
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -47,12 +50,23 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def test_trace_writes_summary_figures_and_report(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "trace"
-    assert main(["trace", "--model", str(tiny_model_dir), "--length", "448", "--top-k", "4", "--query-block", "32",
-                 "--key-block", "32", "--out", str(out), "--max-new-tokens", "8", "--device", "cpu",
-                 "--heatmap-layers", "0,-1"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+TRACE_ARGS = ["--length", "448", "--top-k", "4", "--query-block", "32", "--key-block", "32", "--max-new-tokens", "8",
+              "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def traced(tiny_model_dir, tmp_path_factory):
+    """One trace run: its output folder, summary and stderr (progress bars)."""
+    out = tmp_path_factory.mktemp("trace")
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(["trace", "--model", str(tiny_model_dir), *TRACE_ARGS, "--out", str(out),
+                     "--heatmap-layers", "0,-1"]) == 0
+    return out, json.loads((out / "summary.json").read_text()), stderr.getvalue()
+
+
+def test_trace_writes_summary_figures_and_report(traced):
+    out, summary, err = traced
     for key in ("model", "length", "config", "pruned_fraction", "mass_recall_mean", "top1_agreement", "answer",
                 "correct", "seconds", "peak_memory_gb", "needle_kept_fraction", "per_layer", "report", "figures"):
         assert key in summary, key
@@ -92,7 +106,6 @@ def test_trace_writes_summary_figures_and_report(tiny_model_dir, tmp_path, capsy
     assert page.count("<tr>") >= len(rows) + 1
 
     # Progress bars over layers: the sparse and dense forwards, fidelity and the figure pass.
-    err = capsys.readouterr().err
     for bar in ("sparse forward", "dense forward", "fidelity", "layers"):
         assert re.search(rf"{bar}: 100%.*{N_LAYERS}/{N_LAYERS}", err), bar
 
@@ -110,3 +123,92 @@ def test_auto_heatmap_layers_are_the_ends_and_where_the_needle_is_read():
     mass[6, 2] = 0.5
     recall = NeedleRecall(mass > 0, mass, needle_blocks=(3,), query_block=9)
     assert auto_heatmap_layers(recall, None, 12) == [0, 6, 11]
+
+
+@torch.no_grad()
+def test_trace_reports_the_figures_recomputed_here(traced, tiny_model_dir):
+    # Recompute the summary's headline figures independently: the same prompt, a dense (SDPA) and a
+    # sparse forward of the same model, brute-force pair counts and next-token agreement.
+    import sparse_lens as sl
+
+    out, summary, _ = traced
+    block, top_k = 32, 4
+    stream = sl.StreamConfig(query_block=block, key_block=block, top_k=top_k, keep_qk=False)
+    model = sl.HookedSparseTransformer.from_pretrained(str(tiny_model_dir), stream=stream, device="cpu")
+    sample = needle_prompt(model.tokenizer, 448, depth=0.5, seed=0, answer_tokens=8)
+    tokens = torch.tensor([sample.input_ids])
+    assert summary["length"] == tokens.shape[1] and summary["config"]["top_k"] == top_k
+    sparse_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    with model.stream_settings(mode="dense"):
+        dense_logits = model(tokens)
+
+    seq = tokens.shape[1]
+    kept, causal = 0, 0
+    for layer in range(N_LAYERS):
+        indices = cache[f"blocks.{layer}.attn.hook_pattern"].block_indices[0]  # [head, row, slot]
+        for head_rows in indices.tolist():
+            for row, blocks in enumerate(head_rows):
+                queries = range(row * block, min(seq, (row + 1) * block))
+                for b in blocks:
+                    if b >= 0:
+                        kept += sum(max(0, min(q + 1, (b + 1) * block) - b * block) for q in queries)
+        causal += indices.shape[0] * seq * (seq + 1) // 2
+    assert summary["pruned_fraction"] == pytest.approx(1 - kept / causal, abs=1e-6)
+
+    first = top_k * block  # query block top_k is the first that sees more than top_k key blocks
+    agree = dense_logits[0, first:].argmax(-1) == sparse_logits[0, first:].argmax(-1)
+    assert summary["top1_agreement"] == pytest.approx(float(agree.float().mean()), abs=1e-6)
+    dense_logp, sparse_logp = dense_logits[0, first:].log_softmax(-1), sparse_logits[0, first:].log_softmax(-1)
+    kl = (dense_logp.exp() * (dense_logp - sparse_logp)).sum(-1)
+    assert summary["next_token_kl"] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-6)
+    assert 0 < float(agree.float().mean()) < 1  # so top1_agreement cannot pass as the last position's 0 or 1
+
+    generated = model.generate(tokens, max_new_tokens=8)
+    answer = model.tokenizer.decode(generated[0, seq:], skip_special_tokens=True)
+    assert summary["answer"] == answer and summary["expected"] == sample.answers
+    assert summary["correct"] is (sample.answers[0] in answer)
+
+
+def test_a_correct_answer_is_reported_correct(tiny_model_dir, tmp_path, monkeypatch):
+    # The random model never answers, so make it: generate returns the expected number.
+    import sparse_lens as sl
+
+    def answering(self, tokens, max_new_tokens=32, **_):
+        expected = needle_prompt(self.tokenizer, 448, depth=0.5, seed=0, answer_tokens=8).answers[0]
+        ids = self.tokenizer(" " + expected, add_special_tokens=False)["input_ids"]
+        return torch.cat([tokens, torch.tensor([ids])], dim=1)
+
+    monkeypatch.setattr(sl.HookedSparseTransformer, "generate", answering)
+    out = tmp_path / "trace"
+    assert main(["trace", "--model", str(tiny_model_dir), *TRACE_ARGS, "--out", str(out), "--fidelity", "off",
+                 "--heatmap-layers", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["expected"][0] in summary["answer"] and summary["correct"] is True
+
+
+def test_trace_of_a_users_document(tiny_model_dir, tmp_path):
+    document = tmp_path / "notes.txt"
+    document.write_text("".join(f"Line {index} of my own notes: the {NOUNS[index % 20]} is {ADJECTIVES[index % 20]}.\n"
+                                for index in range(200)), encoding="utf-8")
+    out = tmp_path / "trace"
+    assert main(["trace", "--model", str(tiny_model_dir), "--text", str(document), "--length", "320",
+                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(out), "--fidelity", "off",
+                 "--heatmap-layers", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["document"] == str(document) and summary["length"] <= 316
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "notes.txt" in page and page.count("<h2>") >= 4
+    # The prompt traced is the document's (with the needle), not the generated haystack.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    own = needle_prompt(tokenizer, 320, answer_tokens=4, haystack=document.read_text(encoding="utf-8"))
+    assert "Line 0 of my own notes" in own.prompt and summary["length"] == own.length
+    assert needle_prompt(tokenizer, 320, answer_tokens=4).length != own.length
+    # --top-k auto with 16-token blocks: about 1 in 16 of the prompt's key blocks, never below the minimum.
+    assert summary["config"]["query_block"] == 16 and summary["config"]["top_k"] == auto_top_k(320, 16, 16, 1, 1)
+
+
+def test_auto_top_k_prunes_most_pairs_at_any_length():
+    assert [auto_top_k(length, 16, 16, 1, 1) for length in (320, 1024, 2048, 4096, 131072)] == [2, 4, 8, 16, 512]
+    assert auto_top_k(4096, 64, 64, 1, 1) == 4 and auto_top_k(256, 16, 64, 1, 4) >= 1 + 4
