@@ -95,8 +95,9 @@ def clear_rows(candidates, mass, always_keep, n_keep):
     ordered = rank_key.sort(-1, descending=True).values
     padded = torch.cat([ordered, torch.full_like(ordered[..., :1], -10.0)], -1)
     n_valid = (candidates >= 0).sum(-1, keepdim=True)
-    at = torch.minimum(torch.as_tensor(n_keep).expand_as(n_valid), n_valid).clamp(min=1)
-    everything_kept = (n_valid <= torch.as_tensor(n_keep)).squeeze(-1)
+    n_keep = torch.as_tensor(n_keep, device=n_valid.device)
+    at = torch.minimum(n_keep.expand_as(n_valid), n_valid).clamp(min=1)
+    everything_kept = (n_valid <= n_keep).squeeze(-1)
     return everything_kept | ((padded.gather(-1, at - 1) - padded.gather(-1, at)).squeeze(-1) > 1e-4)
 
 
