@@ -45,9 +45,12 @@ def fused_backend(query: Tensor, key: Tensor, value: Tensor, *, scale: float) ->
     """
     if query.shape[-1] % 8 or value.shape[-1] != query.shape[-1]:
         return None
-    choice = torch.ops.aten._fused_sdp_choice(
-        query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
-    )
+    try:
+        choice = torch.ops.aten._fused_sdp_choice(
+            query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+        )
+    except RuntimeError:  # "No available kernel": every allowed backend refused (e.g. under sdpa_kernel)
+        return None
     backend = SDPBackend(choice)
     return backend if backend in FUSED_BACKENDS else None
 
