@@ -9,19 +9,13 @@ and no T x T tensor is built anywhere in the forward pass (HF's eager mask is sw
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Iterator
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.sources._bridge_builder import (
-    build_bridge_config_from_hf,
-    configure_tokenizer,
-)
-from transformer_lens.model_bridge.sources.transformers_driver import TransformersDriver
+from transformer_lens.model_bridge.sources import build_bridge_from_module
 
 from sparse_lens.config import StreamConfig
 from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, ShapeError, UnsupportedModelError
@@ -80,18 +74,22 @@ class HookedSparseTransformer(TransformerBridge):
         *,
         model_name: str = "external",
     ) -> "HookedSparseTransformer":
-        """Wrap a loaded HF causal LM (modified in place: bridge components replace its modules)."""
+        """Wrap a loaded HF causal LM (modified in place: bridge components replace its modules).
+
+        Built through TransformerLens' public seam, ``build_bridge_from_module``: its
+        ``post_adapter_hook`` swaps each block's attention template for a
+        :class:`~sparse_lens.tl.attention.SparseAttentionBridge` before the adapter wraps the HF
+        modules. That function always returns a plain ``TransformerBridge``; the result is
+        re-classed to ``cls``, which is safe because HookedSparseTransformer adds methods and
+        properties only (no ``__init__``, no slots), so the object is exactly what ``cls(...)``
+        with the same adapter, tokenizer and driver would have built.
+        """
         architecture = check_supported(hf_model)
-        bridge_config = build_bridge_config_from_hf(
-            hf_model.config, architecture, model_name, next(hf_model.parameters()).dtype
+        model = build_bridge_from_module(
+            hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer, model_name=model_name,
+            post_adapter_hook=_install_sparse_attention,
         )
-        adapter = ArchitectureAdapterFactory.select_architecture_adapter(bridge_config)
-        _install_sparse_attention(adapter)
-        adapter.cfg.device = str(next(hf_model.parameters()).device)
-        adapter.prepare_model(hf_model)
-        if tokenizer is not None:
-            tokenizer = configure_tokenizer(tokenizer, adapter.cfg)
-        model = cls(hf_model, adapter, tokenizer, driver=TransformersDriver(hf_model, adapter, tokenizer))
+        model.__class__ = cls
         # The bridge forces HF eager attention, whose decoder builds a [B, 1, T, T] mask. With
         # "sdpa" HF passes attention_mask=None for unpadded input; our attention ignores the
         # setting itself (it never calls HF's attention function).
