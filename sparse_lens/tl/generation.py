@@ -25,9 +25,15 @@ def greedy_generate(
     eos_token_id: int | None = None,
     verbose: bool = False,
     stop: Callable[[Tensor], bool] | None = None,
+    logits_processor: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Int[Tensor, "batch pos_plus_new"]:
     """Append up to ``max_new_tokens`` greedy tokens; stop early once every row produced EOS, or
-    once ``stop(output)`` (called with the tokens so far after each step) returns True."""
+    once ``stop(output)`` (called with the tokens so far after each step) returns True.
+
+    ``logits_processor``: ``(tokens so far [batch, pos], next-token scores [batch, vocab]) ->
+    scores``, applied before the argmax as Hugging Face's ``generate`` applies its
+    ``LogitsProcessorList`` (scores upcast to float32 first, as there); e.g.
+    ``LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.1)])``. Decoding stays greedy."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=hf_model.config)
@@ -38,7 +44,10 @@ def greedy_generate(
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose):
         logits = hf_model(input_ids=step_input, use_cache=True, **{cache_kwarg: cache}).logits
-        next_token = logits[:, -1].argmax(-1)
+        scores = logits[:, -1]
+        if logits_processor is not None:
+            scores = logits_processor(output, scores.to(dtype=torch.float32, copy=True))
+        next_token = scores.argmax(-1)
         if eos_token_id is not None:
             next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
             finished |= next_token == eos_token_id

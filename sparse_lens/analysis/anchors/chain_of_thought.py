@@ -22,6 +22,7 @@ from torch import Tensor
 from sparse_lens.analysis.anchors.salience import PROXIMITY, TOP_HEADS, ThoughtAnchors, observe_thought_anchors
 from sparse_lens.analysis.anchors.sentences import Sentences, split_sentences
 from sparse_lens.data.chain_of_thought import COT_INSTRUCTION, chain_of_thought_prompt
+from sparse_lens.tl.generation import greedy_generate
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,10 @@ def generate_chain_of_thought(
 
     Small models decoding greedily tend to loop (the same sentence until ``max_new_tokens``).
     ``repetition_penalty`` > 1 and ``no_repeat_ngram_size`` > 0 apply Hugging Face's logits
-    processors of those names before the argmax (decoding stays deterministic; it then runs
-    through the wrapped Hugging Face model's ``generate``, which gives the same tokens as
-    ``model.generate`` without them).
+    processors of those names before the argmax (decoding stays deterministic and goes through
+    the same KV-cached greedy loop as ``model.generate``,
+    :func:`~sparse_lens.tl.generation.greedy_generate`; the tokens are those of Hugging Face's
+    ``generate`` with the same settings).
 
     ``min_new_tokens`` > 0 forces a longer reasoning ("budget forcing", Muennighoff et al. 2025,
     arXiv 2501.19393): when the model ends its turn before that many tokens, the end token is
@@ -126,16 +128,18 @@ def generate_chain_of_thought(
 
 def _greedy(model: Any, tokens: Tensor, max_new_tokens: int, eos: int | None, repetition_penalty: float,
             no_repeat_ngram_size: int, verbose: bool) -> Tensor:
+    """Greedy tokens after ``tokens`` with a dense (observe-mode) prefill, through
+    ``greedy_generate`` with Hugging Face's repetition processors (in ``generate``'s order) when set."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     with model.stream_settings(mode="observe"):
-        if repetition_penalty == 1.0 and no_repeat_ngram_size == 0:
-            return model.generate(tokens, max_new_tokens=max_new_tokens, verbose=verbose)
-        if max_new_tokens <= 0:
-            return tokens
-        return model.original_model.generate(
-            tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=max_new_tokens, do_sample=False,
-            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            eos_token_id=eos, pad_token_id=eos,
-        )
+        return greedy_generate(model.original_model, tokens.to(model.cfg.device), max_new_tokens, eos_token_id=eos,
+                               verbose=verbose, logits_processor=processors or None)
 
 
 def chain_of_thought_anchors(

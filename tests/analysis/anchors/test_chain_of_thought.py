@@ -12,6 +12,7 @@ import torch
 
 import sparse_lens as sl
 from sparse_lens.analysis.anchors.agreement import compare_anchors
+from sparse_lens.analysis.anchors import chain_of_thought as chain_of_thought_module
 from sparse_lens.analysis.anchors.chain_of_thought import (
     ChainOfThought,
     _greedy,
@@ -22,6 +23,7 @@ from sparse_lens.analysis.anchors.chain_of_thought import (
 from sparse_lens.analysis.anchors.salience import thought_anchors
 from sparse_lens.data.chain_of_thought import WORD_PROBLEMS, chain_of_thought_prompt
 from sparse_lens.plots import plot_receiver_kurtosis, plot_salience
+from sparse_lens.tl.generation import greedy_generate
 from tests.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 from tests.conftest import tiny_llama_config
 
@@ -55,11 +57,12 @@ def test_generate_chain_of_thought_decodes_after_the_chat_prompt(tiny_model, mon
     seen = {}
     original = type(tiny_model).generate
 
-    def spy(self, tokens, max_new_tokens=32, **kwargs):
-        seen.update(tokens=tokens, mode=self.stream.mode, max_new_tokens=max_new_tokens)
-        return original(self, tokens, max_new_tokens=max_new_tokens, **kwargs)
+    def spy(hf_model, tokens, max_new_tokens, **kwargs):  # the one greedy loop model.generate runs too
+        assert hf_model is tiny_model.original_model and kwargs["logits_processor"] is None
+        seen.update(tokens=tokens, mode=tiny_model.stream.mode, max_new_tokens=max_new_tokens)
+        return greedy_generate(hf_model, tokens, max_new_tokens, **kwargs)
 
-    monkeypatch.setattr(type(tiny_model), "generate", spy)
+    monkeypatch.setattr(chain_of_thought_module, "greedy_generate", spy)
     question = WORD_PROBLEMS["savings"].question
     text = generate_chain_of_thought(tiny_model, question, max_new_tokens=20)
     tokenizer = tiny_model.tokenizer
@@ -78,12 +81,12 @@ def test_budget_forcing_replaces_early_end_of_turn_by_the_continuation(tiny_mode
     tokenizer = tiny_model.tokenizer
     calls = []
 
-    def ends_after_three_tokens(self, tokens, max_new_tokens=32, **kwargs):
+    def ends_after_three_tokens(hf_model, tokens, max_new_tokens, **kwargs):
         calls.append((tokens.shape[1], max_new_tokens))
         step = torch.tensor([tokenizer("abc", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]])
         return torch.cat([tokens, step[:, :max_new_tokens]], dim=1)
 
-    monkeypatch.setattr(type(tiny_model), "generate", ends_after_three_tokens)
+    monkeypatch.setattr(chain_of_thought_module, "greedy_generate", ends_after_three_tokens)
     assert generate_chain_of_thought(tiny_model, "Why?", max_new_tokens=30) == "abc"
     calls.clear()
     text = generate_chain_of_thought(tiny_model, "Why?", max_new_tokens=30, min_new_tokens=13, continuation="Hmm,")
@@ -102,7 +105,7 @@ def test_budget_forcing_replaces_early_end_of_turn_by_the_continuation(tiny_mode
     assert generate_chain_of_thought(tiny_model, "Why?", max_new_tokens=12, min_new_tokens=100) == "abc\n\nWait,ab"
 
 
-def test_repetition_controls_decode_through_hugging_face_generate(tiny_model):
+def test_repetition_controls_decode_as_hugging_face_generate_through_the_one_greedy_loop(tiny_model):
     tokenizer = tiny_model.tokenizer
     prompt = torch.tensor([tokenizer(chain_of_thought_prompt(tokenizer, "Why?"), add_special_tokens=False)["input_ids"]])
     eos = tokenizer.eos_token_id
@@ -120,6 +123,15 @@ def test_repetition_controls_decode_through_hugging_face_generate(tiny_model):
     assert len(set(bigrams(plain))) < len(bigrams(plain))  # a random tiny model loops
     guarded = _greedy(tiny_model, prompt, 40, eos, 1.0, 2, False)
     assert len(set(bigrams(guarded))) == len(bigrams(guarded)) and guarded.shape[1] > prompt.shape[1]
+    # with the repetition controls, the one greedy loop gives Hugging Face's generate tokens
+    for penalty, ngram in ((1.3, 0), (1.0, 2), (1.3, 2)):
+        ours = _greedy(tiny_model, prompt, 40, eos, penalty, ngram, False)
+        with tiny_model.stream_settings(mode="observe"):
+            hf = tiny_model.original_model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                repetition_penalty=penalty, no_repeat_ngram_size=ngram, eos_token_id=eos, pad_token_id=eos)
+        assert torch.equal(ours, hf), (penalty, ngram)
+    assert not torch.equal(_greedy(tiny_model, prompt, 40, eos, 1.3, 0, False), plain)
     assert tiny_model.stream.mode == "sparse"
     text = generate_chain_of_thought(tiny_model, "Why?", max_new_tokens=40, no_repeat_ngram_size=2,
                                      repetition_penalty=1.3)
