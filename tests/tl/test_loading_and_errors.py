@@ -47,8 +47,9 @@ def test_unsupported_family_lists_the_supported_ones():
 def test_unsupported_attention_feature_is_named():
     config = tiny_qwen2_config(use_sliding_window=True, sliding_window=32, max_window_layers=0,
                                layer_types=["sliding_attention", "sliding_attention"])
+    model = sl.HookedSparseTransformer.from_config(config)  # a window binds only past its length
     with pytest.raises(sl.UnsupportedModelError, match="sliding-window"):
-        sl.HookedSparseTransformer.from_config(config)
+        model(torch.randint(0, 90, (1, 33)))
 
 
 def test_padding_and_overlong_observe_raise():

@@ -1,0 +1,150 @@
+"""Model families beyond Llama and Qwen2, each as a tiny random config built offline.
+
+Per family: with every causal block kept, the logits equal the HF model's own forward and the
+hooks (``hook_q_normed``/``hook_k_normed`` where present, ``hook_rot_q/k``, ``hook_z``, the
+residual stream) equal TransformerLens' dense bridge. What stays unsupported raises
+``UnsupportedModelError`` naming the feature and the layer.
+"""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import sparse_lens as sl
+from tests.conftest import tiny_llama_config
+
+SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+NOTHING_PRUNED = sl.StreamConfig(query_block=16, key_block=16, top_k=8, sink_blocks=1, local_blocks=1)
+SEQ = 64
+
+FAMILIES = {
+    # QK-norm per head (weight [d_head]), normed on [batch, head, pos, d_head] before RoPE
+    "qwen3": lambda: transformers.Qwen3Config(**SHAPE, head_dim=16),
+    # QK-norm over the whole projection (weight [n_heads * d_head]), before the head split
+    "olmo2": lambda: transformers.Olmo2Config(**SHAPE),
+    # Mistral without a window, and with one exactly as long as the input (HF then passes a
+    # causal mask, which must be accepted; the window hides nothing)
+    "mistral": lambda: transformers.MistralConfig(**SHAPE, sliding_window=None),
+    "mistral-window": lambda: transformers.MistralConfig(**SHAPE, sliding_window=SEQ),
+    # Ministral 3: the Llama-4 query scale after RoPE; original_max 8 makes it bite at 64 tokens
+    "ministral3": lambda: transformers.Ministral3Config(**SHAPE, head_dim=16, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.5,
+        "original_max_position_embeddings": 8}),
+    # Phi: partial rotary (8 of 16 dims), parallel attention and MLP, dense q/k/v biases
+    "phi": lambda: transformers.PhiConfig(**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"},
+                                          partial_rotary_factor=0.5),
+}
+
+
+def _random_hf(config, seed: int = 0):
+    """A random HF model whose norm weights are perturbed too (HF initialises them to ones, which
+    would hide a q_norm/k_norm mix-up)."""
+    torch.manual_seed(seed)
+    hf_model = AutoModelForCausalLM.from_config(config).eval()
+    hf_model.config.architectures = [type(hf_model).__name__]
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    return hf_model
+
+
+def _tokens(seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(0, 101, (2, seq), generator=torch.Generator().manual_seed(seq))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_the_hf_model_when_nothing_is_pruned(family):
+    hf_model = _random_hf(FAMILIES[family]())
+    reference = copy.deepcopy(hf_model)
+    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, NOTHING_PRUNED)
+    tokens = _tokens()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+        expected = reference(tokens).logits
+    assert cache["blocks.1.attn.hook_pattern"].pruned_fraction() == 0.0
+    assert (logits - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_equal_the_dense_bridge(family):
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    hf_model = _random_hf(FAMILIES[family]())
+    dense_hf = copy.deepcopy(hf_model)
+    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, NOTHING_PRUNED)
+    dense = build_bridge_from_module(dense_hf, dense_hf.config.architectures[0], hf_config=dense_hf.config)
+    tokens = _tokens()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        _, dense_cache = dense.run_with_cache(tokens)
+    hooks = ["attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z", "hook_resid_pre", "hook_resid_post"]
+    if family in ("qwen3", "olmo2"):
+        hooks += ["attn.hook_q_normed", "attn.hook_k_normed"]
+    for layer in range(2):
+        for hook in hooks:
+            name = f"blocks.{layer}.{hook}"
+            assert cache[name].shape == dense_cache[name].shape, name
+            assert (cache[name] - dense_cache[name]).abs().max() <= 1e-5, name
+
+
+def test_each_family_exercises_its_feature():
+    """The configs above really carry the feature their test is about (so a bug in it would show)."""
+    def bridge(family):
+        return sl.HookedSparseTransformer.from_hf_model(_random_hf(FAMILIES[family]())).blocks[0].attn
+
+    assert bridge("qwen3")._qk_norm_phase == "post_reshape"
+    assert bridge("olmo2")._qk_norm_phase == "pre_reshape"
+    assert bridge("mistral-window")._sliding_window == SEQ
+    phi = _random_hf(FAMILIES["phi"]())
+    cos, _ = phi.model.rotary_emb(torch.zeros(1), torch.arange(4)[None])
+    assert cos.shape[-1] == 8 < phi.config.hidden_size // phi.config.num_attention_heads
+    # the query scale changes the output (it is not 1 at these positions)
+    scaled = _random_hf(FAMILIES["ministral3"]())
+    unscaled = copy.deepcopy(scaled)
+    unscaled.config.rope_parameters = {**unscaled.config.rope_parameters, "llama_4_scaling_beta": 0.0}
+    with torch.no_grad():
+        assert (scaled(_tokens()).logits - unscaled(_tokens()).logits).abs().max() > 1e-3
+
+
+def test_a_binding_sliding_window_raises_naming_feature_and_layer():
+    model = sl.HookedSparseTransformer.from_hf_model(_random_hf(FAMILIES["mistral-window"]()), None, NOTHING_PRUNED)
+    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.0\.attn.*sliding-window attention \(window 64"):
+        model(_tokens(SEQ + 1))
+
+
+@pytest.mark.parametrize(
+    "config, feature, layer",
+    [
+        (transformers.Gemma2Config(**SHAPE, head_dim=16), "attention logit soft-capping", "model.layers.1.self_attn"),
+        (transformers.Gemma2Config(**SHAPE, head_dim=16), "sliding-window attention", "model.layers.0.self_attn"),
+        (transformers.Gemma3TextConfig(**SHAPE, head_dim=16), "sliding-window attention", "model.layers.1.self_attn"),
+        (transformers.Phi3Config(**SHAPE, pad_token_id=0), "fused qkv projection", "JointQKV"),
+        (transformers.GPTNeoXConfig(**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}),
+         "fused qkv projection", "JointQKV"),
+    ],
+    ids=["gemma2-softcap", "gemma2-window", "gemma3-window", "phi3", "gpt-neox"],
+)
+def test_unsupported_families_name_the_feature(config, feature, layer):
+    with pytest.raises(sl.UnsupportedModelError) as error:
+        sl.HookedSparseTransformer.from_config(config)
+    assert feature in str(error.value) and layer in str(error.value)
+
+
+def test_an_unsupported_feature_in_a_supported_family_names_the_layer():
+    """Detection is by the HF module's attributes, not the architecture name."""
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
+    hf_model.config.architectures = ["LlamaForCausalLM"]
+    hf_model.model.layers[1].self_attn.attn_logit_softcapping = 30.0
+    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.1\.attn.*soft-capping"):
+        sl.HookedSparseTransformer.from_hf_model(hf_model)
+
+
+def test_supported_architectures_lists_the_new_families():
+    assert {"Qwen3ForCausalLM", "Olmo2ForCausalLM", "MistralForCausalLM", "Ministral3ForCausalLM",
+            "PhiForCausalLM"} <= set(sl.SUPPORTED_ARCHITECTURES)
