@@ -86,3 +86,9 @@ class InvalidSpanError(SparseLensError, ValueError):
 class InvalidPositionsError(SparseLensError, ValueError):
     """Positions whose logits a tool should keep (``positions=``) that are empty, repeated or
     outside the sequence."""
+
+
+class SequenceParallelError(SparseLensError, ValueError):
+    """Heads across ranks (``sparse_lens.tl.sequence_parallel``) cannot split this model or input:
+    the number of ranks must divide the number of KV heads (each rank takes whole KV heads and
+    their query heads), and the sequence length must divide evenly into one shard per rank."""

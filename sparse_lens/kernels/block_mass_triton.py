@@ -38,6 +38,7 @@ from torch import Tensor
 from sparse_lens.errors import BlockSizeError, ShapeError
 from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+from sparse_lens.kernels.device_guard import launch_on_tensor_device
 
 MAX_TILE = 64
 MIN_BLOCK = 16
@@ -114,6 +115,7 @@ def _check(query: Tensor, key: Tensor, lse: Tensor, query_block: int, key_block:
         raise ShapeError(f"lse must be [batch, q_head, seq] = {tuple(query.shape[:3])}, got {tuple(lse.shape)}.")
 
 
+@launch_on_tensor_device
 def _launch(query, key, lse, rows, block_indices, mass, *, query_block, key_block, scale, all_blocks) -> None:
     """Run the kernel into ``mass`` (float32 zeros [batch, q_head, len(rows), n_slots])."""
     batch, n_q_heads, seq_len, d_head = query.shape

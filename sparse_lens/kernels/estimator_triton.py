@@ -63,6 +63,7 @@ from torch import Tensor
 from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
 from sparse_lens.kernels.blocks import UNUSED_SLOT, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.device_guard import launch_on_tensor_device
 
 MIN_DOT = 16  # smallest tl.dot dimension
 _UNUSED: tl.constexpr = tl.constexpr(UNUSED_SLOT)
@@ -212,6 +213,7 @@ def stream_estimate_triton(
     return block_indices
 
 
+@launch_on_tensor_device
 def _stream_estimate_into(
     query: Float[Tensor, "batch q_head seq d_head"],
     key: Float[Tensor, "batch kv_head seq d_head"],

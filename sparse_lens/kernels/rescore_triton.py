@@ -51,6 +51,7 @@ from torch import Tensor
 from sparse_lens.errors import ShapeError
 from sparse_lens.kernels.blocks import check_estimator_settings, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.sparse_attention_triton import (
     MAX_TILE,
     MIN_BLOCK,
@@ -160,6 +161,7 @@ def _rescore_kernel(
         tl.store(out_ptr + row_id * out_width + out_slots, out.to(tl.int64), mask=out_slots < out_width)
 
 
+@launch_on_tensor_device
 def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_block: int, scale: float,
             query_stride: int, sink_blocks: int = 0, local_blocks: int = 0, p: float = 1.0,
             min_blocks: int = 1) -> None:

@@ -67,6 +67,7 @@ from torch import Tensor
 from sparse_lens.errors import BlockSizeError, ShapeError
 from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+from sparse_lens.kernels.device_guard import launch_on_tensor_device
 
 MAX_TILE = 64  # rows of a query tile and keys of a key tile, at most
 MIN_BLOCK = 16  # smallest tile tl.dot accepts
@@ -274,6 +275,7 @@ def _sizes(query: Tensor, key: Tensor, value: Tensor, block_indices: Tensor) -> 
     return seq_len, n_q_heads, key.shape[1], n_query_blocks, top_k, d_head, value.shape[-1]
 
 
+@launch_on_tensor_device
 def _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass, *,
                     query_block: int, key_block: int, scale: float) -> None:
     """Run the forward kernel into caller-given buffers (every element of them is written).
@@ -289,6 +291,7 @@ def _launch_forward(query, key, value, block_indices, block_gate, output, lse, b
     )
 
 
+@launch_on_tensor_device
 def _launch_backward(query, key, value, block_indices, block_gate, output, grad_output, lse,
                      grad_query, grad_key, grad_value, grad_gate, *, query_block: int, key_block: int,
                      scale: float) -> None:
