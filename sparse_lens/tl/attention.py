@@ -98,6 +98,8 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         unsupported += [flag for flag in _UNSUPPORTED_CONFIG_FLAGS if getattr(self.config, flag, False)]
         if getattr(getattr(component, "config", None), "clip_qkv", None) is not None:
             unsupported.append("clipped q/k/v (clip_qkv)")
+        if self._qk_norm_per_head:
+            unsupported.append("QK-norm with [n_heads, d_head] weights")
         # Sliding windows are checked at forward time, where the sequence length is known: a
         # window no shorter than the sequence changes nothing (see ``_check_sliding_window``).
         self._sliding_window = _sliding_window(component)
@@ -213,17 +215,11 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         return z
 
     def _post_reshape_qk_norm(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-        """TL's post-reshape QK-norm on ``[batch, head, pos, d_head]``, hooks included; a per-head
-        ``[n_heads, d_head]`` weight (Cohere) runs on the ``[batch, pos, head, d_head]`` layout."""
-        has_k_norm = "k_norm" in self.submodules
-        if self._qk_norm_per_head:
-            query = self.hook_q_normed(self.q_norm(query.transpose(1, 2)).transpose(1, 2))
-            if has_k_norm:
-                key = self.hook_k_normed(self.k_norm(key.transpose(1, 2)).transpose(1, 2))
-        else:
-            query = self.hook_q_normed(self.q_norm(query))
-            if has_k_norm:
-                key = self.hook_k_normed(self.k_norm(key))
+        """TL's post-reshape QK-norm on ``[batch, head, pos, d_head]`` (weight ``[d_head]`` or none;
+        StableLM's per-head norm list), firing ``hook_q_normed``/``hook_k_normed`` as TL does."""
+        query = self.hook_q_normed(self.q_norm(query))
+        if "k_norm" in self.submodules:
+            key = self.hook_k_normed(self.k_norm(key))
         return query, key
 
     def _where(self) -> str:

@@ -33,6 +33,8 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "Mistral (a sliding window, where set, must not bind: sequences up to the window)",
     "Ministral3ForCausalLM": "Ministral 3 (Llama-4 query scale; sequences up to the sliding window, where set)",
     "PhiForCausalLM": "Phi-1/1.5/2 (partial rotary, parallel attention and MLP)",
+    "StableLmForCausalLM": "StableLM 2 (partial rotary; optional per-head QK layer norm, parallel residual)",
+    "NemotronForCausalLM": "Nemotron-3/4, Minitron (partial rotary)",
 }
 
 # Families TransformerLens 4.3 bridges but sparse_lens does not, and why.

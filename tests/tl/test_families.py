@@ -37,6 +37,11 @@ FAMILIES = {
     # Phi: partial rotary (8 of 16 dims), parallel attention and MLP, dense q/k/v biases
     "phi": lambda: transformers.PhiConfig(**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"},
                                           partial_rotary_factor=0.5),
+    # StableLM 2: partial rotary (4 of 16 dims), per-head LayerNorms on q and k, parallel residual
+    "stablelm": lambda: transformers.StableLmConfig(**SHAPE, partial_rotary_factor=0.25, qk_layernorm=True,
+                                                    use_parallel_residual=True),
+    # Nemotron: partial rotary, LayerNorm1P
+    "nemotron": lambda: transformers.NemotronConfig(**SHAPE, head_dim=16, partial_rotary_factor=0.5),
 }
 
 
@@ -83,7 +88,7 @@ def test_hooks_equal_the_dense_bridge(family):
         _, cache = model.run_with_cache(tokens)
         _, dense_cache = dense.run_with_cache(tokens)
     hooks = ["attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z", "hook_resid_pre", "hook_resid_post"]
-    if family in ("qwen3", "olmo2"):
+    if family in ("qwen3", "olmo2", "stablelm"):
         hooks += ["attn.hook_q_normed", "attn.hook_k_normed"]
     for layer in range(2):
         for hook in hooks:
@@ -99,6 +104,7 @@ def test_each_family_exercises_its_feature():
 
     assert bridge("qwen3")._qk_norm_phase == "post_reshape"
     assert bridge("olmo2")._qk_norm_phase == "pre_reshape"
+    assert bridge("stablelm")._qk_norm_phase == "post_reshape"
     assert bridge("mistral-window")._sliding_window == SEQ
     phi = _random_hf(FAMILIES["phi"]())
     cos, _ = phi.model.rotary_emb(torch.zeros(1), torch.arange(4)[None])
@@ -147,4 +153,4 @@ def test_an_unsupported_feature_in_a_supported_family_names_the_layer():
 
 def test_supported_architectures_lists_the_new_families():
     assert {"Qwen3ForCausalLM", "Olmo2ForCausalLM", "MistralForCausalLM", "Ministral3ForCausalLM",
-            "PhiForCausalLM"} <= set(sl.SUPPORTED_ARCHITECTURES)
+            "PhiForCausalLM", "StableLmForCausalLM", "NemotronForCausalLM"} <= set(sl.SUPPORTED_ARCHITECTURES)
