@@ -31,7 +31,7 @@ from torch import Tensor
 from sparse_lens.analysis.attribution_patching import GateHooks, call_metric, check_gradient_mode
 from sparse_lens.analysis.positions import kept_positions, logits_kwargs
 from sparse_lens.analysis.span_patching import check_spans
-from sparse_lens.kernels.blocks import sort_block_row
+from sparse_lens.kernels.blocks import blocks_overlapping, sort_block_row
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.checkpointing import checkpoint_blocks
 from sparse_lens.tl.model import HookedSparseTransformer
@@ -160,7 +160,8 @@ def suppress_span(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     key_block = model.stream.key_block
-    span_blocks = torch.arange(start // key_block, (end - 1) // key_block + 1)
+    overlapping = blocks_overlapping((start, end), key_block)
+    span_blocks = torch.arange(overlapping.start, overlapping.stop)
     removed = [0]
 
     def suppress(pattern: BlockSparsePattern, hook) -> BlockSparsePattern:

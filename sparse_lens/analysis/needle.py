@@ -22,7 +22,7 @@ from torch import Tensor
 from sparse_lens.config import StreamConfig
 from sparse_lens.data.niah import NeedleSample
 from sparse_lens.kernels import estimate_blocks
-from sparse_lens.kernels.blocks import num_blocks
+from sparse_lens.kernels.blocks import blocks_overlapping, num_blocks
 from sparse_lens.pattern import BlockSparsePattern
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def needle_recall(
     first = patterns[0]
     position = query_position % first.seq_len
     row = position // first.query_block - first.first_query_block
-    needle_blocks = tuple(range(needle_span[0] // first.key_block, (needle_span[1] - 1) // first.key_block + 1))
+    needle_blocks = tuple(blocks_overlapping(needle_span, first.key_block))
     kept_rows, mass_rows = [], []
     for pattern in patterns:
         indices = pattern.block_indices[batch, :, row]  # [head, top_k]
@@ -231,7 +231,7 @@ class NeedleProbe:
         key_block = self.stream.key_block
         return NeedleFidelity(
             needle_spans=self.needle_spans,
-            needle_blocks=[tuple(range(start // key_block, (end - 1) // key_block + 1)) for start, end in self.needle_spans],
+            needle_blocks=[tuple(blocks_overlapping(span, key_block)) for span in self.needle_spans],
             answer_position=position,
             query_block_index=position // self.stream.query_block,
             needle_mass=stacked["needle_mass"].transpose(0, 1),
@@ -303,7 +303,8 @@ def _answer_row_figures(
         needle_probs = probs[:, start:end]
         needle_mass.append(needle_probs.sum(-1))
         needle_mass_kept.append((needle_probs * kept_keys[:, start:end]).sum(-1))
-        kept.append(kept_blocks[:, start // key_block : (end - 1) // key_block + 1].any(-1))
+        blocks = blocks_overlapping((start, end), key_block)
+        kept.append(kept_blocks[:, blocks.start : blocks.stop].any(-1))
     return {
         "needle_mass": torch.stack(needle_mass).cpu(),
         "needle_mass_kept": torch.stack(needle_mass_kept).cpu(),

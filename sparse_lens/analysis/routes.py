@@ -59,7 +59,7 @@ from sparse_lens.errors import (
     PatternGeometryError,
     ShapeError,
 )
-from sparse_lens.kernels.blocks import num_blocks
+from sparse_lens.kernels.blocks import blocks_overlapping, num_blocks
 from sparse_lens.pattern import BlockSparsePattern
 
 HeadReduce = Literal["mean", "sum", "max"]
@@ -171,8 +171,7 @@ class Route:
 
     def needle_node_blocks(self) -> tuple[int, ...]:
         """Query blocks (route nodes) holding the needle's tokens."""
-        first, last = self.needle_span[0] // self.query_block, (self.needle_span[1] - 1) // self.query_block
-        return tuple(range(first, last + 1))
+        return tuple(blocks_overlapping(self.needle_span, self.query_block))
 
     def summary(self, max_entries: int = 5) -> str:
         lines = [
@@ -211,8 +210,7 @@ class Route:
 
 def needle_key_blocks(needle_span: tuple[int, int], key_block: int) -> tuple[int, ...]:
     """Key blocks overlapping the token span ``[start, end)``."""
-    start, end = needle_span
-    return tuple(range(start // key_block, (end - 1) // key_block + 1))
+    return tuple(blocks_overlapping(needle_span, key_block))
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,16 @@ The same model answers the same samples twice, greedily: once with dense attenti
 prompt (dense, or sparse) followed by KV-cached decode steps (each new token attends to every
 cached key; see ``sparse_lens.tl.generation``), so the two runs differ only in the prefill.
 
-Scoring is RULER's ``string_match_all`` (NIAH and variable tracking): control characters of the
-output become newlines, then a sample scores the share of its expected strings found in the
-output, case-insensitively; a task's accuracy is the mean over samples (RULER prints it x100).
+Scoring is RULER's (:func:`~sparse_lens.data.ruler_scoring.ruler_score`: ``string_match_all``
+after RULER's post-processing, NIAH and variable tracking): control characters of the output
+become newlines, then a sample scores the share of its expected strings found in the output,
+case-insensitively; a task's accuracy is the mean over samples (RULER prints it x100).
 Decoding stops at EOS, after ``max_new_tokens``, or (``stop_when_answered``, default) once every
 expected string is in the output, which cannot change a score: more tokens only add matches.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,20 +28,14 @@ from tqdm.auto import tqdm
 
 from sparse_lens.analysis.needle import NEEDLE_MASS_THRESHOLD, NeedleProbe
 from sparse_lens.config import StreamConfig
-from sparse_lens.data.niah import NeedleSample, score_answer
+from sparse_lens.data.niah import NeedleSample
 from sparse_lens.data.ruler import make_sample
+from sparse_lens.data.ruler_scoring import ruler_score
 from sparse_lens.tl.generation import greedy_generate
 from sparse_lens.tl.model import HookedSparseTransformer
 
 DEFAULT_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
                  "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt")
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
-
-
-def ruler_score(prediction: str, answers: Sequence[str]) -> float:
-    """RULER's ``string_match_all`` for one sample: after RULER's post-processing (control
-    characters -> newline, strip), the share of ``answers`` found case-insensitively."""
-    return score_answer(_CONTROL_CHARACTERS.sub("\n", prediction).strip(), list(answers))
 
 
 def ruler_samples(

@@ -34,7 +34,7 @@ from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.needle import needle_recall
 from sparse_lens.cli.trace_report import parse_layers, write_trace_report
 from sparse_lens.config import ESTIMATORS, StreamConfig
-from sparse_lens.data import needle_prompt, score_answer
+from sparse_lens.data import needle_prompt, string_match_all
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
 
 DENSE_FIDELITY_LIMIT = 16_384
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
         "next_token_kl": scores.get("next_token_kl"),
         "answer": answer,
         "expected": sample.answers,
-        "correct": score_answer(answer, sample.answers) == 1.0,
+        "correct": string_match_all(answer, sample.answers) == 1.0,
         "needle_span": list(sample.needle_spans[0]),
         "needle_kept_fraction": recall.kept_fraction,
         "needle_layers": recall.layers_with_needle(),

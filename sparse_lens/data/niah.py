@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from sparse_lens.data.ruler_scoring import score_answer  # noqa: F401  (deprecated alias, old home)
+
 NOISE_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 INSTRUCTION = (
     "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -89,11 +91,6 @@ def needle_prompt(
     needle_start = n_tokens(head)
     needle_end = needle_start + n_tokens(needle)
     return NeedleSample(prompt, input_ids, [value], [(needle_start, needle_end)], [needle.strip()], depth)
-
-
-def score_answer(output: str, answers: list[str]) -> float:
-    """RULER's metric for one sample: the share of expected strings found (case-insensitive)."""
-    return sum(answer.lower() in output.lower() for answer in answers) / len(answers)
 
 
 def _format(tokenizer: Any, context: str, question: str, answer_prefix: str, part: str = "all") -> str:

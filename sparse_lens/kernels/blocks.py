@@ -23,6 +23,17 @@ def num_blocks(seq_len: int, block: int) -> int:
     return -(-seq_len // block)
 
 
+def blocks_overlapping(span: tuple[int, int], block: int) -> range:
+    """Indices of the blocks of ``block`` tokens (block ``b`` holds ``[b * block, (b + 1) * block)``)
+    that overlap the token span ``span = (start, end)``, end exclusive:
+    ``range(start // block, (end - 1) // block + 1)``. ``ValueError`` for an empty or negative span
+    or ``block < 1``."""
+    start, end = int(span[0]), int(span[1])
+    if block < 1 or not 0 <= start < end:
+        raise ValueError(f"blocks_overlapping needs 0 <= start < end and block >= 1, got span={span}, block={block}.")
+    return range(start // block, (end - 1) // block + 1)
+
+
 def visible_key_blocks(
     seq_len: int, query_block: int, key_block: int, device: torch.device | None = None
 ) -> Int[Tensor, "n_query_blocks"]:

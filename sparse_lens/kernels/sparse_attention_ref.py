@@ -47,7 +47,7 @@ def block_sparse_attention(
     n_query_blocks = num_blocks(seq_len, query_block)
     check_block_indices(block_indices, query, n_query_blocks)
     outputs, lses, masses = [], [], []
-    for block_ids, scores, value_slots in _kept_scores_by_chunk(
+    for block_ids, scores, value_slots in kept_scores_by_chunk(
         query, key, block_indices, query_block=query_block, key_block=key_block, scale=scale,
         value=value,
     ):
@@ -82,10 +82,10 @@ def kept_block_mass(
     lse_blocks = pad_to_blocks(lse.float()[..., None], query_block).squeeze(-1)
     lse_blocks = lse_blocks.unflatten(2, (-1, query_block))
     masses = []
-    for block_ids, scores, _ in _kept_scores_by_chunk(
+    for block_ids, scores, _ in kept_scores_by_chunk(
         query, key, block_indices, query_block=query_block, key_block=key_block, scale=scale
     ):
-        probs = _probs(scores, lse_blocks[:, :, block_ids])
+        probs = probs_from_lse(scores, lse_blocks[:, :, block_ids])
         masses.append(_mean_over_queries(probs.sum(-1), block_ids, query_block, seq_len))
     return torch.cat(masses, dim=2)
 
@@ -114,10 +114,10 @@ def kept_token_probs(
         (batch, n_q_heads, n_query_blocks, query_block, (n_key_blocks + 1) * key_block),
         dtype=torch.float32,
     )
-    for block_ids, scores, _ in _kept_scores_by_chunk(
+    for block_ids, scores, _ in kept_scores_by_chunk(
         query, key, block_indices, query_block=query_block, key_block=key_block, scale=scale
     ):
-        probs = _probs(scores, lse_blocks[:, :, block_ids])
+        probs = probs_from_lse(scores, lse_blocks[:, :, block_ids])
         slots = block_indices[:, :, block_ids]
         slots = torch.where(slots < 0, n_key_blocks, slots)
         columns = slots[:, :, :, None, :, None] * key_block + torch.arange(key_block, device=query.device)
@@ -127,7 +127,7 @@ def kept_token_probs(
     return dense[:, :, :seq_len, :seq_len]
 
 
-def _kept_scores_by_chunk(
+def kept_scores_by_chunk(
     query: Tensor,
     key: Tensor,
     block_indices: Tensor,
@@ -175,7 +175,7 @@ def _kept_scores_by_chunk(
         yield block_ids, scores, value_slots
 
 
-def _probs(scores: Tensor, lse: Tensor) -> Tensor:
+def probs_from_lse(scores: Tensor, lse: Tensor) -> Tensor:
     """``exp(scores - lse)`` with rows of ``lse = -inf`` (nothing visible) set to 0."""
     lse = lse[..., None, None]
     finite = torch.isfinite(lse)

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from sparse_lens.data import needle_prompt, score_answer
+from sparse_lens.data import needle_prompt, string_match_all
 from sparse_lens.data.niah import INSTRUCTION, NOISE_LINE
 from sparse_lens.data.prose import essays
 from sparse_lens.data.ruler import (
@@ -66,7 +66,7 @@ def test_every_needle_span_decodes_to_its_needle_and_holds_the_answers(samples, 
     assert starts_and_ends == sorted(starts_and_ends)  # in document order, not overlapping
     for answer in sample.answers:
         assert any(answer in text for text in sample.needle_texts)
-    assert score_answer(" ".join(sample.needle_texts), sample.answers) == 1.0
+    assert string_match_all(" ".join(sample.needle_texts), sample.answers) == 1.0
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -123,7 +123,7 @@ def test_multivalue_and_multiquery_expect_four_values(samples):
     assert len({NEEDLE.fullmatch(text).group(1) for text in multivalue.needle_texts}) == 1  # one key
     assert len({NEEDLE.fullmatch(text).group(1) for text in multiquery.needle_texts}) == 4
     assert len(multiquery.answers) == 4 and "are all the special magic numbers" in multiquery.prompt
-    assert score_answer(" ".join(multivalue.answers[:2]), multivalue.answers) == 0.5
+    assert string_match_all(" ".join(multivalue.answers[:2]), multivalue.answers) == 0.5
 
 
 @pytest.mark.parametrize("depth", [None, 0.5])

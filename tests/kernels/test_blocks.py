@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from sparse_lens.kernels.blocks import (
+    blocks_overlapping,
     causal_pairs,
     kept_pairs_per_slot,
     sort_block_row,
@@ -45,3 +47,17 @@ def test_all_visible_blocks_cover_every_causal_pair():
 def test_sort_block_row_puts_unused_slots_last():
     row = torch.tensor([[5, -1, 2, 9], [-1, -1, 0, 3]])
     assert sort_block_row(row).tolist() == [[2, 5, 9, -1], [0, 3, -1, -1]]
+
+
+@pytest.mark.parametrize("block", [1, 3, 8, 16])
+def test_blocks_overlapping_is_every_block_holding_a_token_of_the_span(block):
+    for start in range(0, 40):
+        for end in range(start + 1, 41):
+            brute = [b for b in range(41 // block + 2) if any(b * block <= t < (b + 1) * block for t in range(start, end))]
+            assert list(blocks_overlapping((start, end), block)) == brute, (start, end, block)
+
+
+@pytest.mark.parametrize("span, block", [((5, 5), 4), ((6, 5), 4), ((-1, 3), 4), ((0, 3), 0)])
+def test_empty_negative_spans_and_bad_blocks_raise(span, block):
+    with pytest.raises(ValueError, match="blocks_overlapping"):
+        blocks_overlapping(span, block)

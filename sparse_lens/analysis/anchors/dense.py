@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sparse_lens.analysis.anchors.sentences import Span, _check_spans, _one_hot, _sentence_ids, _sizes
+from sparse_lens.analysis.anchors.sentences import Span, check_sentence_spans, sentence_one_hot, sentence_ids, sentence_sizes
 from sparse_lens.pattern import BlockSparsePattern
 
 
@@ -26,10 +26,10 @@ def sentence_attention_from_probs(
     """The paper's matrix from token-level attention probabilities (short inputs: a dense bridge's
     ``hook_pattern`` or ``BlockSparsePattern.token_probs()``): ``M[i, j]`` = mean of ``probs`` over
     the block (queries of sentence i) x (keys of sentence j)."""
-    spans = _check_spans(spans, probs.shape[-1])
-    one_hot = _one_hot(_sentence_ids(spans, probs.shape[-1], device=probs.device), len(spans)).double()
+    spans = check_sentence_spans(spans, probs.shape[-1])
+    one_hot = sentence_one_hot(sentence_ids(spans, probs.shape[-1], device=probs.device), len(spans)).double()
     totals = one_hot.T @ probs.double() @ one_hot
-    sizes = _sizes(spans).to(probs.device)
+    sizes = sentence_sizes(spans).to(probs.device)
     return (totals / (sizes[:, None] * sizes[None, :])).float()
 
 
@@ -45,15 +45,15 @@ def sentence_attention_dense(
     if pattern.query is None or pattern.key is None:
         raise ValueError("This pattern kept no queries/keys (StreamConfig.keep_qk=False).")
     seq_len = pattern.seq_len
-    spans = _check_spans(spans, seq_len)
+    spans = check_sentence_spans(spans, seq_len)
     n = len(spans)
     query, key, lse = pattern.query[batch].float(), pattern.key[batch].float(), pattern.lse[batch].float()
     n_heads, group = query.shape[0], query.shape[0] // key.shape[0]
     key = key.repeat_interleave(group, dim=0)
-    ids = _sentence_ids(spans, seq_len, device=query.device)
+    ids = sentence_ids(spans, seq_len, device=query.device)
     first, last = spans[0][0], spans[-1][1]
     totals = torch.zeros(n_heads, n, n, dtype=torch.float64, device=query.device)
-    key_one_hot = _one_hot(ids[:last], n)
+    key_one_hot = sentence_one_hot(ids[:last], n)
     for row in range(first, last, query_chunk):
         rows = torch.arange(row, min(row + query_chunk, last), device=query.device)
         row_ids = ids[rows]
@@ -66,5 +66,5 @@ def sentence_attention_dense(
         per_sentence = probs @ key_one_hot[:n_keys]  # [head, rows, n]
         keep = row_ids >= 0
         totals.index_add_(1, row_ids[keep], per_sentence[:, keep].double())
-    sizes = _sizes(spans).to(query.device)
+    sizes = sentence_sizes(spans).to(query.device)
     return (totals / (sizes[:, None] * sizes[None, :])).float().cpu()

@@ -23,8 +23,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sparse_lens.analysis.anchors.dense import sentence_attention_dense
-from sparse_lens.analysis.anchors.sentences import Sentences, Span, _check_spans
-from sparse_lens.analysis.anchors.sparse import _accumulate
+from sparse_lens.analysis.anchors.sentences import Sentences, Span, check_sentence_spans
+from sparse_lens.analysis.anchors.sparse import accumulate_sentence_attention
 from sparse_lens.pattern import BlockSparsePattern
 
 PROXIMITY = 4
@@ -54,9 +54,9 @@ def vertical_scores_sparse(
 ) -> Float[Tensor, "head n"]:
     """``vertical_scores(sentence_attention_sparse(...))`` without the [head, n, n] matrix:
     accumulated from the kept cells, O(kept cells x sentences per block) memory."""
-    spans = _check_spans(spans, pattern.seq_len)
+    spans = check_sentence_spans(spans, pattern.seq_len)
     n = len(spans)
-    sums = _accumulate(pattern, spans, batch, token_level, proximity)
+    sums = accumulate_sentence_attention(pattern, spans, batch, token_level, proximity)
     count = (n - torch.arange(n) - proximity).clamp(min=0).double()
     return torch.where(count > 0, sums / count.clamp(min=1), float("nan")).float()
 

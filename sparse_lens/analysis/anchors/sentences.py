@@ -125,7 +125,9 @@ def _token_offsets(text: str, tokenizer: Any) -> list[Span]:
         return offsets
 
 
-def _check_spans(spans: Sequence[Span], seq_len: int) -> list[Span]:
+def check_sentence_spans(spans: Sequence[Span], seq_len: int) -> list[Span]:
+    """``spans`` as int pairs ``[start, end)`` in tokens; ``ValueError`` unless they are non-empty,
+    ascending, disjoint and inside ``[0, seq_len)``, and at least one."""
     spans = [(int(a), int(b)) for a, b in spans]
     previous_end = 0
     for a, b in spans:
@@ -137,17 +139,19 @@ def _check_spans(spans: Sequence[Span], seq_len: int) -> list[Span]:
     return spans
 
 
-def _sentence_ids(spans: Sequence[Span], seq_len: int, device=None) -> Tensor:
+def sentence_ids(spans: Sequence[Span], seq_len: int, device=None) -> Tensor:
+    """int64 [seq_len]: each position's sentence index, -1 outside every span."""
     ids = torch.full((seq_len,), -1, dtype=torch.int64, device=device)
     for index, (a, b) in enumerate(spans):
         ids[a:b] = index
     return ids
 
 
-def _one_hot(ids: Tensor, n: int) -> Tensor:
+def sentence_one_hot(ids: Tensor, n: int) -> Tensor:
     """[len(ids), n] float32 indicator of each position's sentence (all zero outside sentences)."""
     return torch.nn.functional.one_hot(ids.clamp(min=0), n).float() * (ids >= 0)[:, None]
 
 
-def _sizes(spans: Sequence[Span]) -> Tensor:
+def sentence_sizes(spans: Sequence[Span]) -> Tensor:
+    """float64 [len(spans)]: each sentence's length in tokens."""
     return torch.tensor([b - a for a, b in spans], dtype=torch.float64)

@@ -26,9 +26,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sparse_lens.analysis.anchors.sentences import Span, _check_spans, _sizes
-from sparse_lens.kernels.blocks import num_blocks
-from sparse_lens.kernels.sparse_attention_ref import _kept_scores_by_chunk, _probs
+from sparse_lens.analysis.anchors.sentences import Span, check_sentence_spans, sentence_sizes
+from sparse_lens.kernels.blocks import blocks_overlapping, num_blocks
+from sparse_lens.kernels.sparse_attention_ref import kept_scores_by_chunk, probs_from_lse
 from sparse_lens.pattern import BlockSparsePattern
 
 
@@ -39,8 +39,8 @@ def sentence_attention_sparse(
     the approximation; ``token_level=True``: exact token probabilities of the kept cells, from the
     pattern's q/k). Materialises [head, n, n]; ``vertical_scores_sparse`` avoids it. A pattern
     sliced along queries contributes the rows it holds only."""
-    spans = _check_spans(spans, pattern.seq_len)
-    return _accumulate(pattern, spans, batch, token_level, proximity=None).float()
+    spans = check_sentence_spans(spans, pattern.seq_len)
+    return accumulate_sentence_attention(pattern, spans, batch, token_level, proximity=None).float()
 
 
 def _causal_pairs(q0: Tensor, q1: Tensor, k0: Tensor, k1: Tensor) -> Tensor:
@@ -136,14 +136,15 @@ def _kept_token_sentence_cells(pattern: BlockSparsePattern, spans: Sequence[Span
     lse = pattern.lse[batch: batch + 1].float()
     lse_blocks = torch.nn.functional.pad(lse, (0, num_blocks(seq_len, qb) * qb - seq_len)).unflatten(2, (-1, qb))
     indices = pattern.block_indices[batch: batch + 1]
-    first_row, last_row = spans[0][0] // qb, (spans[-1][1] - 1) // qb
-    for block_ids, scores, _ in _kept_scores_by_chunk(
+    rows = blocks_overlapping((spans[0][0], spans[-1][1]), qb)  # query blocks holding any sentence
+    first_row, last_row = rows.start, rows.stop - 1
+    for block_ids, scores, _ in kept_scores_by_chunk(
         pattern.query[batch: batch + 1], pattern.key[batch: batch + 1], indices,
         query_block=qb, key_block=kb, scale=pattern.scale,
     ):
         if int(block_ids[-1]) < first_row or int(block_ids[0]) > last_row:
             continue
-        probs = _probs(scores, lse_blocks[:, :, block_ids])[0].cpu()  # float32 [h, c, qb, top_k, kb]
+        probs = probs_from_lse(scores, lse_blocks[:, :, block_ids])[0].cpu()  # float32 [h, c, qb, top_k, kb]
         block_ids = block_ids.cpu()
         slots = indices[0][:, block_ids].cpu()  # [h, c, top_k]
         used = slots >= 0
@@ -165,14 +166,14 @@ def _cells(pattern: BlockSparsePattern, spans: Sequence[Span], batch: int, token
     return _sparse_sentence_cells(pattern, spans, batch)
 
 
-def _accumulate(
+def accumulate_sentence_attention(
     pattern: BlockSparsePattern, spans: Sequence[Span], batch: int, token_level: bool, proximity: int | None
 ) -> Tensor:
     """Sum the kept cells into [head, n, n] sentence-pair means (``proximity=None``) or, without
     the matrix, into [head, n] sums over receivers ``i >= j + proximity`` of those means."""
     n = len(spans)
     n_heads = pattern.block_indices.shape[1]
-    sizes = _sizes(spans).float()
+    sizes = sentence_sizes(spans).float()
     out = torch.zeros(n_heads * n * (n if proximity is None else 1), dtype=torch.float64)
     head = torch.arange(n_heads)[:, None, None, None, None]
     for value, receiver, source in _cells(pattern, spans, batch, token_level):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sparse_lens.analysis.anchors.sentences import _check_spans, sentence_char_spans, split_sentences
+from sparse_lens.analysis.anchors.sentences import check_sentence_spans, sentence_char_spans, split_sentences
 from tests.byte_tokenizer import byte_tokenizer
 
 
@@ -56,7 +56,7 @@ def test_split_sentences_on_a_real_fast_tokenizer_decodes_each_sentence():
 
 
 def test_spans_are_checked():
-    assert _check_spans([(1, 3), (3, 5)], 5) == [(1, 3), (3, 5)]
+    assert check_sentence_spans([(1, 3), (3, 5)], 5) == [(1, 3), (3, 5)]
     for bad in ([(3, 5), (1, 3)], [(1, 1)], [(4, 6)], []):
         with pytest.raises(ValueError):
-            _check_spans(bad, 5)
+            check_sentence_spans(bad, 5)
