@@ -91,12 +91,16 @@ def resolve_model_source(name: str | os.PathLike) -> ModelSource:
 
 
 def load_hf_model(
-    source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+    source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+    device_map: str | dict | None = None, max_memory: dict | None = None,
 ) -> tuple[Any, Any]:
-    """Load ``(hf_model, tokenizer)`` in eval mode; GGUF weights are dequantised to ``dtype``."""
+    """Load ``(hf_model, tokenizer)`` in eval mode; GGUF weights are dequantised to ``dtype``.
+    ``device_map`` / ``max_memory`` go to HF's ``from_pretrained`` (layers across devices)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory)
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     try:
@@ -112,7 +116,7 @@ def load_hf_model(
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]  # GGUF configs lack it
     check_supported(hf_model)
-    if device is not None:
+    if device is not None and device_map is None:
         hf_model = hf_model.to(device)
     return hf_model.eval(), tokenizer
 

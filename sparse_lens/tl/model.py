@@ -16,6 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources import build_bridge_from_module
+from transformer_lens.utilities.multi_gpu import count_unique_devices, find_embedding_device
 
 from sparse_lens.config import StreamConfig
 from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, ShapeError, UnsupportedModelError
@@ -24,6 +25,7 @@ from sparse_lens.tl.checkpointing import RecomputeState, checkpoint_blocks, reco
 from sparse_lens.tl.chunking import set_mlp_chunking
 from sparse_lens.tl.generation import greedy_generate
 from sparse_lens.tl.loading import DEFAULT_MODEL, check_supported, load_hf_model, resolve_model_source
+from sparse_lens.tl.placement import DeviceMap, dispatch_layers, resolve_placement
 
 
 class HookedSparseTransformer(TransformerBridge):
@@ -38,10 +40,21 @@ class HookedSparseTransformer(TransformerBridge):
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
+        device_map: DeviceMap | None = None,
+        n_devices: int | None = None,
+        max_memory: dict[str | int, str | int] | None = None,
     ) -> "HookedSparseTransformer":
-        """Load a supported model (package GGUF, local GGUF, local directory or hub id)."""
+        """Load a supported model (package GGUF, local GGUF, local directory or hub id).
+
+        ``device`` puts it on one device; ``device_map`` (``"auto"``, ``"balanced"``, a dict of
+        module names to devices), ``n_devices`` and ``max_memory`` spread its layers over several
+        as HF's ``from_pretrained`` and TransformerLens' ``boot_transformers`` take them
+        (:mod:`sparse_lens.tl.placement`).
+        """
+        placement, max_memory = resolve_placement(device, device_map, n_devices, max_memory)
         source = resolve_model_source(model_name)
-        hf_model, tokenizer = load_hf_model(source, dtype=dtype, device=device)
+        hf_model, tokenizer = load_hf_model(source, dtype=dtype, device=device, device_map=placement,
+                                            max_memory=max_memory)
         return cls.from_hf_model(hf_model, tokenizer, stream, model_name=str(model_name))
 
     @classmethod
@@ -53,16 +66,25 @@ class HookedSparseTransformer(TransformerBridge):
         seed: int = 0,
         tokenizer: Any = None,
         dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
+        device_map: DeviceMap | None = None,
+        n_devices: int | None = None,
+        max_memory: dict[str | int, str | int] | None = None,
     ) -> "HookedSparseTransformer":
         """A random-init model from a HF config (e.g. a tiny ``LlamaConfig``), for tests and
-        benchmarks. Offline; parameters are created directly on ``device``."""
+        benchmarks. Offline; parameters are created directly on ``device`` (default ``"cpu"``).
+        With ``device_map`` / ``n_devices`` the model is built on the CPU (the same weights as
+        with ``device``, for one seed) and its layers then placed by accelerate
+        (:func:`~sparse_lens.tl.placement.dispatch_layers`): host memory holds it once meanwhile."""
         from transformers import AutoModelForCausalLM
 
-        with torch.random.fork_rng(devices=[]), torch.device(device):
+        placement, max_memory = resolve_placement(device, device_map, n_devices, max_memory)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu" if placement is not None else device or "cpu"):
             torch.manual_seed(seed)
             hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         hf_model.config.architectures = [type(hf_model).__name__]
+        if placement is not None:
+            dispatch_layers(hf_model, placement, max_memory)
         return cls.from_hf_model(hf_model.eval(), tokenizer, stream, model_name=f"random-{hf_config.model_type}")
 
     @classmethod
@@ -88,7 +110,9 @@ class HookedSparseTransformer(TransformerBridge):
         model = build_bridge_from_module(
             hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer, model_name=model_name,
             post_adapter_hook=_install_sparse_attention,
+            device=find_embedding_device(hf_model),  # layers across devices: inputs go where the embedding is
         )
+        model.cfg.n_devices = count_unique_devices(hf_model)
         model.__class__ = cls
         # The bridge forces HF eager attention, whose decoder builds a [B, 1, T, T] mask. With
         # "sdpa" HF passes attention_mask=None for unpadded input; our attention ignores the

@@ -1,0 +1,78 @@
+"""Layers across devices (the capacity path): accelerate's ``device_map`` / ``max_memory`` and
+TransformerLens 4.3's ``n_devices``, for models too big for one GPU.
+
+The conventions are TransformerLens' (``boot_transformers(device_map=..., n_devices=...,
+max_memory=...)``, resolved by ``transformer_lens.utilities.multi_gpu.resolve_device_map``):
+``device_map`` is a HF / accelerate map (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict
+from module names to devices), ``n_devices=N`` means ``"balanced"`` over the first ``N`` CUDA
+devices, and ``device`` excludes both. Loaded models go through HF's ``from_pretrained(device_map=...)``;
+random-init models (``from_config``) are built on the CPU and placed by accelerate's
+``infer_auto_device_map`` and ``dispatch_model``, whose hooks move each layer's input to that
+layer's device. Nothing else changes: the estimator and the kernels run on their tensors'
+device (Triton launches under ``torch.cuda.device``, ``kernels.device_guard``), and
+``run_with_cache`` keeps each layer's ``BlockSparsePattern`` on that layer's device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sparse_lens.errors import InvalidConfigError
+
+DeviceMap = str | dict[str, str | int | torch.device]
+
+
+def resolve_placement(
+    device: str | torch.device | None,
+    device_map: DeviceMap | None,
+    n_devices: int | None,
+    max_memory: dict[str | int, str | int] | None,
+) -> tuple[DeviceMap | None, dict | None]:
+    """``(device_map, max_memory)`` for HF / accelerate, or ``(None, ...)`` for one device.
+
+    Raises:
+        InvalidConfigError: ``device`` together with ``device_map`` or ``n_devices > 1``, more
+            devices than CUDA has, or a map target that holds no data (``"meta"``, ``"disk"``).
+    """
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+    if device is not None and (device_map is not None or (n_devices or 1) > 1):
+        raise InvalidConfigError("Pass device for one device, or device_map / n_devices for several; not both.")
+    try:
+        resolved, memory = resolve_device_map(n_devices, device_map, None, max_memory)
+    except ValueError as error:
+        raise InvalidConfigError(str(error)) from error
+    if isinstance(resolved, dict):
+        bad = {name: target for name, target in resolved.items() if str(target).lower() in ("meta", "disk")}
+        if bad:
+            raise InvalidConfigError(f"device_map targets must hold the weights (CPU or GPU devices), got {bad}.")
+    return resolved, memory
+
+
+def dispatch_layers(hf_model: Any, device_map: DeviceMap, max_memory: dict | None = None) -> Any:
+    """Place an already built HF model's modules per ``device_map`` with accelerate; in place.
+
+    A string map is resolved by ``infer_auto_device_map`` (decoder layers are never split;
+    ``"auto"`` / ``"balanced"`` balance the memory over the devices, ``"sequential"`` fills them
+    in order). Hooks are attached even when every module lands on one device, so a map over
+    ``"cpu"`` runs the same code as one over several GPUs. Sets ``hf_model.hf_device_map``.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(hf_model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(hf_model, max_memory=max_memory, no_split_module_classes=no_split)
+    dispatch_model(hf_model, device_map=device_map, force_hooks=True)
+    hf_model.hf_device_map = dict(device_map)
+    return hf_model
+
+
+def layer_devices(model: Any) -> list[torch.device]:
+    """The device of every block's attention weights, in layer order."""
+    return [next(block.attn.parameters()).device for block in model.blocks]

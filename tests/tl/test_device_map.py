@@ -1,0 +1,109 @@
+"""Layers across devices (tl/placement.py): device_map / n_devices / max_memory for from_config and
+from_pretrained. On the CPU every target is "cpu", with accelerate's hooks attached as on several
+GPUs; the split over two GPUs runs where two are present."""
+
+import pytest
+import torch
+
+import sparse_lens as sl
+from sparse_lens.errors import InvalidConfigError
+from sparse_lens.tl.placement import layer_devices
+from tests.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+from tests.conftest import tiny_llama_config
+
+STREAM = sl.StreamConfig(query_block=8, key_block=8, top_k=3, sink_blocks=1, local_blocks=1)
+PATTERNS = [f"blocks.{layer}.attn.hook_pattern" for layer in range(2)]
+TOKENS = torch.randint(0, 101, (1, 48), generator=torch.Generator().manual_seed(1))
+
+
+def per_module_map(first: str | int, second: str | int) -> dict:
+    return {"model.embed_tokens": first, "model.rotary_emb": first, "model.layers.0": first,
+            "model.layers.1": second, "model.norm": second, "lm_head": second}
+
+
+def assert_same_run(model, reference, tokens=TOKENS):
+    logits, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=PATTERNS)
+    expected, expected_cache = reference.run_with_cache(tokens, names_filter=PATTERNS)
+    torch.testing.assert_close(logits.cpu(), expected, atol=1e-5, rtol=1e-5)
+    for name, device in zip(PATTERNS, layer_devices(model)):
+        assert cache[name].device == device  # patterns stay on their layer's device
+        assert torch.equal(cache[name].block_indices.cpu(), expected_cache[name].block_indices)
+
+
+@pytest.mark.parametrize("device_map", [per_module_map("cpu", "cpu"), "auto", "sequential"], ids=str)
+def test_from_config_device_map_equals_one_device(device_map, monkeypatch):
+    from accelerate.hooks import AlignDevicesHook
+
+    reference = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5)
+    model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5, device_map=device_map)
+    hf_model = model.original_model
+    assert set(hf_model.hf_device_map.values()) == {"cpu"} and model.cfg.n_devices == 1
+    assert isinstance(getattr(hf_model.model.layers[1], "_hf_hook", None), AlignDevicesHook)
+    moved = []
+    original = AlignDevicesHook.pre_forward
+    monkeypatch.setattr(AlignDevicesHook, "pre_forward",
+                        lambda self, module, *a, **k: moved.append(self.execution_device) or original(self, module, *a, **k))
+    assert_same_run(model, reference)
+    assert moved, "accelerate's device hooks never ran: a split over GPUs would not move activations"
+    generated = model.generate(TOKENS[0, :20], max_new_tokens=4)
+    assert torch.equal(generated, reference.generate(TOKENS[0, :20], max_new_tokens=4))
+
+
+def test_gradients_through_a_placed_model():
+    reference = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5)
+    model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5,
+                                                   device_map=per_module_map("cpu", "cpu"))
+    grads = []
+    for each in (model, reference):
+        kept = []
+
+        def keep(z, hook):
+            z.retain_grad()
+            kept.append(z)
+            return z
+
+        logits = each.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.attn.hook_z", keep)])
+        logits.float().pow(2).mean().backward()
+        grads.append(kept[0].grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_from_pretrained_device_map(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=VOCAB_SIZE)).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    reference = sl.HookedSparseTransformer.from_pretrained(str(tmp_path), STREAM)
+    for device_map in (per_module_map("cpu", "cpu"), "auto"):
+        model = sl.HookedSparseTransformer.from_pretrained(str(tmp_path), STREAM, device_map=device_map)
+        # HF's from_pretrained attaches its device hooks only when the map spans several devices
+        assert layer_devices(model) == [torch.device("cpu")] * 2
+        assert_same_run(model, reference)
+
+
+def test_placement_errors():
+    config = tiny_llama_config()
+    with pytest.raises(InvalidConfigError, match="not both"):
+        sl.HookedSparseTransformer.from_config(config, device="cpu", device_map="auto")
+    with pytest.raises(InvalidConfigError, match="hold the weights"):
+        sl.HookedSparseTransformer.from_config(config, device_map=per_module_map("cpu", "meta"))
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(InvalidConfigError, match="n_devices=64"):
+            sl.HookedSparseTransformer.from_config(config, n_devices=64)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_layers_on_two_gpus_equal_one():
+    reference = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5)
+    for device_map in (per_module_map(0, 1), {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 1,
+                                              "model.layers.1": 0, "model.norm": 1, "lm_head": 1}):
+        model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5, device_map=device_map)
+        assert model.cfg.n_devices == 2
+        assert [d.index for d in layer_devices(model)] == [device_map["model.layers.0"], device_map["model.layers.1"]]
+        for backend in ("auto", "reference"):  # Triton and torch kernels, each on its layer's GPU
+            with model.stream_settings(backend=backend):
+                assert_same_run(model, reference)
+    model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5, n_devices=2)
+    assert_same_run(model, reference)
