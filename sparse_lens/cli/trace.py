@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread the layers over devices (accelerate: auto, balanced, sequential); replaces --device")
     parser.add_argument("--fidelity", choices=["auto", "on", "off"], default="auto",
                         help=f"score against dense attention (auto: up to {DENSE_FIDELITY_LIMIT} tokens)")
     parser.add_argument("--heatmap-layers", default="auto",
@@ -104,14 +106,16 @@ def run(args: argparse.Namespace) -> dict:
         sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, estimator=args.estimator, mode="sparse",
         keep_qk=False,
     )
-    print(f"[1/6] loading {args.model} on {args.device}", flush=True)
-    model = HookedSparseTransformer.from_pretrained(args.model, stream=stream, device=args.device)
+    device_map = getattr(args, "device_map", None)
+    where = {"device_map": device_map} if device_map else {"device": args.device}
+    print(f"[1/6] loading {args.model} on {device_map and f'device_map={device_map}' or args.device}", flush=True)
+    model = HookedSparseTransformer.from_pretrained(args.model, stream=stream, **where)
     heatmap_layers = parse_layers(args.heatmap_layers, model.cfg.n_layers)
     source = f"the text of {args.text}" if args.text is not None else "a generated haystack"
     print(f"[2/6] building a {length}-token needle prompt from {source}", flush=True)
     sample = needle_prompt(model.tokenizer, length, depth=args.depth, seed=args.seed, answer_tokens=args.max_new_tokens,
                            haystack=haystack)
-    tokens = torch.tensor([sample.input_ids], device=args.device)
+    tokens = torch.tensor([sample.input_ids], device=model.cfg.device)  # the embedding's device
 
     print(f"[3/6] sparse forward with every layer's pattern cached ({sample.length} tokens)", flush=True)
     forward_started = time.perf_counter()
@@ -157,8 +161,8 @@ def run(args: argparse.Namespace) -> dict:
         "pattern_bytes": sum(p.nbytes() for p in patterns),
         "forward_seconds": round(forward_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
-        "peak_memory_gb": round(_peak_memory_gb(args.device), 3),
-        "device": str(args.device),
+        "peak_memory_gb": round(_peak_memory_gb(str(model.cfg.device)), 3),
+        "device": f"device_map={device_map}" if device_map else str(args.device),
         "plot": "needle_blocks.png",
         "config": stream.to_dict(),
     }
@@ -199,7 +203,8 @@ def layer_progress(model: HookedSparseTransformer, desc: str) -> Iterator[None]:
 
 
 def _peak_memory_gb(device: str) -> float:
-    """Peak GPU memory on CUDA, else the process's peak resident memory."""
+    """Peak GPU memory on CUDA (summed over the GPUs, for layers across devices), else the
+    process's peak resident memory."""
     if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
+        return sum(torch.cuda.max_memory_allocated(index) for index in range(torch.cuda.device_count())) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

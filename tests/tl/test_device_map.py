@@ -107,3 +107,24 @@ def test_layers_on_two_gpus_equal_one():
                 assert_same_run(model, reference)
     model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5, n_devices=2)
     assert_same_run(model, reference)
+
+
+def test_trace_cli_device_map(monkeypatch, tmp_path):
+    """``sparse-lens trace --device-map auto`` loads with that map instead of ``--device``."""
+    import sparse_lens.cli.trace as trace
+    from sparse_lens.cli.main import main
+
+    calls = []
+
+    class Loaded(Exception):
+        pass
+
+    def record(name, stream=None, **where):
+        calls.append(where)
+        raise Loaded
+
+    monkeypatch.setattr(trace.HookedSparseTransformer, "from_pretrained", record)
+    for extra, expected in ((["--device-map", "auto"], {"device_map": "auto"}), ([], {"device": "cpu"})):
+        with pytest.raises(Loaded):
+            main(["trace", "--model", "m", "--device", "cpu", "--length", "256", "--out", str(tmp_path), *extra])
+        assert calls[-1] == expected
