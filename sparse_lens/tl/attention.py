@@ -229,11 +229,12 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
     def _check_sliding_window(self, n_keys: int) -> None:
         """``UnsupportedModelError`` when this layer's sliding window would hide keys: HF lets a
         query see the ``sliding_window`` most recent keys (itself included), so a window binds
-        once there are more keys than that. The kernels apply no window."""
+        once there are more keys than that. The kernels apply no window. (In decode, HF's cache
+        returns at most the window's keys for a sliding layer, so decode steps pass.)"""
         if self._sliding_window is not None and n_keys > self._sliding_window:
             raise UnsupportedModelError(
                 f"{self._where()}: sliding-window attention (window {self._sliding_window} tokens) would hide keys "
-                f"at {n_keys} tokens, and sparse_lens' attention applies no window. Run at most "
+                f"at {n_keys} tokens, and sparse_lens' attention applies no window. Run prompts of at most "
                 f"{self._sliding_window} tokens with this model."
             )
 

@@ -7,6 +7,7 @@ residual stream) equal TransformerLens' dense bridge. What stays unsupported rai
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -97,6 +98,35 @@ def test_hooks_equal_the_dense_bridge(family):
             assert (cache[name] - dense_cache[name]).abs().max() <= 1e-5, name
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cached_decode_equals_the_hf_model(family):
+    """Sparse prefill (nothing pruned), then one token at a time with HF's KV cache, as
+    ``generate`` runs: each step's logits equal the HF model's on the whole sequence (positions
+    reach the layers: Ministral 3's query scale reads them)."""
+    assert _decode_max_error(family, n_tokens=40, n_prompt=36) <= 1e-4
+
+
+def _decode_max_error(family: str, n_tokens: int, n_prompt: int) -> float:
+    """Max |logit difference| between the sparse model decoding token by token after a prefill of
+    ``n_prompt`` tokens and the HF model run on all ``n_tokens`` at once."""
+    from transformers import DynamicCache
+
+    hf_model = _random_hf(FAMILIES[family]())
+    reference = copy.deepcopy(hf_model)
+    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, NOTHING_PRUNED)
+    tokens = _tokens(n_tokens)[:1]
+    bridged = model.original_model  # HF's model, its attention replaced by the sparse bridges
+    cache_kwarg = "cache" if "cache" in inspect.signature(bridged.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=bridged.config)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        steps = [bridged(input_ids=tokens[:, :n_prompt], use_cache=True, **{cache_kwarg: cache}).logits[:, -1]]
+        for position in range(n_prompt, n_tokens):
+            step = bridged(input_ids=tokens[:, position:position + 1], use_cache=True, **{cache_kwarg: cache})
+            steps.append(step.logits[:, -1])
+    return float((torch.stack(steps, dim=1) - expected[:, n_prompt - 1:]).abs().max())
+
+
 def test_each_family_exercises_its_feature():
     """The configs above really carry the feature their test is about (so a bug in it would show)."""
     def bridge(family):
@@ -121,6 +151,12 @@ def test_a_binding_sliding_window_raises_naming_feature_and_layer():
     model = sl.HookedSparseTransformer.from_hf_model(_random_hf(FAMILIES["mistral-window"]()), None, NOTHING_PRUNED)
     with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.0\.attn.*sliding-window attention \(window 64"):
         model(_tokens(SEQ + 1))
+
+
+def test_decode_past_the_window_is_hf_sliding_window_attention():
+    """HF's cache keeps a sliding layer's last ``window - 1`` keys, so decode steps (dense over the
+    cache) are exact past the window: only a prefill longer than the window raises."""
+    assert _decode_max_error("mistral-window", n_tokens=SEQ + 8, n_prompt=SEQ - 4) <= 1e-4
 
 
 @pytest.mark.parametrize(
