@@ -40,7 +40,8 @@ SUPPORTED_ARCHITECTURES = {
 # Families TransformerLens 4.3 bridges but sparse_lens does not, and why.
 UNSUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": "sliding-window layers and attention logit soft-capping, which the kernels do not apply",
-    "Gemma3ForCausalLM": "sliding-window layers (local RoPE base), which the kernels do not apply",
+    "Gemma3ForCausalLM": "sliding-window layers, which the kernels do not apply (its QK-norm and "
+    "per-layer RoPE base are reproduced)",
     "Phi3ForCausalLM": "a fused qkv projection: TL's adapter uses JointQKVPositionEmbeddingsAttentionBridge, "
     "which SparseAttentionBridge does not replace",
     "GPTNeoXForCausalLM": "a fused qkv projection: TL's adapter uses JointQKVPositionEmbeddingsAttentionBridge, "
