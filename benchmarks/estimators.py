@@ -369,7 +369,7 @@ def kl_estimator(name: str, scale: float, min_blocks: int):
 def next_token_runs(model, tokens, dense, args, plan) -> list[dict]:
     """Sparse model runs at one budget: stream (no hook) and the others through hook_pattern,
     each estimate made on the sparse run's own rotated q, k."""
-    from sparse_lens.analysis.fidelity import _first_pruned_position, _next_token_figures
+    from sparse_lens.analysis.fidelity import first_pruned_position, next_token_figures
 
     block = args.kl_block
     top_k = plan[block][min(plan[block])] if args.kl_top_k is None else args.kl_top_k
@@ -391,8 +391,8 @@ def next_token_runs(model, tokens, dense, args, plan) -> list[dict]:
             hooks = [] if name == "stream" else [
                 (f"blocks.{layer}.attn.hook_pattern", hook) for layer in range(model.cfg.n_layers)]
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks).float()
-            first = _first_pruned_position(stream, seq_len)
-        figures = _next_token_figures(dense.logits, logits, first_position=first)
+            first = first_pruned_position(stream, seq_len)
+        figures = next_token_figures(dense.logits, logits, first_position=first)
         out.append({"estimator": name, "block": block, "top_k": top_k, "seconds": time.perf_counter() - started,
                     "pruned": float(np.mean(pruned)) if pruned else window_pruned_fraction(seq_len, block, top_k),
                     **figures})

@@ -37,10 +37,10 @@ def positions_to_score(length: int, first_pruned: int, count: int) -> torch.Tens
 
 def run(model, length: int, args) -> dict:
     import sparse_lens as sl
-    from sparse_lens.analysis.fidelity import _first_pruned_position
+    from sparse_lens.analysis.fidelity import first_pruned_position
 
     tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=args.device)
-    positions = positions_to_score(length, _first_pruned_position(model.stream, length), args.positions)
+    positions = positions_to_score(length, first_pruned_position(model.stream, length), args.positions)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -1,10 +1,81 @@
-"""One-way dependencies: the kernels and the pattern import nothing from the TransformerLens layer."""
+"""One-way dependencies and public seams.
 
+- The kernels, the pattern and the data import nothing from the TransformerLens layer.
+- No module of the package (nor a benchmark script) imports another module's private
+  (underscore) name: what crosses a module boundary is public, named and documented.
+  Tests may import the private helpers of the module they test.
+- Nothing imports TransformerLens' private modules or names (``transformer_lens.*._*``): the
+  bridge is built through ``transformer_lens.model_bridge.sources.build_bridge_from_module``.
+"""
+
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
 
 
 def test_kernels_import_without_transformer_lens():
     code = "import sys, sparse_lens.kernels, sparse_lens.pattern, sparse_lens.data; print('transformer_lens' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def is_private(part: str) -> bool:
+    return part.startswith("_") and not part.endswith("__")
+
+
+def private_imports(source: str, package: str, own_module: str | None = None) -> list[str]:
+    """``module:name`` of every import from ``package`` of a private module or name (a dotted
+    part or an imported name starting with ``_``, dunders excepted), other than from ``own_module``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules, names = [node.module], [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            modules, names = [alias.name for alias in node.names], []
+        else:
+            continue
+        for module in modules:
+            if module.split(".")[0] != package or module == own_module:
+                continue
+            if any(is_private(part) for part in module.split(".")[1:]):
+                found.append(module)
+            found += [f"{module}:{name}" for name in names if is_private(name)]
+    return found
+
+
+def python_files(*folders: str) -> list[Path]:
+    return sorted(path for folder in folders for path in (ROOT / folder).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def test_the_scan_catches_private_imports():
+    assert private_imports("from sparse_lens.data.niah import _format, NOISE_LINE", "sparse_lens") == [
+        "sparse_lens.data.niah:_format"]
+    assert private_imports("from sparse_lens.kernels._x import f\nimport sparse_lens._y", "sparse_lens") == [
+        "sparse_lens.kernels._x", "sparse_lens._y"]
+    assert private_imports("from transformer_lens.model_bridge.sources._bridge_builder import configure_tokenizer",
+                           "transformer_lens") == ["transformer_lens.model_bridge.sources._bridge_builder"]
+    assert private_imports("from sparse_lens.a import _b", "sparse_lens", own_module="sparse_lens.a") == []
+    assert private_imports("from sparse_lens import __version__\nfrom sparse_lens.kernels import num_blocks",
+                           "sparse_lens") == []
+
+
+@pytest.mark.parametrize("folder", ["sparse_lens", "benchmarks"])
+def test_no_module_imports_another_modules_private_names(folder):
+    offenders = {module_name(path): found for path in python_files(folder)
+                 if (found := private_imports(path.read_text(encoding="utf-8"), "sparse_lens", module_name(path)))}
+    assert not offenders, f"private names imported across modules (make them public or move them): {offenders}"
+
+
+def test_nothing_imports_transformer_lens_private_modules_or_names():
+    offenders = {str(path.relative_to(ROOT)): found for path in python_files("sparse_lens", "benchmarks", "tests")
+                 if (found := private_imports(path.read_text(encoding="utf-8"), "transformer_lens"))}
+    assert not offenders, f"TransformerLens private imports (use its public API): {offenders}"

@@ -124,7 +124,7 @@ def fidelity(
     recalls = torch.cat([row.pop("recall") for row in layers])
     sampled = torch.cat([row.pop("sampled_recall") for row in layers])
     oracles = torch.cat([row.pop("oracle") for row in layers])
-    first = _first_pruned_position(stream, seq_len)
+    first = first_pruned_position(stream, seq_len)
     if positions is not None:  # score the kept positions at or after the first pruned one
         first = int((keep["logits_to_keep"] < first).sum())
     report = {
@@ -132,7 +132,7 @@ def fidelity(
         "pruned_fraction": float(np.mean([row["pruned_fraction"] for row in layers])),
         **_recall_figures(recalls, sampled, oracles),
         "estimate_seconds": sum(row.pop("estimate_seconds") for row in layers),
-        **_next_token_figures(dense_logits, sparse_logits, first_position=first),
+        **next_token_figures(dense_logits, sparse_logits, first_position=first),
     }
     if per_layer:
         report["layers"] = layers
@@ -180,7 +180,9 @@ def _pruned_rows(stream: StreamConfig, seq_len: int) -> Tensor:
     return visible_key_blocks(seq_len, stream.query_block, stream.key_block) > fewest_kept
 
 
-def _first_pruned_position(stream: StreamConfig, seq_len: int) -> int:
+def first_pruned_position(stream: StreamConfig, seq_len: int) -> int:
+    """The first token position of the first query block that can lose key blocks under
+    ``stream`` (``seq_len`` when none can): earlier positions attend exactly as dense attention."""
     rows = torch.nonzero(_pruned_rows(stream, seq_len))
     return int(rows[0]) * stream.query_block if len(rows) else seq_len
 
@@ -197,7 +199,7 @@ def _recall_figures(recall: Tensor, sampled_recall: Tensor, oracle: Tensor) -> d
     }
 
 
-def _next_token_figures(dense_logits: Tensor, sparse_logits: Tensor, first_position: int) -> dict[str, float]:
+def next_token_figures(dense_logits: Tensor, sparse_logits: Tensor, first_position: int) -> dict[str, float]:
     """KL(dense || sparse) and top-1 agreement over positions >= first_position, and at the end."""
     dense_logp = dense_logits[:, first_position:].log_softmax(-1)
     sparse_logp = sparse_logits[:, first_position:].log_softmax(-1)

@@ -1,6 +1,6 @@
 """RULER's needle-in-a-haystack and variable-tracking tasks, generated offline (NVIDIA/RULER task facts).
 
-Every sample is a :class:`~sparse_lens.data.niah.NeedleSample`, seeded (one ``random.Random(seed)``
+Every sample is a :class:`NeedleSample`, seeded (one ``random.Random(seed)``
 draws every key, value, UUID, depth and haystack), fitted to a token length with the model's own
 tokenizer, and records the token span of every needle. Needles read
 "One of the special magic {numbers|uuids} for {key} is: {value}."; word keys are adjective-noun
@@ -14,11 +14,13 @@ Haystacks:
   Paul Graham's essays, which are not shippable; these are not them. The haystack starts and ends
   at sentence boundaries and needles go in between sentences.
 - needle: distractor needles with other keys, one per line.
+- a document (``haystack=`` of :func:`niah_sample`, e.g. the user's own text): its non-blank lines,
+  in order, never more than it has (the prompt is shorter than the budget when the document is).
 
 Tasks (``RULER_TASKS``):
 
-- ``niah_single_1``: noise haystack, word key, number value (the same prompt conventions, key and
-  value as :func:`~sparse_lens.data.niah.needle_prompt` for the same seed).
+- ``niah_single_1``: noise haystack, word key, number value
+  (:func:`~sparse_lens.data.niah.needle_prompt` is this task at a chosen depth).
 - ``niah_single_2``: essay haystack, word key, number value.
 - ``niah_single_3``: essay haystack, word key, UUID value.
 - ``niah_multikey_1``: essay haystack, 4 needles with distinct keys, one of them queried.
@@ -52,8 +54,34 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
-from sparse_lens.data.niah import ADJECTIVES, INSTRUCTION, NOISE_LINE, NOUNS, NeedleSample, _format
 from sparse_lens.data.prose import essays
+
+NOISE_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+INSTRUCTION = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards.\n"
+)
+ADJECTIVES = ["amber", "brisk", "calm", "dusty", "eager", "fuzzy", "gentle", "hollow", "icy", "jolly",
+              "keen", "lively", "mellow", "noisy", "odd", "proud", "quiet", "rusty", "shiny", "tidy"]
+NOUNS = ["anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket",
+         "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "river", "saddle", "tunnel"]
+
+
+@dataclass(frozen=True)
+class NeedleSample:
+    """One prompt: its text and token ids, the expected answers and the needles' token spans."""
+
+    prompt: str
+    input_ids: list[int]
+    answers: list[str]
+    needle_spans: list[tuple[int, int]]  # [start, end) token positions in input_ids
+    needle_texts: list[str]
+    depth: float
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
 
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 DEPTHS = [i / 39 for i in range(40)]  # RULER: 40 evenly spaced depths from 0% to 100%
@@ -200,6 +228,22 @@ class _EssayHaystack:
         return best
 
 
+class _DocumentHaystack:
+    """The non-blank lines of a given document, in order, joined by newlines; at most all of them."""
+
+    separator, tail = "\n", "\n"
+
+    def __init__(self, document: str):
+        self._lines = [line for line in document.splitlines() if line.strip()]
+        self.max_units = len(self._lines)
+
+    def pieces(self, window: _Window) -> list[str]:
+        return self._lines[: window.count]
+
+    def refine(self, window: _Window, tokens: Callable[[_Window], int], budget: int) -> _Window:
+        return window
+
+
 def _sentences(essay: str) -> list[str]:
     body = " ".join(essay.split("\n", 1)[1].split())  # without the "# Title" line, one space between words
     return re.split(r"(?<=[.!?])\s+", body)
@@ -277,8 +321,11 @@ def _fit(tokenizer: Any, content: _Content, haystack: Any, budget: int) -> _Wind
     empty = tokens(_Window(0))
     if empty > budget:
         raise ValueError(f"The prompt needs {empty} tokens without any haystack; the budget is {budget} tokens.")
-    per_unit = max(1.0, (tokens(_Window(SAMPLE_UNITS)) - empty) / SAMPLE_UNITS)
-    count = _largest(lambda n: tokens(_Window(n)) <= budget, guess=int((budget - empty) / per_unit))
+    limit = getattr(haystack, "max_units", None)  # a document has only so many lines
+    sampled = SAMPLE_UNITS if limit is None else max(1, min(SAMPLE_UNITS, limit))
+    per_unit = max(1.0, (tokens(_Window(sampled)) - empty) / sampled)
+    count = _largest(lambda n: (limit is None or n <= limit) and tokens(_Window(n)) <= budget,
+                     guess=int((budget - empty) / per_unit))
     return haystack.refine(_Window(count), tokens, budget)
 
 
@@ -305,7 +352,7 @@ def _sample(tokenizer: Any, content: _Content, haystack: Any, length: int, answe
 
 # ----- the tasks ------------------------------------------------------------------------------
 def _niah_question(kind: str, queried: list[str], n_answers: int) -> tuple[str, str]:
-    """RULER's question and answer prefix, in niah.py's singular form when one value is expected."""
+    """RULER's question and answer prefix, in the singular when one value is expected."""
     query = queried[0] if len(queried) == 1 else ", ".join(queried[:-1]) + ", and " + queried[-1]
     if n_answers == 1:
         noun = kind[:-1]
@@ -323,8 +370,13 @@ def niah_sample(
     depth: float | None = None,
     seed: int = 0,
     answer_tokens: int = NIAH_ANSWER_TOKENS,
+    haystack: str | None = None,
 ) -> NeedleSample:
-    """One sample of a NIAH variant (a key of ``NIAH_VARIANTS``) of at most ``length - answer_tokens`` tokens."""
+    """One sample of a NIAH variant (a key of ``NIAH_VARIANTS``) of at most ``length - answer_tokens`` tokens.
+
+    ``depth`` in [0, 1] puts every needle at that fraction of the haystack (default: RULER's
+    seeded depths). ``haystack``: a document whose non-blank lines replace the variant's haystack
+    (the prompt is shorter than ``length`` when the document is)."""
     if variant not in NIAH_VARIANTS:
         raise ValueError(f"Unknown NIAH variant {variant!r}; known: {', '.join(NIAH_VARIANTS)}.")
     spec = NIAH_VARIANTS[variant]
@@ -336,11 +388,12 @@ def niah_sample(
     depths = _needle_depths(rng, len(needles), depth)
     answers = [value for key in queried for value in values[key]]
     question, answer_prefix = _niah_question(spec.value_kind, queried, len(answers))
-    instruction = INSTRUCTION.replace("numbers", spec.value_kind)  # niah.py's instruction, for the value kind
+    instruction = INSTRUCTION.replace("numbers", spec.value_kind)  # the instruction, for the value kind
     content = _Content(instruction, needles, depths, question, answer_prefix, answers,
                        depth=depths[keys.index(queried[0]) * spec.values])
-    haystack = _haystack(spec, random.Random(rng.getrandbits(64)), keys)
-    return _sample(tokenizer, content, haystack, length, answer_tokens)
+    haystack_rng = random.Random(rng.getrandbits(64))
+    pieces = _DocumentHaystack(haystack) if haystack is not None else _haystack(spec, haystack_rng, keys)
+    return _sample(tokenizer, content, pieces, length, answer_tokens)
 
 
 def variable_tracking(
@@ -386,3 +439,16 @@ def make_sample(
         raise ValueError(f"Unknown RULER task {task!r}; known tasks: {', '.join(RULER_TASKS)}.")
     extra = {} if answer_tokens is None else {"answer_tokens": answer_tokens}
     return RULER_TASKS[task](tokenizer, length, seed=seed, depth=depth, **extra)
+
+
+def _format(tokenizer: Any, context: str, question: str, answer_prefix: str, part: str = "all") -> str:
+    """The chat-formatted prompt (if the tokenizer has a chat template); ``part="head"`` returns
+    only the text up to the end of ``context``, for locating spans."""
+    user = context + "\n" + question if part == "all" else context
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        if part == "head":
+            return text[: text.index(context) + len(context)]
+        return text + answer_prefix
+    return user if part == "head" else user + "\n" + answer_prefix

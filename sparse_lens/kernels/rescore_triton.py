@@ -56,9 +56,9 @@ from sparse_lens.kernels.sparse_attention_triton import (
     MAX_TILE,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
-    _kv_batch_head,
-    _load_rows,
-    _masked_scores,
+    kv_row,
+    load_rows,
+    masked_scores,
     check_triton_block_sizes,
 )
 
@@ -83,7 +83,7 @@ def _candidate_mass(
         real = (row < N_QUERIES) & (query_pos < seq_len)
         query_pos = tl.where(real, query_pos, seq_len)  # padded rows: loaded as 0, masked everywhere
         last_query = tl.max(tl.where(real, query_pos, -1), axis=0)
-        queries = _load_rows(query_base, query_pos, seq_len, dims, d_head)
+        queries = load_rows(query_base, query_pos, seq_len, dims, d_head)
         row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
         slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
         for slot in range(width):
@@ -92,8 +92,8 @@ def _candidate_mass(
                 first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
                 if (key_block_id >= 0) & (first_key <= last_query):
                     key_pos = first_key + tl.arange(0, KEY_TILE)
-                    keys = _load_rows(key_base, key_pos, seq_len, dims, d_head)
-                    scores = _masked_scores(queries, keys, query_pos, key_pos, seq_len, scale,
+                    keys = load_rows(key_base, key_pos, seq_len, dims, d_head)
+                    scores = masked_scores(queries, keys, query_pos, key_pos, seq_len, scale,
                                             DOT_PRECISION, DOT_UPCAST)
                     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
                     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
@@ -120,7 +120,7 @@ def _rescore_kernel(
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
-    kv_batch_head = _kv_batch_head(batch_head, n_q_heads, n_kv_heads)
+    kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
     row_id = batch_head * n_query_blocks + query_block_id
     slots_row = row_id * width
     slot_ids = tl.arange(0, SLOTS)

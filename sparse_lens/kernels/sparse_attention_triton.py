@@ -75,7 +75,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _load_rows(base, rows, n_rows, columns, n_columns):
+def load_rows(base, rows, n_rows, columns, n_columns):
     """Rows ``rows`` of a row-major [n_rows, n_columns] matrix at ``base``; 0 out of range."""
     in_range = (rows[:, None] < n_rows) & (columns[None, :] < n_columns)
     return tl.load(base + rows[:, None] * n_columns + columns[None, :], mask=in_range, other=0.0)
@@ -96,7 +96,7 @@ def _add_rows(base, rows, n_rows, columns, n_columns, values):
 
 
 @triton.jit
-def _kv_batch_head(batch_head, n_q_heads, n_kv_heads):
+def kv_row(batch_head, n_q_heads, n_kv_heads):
     """Row ``batch * n_kv_heads + kv_head`` of the key head that query row ``batch_head`` reads (GQA)."""
     batch, q_head = batch_head // n_q_heads, batch_head % n_q_heads
     return batch * n_kv_heads + q_head // (n_q_heads // n_kv_heads)
@@ -113,7 +113,7 @@ def _dot(left, right, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _masked_scores(query_tile, key_tile, query_pos, key_pos, seq_len, scale,
+def masked_scores(query_tile, key_tile, query_pos, key_pos, seq_len, scale,
                    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """fp32 ``scale * q . k`` of a [query tile, key tile], -inf where the key is not visible."""
     scores = _dot(query_tile, tl.trans(key_tile), DOT_PRECISION, DOT_UPCAST) * scale
@@ -132,7 +132,7 @@ def _forward_kernel(
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
-    kv_batch_head = _kv_batch_head(batch_head, n_q_heads, n_kv_heads)
+    kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
     query_base = query_ptr + batch_head * seq_len * d_head
     key_base = key_ptr + kv_batch_head * seq_len * d_head
     value_base = value_ptr + kv_batch_head * seq_len * d_value
@@ -144,7 +144,7 @@ def _forward_kernel(
         first_query = query_block_id * QUERY_BLOCK + query_tile * QUERY_TILE
         query_pos = first_query + tl.arange(0, QUERY_TILE)
         last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
-        query_tile_values = _load_rows(query_base, query_pos, seq_len, dims, d_head)
+        query_tile_values = load_rows(query_base, query_pos, seq_len, dims, d_head)
         row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([QUERY_TILE], dtype=tl.float32)
         slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
@@ -156,9 +156,9 @@ def _forward_kernel(
                 first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
                 if (key_block_id >= 0) & (first_key <= last_query):
                     key_pos = first_key + tl.arange(0, KEY_TILE)
-                    keys = _load_rows(key_base, key_pos, seq_len, dims, d_head)
-                    values = _load_rows(value_base, key_pos, seq_len, value_dims, d_value)
-                    scores = _masked_scores(query_tile_values, keys, query_pos, key_pos, seq_len, scale,
+                    keys = load_rows(key_base, key_pos, seq_len, dims, d_head)
+                    values = load_rows(value_base, key_pos, seq_len, value_dims, d_value)
+                    scores = masked_scores(query_tile_values, keys, query_pos, key_pos, seq_len, scale,
                                             DOT_PRECISION, DOT_UPCAST)
                     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
                     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
@@ -194,7 +194,7 @@ def _backward_kernel(
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)
-    kv_batch_head = _kv_batch_head(batch_head, n_q_heads, n_kv_heads)
+    kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
     query_offset, key_offset = batch_head * seq_len * d_head, kv_batch_head * seq_len * d_head
     output_offset, value_offset = batch_head * seq_len * d_value, kv_batch_head * seq_len * d_value
     slots_row = (batch_head * n_query_blocks + query_block_id) * top_k
@@ -206,9 +206,9 @@ def _backward_kernel(
         query_pos = first_query + tl.arange(0, QUERY_TILE)
         last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
         real = query_pos < seq_len
-        queries = _load_rows(query_ptr + query_offset, query_pos, seq_len, dims, d_head)
-        grad_out = _load_rows(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value)
-        output = _load_rows(output_ptr + output_offset, query_pos, seq_len, value_dims, d_value)
+        queries = load_rows(query_ptr + query_offset, query_pos, seq_len, dims, d_head)
+        grad_out = load_rows(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value)
+        output = load_rows(output_ptr + output_offset, query_pos, seq_len, value_dims, d_value)
         delta = tl.sum(grad_out.to(tl.float32) * output.to(tl.float32), axis=1)
         lse = tl.load(lse_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
         lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see no key: every p is 0 anyway
@@ -220,9 +220,9 @@ def _backward_kernel(
                 first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
                 if (key_block_id >= 0) & (first_key <= last_query):
                     key_pos = first_key + tl.arange(0, KEY_TILE)
-                    keys = _load_rows(key_ptr + key_offset, key_pos, seq_len, dims, d_head)
-                    values = _load_rows(value_ptr + value_offset, key_pos, seq_len, value_dims, d_value)
-                    scores = _masked_scores(queries, keys, query_pos, key_pos, seq_len, scale,
+                    keys = load_rows(key_ptr + key_offset, key_pos, seq_len, dims, d_head)
+                    values = load_rows(value_ptr + value_offset, key_pos, seq_len, value_dims, d_value)
+                    scores = masked_scores(queries, keys, query_pos, key_pos, seq_len, scale,
                                             DOT_PRECISION, DOT_UPCAST)
                     probs = tl.exp(scores - lse[:, None])
                     grad_probs = _dot(grad_out, tl.trans(values), DOT_PRECISION, DOT_UPCAST)  # ungated

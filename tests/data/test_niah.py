@@ -41,3 +41,24 @@ def test_prose_tokens_are_exact_length_and_seeded(tokenizer):
     assert len(ids) == 12_000
     assert prose_tokens(tokenizer, 500, seed=1) == prose_tokens(tokenizer, 500, seed=1)
     assert prose_tokens(tokenizer, 500, seed=1) != prose_tokens(tokenizer, 500, seed=2)
+
+
+def test_needle_prompt_is_rulers_niah_single_1_at_a_chosen_depth(tokenizer):
+    from sparse_lens.data import niah_sample
+
+    for kwargs in ({"depth": 0.3, "seed": 2}, {"depth": 1.0, "seed": 0, "answer_tokens": 8}):
+        assert needle_prompt(tokenizer, 600, **kwargs) == niah_sample(tokenizer, 600, "niah_single_1", **{
+            "answer_tokens": 16, **kwargs})
+
+
+def test_a_document_is_the_haystack_and_never_padded(tokenizer):
+    lines = [f"Line {index} of my own notes." for index in range(400)]
+    long = needle_prompt(tokenizer, 500, answer_tokens=4, haystack="\n\n".join(lines))  # blank lines dropped
+    context = long.prompt[long.prompt.index("afterwards.\n") + len("afterwards.\n"): long.prompt.index("\nWhat is")]
+    body = [line for line in context.splitlines() if line not in long.needle_texts]
+    assert body == lines[: len(body)] and len(context.splitlines()) == len(body) + 1
+    assert 0.97 * 496 <= long.length <= 496  # a long document fills the budget
+    short = needle_prompt(tokenizer, 2000, answer_tokens=4, haystack="\n".join(lines[:10]))
+    assert short.length < 1000 and all(line in short.prompt for line in lines[:10])  # all of it, nothing added
+    start, end = short.needle_spans[0]
+    assert tokenizer.decode(short.input_ids[start:end]).strip() == short.needle_texts[0]
