@@ -30,3 +30,15 @@ def test_valid_configs_and_replace():
     with pytest.raises(sl.InvalidConfigError):
         config.replace(top_k=3)  # sink 1 + local 4 > 3
     assert config.estimator_kwargs()["key_block"] == 16
+
+
+def test_every_named_error_is_exported():
+    """Users catch errors by ``sl.<Name>``: every class of sparse_lens.errors is a top-level name."""
+    import inspect
+
+    import sparse_lens as sl
+    from sparse_lens import errors
+
+    classes = {name for name, obj in inspect.getmembers(errors, inspect.isclass) if obj.__module__ == errors.__name__}
+    assert classes and classes <= set(sl.__all__)
+    assert all(getattr(sl, name) is getattr(errors, name) for name in classes)
