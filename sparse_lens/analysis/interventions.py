@@ -21,7 +21,7 @@ pattern (sparse mode), so no dense pattern is ever built.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -39,16 +39,24 @@ from sparse_lens.tl.model import HookedSparseTransformer
 
 @dataclass(frozen=True)
 class BlockAttribution:
-    """Per layer: the kept blocks and ``d metric / d gate`` for each of them (0 on unused slots)."""
+    """Per layer: the kept blocks and ``d metric / d gate`` for each of them (0 on unused slots).
+
+    ``block_indices[i]`` and ``gradient[i]`` belong to layer ``layers[i]`` (default: layer ``i``,
+    every layer in order)."""
 
     block_indices: list[Int[Tensor, "batch head n_query_blocks top_k"]]
     gradient: list[Float[Tensor, "batch head n_query_blocks top_k"]]
     metric: float
+    layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            object.__setattr__(self, "layers", list(range(len(self.block_indices))))
 
     def top_blocks(self, n: int = 10) -> list[tuple[int, int, int, int, float]]:
         """The ``n`` blocks with the largest |attribution|: (layer, head, query block, key block, value), batch 0."""
         entries = []
-        for layer, (indices, gradient) in enumerate(zip(self.block_indices, self.gradient)):
+        for layer, indices, gradient in zip(self.layers, self.block_indices, self.gradient):
             flat = gradient[0].abs().flatten()
             for position in flat.topk(min(n, flat.numel())).indices.tolist():
                 head, row, slot = torch.unravel_index(torch.tensor(position), gradient[0].shape)
@@ -100,6 +108,7 @@ def block_attribution(
             for gate, grad, indices in zip(gate_hooks.gate_list(), gradients, gate_hooks.index_list())
         ],
         metric=float(value.detach()),
+        layers=list(gate_hooks.layers),
     )
 
 

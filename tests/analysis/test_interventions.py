@@ -141,3 +141,15 @@ def test_suppress_span_rejects_bad_spans_and_positions():
             suppress_span(model, TOKENS, span)
     with pytest.raises(InvalidPositionsError):
         suppress_span(model, TOKENS, SPAN, positions=[96])
+
+
+def test_top_blocks_labels_the_chosen_layers():
+    model, _ = sparse_and_dense(tiny_llama_config(num_hidden_layers=3), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
+    attribution = block_attribution(model, TOKENS, metric, layers=[2, 0])
+    assert attribution.layers == [2, 0]
+    top = attribution.top_blocks(50)
+    assert {entry[0] for entry in top} == {2, 0}
+    for layer, head, row, block, value in top:  # each value is the gradient of the layer it is labelled with
+        gradient = attribution.gradient[attribution.layers.index(layer)][0, head, row]
+        indices = attribution.block_indices[attribution.layers.index(layer)][0, head, row]
+        assert float(gradient[indices == block]) == value
