@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     fidelity.add_arguments(fidelity_parser)
     args = parser.parse_args(argv)
     if args.command == "trace":
+        trace.check_arguments(trace_parser, args)  # before the model loads
         trace.run(args)
     elif args.command == "fidelity":
         fidelity.run(args)

@@ -34,6 +34,7 @@ from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.needle import needle_recall
 from sparse_lens.cli.trace_report import parse_layers, write_trace_report
 from sparse_lens.config import ESTIMATORS, StreamConfig
+from sparse_lens.errors import InvalidConfigError
 from sparse_lens.data import needle_prompt, string_match_all
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
 
@@ -41,6 +42,7 @@ DENSE_FIDELITY_LIMIT = 16_384
 GPU_LENGTH, CPU_LENGTH = 4096, 1024
 TRACE_BLOCK = 16
 AUTO_TOP_K_SHARE = 16  # --top-k auto keeps about 1 / AUTO_TOP_K_SHARE of the last query block's key blocks
+MIN_LENGTH = 128  # tokens a needle prompt needs besides its haystack and answer (chat template, instruction, question)
 
 
 def auto_top_k(length: int, key_block: int, query_block: int, sink_blocks: int, local_blocks: int) -> int:
@@ -56,32 +58,90 @@ def auto_top_k(length: int, key_block: int, query_block: int, sink_blocks: int, 
 def _top_k_argument(text: str) -> int | str:
     if text == "auto":
         return text
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError("--top-k must be 'auto' or an int >= 1")
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1, got {text!r}")
     return value
+
+
+def _int_at_least(low: int):
+    """An argparse ``type=``: an integer >= ``low``, with an error saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in its messages
+    return parse
+
+
+def _depth_argument(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] (0: start of the haystack, 1: end), got {text!r}")
+    return value
+
+
+def _document_argument(text: str) -> Path:
+    """``--text``: an existing, non-empty UTF-8 text file."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text} as UTF-8 text ({error})") from None
+    if not content.strip():
+        raise argparse.ArgumentTypeError(f"{text} has no text")
+    return path
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks across arguments, before the model loads (``parser.error`` exits with usage and
+    the message)."""
+    if args.length is not None and args.length < MIN_LENGTH + args.max_new_tokens:
+        parser.error(f"argument --length: must be at least {MIN_LENGTH} + --max-new-tokens "
+                     f"({args.max_new_tokens}) = {MIN_LENGTH + args.max_new_tokens} tokens (the instruction, "
+                     f"needle, question and answer alone need about {MIN_LENGTH}), got {args.length}")
+    top_k = args.top_k if args.top_k != "auto" else auto_top_k(
+        args.length or CPU_LENGTH, args.key_block, args.query_block, args.sink_blocks, args.local_blocks)
+    try:
+        StreamConfig(query_block=args.query_block, key_block=args.key_block, top_k=top_k,
+                     sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, estimator=args.estimator)
+    except InvalidConfigError as error:
+        parser.error(f"the block settings: {error}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, GGUF path, HF directory or hub id")
-    parser.add_argument("--length", type=int, default=None,
-                        help=f"prompt length in tokens (default: {GPU_LENGTH} on a GPU, {CPU_LENGTH} on the CPU)")
-    parser.add_argument("--text", type=Path, default=None, metavar="FILE",
+    parser.add_argument("--length", type=_int_at_least(1), default=None,
+                        help=f"prompt length in tokens, at least {MIN_LENGTH} + --max-new-tokens "
+                             f"(default: {GPU_LENGTH} on a GPU, {CPU_LENGTH} on the CPU)")
+    parser.add_argument("--text", type=_document_argument, default=None, metavar="FILE",
                         help="trace your own document: FILE's text (UTF-8) is the haystack the needle is hidden in, "
                              "cut to --length tokens")
     parser.add_argument("--out", type=Path, default=Path("trace_out"), help="output directory")
-    parser.add_argument("--query-block", type=int, default=TRACE_BLOCK)
-    parser.add_argument("--key-block", type=int, default=TRACE_BLOCK)
+    parser.add_argument("--query-block", type=_int_at_least(1), default=TRACE_BLOCK, help="tokens per query block")
+    parser.add_argument("--key-block", type=_int_at_least(1), default=TRACE_BLOCK, help="tokens per key block")
     parser.add_argument("--top-k", type=_top_k_argument, default="auto",
                         help="key blocks kept per query block, or 'auto': about 1 in "
                              f"{AUTO_TOP_K_SHARE} of the prompt's key blocks (~87%% of pairs pruned)")
-    parser.add_argument("--sink-blocks", type=int, default=1)
-    parser.add_argument("--local-blocks", type=int, default=1)
+    parser.add_argument("--sink-blocks", type=_int_at_least(0), default=1)
+    parser.add_argument("--local-blocks", type=_int_at_least(0), default=1)
     parser.add_argument("--estimator", choices=ESTIMATORS, default=StreamConfig().estimator,
                         help="how key blocks are kept (see StreamConfig.estimator); 'stream' is the fastest")
-    parser.add_argument("--depth", type=float, default=0.5, help="needle depth in the haystack, 0..1")
+    parser.add_argument("--depth", type=_depth_argument, default=0.5, help="needle depth in the haystack, 0..1")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=_int_at_least(1), default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--device-map", default=None, metavar="MAP",
                         help="spread the layers over devices (accelerate: auto, balanced, sequential); replaces --device")
@@ -113,8 +173,11 @@ def run(args: argparse.Namespace) -> dict:
     heatmap_layers = parse_layers(args.heatmap_layers, model.cfg.n_layers)
     source = f"the text of {args.text}" if args.text is not None else "a generated haystack"
     print(f"[2/6] building a {length}-token needle prompt from {source}", flush=True)
-    sample = needle_prompt(model.tokenizer, length, depth=args.depth, seed=args.seed, answer_tokens=args.max_new_tokens,
-                           haystack=haystack)
+    try:
+        sample = needle_prompt(model.tokenizer, length, depth=args.depth, seed=args.seed,
+                               answer_tokens=args.max_new_tokens, haystack=haystack)
+    except ValueError as error:  # this tokenizer's fixed prompt parts need more than --length allows
+        raise SystemExit(f"sparse-lens trace: error: {error} Raise --length.") from None
     tokens = torch.tensor([sample.input_ids], device=model.cfg.device)  # the embedding's device
 
     print(f"[3/6] sparse forward with every layer's pattern cached ({sample.length} tokens)", flush=True)

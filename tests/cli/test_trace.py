@@ -212,3 +212,23 @@ def test_trace_of_a_users_document(tiny_model_dir, tmp_path):
 def test_auto_top_k_prunes_most_pairs_at_any_length():
     assert [auto_top_k(length, 16, 16, 1, 1) for length in (320, 1024, 2048, 4096, 131072)] == [2, 4, 8, 16, 512]
     assert auto_top_k(4096, 64, 64, 1, 1) == 4 and auto_top_k(256, 16, 64, 1, 4) >= 1 + 4
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--text", "/nonexistent.txt"], "no such file"),
+    (["--length", "20"], "--length: must be at least"),
+    (["--depth", "1.5"], "number in [0, 1]"),
+    (["--query-block", "0"], "integer >= 1"),
+    (["--top-k", "1", "--sink-blocks", "1", "--local-blocks", "1"], "block settings"),
+])
+def test_bad_arguments_are_usage_errors_before_the_model_loads(arguments, message, monkeypatch, capsys):
+    import sparse_lens as sl
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sl.HookedSparseTransformer, "from_pretrained", no_loading)
+    with pytest.raises(SystemExit) as exited:
+        main(["trace", *arguments, "--device", "cpu"])
+    assert exited.value.code == 2  # argparse's usage error, not a traceback
+    assert message in capsys.readouterr().err
