@@ -30,6 +30,7 @@ from sparse_lens.errors import (
     SequenceParallelError,
     ShapeError,
     SparseLensError,
+    TraceMismatchError,
     UnsupportedModelError,
 )
 from sparse_lens.pattern import BlockSparsePattern
@@ -88,5 +89,6 @@ __all__ = [
     "SparseLensError",
     "StreamConfig",
     "SUPPORTED_ARCHITECTURES",
+    "TraceMismatchError",
     "UnsupportedModelError",
 ]

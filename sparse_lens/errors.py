@@ -92,3 +92,8 @@ class SequenceParallelError(SparseLensError, ValueError):
     """Heads across ranks (``sparse_lens.tl.sequence_parallel``) cannot split this model or input:
     the number of ranks must divide the number of KV heads (each rank takes whole KV heads and
     their query heads), and the sequence length must divide evenly into one shard per rank."""
+
+
+class TraceMismatchError(SparseLensError, ValueError):
+    """A saved trace (e.g. ``fidelity``'s ``dense=``, a ``DenseTrace``) was made from other tokens
+    than the ones it is used with: collect it again on these tokens."""

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sparse_lens.config import StreamConfig
-from sparse_lens.errors import InvalidConfigError
+from sparse_lens.errors import InvalidConfigError, TraceMismatchError
 from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
 from sparse_lens.kernels.blocks import visible_key_blocks
 from sparse_lens.pattern import BlockSparsePattern
@@ -49,6 +49,8 @@ class DenseTrace:
 
     Holds every layer's q and k (``T * d_head`` per head and layer): for reusing one dense run
     across several configs at moderate lengths; ``fidelity`` without ``dense=`` needs none of it.
+    ``tokens`` (on the CPU) are the token ids it was made from, so that ``fidelity`` can refuse a
+    trace of other tokens (``None``: unknown, only the batch and length are checked).
     """
 
     logits: Float[Tensor, "batch pos vocab"]
@@ -56,6 +58,17 @@ class DenseTrace:
     key: list[Tensor]
     lse: list[Tensor]
     scale: float
+    tokens: Int[Tensor, "batch pos"] | None = None
+
+    def check_tokens(self, tokens: Int[Tensor, "batch pos"]) -> None:
+        """Raise ``TraceMismatchError`` unless this trace was made from ``tokens``."""
+        if tuple(tokens.shape) != tuple(self.logits.shape[:2]):
+            raise TraceMismatchError(
+                f"The dense trace was made from tokens of shape {tuple(self.logits.shape[:2])} [batch, pos], "
+                f"these tokens have shape {tuple(tokens.shape)}: collect_dense(model, tokens) on these tokens.")
+        if self.tokens is not None and not torch.equal(self.tokens, tokens.detach().cpu()):
+            raise TraceMismatchError("The dense trace was made from other tokens (same shape): "
+                                     "collect_dense(model, tokens) on these tokens.")
 
 
 def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"]) -> DenseTrace:
@@ -69,6 +82,7 @@ def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos
         key=[p.key for p in patterns],
         lse=[p.lse for p in patterns],
         scale=patterns[0].scale,
+        tokens=tokens.detach().cpu().clone(),
     )
 
 
@@ -86,7 +100,8 @@ def fidelity(
 ) -> dict[str, float]:
     """Fidelity of ``stream`` (default: the model's) against dense attention on ``tokens``.
 
-    Pass ``dense=collect_dense(model, tokens)`` to evaluate several configs on one dense run.
+    Pass ``dense=collect_dense(model, tokens)`` to evaluate several configs on one dense run
+    (a trace of other tokens raises ``TraceMismatchError``).
     ``per_layer=True`` adds ``"layers"``: one dict per layer with its ``layer``,
     ``pruned_fraction`` and recall figures (``mass_recall_mean``, ``mass_recall_p5``,
     ``oracle_recall_mean``, ``oracle_ratio``). ``positions`` (ascending token positions): the
@@ -98,6 +113,8 @@ def fidelity(
     if not isinstance(oracle_stride, int) or oracle_stride < 1:
         raise InvalidConfigError(f"oracle_stride must be an int >= 1, got {oracle_stride!r}.")
     stream = stream or model.stream
+    if dense is not None:
+        dense.check_tokens(tokens)
     seq_len = tokens.shape[-1]
     keep = {} if positions is None else {"logits_to_keep": _check_positions(positions, seq_len, tokens.device)}
     searched = _pruned_rows(stream, seq_len)

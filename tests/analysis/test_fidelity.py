@@ -124,3 +124,15 @@ def test_adaptive_fidelity_figures_match_brute_force():
     assert report["positions_scored"] == SEQ - first
     # Scoring only the rows past top_k (the non-adaptive rule) would give another figure:
     assert abs(float(torch.tensor(late_recalls).mean()) - report["mass_recall_mean"]) > 1e-4
+
+
+def test_fidelity_refuses_a_dense_trace_of_other_tokens():
+    sparse, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=2))
+    tokens = torch.randint(0, 90, (2, 64), generator=torch.Generator().manual_seed(0))
+    dense = sl.collect_dense(sparse, tokens)
+    sl.fidelity(sparse, tokens, dense=dense)  # its own tokens: accepted
+    other = tokens.clone()
+    other[1, 40] = (other[1, 40] + 1) % 90
+    for wrong in (other, tokens[:1], tokens[:, :48]):  # other ids, another batch, another length
+        with pytest.raises(sl.TraceMismatchError):
+            sl.fidelity(sparse, wrong, dense=dense)
