@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from sparse_lens.analysis.span_patching import check_spans
 from sparse_lens.config import StreamConfig
 from sparse_lens.data.niah import NeedleSample
 from sparse_lens.kernels import estimate_blocks
@@ -51,8 +52,14 @@ class NeedleRecall:
 def needle_recall(
     patterns: list[BlockSparsePattern], needle_span: tuple[int, int], query_position: int = -1, batch: int = 0
 ) -> NeedleRecall:
-    """Needle recall at ``query_position`` (default: the last token) over a list of per-layer patterns."""
+    """Needle recall at ``query_position`` (default: the last token) over a list of per-layer patterns.
+
+    Raises:
+        InvalidSpanError: ``needle_span`` is empty or reaches outside the patterns' sequence.
+    """
     first = patterns[0]
+    ((start, end),) = check_spans([needle_span], first.seq_len)
+    needle_span = (start, end)
     position = query_position % first.seq_len
     row = position // first.query_block - first.first_query_block
     needle_blocks = tuple(blocks_overlapping(needle_span, first.key_block))

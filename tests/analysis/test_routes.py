@@ -266,6 +266,14 @@ def test_bad_input_gets_named_errors():
         route_to_needle(patterns, NEEDLE, head_reduce="median")
 
 
+def test_needle_recall_checks_its_span():
+    patterns = hand_built_patterns()  # 32 tokens
+    assert needle_recall(patterns, NEEDLE).needle_blocks == (2,)
+    for span in [(40, 50), (8, 40), (8, 8), (12, 8), (-4, 4)]:  # past the end, cut, empty, reversed, negative
+        with pytest.raises(InvalidSpanError):
+            needle_recall(patterns, span)
+
+
 @pytest.fixture(scope="module")
 def needle_trace(smollm2):
     sample = needle_prompt(smollm2.tokenizer, 1024, depth=0.5, seed=0)
