@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,17 +43,24 @@ DENSE_FIDELITY_LIMIT = 16_384
 GPU_LENGTH, CPU_LENGTH = 4096, 1024
 TRACE_BLOCK = 16
 AUTO_TOP_K_SHARE = 16  # --top-k auto keeps about 1 / AUTO_TOP_K_SHARE of the last query block's key blocks
+AUTO_SEARCHABLE = 2  # --top-k auto keeps at least this many blocks beyond the sink, local and diagonal ones
+SHORT_PROMPT = 0.9  # warn when the prompt fills less than this share of --length (a short --text document)
 MIN_LENGTH = 128  # tokens a needle prompt needs besides its haystack and answer (chat template, instruction, question)
 
 
 def auto_top_k(length: int, key_block: int, query_block: int, sink_blocks: int, local_blocks: int) -> int:
     """``--top-k auto``: about one in ``AUTO_TOP_K_SHARE`` of the key blocks a prompt of ``length``
     tokens has (so the share of pruned query-key pairs stays near 1 - 2 / AUTO_TOP_K_SHARE at any
-    length), and never fewer than the sink, local and (causal selection) diagonal blocks need."""
+    length), but at least ``AUTO_SEARCHABLE`` blocks beyond the always-kept ones (the sink, local and
+    causal-selection diagonal blocks), so the estimator always chooses something; capped at the
+    prompt's key blocks, and never below what StreamConfig accepts."""
     n_key_blocks = -(-length // key_block)
     band = -(-query_block // key_block)
-    fewest = band + max(1, sink_blocks + max(local_blocks - band, 0))
-    return max(fewest, sink_blocks + local_blocks, -(-n_key_blocks // AUTO_TOP_K_SHARE))
+    inner_local = max(local_blocks - band, 0)
+    always_kept = band + sink_blocks + inner_local
+    fewest = max(band + max(1, sink_blocks + inner_local), sink_blocks + local_blocks)  # StreamConfig's minimum
+    wanted = max(always_kept + AUTO_SEARCHABLE, -(-n_key_blocks // AUTO_TOP_K_SHARE))
+    return max(fewest, min(wanted, n_key_blocks))
 
 
 def _top_k_argument(text: str) -> int | str:
@@ -134,7 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-block", type=_int_at_least(1), default=TRACE_BLOCK, help="tokens per key block")
     parser.add_argument("--top-k", type=_top_k_argument, default="auto",
                         help="key blocks kept per query block, or 'auto': about 1 in "
-                             f"{AUTO_TOP_K_SHARE} of the prompt's key blocks (~87%% of pairs pruned)")
+                             f"{AUTO_TOP_K_SHARE} of the prompt's key blocks (~87%% of pairs pruned), but at least "
+                             f"{AUTO_SEARCHABLE} blocks beyond the sink, local and diagonal ones (at most all of the "
+                             "prompt's blocks; short prompts then prune little)")
     parser.add_argument("--sink-blocks", type=_int_at_least(0), default=1)
     parser.add_argument("--local-blocks", type=_int_at_least(0), default=1)
     parser.add_argument("--estimator", choices=ESTIMATORS, default=StreamConfig().estimator,
@@ -172,13 +182,21 @@ def run(args: argparse.Namespace) -> dict:
     model = HookedSparseTransformer.from_pretrained(args.model, stream=stream, **where)
     heatmap_layers = parse_layers(args.heatmap_layers, model.cfg.n_layers)
     source = f"the text of {args.text}" if args.text is not None else "a generated haystack"
-    print(f"[2/6] building a {length}-token needle prompt from {source}", flush=True)
+    print(f"[2/6] building a needle prompt of up to {length} tokens ({args.max_new_tokens} of them for the answer) "
+          f"from {source}", flush=True)
     try:
         sample = needle_prompt(model.tokenizer, length, depth=args.depth, seed=args.seed,
                                answer_tokens=args.max_new_tokens, haystack=haystack)
     except ValueError as error:  # this tokenizer's fixed prompt parts need more than --length allows
         raise SystemExit(f"sparse-lens trace: error: {error} Raise --length.") from None
     tokens = torch.tensor([sample.input_ids], device=model.cfg.device)  # the embedding's device
+    if args.top_k == "auto":  # from the prompt's real length
+        stream = stream.replace(top_k=auto_top_k(sample.length, args.key_block, args.query_block, args.sink_blocks,
+                                                 args.local_blocks))
+        model.stream = stream
+    print(f"      the prompt has {sample.length} tokens; top_k {stream.top_k} of its "
+          f"{-(-sample.length // stream.key_block)} key blocks", flush=True)
+    _warn_if_short(sample.length, length - args.max_new_tokens, args.text, stream)
 
     print(f"[3/6] sparse forward with every layer's pattern cached ({sample.length} tokens)", flush=True)
     forward_started = time.perf_counter()
@@ -239,6 +257,18 @@ def run(args: argparse.Namespace) -> dict:
     print(json.dumps({key: value for key, value in summary.items() if key != "per_layer"}, indent=2))
     print(f"wrote {args.out / 'summary.json'} and the figures; open the report: {args.out / 'report.html'}", flush=True)
     return summary
+
+
+def _warn_if_short(prompt_length: int, budget: int, document: Path | None, stream: StreamConfig) -> None:
+    """Warnings (stderr) for a prompt well short of the asked length and for a top_k that keeps
+    every key block (nothing pruned)."""
+    if prompt_length < SHORT_PROMPT * budget:
+        cause = f"the document {document} is too short" if document is not None else "the haystack ran out"
+        print(f"warning: the prompt has only {prompt_length} tokens, not the {budget} asked for ({cause}); "
+              "pass a longer document or a smaller --length", file=sys.stderr, flush=True)
+    if stream.top_k >= -(-prompt_length // stream.key_block):
+        print(f"warning: top_k {stream.top_k} keeps every one of the prompt's key blocks, so nothing is pruned; "
+              "use a longer prompt, smaller blocks or a smaller --top-k", file=sys.stderr, flush=True)
 
 
 def describe(stream: StreamConfig) -> str:

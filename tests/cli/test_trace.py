@@ -206,12 +206,35 @@ def test_trace_of_a_users_document(tiny_model_dir, tmp_path):
     assert "Line 0 of my own notes" in own.prompt and summary["length"] == own.length
     assert needle_prompt(tokenizer, 320, answer_tokens=4).length != own.length
     # --top-k auto with 16-token blocks: about 1 in 16 of the prompt's key blocks, never below the minimum.
-    assert summary["config"]["query_block"] == 16 and summary["config"]["top_k"] == auto_top_k(320, 16, 16, 1, 1)
+    assert summary["config"]["query_block"] == 16
+    assert summary["config"]["top_k"] == auto_top_k(summary["length"], 16, 16, 1, 1)
 
 
 def test_auto_top_k_prunes_most_pairs_at_any_length():
-    assert [auto_top_k(length, 16, 16, 1, 1) for length in (320, 1024, 2048, 4096, 131072)] == [2, 4, 8, 16, 512]
-    assert auto_top_k(4096, 64, 64, 1, 1) == 4 and auto_top_k(256, 16, 64, 1, 4) >= 1 + 4
+    assert [auto_top_k(length, 16, 16, 1, 1) for length in (320, 1024, 2048, 4096, 131072)] == [4, 4, 8, 16, 512]
+    assert auto_top_k(4096, 64, 64, 1, 1) == 4
+    # Always 2 searchable blocks beyond the sink, local and diagonal ones (4 query blocks of 16: a
+    # band of 4 key blocks, which the 4 local blocks are), capped at the prompt's blocks.
+    assert auto_top_k(256, 16, 64, 1, 4) == 4 + 1 + 2 and auto_top_k(1024, 16, 16, 2, 3) == 2 + 3 + 2
+    assert auto_top_k(48, 16, 16, 1, 1) == 3 and auto_top_k(16, 16, 16, 1, 1) == 2  # StreamConfig's minimum
+
+
+def test_a_short_document_is_reported_and_auto_top_k_still_searches(tiny_model_dir, tmp_path, capsys):
+    document = tmp_path / "tiny.txt"
+    document.write_text("Hello", encoding="utf-8")
+    out = tmp_path / "trace"
+    assert main(["trace", "--model", str(tiny_model_dir), "--text", str(document), "--length", "300",
+                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(out), "--fidelity", "off",
+                 "--heatmap-layers", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    captured = capsys.readouterr()
+    length = summary["length"]
+    assert length < 0.9 * 296
+    assert f"the prompt has {length} tokens" in captured.out and "300-token" not in captured.out
+    assert f"warning: the prompt has only {length} tokens, not the 296 asked for" in captured.err
+    assert "tiny.txt is too short" in captured.err
+    # top_k auto keeps the sink and local (= diagonal) blocks plus at least 2 the estimator chooses.
+    assert summary["config"]["top_k"] >= min(1 + 1 + 2, -(-length // 16))
 
 
 @pytest.mark.parametrize("arguments, message", [
