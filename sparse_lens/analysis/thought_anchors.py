@@ -70,8 +70,17 @@ from sparse_lens.analysis.anchors.salience import (
     vertical_scores,
     vertical_scores_sparse,
 )
-from sparse_lens.analysis.anchors.sentences import Sentences, Span, sentence_char_spans, split_sentences
-from sparse_lens.analysis.anchors.sparse import sentence_attention_sparse
+from sparse_lens.analysis.anchors.sentences import (
+    Sentences,
+    Span,
+    check_sentence_spans,
+    sentence_char_spans,
+    sentence_ids,
+    sentence_one_hot,
+    sentence_sizes,
+    split_sentences,
+)
+from sparse_lens.analysis.anchors.sparse import accumulate_sentence_attention, sentence_attention_sparse
 
 __all__ = [
     "METHODS",
@@ -82,8 +91,10 @@ __all__ = [
     "Sentences",
     "Span",
     "ThoughtAnchors",
+    "accumulate_sentence_attention",
     "anchors_from_vertical_scores",
     "chain_of_thought_anchors",
+    "check_sentence_spans",
     "compare_anchors",
     "fisher_kurtosis",
     "generate_chain_of_thought",
@@ -93,6 +104,9 @@ __all__ = [
     "sentence_attention_from_probs",
     "sentence_attention_sparse",
     "sentence_char_spans",
+    "sentence_ids",
+    "sentence_one_hot",
+    "sentence_sizes",
     "spearman",
     "split_sentences",
     "thought_anchors",
