@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
             scores = fidelity(model, tokens, dense=dense, verbose=True, per_layer=True)
         del dense
     else:
-        print("[4/6] fidelity skipped (sequence beyond the dense limit; --fidelity on forces it)", flush=True)
+        print(f"[4/6] fidelity skipped ({fidelity_skip_reason(args.fidelity, sample.length)})", flush=True)
 
     print("[5/6] answering (sparse prefill, greedy decode)", flush=True)
     generated = model.generate(tokens, max_new_tokens=args.max_new_tokens, verbose=True)
@@ -257,6 +257,14 @@ def run(args: argparse.Namespace) -> dict:
     print(json.dumps({key: value for key, value in summary.items() if key != "per_layer"}, indent=2))
     print(f"wrote {args.out / 'summary.json'} and the figures; open the report: {args.out / 'report.html'}", flush=True)
     return summary
+
+
+def fidelity_skip_reason(setting: str, length: int) -> str:
+    """Why ``--fidelity`` ``setting`` skipped the dense comparison of a ``length``-token prompt."""
+    if setting == "off":
+        return "--fidelity off"
+    return (f"the {length}-token prompt is beyond the dense limit of {DENSE_FIDELITY_LIMIT} tokens; "
+            "--fidelity on forces it")
 
 
 def _warn_if_short(prompt_length: int, budget: int, document: Path | None, stream: StreamConfig) -> None:

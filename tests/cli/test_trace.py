@@ -169,7 +169,7 @@ def test_trace_reports_the_figures_recomputed_here(traced, tiny_model_dir):
     assert summary["correct"] is (sample.answers[0] in answer)
 
 
-def test_a_correct_answer_is_reported_correct(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_correct_answer_is_reported_correct(tiny_model_dir, tmp_path, monkeypatch, capsys):
     # The random model never answers, so make it: generate returns the expected number.
     import sparse_lens as sl
 
@@ -184,6 +184,15 @@ def test_a_correct_answer_is_reported_correct(tiny_model_dir, tmp_path, monkeypa
                  "--heatmap-layers", "none"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["expected"][0] in summary["answer"] and summary["correct"] is True
+    log = capsys.readouterr().out
+    assert "[4/6] fidelity skipped (--fidelity off)" in log and "dense limit" not in log  # the real reason
+
+
+def test_fidelity_skip_beyond_the_dense_limit_says_so():
+    from sparse_lens.cli.trace import DENSE_FIDELITY_LIMIT, fidelity_skip_reason
+
+    assert f"{DENSE_FIDELITY_LIMIT + 1}-token prompt is beyond the dense limit of {DENSE_FIDELITY_LIMIT}" in \
+        fidelity_skip_reason("auto", DENSE_FIDELITY_LIMIT + 1)
 
 
 def test_trace_of_a_users_document(tiny_model_dir, tmp_path):
