@@ -51,9 +51,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.analysis.positions import kept_positions, logits_kwargs
+from sparse_lens.analysis.positions import call_metric, kept_positions, logits_kwargs
 from sparse_lens.analysis.span_patching import block_spans, check_spans
-from sparse_lens.errors import GradientModeError, LogitsNotKeptError, ShapeError
+from sparse_lens.errors import GradientModeError, ShapeError
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing
 
@@ -259,24 +259,6 @@ def check_gradient_mode(model: Any, *, gates: bool) -> None:
         raise GradientModeError(
             f"Block gates exist only on the sparse attention; this model runs mode={mode!r}. Use mode='sparse'."
         )
-
-
-def call_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, index: Tensor | None) -> Tensor:
-    """``metric(logits)`` as a scalar tensor; a read past the kept positions raises ``LogitsNotKeptError``."""
-    try:
-        value = metric(logits)
-    except IndexError as error:
-        if index is None:
-            raise
-        raise LogitsNotKeptError(
-            f"The metric indexed logits outside the {index.numel()} kept positions {index.tolist()[:8]} "
-            f"(logits shape {tuple(logits.shape)}: index i of dim 1 is the i-th kept position). Pass the "
-            f"positions the metric reads in positions=. ({error})"
-        ) from error
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        raise ShapeError(f"metric must return a scalar tensor, got {type(value).__name__} "
-                         f"{tuple(value.shape) if isinstance(value, Tensor) else ''}.")
-    return value.reshape(())
 
 
 class GateHooks:

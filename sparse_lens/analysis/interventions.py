@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.analysis.attribution_patching import GateHooks, call_metric, check_gradient_mode
-from sparse_lens.analysis.positions import kept_positions, logits_kwargs
+from sparse_lens.analysis.attribution_patching import GateHooks, check_gradient_mode
+from sparse_lens.analysis.positions import call_metric, kept_positions, logits_kwargs
 from sparse_lens.analysis.span_patching import check_spans
 from sparse_lens.kernels.blocks import blocks_overlapping, sort_block_row
 from sparse_lens.pattern import BlockSparsePattern

@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.analysis.positions import kept_positions, logits_kwargs
+from sparse_lens.analysis.positions import call_metric, kept_positions, logits_kwargs
 from sparse_lens.errors import InvalidPathError, ShapeError
 
 Head = tuple[int, int]  # (layer, head); for "k" / "v" receivers the head is a key-value head
@@ -73,6 +73,7 @@ def path_patch(
     Raises:
         InvalidPathError: bad heads, layers or ``receiver_input``, or a sender that cannot reach
             the receivers. InvalidPositionsError: bad ``positions``. ShapeError: token shapes differ.
+        LogitsNotKeptError: the metric read a position whose logits were not kept.
     """
     sender_z, receiver_heads, index = _validate(model, clean_tokens, corrupted_tokens, senders, receivers,
                                                 receiver_input, positions)
@@ -121,7 +122,7 @@ def path_patch(
 
         logits = model.run_with_hooks(clean_tokens, fwd_hooks=[(f"blocks.{layer}.{input_name}", patch_receivers)
                                                               for layer in receiver_heads], **logits_kwargs(index))
-        return float(metric(logits))
+        return float(call_metric(metric, logits, index))
 
 
 def path_patch_cached(
@@ -175,7 +176,7 @@ def path_patch_cached(
 
         logits = model.run_with_hooks(clean_tokens, fwd_hooks=[(name, patch_receivers) for name in input_names.values()],
                                       **logits_kwargs(index))
-        return float(metric(logits))
+        return float(call_metric(metric, logits, index))
 
 
 def _validate(

@@ -8,13 +8,13 @@ A metric usually reads one or a few positions, while the full logits are ``[batc
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sparse_lens.errors import InvalidPositionsError
+from sparse_lens.errors import InvalidPositionsError, LogitsNotKeptError, ShapeError
 
 
 def kept_positions(
@@ -43,3 +43,21 @@ def kept_positions(
 def logits_kwargs(index: Tensor | None) -> dict:
     """Keyword arguments for a model call that keeps the logits at ``index`` only (none: all)."""
     return {} if index is None else {"logits_to_keep": index}
+
+
+def call_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, index: Tensor | None) -> Tensor:
+    """``metric(logits)`` as a scalar tensor; a read past the kept positions raises ``LogitsNotKeptError``."""
+    try:
+        value = metric(logits)
+    except IndexError as error:
+        if index is None:
+            raise
+        raise LogitsNotKeptError(
+            f"The metric indexed logits outside the {index.numel()} kept positions {index.tolist()[:8]} "
+            f"(logits shape {tuple(logits.shape)}: index i of dim 1 is the i-th kept position). Pass the "
+            f"positions the metric reads in positions=. ({error})"
+        ) from error
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ShapeError(f"metric must return a scalar tensor, got {type(value).__name__} "
+                         f"{tuple(value.shape) if isinstance(value, Tensor) else ''}.")
+    return value.reshape(())

@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sparse_lens.analysis.positions import kept_positions, logits_kwargs
+from sparse_lens.analysis.positions import call_metric, kept_positions, logits_kwargs
 from sparse_lens.errors import InvalidPathError, InvalidSpanError, ShapeError
 
 Span = tuple[int, int]
@@ -92,6 +92,7 @@ def span_patch(
         InvalidSpanError: no spans, an empty span or one outside the sequence.
         InvalidPathError: an unknown layer or head. InvalidPositionsError: bad ``positions``.
         ShapeError / ValueError: mismatched tokens, unknown ``activation`` or ``ablation``.
+        LogitsNotKeptError: the metric read a position whose logits were not kept.
     """
     if activation not in _HOOKS:
         raise ValueError(f"activation must be one of {tuple(_HOOKS)}, got {activation!r}.")
@@ -117,7 +118,7 @@ def span_patch(
                 for column, (start, end) in enumerate(span_list):
                     hook = _span_hook(source, head, start, end)
                     logits = model.run_with_hooks(run_tokens, fwd_hooks=[(name, hook)], **logits_kwargs(index))
-                    results[row, column] = float(metric(logits))
+                    results[row, column] = float(call_metric(metric, logits, index))
                     bar.update()
             del source
     bar.close()

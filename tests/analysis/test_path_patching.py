@@ -7,7 +7,7 @@ import torch
 
 import sparse_lens as sl
 from sparse_lens.analysis.path_patching import path_patch, path_patch_cached
-from sparse_lens.errors import InvalidPathError, InvalidPositionsError, ShapeError
+from sparse_lens.errors import InvalidPathError, InvalidPositionsError, LogitsNotKeptError, ShapeError
 from tests.conftest import sparse_and_dense, tiny_llama_config
 
 GENERATOR = torch.Generator().manual_seed(3)
@@ -152,3 +152,9 @@ def test_bad_tokens_and_positions_raise_named_errors(pruned):
         path_patch(pruned, CLEAN, CORRUPTED[:, :32], SENDERS, RECEIVERS["q"], metric)
     with pytest.raises(InvalidPositionsError):
         path_patch(pruned, CLEAN, CORRUPTED, SENDERS, RECEIVERS["q"], metric, positions=[64])
+
+
+@pytest.mark.parametrize("tool", [path_patch, path_patch_cached])
+def test_a_metric_reading_an_unkept_position_raises_a_named_error(pruned, tool):
+    with pytest.raises(LogitsNotKeptError):
+        tool(pruned, CLEAN, CORRUPTED, SENDERS, RECEIVERS["q"], lambda lg: lg[0, 30, 5], positions=[-1])

@@ -6,7 +6,7 @@ import torch
 
 import sparse_lens as sl
 from sparse_lens.analysis.span_patching import block_spans, span_patch
-from sparse_lens.errors import InvalidPathError, InvalidSpanError, ShapeError
+from sparse_lens.errors import InvalidPathError, InvalidSpanError, LogitsNotKeptError, ShapeError
 from tests.conftest import sparse_and_dense, tiny_llama_config
 
 GENERATOR = torch.Generator().manual_seed(5)
@@ -123,3 +123,9 @@ def test_bad_requests_raise_named_errors(models):
         span_patch(pruned, CLEAN, None, metric, SPANS, progress=False)
     with pytest.raises(ValueError, match="activation"):
         span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation="hook_q", progress=False)
+
+
+def test_a_metric_reading_an_unkept_position_raises_a_named_error(models):
+    with pytest.raises(LogitsNotKeptError):
+        span_patch(models[0], CLEAN, CORRUPTED, lambda lg: lg[0, 30, 5], SPANS[:1], layers=[0], positions=[-1],
+                   progress=False)
