@@ -21,6 +21,7 @@ pattern (sparse mode), so no dense pattern is ever built.
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -31,6 +32,7 @@ from torch import Tensor
 from sparse_lens.analysis.attribution_patching import GateHooks, check_gradient_mode
 from sparse_lens.analysis.positions import call_metric, kept_positions, logits_kwargs
 from sparse_lens.analysis.span_patching import check_spans
+from sparse_lens.errors import InvalidPathError, InvalidSpanError
 from sparse_lens.kernels.blocks import blocks_overlapping, sort_block_row
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.checkpointing import checkpoint_blocks
@@ -91,10 +93,14 @@ def block_attribution(
 
     Raises:
         GradientModeError: the model does not run ``mode="sparse"``.
+        InvalidPathError: no layers, or a layer the model does not have.
         InvalidPositionsError: bad ``positions``.
         LogitsNotKeptError: the metric read a position whose logits were not kept.
     """
     check_gradient_mode(model, gates=True)
+    layers = _check_indices(layers, model.cfg.n_layers, "layers")
+    if not layers:
+        raise InvalidPathError("layers is empty: name at least one layer whose gates are differentiated.")
     index = kept_positions(positions, tokens.shape[-1], tokens.device)
     gate_hooks = GateHooks(model, layers)
     checkpointing = checkpoint_blocks(model, offload=offload) if checkpoint else contextlib.nullcontext()
@@ -154,20 +160,31 @@ def suppress_span(
             the full ``[batch, T, d_vocab]`` logits.
 
     Raises:
-        InvalidSpanError: an empty span or one outside the sequence.
+        InvalidSpanError: an empty span or one outside the sequence; a span in the first key block
+            (its queries would have nothing left to attend to); with default ``positions``, a span
+            reaching the last token (no position after it to measure).
+        InvalidPathError: a layer or head the model does not have.
         InvalidPositionsError: bad ``positions``. ValueError: not ``mode='sparse'``.
     """
     if model.stream.mode != "sparse":
         raise ValueError("suppress_span needs mode='sparse' (the model must run on the edited pattern).")
     seq_len = tokens.shape[-1]
     ((start, end),) = check_spans([span], seq_len)
+    if start < model.stream.key_block:
+        raise InvalidSpanError(
+            f"span {(start, end)} overlaps the first key block (tokens 0..{model.stream.key_block - 1}): suppressing "
+            "it leaves the queries of that block nothing to attend to. Start the span after the first key block.")
     if positions is None:
+        if end == seq_len:
+            raise InvalidSpanError(f"span {(start, end)} reaches the last of the {seq_len} tokens: no position after "
+                                   "the span remains to measure. End it earlier or pass positions=.")
         index = torch.arange(end, seq_len, device=tokens.device)
     else:
         index = kept_positions(positions, seq_len, tokens.device)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    layers = _check_indices(layers, model.cfg.n_layers, "layers")
+    heads = None if heads is None else _check_indices(heads, model.cfg.n_heads, "heads")
     key_block = model.stream.key_block
     overlapping = blocks_overlapping((start, end), key_block)
     span_blocks = torch.arange(overlapping.start, overlapping.stop)
@@ -201,6 +218,20 @@ def suppress_span(
         ], dim=1) if index.numel() else base.new_zeros(tokens.shape[0], 0)
     first = int(index[0]) if index.numel() else end
     return Suppression(kl=kl, first_position=first, blocks_removed=removed[0], positions=index.cpu())
+
+
+def _check_indices(chosen: Iterable[int] | None, count: int, what: str) -> list[int]:
+    """``chosen`` (default: all of ``range(count)``) as a list of ints in ``[0, count)``; else ``InvalidPathError``."""
+    if chosen is None:
+        return list(range(count))
+    chosen = list(chosen)
+    try:
+        checked = [operator.index(value) for value in chosen]
+    except TypeError:
+        checked = []
+    if len(checked) != len(chosen) or any(not 0 <= value < count for value in checked):
+        raise InvalidPathError(f"{what} {chosen} must be ints in 0..{count - 1} (the model has {count} {what}).")
+    return checked
 
 
 def _next_token_kl(base: Tensor, suppressed: Tensor) -> Float[Tensor, "batch pos"]:

@@ -153,3 +153,20 @@ def test_top_blocks_labels_the_chosen_layers():
         gradient = attribution.gradient[attribution.layers.index(layer)][0, head, row]
         indices = attribution.block_indices[attribution.layers.index(layer)][0, head, row]
         assert float(gradient[indices == block]) == value
+
+
+def test_bad_suppressions_and_attributions_raise_named_errors():
+    model, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
+    for options in (dict(heads=[9]), dict(layers=[9]), dict(heads=[-1]), dict(layers=["0"])):  # 2 layers, 4 heads
+        with pytest.raises(sl.InvalidPathError):
+            suppress_span(model, TOKENS, (16, 32), **options)
+    for layers in ([9], []):
+        with pytest.raises(sl.InvalidPathError):
+            block_attribution(model, TOKENS, metric, layers=layers)
+    with pytest.raises(sl.InvalidSpanError, match="no position after"):
+        suppress_span(model, TOKENS, (90, 96))
+    assert suppress_span(model, TOKENS, (90, 96), positions=[40, 95]).kl.shape == (1, 2)  # chosen positions: fine
+    with pytest.raises(sl.InvalidSpanError, match="first key block"):
+        suppress_span(model, TOKENS, (0, 8))
+    with pytest.raises(sl.InvalidSpanError, match="first key block"):
+        suppress_span(model, TOKENS, (15, 20))
