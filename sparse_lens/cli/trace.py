@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.needle import needle_recall
-from sparse_lens.cli.trace_report import parse_layers, write_trace_report
+from sparse_lens.cli.trace_report import parse_layers, write_trace_figures, write_trace_page
 from sparse_lens.config import ESTIMATORS, StreamConfig
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.data import needle_prompt, string_match_all
@@ -241,18 +241,20 @@ def run(args: argparse.Namespace) -> dict:
         "needle_layers": recall.layers_with_needle(),
         "pattern_bytes": sum(p.nbytes() for p in patterns),
         "forward_seconds": round(forward_seconds, 2),
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": None,  # set once the figures are written, before the page and summary.json
         "peak_memory_gb": round(_peak_memory_gb(str(model.cfg.device)), 3),
         "device": f"device_map={device_map}" if device_map else str(args.device),
         "plot": "needle_blocks.png",
         "config": stream.to_dict(),
     }
     print("[6/6] per-layer figures and the report", flush=True)
-    summary.update(write_trace_report(
+    figures = write_trace_figures(
         args.out, summary, patterns=patterns, recall=recall, fidelity_layers=scores.get("layers", []),
         sample=sample, tokenizer=model.tokenizer, heatmap_layers=heatmap_layers,
-    ))
-    summary["seconds"] = round(time.perf_counter() - started, 2)
+    )
+    summary.update(figures.added)
+    summary["seconds"] = round(time.perf_counter() - started, 2)  # final: the page and summary.json both show it
+    write_trace_page(args.out, summary, figures)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({key: value for key, value in summary.items() if key != "per_layer"}, indent=2))
     print(f"wrote {args.out / 'summary.json'} and the figures; open the report: {args.out / 'report.html'}", flush=True)

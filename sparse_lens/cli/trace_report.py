@@ -147,7 +147,16 @@ def salience_rank(anchors: ThoughtAnchors, sentences: Sequence[int]) -> int | No
     return min(ranks) if ranks else None
 
 
-def write_trace_report(
+@dataclass
+class TraceFigures:
+    """What :func:`write_trace_figures` made: the summary entries the figures add (``per_layer``,
+    the needle route and salience figures, the file names) and the report's sections."""
+
+    added: dict[str, Any]
+    sections: list[Section]
+
+
+def write_trace_figures(
     out: Path,
     summary: dict[str, Any],
     *,
@@ -157,9 +166,10 @@ def write_trace_report(
     sample: NeedleSample,
     tokenizer: Any,
     heatmap_layers: list[int] | None,
-) -> dict[str, Any]:
-    """Write every figure and ``report.html`` into ``out``; return the summary entries they add
-    (``per_layer``, the needle route and salience figures, the file names)."""
+) -> TraceFigures:
+    """Write every figure into ``out``; return the summary entries they add and the report's
+    sections, for :func:`write_trace_page` (called once the summary's figures are final, so the
+    page and ``summary.json`` show the same ones)."""
     needle_span = tuple(sample.needle_spans[0])
     length = sample.length
     route = route_to_needle(patterns, needle_span, answer_position=-1)
@@ -196,12 +206,16 @@ def write_trace_report(
         "report": "report.html",
         "per_layer": layers.rows,
     }
-    sections = _sections(summary, layers, figures, route, sentences, needle_sentence_ids)
-    headline = {key: value for key, value in {**summary, **added}.items()
+    return TraceFigures(added, _sections(summary, layers, figures, route, sentences, needle_sentence_ids))
+
+
+def write_trace_page(out: Path, summary: dict[str, Any], figures: TraceFigures) -> None:
+    """Write ``out/report.html``: ``summary`` (with ``figures.added``) as the headline table, then
+    the figures' sections."""
+    headline = {key: value for key, value in {**summary, **figures.added}.items()
                 if key not in ("per_layer", "figures", "plot", "report", "config")}  # config: in summary.json
-    write_report(out / "report.html", f"sparse-lens trace: {length}-token needle in a haystack", headline, sections,
-                 note=f"Model {summary['model']}; figures are also PNG files beside this page.")
-    return added
+    write_report(out / "report.html", f"sparse-lens trace: {summary['length']}-token needle in a haystack", headline,
+                 figures.sections, note=f"Model {summary['model']}; figures are also PNG files beside this page.")
 
 
 def _sections(summary, layers: LayerPass, figures: dict[str, Path], route: Route, sentences, needle_ids) -> list[Section]:

@@ -5,6 +5,7 @@ tests/data."""
 
 import base64
 import contextlib
+import html
 import io
 import json
 import re
@@ -103,6 +104,14 @@ def test_trace_writes_summary_figures_and_report(traced):
     for key in ("pruned_fraction", "mass_recall_mean", "top1_agreement", "next_token_kl", "correct"):
         assert f"<th>{key}</th>" in page
     assert f"{summary['pruned_fraction']:.4g}" in page and "Best path" in page
+    # The page's summary table shows summary.json's final figures (the total time included).
+    from sparse_lens.report.html import format_value
+
+    shown = dict(re.findall(r'<tr><th>([a-z0-9_]+)</th><td[^>]*>([^<]*)</td></tr>', page))
+    assert "seconds" in shown and shown["seconds"] == format_value(summary["seconds"])
+    for key, value in summary.items():
+        if key in shown and not isinstance(value, str):  # (text: reading the page turns a "\r" into "\n")
+            assert shown[key] == html.escape(format_value(value)), key
     assert page.count("<tr>") >= len(rows) + 1
 
     # Progress bars over layers: the sparse and dense forwards, fidelity and the figure pass.
