@@ -52,11 +52,13 @@ class NeedleRecall:
 def needle_recall(
     patterns: list[BlockSparsePattern], needle_span: tuple[int, int], query_position: int = -1, batch: int = 0
 ) -> NeedleRecall:
-    """Needle recall at ``query_position`` (default: the last token) over a list of per-layer patterns.
+    """Needle recall at ``query_position`` (default: the last token) over a list of per-layer patterns
+    (patterns without a batch axis, from ``run_with_cache(remove_batch_dim=True)``, are a batch of one).
 
     Raises:
         InvalidSpanError: ``needle_span`` is empty or reaches outside the patterns' sequence.
     """
+    patterns = [pattern if pattern.has_batch_dim else pattern.unsqueeze(0) for pattern in patterns]
     first = patterns[0]
     ((start, end),) = check_spans([needle_span], first.seq_len)
     needle_span = (start, end)

@@ -330,7 +330,8 @@ def route_to_needle(
     Args:
         patterns: one ``BlockSparsePattern`` per layer, in layer order (sparse or observe mode),
             not sliced along queries; only ``block_indices`` and ``block_mass`` are read, on the
-            patterns' device.
+            patterns' device. Patterns without a batch axis (``run_with_cache(remove_batch_dim=True)``)
+            are read as a batch of one.
         needle_span: the needle's token span ``[start, end)``.
         answer_position: the token whose query block the routes start from (negative: from the end).
         beam: deprecated and ignored (the former beam width; the search is now exact).
@@ -352,6 +353,7 @@ def route_to_needle(
     if beam is not None:
         warnings.warn("route_to_needle(beam=...) is deprecated and ignored: the route is an exact dynamic "
                       "programme now.", DeprecationWarning, stacklevel=2)
+    patterns = [pattern if pattern.has_batch_dim else pattern.unsqueeze(0) for pattern in patterns]
     _validate(patterns, needle_span, answer_position, head_reduce, batch, max_edges)
     first = patterns[0]
     seq_len, qb, kb = first.seq_len, first.query_block, first.key_block

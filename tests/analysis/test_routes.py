@@ -266,6 +266,16 @@ def test_bad_input_gets_named_errors():
         route_to_needle(patterns, NEEDLE, head_reduce="median")
 
 
+def test_patterns_without_a_batch_axis_are_a_batch_of_one():
+    patterns = hand_built_patterns()
+    batchless = [pattern[0] for pattern in patterns]  # what run_with_cache(remove_batch_dim=True) caches
+    assert not batchless[0].has_batch_dim
+    route, expected = route_to_needle(batchless, NEEDLE), route_to_needle(patterns, NEEDLE)
+    assert route.best == expected.best and route.needle_entries == expected.needle_entries
+    recall, expected_recall = needle_recall(batchless, NEEDLE), needle_recall(patterns, NEEDLE)
+    assert torch.equal(recall.kept, expected_recall.kept) and torch.equal(recall.mass, expected_recall.mass)
+
+
 def test_needle_recall_checks_its_span():
     patterns = hand_built_patterns()  # 32 tokens
     assert needle_recall(patterns, NEEDLE).needle_blocks == (2,)
