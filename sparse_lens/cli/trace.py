@@ -11,7 +11,8 @@ fidelity and figure passes show progress bars over layers.
 
 Defaults are chosen so that a first run finishes in minutes on a laptop CPU and shows real
 pruning: 16-token blocks and ``--top-k auto``, which keeps about one key block in 16 at the end of
-the prompt (so ~87% of the causal query-key pairs are pruned at any length); ``--length`` is
+the prompt (so ~87% of the causal query-key pairs are pruned from 1024 tokens on; shorter prompts
+keep at least 2 blocks beyond the sink, local and diagonal ones, so prune less); ``--length`` is
 4096 tokens on a GPU and 1024 on the CPU, where the dense comparison (quadratic time) is the
 slowest step.
 """
@@ -120,6 +121,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"argument --length: must be at least {MIN_LENGTH} + --max-new-tokens "
                      f"({args.max_new_tokens}) = {MIN_LENGTH + args.max_new_tokens} tokens (the instruction, "
                      f"needle, question and answer alone need about {MIN_LENGTH}), got {args.length}")
+    try:
+        parse_layers(args.heatmap_layers, n_layers=2**31)  # the syntax; the range once the model is known
+    except ValueError:
+        parser.error(f"argument --heatmap-layers: must be 'auto', 'all', 'none' or a comma list of layers, "
+                     f"got {args.heatmap_layers!r}")
     top_k = args.top_k if args.top_k != "auto" else auto_top_k(
         args.length or CPU_LENGTH, args.key_block, args.query_block, args.sink_blocks, args.local_blocks)
     try:
@@ -136,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {GPU_LENGTH} on a GPU, {CPU_LENGTH} on the CPU)")
     parser.add_argument("--text", type=_document_argument, default=None, metavar="FILE",
                         help="trace your own document: FILE's text (UTF-8) is the haystack the needle is hidden in, "
-                             "cut to --length tokens")
+                             "cut to --length tokens (a shorter document gives a shorter prompt, with a warning)")
     parser.add_argument("--out", type=Path, default=Path("trace_out"), help="output directory")
     parser.add_argument("--query-block", type=_int_at_least(1), default=TRACE_BLOCK, help="tokens per query block")
     parser.add_argument("--key-block", type=_int_at_least(1), default=TRACE_BLOCK, help="tokens per key block")
@@ -180,7 +186,10 @@ def run(args: argparse.Namespace) -> dict:
     where = {"device_map": device_map} if device_map else {"device": args.device}
     print(f"[1/6] loading {args.model} on {device_map and f'device_map={device_map}' or args.device}", flush=True)
     model = HookedSparseTransformer.from_pretrained(args.model, stream=stream, **where)
-    heatmap_layers = parse_layers(args.heatmap_layers, model.cfg.n_layers)
+    try:
+        heatmap_layers = parse_layers(args.heatmap_layers, model.cfg.n_layers)
+    except ValueError as error:  # a layer outside this model
+        raise SystemExit(f"sparse-lens trace: error: {error}") from None
     source = f"the text of {args.text}" if args.text is not None else "a generated haystack"
     print(f"[2/6] building a needle prompt of up to {length} tokens ({args.max_new_tokens} of them for the answer) "
           f"from {source}", flush=True)

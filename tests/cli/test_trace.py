@@ -261,6 +261,7 @@ def test_a_short_document_is_reported_and_auto_top_k_still_searches(tiny_model_d
     (["--depth", "1.5"], "number in [0, 1]"),
     (["--query-block", "0"], "integer >= 1"),
     (["--top-k", "1", "--sink-blocks", "1", "--local-blocks", "1"], "block settings"),
+    (["--heatmap-layers", "first"], "--heatmap-layers: must be 'auto'"),
 ])
 def test_bad_arguments_are_usage_errors_before_the_model_loads(arguments, message, monkeypatch, capsys):
     import sparse_lens as sl
