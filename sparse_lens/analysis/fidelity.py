@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sparse_lens.config import StreamConfig
-from sparse_lens.errors import InvalidConfigError, TraceMismatchError
+from sparse_lens.errors import InvalidConfigError, ShapeError, TraceMismatchError
 from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
 from sparse_lens.kernels.blocks import visible_key_blocks
 from sparse_lens.pattern import BlockSparsePattern
@@ -71,8 +71,11 @@ class DenseTrace:
                                      "collect_dense(model, tokens) on these tokens.")
 
 
-def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"]) -> DenseTrace:
-    """Run the model once with dense attention (observe mode), keeping what fidelity needs."""
+def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"] | str) -> DenseTrace:
+    """Run the model once with dense attention (observe mode), keeping what fidelity needs.
+
+    ``tokens``: token ids ``[batch, pos]``, or a text (tokenized by ``model.to_tokens``)."""
+    tokens = as_tokens(model, tokens)
     with torch.no_grad(), model.stream_settings(mode="observe", keep_qk=True):
         logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     patterns: list[BlockSparsePattern] = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
@@ -89,7 +92,7 @@ def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos
 @torch.no_grad()
 def fidelity(
     model: HookedSparseTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | str,
     stream: StreamConfig | None = None,
     *,
     dense: DenseTrace | None = None,
@@ -98,7 +101,8 @@ def fidelity(
     positions: Int[Tensor, "n_positions"] | None = None,
     oracle_stride: int = 1,
 ) -> dict[str, float]:
-    """Fidelity of ``stream`` (default: the model's) against dense attention on ``tokens``.
+    """Fidelity of ``stream`` (default: the model's) against dense attention on ``tokens`` (token ids
+    ``[batch, pos]``, or a text, tokenized by ``model.to_tokens``; a token tensor else ``ShapeError``).
 
     Pass ``dense=collect_dense(model, tokens)`` to evaluate several configs on one dense run
     (a trace of other tokens raises ``TraceMismatchError``).
@@ -113,6 +117,7 @@ def fidelity(
     if not isinstance(oracle_stride, int) or oracle_stride < 1:
         raise InvalidConfigError(f"oracle_stride must be an int >= 1, got {oracle_stride!r}.")
     stream = stream or model.stream
+    tokens = as_tokens(model, tokens)
     if dense is not None:
         dense.check_tokens(tokens)
     seq_len = tokens.shape[-1]
@@ -154,6 +159,15 @@ def fidelity(
     if per_layer:
         report["layers"] = layers
     return report
+
+
+def as_tokens(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"] | str) -> Int[Tensor, "batch pos"]:
+    """Token ids as given, or a text tokenized by ``model.to_tokens`` (``[1, pos]``); else ``ShapeError``."""
+    if isinstance(tokens, str):
+        return model.to_tokens(tokens)
+    if not isinstance(tokens, Tensor):
+        raise ShapeError(f"tokens must be a [batch, pos] tensor of token ids or a text, got {type(tokens).__name__}.")
+    return tokens
 
 
 def _score_layer(query: Tensor, key: Tensor, lse: Tensor, scale: float, stream: StreamConfig, searched: Tensor,

@@ -136,3 +136,23 @@ def test_fidelity_refuses_a_dense_trace_of_other_tokens():
     for wrong in (other, tokens[:1], tokens[:, :48]):  # other ids, another batch, another length
         with pytest.raises(sl.TraceMismatchError):
             sl.fidelity(sparse, wrong, dense=dense)
+
+
+def figures(report: dict) -> dict:
+    return {name: value for name, value in report.items() if name != "estimate_seconds"}  # wall time varies
+
+
+def test_fidelity_accepts_a_text():
+    from tests.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=2)
+    model = sl.HookedSparseTransformer.from_config(tiny_llama_config(vocab_size=VOCAB_SIZE), stream,
+                                                   tokenizer=byte_tokenizer())
+    text = "The quick brown fox jumps over the lazy dog, again and again, " * 2
+    tokens = model.to_tokens(text)
+    assert tokens.shape[1] > 32  # pruning happens
+    expected = figures(sl.fidelity(model, tokens))
+    assert figures(sl.fidelity(model, text)) == expected
+    assert figures(sl.fidelity(model, text, dense=sl.collect_dense(model, text))) == expected
+    with pytest.raises(sl.ShapeError):
+        sl.fidelity(model, tokens.tolist())
