@@ -29,7 +29,6 @@ import argparse
 import gc
 import inspect
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,21 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.model import QWEN25_15B  # noqa: E402
+from benchmarks.common import build_model, cached_forward, command, config, environment, save_json  # noqa: E402
+from benchmarks.common import timed as timed_row  # noqa: E402
+from benchmarks.model import model_name  # noqa: E402
 
 NEEDLE_TOKENS = 32
-
-
-def build(args):
-    from transformers import Qwen2Config
-
-    import sparse_lens as sl
-
-    config = Qwen2Config(**{**QWEN25_15B, "num_hidden_layers": args.layers})
-    stream = sl.StreamConfig().replace(keep_qk=False)
-    model = sl.HookedSparseTransformer.from_config(config, stream, dtype=getattr(torch, args.dtype), device=args.device)
-    model.mlp_chunk_tokens = args.mlp_chunk
-    return model
 
 
 def synthetic_sentences(length: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -69,29 +58,16 @@ def synthetic_sentences(length: int, seed: int = 0) -> list[tuple[int, int]]:
 
 
 def timed(name: str, length: int, device: str, work) -> tuple[dict, object]:
-    """Run ``work()``; its seconds and peak GPU GB, or the out-of-memory error and when it came."""
-    cuda = device.startswith("cuda")
+    """Run ``work()``: its row (seconds and peak GPU GB, or the out-of-memory error and the
+    ``seconds_to_oom``; on CUDA the memory resident before it) and its value (None on error)."""
     gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
     row: dict = {"length": length, "analysis": name}
-    if cuda:
+    if device.startswith("cuda"):
         row["resident_gpu_gb"] = torch.cuda.memory_allocated() / 2**30
-    started = time.perf_counter()
-    result = None
-    try:
-        result = work()
-        if cuda:
-            torch.cuda.synchronize()
-        row["seconds"] = time.perf_counter() - started
-    except torch.OutOfMemoryError as error:
-        row["seconds_to_oom"] = time.perf_counter() - started
-        row["error"] = f"out of memory: {str(error).splitlines()[0]}"
-    if cuda:
-        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return row, result
+    timing = timed_row(device, work)
+    result, seconds = timing.pop("result", None), timing.pop("seconds")
+    row["seconds_to_oom" if "error" in timing else "seconds"] = seconds
+    return row | timing, result
 
 
 def measure(model, length: int, args) -> list[dict]:
@@ -106,13 +82,7 @@ def measure(model, length: int, args) -> list[dict]:
     needle = (needle_start, min(needle_start + NEEDLE_TOKENS, length - 1))
     rows = []
 
-    def forward():
-        with torch.no_grad():
-            _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"),
-                                            logits_to_keep=1)
-        return [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
-
-    row, patterns = timed("forward", length, device, forward)
+    row, patterns = timed("forward", length, device, lambda: cached_forward(model, tokens)[1])
     if patterns is not None:
         row["pattern_mb"] = sum(p.nbytes() for p in patterns) / 2**20
     rows.append(row)
@@ -190,34 +160,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/analyses_at_length.json"))
     args = parser.parse_args()
     started = time.perf_counter()
-    model = build(args)
+    model = build_model("qwen2.5-1.5b", layers=args.layers, dtype=args.dtype, device=args.device,
+                        mlp_chunk=args.mlp_chunk)
     build_seconds = time.perf_counter() - started
     with torch.no_grad():
         model(torch.zeros(1, min(args.warmup_length, min(args.lengths)), dtype=torch.long, device=args.device))
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "triton": _triton_version(), "config": vars(args) | {"out": str(args.out)},
-        "stream": model.stream.to_dict(),
-        "model": "random-init Qwen2.5-1.5B shape" + ("" if args.layers == 28 else f", {args.layers} layers"),
-        "build_seconds": build_seconds, "rows": [],
-        "command": "python3 benchmarks/analyses_at_length.py " + " ".join(sys.argv[1:]),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {**environment(args.device), "config": config(args), "stream": model.stream.to_dict(),
+              "model": model_name(args.layers), "build_seconds": build_seconds, "rows": [],
+              "command": command("analyses_at_length.py", python="python3")}
     for length in args.lengths:
         result["rows"] += measure(model, length, args)
-        args.out.write_text(json.dumps(result, indent=2))
+        save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, default StreamConfig (keep_qk=False), {result['device']}")
     print(table(result["rows"]))
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "none"
 
 
 if __name__ == "__main__":

@@ -23,34 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.model import QWEN25_15B  # noqa: E402
+from benchmarks.common import (add_model_flags, build_model, cached_forward, clean_and_corrupted,  # noqa: E402
+                               command, config, environment, print_table, save_json, timed)
 
-LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 21,
-                  rope_theta=500_000.0, tie_word_embeddings=False)
-SHAPES = {"qwen2.5-1.5b": QWEN25_15B, "llama-3.1-8b": LLAMA31_8B}
-
-
-def build(args) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
-
-    import sparse_lens as sl
-
-    config_class = Qwen2Config if args.shape == "qwen2.5-1.5b" else LlamaConfig
-    config = config_class(**{**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})})
-    model = sl.HookedSparseTransformer.from_config(config, sl.StreamConfig(keep_qk=False),
-                                                   dtype=getattr(torch, args.dtype), device=args.device)
-    model.mlp_chunk_tokens = args.mlp_chunk
-    return model
+SHAPE_NAMES = ["llama-3.1-8b", "qwen2.5-1.5b"]
 
 
 def metric(logits: torch.Tensor) -> torch.Tensor:
@@ -60,10 +43,8 @@ def metric(logits: torch.Tensor) -> torch.Tensor:
 
 # ----- the tools: (model, clean, corrupted, args) -> a small JSON-able summary -----------------------
 def bench_forward(model, clean, corrupted, args) -> dict:
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("hook_pattern"),
-                                             logits_to_keep=1, use_cache=False)
-    return {"metric": float(metric(logits)), "cached_patterns": len(cache)}
+    logits, patterns = cached_forward(model, clean, use_cache=False)
+    return {"metric": float(metric(logits)), "cached_patterns": len(patterns)}
 
 
 def bench_attribution_patching(model, clean, corrupted, args) -> dict:
@@ -91,79 +72,44 @@ TOOLS: dict[str, Callable[..., dict]] = {
 }
 
 
-def timed(device: str, work: Callable[[], dict]) -> dict:
-    """Seconds and peak GPU GB of ``work()``; an error (out of memory included) becomes the row's ``error``."""
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    try:
-        row = {"result": work()}
-    except torch.OutOfMemoryError as error:
-        row = {"error": f"out of memory: {str(error).splitlines()[0][:160]}"}
-    except Exception as error:  # a tool that does not apply (e.g. gates in dense mode): recorded, not fatal
-        row = {"error": f"{type(error).__name__}: {str(error)[:160]}"}
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.empty_cache()
-    row["seconds"] = time.perf_counter() - started
-    return row
-
-
-def tokens(model, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(length)
-    clean = torch.randint(0, model.cfg.d_vocab, (1, length), generator=generator)
-    corrupted = clean.clone()
-    corrupted[:, : length // 2] = torch.randint(0, model.cfg.d_vocab, (1, length // 2), generator=generator)
-    return clean.to(device), corrupted.to(device)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    parser.add_argument("--shape", choices=SHAPE_NAMES, default="qwen2.5-1.5b")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the shape has (smoke tests)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 1048576])
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=list(TOOLS))
     parser.add_argument("--dense-max", type=int, default=0, help="also run mode='dense' up to this many tokens")
     parser.add_argument("--offload", action="store_true", help="block checkpoints in host memory")
     parser.add_argument("--offload-activations", action="store_true", help="attribution differences in host memory")
-    parser.add_argument("--mlp-chunk", type=int, default=65536)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_flags(parser)
     parser.add_argument("--warmup-length", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/circuits.json"))
     args = parser.parse_args()
-    model = build(args)
-    warm_clean, warm_corrupted = tokens(model, min(args.warmup_length, min(args.lengths)), args.device)
+    model = build_model(args.shape, layers=args.layers, dtype=args.dtype, device=args.device, mlp_chunk=args.mlp_chunk)
+    warm_clean, warm_corrupted = clean_and_corrupted(model, min(args.warmup_length, min(args.lengths)), args.device)
     rows = []
     for mode in ["sparse"] + (["dense"] if args.dense_max else []):
         with model.stream_settings(mode=mode):
             for tool in args.tools:
-                timed(args.device, lambda: TOOLS[tool](model, warm_clean, warm_corrupted, args))  # compiles kernels
+                # the warm-up compiles the kernels; a tool that does not apply (gates in dense mode) gives an error row
+                timed(args.device, lambda: TOOLS[tool](model, warm_clean, warm_corrupted, args), catch=(Exception,))
                 for length in args.lengths:
                     if mode == "dense" and length > args.dense_max:
                         continue
-                    clean, corrupted = tokens(model, length, args.device)
+                    clean, corrupted = clean_and_corrupted(model, length, args.device)
                     row = {"tool": tool, "mode": mode, "length": length,
-                           **timed(args.device, lambda: TOOLS[tool](model, clean, corrupted, args))}
+                           **timed(args.device, lambda: TOOLS[tool](model, clean, corrupted, args), catch=(Exception,))}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "config": vars(args) | {"out": str(args.out)},
+    result = {**environment(args.device, triton=False), "config": config(args),
               "model": f"random-init {args.shape} shape" + (f", {args.layers} layers" if args.layers else ""),
-              "rows": rows, "command": "python benchmarks/circuits.py " + " ".join(os.sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+              "rows": rows, "command": command("circuits.py")}
+    save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, {result['device']}, offload={args.offload}, "
           f"offload_activations={args.offload_activations}")
-    print("| tool | mode | tokens | seconds | peak GPU GB |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        seconds = row.get("error") or f"{row['seconds']:.2f}"
-        print(f"| {row['tool']} | {row['mode']} | {row['length']:,} | {seconds} | {row.get('peak_gpu_gb', float('nan')):.1f} |")
+    print_table(["tool", "mode", "tokens", "seconds", "peak GPU GB"], [
+        [row["tool"], row["mode"], f"{row['length']:,}", row.get("error") or f"{row['seconds']:.2f}",
+         f"{row.get('peak_gpu_gb', float('nan')):.1f}"] for row in rows])
 
 
 if __name__ == "__main__":

@@ -22,51 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.model import QWEN25_15B  # noqa: E402
-
-LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 21,
-                  rope_theta=500_000.0, tie_word_embeddings=False)
-
-
-def build(args):
-    from transformers import LlamaConfig, Qwen2Config
-
-    import sparse_lens as sl
-
-    shape, config_class = (QWEN25_15B, Qwen2Config) if args.shape == "qwen2.5-1.5b" else (LLAMA31_8B, LlamaConfig)
-    config = config_class(**{**shape, **({"num_hidden_layers": args.layers} if args.layers else {})})
-    stream = sl.StreamConfig(keep_qk=False)
-    model = sl.HookedSparseTransformer.from_config(config, stream, dtype=getattr(torch, args.dtype), device=args.device)
-    model.mlp_chunk_tokens = args.mlp_chunk
-    return model
-
-
-def timed(device: str, work) -> dict:
-    """Seconds and peak GPU GB of ``work()``; an out-of-memory error becomes the row's ``error``."""
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    try:
-        value = work()
-    except torch.OutOfMemoryError as error:
-        return {"error": f"out of memory: {str(error).splitlines()[0]}"}
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    row = {"seconds": time.perf_counter() - started, "value": value}
-    if device.startswith("cuda"):
-        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return row
+from benchmarks.common import (add_model_flags, build_model, clean_and_corrupted, command, config,  # noqa: E402
+                               environment, print_table, save_json, timed)
 
 
 def measure(model, length: int, args) -> list[dict]:
@@ -74,10 +37,7 @@ def measure(model, length: int, args) -> list[dict]:
     from sparse_lens.analysis.span_patching import span_patch
 
     device, n_layers = args.device, model.cfg.n_layers
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    clean = torch.randint(0, model.cfg.d_vocab, (1, length), generator=generator).to(device)
-    corrupted = clean.clone()
-    corrupted[:, : length // 2] = torch.randint(0, model.cfg.d_vocab, (1, length // 2), generator=generator).to(device)
+    clean, corrupted = clean_and_corrupted(model, length, device, seed=0)
     receiver_layer = max(1, n_layers // 2)
     senders = [(receiver_layer - 1, 0), (receiver_layer - 1, 1)]
     receivers = [(receiver_layer, 0), (receiver_layer, 1)]
@@ -108,11 +68,12 @@ def measure(model, length: int, args) -> list[dict]:
             if mode == "sparse":
                 tools.append(("span_patch", spans_run))
             for tool, work in tools:
-                row = {"length": length, "mode": mode, "tool": tool, **timed(device, work)}
-                if tool == "span_patch" and "seconds" in row:
+                timing = timed(device, work, key="value")
+                row = {"length": length, "mode": mode, "tool": tool, "seconds": timing.pop("seconds"), **timing}
+                if tool == "span_patch" and "error" not in row:
                     row["spans"] = args.spans
                     forward_seconds = next(r["seconds"] for r in rows if r["tool"] == "forward" and r["mode"] == mode
-                                           and "seconds" in r)
+                                           and "error" not in r)
                     row["seconds_per_span"] = row["seconds"] / args.spans
                     row["per_span_over_forward"] = row["seconds_per_span"] / forward_seconds
                 rows.append(row)
@@ -128,31 +89,24 @@ def main() -> None:
     parser.add_argument("--spans", type=int, default=8)
     parser.add_argument("--cached-max", type=int, default=131072, help="longest input for path_patch_cached")
     parser.add_argument("--dense", action="store_true", help="also run mode='dense' (SDPA)")
-    parser.add_argument("--mlp-chunk", type=int, default=65536)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_flags(parser)
     parser.add_argument("--warmup-length", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/circuits_patching.json"))
     args = parser.parse_args()
-    model = build(args)
+    model = build_model(args.shape, layers=args.layers, dtype=args.dtype, device=args.device, mlp_chunk=args.mlp_chunk)
     with torch.no_grad():  # compiles the kernels
         model(torch.zeros(1, min(args.warmup_length, max(args.lengths)), dtype=torch.long, device=args.device),
               logits_to_keep=1)
     rows = [row for length in args.lengths for row in measure(model, length, args)]
-    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "model": f"random-init {args.shape} shape, {model.cfg.n_layers} layers",
-              "config": vars(args) | {"out": str(args.out)}, "rows": rows,
-              "command": "python benchmarks/circuits_patching.py " + " ".join(os.sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = {**environment(args.device, triton=False),
+              "model": f"random-init {args.shape} shape, {model.cfg.n_layers} layers",
+              "config": config(args), "rows": rows, "command": command("circuits_patching.py")}
+    save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, default StreamConfig (keep_qk=False), {result['device']}")
-    print("| tokens | mode | tool | seconds | peak GPU GB | per span / forward |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        seconds = row.get("seconds")
-        print(f"| {row['length']:,} | {row['mode']} | {row['tool']} | "
-              f"{row['error'] if seconds is None else f'{seconds:.2f}'} | {row.get('peak_gpu_gb', float('nan')):.1f} | "
-              f"{row.get('per_span_over_forward', float('nan')):.2f} |")
+    print_table(["tokens", "mode", "tool", "seconds", "peak GPU GB", "per span / forward"], [
+        [f"{row['length']:,}", row["mode"], row["tool"], row.get("error") or f"{row['seconds']:.2f}",
+         f"{row.get('peak_gpu_gb', float('nan')):.1f}", f"{row.get('per_span_over_forward', float('nan')):.2f}"]
+        for row in rows])
 
 
 if __name__ == "__main__":

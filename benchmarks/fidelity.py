@@ -25,37 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import date
 from pathlib import Path
 
+from benchmarks.common import RESULTS, machine, parse_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT_CONFIGS = [
     "rescored:16:16", "stream:16:16",  # 94% pruned at 8k
     "adaptive:16:128:top_p=0.93",  # adaptive budget (cap 128 blocks), ~90% pruned
     "rescored:64:16", "stream:64:16",  # the StreamConfig default budget (77% pruned at 8k)
 ]
-
-
-def parse_config(text: str):
-    """``estimator:block:top_k[:field=value...]`` -> StreamConfig (sink 1, local 1, query block =
-    key block), e.g. ``rescored:16:16`` or ``adaptive:16:128:top_p=0.93``."""
-    import sparse_lens as sl
-
-    name, block, top_k, *rest = text.split(":")
-    fields = {field: value for field, _, value in (item.partition("=") for item in rest)}
-    types = {field.name: field.type for field in sl.StreamConfig.__dataclass_fields__.values()}
-    cast = {"int": int, "float": float, "str": str, "bool": lambda v: v == "True"}
-    extra = {field: cast.get(str(types[field]), str)(value) for field, value in fields.items()}
-    return sl.StreamConfig(query_block=int(block), key_block=int(block), top_k=int(top_k), sink_blocks=1,
-                           local_blocks=1, estimator=name, keep_qk=False, **extra)
-
-
-def machine() -> str:
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"
 
 
 def load_dense(model, tokens, cache: Path | None):

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.model import _triton_version, build, sync  # noqa: E402
+from benchmarks.common import (add_model_flags, add_stream_flags, command, config, environment,  # noqa: E402
+                               print_table, save_json, timed)
+from benchmarks.model import build, model_name  # noqa: E402
 
 
 def positions_to_score(length: int, first_pruned: int, count: int) -> torch.Tensor:
@@ -41,36 +41,22 @@ def run(model, length: int, args) -> dict:
 
     tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=args.device)
     positions = positions_to_score(length, first_pruned_position(model.stream, length), args.positions)
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     row = {"length": length, "positions": positions.tolist(), "oracle_stride": args.oracle_stride}
-    try:
-        sync(args.device)
-        started = time.perf_counter()
-        report = sl.fidelity(model, tokens, positions=positions.to(args.device), oracle_stride=args.oracle_stride,
-                             per_layer=True, verbose=True)
-        sync(args.device)
-        row |= {"seconds": time.perf_counter() - started, **report}
-    except torch.OutOfMemoryError as error:
-        row["error"] = f"out of memory: {str(error).splitlines()[0]}"
-    except sl.ContextTooLongError as error:
-        row["error"] = f"ContextTooLongError: {error}"
-    if args.device.startswith("cuda"):
-        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return row
+    timing = timed(args.device, lambda: sl.fidelity(model, tokens, positions=positions.to(args.device),
+                                                    oracle_stride=args.oracle_stride, per_layer=True, verbose=True),
+                   catch=(torch.OutOfMemoryError, sl.ContextTooLongError))
+    if "error" in timing:
+        return row | timing
+    report = timing.pop("result")
+    return row | {"seconds": timing.pop("seconds"), **report} | timing
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072])
     parser.add_argument("--layers", type=int, default=28)
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--estimator", default="rescored")
-    parser.add_argument("--mlp-chunk", type=int, default=65536)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_stream_flags(parser)
+    add_model_flags(parser)
     parser.add_argument("--positions", type=int, default=8, help="positions scored for KL / top-1")
     parser.add_argument("--oracle-stride", type=int, default=1, help="oracle on every n-th pruned query block")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity_at_length.json"))
@@ -80,35 +66,26 @@ def main() -> None:
     for length in args.lengths:
         rows.append(run(model, length, args))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "layers"}), flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "triton": _triton_version(), "config": vars(args) | {"out": str(args.out)},
-              "stream": model.stream.to_dict(),
-              "model": "random-init Qwen2.5-1.5B shape" + ("" if args.layers == 28 else f", {args.layers} layers"),
-              "rows": rows, "command": "python benchmarks/fidelity_at_length.py " + " ".join(os.sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = {**environment(args.device), "config": config(args), "stream": model.stream.to_dict(),
+              "model": model_name(args.layers), "rows": rows, "command": command("fidelity_at_length.py")}
+    save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, {args.block}-token blocks, top_k={args.top_k}, "
           f"estimator={args.estimator}, {result['device']}")
-    print("| tokens | pruned | recall mean | recall p5 | oracle recall | oracle ratio | KL (nats) | top-1 | s | peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['length']:,} | {row['error'][:80]} | | | | | | | | |")
-            continue
-        print(f"| {row['length']:,} | {row['pruned_fraction']:.4f} | {row['mass_recall_mean']:.3f} | "
-              f"{row['mass_recall_p5']:.3f} | {row['oracle_recall_mean']:.3f} | {row['oracle_ratio']:.3f} | "
-              f"{row['next_token_kl']:.4f} | {row['top1_agreement']:.3f} | {row['seconds']:.1f} | "
-              f"{row.get('peak_gpu_gb', float('nan')):.1f} |")
+    print_table(["tokens", "pruned", "recall mean", "recall p5", "oracle recall", "oracle ratio", "KL (nats)", "top-1",
+                 "s", "peak GB"], [
+        [f"{row['length']:,}", row["error"][:80]] + [""] * 8 if "error" in row else
+        [f"{row['length']:,}", f"{row['pruned_fraction']:.4f}", f"{row['mass_recall_mean']:.3f}",
+         f"{row['mass_recall_p5']:.3f}", f"{row['oracle_recall_mean']:.3f}", f"{row['oracle_ratio']:.3f}",
+         f"{row['next_token_kl']:.4f}", f"{row['top1_agreement']:.3f}", f"{row['seconds']:.1f}",
+         f"{row.get('peak_gpu_gb', float('nan')):.1f}"] for row in rows])
     for row in rows:
         if "layers" not in row:
             continue
         print(f"\nper layer at {row['length']:,} tokens")
-        print("| layer | pruned | recall mean | recall p5 | oracle recall | oracle ratio |")
-        print("|---|---|---|---|---|---|")
-        for layer in row["layers"]:
-            print(f"| {layer['layer']} | {layer['pruned_fraction']:.4f} | {layer['mass_recall_mean']:.3f} | "
-                  f"{layer['mass_recall_p5']:.3f} | {layer['oracle_recall_mean']:.3f} | {layer['oracle_ratio']:.3f} |")
+        print_table(["layer", "pruned", "recall mean", "recall p5", "oracle recall", "oracle ratio"], [
+            [layer["layer"], f"{layer['pruned_fraction']:.4f}", f"{layer['mass_recall_mean']:.3f}",
+             f"{layer['mass_recall_p5']:.3f}", f"{layer['oracle_recall_mean']:.3f}", f"{layer['oracle_ratio']:.3f}"]
+            for layer in row["layers"]])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from datetime import date
 
 import torch
 
-from benchmarks.fidelity import RESULTS, machine, parse_config
+from benchmarks.common import RESULTS, machine, parse_config
 
 
 def run_ruler(args: argparse.Namespace) -> dict:

@@ -15,33 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from sparse_lens.kernels import block_sparse_attention, estimate_blocks
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import attention_heads, command, dense_sdpa, save_json, time_cuda  # noqa: E402
+from sparse_lens.kernels import block_sparse_attention, estimate_blocks  # noqa: E402
 
-SHAPES = {"qwen2.5-1.5b": (12, 2), "llama-3.1-8b": (32, 8)}
+SHAPES = {name: attention_heads(name)[:2] for name in ("qwen2.5-1.5b", "llama-3.1-8b")}  # (q heads, kv heads)
 DENSE_LIMIT_SECONDS = 60.0
-
-
-def time_cuda(fn, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
 
 
 def peak_gb(fn) -> float:
@@ -51,13 +36,6 @@ def peak_gb(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
-def dense_sdpa(query, key, value):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
 
 
 def bench_one(shape: str, seq_len: int, top_k: int, block: int, dense_cache: dict, estimator: str = "stream") -> dict:
@@ -109,10 +87,8 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
                     torch.cuda.empty_cache()
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "block": args.block, "rows": rows,
-              "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+              "triton": triton.__version__, "block": args.block, "rows": rows, "command": command("kernels.py")}
+    save_json(args.out, result)
     print(f"\n{result['gpu']}, torch {result['torch']}, triton {result['triton']}, bf16, d_head 128, {args.block}-token blocks")
     print("| shape | T | top_k | estimator | estimate ms | sparse attn ms | dense SDPA ms | est/dense | sparse/dense | est GB | sparse GB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

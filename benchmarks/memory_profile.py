@@ -24,7 +24,6 @@ for Qwen2.5-1.5B. ``--no-kv-cache`` passes ``use_cache=False``; compare the two 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import sys
@@ -34,31 +33,21 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "qwen2.5-1.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                         num_attention_heads=12, num_key_value_heads=2, rope_theta=1_000_000.0,
-                                         tie_word_embeddings=True)),
-    "llama-3.1-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500_000.0)),
-    "tiny": ("LlamaConfig", dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                 num_key_value_heads=2)),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import build_model, cached_forward, command, device_name, hf_config, save_json  # noqa: E402
+
+SHAPE_NAMES = ["qwen2.5-1.5b", "llama-3.1-8b", "tiny"]
 OWN_CODE = ("sparse_lens", "transformer_lens", "transformers")
 
 
 def build(args):
-    import transformers
-
     import sparse_lens as sl
 
-    config_class, shape = SHAPES[args.shape]
-    config = getattr(transformers, config_class)(**shape, num_hidden_layers=args.layers,
-                                                 max_position_embeddings=1 << 21)
+    config = hf_config(args.shape, layers=args.layers)
     stream = sl.StreamConfig(query_block=args.block, key_block=args.block, top_k=args.top_k, keep_qk=False,
                              estimator=args.estimator)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = sl.HookedSparseTransformer.from_config(config, stream, dtype=dtype, device=args.device)
-    model.mlp_chunk_tokens = args.mlp_chunk
+    model = build_model(config, stream=stream, dtype=dtype, device=args.device, mlp_chunk=args.mlp_chunk)
     return model, config.hidden_size, dtype
 
 
@@ -66,11 +55,7 @@ def forward(model, length: int, device: str, use_cache: bool | None = None):
     """``use_cache=None``: as ``benchmarks/model.py`` (HF's default: a KV cache of every layer's keys
     and values is built during the forward, though nothing reads it); ``False``: no KV cache."""
     tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=device)
-    cache_kwargs = {} if use_cache is None else {"use_cache": use_cache}
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"),
-                                             logits_to_keep=1, **cache_kwargs)
-    return logits, cache
+    return cached_forward(model, tokens, **({} if use_cache is None else {"use_cache": use_cache}))
 
 
 def call_site(frames: list[dict], depth: int) -> str:
@@ -110,13 +95,13 @@ def profile_cuda(model, args, residual_bytes: int) -> dict:
     before = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
     started = time.perf_counter()
-    logits, cache = forward(model, args.length, args.device, args.use_cache)
+    logits, patterns = forward(model, args.length, args.device, args.use_cache)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     peak_total = torch.cuda.max_memory_allocated()
-    del logits, cache
+    del logits, patterns
     if args.snapshot:
         args.snapshot.parent.mkdir(parents=True, exist_ok=True)
         args.snapshot.write_bytes(pickle.dumps(snapshot))
@@ -149,7 +134,7 @@ def profile_cpu(model, args, residual_bytes: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=SHAPE_NAMES)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--block", type=int, default=64)
@@ -171,11 +156,10 @@ def main() -> None:
     profile = profile_cuda if args.device.startswith("cuda") else profile_cpu
     result = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "layers": args.layers, "length": args.length,
               "use_cache": args.use_cache,
-              "dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "dtype": str(dtype), "device": device_name(args.device),
               "residual_copy_gb": residual_bytes / 2**30, **profile(model, args, residual_bytes),
-              "command": "python3 benchmarks/memory_profile.py " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+              "command": command("memory_profile.py", python="python3")}
+    save_json(args.out, result)
     print(f"\n{args.shape}, {args.layers} layers, {args.length:,} tokens, {dtype}, {result['device']}; "
           f"one residual-stream copy = {residual_bytes / 2**30:.3f} GB")
     if "peak_allocated_gb" in result:

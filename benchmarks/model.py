@@ -14,54 +14,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=1 << 21,
-                  rope_theta=1_000_000.0, tie_word_embeddings=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (QWEN25_15B, add_model_flags, add_stream_flags, build_model,  # noqa: E402
+                               cached_forward, command, config, environment, print_table, save_json, timed)
 
 
 def build(args):
-    from transformers import Qwen2Config
-
+    """The Qwen2.5-1.5B shape with ``--layers`` layers, ``--block`` / ``--top-k`` / ``--estimator``
+    (``keep_qk=False``), ``--dtype``, ``--device``, ``--mlp-chunk`` (also used by observe.py and
+    fidelity_at_length.py)."""
     import sparse_lens as sl
 
-    config = Qwen2Config(**{**QWEN25_15B, "num_hidden_layers": args.layers})
     stream = sl.StreamConfig(query_block=args.block, key_block=args.block, top_k=args.top_k, keep_qk=False,
                              estimator=args.estimator)
-    model = sl.HookedSparseTransformer.from_config(config, stream, dtype=getattr(torch, args.dtype), device=args.device)
-    model.mlp_chunk_tokens = args.mlp_chunk
-    return model
+    return build_model("qwen2.5-1.5b", layers=args.layers, stream=stream, dtype=args.dtype, device=args.device,
+                       mlp_chunk=args.mlp_chunk)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def model_name(layers: int) -> str:
+    return "random-init Qwen2.5-1.5B shape" + ("" if layers == QWEN25_15B["num_hidden_layers"] else f", {layers} layers")
 
 
 def measure(model, length: int, device: str) -> dict:
+    """One forward of ``length`` random tokens: seconds, peak GPU GB, cached patterns' bytes and pruned
+    fraction; out of memory becomes the row's ``error``."""
     tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=device)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    started = time.perf_counter()
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"),
-                                             logits_to_keep=1)
-    sync(device)
-    seconds = time.perf_counter() - started
-    patterns = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
-    row = {"length": length, "seconds": seconds, "pattern_bytes": sum(p.nbytes() for p in patterns),
+    timing = timed(device, lambda: cached_forward(model, tokens))
+    if "error" in timing:
+        return {"length": length, **timing}
+    logits, patterns = timing.pop("result")
+    row = {"length": length, "seconds": timing.pop("seconds"), "pattern_bytes": sum(p.nbytes() for p in patterns),
            "pruned_fraction": sum(p.pruned_fraction() for p in patterns) / len(patterns),
-           "logits_shape": list(logits.shape), "finite": bool(torch.isfinite(logits).all())}
-    if device.startswith("cuda"):
-        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    del cache, patterns, logits
+           "logits_shape": list(logits.shape), "finite": bool(torch.isfinite(logits).all()), **timing}
+    del patterns, logits
     return row
 
 
@@ -69,12 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 524288, 1048576])
     parser.add_argument("--layers", type=int, default=28)
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--estimator", default="rescored")
-    parser.add_argument("--mlp-chunk", type=int, default=65536)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_stream_flags(parser)
+    add_model_flags(parser)
     parser.add_argument("--warmup-length", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/model.json"))
     args = parser.parse_args()
@@ -84,35 +71,16 @@ def main() -> None:
     measure(model, args.warmup_length, args.device)  # compiles the kernels
     rows = []
     for length in args.lengths:
-        try:
-            rows.append(measure(model, length, args.device))
-        except torch.OutOfMemoryError as error:
-            rows.append({"length": length, "error": f"out of memory: {str(error).splitlines()[0]}"})
+        rows.append(measure(model, length, args.device))
         print(json.dumps(rows[-1]), flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "triton": _triton_version(), "config": vars(args) | {"out": str(args.out)},
-              "model": "random-init Qwen2.5-1.5B shape" + ("" if args.layers == 28 else f", {args.layers} layers"),
-              "build_seconds": build_seconds, "rows": rows, "command": "python benchmarks/model.py " + " ".join(os.sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = {**environment(args.device), "config": config(args), "model": model_name(args.layers),
+              "build_seconds": build_seconds, "rows": rows, "command": command("model.py")}
+    save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, {args.block}-token blocks, top_k={args.top_k}, {result['device']}")
-    print("| tokens | forward s | peak GPU GB | cached patterns MB | pruned |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['length']:,} | {row['error']} | | | |")
-        else:
-            print(f"| {row['length']:,} | {row['seconds']:.2f} | {row.get('peak_gpu_gb', float('nan')):.1f} | "
-                  f"{row['pattern_bytes'] / 2**20:.0f} | {row['pruned_fraction']:.4f} |")
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "none"
+    print_table(["tokens", "forward s", "peak GPU GB", "cached patterns MB", "pruned"], [
+        [f"{row['length']:,}", row["error"], "", "", ""] if "error" in row else
+        [f"{row['length']:,}", f"{row['seconds']:.2f}", f"{row.get('peak_gpu_gb', float('nan')):.1f}",
+         f"{row['pattern_bytes'] / 2**20:.0f}", f"{row['pruned_fraction']:.4f}"] for row in rows])
 
 
 if __name__ == "__main__":

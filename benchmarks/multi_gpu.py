@@ -43,42 +43,26 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.circuits import LLAMA31_8B, metric, tokens  # noqa: E402
-from benchmarks.model import QWEN25_15B  # noqa: E402
+from benchmarks.circuits import metric  # noqa: E402
+from benchmarks.common import SHAPES, build_model, cached_forward, clean_and_corrupted, hf_config  # noqa: E402
+from benchmarks.common import print_table, save_json  # noqa: E402
+from benchmarks.common import timed as timed_row  # noqa: E402
 
-R1_DISTILL_QWEN_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                           num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=1 << 21,
-                           rope_theta=1_000_000.0, tie_word_embeddings=False)
-LLAMA31_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                   num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=1 << 21,
-                   rope_theta=500_000.0, tie_word_embeddings=False)
-SHAPES = {"qwen2.5-1.5b": ("qwen2", QWEN25_15B), "llama-3.1-8b": ("llama", LLAMA31_8B),
-          "r1-distill-qwen-32b": ("qwen2", R1_DISTILL_QWEN_32B), "llama-3.1-70b": ("llama", LLAMA31_70B)}
-PATTERNS = lambda name: name.endswith("hook_pattern")  # noqa: E731
+SHAPE_NAMES = ["llama-3.1-70b", "llama-3.1-8b", "qwen2.5-1.5b", "r1-distill-qwen-32b"]
 
 
-def hf_config(args) -> Any:
+def model_config(args) -> Any:
     """The shape's HF config; ``--tiny``: 2 layers, 16-dim heads, the shape's q / kv head ratio."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    family, settings = SHAPES[args.shape]
-    settings = dict(settings)
-    if args.tiny:
-        group = settings["num_attention_heads"] // settings["num_key_value_heads"]
-        settings.update(vocab_size=1000, num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=2 * group,
-                        hidden_size=32 * group, intermediate_size=64 * group)
-    if args.layers:
-        settings["num_hidden_layers"] = args.layers
-    return (Qwen2Config if family == "qwen2" else LlamaConfig)(**settings)
+    if not args.tiny:
+        return hf_config(args.shape, layers=args.layers)
+    settings = SHAPES[args.shape][1]
+    group = settings["num_attention_heads"] // settings["num_key_value_heads"]
+    return hf_config(args.shape, layers=args.layers, vocab_size=1000, num_hidden_layers=2, num_key_value_heads=2,
+                     num_attention_heads=2 * group, hidden_size=32 * group, intermediate_size=64 * group)
 
 
 def build(args, **where) -> Any:
-    import sparse_lens as sl
-
-    model = sl.HookedSparseTransformer.from_config(hf_config(args), sl.StreamConfig(keep_qk=False), seed=args.seed,
-                                                   dtype=getattr(torch, args.dtype), **where)
-    model.mlp_chunk_tokens = args.mlp_chunk
-    return model
+    return build_model(model_config(args), seed=args.seed, dtype=args.dtype, mlp_chunk=args.mlp_chunk, **where)
 
 
 def placement(args) -> dict:
@@ -90,38 +74,17 @@ def placement(args) -> dict:
     return {"n_devices": args.n_devices}
 
 
-def cuda_peaks() -> list[float]:
-    return [round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())]
-
-
 def timed(device: str, work: Callable[[], dict]) -> dict:
-    """Seconds and peak GB per GPU of ``work()``; an error (out of memory too) becomes the row's ``error``."""
-    cuda = device.startswith("cuda")
-    if cuda:
-        for index in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(index)
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    try:
-        row = {"result": work()}
-    except torch.OutOfMemoryError as error:
-        row = {"error": f"out of memory: {str(error).splitlines()[0][:160]}"}
-    except Exception as error:  # recorded, not fatal: the other rows still run
-        row = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
-    if cuda:
-        torch.cuda.synchronize()
-        row["peak_gb"] = cuda_peaks()
-        torch.cuda.empty_cache()
-    row["seconds"] = round(time.perf_counter() - started, 3)
+    """Seconds and peak GB per GPU (``peak_gb``) of ``work()``; an error (out of memory too) becomes the
+    row's ``error``, recorded, not fatal: the other rows still run."""
+    row = timed_row(device, work, catch=(Exception,), every_gpu=True)
+    row["seconds"] = round(row["seconds"], 3)
     return row
 
 
 def forward_with_patterns(model, clean: torch.Tensor, **kwargs) -> dict:
     """One sparse forward, every layer's pattern cached; the last position's logits (CPU) and sizes."""
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(clean, names_filter=PATTERNS, logits_to_keep=1, use_cache=False, **kwargs)
-    patterns = [cache[name] for name in cache.keys()]
+    logits, patterns = cached_forward(model, clean, use_cache=False, **kwargs)
     return {"cached_patterns": len(patterns), "pattern_bytes": sum(p.nbytes() for p in patterns),
             "pattern_devices": sorted({str(p.device) for p in patterns}),
             "last_logits": logits[0, -1].float().cpu()}
@@ -136,11 +99,11 @@ def max_difference(row: dict, reference: dict) -> float | None:
 def part_layers(args) -> list[dict]:
     model = build(args, **placement(args))
     devices = sorted({str(d) for d in (next(b.parameters()).device for b in model.blocks)})
-    warm, _ = tokens(model, min(args.warmup_length, min(args.lengths)), model.cfg.device)
+    warm, _ = clean_and_corrupted(model, min(args.warmup_length, min(args.lengths)), model.cfg.device)
     timed(args.device, lambda: forward_with_patterns(model, warm))  # compiles the kernels on every device
     rows = []
     for length in args.lengths:
-        clean, _ = tokens(model, length, model.cfg.device)
+        clean, _ = clean_and_corrupted(model, length, model.cfg.device)
         rows.append({"part": "layers", "length": length, "devices": devices,
                      **timed(args.device, lambda: forward_with_patterns(model, clean))})
         print(json.dumps(printable(rows[-1])), flush=True)
@@ -151,7 +114,7 @@ def part_layers(args) -> list[dict]:
         single = build(args, device=one)
         timed(args.device, lambda: forward_with_patterns(single, warm.to(one)))
         for row in list(rows):
-            clean, _ = tokens(single, row["length"], one)
+            clean, _ = clean_and_corrupted(single, row["length"], one)
             reference = {"part": "layers", "length": row["length"], "devices": [one],
                          **timed(args.device, lambda: forward_with_patterns(single, clean))}
             row["max_logit_difference_vs_one_device"] = max_difference(row, reference)
@@ -167,7 +130,7 @@ def part_attribution(args) -> list[dict]:
     devices = sorted({str(d) for d in (next(b.parameters()).device for b in model.blocks)})
 
     def run(length: int) -> dict:
-        clean, corrupted = tokens(model, length, model.cfg.device)
+        clean, corrupted = clean_and_corrupted(model, length, model.cfg.device)
         result = attribution_patching(model, clean, corrupted, metric, positions=[-1], heads=True,
                                       offload=args.offload, offload_activations=args.offload)
         return {"clean_metric": result.clean_metric, "corrupted_metric": result.corrupted_metric,
@@ -194,7 +157,7 @@ def part_heads(args) -> list[dict]:
     model = build(args, device=device)
 
     def sharded(length: int) -> dict:
-        clean, _ = tokens(model, length, device)
+        clean, _ = clean_and_corrupted(model, length, device)
         local, positions = shard_sequence(clean)
         with sequence_parallel(model):
             result = forward_with_patterns(model, local, position_ids=positions)
@@ -212,7 +175,7 @@ def part_heads(args) -> list[dict]:
         rows.append(row)
         if args.one_gpu_baseline:
             if rank == 0:
-                clean, _ = tokens(model, length, device)
+                clean, _ = clean_and_corrupted(model, length, device)
                 baseline = {"part": "heads", "length": length, "ranks": 1,
                             **timed(device, lambda: forward_with_patterns(model, clean))}
                 row["max_logit_difference_vs_one_device"] = max_difference(row, baseline)
@@ -236,7 +199,7 @@ def printable(row: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["layers", "attribution", "heads"])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    parser.add_argument("--shape", choices=SHAPE_NAMES, default="qwen2.5-1.5b")
     parser.add_argument("--tiny", action="store_true", help="2 layers, 16-dim heads, vocab 1000 (CPU smoke runs)")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the shape has")
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072])
@@ -261,16 +224,13 @@ def main() -> None:
               "model": f"random-init {args.shape} shape" + (" (tiny)" if args.tiny else ""),
               "config": vars(args) | {"out": str(args.out)}, "rows": [printable(row) for row in rows],
               "command": "python benchmarks/multi_gpu.py " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, {', '.join(gpus)}: {args.part}")
-    print("| part | tokens | devices / ranks | seconds | peak GB per GPU | max logit diff vs one device | time vs one device |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        where = row.get("devices") or f"{row['ranks']} rank(s)"
-        seconds = row.get("error") or f"{row['seconds']:.2f}"
-        print(f"| {row['part']} | {row['length']:,} | {where} | {seconds} | {row.get('peak_gb', '-')} | "
-              f"{row.get('max_logit_difference_vs_one_device', '-')} | {row.get('time_vs_one_device', '-')} |")
+    print_table(["part", "tokens", "devices / ranks", "seconds", "peak GB per GPU", "max logit diff vs one device",
+                 "time vs one device"], [
+        [row["part"], f"{row['length']:,}", row.get("devices") or f"{row['ranks']} rank(s)",
+         row.get("error") or f"{row['seconds']:.2f}", row.get("peak_gb", "-"),
+         row.get("max_logit_difference_vs_one_device", "-"), row.get("time_vs_one_device", "-")] for row in rows])
 
 
 if __name__ == "__main__":

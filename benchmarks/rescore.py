@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def _runs_on_cpu(argv: list[str]) -> bool:
@@ -44,13 +42,16 @@ def _runs_on_cpu(argv: list[str]) -> bool:
 if _runs_on_cpu(sys.argv):
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run on the CPU
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import attention_heads, command, dense_sdpa, save_json, time_cuda  # noqa: E402
 from sparse_lens.kernels.blocks import kept_pairs_per_slot  # noqa: E402
 from sparse_lens.kernels.dispatch import block_sparse_attention, stream_estimate  # noqa: E402
 from sparse_lens.kernels.estimate import estimate_blocks  # noqa: E402
 from sparse_lens.kernels.rescore_ref import keep_heaviest  # noqa: E402
 from sparse_lens.kernels.rescore_triton import rescore_top_k_triton  # noqa: E402
 
-SHAPES = {"qwen2.5-1.5b": (12, 2, 128), "llama-3.1-8b": (32, 8, 128), "tiny": (2, 1, 32)}
+SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": attention_heads("llama-3.1-8b"),
+          "tiny": (2, 1, 32)}  # (query heads, key/value heads, head dim)
 DEFAULT_VARIANTS = ["stream", "two_kernel:beam=4", "rescored:beam=4", "rescored:beam=4:qs=4",
                     "rescored:beam=8:rk=2:qs=4", "rescored:beam=8:rk=4:qs=4", "rescored:beam=6:qs=4",
                     "rescored:beam=8:qs=4", "adaptive:qs=4:p=0.93"]
@@ -71,34 +72,14 @@ def parse_variant(spec: str) -> dict:
 
 def make_timer(device: str):
     """``timer(fn, repeats) -> median seconds``: CUDA events on the GPU, one wall-clock run on the CPU."""
-    if device != "cuda":
-        def wall(fn, repeats):
-            started = time.perf_counter()
-            fn()
-            return time.perf_counter() - started
-        return wall
+    if device == "cuda":
+        return time_cuda
 
-    def cuda_events(fn, repeats):
-        fn()  # warm-up (compiles)
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        return statistics.median(times)
-    return cuda_events
-
-
-def dense_sdpa(query, key, value):
-    if not query.is_cuda:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    def wall(fn, repeats):
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+    return wall
 
 
 def two_kernel_rescored(query, key, *, top_k, beam, rk, geometry):
@@ -215,9 +196,8 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "triton": triton.__version__, "block": args.block, "top_k": args.top_k,
-              "rows": rows, "command": "python3 benchmarks/rescore.py " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+              "rows": rows, "command": command("rescore.py", python="python3")}
+    save_json(args.out, result)
     print_table(result)
 
 
