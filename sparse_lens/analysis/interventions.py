@@ -21,7 +21,6 @@ pattern (sparse mode), so no dense pattern is ever built.
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -30,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sparse_lens.analysis.attribution_patching import GateHooks, check_gradient_mode
-from sparse_lens.analysis.positions import call_metric, kept_positions, logits_kwargs
+from sparse_lens.analysis.positions import call_metric, check_indices, kept_positions, logits_kwargs
 from sparse_lens.analysis.span_patching import check_spans
 from sparse_lens.errors import InvalidPathError, InvalidSpanError
 from sparse_lens.kernels.blocks import blocks_overlapping, sort_block_row
@@ -98,7 +97,7 @@ def block_attribution(
         LogitsNotKeptError: the metric read a position whose logits were not kept.
     """
     check_gradient_mode(model, gates=True)
-    layers = _check_indices(layers, model.cfg.n_layers, "layers")
+    layers = check_indices(layers, model.cfg.n_layers, "layers")
     if not layers:
         raise InvalidPathError("layers is empty: name at least one layer whose gates are differentiated.")
     index = kept_positions(positions, tokens.shape[-1], tokens.device)
@@ -183,8 +182,8 @@ def suppress_span(
         index = kept_positions(positions, seq_len, tokens.device)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
-    layers = _check_indices(layers, model.cfg.n_layers, "layers")
-    heads = None if heads is None else _check_indices(heads, model.cfg.n_heads, "heads")
+    layers = check_indices(layers, model.cfg.n_layers, "layers")
+    heads = None if heads is None else check_indices(heads, model.cfg.n_heads, "heads")
     key_block = model.stream.key_block
     overlapping = blocks_overlapping((start, end), key_block)
     span_blocks = torch.arange(overlapping.start, overlapping.stop)
@@ -218,20 +217,6 @@ def suppress_span(
         ], dim=1) if index.numel() else base.new_zeros(tokens.shape[0], 0)
     first = int(index[0]) if index.numel() else end
     return Suppression(kl=kl, first_position=first, blocks_removed=removed[0], positions=index.cpu())
-
-
-def _check_indices(chosen: Iterable[int] | None, count: int, what: str) -> list[int]:
-    """``chosen`` (default: all of ``range(count)``) as a list of ints in ``[0, count)``; else ``InvalidPathError``."""
-    if chosen is None:
-        return list(range(count))
-    chosen = list(chosen)
-    try:
-        checked = [operator.index(value) for value in chosen]
-    except TypeError:
-        checked = []
-    if len(checked) != len(chosen) or any(not 0 <= value < count for value in checked):
-        raise InvalidPathError(f"{what} {chosen} must be ints in 0..{count - 1} (the model has {count} {what}).")
-    return checked
 
 
 def _next_token_kl(base: Tensor, suppressed: Tensor) -> Float[Tensor, "batch pos"]:

@@ -8,13 +8,14 @@ A metric usually reads one or a few positions, while the full logits are ``[batc
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import operator
+from typing import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sparse_lens.errors import InvalidPositionsError, LogitsNotKeptError, ShapeError
+from sparse_lens.errors import InvalidPathError, InvalidPositionsError, LogitsNotKeptError, ShapeError
 
 
 def kept_positions(
@@ -61,3 +62,17 @@ def call_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, index: Tenso
         raise ShapeError(f"metric must return a scalar tensor, got {type(value).__name__} "
                          f"{tuple(value.shape) if isinstance(value, Tensor) else ''}.")
     return value.reshape(())
+
+
+def check_indices(chosen: Iterable[int] | None, count: int, what: str) -> list[int]:
+    """``chosen`` (default: all of ``range(count)``) as a list of ints in ``[0, count)``; else ``InvalidPathError``."""
+    if chosen is None:
+        return list(range(count))
+    chosen = list(chosen)
+    try:
+        checked = [operator.index(value) for value in chosen]
+    except TypeError:
+        checked = []
+    if len(checked) != len(chosen) or any(not 0 <= value < count for value in checked):
+        raise InvalidPathError(f"{what} {chosen} must be ints in 0..{count - 1} (the model has {count} {what}).")
+    return checked

@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sparse_lens.analysis.positions import call_metric, kept_positions, logits_kwargs
+from sparse_lens.analysis.positions import call_metric, check_indices, kept_positions, logits_kwargs
 from sparse_lens.errors import InvalidPathError, InvalidSpanError, ShapeError
 
 Span = tuple[int, int]
@@ -150,9 +150,9 @@ def check_spans(spans: Iterable[Span], seq_len: int) -> list[Span]:
 def _units(model: Any, activation: str, layers: Sequence[int] | None, heads: Sequence[tuple[int, int]] | None):
     """The rows of the result: ``(layer, None)`` for the residual stream, ``(layer, head)`` for z."""
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    chosen = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
-    if not chosen or any(not 0 <= layer < n_layers for layer in chosen):
-        raise InvalidPathError(f"layers {chosen} must be a non-empty list of layers in 0..{n_layers - 1}.")
+    chosen = check_indices(layers, n_layers, "layers")
+    if not chosen:
+        raise InvalidPathError(f"layers is empty: name at least one layer in 0..{n_layers - 1}.")
     if activation != "z":
         if heads is not None:
             raise ValueError("heads= applies to activation='z' only.")

@@ -24,6 +24,7 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -335,11 +336,8 @@ def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**63
+    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 2**63  # free memory unknown (no /proc/meminfo): refuse nothing
