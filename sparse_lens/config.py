@@ -10,7 +10,7 @@ from sparse_lens.errors import BlockSizeError, InvalidConfigError
 Mode = Literal["sparse", "observe", "dense"]
 MODES = ("sparse", "observe", "dense")
 # Names of sparse_lens.kernels.estimate.ESTIMATORS (kept here so that config imports no kernel).
-ESTIMATORS = ("rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal")
+ESTIMATORS = ("rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal", "oracle")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class StreamConfig:
             top-k oracle, see docs/fidelity.md), ``"adaptive"`` (the same candidates, keeping per
             row the fewest whose mass reaches ``top_p``), ``"stream"`` (the paper's estimator,
             with a Triton kernel), and the comparison baselines ``"bounds"``, ``"pooled"``,
-            ``"oneshot_pooled"``, ``"antidiagonal"``.
+            ``"oneshot_pooled"``, ``"antidiagonal"``; ``"oracle"`` keeps the exact top-k blocks by
+            dense block mass (the ceiling, O(T^2) time: for measurement).
         representative_keys: ``"stream"``: keys read to score a candidate branch (evenly
             strided keys of the branch's centre block); ``key_block`` reads the whole block.
             Estimation cost is proportional to it.

@@ -9,6 +9,7 @@
 | ``"pooled"`` | hierarchical search scored by mean keys | ``search_ref.py`` |
 | ``"oneshot_pooled"`` | mean query . mean key of every block pair (MInference / FlexPrefill style baseline) | ``oneshot_ref.py`` |
 | ``"antidiagonal"`` | strided antidiagonal sums of every block pair (XAttention-style baseline) | ``oneshot_ref.py`` |
+| ``"oracle"`` | the exact top-k key blocks by dense block mass beside the sink and local blocks: the ceiling, for measurement (O(T^2) time) | ``oracle_estimate.py`` |
 
 All return int64 ``[batch, q_head, n_query_blocks, top_k]`` kept key blocks, ascending, ``-1`` in
 unused slots (``"adaptive"`` uses ``top_k`` as its cap and leaves unused slots). ``causal=True``
@@ -33,11 +34,13 @@ from torch import Tensor
 from sparse_lens.kernels.causal import causal_inner_budget, lagged_selection
 from sparse_lens.kernels.dispatch import Backend, stream_estimate, use_triton
 from sparse_lens.kernels.oneshot_ref import antidiagonal_estimate, oneshot_pooled_estimate
+from sparse_lens.kernels.oracle_estimate import oracle_estimate
 from sparse_lens.kernels.rescore_ref import adaptive_estimate, rescored_estimate
 from sparse_lens.kernels.search_ref import SearchName, bounds_estimate, pooled_estimate
 
-EstimatorName = Literal["rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal"]
-ESTIMATORS: tuple[str, ...] = ("rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal")
+EstimatorName = Literal["rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal", "oracle"]
+ESTIMATORS: tuple[str, ...] = (
+    "rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal", "oracle")
 
 
 def estimate_blocks(
@@ -124,4 +127,6 @@ def estimate_blocks(
         return oneshot_pooled_estimate(query, key, top_k=top_k, **budget)
     if estimator == "antidiagonal":
         return antidiagonal_estimate(query, key, top_k=top_k, stride=antidiagonal_stride, scale=scale, **budget)
+    if estimator == "oracle":
+        return oracle_estimate(query, key, top_k=top_k, scale=scale, backend=backend, **budget)
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")

@@ -103,7 +103,7 @@ def test_estimate_blocks_passes_each_estimator_its_own_settings():
 def test_estimate_blocks_rejects_an_unknown_name_and_config_lists_the_same_names():
     query, key = random_qk()
     with pytest.raises(ValueError, match="estimator must be one of"):
-        estimate_blocks(query, key, estimator="oracle", query_block=16, key_block=16, top_k=4)
+        estimate_blocks(query, key, estimator="no_such_estimator", query_block=16, key_block=16, top_k=4)
     assert CONFIG_ESTIMATORS == ESTIMATORS
     kwargs = StreamConfig(estimator="adaptive", top_k=8, min_blocks=2).estimator_kwargs()
     assert kwargs["estimator"] == "adaptive" and kwargs["min_blocks"] == 2
