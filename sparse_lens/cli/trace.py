@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.needle import needle_recall
-from sparse_lens.cli.trace_report import parse_layers, write_trace_figures, write_trace_page
 from sparse_lens.config import ESTIMATORS, StreamConfig
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.data import needle_prompt, string_match_all
+from sparse_lens.report.trace import describe, parse_layers, write_trace_figures, write_trace_page
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
 
 DENSE_FIDELITY_LIMIT = 16_384
@@ -288,13 +288,6 @@ def _warn_if_short(prompt_length: int, budget: int, document: Path | None, strea
     if stream.top_k >= -(-prompt_length // stream.key_block):
         print(f"warning: top_k {stream.top_k} keeps every one of the prompt's key blocks, so nothing is pruned; "
               "use a longer prompt, smaller blocks or a smaller --top-k", file=sys.stderr, flush=True)
-
-
-def describe(stream: StreamConfig) -> str:
-    """The trace's settings in one line, for the report's summary."""
-    selection = "causal selection" if getattr(stream, "causal_selection", False) else "selection by the whole query block"
-    return (f"{stream.estimator} estimator, {stream.query_block}-token query and {stream.key_block}-token key blocks, "
-            f"top_k {stream.top_k} (incl. {stream.sink_blocks} sink, {stream.local_blocks} local), {selection}")
 
 
 @contextmanager

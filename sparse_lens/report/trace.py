@@ -1,6 +1,6 @@
-"""The figures and the HTML report of ``sparse-lens trace``.
+"""The figures and the HTML report of a needle trace (what ``sparse-lens trace`` writes).
 
-From one sparse run's per-layer patterns (and fidelity's per-layer figures when dense was
+The command runs the model; this module composes what it shows. From one sparse run's per-layer patterns (and fidelity's per-layer figures when dense was
 affordable): a per-layer pass (with a progress bar) that collects each layer's figures, the
 sentence salience of the prompt and the block heatmaps of chosen layers; then the route graph,
 the recall-per-layer and needle figures, and ``report.html`` embedding them all. Nothing here
@@ -38,7 +38,7 @@ QUESTION_START = "What is the special magic number"  # data.niah's question
 
 
 def parse_layers(text: str, n_layers: int) -> list[int] | None:
-    """``--heatmap-layers``: ``"auto"`` (None: chosen from the trace), ``"all"``, ``"none"`` or a
+    """Heatmap layers (``sparse-lens trace --heatmap-layers``): ``"auto"`` (None: chosen from the trace), ``"all"``, ``"none"`` or a
     comma list of layers (negative ones count from the end)."""
     text = text.strip().lower()
     if text == "auto":
@@ -63,6 +63,13 @@ def auto_heatmap_layers(recall: NeedleRecall, route: Route | None, n_layers: int
     if route is not None and route.best_entry is not None:
         layers.add(route.best_entry.entry_layer)
     return sorted(layers)[:HEATMAP_LAYERS_AUTO]
+
+
+def describe(stream: Any) -> str:
+    """The trace's settings (a ``StreamConfig``) in one line, for the report's summary."""
+    selection = "causal selection" if getattr(stream, "causal_selection", False) else "selection by the whole query block"
+    return (f"{stream.estimator} estimator, {stream.query_block}-token query and {stream.key_block}-token key blocks, "
+            f"top_k {stream.top_k} (incl. {stream.sink_blocks} sink, {stream.local_blocks} local), {selection}")
 
 
 @dataclass

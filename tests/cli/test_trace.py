@@ -13,10 +13,8 @@ import re
 import pytest
 import torch
 
-from sparse_lens.analysis.needle import NeedleRecall
 from sparse_lens.cli.main import main
 from sparse_lens.cli.trace import auto_top_k
-from sparse_lens.cli.trace_report import auto_heatmap_layers, parse_layers
 from sparse_lens.data.niah import ADJECTIVES, INSTRUCTION, NOISE_LINE, NOUNS, needle_prompt
 
 CHAT_TEMPLATE = (
@@ -117,21 +115,6 @@ def test_trace_writes_summary_figures_and_report(traced):
     # Progress bars over layers: the sparse and dense forwards, fidelity and the figure pass.
     for bar in ("sparse forward", "dense forward", "fidelity", "layers"):
         assert re.search(rf"{bar}: 100%.*{N_LAYERS}/{N_LAYERS}", err), bar
-
-
-def test_heatmap_layers_argument():
-    assert parse_layers("auto", 30) is None
-    assert parse_layers("all", 3) == [0, 1, 2] and parse_layers("none", 3) == []
-    assert parse_layers("5,-1,0,5", 30) == [0, 5, 29]
-    with pytest.raises(ValueError):
-        parse_layers("30", 30)
-
-
-def test_auto_heatmap_layers_are_the_ends_and_where_the_needle_is_read():
-    mass = torch.zeros(12, 4)
-    mass[6, 2] = 0.5
-    recall = NeedleRecall(mass > 0, mass, needle_blocks=(3,), query_block=9)
-    assert auto_heatmap_layers(recall, None, 12) == [0, 6, 11]
 
 
 @torch.no_grad()
