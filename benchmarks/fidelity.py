@@ -83,7 +83,8 @@ def run_end_to_end(args: argparse.Namespace) -> None:
     for text in args.configs:
         stream = parse_config(text)
         started = time.perf_counter()
-        report = sl.fidelity(model, tokens, stream, dense=dense, per_layer=True, verbose=True)
+        report = sl.fidelity(model, tokens, stream, dense=dense, per_layer=True, verbose=True,
+                             oracle_stride=args.oracle_stride)
         row = {"config": text, **stream.to_dict(), **report, "seconds": time.perf_counter() - started}
         results["rows"] = [r for r in results["rows"] if r["config"] != text] + [row]
         out.write_text(json.dumps(results, indent=2))
@@ -115,6 +116,8 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--model", default=None, help="default: sl.DEFAULT_MODEL (a GGUF path on machines without the package)")
     run.add_argument("--suffix", default="", help="added to the JSON name (e.g. _h200)")
+    run.add_argument("--oracle-stride", type=int, default=1,
+                     help="the exact oracle on every n-th pruned query block (sl.fidelity's oracle_stride; CPU time)")
     ruler = commands.add_parser("ruler", help="RULER accuracy, dense against sparse, and needle recall")
     ruler.add_argument("--length", type=int, default=4096)
     ruler.add_argument("--samples", type=int, default=3, help="samples per task")
