@@ -102,14 +102,15 @@ def build_model(shape: str | Any, *, layers: int | None = None, stream: Any = No
 
 def parse_config(text: str) -> Any:
     """``estimator:block:top_k[:field=value...]`` -> StreamConfig (sink 1, local 1, query block =
-    key block, ``keep_qk=False``), e.g. ``rescored:16:16`` or ``adaptive:16:128:top_p=0.93``."""
+    key block, ``keep_qk=False``), e.g. ``rescored:16:16`` or ``adaptive:16:128:top_p=0.93``; each
+    ``field=value`` is typed as its ``sparse-lens`` flag is (``causal_selection=false``,
+    ``observe_max_tokens=none``)."""
     import sparse_lens as sl
+    from sparse_lens.cli.config_flags import parse_field  # typed as the command-line flags are
 
     name, block, top_k, *rest = text.split(":")
     fields = {field: value for field, _, value in (item.partition("=") for item in rest)}
-    types = {field.name: field.type for field in sl.StreamConfig.__dataclass_fields__.values()}
-    cast = {"int": int, "float": float, "str": str, "bool": lambda v: v == "True"}
-    extra = {field: cast.get(str(types[field]), str)(value) for field, value in fields.items()}
+    extra = {field: parse_field(sl.StreamConfig, field, value) for field, value in fields.items()}
     return sl.StreamConfig(query_block=int(block), key_block=int(block), top_k=int(top_k), sink_blocks=1,
                            local_blocks=1, estimator=name, keep_qk=False, **extra)
 

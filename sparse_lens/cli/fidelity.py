@@ -29,24 +29,22 @@ from sparse_lens.analysis import (
     ruler_samples,
 )
 from sparse_lens.analysis.task_accuracy import DEFAULT_TASKS
+from sparse_lens.cli.config_flags import add_config_flags, config_values
 from sparse_lens.config import StreamConfig
 from sparse_lens.data import RULER_TASKS, make_sample
+from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels import ESTIMATORS
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
 
+FIXED = {"mode": "sparse", "keep_qk": False}  # StreamConfig fields the command sets (no flags)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = StreamConfig()
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, GGUF path, HF directory or hub id")
     parser.add_argument("--length", type=int, default=2048, help="tokens per sample (prompt + --max-new-tokens)")
     parser.add_argument("--out", type=Path, default=Path("fidelity.json"), help="JSON file to write")
-    parser.add_argument("--query-block", type=int, default=defaults.query_block)
-    parser.add_argument("--key-block", type=int, default=defaults.key_block)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="key blocks kept per query block")
-    parser.add_argument("--sink-blocks", type=int, default=defaults.sink_blocks)
-    parser.add_argument("--local-blocks", type=int, default=defaults.local_blocks)
-    parser.add_argument("--estimator", choices=ESTIMATORS, default=defaults.estimator)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="mass target of estimator 'adaptive'")
+    add_config_flags(parser, StreamConfig, exclude=FIXED, title="sparse attention (StreamConfig fields)",
+                     overrides={"estimator": {"choices": ESTIMATORS}})
     parser.add_argument("--task", choices=sorted(RULER_TASKS), default="niah_single_1",
                         help="RULER task of the sample scored by fidelity and needle fidelity")
     parser.add_argument("--depth", type=float, default=None, help="needle depth 0..1 (default: drawn from the seed)")
@@ -60,6 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The config the flags describe is valid, before the model loads (else a usage error)."""
+    try:
+        fidelity_config(args)
+    except InvalidConfigError as error:
+        parser.error(f"the sparse attention settings: {error}")
+
+
+def fidelity_config(args: argparse.Namespace) -> StreamConfig:
+    """The StreamConfig scored: every generated flag's value and the fields the command fixes."""
+    return StreamConfig(**config_values(StreamConfig, args, **FIXED))
+
+
 def load_model(name: str, stream: StreamConfig, device: str) -> HookedSparseTransformer:
     if str(name) == DEFAULT_MODEL:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model needs no hub
@@ -68,10 +79,7 @@ def load_model(name: str, stream: StreamConfig, device: str) -> HookedSparseTran
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    stream = StreamConfig(
-        query_block=args.query_block, key_block=args.key_block, top_k=args.top_k, sink_blocks=args.sink_blocks,
-        local_blocks=args.local_blocks, estimator=args.estimator, top_p=args.top_p, mode="sparse", keep_qk=False,
-    )
+    stream = fidelity_config(args)
     steps = 4 if args.ruler else 3
     print(f"[1/{steps}] loading {args.model}", flush=True)
     model = load_model(args.model, stream, args.device)

@@ -8,7 +8,8 @@ import sys
 from sparse_lens.cli import fidelity, trace
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``sparse-lens`` parser and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(prog="sparse-lens", description="Sparse attention tracing for long contexts.")
     commands = parser.add_subparsers(dest="command", required=True)
     trace_parser = commands.add_parser("trace", help="trace a needle-in-a-haystack prompt sparsely")
@@ -17,12 +18,15 @@ def main(argv: list[str] | None = None) -> int:
         "fidelity", help="fidelity, needle fidelity and RULER accuracy of a sparse config against dense attention"
     )
     fidelity.add_arguments(fidelity_parser)
+    return parser, {"trace": trace_parser, "fidelity": fidelity_parser}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "trace":
-        trace.check_arguments(trace_parser, args)  # before the model loads
-        trace.run(args)
-    elif args.command == "fidelity":
-        fidelity.run(args)
+    command = {"trace": trace, "fidelity": fidelity}[args.command]
+    command.check_arguments(commands[args.command], args)  # before the model loads
+    command.run(args)
     return 0
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.needle import needle_recall
+from sparse_lens.cli.config_flags import add_config_flags, config_values
 from sparse_lens.config import ESTIMATORS, StreamConfig
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.data import needle_prompt, string_match_all
@@ -46,6 +47,8 @@ TRACE_BLOCK = 16
 AUTO_TOP_K_SHARE = 16  # --top-k auto keeps about 1 / AUTO_TOP_K_SHARE of the last query block's key blocks
 AUTO_SEARCHABLE = 2  # --top-k auto keeps at least this many blocks beyond the sink, local and diagonal ones
 SHORT_PROMPT = 0.9  # warn when the prompt fills less than this share of --length (a short --text document)
+FIXED = {"mode": "sparse", "keep_qk": False}  # StreamConfig fields the command sets (no flags)
+FIXED_FIELDS = tuple(FIXED)
 MIN_LENGTH = 128  # tokens a needle prompt needs besides its haystack and answer (chat template, instruction, question)
 
 
@@ -129,10 +132,15 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     top_k = args.top_k if args.top_k != "auto" else auto_top_k(
         args.length or CPU_LENGTH, args.key_block, args.query_block, args.sink_blocks, args.local_blocks)
     try:
-        StreamConfig(query_block=args.query_block, key_block=args.key_block, top_k=top_k,
-                     sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, estimator=args.estimator)
+        trace_config(args, top_k)
     except InvalidConfigError as error:
         parser.error(f"the block settings: {error}")
+
+
+def trace_config(args: argparse.Namespace, top_k: int) -> StreamConfig:
+    """The StreamConfig of the trace: every generated flag's value, ``top_k`` resolved, and the
+    fields the command fixes (sparse mode, no queries and keys kept in the patterns)."""
+    return StreamConfig(**config_values(StreamConfig, args, top_k=top_k, **FIXED))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,17 +152,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace your own document: FILE's text (UTF-8) is the haystack the needle is hidden in, "
                              "cut to --length tokens (a shorter document gives a shorter prompt, with a warning)")
     parser.add_argument("--out", type=Path, default=Path("trace_out"), help="output directory")
-    parser.add_argument("--query-block", type=_int_at_least(1), default=TRACE_BLOCK, help="tokens per query block")
-    parser.add_argument("--key-block", type=_int_at_least(1), default=TRACE_BLOCK, help="tokens per key block")
-    parser.add_argument("--top-k", type=_top_k_argument, default="auto",
-                        help="key blocks kept per query block, or 'auto': about 1 in "
-                             f"{AUTO_TOP_K_SHARE} of the prompt's key blocks (~87%% of pairs pruned), but at least "
-                             f"{AUTO_SEARCHABLE} blocks beyond the sink, local and diagonal ones (at most all of the "
-                             "prompt's blocks; short prompts then prune little)")
-    parser.add_argument("--sink-blocks", type=_int_at_least(0), default=1)
-    parser.add_argument("--local-blocks", type=_int_at_least(0), default=1)
-    parser.add_argument("--estimator", choices=ESTIMATORS, default=StreamConfig().estimator,
-                        help="how key blocks are kept (see StreamConfig.estimator); 'stream' is the fastest")
+    add_config_flags(
+        parser, StreamConfig, exclude=FIXED_FIELDS, title="sparse attention (StreamConfig fields)",
+        defaults={"query_block": TRACE_BLOCK, "key_block": TRACE_BLOCK, "top_k": "auto"},
+        overrides={
+            "query_block": {"type": _int_at_least(1), "help": "tokens per query block (default: %(default)s)"},
+            "key_block": {"type": _int_at_least(1), "help": "tokens per key block (default: %(default)s)"},
+            "top_k": {"type": _top_k_argument,
+                      "help": "key blocks kept per query block, or 'auto': about 1 in "
+                              f"{AUTO_TOP_K_SHARE} of the prompt's key blocks (~87%% of pairs pruned), but at least "
+                              f"{AUTO_SEARCHABLE} blocks beyond the sink, local and diagonal ones (at most all of the "
+                              "prompt's blocks; short prompts then prune little)"},
+            "sink_blocks": {"type": _int_at_least(0)},
+            "local_blocks": {"type": _int_at_least(0)},
+            "estimator": {"choices": ESTIMATORS,
+                          "help": "how key blocks are kept (see StreamConfig.estimator); 'stream' is the fastest "
+                                  "(default: %(default)s)"},
+        },
+    )
     parser.add_argument("--depth", type=_depth_argument, default=0.5, help="needle depth in the haystack, 0..1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=_int_at_least(1), default=16)
@@ -177,11 +192,7 @@ def run(args: argparse.Namespace) -> dict:
     if top_k == "auto":
         top_k = auto_top_k(length, args.key_block, args.query_block, args.sink_blocks, args.local_blocks)
     haystack = args.text.read_text(encoding="utf-8") if args.text is not None else None
-    stream = StreamConfig(
-        query_block=args.query_block, key_block=args.key_block, top_k=top_k,
-        sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, estimator=args.estimator, mode="sparse",
-        keep_qk=False,
-    )
+    stream = trace_config(args, top_k)
     device_map = getattr(args, "device_map", None)
     where = {"device_map": device_map} if device_map else {"device": args.device}
     print(f"[1/6] loading {args.model} on {device_map and f'device_map={device_map}' or args.device}", flush=True)

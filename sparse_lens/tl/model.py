@@ -24,6 +24,7 @@ from sparse_lens.tl.attention import SparseAttentionBridge
 from sparse_lens.tl.checkpointing import RecomputeState, checkpoint_blocks, recompute_state
 from sparse_lens.tl.chunking import set_mlp_chunking
 from sparse_lens.tl.generation import greedy_generate
+from sparse_lens.tl.joint_qkv_attention import SparseJointQKVAttentionBridge
 from sparse_lens.tl.loading import DEFAULT_MODEL, check_supported, load_hf_model, resolve_model_source
 from sparse_lens.tl.placement import DeviceMap, dispatch_layers, resolve_placement
 
@@ -163,7 +164,7 @@ class HookedSparseTransformer(TransformerBridge):
         installed across forward and backward (``model.hooks(...)``); see ``sparse_lens.tl.checkpointing``."""
         return checkpoint_blocks(self, offload=offload)
 
-    def sparse_attention_layers(self) -> list[SparseAttentionBridge]:
+    def sparse_attention_layers(self) -> list[SparseAttentionBridge | SparseJointQKVAttentionBridge]:
         """The attention bridge of every block, in layer order."""
         return [block.attn for block in self.blocks]
 
@@ -295,13 +296,23 @@ def _reject_padding(attention_mask: Tensor | None) -> None:
         )
 
 
+# TransformerLens' RoPE attention bridges (by exact class name: a subclass may compute attention
+# differently) and the sparse bridge that replaces each.
+_SPARSE_BRIDGES = {
+    "PositionEmbeddingsAttentionBridge": SparseAttentionBridge,
+    "JointQKVPositionEmbeddingsAttentionBridge": SparseJointQKVAttentionBridge,  # fused qkv: Phi-3, GPT-NeoX
+}
+
+
 def _install_sparse_attention(adapter: Any) -> None:
-    """Swap the adapter's per-block attention template for a SparseAttentionBridge."""
+    """Swap the adapter's per-block attention template for its sparse bridge (``_SPARSE_BRIDGES``)."""
     blocks = adapter.component_mapping.get("blocks")
     template = None if blocks is None else blocks.submodules.get("attn")
-    if template is None or type(template).__name__ != "PositionEmbeddingsAttentionBridge":
+    sparse_bridge = _SPARSE_BRIDGES.get(type(template).__name__)
+    if template is None or sparse_bridge is None:
         raise UnsupportedModelError(
-            f"The {type(adapter).__name__} adapter does not use TransformerLens' RoPE attention bridge "
-            f"(found {type(template).__name__}); sparse_lens cannot replace its attention."
+            f"The {type(adapter).__name__} adapter does not use one of TransformerLens' RoPE attention bridges "
+            f"({', '.join(_SPARSE_BRIDGES)}; found {type(template).__name__}); sparse_lens cannot replace "
+            "its attention."
         )
-    blocks.submodules["attn"] = SparseAttentionBridge.replacing(template)
+    blocks.submodules["attn"] = sparse_bridge.replacing(template)

@@ -165,11 +165,8 @@ def test_decode_past_the_window_is_hf_sliding_window_attention():
         (transformers.Gemma2Config(**SHAPE, head_dim=16), "attention logit soft-capping", "model.layers.1.self_attn"),
         (transformers.Gemma2Config(**SHAPE, head_dim=16), "sliding-window attention", "model.layers.0.self_attn"),
         (transformers.Gemma3TextConfig(**SHAPE, head_dim=16), "sliding-window attention", "model.layers.1.self_attn"),
-        (transformers.Phi3Config(**SHAPE, pad_token_id=0), "fused qkv projection", "JointQKV"),
-        (transformers.GPTNeoXConfig(**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}),
-         "fused qkv projection", "JointQKV"),
     ],
-    ids=["gemma2-softcap", "gemma2-window", "gemma3-window", "phi3", "gpt-neox"],
+    ids=["gemma2-softcap", "gemma2-window", "gemma3-window"],
 )
 def test_unsupported_families_name_the_feature(config, feature, layer):
     with pytest.raises(sl.UnsupportedModelError) as error:

@@ -1,0 +1,161 @@
+"""SparseJointQKVAttentionBridge: TransformerLens' fused-qkv RoPE attention bridge on Stream-sparse attention.
+
+Some families project queries, keys and values with one fused linear layer: Phi-3's ``qkv_proj``
+(``[q; k; v]`` stacked, GQA) and GPT-NeoX / Pythia's ``query_key_value`` (``[q_h, k_h, v_h]``
+interleaved per head). TransformerLens bridges them with
+``JointQKVPositionEmbeddingsAttentionBridge``: at load time the architecture adapter's own
+``split_qkv_matrix`` cuts the fused weight into three ``nn.Linear`` layers ``q``, ``k``, ``v``, whose
+outputs fire ``hook_q`` / ``hook_k`` / ``hook_v``. This subclass keeps that split (it never reads
+the layout itself: the adapter knows it) and replaces what happens between ``hook_q/k/v`` and
+``hook_z`` with what :class:`~sparse_lens.tl.attention.SparseAttentionBridge` does:
+
+- RoPE from the ``position_embeddings`` the HF layer passes (``hook_cos`` / ``hook_sin``), over the
+  first ``rotary_dim = cos.shape[-1]`` dims of each head (partial rotary: Pythia's ``rotary_pct``,
+  Phi-3 variants' ``partial_rotary_factor``), then ``hook_rot_q`` / ``hook_rot_k``, which TL's
+  dense joint bridge does not fire;
+- prefill: SparseAttentionBridge's own ``_prefill`` (the estimator, ``hook_block_indices``,
+  ``hook_block_mass``, ``hook_pattern`` with a :class:`~sparse_lens.pattern.BlockSparsePattern`,
+  the three modes and edits), shared, not copied;
+- decode with HF's KV cache (``cache=``, ``past_key_values=`` or NeoX's ``layer_past=``): dense
+  over every cached key;
+- ``hook_z`` -> output projection (per-head ``hook_result`` when ``cfg.use_attn_result``) ->
+  ``hook_out``. ``hook_attn_scores`` never fires, as in SparseAttentionBridge.
+
+Parallel attention and MLP (NeoX's ``use_parallel_residual``) is the block's business: the
+adapter picks TL's ``ParallelBlockBridge`` and this layer does not change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
+    JointQKVPositionEmbeddingsAttentionBridge,
+)
+from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+
+from sparse_lens.config import StreamConfig
+from sparse_lens.errors import PaddingNotSupportedError, UnsupportedModelError
+from sparse_lens.kernels import dense_attention
+from sparse_lens.tl.attention import (
+    _UNSUPPORTED_CONFIG_FLAGS,
+    _UNSUPPORTED_HF_FEATURES,
+    SparseAttentionBridge,
+    _is_plain_causal,
+    _sliding_window,
+    apply_rotary,
+)
+
+# HF attention submodules of a QK-norm, which TL's joint bridge (and so this one) does not apply.
+_QK_NORM_MODULES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
+class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
+    """Fused-qkv RoPE self-attention whose pattern is estimated and applied block-sparsely."""
+
+    # The sparse prefill and the messages about this layer are SparseAttentionBridge's: they read
+    # only ``stream``, ``name``, ``_layer_idx``, ``_sliding_window`` and the hook points set below.
+    _prefill = SparseAttentionBridge._prefill
+    _where = SparseAttentionBridge._where
+    _check_sliding_window = SparseAttentionBridge._check_sliding_window
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stream = StreamConfig()
+        self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
+        self.hook_block_indices = HookPoint()
+        self.hook_block_mass = HookPoint()
+        self._sliding_window: int | None = None  # tokens; set from the HF module in set_original_component
+
+    @classmethod
+    def replacing(cls, template: JointQKVPositionEmbeddingsAttentionBridge) -> "SparseJointQKVAttentionBridge":
+        """A sparse bridge with ``template``'s HF name, config, submodules (``qkv``, ``o``), the
+        adapter's ``split_qkv_matrix`` and its attention-mask requirement."""
+        return cls(
+            name=template.name,
+            config=template.config,
+            split_qkv_matrix=template.split_qkv_matrix,
+            submodules=template.submodules,
+            requires_attention_mask=template.requires_attention_mask,
+        )
+
+    def set_original_component(self, component: torch.nn.Module) -> None:
+        """Wrap the HF attention module (the adapter splits its fused projection into ``q/k/v``
+        here); ``UnsupportedModelError`` naming the layer for features this bridge does not apply."""
+        super().set_original_component(component)
+        unsupported = [
+            what for attr, what in _UNSUPPORTED_HF_FEATURES.items() if getattr(component, attr, None) is not None
+        ]
+        unsupported += [flag for flag in _UNSUPPORTED_CONFIG_FLAGS if getattr(self.config, flag, False)]
+        if any(getattr(component, name, None) is not None for name in _QK_NORM_MODULES):
+            unsupported.append("QK-norm (not applied by TransformerLens' fused-qkv bridge)")
+        if getattr(component, "is_causal", True) is False:
+            unsupported.append("bidirectional (non-causal) attention")
+        self._sliding_window = _sliding_window(component)
+        if unsupported:
+            raise UnsupportedModelError(
+                f"{type(component).__name__} at {self._where()} uses {', '.join(unsupported)}, which "
+                "sparse_lens' attention does not reproduce."
+            )
+
+    def _reconstruct_attention(
+        self,
+        q: Float[Tensor, "batch pos q_width"],
+        k: Float[Tensor, "batch pos kv_width"],
+        v: Float[Tensor, "batch pos kv_width"],
+        **kwargs: Any,
+    ) -> tuple[Float[Tensor, "batch pos d_model"], None]:
+        """Attention from the split projections' outputs (after ``hook_q/k/v``) to the output
+        projection; returns ``(output, None)`` (no dense pattern), which TL's ``forward`` passes
+        through ``hook_hidden_states`` and ``hook_out``."""
+        hf_attn: Any = self.original_component
+        n_heads = int(self.config.n_heads)
+        n_kv_heads = int(getattr(self.config, "n_key_value_heads", None) or n_heads)
+        query, key, value, batch, n_new, head_dim = self._reshape_qkv_to_heads(q, k, v, n_heads, n_kv_heads)
+        query: Float[Tensor, "batch q_head pos d_head"]
+        key: Float[Tensor, "batch kv_head pos d_head"]
+        value: Float[Tensor, "batch kv_head pos d_head"]
+
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None:
+            raise UnsupportedModelError(f"{self._where()}: no rotary position embeddings were passed to attention.")
+        cos, sin = self._apply_position_embedding_hooks(position_embeddings)
+        query, key = apply_rotary(query, key, cos, sin, full_rotary=get_rotary_pct_from_config(self.config) == 1.0)
+        query = self.hook_rot_q(query)
+        key = self.hook_rot_k(key)
+        key, value = self._update_kv_cache(key, value, **kwargs)
+        self._check_sliding_window(key.shape[2])
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+
+        scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
+        n_cached = key.shape[2] - n_new
+        if n_cached == 0:
+            attention_mask = kwargs.get("attention_mask")
+            if attention_mask is not None and not _is_plain_causal(attention_mask):
+                raise PaddingNotSupportedError(
+                    "An attention mask reached sparse attention: padded batches are not supported. "
+                    "Run sequences of equal length (or one at a time)."
+                )
+            z = self._prefill(query, key, value, scale)
+        else:
+            z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached)
+
+        z = rearrange(z, "batch head pos d_head -> batch pos (head d_head)").to(self.o.original_component.weight.dtype)
+        if getattr(self.config, "use_attn_result", False):
+            z = self.o.hook_in(z)
+            return self._compute_per_head_result(z.view(batch, n_new, n_heads, head_dim), n_heads, head_dim), None
+        return self.o(z), None
+
+    def _update_kv_cache(self, key: Tensor, value: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Append to HF's KV cache when one is passed (``cache=`` since transformers 5.24,
+        ``past_key_values=`` before, ``layer_past=`` in GPT-NeoX) and return every position's keys
+        and values."""
+        for name in ("cache", "past_key_values", "layer_past"):
+            if kwargs.get(name) is not None:
+                return kwargs[name].update(key, value, self._layer_idx)
+        return key, value

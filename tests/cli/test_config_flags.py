@@ -1,0 +1,125 @@
+"""Flags generated from the config dataclasses (sparse_lens/cli/config_flags.py) and the commands
+that use them: every field is a flag, typed and documented, and what the flags say is the config
+the command builds."""
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import pytest
+
+import sparse_lens as sl
+from sparse_lens.cli import fidelity as fidelity_cli
+from sparse_lens.cli import trace as trace_cli
+from sparse_lens.cli.config_flags import add_config_flags, config_values, docstring_attributes, flag_name, parse_field
+from sparse_lens.cli.main import build_parser
+
+
+@dataclass(frozen=True)
+class Toy:
+    """A config with one field of each kind.
+
+    Attributes:
+        count: How many. Second sentence not shown.
+        rate: A rate
+            spread over two lines.
+        name: Ignored: metadata wins.
+    """
+
+    count: int = 3
+    rate: float = 0.5
+    name: str = field(default="a", metadata={"help": "the name"})
+    flag: bool = True
+    cap: int | None = None
+    kind: Literal["x", "y"] = "x"
+
+
+def toy_parser(**kwargs) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toy", exit_on_error=False)
+    add_config_flags(parser, Toy, **kwargs)
+    return parser
+
+
+def test_every_field_becomes_a_typed_flag_with_its_default_and_help():
+    parser = toy_parser()
+    assert Toy(**config_values(Toy, parser.parse_args([]))) == Toy()
+    args = parser.parse_args(["--count", "7", "--rate", "0.25", "--name", "b", "--no-flag", "--cap", "9",
+                              "--kind", "y"])
+    assert Toy(**config_values(Toy, args)) == Toy(count=7, rate=0.25, name="b", flag=False, cap=9, kind="y")
+    assert parser.parse_args(["--cap", "none"]).cap is None
+    for bad in (["--count", "1.5"], ["--kind", "z"], ["--rate", "many"]):
+        with pytest.raises((SystemExit, argparse.ArgumentError)):  # (exit_on_error=False: the latter)
+            parser.parse_args(bad)
+    text = parser.format_help()
+    assert "How many (default: 3)" in text and "Second sentence" not in text
+    assert "A rate spread over two lines (default: 0.5)" in text and "the name (default: a)" in text
+
+
+def test_exclude_defaults_overrides_and_fixed_values():
+    parser = toy_parser(exclude=["kind"], defaults={"count": 5}, overrides={"rate": {"type": float, "help": "mine"}})
+    args = parser.parse_args([])
+    assert not hasattr(args, "kind") and args.count == 5 and "mine" in parser.format_help()
+    assert config_values(Toy, args, count=1)["count"] == 1  # the command's fixed values win
+
+
+def test_docstring_attributes_of_the_real_config():
+    helps = docstring_attributes(sl.StreamConfig)
+    assert set(helps) == {f.name for f in fields(sl.StreamConfig)}
+    assert helps["top_k"].startswith("Key blocks kept per query block")
+
+
+def test_parse_field_types_like_the_flags_and_names_unknown_fields():
+    assert parse_field(sl.StreamConfig, "top_p", "0.8") == 0.8
+    assert parse_field(sl.StreamConfig, "causal_selection", "False") is False
+    assert parse_field(sl.StreamConfig, "observe_max_tokens", "none") is None
+    assert parse_field(sl.StreamConfig, "backend", "triton") == "triton"
+    with pytest.raises(ValueError):
+        parse_field(sl.StreamConfig, "backend", "cuda")
+    with pytest.raises(KeyError, match="no field 'topp'"):
+        parse_field(sl.StreamConfig, "topp", "0.8")
+
+
+def test_benchmark_config_strings_read_fields_as_the_flags_do():
+    from benchmarks.common import parse_config
+
+    config = parse_config("adaptive:16:128:top_p=0.9:causal_selection=false:rescore_search=bounds")
+    assert (config.estimator, config.query_block, config.top_k, config.top_p) == ("adaptive", 16, 128, 0.9)
+    assert config.causal_selection is False and config.rescore_search == "bounds"
+
+
+@pytest.mark.parametrize("command", ["trace", "fidelity"])
+def test_every_config_field_is_a_flag_of_both_commands(command):
+    _, commands = build_parser()
+    flags = {option for action in commands[command]._actions for option in action.option_strings}
+    fixed = trace_cli.FIXED if command == "trace" else fidelity_cli.FIXED
+    for config_field in fields(sl.StreamConfig):
+        assert (flag_name(config_field.name) in flags) is (config_field.name not in fixed), config_field.name
+    # Today's flags keep their names.
+    assert {"--query-block", "--key-block", "--top-k", "--sink-blocks", "--local-blocks", "--estimator"} <= flags
+
+
+def test_what_the_flags_say_is_the_config_the_commands_build():
+    parser, _ = build_parser()
+    flags = ["--query-block", "32", "--key-block", "16", "--top-k", "9", "--sink-blocks", "2", "--local-blocks", "3",
+             "--estimator", "adaptive", "--top-p", "0.8", "--min-blocks", "5", "--beam", "2",
+             "--rescore-search", "bounds", "--rescore-query-stride", "4", "--no-causal-selection",
+             "--backend", "reference"]
+    expected = sl.StreamConfig(query_block=32, key_block=16, top_k=9, sink_blocks=2, local_blocks=3,
+                               estimator="adaptive", top_p=0.8, min_blocks=5, beam=2, rescore_search="bounds",
+                               rescore_query_stride=4, causal_selection=False, backend="reference", keep_qk=False)
+    assert fidelity_cli.fidelity_config(parser.parse_args(["fidelity", *flags])) == expected
+    assert trace_cli.trace_config(parser.parse_args(["trace", *flags]), top_k=9) == expected
+    trace_defaults = trace_cli.trace_config(parser.parse_args(["trace"]), top_k=4)
+    assert (trace_defaults.query_block, trace_defaults.key_block, trace_defaults.estimator) == (16, 16, "rescored")
+
+
+def test_an_invalid_combination_is_a_usage_error_before_the_model_loads(monkeypatch, capsys):
+    from sparse_lens.cli.main import main
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(fidelity_cli, "load_model", no_loading)
+    with pytest.raises(SystemExit) as exited:
+        main(["fidelity", "--estimator", "adaptive", "--top-k", "4", "--min-blocks", "8"])
+    assert exited.value.code == 2 and "min_blocks" in capsys.readouterr().err
