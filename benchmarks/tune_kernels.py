@@ -37,7 +37,7 @@ def attention_forward(query, key, value, block_indices, num_warps: int, num_stag
     grid = (block_indices.shape[2], query.shape[0] * query.shape[1])
     config = attention._launch_config(query, value, block_indices, None, block, block)
     return lambda: attention._forward_kernel[grid](
-        query, key, value, block_indices, block_mass, output, lse, block_mass, 128**-0.5,
+        query, key, value, block_indices, block_mass, lse, output, lse, block_mass, 128**-0.5, 0, 1.0,
         *attention._sizes(query, key, value, block_indices), **config, num_warps=num_warps, num_stages=num_stages)
 
 

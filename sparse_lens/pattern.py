@@ -36,6 +36,7 @@ from torch import Tensor
 
 from sparse_lens.errors import ContextTooLongError, DensePatternRequiredError, ShapeError
 from sparse_lens.kernels.blocks import causal_pairs, kept_pairs_per_slot, num_blocks
+from sparse_lens.kernels.checks import check_attention_features
 from sparse_lens.kernels.sparse_attention_ref import kept_token_probs
 from sparse_lens.pattern_edits import normalize_block_indices
 from sparse_lens.pattern_flex import DEFAULT_BLOCK_MASK_BYTES, block_grid, block_mask_from_indices
@@ -81,6 +82,10 @@ class BlockSparsePattern:
         first_query_block: index of the first row when the pattern was sliced along queries.
         has_batch_dim: ``False`` after ``pattern[0]`` / ``remove_batch_dim``: every tensor above
             then lacks its leading batch axis.
+        window, softcap, sinks: the layer's sliding window (tokens; query i sees key j iff
+            ``i - window < j <= i``), logit soft-cap (``softcap * tanh(s / softcap)``) and
+            per-head sink logits (float [head], no batch axis: part of each query's normaliser,
+            so ``lse`` includes them); ``None`` for a plain layer. ``token_probs`` applies them.
     """
 
     block_indices: Int[Tensor, "batch head n_query_blocks top_k"]
@@ -96,6 +101,9 @@ class BlockSparsePattern:
     block_gate: Float[Tensor, "batch head n_query_blocks top_k"] | None = None
     first_query_block: int = 0
     has_batch_dim: bool = True
+    window: int | None = None
+    softcap: float | None = None
+    sinks: Float[Tensor, "head"] | None = None
 
     def __post_init__(self) -> None:
         rank = 4 if self.has_batch_dim else 3
@@ -107,6 +115,7 @@ class BlockSparsePattern:
             )
         if self.block_gate is not None and self.block_gate.shape != self.block_indices.shape:
             raise ShapeError(f"block_gate must have shape {tuple(self.block_indices.shape)}.")
+        check_attention_features(self.window, self.softcap, self.sinks, self.block_indices.shape[-3])
 
     # ----- sizes ---------------------------------------------------------------------------
     @property
@@ -156,11 +165,13 @@ class BlockSparsePattern:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ----- tensor-like protocol used by TransformerLens' cache ------------------------------
-    def _map_tensors(self, fn, **other_changes: Any) -> "BlockSparsePattern":
+    def _map_tensors(self, fn, batch_axis: bool = False, **other_changes: Any) -> "BlockSparsePattern":
+        """Apply ``fn`` to every tensor field; ``batch_axis=True`` (fn acts on the batch axis) skips
+        the per-head ``sinks``, which have none."""
         changes = {
             f.name: fn(getattr(self, f.name))
             for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
+            if isinstance(getattr(self, f.name), Tensor) and not (batch_axis and f.name == "sinks")
         }
         return replace(self, **changes, **other_changes)
 
@@ -190,7 +201,7 @@ class BlockSparsePattern:
         """Restore the batch axis of a pattern without one (``dim=0`` only)."""
         if dim != 0 or self.has_batch_dim:
             raise ShapeError("unsqueeze(0) restores the batch axis of a pattern without one; nothing else.")
-        return self._map_tensors(lambda t: t.unsqueeze(0), has_batch_dim=True)
+        return self._map_tensors(lambda t: t.unsqueeze(0), batch_axis=True, has_batch_dim=True)
 
     def _batched(self) -> "BlockSparsePattern":
         return self if self.has_batch_dim else self.unsqueeze(0)
@@ -240,10 +251,10 @@ class BlockSparsePattern:
     def _select_batch(self, selection: Any) -> "BlockSparsePattern":
         if isinstance(selection, numbers.Integral) or (isinstance(selection, Tensor) and selection.dim() == 0):
             row = int(selection)
-            return self._map_tensors(lambda t: t[row], has_batch_dim=False)
+            return self._map_tensors(lambda t: t[row], batch_axis=True, has_batch_dim=False)
         if not isinstance(selection, slice):
             selection = torch.as_tensor(selection, dtype=torch.long, device=self.device).flatten()
-        return self._map_tensors(lambda t: t[selection])
+        return self._map_tensors(lambda t: t[selection], batch_axis=True)
 
     def _select_queries(self, query_sel: Any) -> "BlockSparsePattern":
         if isinstance(query_sel, slice):
@@ -384,7 +395,9 @@ class BlockSparsePattern:
         """Token-level pattern [batch, head, seq, seq]: ``exp(q.k * scale - lse)`` on kept entries, 0 elsewhere.
 
         In sparse mode this is the softmax the model actually used (ungated); in observe mode the
-        dense probabilities restricted to the kept blocks. [head, seq, seq] without batch
+        dense probabilities restricted to the kept blocks. Windowed and soft-capped layers: ``s`` is
+        the capped score and keys outside the window are 0; with sinks a row sums to at most
+        ``1 - sink_probs()`` (the sink's share is dropped). [head, seq, seq] without batch
         dimension. Raises ``ContextTooLongError`` above ``max_tokens`` (the tensor is quadratic
         in the sequence length).
         """
@@ -401,8 +414,17 @@ class BlockSparsePattern:
         probs = kept_token_probs(
             batched.query, batched.key, batched.block_indices, batched.lse,
             query_block=self.query_block, key_block=self.key_block, scale=self.scale,
+            window=self.window, softcap=self.softcap,
         )
         return probs if self.has_batch_dim else probs[0]
+
+    def sink_probs(self) -> Float[Tensor, "batch head seq"]:
+        """Probability each query gives its head's sink, ``exp(sink - lse)`` (the dropped share);
+        zeros for a layer without sinks. [head, seq] without batch dimension."""
+        if self.sinks is None:
+            return torch.zeros_like(self.lse)
+        sinks = self.sinks.to(device=self.lse.device, dtype=torch.float32)[:, None]
+        return torch.exp(sinks - self.lse.float())
 
     def to_dense(self, max_tokens: int = DEFAULT_DENSE_LIMIT) -> Float[Tensor, "batch head seq seq"]:
         """Deprecated alias of :meth:`token_probs` (removed in the next release)."""

@@ -20,6 +20,11 @@ computes ``p = exp(s - lse)`` with the causal mask, sums it, and adds ``sum / n_
 the slot's output (zero on entry). Rows with ``lse = -inf`` (a query that sees nothing) add 0.
 Nothing of size T x T exists anywhere; work is that of ``q k^T`` over the slots.
 
+``window`` and ``softcap`` (constexpr flags ``HAS_WINDOW`` / ``HAS_SOFTCAP``, so the default
+compiles as before) cap the scores and mask keys older than the window as
+``sparse_attention_triton.layer_scores`` does; key tiles wholly outside the window are skipped. A
+sink needs nothing here: it is part of the given ``lse``.
+
 Inputs are made contiguous; fp32, bf16, fp16; block sizes powers of two >= 16. Under the Triton
 interpreter bf16 products are made in fp32 (the interpreter's bf16 ``tl.dot`` is wrong), as in
 ``sparse_attention_triton``.
@@ -37,8 +42,9 @@ from torch import Tensor
 
 from sparse_lens.errors import BlockSizeError, ShapeError
 from sparse_lens.kernels.blocks import num_blocks
-from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+from sparse_lens.kernels.checks import check_attention_features, check_attention_inputs, check_block_indices
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
+from sparse_lens.kernels.sparse_attention_triton import soft_cap
 
 MAX_TILE = 64
 MIN_BLOCK = 16
@@ -48,9 +54,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @triton.jit
 def _block_mass_kernel(
     query_ptr, key_ptr, lse_ptr, rows_ptr, block_indices_ptr, mass_ptr,
-    scale, seq_len, n_q_heads, n_kv_heads, n_query_blocks, n_rows, n_slots, d_head,
+    scale, window, softcap, seq_len, n_q_heads, n_kv_heads, n_query_blocks, n_rows, n_slots, d_head,
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
-    BLOCK_D: tl.constexpr, ALL_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, ALL_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     row = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
@@ -81,7 +88,10 @@ def _block_mass_kernel(
             tile_mass = 0.0
             for key_tile in range(KEY_BLOCK // KEY_TILE):
                 first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
-                if (key_block_id >= 0) & (first_key <= last_query):
+                in_reach = (key_block_id >= 0) & (first_key <= last_query)
+                if HAS_WINDOW:  # skip tiles older than the window of the tile's first query
+                    in_reach = in_reach & (first_key + KEY_TILE > first_query - window + 1)
+                if in_reach:
                     key_pos = first_key + tl.arange(0, KEY_TILE)
                     key_range = (key_pos[:, None] < seq_len) & (dims[None, :] < d_head)
                     keys = tl.load(key_base + key_pos[:, None] * d_head + dims[None, :], mask=key_range, other=0.0)
@@ -89,8 +99,13 @@ def _block_mass_kernel(
                         scores = tl.dot(queries.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
                     else:
                         scores = tl.dot(queries, tl.trans(keys), input_precision=DOT_PRECISION)
+                    scores = scores * scale
+                    if HAS_SOFTCAP:
+                        scores = soft_cap(scores, softcap)
                     visible = (key_pos[None, :] <= query_pos[:, None]) & seen[:, None]
-                    probs = tl.where(visible, tl.exp(scores * scale - lse[:, None]), 0.0)
+                    if HAS_WINDOW:
+                        visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
+                    probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
                     tile_mass += tl.sum(tl.sum(probs, axis=1), axis=0)
             previous = tl.load(mass_row + slot)
             tl.store(mass_row + slot, previous + tile_mass / n_real)
@@ -106,8 +121,10 @@ def check_triton_block_sizes(query_block: int, key_block: int) -> None:
             )
 
 
-def _check(query: Tensor, key: Tensor, lse: Tensor, query_block: int, key_block: int) -> None:
+def _check(query: Tensor, key: Tensor, lse: Tensor, query_block: int, key_block: int,
+           window: int | None, softcap: float | None) -> None:
     check_attention_inputs(query, key)
+    check_attention_features(window, softcap, None, query.shape[1])
     check_triton_block_sizes(query_block, key_block)
     if query.dtype != key.dtype or query.dtype not in SUPPORTED_DTYPES:
         raise ShapeError(f"query and key must share one dtype of {SUPPORTED_DTYPES}, got {query.dtype}, {key.dtype}.")
@@ -116,17 +133,20 @@ def _check(query: Tensor, key: Tensor, lse: Tensor, query_block: int, key_block:
 
 
 @launch_on_tensor_device
-def _launch(query, key, lse, rows, block_indices, mass, *, query_block, key_block, scale, all_blocks) -> None:
+def _launch(query, key, lse, rows, block_indices, mass, *, query_block, key_block, scale, all_blocks,
+            window=None, softcap=None) -> None:
     """Run the kernel into ``mass`` (float32 zeros [batch, q_head, len(rows), n_slots])."""
     batch, n_q_heads, seq_len, d_head = query.shape
     n_slots = mass.shape[-1]
     grid = (rows.numel(), batch * n_q_heads)
     _block_mass_kernel[grid](
         query, key, lse, rows, block_indices, mass,
-        float(scale), seq_len, n_q_heads, key.shape[1], num_blocks(seq_len, query_block), rows.numel(), n_slots, d_head,
+        float(scale), 0 if window is None else int(window), 1.0 if softcap is None else float(softcap),
+        seq_len, n_q_heads, key.shape[1], num_blocks(seq_len, query_block), rows.numel(), n_slots, d_head,
         QUERY_BLOCK=query_block, KEY_BLOCK=key_block,
         QUERY_TILE=min(query_block, MAX_TILE), KEY_TILE=min(key_block, MAX_TILE),
         BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(d_head)), ALL_BLOCKS=all_blocks,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         DOT_UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=4,
@@ -142,19 +162,21 @@ def kept_block_mass_triton(
     query_block: int,
     key_block: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch q_head n_query_blocks top_k"]:
     """Mass of each kept block under a given normaliser (e.g. the dense one), averaged over queries.
 
     Same contract as ``sparse_attention_ref.kept_block_mass``; unused slots (-1) get 0.
     """
-    _check(query, key, lse, query_block, key_block)
+    _check(query, key, lse, query_block, key_block, window, softcap)
     n_query_blocks = num_blocks(query.shape[2], query_block)
     check_block_indices(block_indices, query, n_query_blocks)
     mass: Float[Tensor, "batch q_head n_query_blocks top_k"] = query.new_zeros(block_indices.shape, dtype=torch.float32)
     rows = torch.arange(n_query_blocks, device=query.device, dtype=torch.int32)
     _launch(query.contiguous(), key.contiguous(), lse.float().contiguous(), rows,
             block_indices.to(torch.int32).contiguous(), mass,
-            query_block=query_block, key_block=key_block, scale=scale, all_blocks=False)
+            query_block=query_block, key_block=key_block, scale=scale, all_blocks=False, window=window, softcap=softcap)
     return mass
 
 
@@ -167,13 +189,16 @@ def block_mass_rows_triton(
     query_block: int,
     key_block: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch q_head n_rows n_key_blocks"]:
     """Mass of every key block for the query blocks ``rows`` (ascending block ids).
 
     ``n_key_blocks`` is the number of key blocks the last of ``rows`` sees; blocks a row does not
-    see get 0. Memory: the output only, ``len(rows) * n_key_blocks`` floats per head.
+    see (after it, or older than its ``window``) get 0. Memory: the output only,
+    ``len(rows) * n_key_blocks`` floats per head.
     """
-    _check(query, key, lse, query_block, key_block)
+    _check(query, key, lse, query_block, key_block, window, softcap)
     rows = rows.to(device=query.device, dtype=torch.int32).contiguous()
     seq_len = query.shape[2]
     last_query = min((int(rows.max()) + 1) * query_block, seq_len) - 1 if rows.numel() else 0
@@ -183,5 +208,6 @@ def block_mass_rows_triton(
     )
     if rows.numel():
         _launch(query.contiguous(), key.contiguous(), lse.float().contiguous(), rows, rows, mass,
-                query_block=query_block, key_block=key_block, scale=scale, all_blocks=True)
+                query_block=query_block, key_block=key_block, scale=scale, all_blocks=True, window=window,
+                softcap=softcap)
     return mass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from sparse_lens.errors import ShapeError
+from sparse_lens.errors import InvalidConfigError, ShapeError
 
 
 def check_attention_inputs(
@@ -47,3 +47,22 @@ def check_block_indices(block_indices: Tensor, query: Tensor, n_query_blocks: in
         )
     if block_indices.is_floating_point():
         raise ShapeError(f"block_indices must be an integer tensor, got {block_indices.dtype}.")
+
+
+def check_attention_features(window: int | None, softcap: float | None, sinks: Tensor | None, n_q_heads: int) -> None:
+    """Validate the optional attention features every kernel entry point takes.
+
+    ``window``: None or an int >= 1 (tokens; query i sees key j iff i - window < j <= i).
+    ``softcap``: None or a float > 0 (scores s become softcap * tanh(s / softcap)).
+    ``sinks``: None or a floating [q_head] tensor (one sink logit per query head).
+    Raises ``InvalidConfigError`` (window, softcap) or ``ShapeError`` (sinks).
+    """
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise InvalidConfigError(f"window must be None or an int >= 1 (tokens), got {window!r}.")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise InvalidConfigError(f"softcap must be None or a number > 0, got {softcap!r}.")
+    if sinks is not None and (
+        not isinstance(sinks, Tensor) or sinks.dim() != 1 or sinks.shape[0] != n_q_heads or not sinks.is_floating_point()
+    ):
+        shape = tuple(sinks.shape) if isinstance(sinks, Tensor) else type(sinks).__name__
+        raise ShapeError(f"sinks must be a floating [q_head] = [{n_q_heads}] tensor, got {shape}.")

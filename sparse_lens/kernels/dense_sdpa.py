@@ -22,6 +22,13 @@ efficient kernel gets keys and values repeated per query head. When SDPA would f
 math backend (e.g. float32 on CUDA) there is no fused kernel: ``fused_backend`` returns None and
 the dispatcher uses the chunked reference. Only prefill (queries = keys, ``query_offset=0``) runs
 here: torch's ``is_causal`` aligns the mask top-left, which is wrong for a KV-cached decode step.
+
+SDPA's fused kernels know no sliding window, logit soft-cap or attention sink. For layers with
+any of them, ``dense_attention_band`` is the fast exact path: the block-sparse Triton kernel run
+over every block of the causal band (or of the window band, ``window.window_band``), with the
+features applied token by token inside it. Its cost: the dense work (or the band's), plus an
+int32 block table of ``n_query_blocks x band width`` per head (128k tokens, 64-token blocks,
+no window: 16 MB per head).
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend
 
 from sparse_lens.errors import ShapeError
-from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.checks import check_attention_features, check_attention_inputs
+from sparse_lens.kernels.window import window_band
 
+BAND_BLOCK = 64  # query and key block of dense_attention_band
 FUSED_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
@@ -105,3 +114,31 @@ def normalise_lse(lse: Tensor, batch: int, n_heads: int, seq_len: int) -> Float[
     if tuple(lse.shape[:2]) != (batch, n_heads) or lse.shape[2] < seq_len:
         raise ShapeError(f"unexpected log-sum-exp shape {tuple(lse.shape)} for [{batch}, {n_heads}, {seq_len}].")
     return lse[:, :, :seq_len].float().contiguous()
+
+
+def dense_attention_band(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    value: Float[Tensor, "batch kv_head seq d_value"],
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
+) -> tuple[Float[Tensor, "batch q_head seq d_value"], Float[Tensor, "batch q_head seq"]]:
+    """Exact causal attention ``(output, lse)`` with a sliding window, soft-cap and/or sinks, on Triton.
+
+    Same contract as ``dense_ref.dense_attention`` (prefill only): the block-sparse Triton kernel
+    over the whole band of ``BAND_BLOCK``-token blocks each query block can see. Differentiable.
+    """
+    from sparse_lens.kernels.sparse_attention_triton import block_sparse_attention_triton
+
+    check_attention_inputs(query, key, value)
+    check_attention_features(window, softcap, sinks, query.shape[1])
+    band = window_band(query.shape[2], BAND_BLOCK, BAND_BLOCK, window, device=query.device)
+    block_indices = band.to(torch.int32).expand(*query.shape[:2], *band.shape)
+    output, lse, _ = block_sparse_attention_triton(
+        query, key, value, block_indices, query_block=BAND_BLOCK, key_block=BAND_BLOCK, scale=scale,
+        window=window, softcap=softcap, sinks=sinks,
+    )
+    return output, lse

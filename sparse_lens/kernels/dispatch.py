@@ -14,7 +14,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sparse_lens.errors import InvalidConfigError
+from sparse_lens.kernels.checks import check_attention_features
+from sparse_lens.kernels.blocks import BlockGeometry
+from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.estimator_ref import stream_estimate as stream_estimate_reference
+from sparse_lens.kernels.estimator_ref import stream_estimate_unchecked as stream_estimate_reference_unchecked
 from sparse_lens.kernels.sparse_attention_ref import block_sparse_attention as block_sparse_attention_reference
 
 Backend = Literal["auto", "triton", "reference"]
@@ -45,14 +49,79 @@ def stream_estimate(
     representative_keys: int = 8,
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
-    """The Stream estimator (see ``estimator_ref``), on the chosen backend."""
-    settings = dict(query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink_blocks,
-                    local_blocks=local_blocks, representative_keys=representative_keys)
-    if use_triton(backend, query, query_block, key_block):
+    """The Stream estimator (see ``estimator_ref``), on the chosen backend.
+
+    Raises ``ShapeError`` for malformed q / k and ``BlockSizeError`` / ``InvalidConfigError`` for
+    a bad block budget, once, before dispatching."""
+    check_attention_inputs(query, key)
+    geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
+    return stream_estimate_unchecked(query, key, geometry, representative_keys=representative_keys, backend=backend)
+
+
+def stream_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    representative_keys: int = 8,
+    backend: Backend = "auto",
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``stream_estimate`` on inputs the caller has validated (the Triton entry point still
+    checks its own inputs and its block sizes)."""
+    if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.estimator_triton import stream_estimate_triton
 
-        return stream_estimate_triton(query, key, **settings)
-    return stream_estimate_reference(query, key, **settings)
+        return stream_estimate_triton(query, key, representative_keys=representative_keys, **geometry.as_kwargs())
+    return stream_estimate_reference_unchecked(query, key, geometry, representative_keys=representative_keys)
+
+
+def rescore_top_k_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    geometry: BlockGeometry,
+    *,
+    scale: float | None = None,
+    query_stride: int = 1,
+    backend: Backend = "auto",
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """Exact candidate masses, then the sink / local blocks and the heaviest, ``geometry.top_k``
+    in all (``rescore_ref.rescore_top_k``; on Triton the fused ``rescore_top_k_triton``)."""
+    settings = dict(scale=scale, query_stride=query_stride, **geometry.as_kwargs())
+    if use_triton(backend, query, geometry.query_block, geometry.key_block):
+        from sparse_lens.kernels.rescore_triton import rescore_top_k_triton
+
+        return rescore_top_k_triton(query, key, candidates, **settings)
+    from sparse_lens.kernels.rescore_ref import rescore_top_k
+
+    return rescore_top_k(query, key, candidates, **settings)
+
+
+def rescore_top_p_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    geometry: BlockGeometry,
+    *,
+    p: float,
+    min_blocks: int,
+    scale: float | None = None,
+    query_stride: int = 1,
+    backend: Backend = "auto",
+) -> Int[Tensor, "batch q_head n_query_blocks width"]:
+    """Exact candidate masses, then per row the fewest heaviest reaching mass ``p`` (at least
+    ``min_blocks``; ``rescore_ref.rescore_top_p``; on Triton the fused ``rescore_top_p_triton``).
+    ``geometry.top_k`` is unused: the width is the candidates'."""
+    settings = dict(scale=scale, query_stride=query_stride, p=p, min_blocks=min_blocks,
+                    query_block=geometry.query_block, key_block=geometry.key_block,
+                    sink_blocks=geometry.sink_blocks, local_blocks=geometry.local_blocks)
+    if use_triton(backend, query, geometry.query_block, geometry.key_block):
+        from sparse_lens.kernels.rescore_triton import rescore_top_p_triton
+
+        return rescore_top_p_triton(query, key, candidates, **settings)
+    from sparse_lens.kernels.rescore_ref import rescore_top_p
+
+    return rescore_top_p(query, key, candidates, **settings)
 
 
 def block_sparse_attention(
@@ -66,13 +135,18 @@ def block_sparse_attention(
     scale: float,
     block_gate: Float[Tensor, "batch q_head n_query_blocks top_k"] | None = None,
     backend: Backend = "auto",
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch q_head seq d_value"],
     Float[Tensor, "batch q_head seq"],
     Float[Tensor, "batch q_head n_query_blocks top_k"],
 ]:
-    """Block-sparse attention (see ``sparse_attention_ref``), on the chosen backend."""
-    settings = dict(query_block=query_block, key_block=key_block, scale=scale, block_gate=block_gate)
+    """Block-sparse attention (see ``sparse_attention_ref``, also for ``window`` / ``softcap`` /
+    ``sinks``), on the chosen backend."""
+    settings = dict(query_block=query_block, key_block=key_block, scale=scale, block_gate=block_gate,
+                    window=window, softcap=softcap, sinks=sinks)
     if use_triton(backend, query, query_block, key_block):
         from sparse_lens.kernels.sparse_attention_triton import block_sparse_attention_triton
 
@@ -88,6 +162,9 @@ def dense_attention(
     scale: float,
     query_offset: int = 0,
     backend: Backend = "auto",
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
 ) -> tuple[Float[Tensor, "batch q_head seq d_value"], Float[Tensor, "batch q_head seq"]]:
     """Exact causal attention with its lse (see ``dense_ref``), on the chosen backend.
 
@@ -95,12 +172,21 @@ def dense_attention(
     fused SDPA kernel with its log-sum-exp (``dense_sdpa``: flash / cuDNN on CUDA, flash on the
     CPU) wherever SDPA has one for these tensors (prefill, fp16/bf16 on CUDA, any float on the
     CPU); ``"reference"`` and every other case run the chunked torch reference.
+    SDPA's fused kernels take no sliding window, soft-cap or sinks: with any of ``window`` /
+    ``softcap`` / ``sinks``, prefill where Triton applies (CUDA, or ``"triton"``) runs the
+    block-sparse Triton kernel over the whole causal or window band (``dense_sdpa.dense_attention_band``,
+    exact), everything else the chunked reference.
     """
     if backend not in BACKENDS:
         raise InvalidConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     from sparse_lens.kernels.dense_ref import dense_attention as dense_attention_reference
-    from sparse_lens.kernels.dense_sdpa import dense_attention_sdpa, fused_backend
+    from sparse_lens.kernels.dense_sdpa import BAND_BLOCK, dense_attention_band, dense_attention_sdpa, fused_backend
 
+    features = dict(window=window, softcap=softcap, sinks=sinks)
+    if window is not None or softcap is not None or sinks is not None:
+        if query_offset == 0 and use_triton(backend, query, BAND_BLOCK, BAND_BLOCK):
+            return dense_attention_band(query, key, value, scale=scale, **features)
+        return dense_attention_reference(query, key, value, scale=scale, query_offset=query_offset, **features)
     if backend != "reference" and query_offset == 0 and fused_backend(query, key, value, scale=scale) is not None:
         return dense_attention_sdpa(query, key, value, scale=scale)
     return dense_attention_reference(query, key, value, scale=scale, query_offset=query_offset)
@@ -138,9 +224,16 @@ def kept_block_mass(
     key_block: int,
     scale: float,
     backend: Backend = "auto",
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
 ) -> Float[Tensor, "batch q_head n_query_blocks top_k"]:
-    """Mass of each kept block under a given lse (see ``sparse_attention_ref.kept_block_mass``)."""
-    settings = dict(query_block=query_block, key_block=key_block, scale=scale)
+    """Mass of each kept block under a given lse (see ``sparse_attention_ref.kept_block_mass``).
+
+    ``sinks`` is accepted so a layer's settings pass through whole; the sink only enters via ``lse``.
+    """
+    check_attention_features(window, softcap, sinks, query.shape[1])
+    settings = dict(query_block=query_block, key_block=key_block, scale=scale, window=window, softcap=softcap)
     if use_triton(backend, query, query_block, key_block):
         from sparse_lens.kernels.block_mass_triton import kept_block_mass_triton
 
@@ -160,9 +253,16 @@ def block_mass_rows(
     key_block: int,
     scale: float,
     backend: Backend = "auto",
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
 ) -> Float[Tensor, "batch q_head n_rows n_key_blocks"]:
-    """Dense mass of every key block for some query blocks (see ``dense_ref.block_mass_rows``)."""
-    settings = dict(query_block=query_block, key_block=key_block, scale=scale)
+    """Dense mass of every key block for some query blocks (see ``dense_ref.block_mass_rows``).
+
+    ``sinks`` is accepted so a layer's settings pass through whole; the sink only enters via ``lse``.
+    """
+    check_attention_features(window, softcap, sinks, query.shape[1])
+    settings = dict(query_block=query_block, key_block=key_block, scale=scale, window=window, softcap=softcap)
     if use_triton(backend, query, query_block, key_block):
         from sparse_lens.kernels.block_mass_triton import block_mass_rows_triton
 

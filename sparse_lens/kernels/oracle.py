@@ -7,6 +7,10 @@ attention, e.g. an observe-mode pattern) and ``q . k`` over every visible key: t
 held whole: it is computed a chunk of query blocks at a time (``block_mass_rows``: Triton on
 CUDA, the torch reference elsewhere) and reduced to its top-k at once, so memory is the chunk
 (``chunk_bytes``) plus the [.., n_query_blocks, top_k] result.
+
+Windowed / soft-capped layers: ``window`` and ``softcap`` go to the block masses, and key blocks
+older than a query block's window (``window.window_band``) are never candidates; ``sinks`` only
+enter through ``lse`` (a row's oracle recall is then at most ``1 - mean sink probability``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import Tensor
 
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.blocks import UNUSED_SLOT, num_blocks, visible_key_blocks
-from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.checks import check_attention_features, check_attention_inputs
 from sparse_lens.kernels.dispatch import Backend, block_mass_rows
 
 
@@ -34,6 +38,9 @@ def oracle_blocks(
     rows: Int[Tensor, "n_rows"] | None = None,
     backend: Backend = "auto",
     chunk_bytes: int = 2**30,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
 ) -> tuple[Int[Tensor, "batch q_head n_rows top_k"], Float[Tensor, "batch q_head n_rows top_k"]]:
     """The exact top-k key blocks by dense block mass: ``(block_indices, block_mass)``.
 
@@ -42,15 +49,21 @@ def oracle_blocks(
     averaged over the query block (0 in unused slots), so ``block_mass.sum(-1)`` is the oracle's
     recall. ``rows`` (ascending query block ids, default all) restricts the work to those query
     blocks, e.g. a sample of them at a million tokens. Ties between equal masses are broken by
-    ``torch.topk``. ``chunk_bytes`` bounds the float32 mass rows held at once.
+    ``torch.topk``. ``chunk_bytes`` bounds the float32 mass rows held at once. ``window`` /
+    ``softcap`` / ``sinks``: the layer's, see the module docstring.
     """
     check_attention_inputs(query, key)
+    check_attention_features(window, softcap, sinks, query.shape[1])
     if not isinstance(top_k, int) or top_k < 1:
         raise InvalidConfigError(f"top_k must be an int >= 1, got {top_k!r}.")
     batch, n_q_heads, seq_len, _ = query.shape
     n_query_blocks = num_blocks(seq_len, query_block)
     rows = torch.arange(n_query_blocks, device=query.device) if rows is None else rows.to(query.device).long()
     n_visible = visible_key_blocks(seq_len, query_block, key_block, device=query.device)[rows]
+    # First key block each row's window reaches (0 without a window): older blocks are never kept.
+    first_visible = torch.zeros_like(n_visible) if window is None else (
+        (rows * query_block - window + 1).clamp(min=0) // key_block
+    )
     row_bytes = batch * n_q_heads * num_blocks(seq_len, key_block) * 4
     chunk = max(1, chunk_bytes // row_bytes)
     if rows.numel() == 0:
@@ -60,9 +73,14 @@ def oracle_blocks(
     for first in range(0, rows.numel(), chunk):
         ids = rows[first : first + chunk]
         mass = block_mass_rows(query, key, lse, ids, query_block=query_block, key_block=key_block,
-                               scale=scale, backend=backend)
+                               scale=scale, backend=backend, window=window, softcap=softcap)
+        if window is not None:  # blocks older than the window must lose to every candidate, even at mass 0
+            too_old = torch.arange(mass.shape[-1], device=mass.device) < first_visible[first : first + chunk, None]
+            mass = mass.masked_fill(too_old, -1.0)
         best = mass.topk(min(top_k, mass.shape[-1]), dim=-1)
-        visible = best.indices < n_visible[first : first + chunk, None]
+        visible = (best.indices < n_visible[first : first + chunk, None]) & (
+            best.indices >= first_visible[first : first + chunk, None]
+        )
         missing = top_k - best.indices.shape[-1]  # > 0 when the chunk's rows see fewer than top_k blocks
         indices.append(F.pad(torch.where(visible, best.indices, UNUSED_SLOT), (0, missing), value=UNUSED_SLOT))
         masses.append(F.pad(torch.where(visible, best.values, 0.0), (0, missing), value=0.0))

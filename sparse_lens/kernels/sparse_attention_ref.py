@@ -8,7 +8,19 @@ tensor exists.
 Besides the output it returns what analysis needs: the log-sum-exp (the exact softmax
 normaliser of each query) and the block mass (probability that each kept block receives,
 averaged over the query block's queries). Rows whose query sees no kept key (possible only
-when the diagonal block is not kept) give a zero output and ``lse = -inf``.
+when the diagonal block is not kept) give a zero output and ``lse = -inf`` (``lse = sink`` with sinks).
+
+Optional features (keyword-only, every function alike; the defaults change nothing):
+
+- ``window``: sliding window in tokens, query ``i`` sees key ``j`` iff ``i - window < j <= i``
+  (HF's convention), masked token by token inside the kept blocks like the causal mask.
+- ``softcap``: logit soft-capping, the scores ``s = scale * q.k`` become
+  ``softcap * tanh(s / softcap)`` before the softmax (Gemma 2); masses, ``lse`` and the
+  gradients follow the capped scores.
+- ``sinks``: learned attention sinks, one logit per query head added to each query's softmax
+  normaliser only (gpt-oss): ``lse = log(sum_j exp(s_j) + exp(sink))``, the sink's probability
+  ``exp(sink - lse)`` is dropped (a row's kept mass sums to ``1 - exp(sink - lse)``). Autograd
+  gives ``d sinks``. The mass functions take ``lse`` as given, so the sink enters them through it.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sparse_lens.kernels.blocks import num_blocks, pad_to_blocks, query_blocks_per_chunk
-from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+from sparse_lens.kernels.checks import check_attention_features, check_attention_inputs, check_block_indices
 
 
 def block_sparse_attention(
@@ -31,6 +43,9 @@ def block_sparse_attention(
     key_block: int,
     scale: float,
     block_gate: Float[Tensor, "batch q_head n_query_blocks top_k"] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch q_head seq d_value"],
     Float[Tensor, "batch q_head seq"],
@@ -40,21 +55,29 @@ def block_sparse_attention(
 
     ``block_gate`` (optional) multiplies each kept block's attention probabilities after the
     softmax, so that ``output = sum_b gate_b * P_b @ V_b``; with gates of 1 it changes nothing.
-    ``lse`` and ``block_mass`` describe the ungated softmax.
+    ``lse`` and ``block_mass`` describe the ungated softmax. ``window``, ``softcap``, ``sinks``:
+    see the module docstring; differentiable w.r.t. q, k, v, ``block_gate`` and ``sinks``.
     """
     check_attention_inputs(query, key, value)
+    check_attention_features(window, softcap, sinks, query.shape[1])
     seq_len = query.shape[2]
     n_query_blocks = num_blocks(seq_len, query_block)
     check_block_indices(block_indices, query, n_query_blocks)
     outputs, lses, masses = [], [], []
     for block_ids, scores, value_slots in kept_scores_by_chunk(
         query, key, block_indices, query_block=query_block, key_block=key_block, scale=scale,
-        value=value,
+        value=value, window=window, softcap=softcap,
     ):
         flat_scores = scores.flatten(-2)
-        lse: Float[Tensor, "batch q_head chunk query_block"] = torch.logsumexp(flat_scores, dim=-1)
-        # A query that sees no kept key has an all -inf row: softmax gives NaN, we want 0.
-        probs = torch.softmax(flat_scores, dim=-1).nan_to_num(0.0).unflatten(-1, scores.shape[-2:])
+        if sinks is None:
+            lse: Float[Tensor, "batch q_head chunk query_block"] = torch.logsumexp(flat_scores, dim=-1)
+            # A query that sees no kept key has an all -inf row: softmax gives NaN, we want 0.
+            probs = torch.softmax(flat_scores, dim=-1).nan_to_num(0.0)
+        else:  # the sink is one more column of the normaliser, with no value
+            sink_column = sinks.float()[None, :, None, None, None].expand(*flat_scores.shape[:-1], 1)
+            lse = torch.logsumexp(torch.cat([flat_scores, sink_column], dim=-1), dim=-1)
+            probs = torch.exp(flat_scores - lse[..., None])
+        probs = probs.unflatten(-1, scores.shape[-2:])
         masses.append(_mean_over_queries(probs.sum(-1), block_ids, query_block, seq_len))
         if block_gate is not None:
             probs = probs * block_gate[:, :, block_ids, None, :, None].to(probs.dtype)
@@ -74,16 +97,23 @@ def kept_block_mass(
     query_block: int,
     key_block: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch q_head n_query_blocks top_k"]:
-    """Mass of each kept block under a given normaliser (e.g. the dense one), averaged over queries."""
+    """Mass of each kept block under a given normaliser (e.g. the dense one), averaged over queries.
+
+    ``window`` / ``softcap`` as in ``block_sparse_attention``; a sink is part of the given ``lse``.
+    """
     check_attention_inputs(query, key)
+    check_attention_features(window, softcap, None, query.shape[1])
     seq_len = query.shape[2]
     check_block_indices(block_indices, query, num_blocks(seq_len, query_block))
     lse_blocks = pad_to_blocks(lse.float()[..., None], query_block).squeeze(-1)
     lse_blocks = lse_blocks.unflatten(2, (-1, query_block))
     masses = []
     for block_ids, scores, _ in kept_scores_by_chunk(
-        query, key, block_indices, query_block=query_block, key_block=key_block, scale=scale
+        query, key, block_indices, query_block=query_block, key_block=key_block, scale=scale,
+        window=window, softcap=softcap,
     ):
         probs = probs_from_lse(scores, lse_blocks[:, :, block_ids])
         masses.append(_mean_over_queries(probs.sum(-1), block_ids, query_block, seq_len))
@@ -99,8 +129,12 @@ def kept_token_probs(
     query_block: int,
     key_block: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch q_head seq seq"]:
-    """Token-level probabilities ``exp(q.k * scale - lse)`` on kept entries, 0 elsewhere.
+    """Token-level probabilities ``exp(s - lse)`` on kept entries, 0 elsewhere.
+
+    ``s = scale * q.k``, soft-capped with ``softcap``; entries outside ``window`` are 0.
 
     Quadratic in memory: only for short sequences (``BlockSparsePattern.token_probs`` guards it).
     """
@@ -115,7 +149,8 @@ def kept_token_probs(
         dtype=torch.float32,
     )
     for block_ids, scores, _ in kept_scores_by_chunk(
-        query, key, block_indices, query_block=query_block, key_block=key_block, scale=scale
+        query, key, block_indices, query_block=query_block, key_block=key_block, scale=scale,
+        window=window, softcap=softcap,
     ):
         probs = probs_from_lse(scores, lse_blocks[:, :, block_ids])
         slots = block_indices[:, :, block_ids]
@@ -136,11 +171,14 @@ def kept_scores_by_chunk(
     key_block: int,
     scale: float,
     value: Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ):
     """Yield ``(block_ids, scores, value_slots)`` per chunk of query blocks.
 
-    ``scores``: float32 [batch, q_head, chunk, query_block, top_k, key_block], ``-inf`` where the
-    key is not visible (unused slot, after the query, or the query is padding). ``value_slots``:
+    ``scores``: float32 [batch, q_head, chunk, query_block, top_k, key_block], soft-capped if
+    ``softcap``, ``-inf`` where the key is not visible (unused slot, after the query, outside
+    the ``window``, or the query is padding). ``value_slots``:
     [batch, q_head, chunk, top_k, key_block, d_value] or None.
     """
     batch, n_q_heads, seq_len, d_head = query.shape
@@ -164,12 +202,16 @@ def kept_scores_by_chunk(
         gather_at = (batch_idx[:, None, None, None], kv_head[None, :, None, None], safe_slots)
         keys = key_blocks[gather_at].flatten(-3, -2).float()  # [batch, q_head, chunk, top_k * key_block, d]
         scores = torch.matmul(query_blocks[:, :, block_ids].float(), keys.transpose(-1, -2)).mul_(scale)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         query_pos = block_ids[:, None] * query_block + torch.arange(query_block, device=device)
         key_pos = safe_slots[..., None] * key_block + torch.arange(key_block, device=device)
         key_pos = torch.where(slots[..., None] >= 0, key_pos, seq_len).flatten(-2)  # unused slot: never visible
         hidden = (key_pos[:, :, :, None, :] > query_pos[None, None, :, :, None]) | (
             query_pos >= seq_len
         )[None, None, :, :, None]
+        if window is not None:
+            hidden |= key_pos[:, :, :, None, :] <= query_pos[None, None, :, :, None] - window
         scores = scores.masked_fill_(hidden, float("-inf")).unflatten(-1, (top_k, key_block))
         value_slots = None if value_blocks is None else value_blocks[gather_at].float()
         yield block_ids, scores, value_slots

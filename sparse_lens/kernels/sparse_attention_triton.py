@@ -35,6 +35,17 @@ Backward (``_backward_kernel``, one launch)
     the tile loads. The price: the order of the fp32 sums (hence the last bits of dk, dv) varies
     from run to run.
 
+Optional features (``window``, ``softcap``, ``sinks``; semantics in ``sparse_attention_ref``)
+    Each is a constexpr flag (``HAS_WINDOW``, ``HAS_SOFTCAP``, ``HAS_SINKS``), so the default call
+    compiles to the same code as without them. ``layer_scores`` caps the scores
+    (``softcap * tanh(s / softcap)``, tanh written with ``exp``) and adds the window to the causal
+    mask; key tiles wholly older than the window of the tile's first query are skipped unloaded.
+    A sink starts each row's online softmax as one already-seen element (running max = sink,
+    running sum = 1, no value), so ``lse``, the output and ``block_mass`` include it. Backward:
+    ``ds`` is multiplied by the cap's derivative ``1 - (capped / softcap)^2``;
+    ``d sink = -sum over queries of exp(sink - lse) * delta`` (``delta = rowsum(dO * O)``), one
+    fp32 atomic add per (head, query block) into a [q_head] buffer.
+
 Memory traffic per (head, query block): the query tile once, each kept key/value tile once
 (``top_k * key_block * (d + d_value)`` elements), the output and lse once; the backward adds the
 output and its gradient once and the dk/dv atomics. Nothing of size T x T or ``top_k * key_block``
@@ -66,7 +77,7 @@ from torch import Tensor
 
 from sparse_lens.errors import BlockSizeError, ShapeError
 from sparse_lens.kernels.blocks import num_blocks
-from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+from sparse_lens.kernels.checks import check_attention_features, check_attention_inputs, check_block_indices
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 
 MAX_TILE = 64  # rows of a query tile and keys of a key tile, at most
@@ -122,12 +133,33 @@ def masked_scores(query_tile, key_tile, query_pos, key_pos, seq_len, scale,
 
 
 @triton.jit
+def soft_cap(scores, softcap):
+    """``softcap * tanh(scores / softcap)``, tanh as ``1 - 2 / (exp(2x) + 1)`` (exact at +-inf, no NaN)."""
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+
+
+@triton.jit
+def layer_scores(query_tile, key_tile, query_pos, key_pos, seq_len, scale, window, softcap,
+                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``masked_scores`` with the layer's optional soft-capping and sliding window (constexpr flags)."""
+    scores = _dot(query_tile, tl.trans(key_tile), DOT_PRECISION, DOT_UPCAST) * scale
+    if HAS_SOFTCAP:
+        scores = soft_cap(scores, softcap)
+    visible = (key_pos[None, :] <= query_pos[:, None]) & (query_pos[:, None] < seq_len)
+    if HAS_WINDOW:
+        visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
+    return tl.where(visible, scores, float("-inf"))
+
+
+@triton.jit
 def _forward_kernel(
-    query_ptr, key_ptr, value_ptr, block_indices_ptr, block_gate_ptr,
+    query_ptr, key_ptr, value_ptr, block_indices_ptr, block_gate_ptr, sinks_ptr,
     output_ptr, lse_ptr, block_mass_ptr,
-    scale, seq_len, n_q_heads, n_kv_heads, n_query_blocks, top_k, d_head, d_value,
+    scale, window, softcap, seq_len, n_q_heads, n_kv_heads, n_query_blocks, top_k, d_head, d_value,
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
@@ -145,8 +177,13 @@ def _forward_kernel(
         query_pos = first_query + tl.arange(0, QUERY_TILE)
         last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
         query_tile_values = load_rows(query_base, query_pos, seq_len, dims, d_head)
-        row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
-        row_sum = tl.zeros([QUERY_TILE], dtype=tl.float32)
+        if HAS_SINKS:  # the sink is an element already seen: running max = sink, running sum = 1
+            sink = tl.load(sinks_ptr + batch_head % n_q_heads).to(tl.float32)
+            row_max = tl.zeros([QUERY_TILE], dtype=tl.float32) + sink
+            row_sum = tl.full([QUERY_TILE], 1.0, dtype=tl.float32)
+        else:
+            row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
+            row_sum = tl.zeros([QUERY_TILE], dtype=tl.float32)
         slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
         accumulator = tl.zeros([QUERY_TILE, BLOCK_DV], dtype=tl.float32)
         for slot in range(top_k):
@@ -154,12 +191,15 @@ def _forward_kernel(
             gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
             for key_tile in range(KEY_BLOCK // KEY_TILE):
                 first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
-                if (key_block_id >= 0) & (first_key <= last_query):
+                in_reach = (key_block_id >= 0) & (first_key <= last_query)
+                if HAS_WINDOW:  # skip tiles older than the window of the tile's first query
+                    in_reach = in_reach & (first_key + KEY_TILE > first_query - window + 1)
+                if in_reach:
                     key_pos = first_key + tl.arange(0, KEY_TILE)
                     keys = load_rows(key_base, key_pos, seq_len, dims, d_head)
                     values = load_rows(value_base, key_pos, seq_len, value_dims, d_value)
-                    scores = masked_scores(query_tile_values, keys, query_pos, key_pos, seq_len, scale,
-                                            DOT_PRECISION, DOT_UPCAST)
+                    scores = layer_scores(query_tile_values, keys, query_pos, key_pos, seq_len, scale, window,
+                                          softcap, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, DOT_UPCAST)
                     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
                     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
                     rescale = tl.exp(row_max - shift)
@@ -185,11 +225,12 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    query_ptr, key_ptr, value_ptr, block_indices_ptr, block_gate_ptr, output_ptr, grad_output_ptr, lse_ptr,
-    grad_query_ptr, grad_key_ptr, grad_value_ptr, grad_gate_ptr,
-    scale, seq_len, n_q_heads, n_kv_heads, n_query_blocks, top_k, d_head, d_value,
+    query_ptr, key_ptr, value_ptr, block_indices_ptr, block_gate_ptr, sinks_ptr, output_ptr, grad_output_ptr,
+    lse_ptr, grad_query_ptr, grad_key_ptr, grad_value_ptr, grad_gate_ptr, grad_sinks_ptr,
+    scale, window, softcap, seq_len, n_q_heads, n_kv_heads, n_query_blocks, top_k, d_head, d_value,
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
@@ -212,24 +253,34 @@ def _backward_kernel(
         delta = tl.sum(grad_out.to(tl.float32) * output.to(tl.float32), axis=1)
         lse = tl.load(lse_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
         lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see no key: every p is 0 anyway
+        if HAS_SINKS:  # d sink = -sum_t exp(sink - lse_t) * delta_t
+            sink = tl.load(sinks_ptr + batch_head % n_q_heads).to(tl.float32)
+            sink_grad = -tl.sum(tl.where(real, tl.exp(sink - lse) * delta, 0.0), axis=0)
+            tl.atomic_add(grad_sinks_ptr + batch_head % n_q_heads, sink_grad, sem="relaxed")
         grad_query = tl.zeros([QUERY_TILE, BLOCK_D], dtype=tl.float32)
         for slot in range(top_k):
             key_block_id = tl.load(block_indices_ptr + slots_row + slot)
             gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
             for key_tile in range(KEY_BLOCK // KEY_TILE):
                 first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
-                if (key_block_id >= 0) & (first_key <= last_query):
+                in_reach = (key_block_id >= 0) & (first_key <= last_query)
+                if HAS_WINDOW:
+                    in_reach = in_reach & (first_key + KEY_TILE > first_query - window + 1)
+                if in_reach:
                     key_pos = first_key + tl.arange(0, KEY_TILE)
                     keys = load_rows(key_ptr + key_offset, key_pos, seq_len, dims, d_head)
                     values = load_rows(value_ptr + value_offset, key_pos, seq_len, value_dims, d_value)
-                    scores = masked_scores(queries, keys, query_pos, key_pos, seq_len, scale,
-                                            DOT_PRECISION, DOT_UPCAST)
+                    scores = layer_scores(queries, keys, query_pos, key_pos, seq_len, scale, window, softcap,
+                                          HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, DOT_UPCAST)
                     probs = tl.exp(scores - lse[:, None])
                     grad_probs = _dot(grad_out, tl.trans(values), DOT_PRECISION, DOT_UPCAST)  # ungated
                     if HAS_GATE:
                         slot_grad = tl.sum(tl.sum(probs * grad_probs, axis=1), axis=0)
                         gate_grad += tl.where(slot_ids == slot, slot_grad, 0.0)
                     grad_scores = probs * (gate * grad_probs - delta[:, None])
+                    if HAS_SOFTCAP:  # d capped / d s = 1 - tanh^2 (0 where masked: grad_scores is 0 there)
+                        tanh = tl.where(scores == float("-inf"), 0.0, scores / softcap)
+                        grad_scores = grad_scores * (1.0 - tanh * tanh)
                     grad_query += _dot(grad_scores.to(keys.dtype), keys, DOT_PRECISION, DOT_UPCAST)
                     grad_key = _dot(tl.trans(grad_scores).to(queries.dtype), queries, DOT_PRECISION, DOT_UPCAST)
                     grad_value = _dot(tl.trans(probs * gate).to(grad_out.dtype), grad_out, DOT_PRECISION, DOT_UPCAST)
@@ -252,9 +303,11 @@ def check_triton_block_sizes(query_block: int, key_block: int) -> None:
 
 
 def _launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_gate: Tensor | None,
-                   query_block: int, key_block: int) -> dict:
+                   query_block: int, key_block: int, window: int | None = None, softcap: float | None = None,
+                   sinks: Tensor | None = None) -> dict:
     """Compile-time constants of both kernels."""
     return dict(
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None,
         QUERY_BLOCK=query_block, KEY_BLOCK=key_block,
         QUERY_TILE=min(query_block, MAX_TILE), KEY_TILE=min(key_block, MAX_TILE),
         BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(query.shape[-1])),
@@ -275,35 +328,48 @@ def _sizes(query: Tensor, key: Tensor, value: Tensor, block_indices: Tensor) -> 
     return seq_len, n_q_heads, key.shape[1], n_query_blocks, top_k, d_head, value.shape[-1]
 
 
+def _feature_args(window: int | None, softcap: float | None) -> tuple[int, float]:
+    """Runtime ``window, softcap`` kernel arguments (unread placeholders when the feature is off)."""
+    return (0 if window is None else int(window)), (1.0 if softcap is None else float(softcap))
+
+
 @launch_on_tensor_device
 def _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass, *,
-                    query_block: int, key_block: int, scale: float) -> None:
+                    query_block: int, key_block: int, scale: float, window: int | None = None,
+                    softcap: float | None = None, sinks: Tensor | None = None) -> None:
     """Run the forward kernel into caller-given buffers (every element of them is written).
 
-    All tensors contiguous, ``block_indices`` int32; the tests call it with poisoned buffers.
+    All tensors contiguous, ``block_indices`` int32, ``sinks`` float32; the tests call it with
+    poisoned buffers.
     """
     batch, n_q_heads = query.shape[:2]
     grid = (block_indices.shape[2], batch * n_q_heads)
     _forward_kernel[grid](
         query, key, value, block_indices, block_gate if block_gate is not None else block_mass,
-        output, lse, block_mass, float(scale), *_sizes(query, key, value, block_indices),
-        **_launch_config(query, value, block_indices, block_gate, query_block, key_block), num_warps=4,
+        sinks if sinks is not None else lse,  # unread placeholder without sinks
+        output, lse, block_mass, float(scale), *_feature_args(window, softcap), *_sizes(query, key, value, block_indices),
+        **_launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks),
+        num_warps=4,
     )
 
 
 @launch_on_tensor_device
 def _launch_backward(query, key, value, block_indices, block_gate, output, grad_output, lse,
                      grad_query, grad_key, grad_value, grad_gate, *, query_block: int, key_block: int,
-                     scale: float) -> None:
-    """Run the backward kernel: ``grad_query`` and ``grad_gate`` are overwritten, ``grad_key`` and
-    ``grad_value`` (fp32, zero on entry) are accumulated into with atomics."""
+                     scale: float, window: int | None = None, softcap: float | None = None,
+                     sinks: Tensor | None = None, grad_sinks: Tensor | None = None) -> None:
+    """Run the backward kernel: ``grad_query`` and ``grad_gate`` are overwritten, ``grad_key``,
+    ``grad_value`` and ``grad_sinks`` (fp32, zero on entry) are accumulated into with atomics."""
     batch, n_q_heads = query.shape[:2]
     grid = (block_indices.shape[2], batch * n_q_heads)
     gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
+    sink_args = (sinks, grad_sinks) if sinks is not None else (lse, lse)
     _backward_kernel[grid](
-        query, key, value, block_indices, gate_args[0], output, grad_output, lse,
-        grad_query, grad_key, grad_value, gate_args[1], float(scale), *_sizes(query, key, value, block_indices),
-        **_launch_config(query, value, block_indices, block_gate, query_block, key_block), num_warps=4,
+        query, key, value, block_indices, gate_args[0], sink_args[0], output, grad_output, lse,
+        grad_query, grad_key, grad_value, gate_args[1], sink_args[1], float(scale), *_feature_args(window, softcap),
+        *_sizes(query, key, value, block_indices),
+        **_launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks),
+        num_warps=4,
     )
 
 
@@ -311,7 +377,8 @@ class _BlockSparseAttention(torch.autograd.Function):
     """Autograd wrapper: Triton forward, Triton backward; lse and block_mass are not differentiable."""
 
     @staticmethod
-    def forward(ctx, query, key, value, block_gate, block_indices, query_block, key_block, scale):
+    def forward(ctx, query, key, value, block_gate, sinks, block_indices, query_block, key_block, scale, window,
+                softcap):
         batch, n_q_heads, seq_len, _ = query.shape
         output: Float[Tensor, "batch q_head seq d_value"] = query.new_empty(
             (batch, n_q_heads, seq_len, value.shape[-1])
@@ -321,24 +388,28 @@ class _BlockSparseAttention(torch.autograd.Function):
             block_indices.shape, dtype=torch.float32
         )
         _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass,
-                        query_block=query_block, key_block=key_block, scale=scale)
-        ctx.save_for_backward(query, key, value, block_gate, block_indices, output, lse)
-        ctx.blocks = (query_block, key_block, scale)
+                        query_block=query_block, key_block=key_block, scale=scale, window=window,
+                        softcap=softcap, sinks=sinks)
+        ctx.save_for_backward(query, key, value, block_gate, sinks, block_indices, output, lse)
+        ctx.blocks = (query_block, key_block, scale, window, softcap)
         ctx.mark_non_differentiable(lse, block_mass)
         return output, lse, block_mass
 
     @staticmethod
     def backward(ctx, grad_output, _grad_lse, _grad_block_mass):
-        query, key, value, block_gate, block_indices, output, lse = ctx.saved_tensors
-        query_block, key_block, scale = ctx.blocks
+        query, key, value, block_gate, sinks, block_indices, output, lse = ctx.saved_tensors
+        query_block, key_block, scale, window, softcap = ctx.blocks
         grad_query: Float[Tensor, "batch q_head seq d_head"] = torch.empty_like(query)
         grad_key: Float[Tensor, "batch kv_head seq d_head"] = torch.zeros_like(key, dtype=torch.float32)
         grad_value: Float[Tensor, "batch kv_head seq d_value"] = torch.zeros_like(value, dtype=torch.float32)
         grad_gate = None if block_gate is None else torch.empty_like(block_gate)
+        grad_sinks = None if sinks is None else torch.zeros_like(sinks, dtype=torch.float32)
         _launch_backward(query, key, value, block_indices, block_gate, output, grad_output.contiguous(), lse,
                          grad_query, grad_key, grad_value, grad_gate,
-                         query_block=query_block, key_block=key_block, scale=scale)
-        return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), grad_gate, None, None, None, None
+                         query_block=query_block, key_block=key_block, scale=scale, window=window,
+                         softcap=softcap, sinks=sinks, grad_sinks=grad_sinks)
+        return (grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), grad_gate, grad_sinks,
+                None, None, None, None, None, None)
 
 
 def block_sparse_attention_triton(
@@ -351,6 +422,9 @@ def block_sparse_attention_triton(
     key_block: int,
     scale: float,
     block_gate: Float[Tensor, "batch q_head n_query_blocks top_k"] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch q_head seq d_value"],
     Float[Tensor, "batch q_head seq"],
@@ -358,10 +432,13 @@ def block_sparse_attention_triton(
 ]:
     """Attention restricted to the kept key blocks: ``(output, lse, block_mass)``, on Triton.
 
-    Same contract as ``sparse_attention_ref.block_sparse_attention``; differentiable w.r.t.
-    query, key, value and ``block_gate`` through ``output``. Block sizes: powers of two >= 16.
+    Same contract as ``sparse_attention_ref.block_sparse_attention`` (with ``window``,
+    ``softcap`` and ``sinks``); differentiable w.r.t. query, key, value, ``block_gate`` and
+    ``sinks`` (the sink gradient is returned in float32, cast to the sinks' dtype) through
+    ``output``. Block sizes: powers of two >= 16.
     """
     check_attention_inputs(query, key, value)
+    check_attention_features(window, softcap, sinks, query.shape[1])
     check_triton_block_sizes(query_block, key_block)
     check_block_indices(block_indices, query, num_blocks(query.shape[2], query_block))
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in SUPPORTED_DTYPES:
@@ -373,7 +450,9 @@ def block_sparse_attention_triton(
         raise ShapeError(f"block_gate {tuple(block_gate.shape)} must match block_indices {tuple(block_indices.shape)}.")
     if block_gate is not None:
         block_gate = block_gate.contiguous()
+    if sinks is not None:
+        sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
     return _BlockSparseAttention.apply(
-        query.contiguous(), key.contiguous(), value.contiguous(), block_gate,
-        block_indices.to(torch.int32).contiguous(), query_block, key_block, scale,
+        query.contiguous(), key.contiguous(), value.contiguous(), block_gate, sinks,
+        block_indices.to(torch.int32).contiguous(), query_block, key_block, scale, window, softcap,
     )
