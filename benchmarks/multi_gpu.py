@@ -91,8 +91,14 @@ def forward_with_patterns(model, clean: torch.Tensor, **kwargs) -> dict:
 
 
 def max_difference(row: dict, reference: dict) -> float | None:
+    """The largest last-position logit difference; also records the reference's largest |logit|
+    (``max_abs_logit``) and the top-1 agreement in ``row``, so a bf16 difference can be judged."""
     mine, theirs = row.get("result", {}).get("last_logits"), reference.get("result", {}).get("last_logits")
-    return None if mine is None or theirs is None else float((mine - theirs).abs().max())
+    if mine is None or theirs is None:
+        return None
+    row["max_abs_logit"] = float(theirs.abs().max())
+    row["same_top1"] = bool(mine.argmax() == theirs.argmax())
+    return float((mine - theirs).abs().max())
 
 
 # ----- parts ----------------------------------------------------------------------------------------
@@ -111,7 +117,8 @@ def part_layers(args) -> list[dict]:
         del model
         gc.collect()
         one = "cpu" if args.device == "cpu" else "cuda:0"
-        single = build(args, device=one)
+        # the same weights: a GPU map builds every module on its GPU with a per-module seed
+        single = build(args, device=one) if args.device == "cpu" else build(args, device_map={"": 0})
         timed(args.device, lambda: forward_with_patterns(single, warm.to(one)))
         for row in list(rows):
             clean, _ = clean_and_corrupted(single, row["length"], one)
@@ -168,6 +175,10 @@ def part_heads(args) -> list[dict]:
     rows = []
     for length in args.lengths:
         row = {"part": "heads", "length": length, "ranks": world, **timed(device, lambda: sharded(length))}
+        if "peak_gb" in row:  # each process sees its own GPU's allocations only
+            peaks = [None] * world
+            dist.all_gather_object(peaks, row["peak_gb"][torch.device(device).index])
+            row["peak_gb"] = peaks
         last = [None] * world
         dist.all_gather_object(last, row.get("result", {}).get("last_logits"))
         if "result" in row:
@@ -227,10 +238,11 @@ def main() -> None:
     save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, {', '.join(gpus)}: {args.part}")
     print_table(["part", "tokens", "devices / ranks", "seconds", "peak GB per GPU", "max logit diff vs one device",
-                 "time vs one device"], [
+                 "max abs logit", "same top-1", "time vs one device"], [
         [row["part"], f"{row['length']:,}", row.get("devices") or f"{row['ranks']} rank(s)",
          row.get("error") or f"{row['seconds']:.2f}", row.get("peak_gb", "-"),
-         row.get("max_logit_difference_vs_one_device", "-"), row.get("time_vs_one_device", "-")] for row in rows])
+         row.get("max_logit_difference_vs_one_device", "-"), row.get("max_abs_logit", "-"), row.get("same_top1", "-"),
+         row.get("time_vs_one_device", "-")] for row in rows])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ device (Triton launches under ``torch.cuda.device``, ``kernels.device_guard``), 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -51,6 +51,58 @@ def resolve_placement(
     return resolved, memory
 
 
+def targets_cuda(device_map: DeviceMap) -> bool:
+    """Whether a map (a string map: whenever CUDA is present) puts modules on a GPU."""
+    if isinstance(device_map, str):
+        return torch.cuda.is_available()
+    return any(str(target) not in ("cpu",) for target in device_map.values())
+
+
+def resolve_module_map(hf_model: Any, device_map: DeviceMap, max_memory: dict | None = None) -> dict:
+    """A module-name -> device dict for ``hf_model`` (real or on the ``"meta"`` device).
+
+    A string map is resolved by ``infer_auto_device_map`` (decoder layers are never split;
+    ``"auto"`` / ``"balanced"`` balance the memory over the devices, ``"sequential"`` fills them
+    in order); a dict is returned as it is."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if not isinstance(device_map, str):
+        return dict(device_map)
+    no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(hf_model, max_memory=max_memory, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+    return dict(infer_auto_device_map(hf_model, max_memory=max_memory, no_split_module_classes=no_split))
+
+
+def build_on_devices(build: Callable[[], Any], device_map: DeviceMap, max_memory: dict | None, seed: int) -> Any:
+    """A random-init HF model built straight onto the devices of ``device_map``: the capacity path
+    for shapes whose host-side build would take minutes (a 32B or 70B model).
+
+    ``build()`` runs on the ``"meta"`` device (no memory, no random numbers); each mapped module is
+    then allocated on its device (``to_empty``) and initialised there by the model's own
+    ``_init_weights`` (which also restores computed buffers such as the rotary ``inv_freq``), one
+    module at a time under ``torch.manual_seed(seed + module index)``. So a parameter's values
+    depend on the seed, its module and its device type only: the same on ``cuda:0`` and ``cuda:1``
+    (CUDA's generator is the same on every GPU), so a model split over two GPUs and the same seed
+    on one GPU (``device_map={"": 0}``) hold the same weights. (They differ from a build on the CPU,
+    whose generator differs.) Returns the model with ``hf_device_map`` set; accelerate's hooks are
+    attached by :func:`dispatch_layers`."""
+    with torch.device("meta"):
+        hf_model = build()
+    module_map = resolve_module_map(hf_model, device_map, max_memory)
+    for name, target in module_map.items():
+        target = f"cuda:{target}" if isinstance(target, int) else target
+        (hf_model.get_submodule(name) if name else hf_model).to_empty(device=target, recurse=True)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        for index, module in enumerate(hf_model.modules()):
+            torch.manual_seed(seed + index)
+            hf_model._init_weights(module)
+    hf_model.tie_weights()
+    return dispatch_layers(hf_model, module_map)
+
+
 def dispatch_layers(hf_model: Any, device_map: DeviceMap, max_memory: dict | None = None) -> Any:
     """Place an already built HF model's modules per ``device_map`` with accelerate; in place.
 
@@ -59,15 +111,9 @@ def dispatch_layers(hf_model: Any, device_map: DeviceMap, max_memory: dict | Non
     in order). Hooks are attached even when every module lands on one device, so a map over
     ``"cpu"`` runs the same code as one over several GPUs. Sets ``hf_model.hf_device_map``.
     """
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
+    from accelerate import dispatch_model
 
-    if isinstance(device_map, str):
-        no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
-        if device_map != "sequential":
-            max_memory = get_balanced_memory(hf_model, max_memory=max_memory, no_split_module_classes=no_split,
-                                             low_zero=device_map == "balanced_low_0")
-        device_map = infer_auto_device_map(hf_model, max_memory=max_memory, no_split_module_classes=no_split)
+    device_map = resolve_module_map(hf_model, device_map, max_memory)
     dispatch_model(hf_model, device_map=device_map, force_hooks=True)
     hf_model.hf_device_map = dict(device_map)
     return hf_model

@@ -140,8 +140,12 @@ def sequence_parallel(model: Any, group: dist.ProcessGroup | None = None) -> Ite
 def _heads_across_ranks(prefill: Any, group: dist.ProcessGroup | None) -> Any:
     """``prefill`` (the bridge's per-head attention on the whole sequence) between two all-to-alls."""
 
-    def prefill_on_my_heads(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    def prefill_on_my_heads(query: Tensor, key: Tensor, value: Tensor, scale: float, **features: Any) -> Tensor:
+        # ``features``: the layer's attention features (e.g. a sliding window, a logit soft-cap), the
+        # same for every head, so they pass through unchanged; per-head ones would need slicing.
+        if features.get("sinks") is not None:
+            raise SequenceParallelError("Learned attention sinks are per head; heads across ranks does not slice them yet.")
         query, key, value = (sequence_to_heads(x, group) for x in (query, key, value))
-        return heads_to_sequence(prefill(query, key, value, scale), group)
+        return heads_to_sequence(prefill(query, key, value, scale, **features), group)
 
     return prefill_on_my_heads

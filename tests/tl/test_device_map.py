@@ -34,6 +34,8 @@ def assert_same_run(model, reference, tokens=TOKENS, atol=1e-5):
 def test_from_config_device_map_equals_one_device(device_map, monkeypatch):
     from accelerate.hooks import AlignDevicesHook
 
+    if isinstance(device_map, str) and torch.cuda.is_available():
+        pytest.skip("on a CUDA host a string map targets the GPUs: test_layers_on_two_gpus_equal_one covers that")
     reference = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5)
     model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5, device_map=device_map)
     hf_model = model.original_model
@@ -76,7 +78,8 @@ def test_from_pretrained_device_map(tmp_path):
     AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=VOCAB_SIZE)).save_pretrained(tmp_path)
     byte_tokenizer().save_pretrained(tmp_path)
     reference = sl.HookedSparseTransformer.from_pretrained(str(tmp_path), STREAM)
-    for device_map in (per_module_map("cpu", "cpu"), "auto"):
+    string_maps = () if torch.cuda.is_available() else ("auto",)  # on a CUDA host "auto" targets the GPUs
+    for device_map in (per_module_map("cpu", "cpu"), *string_maps):
         model = sl.HookedSparseTransformer.from_pretrained(str(tmp_path), STREAM, device_map=device_map)
         # HF's from_pretrained attaches its device hooks only when the map spans several devices
         assert layer_devices(model) == [torch.device("cpu")] * 2
@@ -97,7 +100,7 @@ def test_placement_errors():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_layers_on_two_gpus_equal_one():
     stream = STREAM.replace(query_block=16, key_block=16)  # Triton's smallest blocks
-    # built on the CPU and moved, as the split models are: the same weights (CUDA's generator differs)
+    # every module built on its GPU with a per-module seed (build_on_devices): the same weights on one GPU and split
     reference = sl.HookedSparseTransformer.from_config(tiny_llama_config(), stream, seed=5, device_map={"": 0})
     tokens = torch.randint(0, 101, (1, 96), generator=torch.Generator().manual_seed(1))
     for device_map in (per_module_map(0, 1), {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 1,
@@ -131,3 +134,28 @@ def test_trace_cli_device_map(monkeypatch, tmp_path):
         with pytest.raises(Loaded):
             main(["trace", "--model", "m", "--device", "cpu", "--length", "256", "--out", str(tmp_path), *extra])
         assert calls[-1] == expected
+
+
+def test_build_on_devices_weights_depend_on_seed_not_split():
+    """The GPU capacity path (meta build, each module allocated and initialised on its device),
+    run over "cpu" targets: the weights are the same for two different maps and one seed,
+    computed buffers (rotary inv_freq) equal a normal build's, and a different seed differs."""
+    from transformers import AutoModelForCausalLM
+
+    from sparse_lens.tl.placement import build_on_devices
+
+    config = tiny_llama_config()
+    build = lambda: AutoModelForCausalLM.from_config(config)  # noqa: E731
+    whole = build_on_devices(build, {"": "cpu"}, None, seed=3)
+    split = build_on_devices(build, per_module_map("cpu", "cpu"), None, seed=3)
+    other = build_on_devices(build, {"": "cpu"}, None, seed=4)
+    normal = build()
+    for (name, mine), theirs, different in zip(whole.state_dict().items(), split.state_dict().values(),
+                                               other.state_dict().values()):
+        assert mine.device.type == "cpu" and torch.isfinite(mine).all(), name
+        assert torch.equal(mine, theirs), name
+        if name.endswith("proj.weight"):
+            assert not torch.equal(mine, different), name
+            assert abs(float(mine.std()) - config.initializer_range) < 0.3 * config.initializer_range, name
+    for name, buffer in normal.named_buffers():
+        torch.testing.assert_close(dict(whole.named_buffers())[name], buffer)
