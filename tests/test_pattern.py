@@ -204,3 +204,36 @@ def test_to_string_draws_kept_pruned_and_non_causal_blocks():
         assert {i for i, c in enumerate(line) if c == " "} == set(range(row + 1, 7))
     with pytest.raises(sl.ContextTooLongError):
         pattern.to_string(max_blocks=4)
+
+
+def test_token_probs_of_a_windowed_capped_sink_layer_equal_a_dense_softmax():
+    """A layer with window 20, soft-cap 2 and sinks: token_probs over the whole window band (the
+    exact case) equals a plain masked, capped softmax with a sink column; dropping any feature fails."""
+    from sparse_lens.kernels.window import window_band
+
+    seq, block, scale, window, softcap = 70, 16, 0.5, 20, 2.0
+    generator = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(2, h, seq, 8, generator=generator) * 2 for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=generator)
+    band = window_band(seq, block, block, window)
+    indices = band.expand(2, 4, *band.shape)
+    features = dict(window=window, softcap=softcap, sinks=sinks)
+    _, lse, mass = block_sparse_attention(query, key, value, indices, query_block=block, key_block=block,
+                                          scale=scale, **features)
+    pattern = sl.BlockSparsePattern(indices, mass, lse, seq, block, block, scale, "sparse", query, key, **features)
+    scores = softcap * torch.tanh(torch.einsum("bhqd,bhkd->bhqk", query, key.repeat_interleave(2, 1)) * scale / softcap)
+    positions = torch.arange(seq)
+    visible = (positions[None] <= positions[:, None]) & (positions[None] > positions[:, None] - window)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    expected_lse = torch.logsumexp(torch.cat([scores, sinks[None, :, None, None].expand(2, 4, seq, 1)], -1), -1)
+    torch.testing.assert_close(lse, expected_lse)
+    torch.testing.assert_close(pattern.token_probs(), torch.exp(scores - expected_lse[..., None]))
+    torch.testing.assert_close(pattern.token_probs().sum(-1) + pattern.sink_probs(), torch.ones(2, 4, seq))
+    # The per-head sinks have no batch axis: batch indexing and unsqueeze leave them whole.
+    single = pattern[1]
+    assert torch.equal(single.sinks, sinks) and single.window == window and single.softcap == softcap
+    torch.testing.assert_close(single.token_probs(), pattern.token_probs()[1])
+    assert torch.equal(single.unsqueeze(0).sinks, sinks) and torch.equal(pattern[:1].sinks, sinks)
+    assert torch.equal(make_pattern().sink_probs(), torch.zeros(1, 4, 100))
+    with pytest.raises(sl.ShapeError, match="sinks"):
+        sl.BlockSparsePattern(indices, mass, lse, seq, block, block, scale, sinks=sinks[:2])
