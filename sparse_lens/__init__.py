@@ -42,11 +42,16 @@ _LAZY = {
     "DEFAULT_MODEL": "sparse_lens.tl.loading",
     "SUPPORTED_ARCHITECTURES": "sparse_lens.tl.loading",
     "HookedSparseTransformer": "sparse_lens.tl.model",
-    "collect_dense": "sparse_lens.analysis.fidelity",
-    "fidelity": "sparse_lens.analysis.fidelity",
+    "collect_dense": "sparse_lens.analysis.fidelity_metrics",
+    "fidelity": "sparse_lens.analysis.fidelity_metrics",
     "needle_fidelity": "sparse_lens.analysis.needle",
     "ruler_accuracy": "sparse_lens.analysis.task_accuracy",
 }
+
+
+# Sub-packages reachable as attributes without their own import (``sl.analysis``), imported on
+# first use like the names above, so ``import sparse_lens`` stays light.
+_SUBPACKAGES = ("analysis", "cli", "data", "kernels", "plots", "report", "tl")
 
 
 def __getattr__(name: str):
@@ -54,11 +59,13 @@ def __getattr__(name: str):
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBPACKAGES:
+        return import_module(f"sparse_lens.{name}")  # the import binds it as an attribute too
     raise AttributeError(f"module 'sparse_lens' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 
 __all__ = [

@@ -79,3 +79,34 @@ def test_nothing_imports_transformer_lens_private_modules_or_names():
     offenders = {str(path.relative_to(ROOT)): found for path in python_files("sparse_lens", "benchmarks", "tests")
                  if (found := private_imports(path.read_text(encoding="utf-8"), "transformer_lens"))}
     assert not offenders, f"TransformerLens private imports (use its public API): {offenders}"
+
+
+def test_subpackages_are_attributes_imported_on_first_use():
+    # `import sparse_lens as sl; sl.analysis` works without `import sparse_lens.analysis`, and
+    # `import sparse_lens` alone still imports neither the analyses nor TransformerLens.
+    code = ("import sys, sparse_lens as sl; before = 'sparse_lens.analysis' in sys.modules or 'transformer_lens' in "
+            "sys.modules; print(before, callable(sl.analysis.route_to_needle), sl.report.write_report.__name__, "
+            "'analysis' in dir(sl))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True", "write_report", "True"]
+    import sparse_lens as sl
+
+    with pytest.raises(AttributeError):
+        sl.no_such_subpackage
+
+
+def test_the_fidelity_function_and_its_module_have_different_names():
+    # sparse_lens.analysis.fidelity is the function; its module is fidelity_metrics. The old module
+    # path still imports every name, with a DeprecationWarning, and never replaces the function.
+    import importlib
+
+    import sparse_lens as sl
+    import sparse_lens.analysis.fidelity_metrics as metrics
+
+    assert sl.analysis.fidelity is metrics.fidelity is sl.fidelity and callable(sl.analysis.fidelity)
+    assert sl.collect_dense is metrics.collect_dense
+    with pytest.warns(DeprecationWarning, match="sparse_lens.analysis.fidelity_metrics.DenseTrace"):
+        from sparse_lens.analysis.fidelity import DenseTrace
+    assert DenseTrace is metrics.DenseTrace
+    importlib.import_module("sparse_lens.analysis.fidelity")
+    assert callable(sl.analysis.fidelity)

@@ -1,8 +1,13 @@
 """Analyses on sparse traces: fidelity against dense attention, needle recall and routes, thought
 anchors, and interventions (attribution patching, block attribution, suppression, path and span
-patching; import those submodules)."""
+patching; import those submodules).
 
-from sparse_lens.analysis.fidelity import DenseTrace, collect_dense, fidelity
+``sparse_lens.analysis.fidelity`` is the function (``sl.fidelity``); its module is
+``sparse_lens.analysis.fidelity_metrics`` (the old module path warns and forwards for one release).
+"""
+
+from sparse_lens.analysis import fidelity as _deprecated_module_path  # noqa: F401  (loaded first: the function wins)
+from sparse_lens.analysis.fidelity_metrics import DenseTrace, collect_dense, fidelity
 from sparse_lens.analysis.needle import NeedleFidelity, NeedleProbe, NeedleRecall, needle_fidelity, needle_recall
 from sparse_lens.analysis.routes import Route, RoutePath, RouteStep, needle_key_blocks, route_to_needle
 from sparse_lens.analysis.task_accuracy import RulerAccuracy, RulerRecord, ruler_accuracy, ruler_samples, ruler_score
