@@ -71,7 +71,7 @@ def run_end_to_end(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = sl.HookedSparseTransformer.from_pretrained(args.model or sl.DEFAULT_MODEL, device=device)
     tokens = torch.tensor([prose_tokens(model.tokenizer, args.length)], device=device)
-    dense = load_dense(model, tokens, args.dense_cache)
+    dense = None if args.next_token_only else load_dense(model, tokens, args.dense_cache)
     out = RESULTS / f"fidelity_e2e_{args.length}{args.suffix}.json"
     results = json.loads(out.read_text()) if out.exists() and args.append else {"rows": []}
     command = "python -m benchmarks.fidelity run " + " ".join(args.argv)
@@ -80,6 +80,9 @@ def run_end_to_end(args: argparse.Namespace) -> None:
                    machine=torch.cuda.get_device_name() if device == "cuda" else machine(),
                    torch_threads=torch.get_num_threads(),
                    command=command)
+    if args.next_token_only:
+        run_next_token_only(args, model, tokens, results, out)
+        return
     for text in args.configs:
         stream = parse_config(text)
         started = time.perf_counter()
@@ -90,6 +93,38 @@ def run_end_to_end(args: argparse.Namespace) -> None:
         out.write_text(json.dumps(results, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
     print_end_to_end(results)
+
+
+def run_next_token_only(args: argparse.Namespace, model, tokens, results: dict, out: Path) -> None:
+    """``--next-token-only``: one dense forward (``mode="dense"``, torch SDPA), then per config one
+    sparse forward against its logits.
+
+    KL, top-1 (over the pruned positions, as ``sl.fidelity``) and the pruned fraction (from each
+    layer's cached pattern); no recall figures, so none of ``sl.fidelity``'s per-layer estimate and
+    oracle passes on the dense q, k: for estimators that cost a dense pass per layer (``oracle``).
+    """
+    import numpy as np
+    import torch
+
+    from sparse_lens.analysis.fidelity import first_pruned_position, next_token_figures
+
+    started = time.perf_counter()
+    with torch.no_grad(), model.stream_settings(mode="dense"):
+        dense_logits = model(tokens).float()
+    print(f"dense forward: {time.perf_counter() - started:.1f} s", flush=True)
+    for text in args.configs:
+        stream = parse_config(text)
+        started = time.perf_counter()
+        with torch.no_grad(), model.stream_settings(**{**stream.to_dict(), "mode": "sparse", "keep_qk": False}):
+            logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+        pruned = float(np.mean([cache[name].pruned_fraction() for name in cache.keys()]))
+        first = first_pruned_position(stream, tokens.shape[-1])
+        row = {"config": text, **stream.to_dict(), "seq_len": tokens.shape[-1], "pruned_fraction": pruned,
+               **next_token_figures(dense_logits, logits.float(), first_position=first),
+               "seconds": time.perf_counter() - started, "next_token_only": True}
+        results["rows"] = [r for r in results["rows"] if r["config"] != text] + [row]
+        out.write_text(json.dumps(results, indent=2))
+        print(json.dumps(row), flush=True)
 
 
 def print_end_to_end(results: dict) -> None:
@@ -116,6 +151,8 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--model", default=None, help="default: sl.DEFAULT_MODEL (a GGUF path on machines without the package)")
     run.add_argument("--suffix", default="", help="added to the JSON name (e.g. _h200)")
+    run.add_argument("--next-token-only", action="store_true",
+                     help="KL, top-1 and pruned fraction only (one sparse forward per config, no recall figures)")
     run.add_argument("--oracle-stride", type=int, default=1,
                      help="the exact oracle on every n-th pruned query block (sl.fidelity's oracle_stride; CPU time)")
     ruler = commands.add_parser("ruler", help="RULER accuracy, dense against sparse, and needle recall")
