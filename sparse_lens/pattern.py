@@ -212,12 +212,17 @@ class BlockSparsePattern:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """``torch.stack(patterns)`` gives a :class:`~sparse_lens.pattern_stack.BlockSparsePatternStack`;
-        other torch functions do not apply to a pattern."""
+        any other torch function raises ``DensePatternRequiredError`` naming what to use instead."""
         if func is torch.stack:
             from sparse_lens.pattern_stack import stack_patterns
 
             return stack_patterns(*args, **(kwargs or {}))
-        return NotImplemented
+        name = getattr(func, "__name__", str(func))
+        raise DensePatternRequiredError(
+            f"torch.{name} does not apply to a BlockSparsePattern (block indices and masses, not a dense "
+            "[batch, head, query, key] tensor). Use its tensors (pattern.block_mass, pattern.block_indices: "
+            f"e.g. torch.{name}(pattern.block_mass)), its summaries (recall(), kept_pairs(), pruned_fraction()), "
+            "pattern.token_probs(...) for token-level values on short inputs, or torch.stack(patterns).")
 
     def __getitem__(self, index) -> "BlockSparsePattern":
         """Index the batch axis and/or slice the query axis, as TransformerLens' cache does.
@@ -225,8 +230,9 @@ class BlockSparsePattern:
         ``[batch, head, query, key]`` (``[head, query, key]`` without batch dimension). The batch
         selection may be an int (drops the batch axis), a slice or a sequence of ints. The query
         selection is in token positions (an int, a slice, or a sequence of ints, as ``pos_slice``
-        gives): the contiguous run of query blocks spanning them is kept. Head and key axes must
-        be ``:`` (``DensePatternRequiredError`` otherwise).
+        gives): the query blocks holding them are kept, which must form one contiguous run
+        (``DensePatternRequiredError`` otherwise, e.g. for positions 5 and 900 with 64-token
+        blocks). Head and key axes must be ``:`` (``DensePatternRequiredError`` otherwise).
         """
         index = index if isinstance(index, tuple) else (index,)
         if any(sel is Ellipsis for sel in index):
@@ -266,6 +272,13 @@ class BlockSparsePattern:
         first_pos, last_pos = min(positions), max(positions)
         first_row = first_pos // self.query_block - self.first_query_block
         last_row = last_pos // self.query_block - self.first_query_block
+        rows_hit = sorted({position // self.query_block for position in positions})
+        if len(rows_hit) != last_row - first_row + 1:  # a pattern holds one contiguous run of query blocks
+            shown = ", ".join(map(str, rows_hit[:8])) + (", ..." if len(rows_hit) > 8 else "")
+            raise DensePatternRequiredError(
+                f"the query positions fall in query blocks {shown}: not one contiguous run, and a pattern holds "
+                "one contiguous run of query blocks. Select positions whose blocks touch (e.g. a slice "
+                "pattern[:, :, a:b]) or index each run separately.")
         if first_row < 0 or last_row >= self.n_query_blocks:
             raise IndexError("Query positions outside the rows this pattern holds.")
         rows = slice(first_row, last_row + 1)

@@ -1,0 +1,35 @@
+"""What a BlockSparsePattern refuses, and how: torch functions other than ``torch.stack`` and a
+query selection that is not one contiguous run of blocks raise ``DensePatternRequiredError``
+saying what to do instead (rather than a bare dispatch ``TypeError`` or a silently widened run)."""
+
+import pytest
+import torch
+
+import sparse_lens as sl
+from tests.test_pattern import make_pattern
+
+
+@pytest.mark.parametrize("call", [torch.mean, torch.sum, torch.exp, lambda p: torch.cat([p, p]),
+                                  lambda p: torch.nn.functional.softmax(p, -1)])
+def test_torch_functions_other_than_stack_raise_a_named_error(call):
+    pattern = make_pattern()
+    with pytest.raises(sl.DensePatternRequiredError, match="does not apply to a BlockSparsePattern") as error:
+        call(pattern)
+    assert "pattern.block_mass" in str(error.value)
+    assert isinstance(error.value, TypeError)  # still what a caller catching TypeError expects
+    assert isinstance(torch.stack([pattern, pattern]), sl.BlockSparsePatternStack)  # the one that applies
+
+
+def test_query_positions_in_blocks_that_touch_keep_exactly_those_blocks():
+    pattern = make_pattern(seq=100, block=16)  # 7 query blocks
+    picked = pattern[:, :, [17, 40, 20]]  # blocks 1 and 2
+    assert (picked.first_query_block, picked.n_query_blocks) == (1, 2)
+    assert torch.equal(picked.block_indices, pattern.block_indices[:, :, 1:3])
+    assert pattern[:, :, 33].n_query_blocks == 1 and pattern[:, :, 16:48:2].n_query_blocks == 2
+
+
+@pytest.mark.parametrize("selection", [[5, 90], [0, 33, 99], slice(0, 100, 40), torch.tensor([3, 70])])
+def test_query_positions_in_blocks_apart_are_refused(selection):
+    pattern = make_pattern(seq=100, block=16)
+    with pytest.raises(sl.DensePatternRequiredError, match="not one contiguous run"):
+        pattern[:, :, selection]
