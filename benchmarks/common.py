@@ -10,7 +10,7 @@ run with its peak GPU memory, CUDA-event medians, and the JSON / markdown-table 
 - :func:`timed`: seconds and peak GPU GB of one call, an error recorded as the row's ``error``;
 - :func:`time_cuda`: median seconds over CUDA-event-timed repeats; :func:`dense_sdpa`: the dense
   baseline (cuDNN / flash SDPA on CUDA);
-- :func:`parse_config`: ``estimator:block:top_k[:field=value...]`` -> a ``StreamConfig``;
+- :func:`parse_config`: ``estimator:block:top_k[:field=value...]`` -> a ``TracingConfig``;
 - :func:`add_stream_flags`, :func:`add_model_flags`: the command-line flags of the estimator
   and of a random-init model;
 - :func:`environment`, :func:`machine`, :func:`command`, :func:`save_json`, :func:`print_table`:
@@ -86,14 +86,14 @@ def build_model(shape: str | Any, *, layers: int | None = None, stream: Any = No
                 dtype: str | torch.dtype = "bfloat16", device: str | None = None, mlp_chunk: int = 65536,
                 **placement: Any) -> Any:
     """A random-init ``HookedSparseTransformer`` of ``shape`` (a ``SHAPES`` name or a transformers
-    config). ``stream``: default ``StreamConfig(keep_qk=False)`` (patterns keep indices, masses and
+    config). ``stream``: default ``TracingConfig(keep_qk=False)`` (patterns keep indices, masses and
     lse only); ``mlp_chunk``: MLPs run over this many positions at a time; ``placement``: other
     ``from_config`` keywords (``seed``, ``device_map``, ``n_devices``)."""
     import sparse_lens as sl
 
     config = hf_config(shape, layers=layers) if isinstance(shape, str) else shape
     model = sl.HookedSparseTransformer.from_config(
-        config, stream if stream is not None else sl.StreamConfig(keep_qk=False),
+        config, stream if stream is not None else sl.TracingConfig(keep_qk=False),
         dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
         **({"device": device} if device is not None else {}), **placement)
     model.mlp_chunk_tokens = mlp_chunk
@@ -101,18 +101,24 @@ def build_model(shape: str | Any, *, layers: int | None = None, stream: Any = No
 
 
 def parse_config(text: str) -> Any:
-    """``estimator:block:top_k[:field=value...]`` -> StreamConfig (sink 1, local 1, query block =
-    key block, ``keep_qk=False``), e.g. ``rescored:16:16`` or ``adaptive:16:128:top_p=0.93``; each
-    ``field=value`` is typed as its ``sparse-lens`` flag is (``causal_selection=false``,
-    ``observe_max_tokens=none``)."""
+    """``estimator:block:top_k[:field=value...]`` -> TracingConfig (sink 1, local 1, query block =
+    key block, ``keep_qk=False``), e.g. ``rescored:16:16`` or ``adaptive:16:128:top_p=0.93``; a
+    ``field`` is a TracingConfig field or one of the estimator's own settings (``top_p`` ->
+    ``AdaptiveSettings.top_p``), each typed as its ``sparse-lens`` flag is
+    (``causal_selection=false``, ``observe_max_tokens=none``)."""
     import sparse_lens as sl
     from sparse_lens.cli.config_flags import parse_field  # typed as the command-line flags are
+    from sparse_lens.kernels.registry import get_estimator
 
     name, block, top_k, *rest = text.split(":")
     fields = {field: value for field, _, value in (item.partition("=") for item in rest)}
-    extra = {field: parse_field(sl.StreamConfig, field, value) for field, value in fields.items()}
-    return sl.StreamConfig(query_block=int(block), key_block=int(block), top_k=int(top_k), sink_blocks=1,
-                           local_blocks=1, estimator=name, keep_qk=False, **extra)
+    estimator = get_estimator(name)
+    own = {field: parse_field(estimator.settings, field, value) for field, value in fields.items()
+           if field in estimator.setting_names()}
+    shared = {field: parse_field(sl.TracingConfig, field, value) for field, value in fields.items() if field not in own}
+    return sl.TracingConfig(query_block=int(block), key_block=int(block), top_k=int(top_k), sink_blocks=1,
+                            local_blocks=1, estimator=name, estimator_settings=estimator.settings(**own),
+                            keep_qk=False, **shared)
 
 
 def is_pattern(name: str) -> bool:

@@ -1,7 +1,7 @@
 """sparse_lens: attention-level interpretability on 100k-1M token contexts with Stream sparse tracing.
 
     import sparse_lens as sl
-    model = sl.HookedSparseTransformer.from_pretrained(sl.DEFAULT_MODEL, stream=sl.StreamConfig(top_k=16))
+    model = sl.HookedSparseTransformer.from_pretrained(sl.DEFAULT_MODEL, stream=sl.TracingConfig(top_k=16))
     logits, cache = model.run_with_cache(tokens)
     pattern = cache["blocks.3.attn.hook_pattern"]   # a BlockSparsePattern
 
@@ -11,7 +11,16 @@ Names that need TransformerLens (the model, fidelity) are imported on first use,
 
 from importlib import import_module
 
-from sparse_lens.config import StreamConfig
+from sparse_lens.config import (
+    ESTIMATORS,
+    AdaptiveSettings,
+    AntidiagonalSettings,
+    EstimatorSettings,
+    RescoredSettings,
+    StreamConfig,
+    StreamSettings,
+    TracingConfig,
+)
 from sparse_lens.errors import (
     BlockSizeError,
     ContextTooLongError,
@@ -33,6 +42,7 @@ from sparse_lens.errors import (
     TraceMismatchError,
     UnsupportedModelError,
 )
+from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.pattern_stack import BlockSparsePatternStack
 
@@ -69,6 +79,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdaptiveSettings",
+    "AntidiagonalSettings",
+    "BlockGeometry",
+    "ESTIMATORS",
+    "EstimatorSettings",
+    "RescoredSettings",
+    "StreamSettings",
+    "TracingConfig",
     "BlockSizeError",
     "BlockSparsePattern",
     "BlockSparsePatternStack",

@@ -1,3 +1,6 @@
+import dataclasses
+import pickle
+
 import pytest
 
 import sparse_lens as sl
@@ -12,24 +15,77 @@ import sparse_lens as sl
     (dict(top_k=2, sink_blocks=2, local_blocks=1), sl.InvalidConfigError),
     (dict(local_blocks=-1), sl.InvalidConfigError),
     (dict(mode="exact"), sl.InvalidConfigError),
-    (dict(estimator="oracle"), sl.InvalidConfigError),
-    (dict(beam=0), sl.InvalidConfigError),
-    (dict(top_p=1.5), sl.InvalidConfigError),
-    (dict(estimator="adaptive", top_k=4, min_blocks=5), sl.InvalidConfigError),
-    (dict(representative_keys=0), sl.InvalidConfigError),
-    (dict(key_block=16, representative_keys=32), sl.InvalidConfigError),
+    (dict(estimator="no_such_estimator"), sl.InvalidConfigError),
+    (dict(backend="cuda"), sl.InvalidConfigError),
+    (dict(top_k=2, sink_blocks=2, local_blocks=0), sl.InvalidConfigError),  # causal: the band leaves no room
+    (dict(estimator="rescored", estimator_settings=sl.AdaptiveSettings()), sl.InvalidConfigError),
+    (dict(estimator="adaptive", top_k=4, estimator_settings=sl.AdaptiveSettings(min_blocks=5)), sl.InvalidConfigError),
+    (dict(key_block=16, estimator_settings=sl.RescoredSettings(representative_keys=32)), sl.InvalidConfigError),
 ])
 def test_invalid_configs_raise_named_errors(fields, error):
     with pytest.raises(error):
-        sl.StreamConfig(**fields)
+        sl.TracingConfig(**fields)
 
 
-def test_valid_configs_and_replace():
-    config = sl.StreamConfig(query_block=64, key_block=16, top_k=8, local_blocks=4)
+@pytest.mark.parametrize("settings,fields", [
+    (sl.RescoredSettings, dict(beam=0)),
+    (sl.RescoredSettings, dict(rescore_search="exhaustive")),
+    (sl.AdaptiveSettings, dict(top_p=1.5)),
+    (sl.AdaptiveSettings, dict(min_blocks=0)),
+    (sl.StreamSettings, dict(representative_keys=0)),
+    (sl.AntidiagonalSettings, dict(antidiagonal_stride=0)),
+])
+def test_invalid_estimator_settings_raise_named_errors(settings, fields):
+    with pytest.raises(sl.InvalidConfigError):
+        settings(**fields)
+
+
+def test_valid_configs_geometry_and_replace():
+    config = sl.TracingConfig(query_block=64, key_block=16, top_k=8, local_blocks=4)
+    assert config.geometry == sl.BlockGeometry(64, 16, 8, 1, 4)
     assert config.replace(top_k=6).top_k == 6 and config.top_k == 8
     with pytest.raises(sl.InvalidConfigError):
         config.replace(top_k=3)  # sink 1 + local 4 > 3
-    assert config.estimator_kwargs()["key_block"] == 16
+    assert config.estimator_kwargs()["geometry"].key_block == 16
+    assert config.estimator_settings == sl.RescoredSettings()  # None becomes the estimator's defaults
+    # a new estimator gets its own defaults, keeping the settings both have
+    strided = config.replace(estimator_settings=sl.RescoredSettings(rescore_query_stride=4, beam=2))
+    adaptive = strided.replace(estimator="adaptive")
+    assert adaptive.estimator_settings == sl.AdaptiveSettings(rescore_query_stride=4)
+    assert strided.replace(estimator="bounds").estimator_settings == sl.EstimatorSettings()
+    assert pickle.loads(pickle.dumps(adaptive)) == adaptive
+    assert config.replace(**strided.fields_dict()) == strided
+
+
+def test_to_dict_is_flat_with_the_estimators_own_settings():
+    config = sl.TracingConfig(estimator="adaptive", estimator_settings=sl.AdaptiveSettings(top_p=0.8))
+    flat = config.to_dict()
+    assert flat["top_p"] == 0.8 and flat["estimator"] == "adaptive" and "beam" not in flat
+    assert "estimator_settings" not in flat
+
+
+def test_stream_config_is_a_deprecated_alias_that_builds_the_same_config():
+    with pytest.warns(DeprecationWarning, match=r"AdaptiveSettings\(top_p=0.8, rescore_query_stride=2\)"):
+        old = sl.StreamConfig(estimator="adaptive", top_k=8, top_p=0.8, rescore_query_stride=2, beam=3)
+    new = sl.TracingConfig(estimator="adaptive", top_k=8,
+                           estimator_settings=sl.AdaptiveSettings(top_p=0.8, rescore_query_stride=2))
+    assert old == new and type(old) is sl.TracingConfig and isinstance(new, sl.StreamConfig)
+    with pytest.warns(DeprecationWarning, match="TracingConfig"):
+        assert sl.StreamConfig() == sl.TracingConfig()
+    # flat settings of another estimator are validated, as the flat config did, then ignored
+    with pytest.raises(sl.InvalidConfigError), pytest.warns(DeprecationWarning):
+        sl.StreamConfig(top_p=1.5)
+    with pytest.raises(sl.InvalidConfigError), pytest.warns(DeprecationWarning):
+        sl.StreamConfig(estimator="adaptive", top_k=4, min_blocks=5)
+    # the former flat reads and replace keep working, with a warning
+    with pytest.warns(DeprecationWarning, match="estimator_settings.top_p"):
+        assert new.top_p == 0.8
+    with pytest.warns(DeprecationWarning):
+        assert new.beam == 4  # the former default: adaptive has no beam
+    with pytest.warns(DeprecationWarning, match="AdaptiveSettings"):
+        assert new.replace(top_p=0.9).estimator_settings.top_p == 0.9
+    with pytest.raises(AttributeError):
+        new.no_such_field  # noqa: B018
 
 
 def test_every_named_error_is_exported():
@@ -42,3 +98,9 @@ def test_every_named_error_is_exported():
     classes = {name for name, obj in inspect.getmembers(errors, inspect.isclass) if obj.__module__ == errors.__name__}
     assert classes and classes <= set(sl.__all__)
     assert all(getattr(sl, name) is getattr(errors, name) for name in classes)
+
+
+def test_config_dataclasses_are_plain():
+    # command-line flags are generated from these fields: each has a default and a help line
+    for item in dataclasses.fields(sl.TracingConfig):
+        assert item.default is not dataclasses.MISSING and item.metadata.get("help"), item.name

@@ -35,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sparse_lens.config import StreamConfig
+from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError, ShapeError, TraceMismatchError
 from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
 from sparse_lens.kernels.blocks import visible_key_blocks
@@ -93,7 +93,7 @@ def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos
 def fidelity(
     model: HookedSparseTransformer,
     tokens: Int[Tensor, "batch pos"] | str,
-    stream: StreamConfig | None = None,
+    stream: TracingConfig | None = None,
     *,
     dense: DenseTrace | None = None,
     verbose: bool = False,
@@ -141,7 +141,7 @@ def fidelity(
         with model.stream_settings(mode="observe", keep_qk=True):
             dense_logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **keep).float()
     progress.close()
-    with model.stream_settings(**{**stream.to_dict(), "mode": "sparse", "keep_qk": False}):
+    with model.stream_settings(**{**stream.fields_dict(), "mode": "sparse", "keep_qk": False}):
         sparse_logits = model(tokens, **keep).float()
     recalls = torch.cat([row.pop("recall") for row in layers])
     sampled = torch.cat([row.pop("sampled_recall") for row in layers])
@@ -170,7 +170,7 @@ def as_tokens(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"] |
     return tokens
 
 
-def _score_layer(query: Tensor, key: Tensor, lse: Tensor, scale: float, stream: StreamConfig, searched: Tensor,
+def _score_layer(query: Tensor, key: Tensor, lse: Tensor, scale: float, stream: TracingConfig, searched: Tensor,
                  oracle_stride: int) -> dict:
     """One layer's figures: the estimate's kept mass under the dense lse, and the exact oracle."""
     geometry = {"query_block": stream.query_block, "key_block": stream.key_block}
@@ -205,13 +205,13 @@ def _check_positions(positions: Tensor, seq_len: int, device: torch.device) -> T
     return positions
 
 
-def _pruned_rows(stream: StreamConfig, seq_len: int) -> Tensor:
+def _pruned_rows(stream: TracingConfig, seq_len: int) -> Tensor:
     """Which query blocks can lose key blocks: they see more than the fewest a row may keep."""
-    fewest_kept = stream.min_blocks if stream.estimator == "adaptive" else stream.top_k
+    fewest_kept = getattr(stream.estimator_settings, "min_blocks", stream.top_k)  # "adaptive": its floor
     return visible_key_blocks(seq_len, stream.query_block, stream.key_block) > fewest_kept
 
 
-def first_pruned_position(stream: StreamConfig, seq_len: int) -> int:
+def first_pruned_position(stream: TracingConfig, seq_len: int) -> int:
     """The first token position of the first query block that can lose key blocks under
     ``stream`` (``seq_len`` when none can): earlier positions attend exactly as dense attention."""
     rows = torch.nonzero(_pruned_rows(stream, seq_len))

@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from sparse_lens.analysis.span_patching import check_spans
-from sparse_lens.config import StreamConfig
+from sparse_lens.config import TracingConfig
 from sparse_lens.data.niah import NeedleSample
 from sparse_lens.kernels import estimate_blocks
 from sparse_lens.kernels.blocks import blocks_overlapping, num_blocks
@@ -97,7 +97,7 @@ class NeedleFidelity:
     kept: Bool[Tensor, "needle layer head"]  # a key block of the needle is kept
     row_recall: Float[Tensor, "layer head"]  # dense mass of the answer position inside the kept blocks
     threshold: float = NEEDLE_MASS_THRESHOLD
-    stream: dict | None = None  # the StreamConfig that was estimated, as a dict
+    stream: dict | None = None  # the TracingConfig that was estimated, as a dict
 
     def is_needle_head(self) -> Bool[Tensor, "needle layer head"]:
         return self.needle_mass >= self.threshold
@@ -173,7 +173,7 @@ class NeedleProbe:
     def __init__(
         self,
         needle_spans: list[tuple[int, int]],
-        stream: StreamConfig,
+        stream: TracingConfig,
         n_layers: int,
         *,
         answer_position: int = -1,
@@ -196,7 +196,7 @@ class NeedleProbe:
         key: Float[Tensor, "batch kv_head seq d_head"],
         scale: float,
     ) -> None:
-        """Estimate the layer's blocks with the probe's StreamConfig and record its figures (batch 0)."""
+        """Estimate the layer's blocks with the probe's TracingConfig and record its figures (batch 0)."""
         started = time.perf_counter()
         seq_len = query.shape[2]
         position = self.answer_position % seq_len
@@ -257,7 +257,7 @@ def needle_fidelity(
     model: HookedSparseTransformer,
     tokens: Int[Tensor, "batch pos"] | NeedleSample,
     needle_spans: list[tuple[int, int]] | None = None,
-    stream: StreamConfig | None = None,
+    stream: TracingConfig | None = None,
     *,
     answer_position: int = -1,
     threshold: float = NEEDLE_MASS_THRESHOLD,

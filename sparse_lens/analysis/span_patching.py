@@ -43,7 +43,7 @@ _HOOKS = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_post": "blocks.{}.hook
 
 def block_spans(seq_len: int, block: int) -> list[Span]:
     """``[start, end)`` of every ``block``-token block of a ``seq_len``-token sequence (the last may
-    be shorter): the key blocks of a ``StreamConfig`` with ``key_block = block``."""
+    be shorter): the key blocks of a ``TracingConfig`` with ``key_block = block``."""
     if block < 1 or seq_len < 1:
         raise InvalidSpanError(f"block ({block}) and seq_len ({seq_len}) must be >= 1.")
     return [(start, min(start + block, seq_len)) for start in range(0, seq_len, block)]

@@ -1,7 +1,7 @@
 """Task accuracy: RULER NIAH / variable tracking answered by the model run sparsely and densely.
 
 The same model answers the same samples twice, greedily: once with dense attention
-(``mode="dense"``, torch SDPA: the baseline) and once on the sparse attention of a StreamConfig. Each answer is one prefill of the
+(``mode="dense"``, torch SDPA: the baseline) and once on the sparse attention of a TracingConfig. Each answer is one prefill of the
 prompt (dense, or sparse) followed by KV-cached decode steps (each new token attends to every
 cached key; see ``sparse_lens.tl.generation``), so the two runs differ only in the prefill.
 
@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sparse_lens.analysis.needle import NEEDLE_MASS_THRESHOLD, NeedleProbe
-from sparse_lens.config import StreamConfig
+from sparse_lens.config import TracingConfig
 from sparse_lens.data.niah import NeedleSample
 from sparse_lens.data.ruler import make_sample
 from sparse_lens.data.ruler_scoring import ruler_score
@@ -83,7 +83,7 @@ class RulerAccuracy:
     """Dense and sparse accuracy over a set of samples (fractions in [0, 1]; RULER prints x100)."""
 
     records: list[RulerRecord]
-    stream: dict  # the sparse StreamConfig
+    stream: dict  # the sparse TracingConfig
     max_new_tokens: int
     settings: dict = field(default_factory=dict)
 
@@ -138,7 +138,7 @@ class RulerAccuracy:
 def ruler_accuracy(
     model: HookedSparseTransformer,
     samples: Iterable[NeedleSample | tuple[str, NeedleSample]],
-    stream: StreamConfig | None = None,
+    stream: TracingConfig | None = None,
     *,
     max_new_tokens: int = 64,
     stop_when_answered: bool = True,
@@ -166,10 +166,10 @@ def ruler_accuracy(
         probe = NeedleProbe(sample.needle_spans, stream, model.cfg.n_layers, threshold=needle_threshold) if needles else None
         answer_kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id, "decode": decode,
                          "answers": sample.answers if stop_when_answered else None}
-        with (model.stream_settings(**{**stream.to_dict(), "mode": "dense"}),
+        with (model.stream_settings(**{**stream.fields_dict(), "mode": "dense"}),
               model.hooks(fwd_hooks=probe.hooks(model) if probe else [])):
             dense_output, dense_new, dense_seconds = _greedy_answer(model, tokens, **answer_kwargs)
-        with model.stream_settings(**{**stream.to_dict(), "mode": "sparse", "keep_qk": False}):
+        with model.stream_settings(**{**stream.fields_dict(), "mode": "sparse", "keep_qk": False}):
             sparse_output, sparse_new, sparse_seconds = _greedy_answer(model, tokens, **answer_kwargs)
         records.append(RulerRecord(
             task=task, length=sample.length, answers=list(sample.answers),
@@ -194,7 +194,7 @@ def _greedy_answer(
     decode: Callable[[list[int]], str],
     answers: Sequence[str] | None,
 ) -> tuple[str, int, float]:
-    """(answer text, new tokens, seconds): one prefill under the current StreamConfig, then decode."""
+    """(answer text, new tokens, seconds): one prefill under the current TracingConfig, then decode."""
     prompt_length = tokens.shape[1]
 
     def answered(output: Tensor) -> bool:

@@ -11,11 +11,99 @@ Conventions used everywhere in sparse_lens:
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass, replace
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from sparse_lens.errors import BlockSizeError, InvalidConfigError
+
 UNUSED_SLOT = -1
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """The block budget every estimator and kernel shares, validated once when it is built.
+
+    A ``BlockGeometry`` that exists is valid: public entry points build (or receive) one and pass
+    it inward, and nothing inside checks these numbers again.
+
+    Attributes:
+        query_block: Tokens per query block (rows of the block pattern), >= 1.
+        key_block: Tokens per key block (columns), >= 1; one of the two block sizes divides the
+            other so that the block grids line up.
+        top_k: Key blocks kept per query block, sink and local blocks included, >= 1.
+        sink_blocks: Always-kept key blocks at the start of the sequence, >= 0.
+        local_blocks: Always-kept key blocks ending at each query block's diagonal, >= 0;
+            ``sink_blocks + local_blocks <= top_k``.
+
+    Raises:
+        BlockSizeError: A block size that is not a positive int, or two that do not divide.
+        InvalidConfigError: ``top_k`` < 1, negative sink / local counts, or sink + local > top_k.
+    """
+
+    query_block: int
+    key_block: int
+    top_k: int
+    sink_blocks: int = 0
+    local_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("query_block", "key_block"):
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise BlockSizeError(f"{name} must be a positive int, got {size!r}.")
+        if self.query_block % self.key_block and self.key_block % self.query_block:
+            raise BlockSizeError(
+                f"query_block={self.query_block} and key_block={self.key_block}: one must divide "
+                "the other so that query and key block grids line up (e.g. 64 and 64, or 64 and 16)."
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise InvalidConfigError(f"top_k counts kept key blocks and must be an int >= 1, got {self.top_k!r}.")
+        for name in ("sink_blocks", "local_blocks"):
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise InvalidConfigError(f"{name} must be an int >= 0, got {count!r}.")
+        if self.sink_blocks + self.local_blocks > self.top_k:
+            raise InvalidConfigError(
+                f"sink_blocks + local_blocks = {self.sink_blocks + self.local_blocks} exceeds "
+                f"top_k = {self.top_k}: they are counted inside top_k."
+            )
+
+    @property
+    def n_fixed(self) -> int:
+        """Always-kept blocks per row: ``sink_blocks + local_blocks``."""
+        return self.sink_blocks + self.local_blocks
+
+    @property
+    def n_search(self) -> int:
+        """Blocks an estimator chooses per row beside the fixed ones: ``top_k - sink - local``."""
+        return self.top_k - self.n_fixed
+
+    def n_query_blocks(self, seq_len: int) -> int:
+        """Query blocks covering ``seq_len`` tokens (the last may be partial)."""
+        return num_blocks(seq_len, self.query_block)
+
+    def n_key_blocks(self, seq_len: int) -> int:
+        """Key blocks covering ``seq_len`` tokens (the last may be partial)."""
+        return num_blocks(seq_len, self.key_block)
+
+    def search_rounds(self, seq_len: int) -> int:
+        """Rounds of the hierarchical search: each halves every branch, from ``n_search`` branches
+        over the widest searched range (``n_key_blocks - sink - local`` blocks) down to one block,
+        ``max(1, ceil(log2(ceil(range / n_search))))``."""
+        widest_range = self.n_key_blocks(seq_len) - self.n_fixed
+        return max(1, math.ceil(math.log2(max(2, -(-widest_range // max(self.n_search, 1))))))
+
+    def replace(self, **changes: int) -> "BlockGeometry":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def as_kwargs(self) -> dict[str, int]:
+        """The five fields as keyword arguments of a flat-signature kernel."""
+        return asdict(self)
 
 
 def num_blocks(seq_len: int, block: int) -> int:
@@ -163,8 +251,8 @@ def first_searched_block(seq_len: int, query_block: int, key_block: int, top_k: 
 
 
 def check_estimator_settings(query_block: int, key_block: int, top_k: int, sink_blocks: int, local_blocks: int) -> None:
-    if query_block % key_block and key_block % query_block:
-        raise ValueError(f"query_block={query_block} and key_block={key_block}: one must divide the other.")
-    if top_k < 1 or sink_blocks < 0 or local_blocks < 0 or sink_blocks + local_blocks > top_k:
-        raise ValueError(f"need top_k >= 1 and 0 <= sink_blocks + local_blocks <= top_k, got "
-                         f"top_k={top_k}, sink_blocks={sink_blocks}, local_blocks={local_blocks}.")
+    """Validate a flat block budget (``BlockGeometry``'s checks and errors, both ``ValueError``s).
+
+    For flat-signature entry points that do not build a ``BlockGeometry`` themselves (the Triton
+    kernels); everything else builds one."""
+    BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)

@@ -42,7 +42,15 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sparse_lens.kernels.blocks import UNUSED_SLOT, keep_all_rows, num_blocks, sort_block_row, visible_key_blocks
+from sparse_lens.errors import InvalidConfigError
+from sparse_lens.kernels.blocks import (
+    UNUSED_SLOT,
+    BlockGeometry,
+    keep_all_rows,
+    num_blocks,
+    sort_block_row,
+    visible_key_blocks,
+)
 
 
 def band_blocks(query_block: int, key_block: int) -> int:
@@ -50,26 +58,39 @@ def band_blocks(query_block: int, key_block: int) -> int:
     return num_blocks(query_block, key_block)
 
 
+def causal_inner_geometry(geometry: BlockGeometry) -> BlockGeometry:
+    """The block budget of the inner estimator of lagged selection: ``top_k - n_band`` blocks,
+    ``max(local_blocks - n_band, 0)`` local ones (the band covers the rest), same sinks.
+
+    Raises:
+        InvalidConfigError: ``top_k`` leaves no block for the inner estimator beside the band and
+            the sink / remaining local blocks (raise ``top_k`` or turn causal selection off).
+    """
+    n_band = band_blocks(geometry.query_block, geometry.key_block)
+    inner_top_k, inner_local = geometry.top_k - n_band, max(geometry.local_blocks - n_band, 0)
+    if inner_top_k < max(1, geometry.sink_blocks + inner_local):
+        raise InvalidConfigError(
+            f"causal selection keeps the {n_band} key block(s) overlapping each query block and chooses "
+            f"the rest with top_k - {n_band}: top_k={geometry.top_k} must be at least "
+            f"{n_band + max(1, geometry.sink_blocks + inner_local)} "
+            f"(sink_blocks={geometry.sink_blocks}, local_blocks={geometry.local_blocks}), "
+            "or causal selection turned off (causal_selection=False)."
+        )
+    return geometry.replace(top_k=inner_top_k, local_blocks=inner_local)
+
+
 def causal_inner_budget(
     *, query_block: int, key_block: int, top_k: int, sink_blocks: int, local_blocks: int, min_blocks: int
 ) -> dict[str, int]:
-    """``top_k``, ``local_blocks`` and ``min_blocks`` for the inner estimator of lagged selection.
+    """``top_k``, ``local_blocks`` and ``min_blocks`` for the inner estimator of lagged selection
+    (``causal_inner_geometry`` for flat settings; ``min_blocks`` counts the band, floor 1).
 
     Raises:
-        ValueError: ``top_k`` leaves no block for the inner estimator beside the band and the
-            sink / remaining local blocks (``StreamConfig`` raises ``InvalidConfigError`` first).
+        InvalidConfigError: as ``causal_inner_geometry`` (a ``ValueError``).
     """
+    inner = causal_inner_geometry(BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks))
     n_band = band_blocks(query_block, key_block)
-    inner = {"top_k": top_k - n_band, "local_blocks": max(local_blocks - n_band, 0),
-             "min_blocks": max(min_blocks - n_band, 1)}
-    if inner["top_k"] < max(1, sink_blocks + inner["local_blocks"]):
-        raise ValueError(
-            f"causal selection keeps the {n_band} key block(s) overlapping each query block and chooses "
-            f"the rest with top_k - {n_band}: top_k={top_k} must be at least "
-            f"{max(n_band + 1, n_band + sink_blocks + inner['local_blocks'])} "
-            f"(sink_blocks={sink_blocks}, local_blocks={local_blocks})."
-        )
-    return inner
+    return {"top_k": inner.top_k, "local_blocks": inner.local_blocks, "min_blocks": max(min_blocks - n_band, 1)}
 
 
 def lagged_selection(

@@ -15,7 +15,10 @@ from torch import Tensor
 
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.checks import check_attention_features
+from sparse_lens.kernels.blocks import BlockGeometry
+from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.estimator_ref import stream_estimate as stream_estimate_reference
+from sparse_lens.kernels.estimator_ref import stream_estimate_unchecked as stream_estimate_reference_unchecked
 from sparse_lens.kernels.sparse_attention_ref import block_sparse_attention as block_sparse_attention_reference
 
 Backend = Literal["auto", "triton", "reference"]
@@ -46,14 +49,79 @@ def stream_estimate(
     representative_keys: int = 8,
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
-    """The Stream estimator (see ``estimator_ref``), on the chosen backend."""
-    settings = dict(query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink_blocks,
-                    local_blocks=local_blocks, representative_keys=representative_keys)
-    if use_triton(backend, query, query_block, key_block):
+    """The Stream estimator (see ``estimator_ref``), on the chosen backend.
+
+    Raises ``ShapeError`` for malformed q / k and ``BlockSizeError`` / ``InvalidConfigError`` for
+    a bad block budget, once, before dispatching."""
+    check_attention_inputs(query, key)
+    geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
+    return stream_estimate_unchecked(query, key, geometry, representative_keys=representative_keys, backend=backend)
+
+
+def stream_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    representative_keys: int = 8,
+    backend: Backend = "auto",
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``stream_estimate`` on inputs the caller has validated (the Triton entry point still
+    checks its own inputs and its block sizes)."""
+    if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.estimator_triton import stream_estimate_triton
 
-        return stream_estimate_triton(query, key, **settings)
-    return stream_estimate_reference(query, key, **settings)
+        return stream_estimate_triton(query, key, representative_keys=representative_keys, **geometry.as_kwargs())
+    return stream_estimate_reference_unchecked(query, key, geometry, representative_keys=representative_keys)
+
+
+def rescore_top_k_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    geometry: BlockGeometry,
+    *,
+    scale: float | None = None,
+    query_stride: int = 1,
+    backend: Backend = "auto",
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """Exact candidate masses, then the sink / local blocks and the heaviest, ``geometry.top_k``
+    in all (``rescore_ref.rescore_top_k``; on Triton the fused ``rescore_top_k_triton``)."""
+    settings = dict(scale=scale, query_stride=query_stride, **geometry.as_kwargs())
+    if use_triton(backend, query, geometry.query_block, geometry.key_block):
+        from sparse_lens.kernels.rescore_triton import rescore_top_k_triton
+
+        return rescore_top_k_triton(query, key, candidates, **settings)
+    from sparse_lens.kernels.rescore_ref import rescore_top_k
+
+    return rescore_top_k(query, key, candidates, **settings)
+
+
+def rescore_top_p_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    candidates: Int[Tensor, "batch q_head n_query_blocks width"],
+    geometry: BlockGeometry,
+    *,
+    p: float,
+    min_blocks: int,
+    scale: float | None = None,
+    query_stride: int = 1,
+    backend: Backend = "auto",
+) -> Int[Tensor, "batch q_head n_query_blocks width"]:
+    """Exact candidate masses, then per row the fewest heaviest reaching mass ``p`` (at least
+    ``min_blocks``; ``rescore_ref.rescore_top_p``; on Triton the fused ``rescore_top_p_triton``).
+    ``geometry.top_k`` is unused: the width is the candidates'."""
+    settings = dict(scale=scale, query_stride=query_stride, p=p, min_blocks=min_blocks,
+                    query_block=geometry.query_block, key_block=geometry.key_block,
+                    sink_blocks=geometry.sink_blocks, local_blocks=geometry.local_blocks)
+    if use_triton(backend, query, geometry.query_block, geometry.key_block):
+        from sparse_lens.kernels.rescore_triton import rescore_top_p_triton
+
+        return rescore_top_p_triton(query, key, candidates, **settings)
+    from sparse_lens.kernels.rescore_ref import rescore_top_p
+
+    return rescore_top_p(query, key, candidates, **settings)
 
 
 def block_sparse_attention(

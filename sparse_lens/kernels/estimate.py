@@ -1,132 +1,109 @@
 """One entry point for every block-selection estimator: ``estimate_blocks(..., estimator=name)``.
 
-| name | what it is | where |
-|---|---|---|
-| ``"rescored"`` (default) | a search (``rescore_search``: Stream or bounds) with ``beam`` x the branches, then exact block masses of the candidates (every ``rescore_query_stride``-th query); keeps the heaviest | ``rescore_ref.py``; on Triton: Stream's kernel + ``rescore_triton`` |
-| ``"adaptive"`` | the same candidates (``top_k`` of them), keeps per row the fewest whose mass reaches ``top_p`` (at least ``min_blocks``) | ``rescore_ref.py``; on Triton as above |
-| ``"stream"`` | the paper's Stream refinement (representative keys of each branch's centre block) | ``estimator_ref.py``, ``estimator_triton.py`` |
-| ``"bounds"`` | hierarchical search scored by Quest's key min / max bound | ``search_ref.py`` |
-| ``"pooled"`` | hierarchical search scored by mean keys | ``search_ref.py`` |
-| ``"oneshot_pooled"`` | mean query . mean key of every block pair (MInference / FlexPrefill style baseline) | ``oneshot_ref.py`` |
-| ``"antidiagonal"`` | strided antidiagonal sums of every block pair (XAttention-style baseline) | ``oneshot_ref.py`` |
-| ``"oracle"`` | the exact top-k key blocks by dense block mass beside the sink and local blocks: the ceiling, for measurement (O(T^2) time) | ``oracle_estimate.py`` |
-
-All return int64 ``[batch, q_head, n_query_blocks, top_k]`` kept key blocks, ascending, ``-1`` in
-unused slots (``"adaptive"`` uses ``top_k`` as its cap and leaves unused slots). ``causal=True``
-wraps any of them in the strictly causal *lagged selection* of ``causal.py``.
-
-Backends: ``"stream"`` has its own Triton kernel. ``"rescored"`` and ``"adaptive"`` with
-``rescore_search="stream"`` run on Triton too, as two kernels: Stream's search keeps the
-candidates, then the fused rescoring kernel (``rescore_triton.py``) computes their exact block
-masses from ``q . k`` alone (every ``rescore_query_stride``-th query) and selects in the same
-launch (top-k, or per-row top-p without a sort). Everything else is torch code
-running on the tensors' device (slow on long GPU inputs: the bounds search and the chunked exact
-masses). Why ``"rescored"`` is the default: docs/fidelity.md.
+The estimators, their settings and where their code lives are listed once, in ``registry.py``
+(``REGISTRY``; ``ESTIMATORS`` holds the names). ``estimate_blocks`` is the public boundary: it
+checks q / k (``checks.check_attention_inputs``), builds or receives the ``BlockGeometry`` and
+the estimator's settings (validated when they are built), and calls the registered function,
+which checks nothing again. ``causal=True`` wraps any estimator in the strictly causal *lagged
+selection* of ``causal.py``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Any
 
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.kernels.causal import causal_inner_budget, lagged_selection
-from sparse_lens.kernels.dispatch import Backend, stream_estimate, use_triton
-from sparse_lens.kernels.oneshot_ref import antidiagonal_estimate, oneshot_pooled_estimate
-from sparse_lens.kernels.oracle_estimate import oracle_estimate
-from sparse_lens.kernels.rescore_ref import adaptive_estimate, rescored_estimate
-from sparse_lens.kernels.search_ref import SearchName, bounds_estimate, pooled_estimate
+from sparse_lens.errors import InvalidConfigError
+from sparse_lens.kernels.blocks import BlockGeometry
+from sparse_lens.kernels.causal import band_blocks, causal_inner_geometry, lagged_selection
+from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.dispatch import Backend, use_triton
+from sparse_lens.kernels.registry import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATORS,
+    EstimatorSettings,
+    get_estimator,
+    settings_from_fields,
+)
 
-EstimatorName = Literal["rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal", "oracle"]
-ESTIMATORS: tuple[str, ...] = (
-    "rescored", "adaptive", "stream", "bounds", "pooled", "oneshot_pooled", "antidiagonal", "oracle")
+__all__ = ["ESTIMATORS", "estimate_blocks"]
 
 
 def estimate_blocks(
     query: Float[Tensor, "batch q_head seq d_head"],
     key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry | None = None,
     *,
-    estimator: EstimatorName = "rescored",
-    query_block: int,
-    key_block: int,
-    top_k: int,
-    sink_blocks: int = 0,
-    local_blocks: int = 0,
-    representative_keys: int = 8,
-    beam: int = 4,
-    rescore_search: SearchName = "stream",
-    rescore_query_stride: int = 1,
-    top_p: float = 0.93,
-    min_blocks: int = 4,
-    antidiagonal_stride: int = 8,
+    estimator: str = DEFAULT_ESTIMATOR,
+    settings: EstimatorSettings | None = None,
     scale: float | None = None,
     backend: Backend = "auto",
     causal: bool = False,
+    query_block: int | None = None,
+    key_block: int | None = None,
+    top_k: int | None = None,
+    sink_blocks: int = 0,
+    local_blocks: int = 0,
+    **legacy_settings: Any,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Kept key blocks per (batch, query head, query block) by the named estimator.
 
     Args:
         query: Rotated queries.
         key: Rotated keys (``kv_head`` divides ``q_head``: GQA).
-        estimator: One of ``ESTIMATORS`` (table in this module's docstring).
-        query_block, key_block, top_k, sink_blocks, local_blocks: The block budget
-            (``StreamConfig``'s fields of the same names).
-        representative_keys: ``"stream"`` only: keys read per candidate branch.
-        beam: ``"rescored"``: candidates kept by the search, as a multiple of the searched slots.
-        rescore_search: ``"rescored"`` / ``"adaptive"``: the candidate search (``"stream"``,
-            ``"bounds"`` or ``"pooled"``).
-        rescore_query_stride: ``"rescored"`` / ``"adaptive"``: exact masses use every n-th query.
-        top_p: ``"adaptive"``: estimated mass to reach per row.
-        min_blocks: ``"adaptive"``: fewest blocks kept per row.
-        antidiagonal_stride: ``"antidiagonal"``: stride of the scored antidiagonals.
+        geometry: The block budget (``TracingConfig.geometry``). Or give ``query_block``,
+            ``key_block``, ``top_k`` (and ``sink_blocks``, ``local_blocks``, default 0) and it is
+            built here.
+        estimator: A name of ``ESTIMATORS`` (``registry.py`` lists them).
+        settings: The estimator's own settings (e.g. ``RescoredSettings(beam=2)``); default: its
+            defaults. ``TracingConfig.estimator_settings`` carries them.
         scale: Softmax scale of the attention (default ``d_head ** -0.5``); exact masses use it.
-        backend: ``"stream"`` only: Triton or the torch reference (see ``dispatch.py``).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (``dispatch.py``) for the parts
+            that have a Triton kernel (Stream's search, the rescoring, the oracle's masses).
         causal: Strictly causal selection (``causal.py``): the estimator runs with
             ``top_k - ceil(query_block / key_block)`` blocks and query block ``b`` keeps the
             blocks chosen for the query block before it plus the key blocks overlapping ``b``, so
             no query's blocks depend on later tokens. ``False``: each query block's own queries
             choose its blocks (later tokens of a block steer what earlier ones read).
-    """
-    if causal:
-        inner = causal_inner_budget(query_block=query_block, key_block=key_block, top_k=top_k,
-                                    sink_blocks=sink_blocks, local_blocks=local_blocks, min_blocks=min_blocks)
-        rows = estimate_blocks(
-            query, key, estimator=estimator, query_block=query_block, key_block=key_block, top_k=inner["top_k"],
-            sink_blocks=sink_blocks, local_blocks=inner["local_blocks"], representative_keys=representative_keys,
-            beam=beam, rescore_search=rescore_search, rescore_query_stride=rescore_query_stride, top_p=top_p,
-            min_blocks=inner["min_blocks"], antidiagonal_stride=antidiagonal_stride, scale=scale, backend=backend)
-        return lagged_selection(rows, seq_len=query.shape[2], query_block=query_block, key_block=key_block, top_k=top_k)
-    budget = dict(query_block=query_block, key_block=key_block, sink_blocks=sink_blocks, local_blocks=local_blocks)
-    fused = rescore_search == "stream" and use_triton(backend, query, query_block, key_block)
-    if estimator in ("rescored", "adaptive") and fused:
-        from sparse_lens.kernels.rescore_triton import rescore_top_k_triton, rescore_top_p_triton
+        legacy_settings: Deprecated: the estimator's settings as flat keywords (``beam=2``,
+            ``top_p=0.9``, ...), the spelling before ``settings=``; keywords the estimator does
+            not have are ignored, as before.
 
-        width = top_k if estimator == "adaptive" else sink_blocks + local_blocks + beam * (top_k - sink_blocks - local_blocks)
-        candidates = stream_estimate(query, key, top_k=width, representative_keys=representative_keys, backend=backend,
-                                     **budget)
-        rescore = dict(scale=scale, query_stride=rescore_query_stride, **budget)
-        if estimator == "rescored":
-            return rescore_top_k_triton(query, key, candidates, top_k=top_k, **rescore)
-        return rescore_top_p_triton(query, key, candidates, p=top_p, min_blocks=min_blocks, **rescore)
-    if estimator == "rescored":
-        return rescored_estimate(query, key, top_k=top_k, beam=beam, search=rescore_search, scale=scale,
-                                 representative_keys=representative_keys, query_stride=rescore_query_stride, **budget)
-    if estimator == "adaptive":
-        return adaptive_estimate(query, key, p=top_p, min_blocks=min_blocks, max_blocks=top_k, search=rescore_search,
-                                 representative_keys=representative_keys, estimate="exact", scale=scale,
-                                 query_stride=rescore_query_stride, **budget)
-    if estimator == "stream":
-        return stream_estimate(query, key, top_k=top_k, representative_keys=representative_keys, backend=backend,
-                               **budget)
-    if estimator == "bounds":
-        return bounds_estimate(query, key, top_k=top_k, **budget)
-    if estimator == "pooled":
-        return pooled_estimate(query, key, top_k=top_k, **budget)
-    if estimator == "oneshot_pooled":
-        return oneshot_pooled_estimate(query, key, top_k=top_k, **budget)
-    if estimator == "antidiagonal":
-        return antidiagonal_estimate(query, key, top_k=top_k, stride=antidiagonal_stride, scale=scale, **budget)
-    if estimator == "oracle":
-        return oracle_estimate(query, key, top_k=top_k, scale=scale, backend=backend, **budget)
-    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+    Returns:
+        int64 ``[batch, q_head, n_query_blocks, top_k]``, ascending, ``-1`` in unused slots at
+        the end of a row (``"adaptive"``: ``top_k`` is its cap).
+
+    Raises:
+        ShapeError: Malformed q / k.
+        BlockSizeError, InvalidConfigError: A bad block budget, unknown estimator, settings of
+            another estimator, settings that do not fit the geometry, or a ``top_k`` too small
+            for causal selection.
+    """
+    check_attention_inputs(query, key)
+    entry = get_estimator(estimator)
+    if geometry is None:
+        geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
+    elif (query_block, key_block, top_k) != (None, None, None) or (sink_blocks, local_blocks) != (0, 0):
+        raise TypeError("estimate_blocks: give either geometry= or the flat block fields, not both.")
+    if legacy_settings:
+        if settings is not None:
+            raise TypeError(f"estimate_blocks: give either settings= or flat settings, got both ({sorted(legacy_settings)}).")
+        warnings.warn(f"estimate_blocks(..., {', '.join(sorted(legacy_settings))}=...) is deprecated: pass "
+                      f"settings={entry.settings.__name__}(...) (sparse_lens.kernels.registry).",
+                      DeprecationWarning, stacklevel=2)
+        settings = settings_from_fields(estimator, legacy_settings)
+    settings = entry.settings() if settings is None else settings
+    if type(settings) is not entry.settings:
+        raise InvalidConfigError(f"estimator {estimator!r} takes {entry.settings.__name__}, got {type(settings).__name__}.")
+    settings.check(geometry)
+    use_triton(backend, query, geometry.query_block, geometry.key_block)  # InvalidConfigError for a bad backend
+    if not causal:
+        return entry.estimate(query, key, geometry, settings, scale=scale, backend=backend)
+    inner = causal_inner_geometry(geometry)
+    n_band = band_blocks(geometry.query_block, geometry.key_block)
+    rows = entry.estimate(query, key, inner, settings.for_inner_budget(n_band), scale=scale, backend=backend)
+    return lagged_selection(rows, seq_len=query.shape[2], query_block=geometry.query_block,
+                            key_block=geometry.key_block, top_k=geometry.top_k)

@@ -22,14 +22,13 @@ This file is the readable reference and the test oracle of the Triton kernel.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from sparse_lens.kernels.blocks import (
     UNUSED_SLOT,
+    BlockGeometry,
     num_blocks,
     pad_to_blocks,
     query_blocks_per_chunk,
@@ -50,21 +49,39 @@ def stream_estimate(
     local_blocks: int = 0,
     representative_keys: int = 8,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
-    """Kept key blocks per query block, ascending, ``-1`` in unused slots (int64)."""
+    """Kept key blocks per query block, ascending, ``-1`` in unused slots (int64).
+
+    Raises ``ShapeError`` for malformed q / k and ``BlockSizeError`` / ``InvalidConfigError``
+    for a bad block budget (``BlockGeometry``); ``representative_keys`` is
+    capped at ``key_block``.
+    """
     check_attention_inputs(query, key)
+    geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
+    return stream_estimate_unchecked(query, key, geometry, representative_keys=representative_keys)
+
+
+def stream_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    representative_keys: int = 8,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``stream_estimate`` on inputs the caller has validated (``estimate_blocks``)."""
+    query_block, key_block, top_k = geometry.query_block, geometry.key_block, geometry.top_k
+    sink_blocks, local_blocks = geometry.sink_blocks, geometry.local_blocks
     representative_keys = min(representative_keys, key_block)
     batch, n_q_heads, seq_len, d_head = query.shape
     n_query_blocks = num_blocks(seq_len, query_block)
     n_key_blocks = num_blocks(seq_len, key_block)
-    n_search = top_k - sink_blocks - local_blocks
+    n_search = geometry.n_search
     # Static facts (Python ints, so the function compiles with fullgraph=True): the first query
     # block that sees more than top_k key blocks, and the rounds that the widest search needs.
     first_searched = next(
         (j for j in range(n_query_blocks) if num_blocks(min((j + 1) * query_block, seq_len), key_block) > top_k),
         n_query_blocks,
     )
-    widest_range = n_key_blocks - sink_blocks - local_blocks
-    n_rounds = max(1, math.ceil(math.log2(max(2, -(-widest_range // max(n_search, 1))))))
+    n_rounds = geometry.search_rounds(seq_len)
 
     query_blocks: Float[Tensor, "batch q_head n_query_blocks query_block d_head"] = pad_to_blocks(
         query.float(), query_block

@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sparse_lens.kernels.blocks import (
-    check_estimator_settings,
+    BlockGeometry,
     fixed_blocks,
     keep_all_rows,
     num_blocks,
@@ -99,10 +99,18 @@ def oneshot_pooled_estimate(
     time and memory per head (not O(T log T)), O(T * D) for the pooling.
     """
     check_attention_inputs(query, key)
-    check_estimator_settings(query_block, key_block, top_k, sink_blocks, local_blocks)
-    scores = pooled_block_scores(query, key, query_block=query_block, key_block=key_block)
-    return top_k_of_block_scores(scores, seq_len=query.shape[2], query_block=query_block, key_block=key_block,
-                                 top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
+    return oneshot_pooled_estimate_unchecked(query, key, geometry)
+
+
+def oneshot_pooled_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``oneshot_pooled_estimate`` on inputs the caller has validated (``estimate_blocks``)."""
+    scores = pooled_block_scores(query, key, query_block=geometry.query_block, key_block=geometry.key_block)
+    return top_k_of_block_scores(scores, seq_len=query.shape[2], **geometry.as_kwargs())
 
 
 def antidiagonal_stride(stride: int, query_block: int, key_block: int) -> int:
@@ -181,8 +189,20 @@ def antidiagonal_estimate(
     ``normalize="softmax"``.
     """
     check_attention_inputs(query, key)
-    check_estimator_settings(query_block, key_block, top_k, sink_blocks, local_blocks)
-    scores = antidiagonal_block_scores(query, key, query_block=query_block, key_block=key_block,
+    geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
+    return antidiagonal_estimate_unchecked(query, key, geometry, stride=stride, normalize=normalize, scale=scale)
+
+
+def antidiagonal_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    stride: int = 8,
+    normalize: Literal["sum", "softmax"] = "sum",
+    scale: float | None = None,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``antidiagonal_estimate`` on inputs the caller has validated (``estimate_blocks``)."""
+    scores = antidiagonal_block_scores(query, key, query_block=geometry.query_block, key_block=geometry.key_block,
                                        stride=stride, normalize=normalize, scale=scale)
-    return top_k_of_block_scores(scores, seq_len=query.shape[2], query_block=query_block, key_block=key_block,
-                                 top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    return top_k_of_block_scores(scores, seq_len=query.shape[2], **geometry.as_kwargs())

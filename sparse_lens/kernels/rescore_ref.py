@@ -33,7 +33,7 @@ from torch import Tensor
 
 from sparse_lens.kernels.blocks import (
     UNUSED_SLOT,
-    check_estimator_settings,
+    BlockGeometry,
     fixed_blocks,
     gather_per_head,
     pad_to_blocks,
@@ -44,6 +44,7 @@ from sparse_lens.kernels.blocks import (
     visible_key_blocks,
 )
 from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.dispatch import Backend, rescore_top_k_unchecked, rescore_top_p_unchecked
 from sparse_lens.kernels.search_ref import (
     SearchName,
     key_block_prefix_sums,
@@ -284,19 +285,36 @@ def rescored_estimate(
     logits over the candidates); memory O(T) plus a chunk's scratch.
     """
     check_attention_inputs(query, key)
-    check_estimator_settings(query_block, key_block, top_k, sink_blocks, local_blocks)
+    geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
     if beam < 1:
         raise ValueError("beam must be >= 1.")
-    n_search = top_k - sink_blocks - local_blocks
-    wide = sink_blocks + local_blocks + beam * n_search
-    candidates = search_candidates(query, key, search, query_block=query_block, key_block=key_block, top_k=wide,
-                                   sink_blocks=sink_blocks, local_blocks=local_blocks,
-                                   representative_keys=representative_keys)
-    mass = candidate_block_mass(query, key, candidates, query_block=query_block, key_block=key_block,
-                                sink_blocks=sink_blocks, local_blocks=local_blocks, estimate="exact", scale=scale,
-                                query_stride=query_stride)
-    return keep_heaviest(candidates, mass, seq_len=query.shape[2], query_block=query_block, key_block=key_block,
-                         top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    return rescored_estimate_unchecked(query, key, geometry, beam=beam, search=search, scale=scale,
+                                       representative_keys=representative_keys, query_stride=query_stride,
+                                       backend="reference")
+
+
+def rescored_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    beam: int,
+    search: SearchName,
+    representative_keys: int,
+    scale: float | None,
+    query_stride: int,
+    backend: Backend,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``rescored_estimate`` on validated inputs, on ``backend``: the one composition of the
+    rescored estimator. The search (``search_candidates``: Stream's on its kernel when
+    ``backend`` picks Triton) keeps ``sink + local + beam * n_search`` candidates; the rescoring
+    (``dispatch.rescore_top_k_unchecked``: this module's ``rescore_top_k`` or the fused
+    ``rescore_top_k_triton``, chosen by ``backend``) computes their exact masses and keeps the
+    heaviest."""
+    wide = geometry.replace(top_k=geometry.n_fixed + beam * geometry.n_search)
+    candidates = search_candidates(query, key, search, wide, representative_keys=representative_keys, backend=backend)
+    return rescore_top_k_unchecked(query, key, candidates, geometry, scale=scale, query_stride=query_stride,
+                                   backend=backend)
 
 
 def keep_heaviest(
@@ -372,12 +390,41 @@ def adaptive_estimate(
     max_blocks`` plus the mass estimate (exact: attention logits over the ``max_blocks``
     candidates; pooled: O(max_blocks * query_block * D) per query block).
     """
+    if estimate == "exact":
+        check_attention_inputs(query, key)
+        geometry = BlockGeometry(query_block, key_block, max_blocks, sink_blocks, local_blocks)
+        return adaptive_estimate_unchecked(query, key, geometry, p=p, min_blocks=min_blocks, search=search,
+                                           representative_keys=representative_keys, scale=scale,
+                                           query_stride=query_stride, backend="reference")
     candidates, mass, always_keep = adaptive_candidates(
         query, key, query_block=query_block, key_block=key_block, max_blocks=max_blocks,
         sink_blocks=sink_blocks, local_blocks=local_blocks, search=search, estimate=estimate, scale=scale,
         query_stride=query_stride, representative_keys=representative_keys,
     )
     return select_top_p(candidates, mass, always_keep, p=p, min_blocks=min_blocks)
+
+
+def adaptive_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    p: float,
+    min_blocks: int,
+    search: SearchName,
+    representative_keys: int,
+    scale: float | None,
+    query_stride: int,
+    backend: Backend,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``adaptive_estimate`` (exact masses, ``max_blocks = geometry.top_k``) on validated inputs,
+    on ``backend``: the search keeps ``top_k`` candidates, the rescoring
+    (``dispatch.rescore_top_p_unchecked``: ``rescore_top_p`` or the fused ``rescore_top_p_triton``)
+    keeps per row the fewest heaviest reaching ``p``."""
+    candidates = search_candidates(query, key, search, geometry, representative_keys=representative_keys,
+                                   backend=backend)
+    return rescore_top_p_unchecked(query, key, candidates, geometry, p=p, min_blocks=min_blocks, scale=scale,
+                                   query_stride=query_stride, backend=backend)
 
 
 def adaptive_candidates(
@@ -402,10 +449,8 @@ def adaptive_candidates(
     """Steps 1-2 of ``adaptive_estimate``: ``(candidates, mass, always-kept mask)``, so that
     several ``p`` can be tried with ``select_top_p`` on one search."""
     check_attention_inputs(query, key)
-    check_estimator_settings(query_block, key_block, max_blocks, sink_blocks, local_blocks)
-    candidates = search_candidates(query, key, search, query_block=query_block, key_block=key_block,
-                                   top_k=max_blocks, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                                   representative_keys=representative_keys)
+    geometry = BlockGeometry(query_block, key_block, max_blocks, sink_blocks, local_blocks)
+    candidates = search_candidates(query, key, search, geometry, representative_keys=representative_keys)
     mass = candidate_block_mass(query, key, candidates, query_block=query_block, key_block=key_block,
                                 sink_blocks=sink_blocks, local_blocks=local_blocks, estimate=estimate, scale=scale,
                                 query_stride=query_stride)

@@ -26,7 +26,6 @@ head ``h // group``); ``n_kb = T / key_block``, ``n_qb = T / query_block``.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal
 
 import torch
@@ -34,7 +33,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from sparse_lens.kernels.blocks import (
-    check_estimator_settings,
+    BlockGeometry,
     first_searched_block,
     fixed_blocks,
     gather_per_head,
@@ -48,7 +47,7 @@ from sparse_lens.kernels.blocks import (
     visible_key_blocks,
 )
 from sparse_lens.kernels.checks import check_attention_inputs
-from sparse_lens.kernels.estimator_ref import stream_estimate
+from sparse_lens.kernels.dispatch import Backend, stream_estimate_unchecked
 
 # A range scorer: (query blocks of a chunk, their ids, candidate [start, end) key-block ranges)
 # -> a score per candidate, -inf for empty ranges. Higher is better.
@@ -60,12 +59,8 @@ def hierarchical_search(
     query: Float[Tensor, "batch q_head seq d_head"],
     key: Float[Tensor, "batch kv_head seq d_head"],
     score_ranges: RangeScorer,
+    geometry: BlockGeometry,
     *,
-    query_block: int,
-    key_block: int,
-    top_k: int,
-    sink_blocks: int,
-    local_blocks: int,
     bytes_per_candidate: int,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Stream's binary-search refinement, scoring candidate key-block ranges with ``score_ranges``.
@@ -75,13 +70,12 @@ def hierarchical_search(
     ``[B, Hq, chunk, n_cand]`` and returns ``[B, Hq, chunk, n_cand]`` scores (``-inf`` for
     empty ranges). With ``score_branches_by_center_block`` it is ``stream_estimate``.
     """
+    query_block, key_block, top_k = geometry.query_block, geometry.key_block, geometry.top_k
+    sink_blocks, local_blocks, n_search = geometry.sink_blocks, geometry.local_blocks, geometry.n_search
     batch, n_q_heads, seq_len, _ = query.shape
     n_query_blocks = num_blocks(seq_len, query_block)
-    n_key_blocks = num_blocks(seq_len, key_block)
-    n_search = top_k - sink_blocks - local_blocks
     first_searched = first_searched_block(seq_len, query_block, key_block, top_k)
-    widest_range = n_key_blocks - sink_blocks - local_blocks
-    n_rounds = max(1, math.ceil(math.log2(max(2, -(-widest_range // max(n_search, 1))))))
+    n_rounds = geometry.search_rounds(seq_len)
 
     query_blocks: Float[Tensor, "batch q_head n_query_blocks query_block d_head"] = split_into_blocks(query, query_block)
     n_visible: Int[Tensor, "n_query_blocks"] = visible_key_blocks(seq_len, query_block, key_block, device=query.device)
@@ -221,17 +215,25 @@ def pooled_estimate(
     in O(1) from a prefix sum of ``[n_key_blocks + 1, D]`` per key head.
     """
     check_attention_inputs(query, key)
-    check_estimator_settings(query_block, key_block, top_k, sink_blocks, local_blocks)
+    geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
     if query_stride == 0 and not mean_query:
         raise ValueError("query_stride=0 needs mean_query=True (no scoring query otherwise).")
-    n_queries = (num_blocks(query_block, query_stride) if query_stride else 0) + int(mean_query)
-    scorer = pooled_range_scorer(key, seq_len=query.shape[2], query_block=query_block, key_block=key_block,
-                                 query_stride=query_stride, mean_query=mean_query)
-    return hierarchical_search(
-        query, key, scorer, query_block=query_block, key_block=key_block, top_k=top_k,
-        sink_blocks=sink_blocks, local_blocks=local_blocks,
-        bytes_per_candidate=4 * (n_queries + 3 * query.shape[-1]),
-    )
+    return pooled_estimate_unchecked(query, key, geometry, query_stride=query_stride, mean_query=mean_query)
+
+
+def pooled_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    query_stride: int = 1,
+    mean_query: bool = False,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``pooled_estimate`` on inputs the caller has validated (``estimate_blocks``)."""
+    n_queries = (num_blocks(geometry.query_block, query_stride) if query_stride else 0) + int(mean_query)
+    scorer = pooled_range_scorer(key, seq_len=query.shape[2], query_block=geometry.query_block,
+                                 key_block=geometry.key_block, query_stride=query_stride, mean_query=mean_query)
+    return hierarchical_search(query, key, scorer, geometry, bytes_per_candidate=4 * (n_queries + 3 * query.shape[-1]))
 
 
 # ----- bounds: Quest's upper bound from a sparse table of key min / max ------------------------
@@ -331,24 +333,45 @@ def bounds_estimate(
     ``q_i . k`` in the range from above. Cost: 2x ``pooled_estimate``'s matmuls.
     """
     check_attention_inputs(query, key)
-    check_estimator_settings(query_block, key_block, top_k, sink_blocks, local_blocks)
+    geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
     if query_stride < 1:
         raise ValueError("query_stride must be >= 1.")
-    n_queries = num_blocks(query_block, query_stride)
-    scorer = bounds_range_scorer(key, seq_len=query.shape[2], query_block=query_block, key_block=key_block,
-                                 query_stride=query_stride)
-    return hierarchical_search(
-        query, key, scorer, query_block=query_block, key_block=key_block, top_k=top_k,
-        sink_blocks=sink_blocks, local_blocks=local_blocks,
-        bytes_per_candidate=4 * (3 * n_queries + 8 * query.shape[-1]),
-    )
+    return bounds_estimate_unchecked(query, key, geometry, query_stride=query_stride)
 
 
-def search_candidates(query, key, search: SearchName, *, representative_keys: int = 8, **kwargs) -> Tensor:
-    """Candidates of a hierarchical search by name (``representative_keys``: ``"stream"`` only)."""
+def bounds_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    query_stride: int = 1,
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """``bounds_estimate`` on inputs the caller has validated (``estimate_blocks``)."""
+    n_queries = num_blocks(geometry.query_block, query_stride)
+    scorer = bounds_range_scorer(key, seq_len=query.shape[2], query_block=geometry.query_block,
+                                 key_block=geometry.key_block, query_stride=query_stride)
+    return hierarchical_search(query, key, scorer, geometry, bytes_per_candidate=4 * (3 * n_queries + 8 * query.shape[-1]))
+
+
+SEARCHES = ("stream", "bounds", "pooled")
+
+
+def search_candidates(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    search: SearchName,
+    geometry: BlockGeometry,
+    *,
+    representative_keys: int = 8,
+    backend: Backend = "reference",
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """Candidates of a hierarchical search by name, on validated inputs: ``"stream"`` (on
+    ``backend``, see ``dispatch.py``; ``representative_keys`` is its setting), ``"bounds"`` or
+    ``"pooled"`` (torch)."""
     if search == "stream":
-        return stream_estimate(query, key, representative_keys=representative_keys, **kwargs)
-    estimators = {"pooled": pooled_estimate, "bounds": bounds_estimate}
-    if search not in estimators:
-        raise ValueError(f"search must be one of ('stream', 'bounds', 'pooled'), got {search!r}.")
-    return estimators[search](query, key, **kwargs)
+        return stream_estimate_unchecked(query, key, geometry, representative_keys=representative_keys, backend=backend)
+    if search == "pooled":
+        return pooled_estimate_unchecked(query, key, geometry)
+    if search == "bounds":
+        return bounds_estimate_unchecked(query, key, geometry)
+    raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")

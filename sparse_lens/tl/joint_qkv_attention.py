@@ -39,7 +39,7 @@ from transformer_lens.model_bridge.generalized_components.joint_qkv_position_emb
 )
 from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
-from sparse_lens.config import StreamConfig
+from sparse_lens.config import TracingConfig
 from sparse_lens.errors import PaddingNotSupportedError, UnsupportedModelError
 from sparse_lens.kernels import dense_attention
 from sparse_lens.tl.attention import (
@@ -66,7 +66,7 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stream = StreamConfig()
+        self.stream = TracingConfig()
         self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
         self.hook_block_indices = HookPoint()
         self.hook_block_mass = HookPoint()

@@ -18,7 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 from transformer_lens.utilities.multi_gpu import count_unique_devices, find_embedding_device
 
-from sparse_lens.config import StreamConfig
+from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, ShapeError, UnsupportedModelError
 from sparse_lens.tl.attention import SparseAttentionBridge
 from sparse_lens.tl.checkpointing import RecomputeState, checkpoint_blocks, recompute_state
@@ -37,7 +37,7 @@ class HookedSparseTransformer(TransformerBridge):
     def from_pretrained(
         cls,
         model_name: str = DEFAULT_MODEL,
-        stream: StreamConfig | None = None,
+        stream: TracingConfig | None = None,
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
@@ -62,7 +62,7 @@ class HookedSparseTransformer(TransformerBridge):
     def from_config(
         cls,
         hf_config: Any,
-        stream: StreamConfig | None = None,
+        stream: TracingConfig | None = None,
         *,
         seed: int = 0,
         tokenizer: Any = None,
@@ -100,7 +100,7 @@ class HookedSparseTransformer(TransformerBridge):
         cls,
         hf_model: Any,
         tokenizer: Any = None,
-        stream: StreamConfig | None = None,
+        stream: TracingConfig | None = None,
         *,
         model_name: str = "external",
     ) -> "HookedSparseTransformer":
@@ -126,26 +126,26 @@ class HookedSparseTransformer(TransformerBridge):
         # "sdpa" HF passes attention_mask=None for unpadded input; our attention ignores the
         # setting itself (it never calls HF's attention function).
         hf_model.config._attn_implementation = "sdpa"
-        model.stream = stream or StreamConfig()
+        model.stream = stream or TracingConfig()
         return model
 
     # ----- the sparse configuration ---------------------------------------------------------
     @property
-    def stream(self) -> StreamConfig:
-        """The StreamConfig every attention layer uses. Assign a new one to change it."""
+    def stream(self) -> TracingConfig:
+        """The TracingConfig every attention layer uses. Assign a new one to change it."""
         return self._stream_config
 
     @stream.setter
-    def stream(self, config: StreamConfig) -> None:
-        if not isinstance(config, StreamConfig):
-            raise InvalidConfigError(f"stream must be a StreamConfig, got {type(config).__name__}.")
+    def stream(self, config: TracingConfig) -> None:
+        if not isinstance(config, TracingConfig):
+            raise InvalidConfigError(f"stream must be a TracingConfig, got {type(config).__name__}.")
         for attention in self.sparse_attention_layers():
             attention.stream = config
         self._stream_config = config
 
     @contextlib.contextmanager
-    def stream_settings(self, **changes: Any) -> Iterator[StreamConfig]:
-        """Temporarily change StreamConfig fields: ``with model.stream_settings(mode="observe"): ...``."""
+    def stream_settings(self, **changes: Any) -> Iterator[TracingConfig]:
+        """Temporarily change TracingConfig fields: ``with model.stream_settings(mode="observe"): ...``."""
         previous = self.stream
         self.stream = previous.replace(**changes)
         try:

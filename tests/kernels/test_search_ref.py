@@ -50,7 +50,8 @@ def test_generic_search_with_the_centre_block_score_is_stream():
         return score_branches_by_center_block(query_blocks, key_blocks, block_ids, start, end, seq_len=300,
                                               query_block=16, key_block=16, representative_keys=8)
 
-    searched = search_ref.hierarchical_search(query, key, centre_score, bytes_per_candidate=4096, **settings)
+    searched = search_ref.hierarchical_search(query, key, centre_score, blocks.BlockGeometry(**settings),
+                                              bytes_per_candidate=4096)
     assert torch.equal(searched, stream_estimate(query, key, **settings))
 
 

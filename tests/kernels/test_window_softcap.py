@@ -223,6 +223,26 @@ def test_triton_forward_and_backward_equal_the_reference(name):
         torch.testing.assert_close(got, want, atol=3e-5, rtol=3e-5, msg=lambda m: f"{name} {what}: {m}")
 
 
+def test_triton_window_with_unequal_blocks_equals_the_oracle():
+    """Query blocks of 32 over key blocks of 16 (query tiles span two key blocks of the band)."""
+    from sparse_lens.kernels.sparse_attention_triton import block_sparse_attention_triton
+
+    query, key, value, sinks = draw(11)
+    band = window_band(SEQ, 32, 16, WINDOW, device=query.device)
+    indices = band.expand(*query.shape[:2], *band.shape)
+    tensors = [t.clone().requires_grad_() for t in (query, key, value)]
+    output, lse, _ = block_sparse_attention_triton(*tensors, indices, query_block=32, key_block=16, scale=SCALE,
+                                                   window=WINDOW, softcap=SOFTCAP)
+    expected_out, expected_lse, _ = dense_softmax(*tensors, scale=SCALE, window=WINDOW, softcap=SOFTCAP)
+    torch.testing.assert_close(output, expected_out, atol=3e-5, rtol=3e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=3e-5, rtol=3e-5)
+    weights = torch.randn(output.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    got = torch.autograd.grad((output * weights).sum(), tensors)
+    want = torch.autograd.grad((expected_out * weights).sum(), tensors)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, atol=3e-5, rtol=3e-5, msg=f"d {name}")
+
+
 def test_triton_dense_band_and_masses_equal_the_oracle():
     from sparse_lens.kernels.block_mass_triton import block_mass_rows_triton, kept_block_mass_triton
 

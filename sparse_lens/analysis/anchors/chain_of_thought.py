@@ -87,7 +87,7 @@ def generate_chain_of_thought(
     """The model's own chain of thought for ``question``: greedy decoding after
     ``chain_of_thought_prompt`` (chat template if the tokenizer has one), until the end-of-turn /
     EOS token or ``max_new_tokens``. The prompt is prefilled densely (observe mode) whatever the
-    model's ``StreamConfig``; decode steps are dense anyway.
+    model's ``TracingConfig``; decode steps are dense anyway.
 
     Small models decoding greedily tend to loop (the same sentence until ``max_new_tokens``).
     ``repetition_penalty`` > 1 and ``no_repeat_ngram_size`` > 0 apply Hugging Face's logits

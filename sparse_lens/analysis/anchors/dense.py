@@ -43,7 +43,7 @@ def sentence_attention_dense(
     if pattern.mode != "observe":
         raise ValueError("Dense sentence attention needs an observe-mode pattern (its lse is the dense normaliser).")
     if pattern.query is None or pattern.key is None:
-        raise ValueError("This pattern kept no queries/keys (StreamConfig.keep_qk=False).")
+        raise ValueError("This pattern kept no queries/keys (TracingConfig.keep_qk=False).")
     seq_len = pattern.seq_len
     spans = check_sentence_spans(spans, seq_len)
     n = len(spans)

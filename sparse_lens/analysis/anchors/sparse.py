@@ -127,7 +127,7 @@ def _kept_token_sentence_cells(pattern: BlockSparsePattern, spans: Sequence[Span
     probabilities ``exp(q.k * scale - lse)``, recomputed from the pattern's rotated q/k (time
     O(kept pairs), like the sparse attention itself)."""
     if pattern.query is None or pattern.key is None:
-        raise ValueError("Token-level sparse aggregation needs the pattern's queries/keys (StreamConfig.keep_qk=True).")
+        raise ValueError("Token-level sparse aggregation needs the pattern's queries/keys (TracingConfig.keep_qk=True).")
     if pattern.is_sliced:
         raise ValueError("Token-level sparse aggregation needs the whole pattern; this one was sliced along queries.")
     seq_len, qb, kb = pattern.seq_len, pattern.query_block, pattern.key_block
