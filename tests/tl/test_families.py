@@ -21,6 +21,18 @@ SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_l
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 NOTHING_PRUNED = sl.StreamConfig(query_block=16, key_block=16, top_k=8, sink_blocks=1, local_blocks=1)
 SEQ = 64
+WINDOW = 16  # tokens: binds at SEQ
+# Gemma 3 text: layer 0 sliding-window (its own RoPE base, 10 against the global layer's 10^4),
+# layer 1 global; QK-norm; scores scaled by query_pre_attn_scalar ** -0.5 (24, not head_dim 16)
+GEMMA3 = dict(**SHAPE, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                               "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+# Gemma 2: layer 0 sliding-window, layer 1 global (its default alternation); attention and final
+# logit soft-caps small enough to bind, with weights large enough (initializer_range) for scores of
+# a few units
+GEMMA2 = dict(**SHAPE, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+              final_logit_softcapping=5.0, initializer_range=0.2)
 
 FAMILIES = {
     # QK-norm per head (weight [d_head]), normed on [batch, head, pos, d_head] before RoPE
@@ -31,6 +43,8 @@ FAMILIES = {
     # causal mask, which must be accepted; the window hides nothing)
     "mistral": lambda: transformers.MistralConfig(**SHAPE, sliding_window=None),
     "mistral-window": lambda: transformers.MistralConfig(**SHAPE, sliding_window=SEQ),
+    # ... and with a window that binds (16 of 64 tokens): every layer keeps its window band
+    "mistral-window16": lambda: transformers.MistralConfig(**SHAPE, sliding_window=WINDOW),
     # Ministral 3: the Llama-4 query scale after RoPE; original_max 8 makes it bite at 64 tokens
     "ministral3": lambda: transformers.Ministral3Config(**SHAPE, head_dim=16, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.5,
@@ -43,6 +57,8 @@ FAMILIES = {
                                                     use_parallel_residual=True),
     # Nemotron: partial rotary, LayerNorm1P
     "nemotron": lambda: transformers.NemotronConfig(**SHAPE, head_dim=16, partial_rotary_factor=0.5),
+    "gemma2": lambda: transformers.Gemma2Config(**GEMMA2),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**GEMMA3),
 }
 
 
@@ -72,7 +88,8 @@ def test_logits_equal_the_hf_model_when_nothing_is_pruned(family):
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
         expected = reference(tokens).logits
-    assert cache["blocks.1.attn.hook_pattern"].pruned_fraction() == 0.0
+    if model.blocks[1].attn._sliding_window is None:  # a windowed layer's pattern leaves out what its window hides
+        assert cache["blocks.1.attn.hook_pattern"].pruned_fraction() == 0.0
     assert (logits - expected).abs().max() <= 1e-4
 
 
@@ -89,7 +106,7 @@ def test_hooks_equal_the_dense_bridge(family):
         _, cache = model.run_with_cache(tokens)
         _, dense_cache = dense.run_with_cache(tokens)
     hooks = ["attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z", "hook_resid_pre", "hook_resid_post"]
-    if family in ("qwen3", "olmo2", "stablelm"):
+    if family in ("qwen3", "olmo2", "stablelm", "gemma3"):
         hooks += ["attn.hook_q_normed", "attn.hook_k_normed"]
     for layer in range(2):
         for hook in hooks:
@@ -136,6 +153,10 @@ def test_each_family_exercises_its_feature():
     assert bridge("olmo2")._qk_norm_phase == "pre_reshape"
     assert bridge("stablelm")._qk_norm_phase == "post_reshape"
     assert bridge("mistral-window")._sliding_window == SEQ
+    for family in ("gemma2", "gemma3"):
+        model = sl.HookedSparseTransformer.from_hf_model(_random_hf(FAMILIES[family]()))
+        assert [block.attn._sliding_window for block in model.blocks] == [WINDOW, None]
+        assert [block.attn._softcap for block in model.blocks] == ([2.0, 2.0] if family == "gemma2" else [None, None])
     phi = _random_hf(FAMILIES["phi"]())
     cos, _ = phi.model.rotary_emb(torch.zeros(1), torch.arange(4)[None])
     assert cos.shape[-1] == 8 < phi.config.hidden_size // phi.config.num_attention_heads
@@ -147,10 +168,61 @@ def test_each_family_exercises_its_feature():
         assert (scaled(_tokens()).logits - unscaled(_tokens()).logits).abs().max() > 1e-3
 
 
-def test_a_binding_sliding_window_raises_naming_feature_and_layer():
-    model = sl.HookedSparseTransformer.from_hf_model(_random_hf(FAMILIES["mistral-window"]()), None, NOTHING_PRUNED)
-    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.0\.attn.*sliding-window attention \(window 64"):
-        model(_tokens(SEQ + 1))
+@pytest.mark.parametrize(
+    "family, change",
+    [
+        ("gemma2", {"sliding_window": SEQ}),
+        ("gemma2", {"attn_logit_softcapping": None}),
+        ("gemma2", {"final_logit_softcapping": None}),
+        ("gemma2", {"query_pre_attn_scalar": 16}),
+        ("gemma3", {"sliding_window": SEQ}),
+        ("gemma3", {"query_pre_attn_scalar": 16}),
+        ("gemma3", {"rope_parameters": {key: {"rope_type": "default", "rope_theta": 10000.0}
+                                        for key in ("sliding_attention", "full_attention")}}),
+        ("mistral-window16", {"sliding_window": None}),
+    ],
+)
+def test_the_gemma_and_window_configs_bind_their_features(family, change):
+    """Without its window, soft-caps, query_pre_attn_scalar or local RoPE base the HF model's
+    logits change (same weights), so the equality tests above would catch a bridge that dropped it."""
+    config = FAMILIES[family]()
+    changed = copy.deepcopy(config)
+    for name, value in change.items():
+        setattr(changed, name, value)
+    with torch.no_grad():
+        difference = (_random_hf(config)(_tokens()).logits - _random_hf(changed)(_tokens()).logits).abs().max()
+    assert difference > 1e-2
+
+
+WINDOW_BLOCKS = dict(query_block=8, key_block=8, sink_blocks=1, local_blocks=1)  # the window band: 3 blocks
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("top_k", [4, 2], ids=["band-fits", "band-wider-than-top-k"])
+def test_windowed_layers_keep_their_window_band_and_global_layers_are_pruned(family, top_k):
+    """A windowed layer keeps exactly its window band, padded to ``top_k`` when it fits and whole
+    (3 blocks > ``top_k``) when not, so its attention is exact: layer 0's ``hook_z`` equals the dense
+    bridge's. The global layer 1 is estimated and pruned, and the logits then differ from HF's."""
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    from sparse_lens.kernels.window import window_band, window_fits
+
+    hf_model = _random_hf(FAMILIES[family]())
+    reference = copy.deepcopy(hf_model)
+    dense = build_bridge_from_module(reference, reference.config.architectures[0], hf_config=reference.config)
+    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, sl.StreamConfig(top_k=top_k, **WINDOW_BLOCKS))
+    tokens = _tokens()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        expected, dense_cache = dense.run_with_cache(tokens)
+    band = window_band(SEQ, 8, 8, WINDOW)
+    assert band.shape[-1] == 3 and window_fits(WINDOW, 8, top_k) == (top_k >= 3)
+    kept = cache["blocks.0.attn.hook_pattern"].block_indices
+    assert kept.shape[-1] == max(top_k, 3)
+    assert torch.equal(kept[..., :3], band.expand(*kept.shape[:2], -1, -1)) and bool((kept[..., 3:] == -1).all())
+    assert (cache["blocks.0.attn.hook_z"] - dense_cache["blocks.0.attn.hook_z"]).abs().max() <= 1e-5
+    assert cache["blocks.1.attn.hook_pattern"].pruned_fraction() > 0.3
+    assert (logits - expected).abs().max() > 1e-2
 
 
 def test_decode_past_the_window_is_hf_sliding_window_attention():
@@ -162,11 +234,10 @@ def test_decode_past_the_window_is_hf_sliding_window_attention():
 @pytest.mark.parametrize(
     "config, feature, layer",
     [
-        (transformers.Gemma2Config(**SHAPE, head_dim=16), "attention logit soft-capping", "model.layers.1.self_attn"),
-        (transformers.Gemma2Config(**SHAPE, head_dim=16), "sliding-window attention", "model.layers.0.self_attn"),
-        (transformers.Gemma3TextConfig(**SHAPE, head_dim=16), "sliding-window attention", "model.layers.1.self_attn"),
+        (transformers.Gemma3TextConfig(**SHAPE, head_dim=16, use_bidirectional_attention=True),
+         "bidirectional (non-causal) attention", "blocks.0.attn"),
     ],
-    ids=["gemma2-softcap", "gemma2-window", "gemma3-window"],
+    ids=["gemma3-bidirectional"],
 )
 def test_unsupported_families_name_the_feature(config, feature, layer):
     with pytest.raises(sl.UnsupportedModelError) as error:
@@ -179,11 +250,12 @@ def test_an_unsupported_feature_in_a_supported_family_names_the_layer():
     torch.manual_seed(0)
     hf_model = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
     hf_model.config.architectures = ["LlamaForCausalLM"]
-    hf_model.model.layers[1].self_attn.attn_logit_softcapping = 30.0
-    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.1\.attn.*soft-capping"):
+    hf_model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.1\.attn.*learned attention sinks"):
         sl.HookedSparseTransformer.from_hf_model(hf_model)
 
 
 def test_supported_architectures_lists_the_new_families():
     assert {"Qwen3ForCausalLM", "Olmo2ForCausalLM", "MistralForCausalLM", "Ministral3ForCausalLM",
-            "PhiForCausalLM", "StableLmForCausalLM", "NemotronForCausalLM"} <= set(sl.SUPPORTED_ARCHITECTURES)
+            "PhiForCausalLM", "StableLmForCausalLM", "NemotronForCausalLM", "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM"} <= set(sl.SUPPORTED_ARCHITECTURES)
