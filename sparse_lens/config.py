@@ -55,7 +55,7 @@ class TracingConfig:
         local_blocks: Always-kept key blocks ending at the query block's diagonal. With
             ``key_block < query_block`` use ``local_blocks >= query_block // key_block`` so that
             every query sees its own position.
-        estimator: How kept blocks are chosen, a name of ``sparse_lens.kernels.registry.ESTIMATORS``:
+        estimator: How kept blocks are chosen, a name of ``ESTIMATORS`` (``kernels/registry.py``):
             ``"rescored"`` (default: a search keeping ``beam`` x the blocks, then exact block
             masses of those candidates pick the heaviest; measured closest to the exact top-k
             oracle, see docs/fidelity.md), ``"adaptive"`` (the same candidates, keeping per row
