@@ -49,7 +49,8 @@ DEFAULT_DENSE_LIMIT = 4096
 _DENSE_ONLY = (
     "A BlockSparsePattern is not a dense [batch, head, query, key] tensor: {what}. This is what "
     "transformer_lens.patching's get_act_patch_attn_head_pattern_* helpers (and generic_activation_patch "
-    "on hook_pattern) do; they do not apply to sparse attention. Instead: patch blocks.{{l}}.attn."
+    "on hook_pattern) do; they do not apply to sparse attention (for the *_every helpers, "
+    "sparse_lens.tl.patching refuses that sweep before the others run). Instead: patch blocks.{{l}}.attn."
     "hook_block_indices (a plain tensor hook: TL's patching and caching work on it), return "
     "pattern.with_block_indices(...) / pattern.with_gate(...) from a hook_pattern hook, use "
     "sparse_lens.analysis (block_attribution, suppress_span, path_patch), or pattern.token_probs() "
