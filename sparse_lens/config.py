@@ -164,12 +164,18 @@ class TracingConfig:
         if legacy:
             warnings.warn(_legacy_message(legacy, changes.get("estimator", self.estimator), "replace"),
                           DeprecationWarning, stacklevel=2)
+        # flat settings a deprecated StreamConfig was given (remembered for estimator changes, as it did)
+        flat = {**self.__dict__.get("_flat_settings", {}), **legacy}
         if legacy or ("estimator" in changes and "estimator_settings" not in changes):
             name = changes.get("estimator", self.estimator)
-            carried = {key: value for key, value in _fields_of(self.estimator_settings).items()
-                       if key in get_estimator(name).setting_names()}
-            changes["estimator_settings"] = settings_from_fields(name, {**carried, **legacy})
-        return replace(self, **changes)
+            own = get_estimator(name).setting_names()
+            carried = {key: value for key, value in {**flat, **_fields_of(self.estimator_settings), **legacy}.items()
+                       if key in own}
+            changes["estimator_settings"] = settings_from_fields(name, carried)
+        config = replace(self, **changes)
+        if flat:
+            object.__setattr__(config, "_flat_settings", flat)
+        return config
 
     def fields_dict(self) -> dict[str, Any]:
         """The constructor's fields, shallow (``estimator_settings`` stays an object):
@@ -191,6 +197,8 @@ class TracingConfig:
         settings = self.__dict__.get("estimator_settings")
         if settings is not None and hasattr(settings, name):
             return getattr(settings, name)
+        if name in self.__dict__.get("_flat_settings", {}):
+            return self.__dict__["_flat_settings"][name]
         owner = next(entry.settings for entry in REGISTRY.values() if name in entry.setting_names())
         return getattr(owner(), name)
 
@@ -225,10 +233,30 @@ class StreamConfig(metaclass=_StreamConfigAlias):
     ``TracingConfig`` those fields describe, with a ``DeprecationWarning`` that says what to write.
 
     Its fields are the former flat ones (so that code reading them, e.g. ``dataclasses.fields``,
-    keeps working): ``TracingConfig``'s shared fields and ``representative_keys``, ``beam``,
-    ``rescore_search``, ``rescore_query_stride``, ``top_p``, ``min_blocks``,
-    ``antidiagonal_stride``, which go into the estimator's settings (``settings_from_fields``:
-    each is validated, and ignored when the estimator has no such setting, as before).
+    keeps working): ``TracingConfig``'s shared fields, and the estimators' settings, which go into
+    the estimator's settings (``settings_from_fields``: each is validated; one the estimator does
+    not have is remembered for a later ``replace(estimator=...)`` and ``config.<name>``, as the
+    flat config kept it).
+
+    Attributes:
+        query_block: Tokens per query block (``TracingConfig.query_block``).
+        key_block: Tokens per key block (``TracingConfig.key_block``).
+        top_k: Key blocks kept per query block, sink and local blocks included (``TracingConfig.top_k``).
+        sink_blocks: Always-kept key blocks at the start (``TracingConfig.sink_blocks``).
+        local_blocks: Always-kept key blocks ending at the diagonal (``TracingConfig.local_blocks``).
+        estimator: The estimator's name (``TracingConfig.estimator``).
+        representative_keys: Now ``StreamSettings`` / ``RescoredSettings`` / ``AdaptiveSettings.representative_keys``.
+        beam: Now ``RescoredSettings.beam``.
+        rescore_search: Now ``RescoredSettings`` / ``AdaptiveSettings.rescore_search``.
+        rescore_query_stride: Now ``RescoredSettings`` / ``AdaptiveSettings.rescore_query_stride``.
+        top_p: Now ``AdaptiveSettings.top_p``.
+        min_blocks: Now ``AdaptiveSettings.min_blocks``.
+        antidiagonal_stride: Now ``AntidiagonalSettings.antidiagonal_stride``.
+        causal_selection: Strictly causal selection (``TracingConfig.causal_selection``).
+        mode: ``"sparse"``, ``"observe"`` or ``"dense"`` (``TracingConfig.mode``).
+        keep_qk: Keep rotated queries and keys in the pattern (``TracingConfig.keep_qk``).
+        observe_max_tokens: Cap on the length in observe mode (``TracingConfig.observe_max_tokens``).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (``TracingConfig.backend``).
     """
 
     query_block: int = field(default=64, metadata={"help": "tokens per query block"})
@@ -258,6 +286,8 @@ class StreamConfig(metaclass=_StreamConfigAlias):
         if legacy:
             message += "; " + _legacy_message(legacy, estimator, "StreamConfig")
         warnings.warn(message if legacy else message + ".", DeprecationWarning, stacklevel=2)
-        if legacy:
-            fields_["estimator_settings"] = settings_from_fields(estimator, legacy)
-        return TracingConfig(**fields_)
+        if not legacy:
+            return TracingConfig(**fields_)
+        config = TracingConfig(**fields_, estimator_settings=settings_from_fields(estimator, legacy))
+        object.__setattr__(config, "_flat_settings", legacy)  # read back by replace(estimator=...) and config.top_p
+        return config

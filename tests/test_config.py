@@ -104,3 +104,13 @@ def test_config_dataclasses_are_plain():
     # command-line flags are generated from these fields: each has a default and a help line
     for item in dataclasses.fields(sl.TracingConfig):
         assert item.default is not dataclasses.MISSING and item.metadata.get("help"), item.name
+
+
+def test_the_alias_remembers_flat_settings_for_a_later_estimator_as_the_flat_config_did():
+    with pytest.warns(DeprecationWarning):
+        config = sl.StreamConfig(top_k=3, min_blocks=2, top_p=0.7, representative_keys=4)
+    assert config.estimator_settings == sl.RescoredSettings(representative_keys=4)
+    adaptive = config.replace(estimator="adaptive")  # what model.stream_settings(estimator=...) does
+    assert adaptive.estimator_settings == sl.AdaptiveSettings(min_blocks=2, top_p=0.7, representative_keys=4)
+    with pytest.warns(DeprecationWarning):
+        assert config.top_p == 0.7
