@@ -19,23 +19,26 @@ Here, with ``metric`` read on the clean run's logits:
   block (gate 1 -> 0, the softmax not renormalised), so the estimate is ``-d metric / d gate``;
   this needs no corrupted run, as :func:`~sparse_lens.analysis.interventions.block_attribution`.
 
-How it runs, and its memory:
+How it runs, and its memory (``R`` = one ``[batch, T, d_model]`` residual-stream copy):
 
-1. the corrupted forward (no gradients) keeps the activations asked for (``hook_z`` of every
-   layer, ``hook_resid_pre`` of every layer when spans are asked for), on the model's device or in
-   host memory (``offload_activations=True``);
-2. the clean forward, with gradients, block by block under activation checkpointing
-   (:mod:`sparse_lens.tl.checkpointing`): each hook turns the stored corrupted activation into the
-   difference ``corrupted - clean`` in place and registers a gradient hook on the clean
-   activation; logits are built at ``positions`` only;
-3. one backward: when the gradient of a layer's activation arrives, the gradient hook reduces
-   ``gradient * difference`` to one number per head (per position for the residual stream) and
-   frees that layer's difference.
+1. the corrupted forward (no gradients) keeps only the residual stream entering each segment of
+   ``segment_layers`` blocks (``n_layers / k`` copies; in host memory with
+   ``offload_activations=True``) and the blocks' keyword arguments (position embeddings);
+2. the clean forward, with gradients, under activation checkpointing by segments of blocks
+   (:mod:`sparse_lens.tl.checkpointing`: ``n_layers / k`` segment inputs, in host memory with
+   ``offload=True``), each hook registering a gradient hook on the clean activation; logits are
+   built at ``positions`` only;
+3. one backward. When the gradient reaches a segment's output (before any of its blocks is
+   recomputed), the corrupted run of that segment is recomputed from its stored input, keeping
+   its ``k`` corrupted activations; while the clean blocks are recomputed their hooks note the
+   clean activations; when the gradient of a layer's activation arrives, its hook reduces
+   ``gradient * (corrupted - clean)`` to one number per head (per position for the residual
+   stream) and frees both.
 
-So the peak holds one ``[batch, T, d_model]`` difference per layer and activation kind (the part
-of the corrupted run that the estimate needs), the per-block checkpoints (on the device, or in
-host memory with ``offload=True``), and one block's intermediates. No whole-sequence activation
-of every layer is kept twice, and no logits beyond ``positions``.
+So the peak holds ``2 n_layers / k + 2 k`` residual copies (22 for 28 layers, ``k = 5``) plus one
+block's recompute and backward, instead of a corrupted activation and a block input per layer
+(56). The corrupted run costs two forwards, the clean one three (forward, segment and block
+recomputations), with one backward.
 
 Sign and scale: the results estimate ``metric(patched) - metric(clean)`` (a "noising" effect). To
 read them as TransformerLens tutorials normalise, divide by ``corrupted_metric - clean_metric``.
@@ -45,7 +48,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -55,7 +59,7 @@ from sparse_lens.analysis.positions import call_metric, kept_positions, logits_k
 from sparse_lens.analysis.span_patching import block_spans, check_spans
 from sparse_lens.errors import GradientModeError, ShapeError
 from sparse_lens.pattern import BlockSparsePattern
-from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing
+from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing, segments
 
 Span = tuple[int, int]
 _CHUNK = 65_536  # positions reduced at a time (fp32 products of one chunk only)
@@ -107,6 +111,7 @@ def attribution_patching(
     checkpoint: bool = True,
     offload: bool = False,
     offload_activations: bool = False,
+    segment_layers: int | Literal["sqrt"] = "sqrt",
 ) -> AttributionPatching:
     """Attribution patching of every head output, residual-stream span and (sparse) kept block.
 
@@ -124,10 +129,13 @@ def attribution_patching(
             many tokens, e.g. the key block), or None to skip the residual stream.
         gates: Estimate removing every kept block (``block_gate``; ``mode="sparse"`` only).
         corrupted_fwd_hooks: Extra TransformerLens hooks for the corrupted run only (e.g. noise
-            added to ``hook_embed``: a corruption that is not a token change).
-        checkpoint: Checkpoint every block (recompute in the backward). Off: the plain backward.
-        offload: Keep the block checkpoints in host memory.
-        offload_activations: Keep the corrupted activations (then the differences) in host memory.
+            added to ``hook_embed``: a corruption that is not a token change). They run again
+            when a segment of the corrupted run is recomputed (from its first block on).
+        checkpoint: Checkpoint the clean run by segments of blocks (recompute in the backward).
+            Off: the plain backward (the corrupted run is still recomputed by segments).
+        offload: Keep the clean run's segment checkpoints in host memory.
+        offload_activations: Keep the corrupted run's segment inputs in host memory.
+        segment_layers: Blocks per segment (an int, or ``"sqrt"``: ``ceil(sqrt(n_layers))``).
 
     Raises:
         GradientModeError: ``mode="observe"``, or ``gates`` outside ``mode="sparse"``.
@@ -148,56 +156,43 @@ def attribution_patching(
     if not (heads or span_list or gates):
         raise ValueError("attribution_patching: nothing to estimate (heads=False, no spans, gates=False).")
     n_layers = model.cfg.n_layers
-    names = ([f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)] if heads else []) + (
-        [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] if span_list else []
-    )
-    store_device = torch.device("cpu") if offload_activations else None
+    layer_ranges = segments(n_layers, segment_layers)
+    names = {layer: ([f"blocks.{layer}.attn.hook_z"] if heads else [])
+             + ([f"blocks.{layer}.hook_resid_pre"] if span_list else []) for layer in range(n_layers)}
+    run = _Runs(model, layer_ranges, offload_activations)
 
-    # 1. The corrupted run keeps the activations the estimate needs.
-    stored: dict[str, Tensor] = {}
-
-    def keeper(name: str) -> Callable:
-        def keep(value: Tensor, hook) -> Tensor:
-            kept = value.detach()
-            if store_device is not None:
-                kept = kept.to(store_device)
-                kept = kept.pin_memory() if torch.cuda.is_available() else kept
-            else:
-                kept = kept.clone()  # the difference is written into it in place
-            stored[name] = kept
-            return value
-
-        return keep
-
-    with torch.no_grad():
-        corrupted_logits = model.run_with_hooks(
-            corrupted_tokens, fwd_hooks=list(corrupted_fwd_hooks) + [(name, keeper(name)) for name in names],
-            use_cache=False, **logits_kwargs(index),
-        )
-        corrupted_metric = float(call_metric(metric, corrupted_logits, index))
-        del corrupted_logits
-
-    # 2. + 3. The clean run with gradients; gradient hooks reduce gradient x difference per layer.
     head_scores = torch.zeros(n_layers, model.cfg.n_heads, dtype=torch.float64)
     position_scores = torch.zeros(n_layers, seq_len, dtype=torch.float64)
     leaf: dict[str, Tensor] = {}
     gate_hooks = GateHooks(model) if gates else None
 
-    def difference_hook(kind: str, layer: int, name: str):
+    def difference_hook(layer: int, name: str) -> Callable:
         def hook(value: Tensor, hook) -> Tensor:
-            if is_recomputing(model) or not value.requires_grad:
+            if not value.requires_grad:
                 return value
-            difference = stored[name]
-            difference.sub_(value.detach().to(difference.device))
+            if not is_recomputing(model):
+                value.register_hook(partial(reduce, layer, name))
+            if is_recomputing(model) or not checkpoint:
+                run.clean[name] = value.detach()  # alive anyway while its block's backward runs
+            return value
 
-            def reduce(grad: Tensor) -> None:
-                delta = stored.pop(name).to(grad.device, non_blocking=True)
-                if kind == "z":
-                    head_scores[layer] += _products_per_head(grad, delta).double().cpu()
-                else:
-                    position_scores[layer] += _products_per_position(grad, delta).double().cpu()
+        return hook
 
-            value.register_hook(reduce)
+    def reduce(layer: int, name: str, grad: Tensor) -> None:
+        if name not in run.corrupted or name not in run.clean:
+            raise RuntimeError(f"attribution_patching: {name}'s gradient arrived before its corrupted and clean "
+                               "values (a hook edited the block order?).")
+        delta = run.corrupted.pop(name)
+        delta.sub_(run.clean.pop(name).to(delta.dtype))
+        if name.endswith("hook_z"):
+            head_scores[layer] += _products_per_head(grad, delta).double().cpu()
+        else:
+            position_scores[layer] += _products_per_position(grad, delta).double().cpu()
+
+    def segment_output_hook(layers: range) -> Callable:
+        def hook(value: Tensor, hook) -> Tensor:
+            if value.requires_grad and not is_recomputing(model):
+                value.register_hook(lambda grad: run.corrupted_segment(layers, names))
             return value
 
         return hook
@@ -206,20 +201,24 @@ def attribution_patching(
         leaf["embed"] = value.detach().requires_grad_(True)
         return leaf["embed"]
 
-    fwd_hooks: list[tuple[str, Callable]] = [("hook_embed", embed_leaf)]
+    clean_hooks: list[tuple[str, Callable]] = [("hook_embed", embed_leaf)]
     for layer in range(n_layers):
-        if heads:
-            fwd_hooks.append((f"blocks.{layer}.attn.hook_z", difference_hook("z", layer, f"blocks.{layer}.attn.hook_z")))
-        if span_list:
-            fwd_hooks.append((f"blocks.{layer}.hook_resid_pre",
-                              difference_hook("resid", layer, f"blocks.{layer}.hook_resid_pre")))
+        clean_hooks += [(name, difference_hook(layer, name)) for name in names[layer]]
+    clean_hooks += [(f"blocks.{layers[-1]}.hook_resid_post", segment_output_hook(layers)) for layers in layer_ranges]
     if gate_hooks is not None:
-        fwd_hooks += gate_hooks.hooks()
-    with _maybe_checkpoint(model, checkpoint, offload), model.hooks(fwd_hooks=fwd_hooks), torch.enable_grad():
-        value = call_metric(metric, model(clean_tokens, use_cache=False, **logits_kwargs(index)), index)
-        inputs = [leaf["embed"]] + (gate_hooks.gate_list() if gate_hooks is not None else [])
-        gradients = torch.autograd.grad(value, inputs, allow_unused=True)
-    stored.clear()
+        clean_hooks += gate_hooks.hooks()
+    checkpointing = checkpoint_blocks(model, offload=offload, segment_layers=segment_layers) if checkpoint \
+        else contextlib.nullcontext()
+    with checkpointing, run.hooks(clean_hooks, corrupted_fwd_hooks, names), _no_parameter_gradients(model):
+        # 1. The corrupted run keeps its segment inputs (no gradients: blocks run plainly).
+        with torch.no_grad():
+            corrupted_metric = float(call_metric(metric, run.corrupted_forward(corrupted_tokens, index), index))
+        # 2. + 3. The clean run with gradients; gradient hooks reduce gradient x difference per layer.
+        with torch.enable_grad():
+            value = call_metric(metric, model(clean_tokens, use_cache=False, **logits_kwargs(index)), index)
+            inputs = [leaf["embed"]] + (gate_hooks.gate_list() if gate_hooks is not None else [])
+            gradients = torch.autograd.grad(value, inputs, allow_unused=True)
+    run.clear()
 
     block_gate = block_indices = None
     if gate_hooks is not None:
@@ -243,6 +242,95 @@ def attribution_patching(
         clean_metric=float(value.detach()),
         corrupted_metric=corrupted_metric,
     )
+
+
+class _Runs:
+    """The two runs of one attribution: which one the hooks serve (``corrupted_phase``), the
+    corrupted run's segment inputs and block keyword arguments, and the activations waiting for
+    their gradient (``corrupted``: a segment's corrupted values, ``clean``: the clean values noted
+    while blocks are recomputed)."""
+
+    def __init__(self, model: Any, layer_ranges: list[range], offload: bool) -> None:
+        self.model, self.layer_ranges, self.offload = model, layer_ranges, offload
+        self.corrupted_phase = False
+        self.rerunning = False  # a segment of the corrupted run is being recomputed
+        self.segment_inputs: dict[int, Tensor] = {}
+        self.block_kwargs: dict[int, dict] = {}
+        self.corrupted: dict[str, Tensor] = {}
+        self.clean: dict[str, Tensor] = {}
+
+    @contextlib.contextmanager
+    def hooks(self, clean_hooks: list, corrupted_hooks: Sequence, names: dict[int, list[str]]) -> Iterator[None]:
+        """Every hook of both runs, each active in its own phase; block keyword-argument recorders."""
+        keep = [(name, self._keeper(name)) for layer_names in names.values() for name in layer_names]
+        starts = [(f"blocks.{layers[0]}.hook_resid_pre", self._segment_input(layers[0])) for layers in self.layer_ranges]
+        fwd_hooks = [(name, self._in_phase(hook, False)) for name, hook in clean_hooks]
+        fwd_hooks += [(name, self._in_phase(hook, True)) for name, hook in [*corrupted_hooks, *keep, *starts]]
+        handles = [block.register_forward_pre_hook(partial(self._record_kwargs, layer), with_kwargs=True)
+                   for layer, block in enumerate(self.model.blocks)]
+        try:
+            with self.model.hooks(fwd_hooks=fwd_hooks):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def corrupted_forward(self, tokens: Tensor, index: Tensor | None) -> Tensor:
+        """The corrupted forward (call without gradients): its logits at ``index``."""
+        self.corrupted_phase = True
+        try:
+            return self.model(tokens, use_cache=False, **logits_kwargs(index))
+        finally:
+            self.corrupted_phase = False
+
+    def corrupted_segment(self, layers: range, names: dict[int, list[str]]) -> None:
+        """Rerun the corrupted run's blocks ``layers`` from their stored input (no gradients),
+        keeping their activations named in ``names`` in ``self.corrupted``."""
+        hidden = self.segment_inputs.pop(layers[0])
+        hidden = hidden.to(self.model.cfg.device, non_blocking=True) if self.offload else hidden
+        self.corrupted_phase = self.rerunning = True
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    output = self.model.blocks[layer](hidden, **self.block_kwargs[layer])
+                    hidden = output[0] if isinstance(output, tuple) else output
+        finally:
+            self.corrupted_phase = self.rerunning = False
+
+    def clear(self) -> None:
+        self.segment_inputs.clear()
+        self.block_kwargs.clear()
+        self.corrupted.clear()
+        self.clean.clear()
+
+    def _in_phase(self, function: Callable, corrupted: bool) -> Callable:
+        def gated(value: Any, hook: Any) -> Any:
+            return function(value, hook=hook) if self.corrupted_phase == corrupted else value
+
+        return gated
+
+    def _keeper(self, name: str) -> Callable:
+        def keep(value: Tensor, hook) -> Tensor:
+            if self.rerunning:  # a fresh tensor nothing else uses after the rerun: the difference goes into it
+                self.corrupted[name] = value.detach()
+            return value
+
+        return keep
+
+    def _segment_input(self, layer: int) -> Callable:
+        def keep(value: Tensor, hook) -> Tensor:
+            if not self.rerunning:
+                kept = value.detach().clone()
+                if self.offload:
+                    kept = kept.to("cpu").pin_memory() if torch.cuda.is_available() else kept.to("cpu")
+                self.segment_inputs[layer] = kept
+            return value
+
+        return keep
+
+    def _record_kwargs(self, layer: int, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.corrupted_phase and layer not in self.block_kwargs:
+            self.block_kwargs[layer] = {name: value for name, value in kwargs.items() if name != "hidden_states"}
 
 
 # ----- shared with block_attribution ---------------------------------------------------------------
@@ -297,8 +385,18 @@ class GateHooks:
         return hook
 
 
-def _maybe_checkpoint(model: Any, checkpoint: bool, offload: bool) -> contextlib.AbstractContextManager:
-    return checkpoint_blocks(model, offload=offload) if checkpoint else contextlib.nullcontext()
+@contextlib.contextmanager
+def _no_parameter_gradients(model: Any) -> Iterator[None]:
+    """Parameters need no gradient while the context is open (restored after): nothing is saved for
+    weight gradients nobody asked for (2 residual copies less per block in the backward)."""
+    needing = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in needing:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in needing:
+            parameter.requires_grad_(True)
 
 
 def _products_per_head(

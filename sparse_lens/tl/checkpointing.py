@@ -20,19 +20,44 @@ did (same edits, same patterns), so hooks stay installed until the backward is o
 ``model.hooks(...)`` around forward *and* backward, not ``run_with_hooks``). Hooks that record
 something or create leaf tensors should act on the first pass only: :func:`is_recomputing`
 tells them which pass they are in.
+
+Two further cuts make the backward fit at a million tokens (measured on the CPU in residual-stream
+copies ``R = [batch, T, d_model]``, ``tests/tl/test_checkpointing.py``):
+
+- **Sequence-chunked norms.** TransformerLens' normalization bridges compute RMSNorm/LayerNorm in
+  fp32 over the whole sequence; their backward held seven fp32 ``[T, d_model]`` temporaries
+  (14 R, the peak of a block's backward). Inside the context every block norm and the final norm
+  run ``chunk_tokens`` positions at a time, each chunk checkpointed like an MLP chunk; hooks
+  ``hook_in``/``hook_out`` still see whole-sequence tensors. A norm whose inner hooks
+  (``hook_scale``, ``hook_normalized``) carry hooks runs unchunked, so those hooks see what they
+  always saw.
+- **Segments of blocks (sqrt checkpointing, Chen et al. 2016).** With ``segment_layers=k`` the
+  forward keeps only the input of every k-th block (one checkpoint per segment of k blocks); the
+  backward recomputes a segment (keeping its k block inputs), then each of its blocks. Memory:
+  ``n_layers / k + k`` block inputs instead of ``n_layers``, for one more forward of every block
+  (``segment_layers="sqrt"``: ``k = ceil(sqrt(n_layers))``, e.g. 6 + 5 = 11 instead of 28 for
+  Qwen2.5-1.5B). :func:`segments` names the segments; ``blocks.{last}.hook_resid_post`` of a
+  segment is its output, whose gradient arrives before any of the segment's blocks is
+  recomputed (attribution patching recomputes its corrupted run there).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
 _STATE_ATTRIBUTE = "_sparse_lens_recompute"
+DEFAULT_CHUNK_TOKENS = 65_536  # norm chunk when the model sets no mlp_chunk_tokens
+_NORM_FORWARDS = ("_python_norm_forward", "_hf_autograd_forward_with_hooks")  # between hook_in and hook_out
 
 
 @dataclass
@@ -43,6 +68,7 @@ class RecomputeState:
     installed: bool = False
     offload: bool = False
     recomputing: bool = False
+    passed_through: set[int] = field(default_factory=set)  # blocks a segment already ran in this forward
 
 
 def recompute_state(model: Any) -> RecomputeState:
@@ -85,46 +111,147 @@ def checkpointed_call(
         return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-def _checkpointed_block_forward(forward: Callable, state: RecomputeState, *args: Any, **kwargs: Any) -> Any:
-    if state.recomputing or not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-    if not args and "hidden_states" in kwargs:  # the block input must be positional to be a saved input
+def segments(n_layers: int, segment_layers: int | Literal["sqrt"] | None) -> list[range]:
+    """The layer ranges checkpointed together: ``segment_layers`` consecutive blocks each (the last
+    one shorter), ``"sqrt"``: ``ceil(sqrt(n_layers))`` blocks, ``None`` or 1: one block each."""
+    if segment_layers == "sqrt":
+        segment_layers = math.ceil(math.sqrt(n_layers))
+    if segment_layers is None:
+        segment_layers = 1
+    if not isinstance(segment_layers, int) or isinstance(segment_layers, bool) or segment_layers < 1:
+        raise ValueError(f"segment_layers must be a positive int, 'sqrt' or None, got {segment_layers!r}.")
+    return [range(start, min(start + segment_layers, n_layers)) for start in range(0, n_layers, segment_layers)]
+
+
+def _block_call_kwargs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The block input made positional (a saved input of the checkpoint), and no KV cache: a
+    checkpointed forward would append to it twice (forward and recomputation)."""
+    if not args and "hidden_states" in kwargs:
         args = (kwargs.pop("hidden_states"),)
-    # A KV cache would be appended to twice (forward and recomputation): a checkpointed forward fills none.
     for name in ("cache", "past_key_values"):
         if kwargs.get(name) is not None:
             kwargs[name] = None
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _checkpointed_block_forward(forward: Callable, state: RecomputeState, *args: Any, **kwargs: Any) -> Any:
+    if state.recomputing or not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    args, kwargs = _block_call_kwargs(args, kwargs)
     return checkpointed_call(forward, state, args, kwargs, offload=state.offload)
 
 
+def _segment_forward(forwards: list[Callable], layers: range, state: RecomputeState, *args: Any, **kwargs: Any) -> Any:
+    """Installed on a segment's first block: runs the whole segment under one checkpoint, each
+    block under its own inside it (also when the segment is recomputed); the segment's other
+    blocks then pass their input through (:func:`_passed_through_block`)."""
+    if state.recomputing or not torch.is_grad_enabled():
+        return forwards[layers[0]](*args, **kwargs)
+    args, kwargs = _block_call_kwargs(args, kwargs)
+
+    def run_segment(hidden: Tensor, **block_kwargs: Any) -> Any:
+        for layer in layers:
+            hidden = checkpointed_call(forwards[layer], state, (hidden,), dict(block_kwargs))
+        return hidden
+
+    output = checkpointed_call(run_segment, state, args, kwargs, offload=state.offload)
+    state.passed_through.update(layers[1:])
+    return output
+
+
+def _passed_through_block(forward: Callable, layer: int, state: RecomputeState, *args: Any, **kwargs: Any) -> Any:
+    """A segment's later block, called by the model's layer loop: its segment already ran it."""
+    if layer in state.passed_through:
+        state.passed_through.discard(layer)
+        return args[0] if args else kwargs["hidden_states"]
+    return forward(*args, **kwargs)
+
+
+def _chunked_norm(forward: Callable, chunk_tokens: int, state: RecomputeState, inner_hooks: list[HookPoint],
+                  hidden_states: Tensor) -> Tensor:
+    """A norm bridge's computation over ``chunk_tokens`` positions at a time (checkpointed with
+    gradients), unless the sequence is short or a hook sits inside it (see the module docstring)."""
+    if hidden_states.shape[-2] <= chunk_tokens or any(hook.has_hooks() for hook in inner_hooks):
+        return forward(hidden_states)
+    pieces = hidden_states.split(chunk_tokens, dim=-2)
+    if torch.is_grad_enabled() and hidden_states.requires_grad:
+        return torch.cat([checkpointed_call(forward, state, (piece,)) for piece in pieces], dim=-2)
+    return torch.cat([forward(piece) for piece in pieces], dim=-2)
+
+
+def _position_wise_norms(model: Any) -> list[NormalizationBridge]:
+    """The norm bridges acting on the residual stream: each block's direct norms and the final one."""
+    norms = [module for block in model.blocks for module in block.children() if isinstance(module, NormalizationBridge)]
+    final = getattr(model, "ln_final", None)
+    return norms + ([final] if isinstance(final, NormalizationBridge) else [])
+
+
+def _install_chunked_norms(model: Any, chunk_tokens: int, state: RecomputeState) -> list[NormalizationBridge]:
+    norms = _position_wise_norms(model)
+    for norm in norms:
+        inner = [m for m in norm.modules() if isinstance(m, HookPoint) and m not in (norm.hook_in, norm.hook_out)]
+        for name in _NORM_FORWARDS:
+            norm.__dict__.pop(name, None)
+            norm.__dict__[name] = partial(_chunked_norm, getattr(norm, name), chunk_tokens, state, inner)
+    return norms
+
+
 @contextlib.contextmanager
-def checkpoint_blocks(model: Any, *, offload: bool = False) -> Iterator[RecomputeState]:
+def checkpoint_blocks(
+    model: Any,
+    *,
+    offload: bool = False,
+    segment_layers: int | Literal["sqrt"] | None = None,
+    chunk_tokens: int | None = None,
+) -> Iterator[RecomputeState]:
     """Checkpoint every block of ``model`` (a TransformerLens bridge) while the context is open.
 
     Args:
         model: A ``HookedSparseTransformer`` or any ``TransformerBridge`` (``model.blocks``).
-        offload: Keep the checkpointed block inputs in host memory (pinned when CUDA is available).
+        offload: Keep the checkpointed block (or segment) inputs in host memory (pinned when CUDA
+            is available).
+        segment_layers: Blocks per outer checkpoint (module docstring): an int, ``"sqrt"``
+            (``ceil(sqrt(n_layers))``) or None (each block alone).
+        chunk_tokens: Positions per norm chunk (default: ``model.mlp_chunk_tokens``, else 65,536).
 
     Results do not change (the recomputation is deterministic: the estimator and the attention
-    forward have no atomics); only memory and time do (about one extra forward in the backward).
-    Entering it while it is already installed on ``model`` changes nothing (the outer one rules).
-    Forwards without gradients run exactly as without it.
+    forward have no atomics); only memory and time do (about one extra forward in the backward,
+    two with segments). Entering it while it is already installed on ``model`` changes nothing
+    (the outer one rules). Forwards without gradients run as without it (norms chunked).
     """
     state = recompute_state(model)
     if state.installed:
         yield state
         return
+    chunk_tokens = chunk_tokens or getattr(model, "mlp_chunk_tokens", None) or DEFAULT_CHUNK_TOKENS
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
     blocks = list(model.blocks)
+    layer_ranges = segments(len(blocks), segment_layers)
     state.installed, state.offload, state.recomputing = True, offload, False
+    state.passed_through.clear()
     for block in blocks:
         block.__dict__.pop("forward", None)
+    forwards = [block.forward for block in blocks]  # the classes' forwards
+    for layers in layer_ranges:
         # Into the instance dict directly: bridge components pass attribute writes to the HF module.
-        block.__dict__["forward"] = partial(_checkpointed_block_forward, block.forward, state)
+        first = blocks[layers[0]]
+        if len(layers) == 1:
+            first.__dict__["forward"] = partial(_checkpointed_block_forward, forwards[layers[0]], state)
+        else:
+            first.__dict__["forward"] = partial(_segment_forward, forwards, layers, state)
+        for layer in layers[1:]:
+            blocks[layer].__dict__["forward"] = partial(_passed_through_block, forwards[layer], layer, state)
+    norms = _install_chunked_norms(model, chunk_tokens, state)
     try:
         yield state
     finally:
         for block in blocks:
             block.__dict__.pop("forward", None)
+        for norm in norms:
+            for name in _NORM_FORWARDS:
+                norm.__dict__.pop(name, None)
         state.installed, state.offload, state.recomputing = False, False, False
+        state.passed_through.clear()
