@@ -29,22 +29,18 @@ from sparse_lens.analysis import (
     ruler_samples,
 )
 from sparse_lens.analysis.task_accuracy import DEFAULT_TASKS
-from sparse_lens.cli.config_flags import add_config_flags, config_values
-from sparse_lens.config import StreamConfig
+from sparse_lens.cli.config_flags import add_tracing_flags, tracing_config
+from sparse_lens.config import TracingConfig
 from sparse_lens.data import RULER_TASKS, make_sample
 from sparse_lens.errors import InvalidConfigError
-from sparse_lens.kernels import ESTIMATORS
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
-
-FIXED = {"mode": "sparse", "keep_qk": False}  # StreamConfig fields the command sets (no flags)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, GGUF path, HF directory or hub id")
     parser.add_argument("--length", type=int, default=2048, help="tokens per sample (prompt + --max-new-tokens)")
     parser.add_argument("--out", type=Path, default=Path("fidelity.json"), help="JSON file to write")
-    add_config_flags(parser, StreamConfig, exclude=FIXED, title="sparse attention (StreamConfig fields)",
-                     overrides={"estimator": {"choices": ESTIMATORS}})
+    add_tracing_flags(parser)
     parser.add_argument("--task", choices=sorted(RULER_TASKS), default="niah_single_1",
                         help="RULER task of the sample scored by fidelity and needle fidelity")
     parser.add_argument("--depth", type=float, default=None, help="needle depth 0..1 (default: drawn from the seed)")
@@ -66,12 +62,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"the sparse attention settings: {error}")
 
 
-def fidelity_config(args: argparse.Namespace) -> StreamConfig:
-    """The StreamConfig scored: every generated flag's value and the fields the command fixes."""
-    return StreamConfig(**config_values(StreamConfig, args, **FIXED))
+def fidelity_config(args: argparse.Namespace) -> TracingConfig:
+    """The TracingConfig scored: every generated flag's value, the estimator's settings flags
+    given, and the fields the command fixes (sparse mode, no queries and keys kept)."""
+    return tracing_config(args)
 
 
-def load_model(name: str, stream: StreamConfig, device: str) -> HookedSparseTransformer:
+def load_model(name: str, stream: TracingConfig, device: str) -> HookedSparseTransformer:
     if str(name) == DEFAULT_MODEL:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model needs no hub
     return HookedSparseTransformer.from_pretrained(name, stream=stream, device=device)

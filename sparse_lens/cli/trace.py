@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.needle import needle_recall
-from sparse_lens.cli.config_flags import add_config_flags, config_values
-from sparse_lens.config import ESTIMATORS, StreamConfig
+from sparse_lens.cli.config_flags import add_tracing_flags, tracing_config
+from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.data import needle_prompt, string_match_all
 from sparse_lens.report.trace import describe, parse_layers, write_trace_figures, write_trace_page
@@ -47,8 +47,6 @@ TRACE_BLOCK = 16
 AUTO_TOP_K_SHARE = 16  # --top-k auto keeps about 1 / AUTO_TOP_K_SHARE of the last query block's key blocks
 AUTO_SEARCHABLE = 2  # --top-k auto keeps at least this many blocks beyond the sink, local and diagonal ones
 SHORT_PROMPT = 0.9  # warn when the prompt fills less than this share of --length (a short --text document)
-FIXED = {"mode": "sparse", "keep_qk": False}  # StreamConfig fields the command sets (no flags)
-FIXED_FIELDS = tuple(FIXED)
 MIN_LENGTH = 128  # tokens a needle prompt needs besides its haystack and answer (chat template, instruction, question)
 
 
@@ -57,12 +55,12 @@ def auto_top_k(length: int, key_block: int, query_block: int, sink_blocks: int, 
     tokens has (so the share of pruned query-key pairs stays near 1 - 2 / AUTO_TOP_K_SHARE at any
     length), but at least ``AUTO_SEARCHABLE`` blocks beyond the always-kept ones (the sink, local and
     causal-selection diagonal blocks), so the estimator always chooses something; capped at the
-    prompt's key blocks, and never below what StreamConfig accepts."""
+    prompt's key blocks, and never below what TracingConfig accepts."""
     n_key_blocks = -(-length // key_block)
     band = -(-query_block // key_block)
     inner_local = max(local_blocks - band, 0)
     always_kept = band + sink_blocks + inner_local
-    fewest = max(band + max(1, sink_blocks + inner_local), sink_blocks + local_blocks)  # StreamConfig's minimum
+    fewest = max(band + max(1, sink_blocks + inner_local), sink_blocks + local_blocks)  # TracingConfig's minimum
     wanted = max(always_kept + AUTO_SEARCHABLE, -(-n_key_blocks // AUTO_TOP_K_SHARE))
     return max(fewest, min(wanted, n_key_blocks))
 
@@ -137,10 +135,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"the block settings: {error}")
 
 
-def trace_config(args: argparse.Namespace, top_k: int) -> StreamConfig:
-    """The StreamConfig of the trace: every generated flag's value, ``top_k`` resolved, and the
-    fields the command fixes (sparse mode, no queries and keys kept in the patterns)."""
-    return StreamConfig(**config_values(StreamConfig, args, top_k=top_k, **FIXED))
+def trace_config(args: argparse.Namespace, top_k: int) -> TracingConfig:
+    """The TracingConfig of the trace: every generated flag's value, ``top_k`` resolved, the
+    estimator's settings flags given, and the fields the command fixes (sparse mode, no queries
+    and keys kept in the patterns)."""
+    return tracing_config(args, top_k=top_k)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,9 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace your own document: FILE's text (UTF-8) is the haystack the needle is hidden in, "
                              "cut to --length tokens (a shorter document gives a shorter prompt, with a warning)")
     parser.add_argument("--out", type=Path, default=Path("trace_out"), help="output directory")
-    add_config_flags(
-        parser, StreamConfig, exclude=FIXED_FIELDS, title="sparse attention (StreamConfig fields)",
-        defaults={"query_block": TRACE_BLOCK, "key_block": TRACE_BLOCK, "top_k": "auto"},
+    add_tracing_flags(
+        parser, defaults={"query_block": TRACE_BLOCK, "key_block": TRACE_BLOCK, "top_k": "auto"},
         overrides={
             "query_block": {"type": _int_at_least(1), "help": "tokens per query block (default: %(default)s)"},
             "key_block": {"type": _int_at_least(1), "help": "tokens per key block (default: %(default)s)"},
@@ -165,8 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "prompt's blocks; short prompts then prune little)"},
             "sink_blocks": {"type": _int_at_least(0)},
             "local_blocks": {"type": _int_at_least(0)},
-            "estimator": {"choices": ESTIMATORS,
-                          "help": "how key blocks are kept (see StreamConfig.estimator); 'stream' is the fastest "
+            "estimator": {"help": "how key blocks are kept (see TracingConfig.estimator); 'stream' is the fastest "
                                   "(default: %(default)s)"},
         },
     )
@@ -289,7 +286,7 @@ def fidelity_skip_reason(setting: str, length: int) -> str:
             "--fidelity on forces it")
 
 
-def _warn_if_short(prompt_length: int, budget: int, document: Path | None, stream: StreamConfig) -> None:
+def _warn_if_short(prompt_length: int, budget: int, document: Path | None, stream: TracingConfig) -> None:
     """Warnings (stderr) for a prompt well short of the asked length and for a top_k that keeps
     every key block (nothing pruned)."""
     if prompt_length < SHORT_PROMPT * budget:
