@@ -19,7 +19,7 @@ from tests.conftest import tiny_llama_config
 
 SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-NOTHING_PRUNED = sl.StreamConfig(query_block=16, key_block=16, top_k=8, sink_blocks=1, local_blocks=1)
+NOTHING_PRUNED = sl.TracingConfig(query_block=16, key_block=16, top_k=8, sink_blocks=1, local_blocks=1)
 SEQ = 64
 WINDOW = 16  # tokens: binds at SEQ
 # Gemma 3 text: layer 0 sliding-window (its own RoPE base, 10 against the global layer's 10^4),
@@ -210,7 +210,7 @@ def test_windowed_layers_keep_their_window_band_and_global_layers_are_pruned(fam
     hf_model = _random_hf(FAMILIES[family]())
     reference = copy.deepcopy(hf_model)
     dense = build_bridge_from_module(reference, reference.config.architectures[0], hf_config=reference.config)
-    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, sl.StreamConfig(top_k=top_k, **WINDOW_BLOCKS))
+    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, sl.TracingConfig(top_k=top_k, **WINDOW_BLOCKS))
     tokens = _tokens()
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
@@ -250,8 +250,8 @@ def test_an_unsupported_feature_in_a_supported_family_names_the_layer():
     torch.manual_seed(0)
     hf_model = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
     hf_model.config.architectures = ["LlamaForCausalLM"]
-    hf_model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
-    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.1\.attn.*learned attention sinks"):
+    hf_model.model.layers[1].self_attn.key_multiplier = 2.0
+    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.1\.attn.*scaled keys"):
         sl.HookedSparseTransformer.from_hf_model(hf_model)
 
 

@@ -35,7 +35,7 @@ def test_local_directory_round_trip(tmp_path, smollm2):
     hf_model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=smollm2.cfg.d_vocab)).eval()
     hf_model.save_pretrained(tmp_path)
     smollm2.tokenizer.save_pretrained(tmp_path)
-    model = sl.HookedSparseTransformer.from_pretrained(str(tmp_path), sl.StreamConfig(query_block=16, key_block=16))
+    model = sl.HookedSparseTransformer.from_pretrained(str(tmp_path), sl.TracingConfig(query_block=16, key_block=16))
     tokens = model.to_tokens("Hello world, this is a local model.")
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf_model(tokens).logits, atol=1e-4, rtol=1e-4)
@@ -56,7 +56,7 @@ def test_a_binding_sliding_window_is_applied():
     torch.manual_seed(0)
     hf_model = AutoModelForCausalLM.from_config(config).eval()
     expected_model = copy.deepcopy(hf_model)
-    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, sl.StreamConfig(query_block=16, key_block=16))
+    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, sl.TracingConfig(query_block=16, key_block=16))
     tokens = torch.randint(0, 90, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(tokens) - expected_model(tokens).logits).abs().max() <= 1e-4
@@ -96,7 +96,7 @@ def test_a_package_of_parts_resolves_to_its_assembled_file(tmp_path, monkeypatch
 
 
 def test_padding_and_overlong_observe_raise():
-    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4, mode="observe", observe_max_tokens=64)
+    stream = sl.TracingConfig(query_block=16, key_block=16, top_k=4, mode="observe", observe_max_tokens=64)
     sparse, _ = sparse_and_dense(tiny_llama_config(), stream)
     tokens = torch.randint(0, 90, (2, 80))
     with pytest.raises(sl.ContextTooLongError):
@@ -110,7 +110,7 @@ def test_padding_and_overlong_observe_raise():
 
 
 def test_stream_settings_is_temporary():
-    sparse, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(top_k=8))
+    sparse, _ = sparse_and_dense(tiny_llama_config(), sl.TracingConfig(top_k=8))
     with sparse.stream_settings(top_k=3) as inside:
         assert inside.top_k == 3 and all(layer.stream.top_k == 3 for layer in sparse.sparse_attention_layers())
     assert sparse.stream.top_k == 8 and all(layer.stream.top_k == 8 for layer in sparse.sparse_attention_layers())
