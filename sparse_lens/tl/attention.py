@@ -20,10 +20,10 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
 - decoding with a KV cache (``generate``): the new queries attend densely to every cached key,
   O(T) per token. Prefill is sparse, decode is dense, as in sparse-prefill methods; decode
   steps fire no ``hook_pattern``;
-- the layer's sliding window and logit soft-cap, read from the HF module
-  (:mod:`sparse_lens.tl.windows`), go to every kernel call, prefill and decode, in every mode. A
-  windowed layer keeps its whole window band and runs no estimator (exact; the estimator runs
-  on the global layers only), whether or not the band fits ``top_k``: see
+- the layer's sliding window, logit soft-cap and learned sinks (gpt-oss), read from the HF module
+  (:mod:`sparse_lens.tl.windows`; ``sinks``), go to every kernel call, prefill and decode, in
+  every mode. A windowed layer keeps its whole window band and runs no estimator (exact; the
+  estimator runs on the global layers only), whether or not the band fits ``top_k``: see
   :mod:`sparse_lens.tl.windows`. Scores are scaled by the module's ``scaling`` (Gemma's
   ``query_pre_attn_scalar ** -0.5``), QK-norm runs before RoPE, and each layer takes the
   ``position_embeddings`` its HF decoder layer passes (Gemma 3: local layers their own RoPE base).
@@ -70,7 +70,7 @@ _UNSUPPORTED_HF_FEATURES = {
     "key_multiplier": "scaled keys",
 }
 # ... of which SparseAttentionBridge itself applies these (passed to every kernel call).
-_APPLIED_HF_FEATURES = ("attn_logit_softcapping",)
+_APPLIED_HF_FEATURES = ("attn_logit_softcapping", "sinks")
 # Bridge config flags that route attention through paths this bridge does not implement.
 _UNSUPPORTED_CONFIG_FLAGS = (
     "use_split_qkv_input", "use_attn_in", "gated_q_proj",
@@ -160,7 +160,8 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
 
         scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         n_cached = key.shape[2] - n_new
-        features = {"window": self._sliding_window, "softcap": self._softcap}
+        # sinks: per-head logits in the softmax normaliser (gpt-oss), read live (a Parameter)
+        features = {"window": self._sliding_window, "softcap": self._softcap, "sinks": getattr(hf_attn, "sinks", None)}
         if n_cached == 0:
             if attention_mask is not None and not hides_nothing_more(attention_mask, self._sliding_window):
                 raise PaddingNotSupportedError(
@@ -183,19 +184,21 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         *,
         window: int | None = None,
         softcap: float | None = None,
+        sinks: Float[Tensor, "q_head"] | None = None,
     ) -> Float[Tensor, "batch q_head seq d_head"]:
         """Prefill attention in ``self.stream``'s mode, firing the block hooks (module docstring).
-        ``window`` (tokens) / ``softcap``: the layer's sliding window and logit soft-cap, applied by
-        every kernel; a windowed layer keeps its whole window band instead of an estimate
+        ``window`` (tokens) / ``softcap`` / ``sinks``: the layer's sliding window, logit soft-cap and
+        per-head sink logits (in the softmax normaliser only; gpt-oss), applied by every kernel; a
+        windowed layer keeps its whole window band instead of an estimate
         (:func:`~sparse_lens.tl.windows.window_selection`)."""
         cfg = self.stream
         seq_len = query.shape[2]
         geometry = {"query_block": cfg.query_block, "key_block": cfg.key_block}
-        features = {"window": window, "softcap": softcap}
+        features = {"window": window, "softcap": softcap, "sinks": sinks}
         if cfg.mode == "observe":
             _check_observe_fits(query, key, value, scale, cfg)
         if cfg.mode == "dense":
-            if window is not None or softcap is not None:  # SDPA's is_causal applies neither
+            if any(feature is not None for feature in features.values()):  # SDPA's is_causal applies none
                 return dense_attention(query, key, value, scale=scale, backend=cfg.backend, **features)[0]
             return F.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]

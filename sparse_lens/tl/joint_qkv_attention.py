@@ -15,9 +15,13 @@ the layout itself: the adapter knows it) and replaces what happens between ``hoo
   dense joint bridge does not fire;
 - prefill: SparseAttentionBridge's own ``_prefill`` (the estimator, ``hook_block_indices``,
   ``hook_block_mass``, ``hook_pattern`` with a :class:`~sparse_lens.pattern.BlockSparsePattern`,
-  the three modes and edits), shared, not copied;
+  the three modes and edits), shared, not copied, with the layer's attention features read from
+  the HF module as there: logit soft-cap, learned sinks, and the sliding window (Phi-3-mini-4k:
+  2047 tokens) where it binds, i.e. when there are more keys than the window (the layer then keeps
+  its window band, exact: :mod:`sparse_lens.tl.windows`); a window no shorter than the keys hides
+  nothing and the estimator runs as without one (Phi-3-mini-128k's 262144);
 - decode with HF's KV cache (``cache=``, ``past_key_values=`` or NeoX's ``layer_past=``): dense
-  over every cached key;
+  over every cached key, with the same features;
 - ``hook_z`` -> output projection (per-head ``hook_result`` when ``cfg.use_attn_result``) ->
   ``hook_out``. ``hook_attn_scores`` never fires, as in SparseAttentionBridge.
 
@@ -43,13 +47,13 @@ from sparse_lens.config import TracingConfig
 from sparse_lens.errors import PaddingNotSupportedError, UnsupportedModelError
 from sparse_lens.kernels import dense_attention
 from sparse_lens.tl.attention import (
+    _APPLIED_HF_FEATURES,
     _UNSUPPORTED_CONFIG_FLAGS,
     _UNSUPPORTED_HF_FEATURES,
     SparseAttentionBridge,
-    _is_plain_causal,
-    _sliding_window,
     apply_rotary,
 )
+from sparse_lens.tl.windows import attention_softcap, hides_nothing_more, sliding_window
 
 # HF attention submodules of a QK-norm, which TL's joint bridge (and so this one) does not apply.
 _QK_NORM_MODULES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
@@ -59,10 +63,9 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
     """Fused-qkv RoPE self-attention whose pattern is estimated and applied block-sparsely."""
 
     # The sparse prefill and the messages about this layer are SparseAttentionBridge's: they read
-    # only ``stream``, ``name``, ``_layer_idx``, ``_sliding_window`` and the hook points set below.
+    # only ``stream``, ``name``, ``_layer_idx`` and the hook points set below.
     _prefill = SparseAttentionBridge._prefill
     _where = SparseAttentionBridge._where
-    _check_sliding_window = SparseAttentionBridge._check_sliding_window
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -70,7 +73,9 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
         self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
         self.hook_block_indices = HookPoint()
         self.hook_block_mass = HookPoint()
-        self._sliding_window: int | None = None  # tokens; set from the HF module in set_original_component
+        # Set from the HF module in set_original_component (sparse_lens.tl.windows).
+        self._sliding_window: int | None = None  # tokens; query i sees key j iff i - window < j <= i
+        self._softcap: float | None = None  # scores s -> softcap * tanh(s / softcap)
 
     @classmethod
     def replacing(cls, template: JointQKVPositionEmbeddingsAttentionBridge) -> "SparseJointQKVAttentionBridge":
@@ -89,14 +94,16 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
         here); ``UnsupportedModelError`` naming the layer for features this bridge does not apply."""
         super().set_original_component(component)
         unsupported = [
-            what for attr, what in _UNSUPPORTED_HF_FEATURES.items() if getattr(component, attr, None) is not None
+            what for attr, what in _UNSUPPORTED_HF_FEATURES.items()
+            if attr not in _APPLIED_HF_FEATURES and getattr(component, attr, None) is not None
         ]
         unsupported += [flag for flag in _UNSUPPORTED_CONFIG_FLAGS if getattr(self.config, flag, False)]
         if any(getattr(component, name, None) is not None for name in _QK_NORM_MODULES):
             unsupported.append("QK-norm (not applied by TransformerLens' fused-qkv bridge)")
         if getattr(component, "is_causal", True) is False:
             unsupported.append("bidirectional (non-causal) attention")
-        self._sliding_window = _sliding_window(component)
+        self._sliding_window = sliding_window(component)
+        self._softcap = attention_softcap(component)
         if unsupported:
             raise UnsupportedModelError(
                 f"{type(component).__name__} at {self._where()} uses {', '.join(unsupported)}, which "
@@ -129,21 +136,23 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
         query = self.hook_rot_q(query)
         key = self.hook_rot_k(key)
         key, value = self._update_kv_cache(key, value, **kwargs)
-        self._check_sliding_window(key.shape[2])
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
 
         scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         n_cached = key.shape[2] - n_new
+        binds = self._sliding_window is not None and key.shape[2] > self._sliding_window
+        features = {"window": self._sliding_window if binds else None, "softcap": self._softcap,
+                    "sinks": getattr(hf_attn, "sinks", None)}
         if n_cached == 0:
             attention_mask = kwargs.get("attention_mask")
-            if attention_mask is not None and not _is_plain_causal(attention_mask):
+            if attention_mask is not None and not hides_nothing_more(attention_mask, features["window"]):
                 raise PaddingNotSupportedError(
                     "An attention mask reached sparse attention: padded batches are not supported. "
                     "Run sequences of equal length (or one at a time)."
                 )
-            z = self._prefill(query, key, value, scale)
+            z = self._prefill(query, key, value, scale, **features)
         else:
-            z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached)
+            z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached, **features)
 
         z = rearrange(z, "batch head pos d_head -> batch pos (head d_head)").to(self.o.original_component.weight.dtype)
         if getattr(self.config, "use_attn_result", False):

@@ -50,6 +50,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "Phi-3, Phi-3.5, Phi-4-mini (fused qkv projection, GQA; partial rotary where set)",
     "GPTNeoXForCausalLM": "GPT-NeoX, Pythia (fused qkv projection interleaved per head, partial rotary, "
     "parallel attention and MLP)",
+    "GptOssForCausalLM": "gpt-oss (learned attention sinks, sliding-window layers interleaved with global ones, MoE)",
 }
 
 # Families TransformerLens 4.3 bridges but sparse_lens does not, and why (others: named by
@@ -57,7 +58,7 @@ SUPPORTED_ARCHITECTURES = {
 UNSUPPORTED_ARCHITECTURES: dict[str, str] = {}
 # Attention-module attributes (not None) naming features the attention bridges do not apply.
 _KERNEL_FEATURES = {
-    "sinks": "learned attention sinks",
+    "key_multiplier": "scaled keys",
 }
 
 
@@ -170,7 +171,7 @@ def check_supported(hf_model: Any) -> str:
 
 def kernel_features(hf_model: Any, max_layers: int = 4) -> dict[str, str]:
     """Attention features the bridges do not apply, each with the layers (HF module names) that
-    use it, e.g. ``{"learned attention sinks": "model.layers.0.self_attn, ... (24 of 24 attention layers)"}``."""
+    use it, e.g. ``{"scaled keys": "model.layers.0.self_attn, ... (24 of 24 attention layers)"}``."""
     found: dict[str, list[str]] = {}
     n_attention = 0
     for name, module in hf_model.named_modules():

@@ -23,7 +23,7 @@ from sparse_lens.tl.joint_qkv_attention import SparseJointQKVAttentionBridge
 
 SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=4096)
-NOTHING_PRUNED = sl.StreamConfig(query_block=16, key_block=16, top_k=8, sink_blocks=1, local_blocks=1)
+NOTHING_PRUNED = sl.TracingConfig(query_block=16, key_block=16, top_k=8, sink_blocks=1, local_blocks=1)
 SEQ = 64
 
 FAMILIES = {
@@ -54,7 +54,7 @@ def _random_hf(config, seed: int = 0):
     return hf_model
 
 
-def _sparse(family: str, stream: sl.StreamConfig = NOTHING_PRUNED):
+def _sparse(family: str, stream: sl.TracingConfig = NOTHING_PRUNED):
     """(sparse model, untouched copy of its HF model) for ``family``."""
     hf_model = _random_hf(FAMILIES[family]())
     reference = copy.deepcopy(hf_model)
@@ -109,7 +109,7 @@ def test_hooks_equal_the_dense_bridge(family):
 def test_a_pruned_run_differs_and_its_pattern_has_the_documented_shapes(family):
     """top_k 3 of 8 key blocks at 128 tokens: some blocks are pruned, the logits move away from
     the dense model's, and hook_pattern / hook_block_* carry [batch, head, n_query_blocks, top_k]."""
-    pruned = sl.StreamConfig(query_block=16, key_block=16, top_k=3, sink_blocks=1, local_blocks=1)
+    pruned = sl.TracingConfig(query_block=16, key_block=16, top_k=3, sink_blocks=1, local_blocks=1)
     model, reference = _sparse(family, pruned)
     tokens = _tokens(128)
     with torch.no_grad():
@@ -204,20 +204,53 @@ def test_supported_architectures_lists_the_fused_qkv_families():
 def test_an_unsupported_feature_of_a_fused_qkv_layer_names_the_layer():
     """Detection is by the HF module's attributes, not the architecture name."""
     hf_model = _random_hf(FAMILIES["phi3"]())
-    hf_model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
-    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.1\.attn.*learned attention sinks"):
+    hf_model.model.layers[1].self_attn.key_multiplier = 2.0
+    with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.1\.attn.*scaled keys"):
         sl.HookedSparseTransformer.from_hf_model(hf_model)
 
 
-def test_a_binding_sliding_window_raises_naming_feature_and_layer():
-    """Phi-3 reads its window from the config (Phi-3-mini-4k: 2047); one shorter than the prompt
-    raises, one as long as the prompt runs exactly."""
-    window = transformers.Phi3Config(**SHAPE, num_key_value_heads=2, pad_token_id=0, sliding_window=SEQ)
-    model = sl.HookedSparseTransformer.from_hf_model(_random_hf(window), None, NOTHING_PRUNED)
+def _phi3_window(window: int, stream: sl.TracingConfig = NOTHING_PRUNED):
+    hf_model = _random_hf(transformers.Phi3Config(**SHAPE, num_key_value_heads=2, pad_token_id=0,
+                                                  sliding_window=window))
+    reference = copy.deepcopy(hf_model)
+    return sl.HookedSparseTransformer.from_hf_model(hf_model, None, stream), reference
+
+
+def test_a_binding_sliding_window_is_applied():
+    """Phi-3 reads its window from the config (Phi-3-mini-4k: 2047). A window of 32 at 64 tokens
+    binds: every layer keeps its window band and equals HF's sliding-window attention, in prefill
+    and in KV-cached decode past the window."""
+    from transformers import DynamicCache
+
+    model, reference = _phi3_window(SEQ // 2)
+    tokens = _tokens()
     with torch.no_grad():
-        model(_tokens(SEQ))
-        with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.0\.attn.*sliding-window attention \(window 64"):
-            model(_tokens(SEQ + 1))
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+        expected = reference(tokens).logits
+    assert cache["blocks.0.attn.hook_pattern"].window == SEQ // 2
+    assert (logits - expected).abs().max() <= 1e-4
+
+    bridged = model.original_model
+    cache_kwarg = "cache" if "cache" in inspect.signature(bridged.forward).parameters else "past_key_values"
+    kv_cache = DynamicCache(config=bridged.config)
+    with torch.no_grad():
+        steps = [bridged(input_ids=tokens[:1, :SEQ - 4], use_cache=True, **{cache_kwarg: kv_cache}).logits[:, -1]]
+        for position in range(SEQ - 4, SEQ):
+            step = bridged(input_ids=tokens[:1, position:position + 1], use_cache=True, **{cache_kwarg: kv_cache})
+            steps.append(step.logits[:, -1])
+    assert (torch.stack(steps, dim=1) - expected[:1, SEQ - 5:]).abs().max() <= 1e-4
+
+
+def test_a_window_longer_than_the_input_hides_nothing_and_the_estimator_runs():
+    """Phi-3-mini-128k's window (262144) never binds: the layer is a global one (no window band,
+    which would keep every block), so a top_k of 3 of 8 key blocks prunes."""
+    pruned = sl.TracingConfig(query_block=16, key_block=16, top_k=3, sink_blocks=1, local_blocks=1)
+    model, _ = _phi3_window(262144, pruned)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(_tokens(128), names_filter=lambda name: name.endswith("hook_pattern"))
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    assert pattern.window is None and pattern.block_indices.shape[-1] == 3
+    assert pattern.pruned_fraction() > 0.0
 
 
 def test_bidirectional_attention_in_a_fused_qkv_layer_names_the_layer():
