@@ -27,7 +27,7 @@ from sparse_lens.kernels.blocks import blocks_overlapping, num_blocks
 from sparse_lens.pattern import BlockSparsePattern
 
 if TYPE_CHECKING:
-    from sparse_lens.analysis.fidelity import DenseTrace
+    from sparse_lens.analysis.fidelity_metrics import DenseTrace
     from sparse_lens.tl.model import HookedSparseTransformer
 
 

@@ -260,7 +260,7 @@ def registered_settings() -> dict[str, type]:
 
 def add_tracing_flags(parser: argparse.ArgumentParser, *, defaults: Mapping[str, Any] | None = None,
                       overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """The flags of ``TracingConfig`` (but :data:`FIXED`) and of every registered estimator's
+    """The flags of ``TracingConfig`` (but ``FIXED``) and of every registered estimator's
     settings; ``--estimator`` chooses among the registered names."""
     from sparse_lens.config import TracingConfig
 
@@ -273,7 +273,7 @@ def add_tracing_flags(parser: argparse.ArgumentParser, *, defaults: Mapping[str,
 
 
 def tracing_config(args: argparse.Namespace, **fixed: Any) -> Any:
-    """The ``TracingConfig`` the flags describe, with :data:`FIXED` and ``fixed`` (e.g. a resolved
+    """The ``TracingConfig`` the flags describe, with ``FIXED`` and ``fixed`` (e.g. a resolved
     ``top_k``) taking precedence (:func:`config_from_flags`)."""
     from sparse_lens.config import TracingConfig
 

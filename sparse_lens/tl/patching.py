@@ -33,7 +33,7 @@ _BY_POS = {name: getattr(patching, f"get_act_patch_attn_head_{name}_by_pos") for
 
 
 def check_patch_types(patch_types: Sequence[str]) -> tuple[str, ...]:
-    """``patch_types`` validated: names of :data:`PATCH_TYPES` without ``"pattern"``.
+    """``patch_types`` validated: names of ``PATCH_TYPES`` without ``"pattern"``.
 
     Raises:
         DensePatternRequiredError: ``"pattern"`` is asked for (before anything runs).
