@@ -110,3 +110,21 @@ def test_the_fidelity_function_and_its_module_have_different_names():
     assert DenseTrace is metrics.DenseTrace
     importlib.import_module("sparse_lens.analysis.fidelity")
     assert callable(sl.analysis.fidelity)
+
+
+DEPRECATED_MODULES = ("sparse_lens.analysis.fidelity", "sparse_lens.cli.trace_report")  # shims kept one release
+
+
+def test_the_package_imports_no_deprecated_module_path():
+    # (``from sparse_lens.analysis import fidelity`` is the function: only module paths count.)
+    offenders = {}
+    for path in python_files("sparse_lens"):
+        if module_name(path) in DEPRECATED_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            modules = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                       [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            found = [module for module in modules if module in DEPRECATED_MODULES]
+            if found and module_name(path) != "sparse_lens.analysis.__init__":  # it loads the shim first, on purpose
+                offenders.setdefault(module_name(path), []).extend(found)
+    assert not offenders, f"modules importing a deprecated path (import the new module): {offenders}"
