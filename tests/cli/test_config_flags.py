@@ -40,6 +40,7 @@ class Toy:
     flag: bool = True
     cap: int | None = None
     kind: Literal["x", "y"] = "x"
+    nested: dict | None = None  # no command-line form: no flag
 
 
 def toy_parser(**kwargs) -> argparse.ArgumentParser:
@@ -61,6 +62,12 @@ def test_every_field_becomes_a_typed_flag_with_its_default_and_help():
     text = parser.format_help()
     assert "How many (default: 3)" in text and "Second sentence" not in text
     assert "A rate spread over two lines (default: 0.5)" in text and "the name (default: a)" in text
+
+
+def test_a_field_without_a_command_line_form_gets_no_flag():
+    parser = toy_parser()
+    assert "--nested" not in parser.format_help() and not hasattr(parser.parse_args([]), "nested")
+    assert Toy(**config_values(Toy, parser.parse_args([]))).nested is None
 
 
 def test_exclude_defaults_overrides_and_fixed_values():
