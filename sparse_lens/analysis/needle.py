@@ -325,4 +325,5 @@ def _answer_row_figures(
 def _attention_scale(model: HookedSparseTransformer, layer: int) -> float:
     """The softmax scale the model's attention uses (as SparseAttentionBridge reads it)."""
     hf_attention = model.blocks[layer].attn.original_component
-    return float(getattr(hf_attention, "scaling", hf_attention.head_dim**-0.5))
+    scaling = getattr(hf_attention, "scaling", None)  # GPT-NeoX's module has scaling but no head_dim
+    return float(scaling if scaling is not None else hf_attention.head_dim**-0.5)

@@ -258,3 +258,16 @@ def test_bidirectional_attention_in_a_fused_qkv_layer_names_the_layer():
     hf_model.gpt_neox.layers[0].attention.is_causal = False
     with pytest.raises(sl.UnsupportedModelError, match=r"blocks\.0\.attn.*bidirectional"):
         sl.HookedSparseTransformer.from_hf_model(hf_model)
+
+
+def test_the_needle_probe_reads_a_fused_qkv_layer():
+    """needle_fidelity's own dense pass (hooks on hook_rot_q/k, the scale read from the HF module:
+    GPT-NeoX's has ``scaling`` but no ``head_dim``) gives the figures of a collect_dense trace."""
+    pruned = sl.TracingConfig(query_block=16, key_block=16, top_k=3, sink_blocks=1, local_blocks=1)
+    model, _ = _sparse("gpt-neox", pruned)
+    tokens = _tokens(128)[:1]
+    with torch.no_grad():
+        probed = sl.analysis.needle_fidelity(model, tokens, [(40, 44)])
+        traced = sl.analysis.needle_fidelity(model, tokens, [(40, 44)], dense=sl.analysis.collect_dense(model, tokens))
+    assert torch.allclose(probed.row_recall, traced.row_recall, atol=1e-5)
+    assert torch.equal(probed.kept, traced.kept)
