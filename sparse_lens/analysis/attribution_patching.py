@@ -30,12 +30,12 @@ How it runs, and its memory (``R`` = one ``[batch, T, d_model]`` residual-stream
    built at ``positions`` only;
 3. one backward. When the gradient reaches a segment's output (before any of its blocks is
    recomputed), the corrupted run of that segment is recomputed from its stored input, keeping
-   its ``k`` corrupted activations; while the clean blocks are recomputed their hooks note the
-   clean activations; when the gradient of a layer's activation arrives, its hook reduces
+   its ``k`` corrupted activations; when a clean block is recomputed, its hooks subtract the clean
+   activations from them in place; when the gradient of a layer's activation arrives, its hook reduces
    ``gradient * (corrupted - clean)`` to one number per head (per position for the residual
    stream) and frees both.
 
-So the peak holds ``2 n_layers / k + 2 k`` residual copies (22 for 28 layers, ``k = 5``) plus one
+So the peak holds ``2 n_layers / k + 2 k`` residual copies (22 for 28 layers, ``k = 6``) plus one
 block's recompute and backward, instead of a corrupted activation and a block input per layer
 (56). The corrupted run costs two forwards, the clean one three (forward, segment and block
 recomputations), with one backward.
@@ -172,18 +172,24 @@ def attribution_patching(
                 return value
             if not is_recomputing(model):
                 value.register_hook(partial(reduce, layer, name))
-            if is_recomputing(model) or not checkpoint:
-                run.clean[name] = value.detach()  # alive anyway while its block's backward runs
+            if not checkpoint:  # the plain backward: the corrupted value comes later, in the backward
+                run.clean[name] = value.detach()
+            elif is_recomputing(model) and name in run.corrupted:  # the first recomputation of its block
+                corrupted = run.corrupted.pop(name)
+                run.differences[name] = corrupted.sub_(value.detach().to(corrupted.dtype))
             return value
 
         return hook
 
     def reduce(layer: int, name: str, grad: Tensor) -> None:
-        if name not in run.corrupted or name not in run.clean:
+        if name in run.differences:
+            delta = run.differences.pop(name)
+        elif name in run.corrupted and name in run.clean:
+            delta = run.corrupted.pop(name)
+            delta.sub_(run.clean.pop(name).to(delta.dtype))
+        else:
             raise RuntimeError(f"attribution_patching: {name}'s gradient arrived before its corrupted and clean "
-                               "values (a hook edited the block order?).")
-        delta = run.corrupted.pop(name)
-        delta.sub_(run.clean.pop(name).to(delta.dtype))
+                               "values were known.")
         if name.endswith("hook_z"):
             head_scores[layer] += _products_per_head(grad, delta).double().cpu()
         else:
@@ -247,8 +253,9 @@ def attribution_patching(
 class _Runs:
     """The two runs of one attribution: which one the hooks serve (``corrupted_phase``), the
     corrupted run's segment inputs and block keyword arguments, and the activations waiting for
-    their gradient (``corrupted``: a segment's corrupted values, ``clean``: the clean values noted
-    while blocks are recomputed)."""
+    their gradient (``corrupted``: a segment's corrupted values; ``differences``: corrupted - clean,
+    made in place when the clean block is first recomputed; ``clean``: the clean values, plain
+    backward only)."""
 
     def __init__(self, model: Any, layer_ranges: list[range], offload: bool) -> None:
         self.model, self.layer_ranges, self.offload = model, layer_ranges, offload
@@ -258,6 +265,7 @@ class _Runs:
         self.block_kwargs: dict[int, dict] = {}
         self.corrupted: dict[str, Tensor] = {}
         self.clean: dict[str, Tensor] = {}
+        self.differences: dict[str, Tensor] = {}
 
     @contextlib.contextmanager
     def hooks(self, clean_hooks: list, corrupted_hooks: Sequence, names: dict[int, list[str]]) -> Iterator[None]:
@@ -302,6 +310,7 @@ class _Runs:
         self.block_kwargs.clear()
         self.corrupted.clear()
         self.clean.clear()
+        self.differences.clear()
 
     def _in_phase(self, function: Callable, corrupted: bool) -> Callable:
         def gated(value: Any, hook: Any) -> Any:

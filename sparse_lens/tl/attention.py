@@ -60,6 +60,7 @@ from sparse_lens.kernels import (
     kept_block_mass,
 )
 from sparse_lens.pattern import BlockSparsePattern
+from sparse_lens.tl.checkpointing import STATE_ATTRIBUTE_OF_ATTENTION, remembered_selection
 from sparse_lens.tl.pattern_hooks import fire_block_indices, fire_block_mass, fire_pattern
 from sparse_lens.tl.windows import attention_softcap, hides_nothing_more, sliding_window, window_selection
 
@@ -207,8 +208,10 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
             block_indices = window_selection(seq_len, batch=query.shape[0], heads=query.shape[1], top_k=cfg.top_k,
                                              window=window, device=query.device, **geometry)
         else:
-            with torch.no_grad():
-                block_indices = estimate_blocks(query, key, scale=scale, **cfg.estimator_kwargs())
+            with torch.no_grad():  # a checkpointed block's recomputation reuses its first pass's selection
+                block_indices = remembered_selection(
+                    self.__dict__.get(STATE_ATTRIBUTE_OF_ATTENTION), self,
+                    lambda: estimate_blocks(query, key, scale=scale, **cfg.estimator_kwargs()))
         hook_geometry = {"seq_len": seq_len, "mode": cfg.mode, "layer": self.name, **geometry}
         block_indices = fire_block_indices(self.hook_block_indices, block_indices, **hook_geometry)
         if cfg.mode == "sparse":

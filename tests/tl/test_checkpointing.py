@@ -42,11 +42,19 @@ def gradients(model, *, lean: bool, offload: bool = False, segment_layers=None):
 
 
 @pytest.mark.parametrize("offload, segment_layers", [(False, None), (True, None), (False, 2), (True, "sqrt")])
-def test_checkpointed_gradients_equal_plain_gradients(offload, segment_layers):
+def test_checkpointed_gradients_equal_plain_gradients(offload, segment_layers, monkeypatch):
+    import sparse_lens.tl.attention as attention
+
     model, _ = sparse_and_dense(tiny_llama_config(num_hidden_layers=3), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
     model.mlp_chunk_tokens = 40  # MLP and norm chunks are checkpointed too
+    estimates = []
+    estimate_blocks = attention.estimate_blocks
+    monkeypatch.setattr(attention, "estimate_blocks", lambda *args, **kwargs: estimates.append(1) or
+                        estimate_blocks(*args, **kwargs))
     plain, plain_passes = gradients(model, lean=False)
+    assert len(estimates) == 3
     lean, lean_passes = gradients(model, lean=True, offload=offload, segment_layers=segment_layers)
+    assert len(estimates) == 6  # the recomputations reuse the first pass's block selection
     assert plain_passes == {"first": 1, "recompute": 0}
     # Block 0 really was recomputed: once, or twice when its segment (blocks 0 and 1) is recomputed first.
     assert lean_passes == {"first": 1, "recompute": 1 if segment_layers is None else 2}
@@ -110,7 +118,8 @@ class LiveBytes(TorchDispatchMode):
 def backward_working_set(monkeypatch, seq_len: int, chunk_tokens: int | None = None) -> tuple[float, LiveBytes]:
     """Peak bytes created during the checkpointed backward of a bf16 Qwen2-like model (d_mlp = 6 d_model,
     12 query / 2 KV heads as Qwen2.5-1.5B, 2 blocks, MLP chunks of T/16), in residual copies
-    ``T x d_model x 2 bytes``. The Triton attention runs with its real wrapper and buffers (what the GPU
+    ``T x d_model x 2 bytes``. Blocks are checkpointed one by one (segments add their block inputs,
+    counted apart in ``benchmarks/circuits.py``'s estimate). The Triton attention runs with its real wrapper and buffers (what the GPU
     allocates: its kernels keep everything else in registers) but no-op kernels, and the estimator is
     replaced by a fixed local pattern, so only memory is measured (fast on the CPU)."""
     import sparse_lens.kernels.sparse_attention_triton as triton_attention
@@ -144,7 +153,7 @@ def backward_working_set(monkeypatch, seq_len: int, chunk_tokens: int | None = N
         return leaf["embed"]
 
     recorder = LiveBytes()
-    with checkpoint_blocks(model, chunk_tokens=chunk_tokens), model.hooks(fwd_hooks=[("hook_embed", embed_leaf)]), \
+    with checkpoint_blocks(model, segment_layers=None, chunk_tokens=chunk_tokens), model.hooks(fwd_hooks=[("hook_embed", embed_leaf)]), \
             torch.enable_grad():
         logits = model(tokens, logits_to_keep=1)
         value = logits[0, -1, 1].float() - logits[0, -1, 2].float()
