@@ -59,7 +59,7 @@ from sparse_lens.analysis.positions import call_metric, kept_positions, logits_k
 from sparse_lens.analysis.span_patching import block_spans, check_spans
 from sparse_lens.errors import GradientModeError, ShapeError
 from sparse_lens.pattern import BlockSparsePattern
-from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing, segments
+from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing, recompute_state, segments
 
 Span = tuple[int, int]
 _CHUNK = 65_536  # positions reduced at a time (fp32 products of one chunk only)
@@ -266,6 +266,7 @@ class _Runs:
         self.corrupted: dict[str, Tensor] = {}
         self.clean: dict[str, Tensor] = {}
         self.differences: dict[str, Tensor] = {}
+        self.selections: dict = {}  # the corrupted forward's block selections, reused by segment reruns
 
     @contextlib.contextmanager
     def hooks(self, clean_hooks: list, corrupted_hooks: Sequence, names: dict[int, list[str]]) -> Iterator[None]:
@@ -286,10 +287,12 @@ class _Runs:
     def corrupted_forward(self, tokens: Tensor, index: Tensor | None) -> Tensor:
         """The corrupted forward (call without gradients): its logits at ``index``."""
         self.corrupted_phase = True
+        state = recompute_state(self.model)
+        state.memo = self.selections  # remembered by the attention layers (with checkpoint_blocks installed)
         try:
             return self.model(tokens, use_cache=False, **logits_kwargs(index))
         finally:
-            self.corrupted_phase = False
+            self.corrupted_phase, state.memo = False, None
 
     def corrupted_segment(self, layers: range, names: dict[int, list[str]]) -> None:
         """Rerun the corrupted run's blocks ``layers`` from their stored input (no gradients),
@@ -297,6 +300,9 @@ class _Runs:
         hidden = self.segment_inputs.pop(layers[0])
         hidden = hidden.to(self.model.cfg.device, non_blocking=True) if self.offload else hidden
         self.corrupted_phase = self.rerunning = True
+        state = recompute_state(self.model)
+        previous = state.recomputing, state.memo
+        state.recomputing, state.memo = True, self.selections  # a recomputation: the same block selections
         try:
             with torch.no_grad():
                 for layer in layers:
@@ -304,6 +310,7 @@ class _Runs:
                     hidden = output[0] if isinstance(output, tuple) else output
         finally:
             self.corrupted_phase = self.rerunning = False
+            state.recomputing, state.memo = previous
 
     def clear(self) -> None:
         self.segment_inputs.clear()
@@ -311,6 +318,7 @@ class _Runs:
         self.corrupted.clear()
         self.clean.clear()
         self.differences.clear()
+        self.selections.clear()
 
     def _in_phase(self, function: Callable, corrupted: bool) -> Callable:
         def gated(value: Any, hook: Any) -> Any:

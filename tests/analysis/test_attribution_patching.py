@@ -215,3 +215,20 @@ def test_ioi_heads_on_the_default_model_match_exact_head_patching(smollm2):
         smallest = estimate.head_out.abs().flatten().argsort()[:2].tolist()
         for index in smallest:
             assert abs(exact(index // model.cfg.n_heads, index % model.cfg.n_heads)) < 0.1
+
+
+def test_the_estimator_runs_once_per_layer_and_run(monkeypatch):
+    """Two forwards estimate (clean and corrupted); the backward's recomputations (clean segments and
+    blocks, corrupted segments) reuse those block selections, and give the plain backward's estimates."""
+    import sparse_lens.tl.attention as attention
+
+    model, _ = three_layers(3)
+    plain = attribution_patching(model, CLEAN, CORRUPTED, metric, positions=[-1], checkpoint=False)
+    calls = []
+    estimate_blocks = attention.estimate_blocks
+    monkeypatch.setattr(attention, "estimate_blocks", lambda *args, **kwargs: calls.append(1) or
+                        estimate_blocks(*args, **kwargs))
+    lean = attribution_patching(model, CLEAN, CORRUPTED, metric, positions=[-1], segment_layers=2)
+    assert len(calls) == 2 * model.cfg.n_layers
+    torch.testing.assert_close(lean.head_out, plain.head_out, atol=1e-6, rtol=1e-5)
+    assert lean.head_out.abs().max() > 0
