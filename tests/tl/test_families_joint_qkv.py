@@ -33,6 +33,11 @@ FAMILIES = {
     # half-width "full rotary" convention would get wrong)
     "phi3-partial": lambda: transformers.Phi3Config(**SHAPE, num_key_value_heads=2, pad_token_id=0,
                                                     partial_rotary_factor=0.5),
+    # Phi-3-mini-128k / Phi-3.5 style LongRoPE: rescaled frequencies past original_max (32 here,
+    # so the long factors apply at 64 tokens)
+    "phi3-longrope": lambda: transformers.Phi3Config(**SHAPE, num_key_value_heads=2, pad_token_id=0, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.5 * i for i in range(8)], "original_max_position_embeddings": 32}),
     # Pythia: query_key_value interleaved per head, rotary_pct 0.25 (4 of 16 dims), q/k/v biases,
     # parallel attention and MLP
     "gpt-neox": lambda: transformers.GPTNeoXConfig(**SHAPE, rotary_pct=0.25),
