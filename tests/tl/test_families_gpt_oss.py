@@ -7,6 +7,7 @@ every causal block kept, the logits equal the HF model's and the hooks equal Tra
 bridge; a pruned run differs, and its pattern carries the sinks.
 """
 
+import contextlib
 import copy
 import inspect
 
@@ -135,3 +136,20 @@ def test_kv_cached_decode_equals_the_hf_model(window):
 
 def test_gpt_oss_is_supported():
     assert "GptOssForCausalLM" in sl.SUPPORTED_ARCHITECTURES
+
+
+@pytest.mark.xfail(strict=True, raises=sl.PaddingNotSupportedError,
+                   reason="known bug: a checkpoint segment (tl/checkpointing._segment_forward) runs its later "
+                   "blocks with the first block's attention_mask and position_embeddings, so gpt-oss' global layer "
+                   "gets the sliding layer's mask; remove this marker when fixed")
+def test_lean_backward_gives_the_plain_gradients():
+    model, _ = _sparse(SEQ // 2)
+    embedding = model.original_model.get_input_embeddings().weight
+    tokens = _tokens(128)[:1]
+    gradients = []
+    for lean in (False, True):
+        embedding.grad = None
+        with model.lean_backward() if lean else contextlib.nullcontext():
+            model(tokens)[0, -1].logsumexp(-1).backward()
+        gradients.append(embedding.grad.clone())
+    assert (gradients[0] - gradients[1]).abs().max() <= 1e-6
