@@ -16,6 +16,14 @@ O(T * top_k * representative_keys * d * log T) per head, and only the index list
 no (T / block)^2 intermediate. Query blocks that see at most ``top_k`` key blocks keep them
 all and are not searched.
 
+*Expanded search* (``expand_levels = E > 0``, a cheap candidate stage for the rescored
+estimators): the same search with ``n_search / 2**E`` branches that stops as soon as every branch
+spans at most ``2**E`` key blocks (per row: ``ceil(log2(ceil(range / branches))) - E`` rounds),
+then keeps *every* block of its branches: up to ``n_search`` blocks, the neighbourhoods of the
+narrow search's picks, for ``E`` fewer rounds of a ``2**E``-times narrower search than a search
+with ``n_search`` branches. ``E = 0`` is the search above. Rows then hold fewer than ``top_k``
+blocks when branches are shorter than ``2**E``; ``-1`` fills the end.
+
 GQA: the estimate is made per query head, reading the key head it shares.
 This file is the readable reference and the test oracle of the Triton kernel.
 """
@@ -26,6 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.blocks import (
     UNUSED_SLOT,
     BlockGeometry,
@@ -48,16 +57,20 @@ def stream_estimate(
     sink_blocks: int = 0,
     local_blocks: int = 0,
     representative_keys: int = 8,
+    expand_levels: int = 0,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Kept key blocks per query block, ascending, ``-1`` in unused slots (int64).
 
+    ``expand_levels``: ``E > 0`` runs the expanded search (module doc).
     Raises ``ShapeError`` for malformed q / k and ``BlockSizeError`` / ``InvalidConfigError``
-    for a bad block budget (``BlockGeometry``); ``representative_keys`` is
+    for a bad block budget (``BlockGeometry``) or ``expand_levels``; ``representative_keys`` is
     capped at ``key_block``.
     """
     check_attention_inputs(query, key)
     geometry = BlockGeometry(query_block, key_block, top_k, sink_blocks, local_blocks)
-    return stream_estimate_unchecked(query, key, geometry, representative_keys=representative_keys)
+    expanded_branches(geometry.n_search, expand_levels)
+    return stream_estimate_unchecked(query, key, geometry, representative_keys=representative_keys,
+                                     expand_levels=expand_levels)
 
 
 def stream_estimate_unchecked(
@@ -66,6 +79,7 @@ def stream_estimate_unchecked(
     geometry: BlockGeometry,
     *,
     representative_keys: int = 8,
+    expand_levels: int = 0,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """``stream_estimate`` on inputs the caller has validated (``estimate_blocks``)."""
     query_block, key_block, top_k = geometry.query_block, geometry.key_block, geometry.top_k
@@ -114,9 +128,29 @@ def stream_estimate_unchecked(
                 local_blocks=local_blocks,
                 n_rounds=n_rounds,
                 representative_keys=representative_keys,
+                expand_levels=expand_levels,
             )
         )
     return torch.cat(rows, dim=2)
+
+
+def expanded_branches(n_slots: int, expand_levels: int) -> int:
+    """Branches of the expanded search: ``n_slots / 2**expand_levels`` (the searched slots)."""
+    if not isinstance(expand_levels, int) or expand_levels < 0 or n_slots % (1 << expand_levels):
+        raise InvalidConfigError(
+            f"expand_levels must be an int >= 0 with 2**expand_levels dividing top_k - sink - local = {n_slots}, "
+            f"got {expand_levels!r}.")
+    return n_slots >> expand_levels
+
+
+def expanded_rounds(
+    n_visible: Int[Tensor, "rows"], sink_blocks: int, local_blocks: int, n_branches: int, expand_levels: int,
+) -> Int[Tensor, "rows"]:
+    """Rounds after which every branch of a row spans at most ``2**expand_levels`` blocks:
+    ``ceil(log2(ceil(range / n_branches))) - expand_levels``, at least 0 (integer arithmetic)."""
+    widest_branch = -(-(n_visible - sink_blocks - local_blocks) // n_branches)
+    levels = int(widest_branch.max()).bit_length() if widest_branch.numel() else 0
+    return sum((widest_branch > (1 << (level + expand_levels))).long() for level in range(levels))
 
 
 def _estimate_chunk(
@@ -133,12 +167,13 @@ def _estimate_chunk(
     local_blocks: int,
     n_rounds: int,
     representative_keys: int,
+    expand_levels: int = 0,
 ) -> Int[Tensor, "batch q_head chunk top_k"]:
     """Search rows for query blocks that all see more than ``top_k`` key blocks."""
     batch, n_q_heads, n_chunk = query_blocks.shape[:3]
     device = query_blocks.device
     slot = torch.arange(top_k, device=device)
-    n_search = top_k - sink_blocks - local_blocks
+    n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
     sinks = slot[:sink_blocks].expand(n_chunk, sink_blocks)
     locals_ = n_visible[:, None] - local_blocks + slot[:local_blocks]
     fixed = torch.cat([sinks, locals_], dim=-1).expand(batch, n_q_heads, n_chunk, -1)
@@ -151,7 +186,10 @@ def _estimate_chunk(
         end = sink_blocks + ((branch + 1) * range_len[:, None]) // n_search
         start = start.expand(batch, n_q_heads, n_chunk, n_search)
         end = end.expand(batch, n_q_heads, n_chunk, n_search)
-        for _ in range(n_rounds):
+        if expand_levels > 0:  # data-dependent round count: not under torch.compile(fullgraph=True)
+            row_rounds = expanded_rounds(n_visible, sink_blocks, local_blocks, n_search, expand_levels)
+            n_rounds = int(row_rounds.max())
+        for level in range(n_rounds):
             mid = start + (end - start + 1) // 2
             cand_start = torch.cat([start, mid], dim=-1)
             cand_end = torch.cat([mid, end], dim=-1)
@@ -161,9 +199,18 @@ def _estimate_chunk(
                 representative_keys=representative_keys,
             )
             best = score.topk(n_search, dim=-1).indices
-            start = cand_start.gather(-1, best)
-            end = cand_end.gather(-1, best)
-        row = torch.cat([fixed, start], dim=-1)
+            if expand_levels == 0:
+                start, end = cand_start.gather(-1, best), cand_end.gather(-1, best)
+            else:  # rows whose branches already span <= 2**E blocks stop
+                searching = (level < row_rounds)[:, None]
+                start = torch.where(searching, cand_start.gather(-1, best), start)
+                end = torch.where(searching, cand_end.gather(-1, best), end)
+        if expand_levels == 0:
+            row = torch.cat([fixed, start], dim=-1)
+        else:  # every block of every branch, -1 past a branch's end
+            blocks = start[..., None] + torch.arange(1 << expand_levels, device=device)
+            blocks = torch.where(blocks < end[..., None], blocks, torch.full_like(blocks, UNUSED_SLOT))
+            row = torch.cat([fixed, blocks.flatten(-2)], dim=-1)
     else:
         row = fixed
     return sort_block_row(row)

@@ -30,6 +30,18 @@ candidates fill a 16-wide ``tl.dot``; padding is masked). The query block's tile
 
 At the end the branch starts are sorted by the same rank counting and stored after the sinks.
 
+``select="sort"`` replaces both rank countings by ``tl.sort`` (a bitonic network,
+``O(C log^2 C)`` compare-swaps for ``C = CAND_PAD`` candidates instead of ``C**2`` compares and
+the ``BRANCH_PAD x CAND_PAD`` placement): each candidate's key packs, in one int64, its score
+(order-preserving bits, negated so that ascending is best first), an empty flag and its index,
+so the sorted order is the rank order above; the first ``BRANCH_PAD`` keys name the kept
+candidates, whose ranges ``tl.gather`` reads. Same output as ``"rank"``, ties aside (``-0.0``
+and ``0.0`` are ordered by their bits). Meant for the wide searches of the rescored estimators
+(``CAND_PAD`` 128 at ``top_k`` 16, ``beam`` 4), where the ``C**2`` comparison grows 16x.
+
+``expand_levels = E > 0`` runs the expanded search of ``estimator_ref`` (fewer branches, stopped
+``E`` levels early, every block of every branch kept, then the locals and ``-1``).
+
 Memory: the only tensor in global memory is the ``[batch, q_head, n_query_blocks, top_k]``
 output, O(T). Per program, on chip: the query tile, one key tile, the ``BLOCK_Q x CAND_PAD``
 score tile and the ``CAND_PAD x CAND_PAD`` rank comparison, none of which depends on T; no
@@ -53,6 +65,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Literal
 
 import torch
 import triton
@@ -64,9 +77,12 @@ from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
 from sparse_lens.kernels.blocks import UNUSED_SLOT, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
+from sparse_lens.kernels.estimator_ref import expanded_branches
 
 MIN_DOT = 16  # smallest tl.dot dimension
+Select = Literal["rank", "sort"]
 _UNUSED: tl.constexpr = tl.constexpr(UNUSED_SLOT)
+_LAST: tl.constexpr = tl.constexpr(2**63 - 1)  # sorts after every real candidate's key
 
 
 @triton.jit
@@ -80,7 +96,7 @@ def _stream_estimate_kernel(
     TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     N_SEARCH: tl.constexpr, BRANCH_PAD: tl.constexpr,
     REPRESENTATIVE_KEYS: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_FIRST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_TILES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, SORT_SELECT: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -96,9 +112,12 @@ def _stream_estimate_kernel(
         tl.store(row_ptr + slot, tl.where(slot < n_visible, slot, _UNUSED).to(tl.int64), mask=slot < TOP_K)
     else:
         # Sinks [0, sink) in the first slots, locals [n_visible - local, n_visible) in the last.
-        fixed = tl.where(slot < SINK_BLOCKS, slot, n_visible - TOP_K + slot)
-        is_fixed = (slot < SINK_BLOCKS) | ((slot >= TOP_K - LOCAL_BLOCKS) & (slot < TOP_K))
-        tl.store(row_ptr + slot, fixed.to(tl.int64), mask=is_fixed)
+        if EXPAND_LEVELS == 0:
+            fixed = tl.where(slot < SINK_BLOCKS, slot, n_visible - TOP_K + slot)
+            is_fixed = (slot < SINK_BLOCKS) | ((slot >= TOP_K - LOCAL_BLOCKS) & (slot < TOP_K))
+            tl.store(row_ptr + slot, fixed.to(tl.int64), mask=is_fixed)
+        else:
+            tl.store(row_ptr + slot, slot.to(tl.int64), mask=slot < SINK_BLOCKS)
 
         if N_SEARCH > 0:
             query_rows = tl.arange(0, BLOCK_Q)
@@ -124,8 +143,14 @@ def _stream_estimate_kernel(
             branch_end = tl.where(branch_is_real, SINK_BLOCKS + (branch + 1) * range_len // N_SEARCH, 0)
             cand = tl.arange(0, 2 * BRANCH_PAD)
             cand_is_real = cand < 2 * N_SEARCH
+            row_rounds = n_rounds
+            if EXPAND_LEVELS > 0:  # stop once every branch spans <= 2**E blocks (expanded_rounds)
+                widest_branch = (range_len + N_SEARCH - 1) // N_SEARCH
+                row_rounds = n_rounds * 0
+                for level in range(n_rounds):
+                    row_rounds += (widest_branch > ((1 << EXPAND_LEVELS) << level)).to(tl.int32)
 
-            for _ in range(n_rounds):
+            for _ in range(row_rounds):
                 mid = branch_start + (branch_end - branch_start + 1) // 2
                 cand_start = tl.reshape(tl.join(branch_start, mid), [2 * BRANCH_PAD])
                 cand_end = tl.reshape(tl.join(mid, branch_end), [2 * BRANCH_PAD])
@@ -147,24 +172,58 @@ def _stream_estimate_kernel(
                 score = tl.where(non_empty, score, float("-inf"))
                 score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in torch.topk
 
-                # rank[c] = number of real candidates that beat candidate c (a strict total order).
-                other_score, own_score = score[None, :], score[:, None]
-                other_full, own_full = non_empty[None, :], non_empty[:, None]
-                beats = (other_score > own_score) | (
-                    (other_score == own_score)
-                    & ((other_full & ~own_full) | ((other_full == own_full) & (cand[None, :] < cand[:, None])))
-                )
-                rank = tl.sum((beats & cand_is_real[None, :]).to(tl.int32), axis=1)
-                chosen = (rank[None, :] == branch[:, None]) & (cand_is_real & (rank < N_SEARCH))[None, :]
-                branch_start = tl.sum(tl.where(chosen, cand_start[None, :], 0), axis=1)
-                branch_end = tl.sum(tl.where(chosen, cand_end[None, :], 0), axis=1)
+                if SORT_SELECT:
+                    # One bitonic sort of int64 keys in the same total order: the score's bits made
+                    # order-preserving and negated (descending), then empty after non-empty, then
+                    # the candidate index, which the first BRANCH_PAD sorted keys hand to tl.gather.
+                    bits = score.to(tl.int32, bitcast=True)
+                    descending = ~tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+                    order = (descending.to(tl.int64) << 32) | ((~non_empty).to(tl.int64) << 16) | cand.to(tl.int64)
+                    order = tl.sort(tl.where(cand_is_real, order, _LAST))
+                    best, _ = tl.split(tl.permute(tl.reshape(order, [2, BRANCH_PAD]), (1, 0)))
+                    best = tl.where(branch_is_real, best & 0xFFFF, 0).to(tl.int32)  # padding: any index
+                    branch_start = tl.where(branch_is_real, tl.gather(cand_start, best, 0), 0)
+                    branch_end = tl.where(branch_is_real, tl.gather(cand_end, best, 0), 0)
+                else:
+                    # rank[c] = number of real candidates that beat candidate c (a strict total order).
+                    other_score, own_score = score[None, :], score[:, None]
+                    other_full, own_full = non_empty[None, :], non_empty[:, None]
+                    beats = (other_score > own_score) | (
+                        (other_score == own_score)
+                        & ((other_full & ~own_full) | ((other_full == own_full) & (cand[None, :] < cand[:, None])))
+                    )
+                    rank = tl.sum((beats & cand_is_real[None, :]).to(tl.int32), axis=1)
+                    chosen = (rank[None, :] == branch[:, None]) & (cand_is_real & (rank < N_SEARCH))[None, :]
+                    branch_start = tl.sum(tl.where(chosen, cand_start[None, :], 0), axis=1)
+                    branch_end = tl.sum(tl.where(chosen, cand_end[None, :], 0), axis=1)
 
             # Sort the found blocks ascending; they all lie between the sinks and the locals.
-            before = (branch_start[None, :] < branch_start[:, None]) | (
-                (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
-            )
-            position = tl.sum((before & branch_is_real[None, :]).to(tl.int32), axis=1)
-            tl.store(row_ptr + SINK_BLOCKS + position, branch_start.to(tl.int64), mask=branch_is_real)
+            if EXPAND_LEVELS == 0 and SORT_SELECT:
+                found = tl.sort(tl.where(branch_is_real, branch_start, 2147483647))
+                tl.store(row_ptr + SINK_BLOCKS + branch, found.to(tl.int64), mask=branch_is_real)
+            elif EXPAND_LEVELS == 0:
+                before = (branch_start[None, :] < branch_start[:, None]) | (
+                    (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
+                )
+                position = tl.sum((before & branch_is_real[None, :]).to(tl.int32), axis=1)
+                tl.store(row_ptr + SINK_BLOCKS + position, branch_start.to(tl.int64), mask=branch_is_real)
+            else:
+                before = (branch_start[None, :] < branch_start[:, None]) | (
+                    (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
+                )
+                # Every block of every branch, ascending: a branch's blocks start after the blocks of
+                # the branches before it; then the local blocks, then -1.
+                size = tl.where(branch_is_real, branch_end - branch_start, 0)
+                first = tl.sum(tl.where(before & branch_is_real[None, :], size[None, :], 0), axis=1)
+                for offset in range(1 << EXPAND_LEVELS):
+                    tl.store(row_ptr + SINK_BLOCKS + first + offset, (branch_start + offset).to(tl.int64),
+                             mask=branch_is_real & (offset < size))
+                tail = SINK_BLOCKS + tl.sum(size, axis=0)
+                local_or_unused = tl.where(slot < tail + LOCAL_BLOCKS, n_visible - LOCAL_BLOCKS + slot - tail, _UNUSED)
+                tl.store(row_ptr + slot, local_or_unused.to(tl.int64), mask=(slot >= tail) & (slot < TOP_K))
+        elif EXPAND_LEVELS > 0:  # nothing searched: the locals follow the sinks
+            local = n_visible - TOP_K + slot
+            tl.store(row_ptr + slot, local.to(tl.int64), mask=(slot >= TOP_K - LOCAL_BLOCKS) & (slot < TOP_K))
 
 
 def _is_power_of_two(size: object) -> bool:
@@ -198,10 +257,18 @@ def stream_estimate_triton(
     sink_blocks: int = 0,
     local_blocks: int = 0,
     representative_keys: int = 8,
+    expand_levels: int = 0,
+    select: Select = "rank",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
-    """Kept key blocks per query block, ascending, ``-1`` in unused slots (int64); see the module doc."""
+    """Kept key blocks per query block, ascending, ``-1`` in unused slots (int64); see the module doc.
+
+    ``expand_levels``: ``E > 0`` runs the expanded search (``estimator_ref``'s module doc):
+    ``(top_k - sink - local) / 2**E`` branches, stopped at ``2**E`` blocks, all kept.
+    ``select``: how each round keeps its best halves, ``"rank"`` (compare-and-count) or
+    ``"sort"`` (one bitonic sort of packed keys); the same blocks either way (ties aside)."""
     check_attention_inputs(query, key)
     _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
+    expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
     batch, n_q_heads, seq_len, _ = query.shape
     block_indices: Int[Tensor, "batch q_head n_query_blocks top_k"] = torch.empty(
         batch, n_q_heads, num_blocks(seq_len, query_block), top_k, dtype=torch.int64, device=query.device
@@ -209,6 +276,7 @@ def stream_estimate_triton(
     _stream_estimate_into(
         query, key, block_indices, query_block=query_block, key_block=key_block, top_k=top_k,
         sink_blocks=sink_blocks, local_blocks=local_blocks, representative_keys=representative_keys,
+        expand_levels=expand_levels, select=select,
     )
     return block_indices
 
@@ -225,10 +293,15 @@ def _stream_estimate_into(
     sink_blocks: int = 0,
     local_blocks: int = 0,
     representative_keys: int = 8,
+    expand_levels: int = 0,
+    select: Select = "rank",
 ) -> None:
     """Write every element of ``block_indices`` (contiguous int64, the output's shape)."""
     check_attention_inputs(query, key)
     _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
+    n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
+    if select not in ("rank", "sort"):
+        raise InvalidConfigError(f"select must be 'rank' or 'sort', got {select!r}.")
     if key.device != query.device or block_indices.device != query.device:
         raise ShapeError(
             f"query, key and block_indices must share a device, got {query.device}, {key.device}, "
@@ -255,7 +328,6 @@ def _stream_estimate_into(
 
     representative_keys = min(representative_keys, key_block)
     key_stride = key_block // representative_keys
-    n_search = top_k - sink_blocks - local_blocks
     # The reference's static round count: enough halvings for the widest searched range.
     widest_range = num_blocks(seq_len, key_block) - sink_blocks - local_blocks
     n_rounds = max(1, math.ceil(math.log2(max(2, -(-widest_range // max(n_search, 1))))))
@@ -277,6 +349,6 @@ def _stream_estimate_into(
         REPRESENTATIVE_KEYS=representative_keys, KEY_STRIDE=key_stride,
         KEY_FIRST=(key_block - 1 - (representative_keys - 1) * key_stride) // 2,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or interpreting else "tf32",
-        UPCAST_TILES=interpreting,
+        UPCAST_TILES=interpreting, EXPAND_LEVELS=expand_levels, SORT_SELECT=select == "sort",
         num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison spills with 4 (H200)
     )

@@ -31,6 +31,11 @@ Cost per (head, query block): ``width * key_block * (query_block / query_stride)
 (the logits over the candidates: half of attention's FLOPs, a quarter of the two-kernel path's
 bytes since no values are loaded), plus ``SLOTS**2`` compares. Memory: the output only, O(T).
 
+``masked_loop=True`` walks every candidate's key tiles without a branch: a ``-1`` slot's or a
+future tile's keys are read at ``seq_len`` (masked: zeros, ``-inf`` scores, a sum of 0 and a
+rescale by ``exp(0) = 1``), so the output is bit-identical, and the loop body has no ``if`` around
+its loads (which keeps Triton from pipelining them). It costs one wasted tile per dead slot.
+
 Ties: the reference sorts stably by the same key, so the two agree except when two masses are equal
 to within rounding (e.g. two candidates no sampled query sees, both 0): then either may be kept.
 
@@ -66,11 +71,24 @@ MODE_MASS, MODE_TOP_K, MODE_TOP_P = 0, 1, 2
 
 
 @triton.jit
+def _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims, d_head, slot_ids, slot, row_max,
+                  slot_sums, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Online log-sum-exp step: one key tile of candidate ``slot`` into ``(row_max, slot_sums)``."""
+    keys = load_rows(key_base, key_pos, seq_len, dims, d_head)
+    scores = masked_scores(queries, keys, query_pos, key_pos, seq_len, scale, DOT_PRECISION, DOT_UPCAST)
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
+    tile_sum = tl.sum(tl.exp(scores - shift[:, None]), axis=1)
+    in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
+    return new_max, slot_sums * tl.exp(row_max - shift)[:, None] + in_slot
+
+
+@triton.jit
 def _candidate_mass(
     query_base, key_base, slots_row, candidates_ptr, query_block_id, scale, seq_len, width, d_head,
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_STRIDE: tl.constexpr, N_QUERIES: tl.constexpr,
     QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, SLOTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, MASKED_LOOP: tl.constexpr,
 ):
     """``[SLOTS]`` block masses of the row's candidates (0 beyond ``width`` and for ``-1`` slots)."""
     dims, slot_ids = tl.arange(0, BLOCK_D), tl.arange(0, SLOTS)
@@ -90,17 +108,17 @@ def _candidate_mass(
             key_block_id = tl.load(candidates_ptr + slots_row + slot)
             for key_tile in range(KEY_BLOCK // KEY_TILE):
                 first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
-                if (key_block_id >= 0) & (first_key <= last_query):
+                live = (key_block_id >= 0) & (first_key <= last_query)
+                if MASKED_LOOP:  # no branch: a dead tile's keys sit at seq_len (-inf scores, adds 0)
+                    key_pos = tl.where(live, first_key, seq_len) + tl.arange(0, KEY_TILE)
+                    row_max, slot_sums = _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims,
+                                                       d_head, slot_ids, slot, row_max, slot_sums,
+                                                       DOT_PRECISION, DOT_UPCAST)
+                elif live:
                     key_pos = first_key + tl.arange(0, KEY_TILE)
-                    keys = load_rows(key_base, key_pos, seq_len, dims, d_head)
-                    scores = masked_scores(queries, keys, query_pos, key_pos, seq_len, scale,
-                                            DOT_PRECISION, DOT_UPCAST)
-                    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-                    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
-                    tile_sum = tl.sum(tl.exp(scores - shift[:, None]), axis=1)
-                    in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
-                    slot_sums = slot_sums * tl.exp(row_max - shift)[:, None] + in_slot
-                    row_max = new_max
+                    row_max, slot_sums = _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims,
+                                                       d_head, slot_ids, slot, row_max, slot_sums,
+                                                       DOT_PRECISION, DOT_UPCAST)
         row_sum = tl.sum(slot_sums, axis=1)
         seen = real & (row_sum > 0.0)
         inverse_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
@@ -116,7 +134,7 @@ def _rescore_kernel(
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_STRIDE: tl.constexpr, N_QUERIES: tl.constexpr,
     QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, SLOTS: tl.constexpr,
     OUT_PAD: tl.constexpr, SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MODE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, MASKED_LOOP: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
@@ -128,7 +146,7 @@ def _rescore_kernel(
         query_ptr + batch_head * seq_len * d_head, key_ptr + kv_batch_head * seq_len * d_head, slots_row,
         candidates_ptr, query_block_id, scale, seq_len, width, d_head,
         QUERY_BLOCK, KEY_BLOCK, QUERY_STRIDE, N_QUERIES, QUERY_TILE, KEY_TILE, BLOCK_D, SLOTS,
-        DOT_PRECISION, DOT_UPCAST,
+        DOT_PRECISION, DOT_UPCAST, MASKED_LOOP,
     )
     if MODE == 0:
         tl.store(out_ptr + slots_row + slot_ids, mass, mask=slot_ids < width)
@@ -164,7 +182,7 @@ def _rescore_kernel(
 @launch_on_tensor_device
 def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_block: int, scale: float,
             query_stride: int, sink_blocks: int = 0, local_blocks: int = 0, p: float = 1.0,
-            min_blocks: int = 1) -> None:
+            min_blocks: int = 1, masked_loop: bool = False) -> None:
     """Run the kernel into ``out`` (every element written): contiguous q, k, int32 ``candidates``;
     ``out`` float32 of the candidates' shape (mode 0) or int64 ``[..., out_width]`` (modes 1, 2).
     The tests call it with poisoned buffers."""
@@ -185,7 +203,7 @@ def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_blo
         SLOTS=max(2, triton.next_power_of_2(width)), OUT_PAD=max(2, triton.next_power_of_2(out.shape[-1])),
         SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks, MODE=mode,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
-        DOT_UPCAST=query.dtype == torch.bfloat16 and interpreting,
+        DOT_UPCAST=query.dtype == torch.bfloat16 and interpreting, MASKED_LOOP=bool(masked_loop),
         num_warps=8 if width > 64 else 4,
     )
 
@@ -216,6 +234,7 @@ def exact_candidate_mass_triton(
     key_block: int,
     scale: float | None = None,
     query_stride: int = 1,
+    masked_loop: bool = False,
 ) -> Float[Tensor, "batch q_head n_query_blocks width"]:
     """Each candidate's share of its query block's attention over the candidates (``rescore_ref.
     exact_candidate_mass``): per sampled query a softmax over the candidates' exact block
@@ -225,7 +244,7 @@ def exact_candidate_mass_triton(
     mass: Float[Tensor, "batch q_head n_query_blocks width"] = torch.empty(
         candidates.shape, dtype=torch.float32, device=query.device)
     _launch(query, key, candidates, mass, mode=MODE_MASS, query_block=query_block, key_block=key_block,
-            scale=scale, query_stride=query_stride)
+            scale=scale, query_stride=query_stride, masked_loop=masked_loop)
     return mass
 
 
@@ -241,6 +260,7 @@ def rescore_top_k_triton(
     local_blocks: int,
     scale: float | None = None,
     query_stride: int = 1,
+    masked_loop: bool = False,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Sink and local candidates, then the heaviest by exact mass, ``top_k`` valid slots in all
     (``rescore_ref.rescore_top_k``): ascending, ``-1`` in unused slots, width ``min(top_k, width)``."""
@@ -250,7 +270,8 @@ def rescore_top_k_triton(
     kept: Int[Tensor, "batch q_head n_query_blocks top_k"] = torch.empty(
         (*candidates.shape[:3], min(top_k, candidates.shape[-1])), dtype=torch.int64, device=query.device)
     _launch(query, key, candidates, kept, mode=MODE_TOP_K, query_block=query_block, key_block=key_block,
-            scale=scale, query_stride=query_stride, sink_blocks=sink_blocks, local_blocks=local_blocks)
+            scale=scale, query_stride=query_stride, sink_blocks=sink_blocks, local_blocks=local_blocks,
+            masked_loop=masked_loop)
     return kept
 
 
@@ -267,6 +288,7 @@ def rescore_top_p_triton(
     min_blocks: int,
     scale: float | None = None,
     query_stride: int = 1,
+    masked_loop: bool = False,
 ) -> Int[Tensor, "batch q_head n_query_blocks width"]:
     """Per row the fewest candidates, heaviest by exact mass first (sink / local first of all), whose
     mass reaches ``p``; at least ``min_blocks`` (``rescore_ref.rescore_top_p``): ascending, ``-1``
@@ -281,5 +303,5 @@ def rescore_top_p_triton(
         candidates.shape, dtype=torch.int64, device=query.device)
     _launch(query, key, candidates, kept, mode=MODE_TOP_P, query_block=query_block, key_block=key_block,
             scale=scale, query_stride=query_stride, sink_blocks=sink_blocks, local_blocks=local_blocks, p=p,
-            min_blocks=min_blocks)
+            min_blocks=min_blocks, masked_loop=masked_loop)
     return kept

@@ -116,3 +116,54 @@ def test_compiles_with_fullgraph():
     kwargs = dict(query_block=8, key_block=8, top_k=4, sink_blocks=1, local_blocks=1, representative_keys=2)
     compiled = torch.compile(stream_estimate, fullgraph=True, backend="eager")
     assert torch.equal(compiled(query, key, **kwargs), stream_estimate(query, key, **kwargs))
+
+
+# ----- expanded search (expand_levels > 0): the rescored estimators' cheap candidate stage -----
+def searched_blocks(row, sink, n_visible, local):
+    return [block for block in row.tolist() if sink <= block < n_visible - local]
+
+
+@pytest.mark.parametrize("expand_levels", [1, 2])
+def test_expanded_search_contains_the_narrow_search(expand_levels):
+    # The expanded search runs the narrow search's first rounds (same branches, same scores) and
+    # then keeps whole branches, so the narrow search's picks lie inside them.
+    query, key = random_qk(q_heads=2, kv_heads=1, seq=700, d=16, seed=3)
+    budget = dict(query_block=16, key_block=16, sink_blocks=1, local_blocks=1, representative_keys=4)
+    n_slots = 8
+    narrow = stream_estimate(query, key, top_k=2 + (n_slots >> expand_levels), **budget)
+    wide = stream_estimate(query, key, top_k=2 + n_slots, expand_levels=expand_levels, **budget)
+    visible = visible_key_blocks(700, 16, 16)
+    searched = visible > 2 + n_slots
+    assert searched.sum() > 20
+    for j in searched.nonzero().flatten().tolist():
+        for h in range(2):
+            assert set(narrow[0, h, j].tolist()) <= set(wide[0, h, j].tolist()), (j, h)
+            found = searched_blocks(wide[0, h, j], 1, int(visible[j]), 1)
+            assert n_slots >> expand_levels <= len(found) <= n_slots, (j, h, found)
+
+
+def test_expanded_search_fills_an_aligned_row_with_whole_branches():
+    # Last row: searched range 32 = 2 branches x 16, halved twice to 4 = 2**2 blocks: exactly two
+    # aligned runs of 4 blocks; one round more or less would leave runs of 2 or 8.
+    seq = 34 * 16
+    query, key = random_qk(q_heads=2, kv_heads=1, seq=seq, d=16, seed=5)
+    rows = stream_estimate(query, key, query_block=16, key_block=16, top_k=10, sink_blocks=1, local_blocks=1,
+                           representative_keys=4, expand_levels=2)
+    for h in range(2):
+        row = rows[0, h, -1].tolist()
+        assert row[0] == 0 and row[-1] == 33 and -1 not in row, row
+        found = row[1:-1]
+        runs = [found[i:i + 4] for i in (0, 4)]
+        for run in runs:
+            assert run == list(range(run[0], run[0] + 4)) and (run[0] - 1) % 4 == 0, row
+
+
+
+def test_expanded_rounds_stop_at_branches_of_2_to_the_e_blocks():
+    from sparse_lens.kernels.estimator_ref import expanded_rounds
+
+    # searched range = n_visible - 2; 2 branches of ceil(range / 2) blocks, halved until <= 4
+    n_visible = torch.tensor([10, 11, 18, 19, 34, 35, 1026])
+    rounds = expanded_rounds(n_visible, 1, 1, 2, 2)
+    assert rounds.tolist() == [0, 1, 1, 2, 2, 3, 7]
+    assert expanded_rounds(n_visible, 1, 1, 2, 0).tolist() == [2, 3, 3, 4, 4, 5, 9]

@@ -19,6 +19,7 @@ from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
 from sparse_lens.kernels import estimator_ref
 from sparse_lens.kernels.blocks import num_blocks, pad_to_blocks, visible_key_blocks
 from sparse_lens.kernels.estimator_ref import (
+    expanded_branches,
     score_branches_by_center_block,
     stream_estimate,
 )
@@ -51,7 +52,8 @@ def random_qk(seed, *, batch=1, q_heads=4, kv_heads=2, seq=200, d=16, dtype=torc
 def reference_with_near_ties(query, key, monkeypatch, **settings):
     """The reference's output, and which rows met a near-tie at the top-k boundary in any round."""
     batch, q_heads, seq, _ = query.shape
-    n_search = settings["top_k"] - settings.get("sink_blocks", 0) - settings.get("local_blocks", 0)
+    n_search = expanded_branches(settings["top_k"] - settings.get("sink_blocks", 0) - settings.get("local_blocks", 0),
+                                 settings.get("expand_levels", 0))
     near_tie = torch.zeros(batch, q_heads, num_blocks(seq, settings["query_block"]), dtype=torch.bool)
     original = estimator_ref.score_branches_by_center_block
 
@@ -111,8 +113,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_matches_the_reference(case, seed, monkeypatch):
+SORT_CASES = ("partial-last-block-bf16", "query-16-key-32", "one-searched-branch")  # select="sort": a few
+
+
+@pytest.mark.parametrize("case,select", [(case, "rank") for case in CASES.values()]
+                         + [(CASES[name], "sort") for name in SORT_CASES],
+                         ids=[f"{name}-rank" for name in CASES] + [f"{name}-sort" for name in SORT_CASES])
+def test_matches_the_reference(case, select, seed, monkeypatch):
     seq, query_block, key_block, top_k, sink, local, rep_keys, batch, q_heads, kv_heads, dtype, head_major = case
     d = 24 if query_block == 8 else 16
     query, key = random_qk(
@@ -122,7 +129,7 @@ def test_matches_the_reference(case, seed, monkeypatch):
                     local_blocks=local, representative_keys=rep_keys)
     message = f"seed={seed} (replay with SPARSE_LENS_SEED={seed})"
 
-    chosen = stream_estimate_triton(query, key, **settings)
+    chosen = stream_estimate_triton(query, key, select=select, **settings)
     expected, near_tie = reference_with_near_ties(query, key, monkeypatch, **settings)
 
     assert chosen.shape == expected.shape and chosen.dtype == torch.int64, message
@@ -215,3 +222,93 @@ def test_rejects_bad_settings_shapes_and_output_buffers():
     wrong_dtype = torch.empty(1, 4, 4, 4, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ShapeError):
         _stream_estimate_into(query, key, wrong_dtype, query_block=16, key_block=16, top_k=4)
+
+
+# ----- expanded search (expand_levels > 0) ----------------------------------------------------
+def assert_expanded_rows_valid(block_indices, seq, settings, message):
+    """Sorted, unique, causal, -1 only at the end; searched rows: sinks, locals and between
+    n_branches and top_k - sink - local searched blocks; other rows: every visible block."""
+    top_k, sink, local = settings["top_k"], settings["sink_blocks"], settings["local_blocks"]
+    n_slots = top_k - sink - local
+    visible = visible_key_blocks(seq, settings["query_block"], settings["key_block"]).tolist()
+    for row_index, rows in enumerate(block_indices.cpu().permute(2, 0, 1, 3).reshape(len(visible), -1, top_k)):
+        n_visible = visible[row_index]
+        for row in rows.tolist():
+            used = [block for block in row if block >= 0]
+            assert used == sorted(set(used)) and all(block < n_visible for block in used), (row, message)
+            assert row[len(used):] == [-1] * (top_k - len(used)), (row, message)
+            if n_visible <= top_k:
+                assert used == list(range(n_visible)), (row, message)
+                continue
+            assert used[:sink] == list(range(sink)), (row, message)
+            assert used[len(used) - local:] == list(range(n_visible - local, n_visible)), (row, message)
+            n_found = len(used) - sink - local
+            assert n_slots >> settings["expand_levels"] <= n_found <= n_slots, (row, message)
+
+
+# (seq, query_block, key_block, top_k, sink, local, representative_keys, q_heads, kv_heads, dtype, expand_levels)
+EXPANDED_CASES = {
+    "expand-2-gqa-fp32": (330, 16, 16, 10, 1, 1, 4, 2, 1, torch.float32, 2),
+    "expand-1-bf16-no-local": (290, 16, 16, 7, 1, 0, 8, 2, 2, torch.bfloat16, 1),
+    "expand-3-query-32-key-16": (300, 32, 16, 10, 1, 1, 4, 2, 1, torch.float32, 3),
+}
+
+
+@pytest.mark.parametrize("case", EXPANDED_CASES.values(), ids=EXPANDED_CASES.keys())
+def test_expanded_search_matches_the_reference(case, seed, monkeypatch):
+    seq, query_block, key_block, top_k, sink, local, rep_keys, q_heads, kv_heads, dtype, expand = case
+    query, key = random_qk(seed, q_heads=q_heads, kv_heads=kv_heads, seq=seq, d=16, dtype=dtype)
+    settings = dict(query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink,
+                    local_blocks=local, representative_keys=rep_keys, expand_levels=expand)
+    message = f"seed={seed} (replay with SPARSE_LENS_SEED={seed})"
+
+    chosen = stream_estimate_triton(query, key, **settings)
+    expected, near_tie = reference_with_near_ties(query, key, monkeypatch, **settings)
+
+    assert chosen.shape == expected.shape and chosen.dtype == torch.int64, message
+    assert_expanded_rows_valid(chosen, seq, settings, message)
+    differs = (chosen != expected).any(-1).cpu()
+    assert not (differs & ~near_tie).any(), f"{message}: rows {(differs & ~near_tie).nonzero().tolist()} differ"
+    assert near_tie.float().mean() < 0.05, f"{message}: {int(near_tie.sum())} near-tie rows, too many to be noise"
+
+
+def test_expanded_search_writes_every_element_of_the_output(seed):
+    query, key = random_qk(seed, q_heads=2, kv_heads=1, seq=250)
+    settings = dict(query_block=16, key_block=16, top_k=10, sink_blocks=1, local_blocks=1, representative_keys=2,
+                    expand_levels=2)
+    poison = -7
+    block_indices = torch.full((1, 2, num_blocks(250, 16), 10), poison, dtype=torch.int64, device=DEVICE)
+    _stream_estimate_into(query, key, block_indices, **settings)
+    assert not (block_indices == poison).any(), f"seed={seed}: unwritten elements"
+    assert_expanded_rows_valid(block_indices, 250, settings, f"seed={seed}")
+
+
+@pytest.mark.parametrize("expand_levels", [-1, 3, 1.0])
+def test_rejects_expand_levels_that_do_not_divide_the_searched_slots(expand_levels):
+    query, key = random_qk(0, seq=64)
+    with pytest.raises(InvalidConfigError, match="expand_levels"):
+        stream_estimate_triton(query, key, query_block=16, key_block=16, top_k=6, sink_blocks=1, local_blocks=1,
+                               expand_levels=expand_levels)
+
+
+def test_sort_selection_matches_the_reference_on_a_wide_search(seed, monkeypatch):
+    # A rescored estimator's wide search: 18 branches, padded to 32 (CAND_PAD 64), two rounds.
+    query, key = random_qk(seed, q_heads=1, kv_heads=1, seq=700, d=16)
+    settings = dict(query_block=16, key_block=16, top_k=20, sink_blocks=1, local_blocks=1, representative_keys=1)
+    message = f"seed={seed} (replay with SPARSE_LENS_SEED={seed})"
+    chosen = stream_estimate_triton(query, key, select="sort", **settings)
+    expected, near_tie = reference_with_near_ties(query, key, monkeypatch, **settings)
+    assert_rows_valid(chosen, 700, settings, message)
+    differs = (chosen != expected).any(-1).cpu()
+    assert not (differs & ~near_tie).any(), f"{message}: rows {(differs & ~near_tie).nonzero().tolist()} differ"
+
+
+def test_sort_selection_keeps_nan_scores_first_and_rejects_unknown_modes():
+    # A NaN query scores NaN everywhere it sees: ranked first by both selections (as torch.topk).
+    query, key = random_qk(1, q_heads=2, kv_heads=1, seq=200)
+    query[:, :, 150] = float("nan")
+    settings = dict(query_block=16, key_block=16, top_k=6, sink_blocks=1, local_blocks=1, representative_keys=4)
+    assert torch.equal(stream_estimate_triton(query, key, select="sort", **settings),
+                       stream_estimate_triton(query, key, select="rank", **settings))
+    with pytest.raises(InvalidConfigError, match="select"):
+        stream_estimate_triton(query, key, select="heap", **settings)

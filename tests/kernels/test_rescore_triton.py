@@ -164,3 +164,19 @@ def test_estimate_blocks_runs_strided_rescoring_on_the_fused_kernel(estimator):
                     beam=2, rescore_query_stride=4, min_blocks=3, top_p=0.8, scale=0.5)
     assert torch.equal(estimate_blocks(query, key, backend="triton", **settings),
                        estimate_blocks(query, key, backend="reference", **settings))
+
+
+@pytest.mark.parametrize("query_block,key_block,width,query_stride", [(16, 16, 6, 1), (16, 128, 3, 2)])
+def test_masked_loop_is_bit_identical(query_block, key_block, width, query_stride):
+    # -1 slots and (key_block 128: two key tiles) tiles after the block's last query: with the
+    # branch-free loop they are read as masked keys and must add exactly nothing.
+    query, key, generator = inputs(seq_len=200 if key_block > 64 else 136, q_heads=2, kv_heads=1, seed=4)
+    candidates = random_candidates(query.shape[2], query_block, key_block, width, query.shape[1], generator)
+    assert (candidates < 0).any()
+    settings = dict(query_block=query_block, key_block=key_block, scale=0.3, query_stride=query_stride)
+    masked = exact_candidate_mass_triton(query, key, candidates, masked_loop=True, **settings)
+    assert torch.equal(masked, exact_candidate_mass_triton(query, key, candidates, **settings))
+    torch.testing.assert_close(masked, exact_candidate_mass(query, key, candidates, **settings), atol=2e-5, rtol=1e-4)
+    top_k = dict(top_k=2, sink_blocks=1, local_blocks=0, **settings)
+    assert torch.equal(rescore_top_k_triton(query, key, candidates, masked_loop=True, **top_k),
+                       rescore_top_k_triton(query, key, candidates, **top_k))
