@@ -3,6 +3,8 @@ they were made, in residual-stream copies (T x d_model x dtype bytes).
 
     python3 benchmarks/memory_profile.py --shape llama-3.1-8b --layers 2 --length 131072 --out $OUT/memory_8b_128k.json
     python3 benchmarks/memory_profile.py --shape tiny --length 512 --device cpu --out /tmp/memory_cpu.json
+    python3 benchmarks/memory_profile.py --shape qwen2.5-1.5b --layers 28 --length 1048576 --run attribution_patching \
+        --out $OUT/memory_attribution_1m.json      # what is alive at attribution patching's peak
 
 A random-init model of the named shape with ``--layers`` layers (bf16 on CUDA), ``keep_qk=False``,
 MLPs chunked over ``--mlp-chunk`` positions, logits for the last position only, run as in
@@ -51,11 +53,34 @@ def build(args):
     return model, config.hidden_size, dtype
 
 
+def attribution(model, length: int, device: str, use_cache: bool | None = None):
+    """Attribution patching of every head (the first half of the tokens corrupted), metric: a logit
+    difference at the last position, as ``benchmarks/circuits.py`` runs it."""
+    from sparse_lens.analysis.attribution_patching import attribution_patching
+
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=device)
+    corrupted = tokens.clone()
+    corrupted[:, : length // 2] = torch.randint(0, model.cfg.d_vocab, (1, length // 2), device=device)
+    return attribution_patching(model, tokens, corrupted, lambda logits: logits[0, -1, 1].float() - logits[0, -1, 2].float(),
+                                positions=[-1])
+
+
+def block_attribution(model, length: int, device: str, use_cache: bool | None = None):
+    """Gate gradients of every kept block (``interventions.block_attribution``), same metric."""
+    from sparse_lens.analysis.interventions import block_attribution as run
+
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=device)
+    return run(model, tokens, lambda logits: logits[0, -1, 1].float() - logits[0, -1, 2].float(), positions=[-1])
+
+
 def forward(model, length: int, device: str, use_cache: bool | None = None):
     """``use_cache=None``: as ``benchmarks/model.py`` (HF's default: a KV cache of every layer's keys
     and values is built during the forward, though nothing reads it); ``False``: no KV cache."""
     tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=device)
     return cached_forward(model, tokens, **({} if use_cache is None else {"use_cache": use_cache}))
+
+
+RUNS = {"forward": forward, "attribution_patching": attribution, "block_attribution": block_attribution}
 
 
 def call_site(frames: list[dict], depth: int) -> str:
@@ -95,13 +120,13 @@ def profile_cuda(model, args, residual_bytes: int) -> dict:
     before = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
     started = time.perf_counter()
-    logits, patterns = forward(model, args.length, args.device, args.use_cache)
+    outputs = RUNS[args.run](model, args.length, args.device, args.use_cache)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     peak_total = torch.cuda.max_memory_allocated()
-    del logits, patterns
+    del outputs
     if args.snapshot:
         args.snapshot.parent.mkdir(parents=True, exist_ok=True)
         args.snapshot.write_bytes(pickle.dumps(snapshot))
@@ -124,7 +149,7 @@ def profile_cpu(model, args, residual_bytes: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        forward(model, args.length, args.device, args.use_cache)
+        RUNS[args.run](model, args.length, args.device, args.use_cache)
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_memory_usage)[:args.top]
     print(prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=args.top))
     return {"live_at_peak": [], "cpu_operators": [
@@ -147,14 +172,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-kv-cache", dest="use_cache", action="store_const", const=False, default=None,
                         help="pass use_cache=False (default: HF's default, which builds a KV cache)")
+    parser.add_argument("--run", choices=list(RUNS), default="forward",
+                        help="what is profiled: the forward with patterns cached, or a gradient tool (forward + backward)")
     parser.add_argument("--snapshot", type=Path, default=None, help="also save the raw snapshot (pickle) here")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_profile.json"))
     args = parser.parse_args()
     model, d_model, dtype = build(args)
     residual_bytes = args.length * d_model * dtype.itemsize
-    forward(model, min(args.warmup_length, args.length), args.device)  # compiles the kernels
+    RUNS[args.run](model, min(args.warmup_length, args.length), args.device)  # compiles the kernels
     profile = profile_cuda if args.device.startswith("cuda") else profile_cpu
-    result = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "layers": args.layers, "length": args.length,
+    result = {"date": time.strftime("%Y-%m-%d"), "run": args.run, "shape": args.shape, "layers": args.layers,
+              "length": args.length,
               "use_cache": args.use_cache,
               "dtype": str(dtype), "device": device_name(args.device),
               "residual_copy_gb": residual_bytes / 2**30, **profile(model, args, residual_bytes),

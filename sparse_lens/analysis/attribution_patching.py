@@ -62,7 +62,7 @@ from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing, recompute_state, segments
 
 Span = tuple[int, int]
-_CHUNK = 65_536  # positions reduced at a time (fp32 products of one chunk only)
+_CHUNK = 65_536  # positions reduced at a time (fp32 products of one chunk only) without mlp_chunk_tokens
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,7 @@ def attribution_patching(
     names = {layer: ([f"blocks.{layer}.attn.hook_z"] if heads else [])
              + ([f"blocks.{layer}.hook_resid_pre"] if span_list else []) for layer in range(n_layers)}
     run = _Runs(model, layer_ranges, offload_activations)
+    chunk = getattr(model, "mlp_chunk_tokens", None) or _CHUNK  # positions per fp32 product chunk
 
     head_scores = torch.zeros(n_layers, model.cfg.n_heads, dtype=torch.float64)
     position_scores = torch.zeros(n_layers, seq_len, dtype=torch.float64)
@@ -191,9 +192,9 @@ def attribution_patching(
             raise RuntimeError(f"attribution_patching: {name}'s gradient arrived before its corrupted and clean "
                                "values were known.")
         if name.endswith("hook_z"):
-            head_scores[layer] += _products_per_head(grad, delta).double().cpu()
+            head_scores[layer] += _products_per_head(grad, delta, chunk).double().cpu()
         else:
-            position_scores[layer] += _products_per_position(grad, delta).double().cpu()
+            position_scores[layer] += _products_per_position(grad, delta, chunk).double().cpu()
 
     def segment_output_hook(layers: range) -> Callable:
         def hook(value: Tensor, hook) -> Tensor:
@@ -417,20 +418,19 @@ def _no_parameter_gradients(model: Any) -> Iterator[None]:
 
 
 def _products_per_head(
-    grad: Float[Tensor, "batch pos head d_head"], delta: Float[Tensor, "batch pos head d_head"]
+    grad: Float[Tensor, "batch pos head d_head"], delta: Float[Tensor, "batch pos head d_head"], chunk: int
 ) -> Float[Tensor, "head"]:
-    """``sum over batch, pos, d_head of grad * delta`` in fp32, ``_CHUNK`` positions at a time."""
+    """``sum over batch, pos, d_head of grad * delta`` in fp32, ``chunk`` positions at a time."""
     total = torch.zeros(grad.shape[2], dtype=torch.float32, device=grad.device)
-    for start in range(0, grad.shape[1], _CHUNK):
-        part = slice(start, start + _CHUNK)
-        total += torch.einsum("bphd,bphd->h", grad[:, part].float(), delta[:, part].float())
+    for start in range(0, grad.shape[1], chunk):
+        part = slice(start, start + chunk)
+        total += (grad[:, part].float() * delta[:, part].float()).sum(dim=(0, 1, 3))
     return total
 
 
 def _products_per_position(
-    grad: Float[Tensor, "batch pos d_model"], delta: Float[Tensor, "batch pos d_model"]
+    grad: Float[Tensor, "batch pos d_model"], delta: Float[Tensor, "batch pos d_model"], chunk: int
 ) -> Float[Tensor, "pos"]:
-    """``sum over batch and d_model of grad * delta`` per position, in fp32."""
-    parts = [torch.einsum("bpd,bpd->p", grad[:, s : s + _CHUNK].float(), delta[:, s : s + _CHUNK].float())
-             for s in range(0, grad.shape[1], _CHUNK)]
-    return torch.cat(parts)
+    """``sum over batch and d_model of grad * delta`` per position, in fp32, ``chunk`` positions at a time."""
+    return torch.cat([(grad[:, s : s + chunk].float() * delta[:, s : s + chunk].float()).sum(dim=(0, 2))
+                      for s in range(0, grad.shape[1], chunk)])

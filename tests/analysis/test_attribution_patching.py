@@ -232,3 +232,23 @@ def test_the_estimator_runs_once_per_layer_and_run(monkeypatch):
     assert len(calls) == 2 * model.cfg.n_layers
     torch.testing.assert_close(lean.head_out, plain.head_out, atol=1e-6, rtol=1e-5)
     assert lean.head_out.abs().max() > 0
+
+
+def test_peak_memory_is_linear_in_T_and_within_the_benchmark_estimate(monkeypatch):
+    """The whole call's peak (both forwards and the backward), in residual copies: the same at two
+    lengths, and within ``benchmarks/circuits.py``'s estimate ``2 n_segments + 2 k + 8.6`` (6 layers,
+    segments of 2: 18.6; measured 17.5, at a block's MLP backward). Storing every layer's corrupted hook_z and block input instead would need
+    2 x 6 + 8.6 (the earlier algorithm), and fp32 products over the whole sequence (before they were
+    chunked like the MLP) 21.4: the bound catches both."""
+    from tests.tl.test_checkpointing import LiveBytes, memory_model
+
+    def peak(seq_len: int) -> float:
+        model, tokens = memory_model(monkeypatch, seq_len, n_layers=6)
+        recorder = LiveBytes()
+        with recorder:
+            attribution_patching(model, tokens, tokens.flip(-1), metric, positions=[-1], segment_layers=2)
+        return recorder.peak / (seq_len * 192 * 2)
+
+    short, long = peak(512), peak(1024)
+    assert abs(long - short) <= 0.5
+    assert long <= 2 * 3 + 2 * 2 + 8.6

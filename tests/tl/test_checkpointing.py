@@ -115,13 +115,12 @@ class LiveBytes(TorchDispatchMode):
             self.total -= entry[0]
 
 
-def backward_working_set(monkeypatch, seq_len: int, chunk_tokens: int | None = None) -> tuple[float, LiveBytes]:
-    """Peak bytes created during the checkpointed backward of a bf16 Qwen2-like model (d_mlp = 6 d_model,
-    12 query / 2 KV heads as Qwen2.5-1.5B, 2 blocks, MLP chunks of T/16), in residual copies
-    ``T x d_model x 2 bytes``. Blocks are checkpointed one by one (segments add their block inputs,
-    counted apart in ``benchmarks/circuits.py``'s estimate). The Triton attention runs with its real wrapper and buffers (what the GPU
-    allocates: its kernels keep everything else in registers) but no-op kernels, and the estimator is
-    replaced by a fixed local pattern, so only memory is measured (fast on the CPU)."""
+def memory_model(monkeypatch, seq_len: int, n_layers: int = 2):
+    """A bf16 Qwen2-like model for memory measurements (d_mlp = 6 d_model, 12 query / 2 KV heads as
+    Qwen2.5-1.5B, MLP chunks of T/16, parameters frozen) and ``[1, seq_len]`` tokens. The Triton
+    attention runs with its real wrapper and buffers (what the GPU allocates: its kernels keep
+    everything else in registers) but no-op kernels, and the estimator is replaced by a fixed local
+    pattern: only memory is measured (fast on the CPU), not values. Residual copy: T x 192 x 2 bytes."""
     import sparse_lens.kernels.sparse_attention_triton as triton_attention
     import sparse_lens.tl.attention as attention
 
@@ -139,13 +138,21 @@ def backward_working_set(monkeypatch, seq_len: int, chunk_tokens: int | None = N
     monkeypatch.setattr(triton_attention, "_launch_forward", no_forward)
     monkeypatch.setattr(triton_attention, "_launch_backward", no_backward)
     monkeypatch.setattr(attention, "estimate_blocks", local_blocks)
-    config = Qwen2Config(vocab_size=97, hidden_size=192, intermediate_size=1152, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=97, hidden_size=192, intermediate_size=1152, num_hidden_layers=n_layers,
                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=1 << 16)
     stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4, keep_qk=False, backend="triton")
     model = sl.HookedSparseTransformer.from_config(config, stream, dtype=torch.bfloat16)
     model.mlp_chunk_tokens = seq_len // 16
     model.requires_grad_(False)  # as attribution_patching runs it: no weight gradient, nothing saved for one
     tokens = torch.randint(0, 97, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    return model, tokens
+
+
+def backward_working_set(monkeypatch, seq_len: int, chunk_tokens: int | None = None) -> tuple[float, LiveBytes]:
+    """Peak bytes created during the checkpointed backward of :func:`memory_model` (2 blocks), in
+    residual copies. Blocks are checkpointed one by one (segments add their block inputs, counted
+    apart in ``benchmarks/circuits.py``'s estimate)."""
+    model, tokens = memory_model(monkeypatch, seq_len)
     leaf = {}
 
     def embed_leaf(value, hook):
@@ -153,7 +160,8 @@ def backward_working_set(monkeypatch, seq_len: int, chunk_tokens: int | None = N
         return leaf["embed"]
 
     recorder = LiveBytes()
-    with checkpoint_blocks(model, segment_layers=None, chunk_tokens=chunk_tokens), model.hooks(fwd_hooks=[("hook_embed", embed_leaf)]), \
+    with checkpoint_blocks(model, segment_layers=None, chunk_tokens=chunk_tokens), \
+            model.hooks(fwd_hooks=[("hook_embed", embed_leaf)]), \
             torch.enable_grad():
         logits = model(tokens, logits_to_keep=1)
         value = logits[0, -1, 1].float() - logits[0, -1, 2].float()
