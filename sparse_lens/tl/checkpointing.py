@@ -167,15 +167,19 @@ def _checkpointed_block_forward(forward: Callable, state: RecomputeState, *args:
 def _segment_forward(forwards: list[Callable], layers: range, state: RecomputeState, *args: Any, **kwargs: Any) -> Any:
     """Installed on a segment's first block: runs the whole segment under one checkpoint, each
     block under its own inside it (also when the segment is recomputed); the segment's other
-    blocks then pass their input through (:func:`_passed_through_block`)."""
+    blocks then pass their input through (:func:`_passed_through_block`). Every block of the
+    segment gets the first block's keyword arguments (position embeddings, ids, mask): the same for
+    all layers of the supported families on unpadded input (a sliding-window layer's mask differs,
+    but sparse attention reads its window from the layer, and the mask only to refuse padding)."""
     if state.recomputing or not torch.is_grad_enabled():
         return forwards[layers[0]](*args, **kwargs)
     args, kwargs = _block_call_kwargs(args, kwargs)
 
     def run_segment(hidden: Tensor, **block_kwargs: Any) -> Any:
         for layer in layers:
-            hidden = checkpointed_call(forwards[layer], state, (hidden,), dict(block_kwargs))
-        return hidden
+            output = checkpointed_call(forwards[layer], state, (hidden,), dict(block_kwargs))
+            hidden = output[0] if isinstance(output, tuple) else output  # HF versions whose layers return tuples
+        return output
 
     output = checkpointed_call(run_segment, state, args, kwargs, offload=state.offload, memo={})
     state.passed_through.update(layers[1:])
