@@ -26,9 +26,10 @@ here: torch's ``is_causal`` aligns the mask top-left, which is wrong for a KV-ca
 SDPA's fused kernels know no sliding window, logit soft-cap or attention sink. For layers with
 any of them, ``dense_attention_band`` is the fast exact path: the block-sparse Triton kernel run
 over every block of the causal band (or of the window band, ``window.window_band``), with the
-features applied token by token inside it. Its cost: the dense work (or the band's), plus an
-int32 block table of ``n_query_blocks x band width`` per head (128k tokens, 64-token blocks,
-no window: 16 MB per head).
+features applied token by token inside it, without block masses (``with_block_mass=False``: a
+row's per-slot sums would not fit in registers at thousands of slots). Its cost: the dense work
+(or the band's), plus an int32 block table of ``n_query_blocks x band width`` per head (128k
+tokens, 64-token blocks, no window: 16 MB per head).
 """
 
 from __future__ import annotations
@@ -139,6 +140,6 @@ def dense_attention_band(
     block_indices = band.to(torch.int32).expand(*query.shape[:2], *band.shape)
     output, lse, _ = block_sparse_attention_triton(
         query, key, value, block_indices, query_block=BAND_BLOCK, key_block=BAND_BLOCK, scale=scale,
-        window=window, softcap=softcap, sinks=sinks,
+        window=window, softcap=softcap, sinks=sinks, with_block_mass=False,
     )
     return output, lse

@@ -160,7 +160,7 @@ def _forward_kernel(
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, WITH_MASS: tl.constexpr = True,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
@@ -184,7 +184,8 @@ def _forward_kernel(
         else:
             row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
             row_sum = tl.zeros([QUERY_TILE], dtype=tl.float32)
-        slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
+        if WITH_MASS:
+            slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
         accumulator = tl.zeros([QUERY_TILE, BLOCK_DV], dtype=tl.float32)
         for slot in range(top_k):
             key_block_id = tl.load(block_indices_ptr + slots_row + slot)
@@ -206,8 +207,9 @@ def _forward_kernel(
                     probs = tl.exp(scores - shift[:, None])
                     tile_sum = tl.sum(probs, axis=1)
                     row_sum = row_sum * rescale + tile_sum
-                    in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
-                    slot_sums = slot_sums * rescale[:, None] + in_slot
+                    if WITH_MASS:
+                        in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
+                        slot_sums = slot_sums * rescale[:, None] + in_slot
                     update = _dot(probs.to(values.dtype), values, DOT_PRECISION, DOT_UPCAST)
                     accumulator = accumulator * rescale[:, None] + gate * update
                     row_max = new_max
@@ -218,9 +220,11 @@ def _forward_kernel(
         _store_rows(output_base, query_pos, seq_len, value_dims, d_value, accumulator * inverse_sum[:, None])
         lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
         tl.store(lse_ptr + batch_head * seq_len + query_pos, lse, mask=real)
-        mass_sum += tl.sum(tl.where(real[:, None], slot_sums * inverse_sum[:, None], 0.0), axis=0)
-    n_real = tl.minimum(seq_len - query_block_id * QUERY_BLOCK, QUERY_BLOCK)
-    tl.store(block_mass_ptr + slots_row + slot_ids, mass_sum / n_real, mask=slot_ids < top_k)
+        if WITH_MASS:
+            mass_sum += tl.sum(tl.where(real[:, None], slot_sums * inverse_sum[:, None], 0.0), axis=0)
+    if WITH_MASS:
+        n_real = tl.minimum(seq_len - query_block_id * QUERY_BLOCK, QUERY_BLOCK)
+        tl.store(block_mass_ptr + slots_row + slot_ids, mass_sum / n_real, mask=slot_ids < top_k)
 
 
 @triton.jit
@@ -336,20 +340,24 @@ def _feature_args(window: int | None, softcap: float | None) -> tuple[int, float
 @launch_on_tensor_device
 def _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass, *,
                     query_block: int, key_block: int, scale: float, window: int | None = None,
-                    softcap: float | None = None, sinks: Tensor | None = None) -> None:
+                    softcap: float | None = None, sinks: Tensor | None = None, with_mass: bool = True) -> None:
     """Run the forward kernel into caller-given buffers (every element of them is written).
 
     All tensors contiguous, ``block_indices`` int32, ``sinks`` float32; the tests call it with
-    poisoned buffers.
+    poisoned buffers. ``with_mass=False`` leaves ``block_mass`` unwritten and keeps no per-slot
+    sums (for wide rows, e.g. a dense band of thousands of blocks, whose [query tile, slots]
+    register tensor would spill).
     """
     batch, n_q_heads = query.shape[:2]
     grid = (block_indices.shape[2], batch * n_q_heads)
+    config = _launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks)
+    if not with_mass:
+        config |= dict(WITH_MASS=False, SLOTS=2)
     _forward_kernel[grid](
         query, key, value, block_indices, block_gate if block_gate is not None else block_mass,
         sinks if sinks is not None else lse,  # unread placeholder without sinks
         output, lse, block_mass, float(scale), *_feature_args(window, softcap), *_sizes(query, key, value, block_indices),
-        **_launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks),
-        num_warps=4,
+        **config, num_warps=4,
     )
 
 
@@ -378,18 +386,18 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, block_gate, sinks, block_indices, query_block, key_block, scale, window,
-                softcap):
+                softcap, with_mass):
         batch, n_q_heads, seq_len, _ = query.shape
         output: Float[Tensor, "batch q_head seq d_value"] = query.new_empty(
             (batch, n_q_heads, seq_len, value.shape[-1])
         )
         lse: Float[Tensor, "batch q_head seq"] = query.new_empty((batch, n_q_heads, seq_len), dtype=torch.float32)
         block_mass: Float[Tensor, "batch q_head n_query_blocks top_k"] = query.new_empty(
-            block_indices.shape, dtype=torch.float32
+            block_indices.shape if with_mass else (0,), dtype=torch.float32
         )
         _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass,
                         query_block=query_block, key_block=key_block, scale=scale, window=window,
-                        softcap=softcap, sinks=sinks)
+                        softcap=softcap, sinks=sinks, with_mass=with_mass)
         ctx.save_for_backward(query, key, value, block_gate, sinks, block_indices, output, lse)
         ctx.blocks = (query_block, key_block, scale, window, softcap)
         ctx.mark_non_differentiable(lse, block_mass)
@@ -409,7 +417,7 @@ class _BlockSparseAttention(torch.autograd.Function):
                          query_block=query_block, key_block=key_block, scale=scale, window=window,
                          softcap=softcap, sinks=sinks, grad_sinks=grad_sinks)
         return (grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), grad_gate, grad_sinks,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def block_sparse_attention_triton(
@@ -425,12 +433,16 @@ def block_sparse_attention_triton(
     window: int | None = None,
     softcap: float | None = None,
     sinks: Float[Tensor, "q_head"] | None = None,
+    with_block_mass: bool = True,
 ) -> tuple[
     Float[Tensor, "batch q_head seq d_value"],
     Float[Tensor, "batch q_head seq"],
-    Float[Tensor, "batch q_head n_query_blocks top_k"],
+    Float[Tensor, "batch q_head n_query_blocks top_k"] | None,
 ]:
     """Attention restricted to the kept key blocks: ``(output, lse, block_mass)``, on Triton.
+
+    ``with_block_mass=False`` returns ``block_mass=None`` and skips its per-slot sums: for rows of
+    very many slots (``dense_sdpa.dense_attention_band``), where they would spill registers.
 
     Same contract as ``sparse_attention_ref.block_sparse_attention`` (with ``window``,
     ``softcap`` and ``sinks``); differentiable w.r.t. query, key, value, ``block_gate`` and
@@ -452,7 +464,8 @@ def block_sparse_attention_triton(
         block_gate = block_gate.contiguous()
     if sinks is not None:
         sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
-    return _BlockSparseAttention.apply(
+    output, lse, block_mass = _BlockSparseAttention.apply(
         query.contiguous(), key.contiguous(), value.contiguous(), block_gate, sinks,
-        block_indices.to(torch.int32).contiguous(), query_block, key_block, scale, window, softcap,
+        block_indices.to(torch.int32).contiguous(), query_block, key_block, scale, window, softcap, with_block_mass,
     )
+    return (output, lse, block_mass) if with_block_mass else (output, lse, None)
