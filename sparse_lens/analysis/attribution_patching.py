@@ -59,7 +59,7 @@ from sparse_lens.analysis.positions import call_metric, kept_positions, logits_k
 from sparse_lens.analysis.span_patching import block_spans, check_spans
 from sparse_lens.errors import GradientModeError, ShapeError
 from sparse_lens.pattern import BlockSparsePattern
-from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing, recompute_state, segments
+from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing, layer_types, recompute_state, segments
 
 Span = tuple[int, int]
 _CHUNK = 65_536  # positions reduced at a time (fp32 products of one chunk only) without mlp_chunk_tokens
@@ -156,7 +156,7 @@ def attribution_patching(
     if not (heads or span_list or gates):
         raise ValueError("attribution_patching: nothing to estimate (heads=False, no spans, gates=False).")
     n_layers = model.cfg.n_layers
-    layer_ranges = segments(n_layers, segment_layers)
+    layer_ranges = segments(n_layers, segment_layers, layer_types(model))  # the clean run's segments too
     names = {layer: ([f"blocks.{layer}.attn.hook_z"] if heads else [])
              + ([f"blocks.{layer}.hook_resid_pre"] if span_list else []) for layer in range(n_layers)}
     run = _Runs(model, layer_ranges, offload_activations)

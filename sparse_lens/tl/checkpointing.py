@@ -132,9 +132,31 @@ def remembered_selection(state: RecomputeState | None, key: Any, select: Callabl
     return selection
 
 
-def segments(n_layers: int, segment_layers: int | Literal["sqrt"] | None) -> list[range]:
+def layer_types(model: Any) -> list | None:
+    """The HF config's ``layer_types`` (e.g. sliding and full attention layers), or None."""
+    return getattr(getattr(getattr(model, "original_model", None), "config", None), "layer_types", None)
+
+
+def segments(n_layers: int, segment_layers: int | Literal["sqrt"] | None, types: list | None = None) -> list[range]:
     """The layer ranges checkpointed together: ``segment_layers`` consecutive blocks each (the last
-    one shorter), ``"sqrt"``: ``ceil(sqrt(n_layers))`` blocks, ``None`` or 1: one block each."""
+    one shorter), ``"sqrt"``: ``ceil(sqrt(n_layers))`` blocks, ``None`` or 1: one block each. With
+    ``types`` (one per layer, :func:`layer_types`) a segment is also cut where the type changes: a
+    segment's blocks share one set of keyword arguments, hence one attention mask."""
+    ranges = _equal_segments(n_layers, segment_layers)
+    if types is None or len(types) < n_layers:
+        return ranges
+    cut = []
+    for layers in ranges:
+        start = layers[0]
+        for layer in layers[1:]:
+            if types[layer] != types[layer - 1]:
+                cut.append(range(start, layer))
+                start = layer
+        cut.append(range(start, layers[-1] + 1))
+    return cut
+
+
+def _equal_segments(n_layers: int, segment_layers: int | Literal["sqrt"] | None) -> list[range]:
     if segment_layers == "sqrt":
         segment_layers = math.ceil(math.sqrt(n_layers))
     if segment_layers is None:
@@ -168,9 +190,8 @@ def _segment_forward(forwards: list[Callable], layers: range, state: RecomputeSt
     """Installed on a segment's first block: runs the whole segment under one checkpoint, each
     block under its own inside it (also when the segment is recomputed); the segment's other
     blocks then pass their input through (:func:`_passed_through_block`). Every block of the
-    segment gets the first block's keyword arguments (position embeddings, ids, mask): the same for
-    all layers of the supported families on unpadded input (a sliding-window layer's mask differs,
-    but sparse attention reads its window from the layer, and the mask only to refuse padding)."""
+    segment gets the first block's keyword arguments (position embeddings, ids, mask): segments are
+    cut where the config's ``layer_types`` change (:func:`segments`), so they share one mask."""
     if state.recomputing or not torch.is_grad_enabled():
         return forwards[layers[0]](*args, **kwargs)
     args, kwargs = _block_call_kwargs(args, kwargs)
@@ -254,7 +275,7 @@ def checkpoint_blocks(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
     blocks = list(model.blocks)
-    layer_ranges = segments(len(blocks), segment_layers)
+    layer_ranges = segments(len(blocks), segment_layers, layer_types(model))
     state.installed, state.offload, state.recomputing = True, offload, False
     state.passed_through.clear()
     for block in blocks:

@@ -69,6 +69,9 @@ def test_segments():
     assert segments(7, 3) == [range(0, 3), range(3, 6), range(6, 7)]
     assert segments(28, "sqrt") == [range(start, min(start + 6, 28)) for start in range(0, 28, 6)]
     assert segments(2, None) == [range(0, 1), range(1, 2)]
+    # Cut where the attention type changes (one mask per segment).
+    types = ["full", "full", "sliding", "sliding", "sliding", "full", "full"]
+    assert segments(7, 3, types) == [range(0, 2), range(2, 3), range(3, 5), range(5, 6), range(6, 7)]
     with pytest.raises(ValueError):
         segments(4, 0)
 
