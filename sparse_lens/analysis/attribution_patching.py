@@ -338,9 +338,10 @@ class _Runs:
     def _segment_input(self, layer: int) -> Callable:
         def keep(value: Tensor, hook) -> Tensor:
             if not self.rerunning:
-                kept = value.detach().clone()
-                if self.offload:
-                    kept = kept.to("cpu").pin_memory() if torch.cuda.is_available() else kept.to("cpu")
+                if self.offload:  # one copy, straight into pinned host memory (read back without blocking)
+                    kept = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda).copy_(value.detach())
+                else:
+                    kept = value.detach().clone()
                 self.segment_inputs[layer] = kept
             return value
 
