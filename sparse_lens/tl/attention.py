@@ -22,9 +22,10 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
   steps fire no ``hook_pattern``;
 - the layer's sliding window, logit soft-cap and learned sinks (gpt-oss), read from the HF module
   (:mod:`sparse_lens.tl.windows`; ``sinks``), go to every kernel call, prefill and decode, in
-  every mode. A windowed layer keeps its whole window band and runs no estimator (exact; the
-  estimator runs on the global layers only), whether or not the band fits ``top_k``: see
-  :mod:`sparse_lens.tl.windows`. Scores are scaled by the module's ``scaling`` (Gemma's
+  every mode. A layer whose window binds (more keys than the window) keeps its whole window band
+  and runs no estimator (exact; the estimator runs on the global layers only), whether or not the
+  band fits ``top_k``; a window that does not bind is no window: see
+  :mod:`sparse_lens.tl.windows` (``binding_window``). Scores are scaled by the module's ``scaling`` (Gemma's
   ``query_pre_attn_scalar ** -0.5``), QK-norm runs before RoPE, and each layer takes the
   ``position_embeddings`` its HF decoder layer passes (Gemma 3: local layers their own RoPE base).
 """
@@ -61,21 +62,14 @@ from sparse_lens.kernels import (
 )
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.checkpointing import STATE_ATTRIBUTE_OF_ATTENTION, remembered_selection
+from sparse_lens.tl.features import unsupported_features
 from sparse_lens.tl.pattern_hooks import fire_block_indices, fire_block_mass, fire_pattern
-from sparse_lens.tl.windows import attention_softcap, hides_nothing_more, sliding_window, window_selection
-
-# Attention features of the HF module that bridges sharing this one's prefill do not reproduce.
-_UNSUPPORTED_HF_FEATURES = {
-    "attn_logit_softcapping": "attention logit soft-capping",
-    "sinks": "learned attention sinks",
-    "key_multiplier": "scaled keys",
-}
-# ... of which SparseAttentionBridge itself applies these (passed to every kernel call).
-_APPLIED_HF_FEATURES = ("attn_logit_softcapping", "sinks")
-# Bridge config flags that route attention through paths this bridge does not implement.
-_UNSUPPORTED_CONFIG_FLAGS = (
-    "use_split_qkv_input", "use_attn_in", "gated_q_proj",
-    "rotary_adjacent_pairs", "rotary_interleaved_cos_sin", "qk_norm_after_rope",
+from sparse_lens.tl.windows import (
+    attention_softcap,
+    binding_window,
+    hides_nothing_more,
+    sliding_window,
+    window_selection,
 )
 
 
@@ -106,17 +100,11 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
 
     def set_original_component(self, component: torch.nn.Module) -> None:
         super().set_original_component(component)
-        unsupported = [
-            what for attr, what in _UNSUPPORTED_HF_FEATURES.items()
-            if attr not in _APPLIED_HF_FEATURES and getattr(component, attr, None) is not None
-        ]
-        unsupported += [flag for flag in _UNSUPPORTED_CONFIG_FLAGS if getattr(self.config, flag, False)]
+        unsupported = unsupported_features(component, self.config)
         if getattr(getattr(component, "config", None), "clip_qkv", None) is not None:
             unsupported.append("clipped q/k/v (clip_qkv)")
         if self._qk_norm_per_head:
             unsupported.append("QK-norm with [n_heads, d_head] weights")
-        if getattr(component, "is_causal", True) is False:
-            unsupported.append("bidirectional (non-causal) attention")
         self._sliding_window = sliding_window(component)
         self._softcap = attention_softcap(component)
         if unsupported:
@@ -161,10 +149,12 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
 
         scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         n_cached = key.shape[2] - n_new
-        # sinks: per-head logits in the softmax normaliser (gpt-oss), read live (a Parameter)
-        features = {"window": self._sliding_window, "softcap": self._softcap, "sinks": getattr(hf_attn, "sinks", None)}
+        # sinks: per-head logits in the softmax normaliser (gpt-oss), read live (a Parameter); a
+        # window that hides no key is none (the estimator runs), as in the fused-qkv bridge
+        features = {"window": binding_window(self._sliding_window, key.shape[2]), "softcap": self._softcap,
+                    "sinks": getattr(hf_attn, "sinks", None)}
         if n_cached == 0:
-            if attention_mask is not None and not hides_nothing_more(attention_mask, self._sliding_window):
+            if attention_mask is not None and not hides_nothing_more(attention_mask, features["window"]):
                 raise PaddingNotSupportedError(
                     "An attention mask reached sparse attention: padded batches are not supported. "
                     "Run sequences of equal length (or one at a time)."
@@ -191,7 +181,8 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         ``window`` (tokens) / ``softcap`` / ``sinks``: the layer's sliding window, logit soft-cap and
         per-head sink logits (in the softmax normaliser only; gpt-oss), applied by every kernel; a
         windowed layer keeps its whole window band instead of an estimate
-        (:func:`~sparse_lens.tl.windows.window_selection`)."""
+        (:func:`~sparse_lens.tl.windows.window_selection`). Pass ``window`` only where it binds
+        (:func:`~sparse_lens.tl.windows.binding_window`)."""
         cfg = self.stream
         seq_len = query.shape[2]
         geometry = {"query_block": cfg.query_block, "key_block": cfg.key_block}
@@ -262,19 +253,6 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
     def _where(self) -> str:
         """This layer for messages: ``blocks.{layer}.attn`` and the HF module name."""
         return f"blocks.{self._layer_idx}.attn ({self.name}, layer {self._layer_idx})"
-
-    def _check_sliding_window(self, n_keys: int) -> None:
-        """``UnsupportedModelError`` when this layer's sliding window would hide keys: HF lets a
-        query see the ``sliding_window`` most recent keys (itself included), so a window binds
-        once there are more keys than that. For bridges that reuse ``_prefill`` without passing
-        the window to the kernels (``joint_qkv_attention``); this bridge applies windows itself.
-        (In decode, HF's cache returns at most the window's keys for a sliding layer, so decode steps pass.)"""
-        if self._sliding_window is not None and n_keys > self._sliding_window:
-            raise UnsupportedModelError(
-                f"{self._where()}: sliding-window attention (window {self._sliding_window} tokens) would hide keys "
-                f"at {n_keys} tokens, and sparse_lens' attention applies no window. Run prompts of at most "
-                f"{self._sliding_window} tokens with this model."
-            )
 
     def _update_kv_cache(self, key: Tensor, value: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Append to HF's KV cache when one is passed (``cache=`` since transformers 5.24, else

@@ -46,14 +46,9 @@ from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import PaddingNotSupportedError, UnsupportedModelError
 from sparse_lens.kernels import dense_attention
-from sparse_lens.tl.attention import (
-    _APPLIED_HF_FEATURES,
-    _UNSUPPORTED_CONFIG_FLAGS,
-    _UNSUPPORTED_HF_FEATURES,
-    SparseAttentionBridge,
-    apply_rotary,
-)
-from sparse_lens.tl.windows import attention_softcap, hides_nothing_more, sliding_window
+from sparse_lens.tl.attention import SparseAttentionBridge, apply_rotary
+from sparse_lens.tl.features import unsupported_features
+from sparse_lens.tl.windows import attention_softcap, binding_window, hides_nothing_more, sliding_window
 
 # HF attention submodules of a QK-norm, which TL's joint bridge (and so this one) does not apply.
 _QK_NORM_MODULES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
@@ -93,15 +88,9 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
         """Wrap the HF attention module (the adapter splits its fused projection into ``q/k/v``
         here); ``UnsupportedModelError`` naming the layer for features this bridge does not apply."""
         super().set_original_component(component)
-        unsupported = [
-            what for attr, what in _UNSUPPORTED_HF_FEATURES.items()
-            if attr not in _APPLIED_HF_FEATURES and getattr(component, attr, None) is not None
-        ]
-        unsupported += [flag for flag in _UNSUPPORTED_CONFIG_FLAGS if getattr(self.config, flag, False)]
+        unsupported = unsupported_features(component, self.config)
         if any(getattr(component, name, None) is not None for name in _QK_NORM_MODULES):
             unsupported.append("QK-norm (not applied by TransformerLens' fused-qkv bridge)")
-        if getattr(component, "is_causal", True) is False:
-            unsupported.append("bidirectional (non-causal) attention")
         self._sliding_window = sliding_window(component)
         self._softcap = attention_softcap(component)
         if unsupported:
@@ -140,8 +129,7 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
 
         scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         n_cached = key.shape[2] - n_new
-        binds = self._sliding_window is not None and key.shape[2] > self._sliding_window
-        features = {"window": self._sliding_window if binds else None, "softcap": self._softcap,
+        features = {"window": binding_window(self._sliding_window, key.shape[2]), "softcap": self._softcap,
                     "sinks": getattr(hf_attn, "sinks", None)}
         if n_cached == 0:
             attention_mask = kwargs.get("attention_mask")

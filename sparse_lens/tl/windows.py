@@ -9,9 +9,12 @@ Read generically (no architecture names), from the attributes HF attention modul
 - ``attention_softcap(hf_attn)``: ``attn_logit_softcapping`` (Gemma 2: 50.0), the tanh cap on the
   scaled scores, ``s -> softcap * tanh(s / softcap)``.
 
-Policy for a windowed layer (``window_selection``): it keeps its whole window band, the key blocks
-its queries' windows overlap (``kernels.window.window_band``), and runs no estimator, so its
-attention is exact (the kernels mask the window token by token inside the band's edge blocks).
+Policy, one for every bridge (``binding_window``): a window binds when it hides keys, i.e. when
+there are more keys than the window. A window that does not bind (Mistral v0.1's 4096 below 4096
+tokens, Phi-3-mini-128k's 262144) is no window: the layer is a global one and the estimator runs.
+A layer whose window binds (``window_selection``) keeps its whole window band, the key blocks its
+queries' windows overlap (``kernels.window.window_band``), and runs no estimator, so its attention
+is exact (the kernels mask the window token by token inside the band's edge blocks).
 
 - When the band fits the budget (``kernels.window.window_fits``: at most ``top_k`` blocks wide, e.g.
   Gemma 3's 512-token window with 64-token blocks and ``top_k >= 9``), the rows are padded with
@@ -45,6 +48,13 @@ def attention_softcap(hf_attn: Any) -> float | None:
     """The HF attention module's logit soft-cap (``attn_logit_softcapping``), or None."""
     softcap = getattr(hf_attn, "attn_logit_softcapping", None)
     return None if softcap is None else float(softcap)
+
+
+def binding_window(window: int | None, n_keys: int) -> int | None:
+    """The window a layer applies over ``n_keys`` keys: ``window`` (tokens) when it hides some of
+    them (``n_keys > window``), else ``None`` (the window hides nothing: no window, the estimator
+    runs). The one window policy of both attention bridges (module docstring)."""
+    return window if window is not None and n_keys > window else None
 
 
 def window_selection(

@@ -225,6 +225,33 @@ def test_windowed_layers_keep_their_window_band_and_global_layers_are_pruned(fam
     assert (logits - expected).abs().max() > 1e-2
 
 
+PRUNED = sl.TracingConfig(query_block=16, key_block=16, top_k=3, sink_blocks=1, local_blocks=1)
+
+
+@pytest.mark.parametrize("config, windowless", [
+    # Mistral v0.1: 4096 below 4096 tokens
+    (transformers.MistralConfig(**SHAPE, sliding_window=2 * SEQ), transformers.MistralConfig(**SHAPE, sliding_window=None)),
+    (transformers.Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=4 * SEQ, max_window_layers=0,
+                              layer_types=["sliding_attention", "sliding_attention"]), transformers.Qwen2Config(**SHAPE)),
+], ids=["mistral", "qwen2-use-sliding-window"])
+def test_a_window_that_does_not_bind_is_no_window_and_the_estimator_runs(config, windowless):
+    """At 128 tokens a window of 128 (or more) hides no key: the layer prunes like a global one
+    (3 of 8 key blocks), exactly as the same weights without a window (one policy for both bridges:
+    ``windows.binding_window``; it kept every block before)."""
+    model = sl.HookedSparseTransformer.from_hf_model(_random_hf(config), None, PRUNED)
+    reference = sl.HookedSparseTransformer.from_hf_model(_random_hf(windowless), None, PRUNED)
+    assert model.blocks[0].attn._sliding_window is not None and reference.blocks[0].attn._sliding_window is None
+    tokens = _tokens(2 * SEQ)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+        expected = reference(tokens)
+    for layer in range(2):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        assert pattern.window is None and pattern.block_indices.shape[-1] == 3
+        assert pattern.pruned_fraction() > 0.3
+    assert (logits - expected).abs().max() <= 1e-5
+
+
 def test_decode_past_the_window_is_hf_sliding_window_attention():
     """HF's cache keeps a sliding layer's last ``window - 1`` keys, so decode steps (dense over the
     cache) are exact past the window: only a prefill longer than the window raises."""

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from sparse_lens.kernels.window import window_band
-from sparse_lens.tl.windows import attention_softcap, hides_nothing_more, sliding_window, window_selection
+from sparse_lens.tl.windows import (
+    attention_softcap,
+    binding_window,
+    hides_nothing_more,
+    sliding_window,
+    window_selection,
+)
 
 SEQ, WINDOW = 40, 8
 
@@ -66,3 +72,15 @@ def test_a_pad_row_unmasked_by_sdpa_still_fails():
     visible[..., : WINDOW + 2, :] = True  # the pad rows, unmasked
     assert not hides_nothing_more(visible, WINDOW)
     assert not hides_nothing_more(torch.ones(SEQ, SEQ, dtype=torch.bool), None)  # not 4-D
+
+
+def test_a_window_binds_only_when_it_hides_keys():
+    """HF's window lets a query see the ``window`` most recent keys (itself included): it hides a
+    key only when there are more keys than the window."""
+    assert binding_window(8, 9) == 8
+    assert binding_window(8, 8) is None  # as many keys as the window: nothing hidden
+    assert binding_window(4096, 1000) is None  # Mistral v0.1 below 4096 tokens
+    assert binding_window(None, 10**6) is None
+    # the window really hides nothing at n_keys == window: its mask is the causal mask
+    assert torch.equal(_visible(SEQ, SEQ), _visible(SEQ, None)) and not torch.equal(_visible(SEQ, SEQ - 1),
+                                                                                      _visible(SEQ, None))
