@@ -69,14 +69,15 @@ def run_end_to_end(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = sl.HookedSparseTransformer.from_pretrained(args.model or sl.DEFAULT_MODEL, device=device)
+    model_name = args.model or sl.DEFAULT_MODEL
+    model = sl.HookedSparseTransformer.from_pretrained(model_name, device=device)
     tokens = torch.tensor([prose_tokens(model.tokenizer, args.length)], device=device)
     dense = None if args.next_token_only else load_dense(model, tokens, args.dense_cache)
     out = RESULTS / f"fidelity_e2e_{args.length}{args.suffix}.json"
     results = json.loads(out.read_text()) if out.exists() and args.append else {"rows": []}
     command = "python -m benchmarks.fidelity run " + " ".join(args.argv)
     results["commands"] = results.get("commands", []) + [command]
-    results.update(date=str(date.today()), length=args.length, model=sl.DEFAULT_MODEL,
+    results.update(date=str(date.today()), length=args.length, model=model_name,
                    machine=torch.cuda.get_device_name() if device == "cuda" else machine(),
                    torch_threads=torch.get_num_threads(),
                    command=command)
