@@ -164,12 +164,16 @@ class HookedSparseTransformer(TransformerBridge):
         set_mlp_chunking(self.blocks, chunk_tokens, recompute_state(self))
         self._mlp_chunk_tokens = chunk_tokens
 
-    def lean_backward(self, offload: bool = False) -> contextlib.AbstractContextManager[RecomputeState]:
-        """Activation checkpointing per block while the context is open (``with model.lean_backward():``):
-        the backward recomputes each block instead of keeping its intermediates, and with
-        ``offload=True`` the per-block checkpoints (block inputs) wait in host memory. Keep hooks
-        installed across forward and backward (``model.hooks(...)``); see ``sparse_lens.tl.checkpointing``."""
-        return checkpoint_blocks(self, offload=offload)
+    def lean_backward(
+        self, offload: bool = False, segment_layers: int | str | None = "sqrt"
+    ) -> contextlib.AbstractContextManager[RecomputeState]:
+        """Activation checkpointing while the context is open (``with model.lean_backward():``): the
+        forward keeps the input of every ``segment_layers``-th block (default ``ceil(sqrt(n_layers))``;
+        None: every block's), the backward recomputes a segment, then each of its blocks, instead of
+        keeping their intermediates; norms and MLPs run in sequence chunks. With ``offload=True`` the
+        checkpoints wait in host memory. Keep hooks installed across forward and backward
+        (``model.hooks(...)``); see ``sparse_lens.tl.checkpointing``."""
+        return checkpoint_blocks(self, offload=offload, segment_layers=segment_layers)
 
     def sparse_attention_layers(self) -> list[SparseAttentionBridge | SparseJointQKVAttentionBridge]:
         """The attention bridge of every block, in layer order."""
