@@ -37,10 +37,19 @@ the ``BRANCH_PAD x CAND_PAD`` placement): each candidate's key packs, in one int
 so the sorted order is the rank order above; the first ``BRANCH_PAD`` keys name the kept
 candidates, whose ranges ``tl.gather`` reads. Same output as ``"rank"``, ties aside (``-0.0``
 and ``0.0`` are ordered by their bits). Meant for the wide searches of the rescored estimators
-(``CAND_PAD`` 128 at ``top_k`` 16, ``beam`` 4), where the ``C**2`` comparison grows 16x.
+(``CAND_PAD`` 128 at ``top_k`` 16, ``beam`` 4), where the ``C**2`` comparison grows 16x; measured
+on the H200 (``benchmarks/results/h200_2026-11-30b/``) it is no faster there (21.2 against
+21.3 ms at 128k, 257 against 252 ms at 1M) and slower for Stream's own search (6.0 against
+4.5 ms at 128k), so ``"rank"`` stays the default: the wide search's time is not in its selection
+(the score dots and the gathered key rows grow 4x with the candidates, the rounds only fall from
+8 to 6).
 
 ``expand_levels = E > 0`` runs the expanded search of ``estimator_ref`` (fewer branches, stopped
-``E`` levels early, every block of every branch kept, then the locals and ``-1``).
+``E`` levels early, every block of every branch kept, then the locals and ``-1``). As the rescored
+estimator's candidate stage (``E = 2``, 56 candidates at ``top_k`` 16) it searches in 2.6 ms
+instead of 21.3 ms at 128k (H200, same run), but its candidates are the neighbourhoods of 14 picks,
+not 56 independent ones: oracle ratio 0.895-0.936 against the default's 0.948-0.982 on the
+2,048-token SmolLM2 budgets, so it is not the default.
 
 Memory: the only tensor in global memory is the ``[batch, q_head, n_query_blocks, top_k]``
 output, O(T). Per program, on chip: the query tile, one key tile, the ``BLOCK_Q x CAND_PAD``

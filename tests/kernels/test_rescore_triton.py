@@ -175,8 +175,8 @@ def test_masked_loop_is_bit_identical(query_block, key_block, width, query_strid
     assert (candidates < 0).any()
     settings = dict(query_block=query_block, key_block=key_block, scale=0.3, query_stride=query_stride)
     masked = exact_candidate_mass_triton(query, key, candidates, masked_loop=True, **settings)
-    assert torch.equal(masked, exact_candidate_mass_triton(query, key, candidates, **settings))
+    assert torch.equal(masked, exact_candidate_mass_triton(query, key, candidates, masked_loop=False, **settings))
     torch.testing.assert_close(masked, exact_candidate_mass(query, key, candidates, **settings), atol=2e-5, rtol=1e-4)
     top_k = dict(top_k=2, sink_blocks=1, local_blocks=0, **settings)
     assert torch.equal(rescore_top_k_triton(query, key, candidates, masked_loop=True, **top_k),
-                       rescore_top_k_triton(query, key, candidates, **top_k))
+                       rescore_top_k_triton(query, key, candidates, masked_loop=False, **top_k))
