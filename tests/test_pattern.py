@@ -25,6 +25,37 @@ def test_pruned_fraction_counts_token_pairs():
     assert int(pattern.kept_pairs().sum()) == kept
 
 
+@pytest.mark.parametrize("window", [1, 7, 20, 200])
+@pytest.mark.parametrize("query_block, key_block", [(8, 8), (8, 4), (4, 8)])
+def test_pruned_fraction_of_a_windowed_layer_is_relative_to_what_its_window_sees(window, query_block, key_block):
+    """Against brute force: kept pairs are causal, inside the window and in a kept block; the
+    denominator is the pairs the window lets the layer see. A layer keeping its window band prunes 0."""
+    from sparse_lens.kernels.window import window_band
+
+    seq, heads = 37, 2
+    band = window_band(seq, query_block, key_block, window)
+    generator = torch.Generator().manual_seed(window)
+    indices = band.expand(1, heads, -1, -1).clone()
+    indices[0, 1] = torch.where(torch.rand(band.shape, generator=generator) < 0.5, band, -1)  # head 1 drops some
+    pattern = sl.BlockSparsePattern(indices, torch.zeros(indices.shape), torch.zeros(1, heads, seq), seq, query_block,
+                                    key_block, 0.3, window=window)
+    q, k = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    visible = (k <= q) & (k > q - window)
+    kept = torch.zeros(heads, seq, seq, dtype=torch.bool)
+    for head in range(heads):
+        for row in range(indices.shape[2]):
+            for block in indices[0, head, row].tolist():
+                if block >= 0:
+                    kept[head, row * query_block:(row + 1) * query_block, block * key_block:(block + 1) * key_block] = True
+    kept &= visible
+    assert pattern.kept_pairs()[0].tolist() == kept.sum((-1, -2)).tolist()
+    assert pattern.visible_pairs() == int(visible.sum())
+    assert pattern.pruned_fraction() == pytest.approx(1 - float(kept.sum()) / (heads * int(visible.sum())))
+    whole_band = sl.BlockSparsePattern(band.expand(1, heads, -1, -1), torch.zeros(1, heads, *band.shape),
+                                       torch.zeros(1, heads, seq), seq, query_block, key_block, 0.3, window=window)
+    assert whole_band.pruned_fraction() == 0.0
+
+
 def test_token_probs_rows_sum_to_one_and_limit_is_enforced():
     pattern = make_pattern()
     torch.testing.assert_close(pattern.token_probs().sum(-1), torch.ones(1, 4, 100))
