@@ -211,7 +211,8 @@ def attribution_patching(
     clean_hooks: list[tuple[str, Callable]] = [("hook_embed", embed_leaf)]
     for layer in range(n_layers):
         clean_hooks += [(name, difference_hook(layer, name)) for name in names[layer]]
-    clean_hooks += [(f"blocks.{layers[-1]}.hook_resid_post", segment_output_hook(layers)) for layers in layer_ranges]
+    if heads or span_list:  # gates alone need no corrupted activation
+        clean_hooks += [(f"blocks.{layers[-1]}.hook_resid_post", segment_output_hook(layers)) for layers in layer_ranges]
     if gate_hooks is not None:
         clean_hooks += gate_hooks.hooks()
     checkpointing = checkpoint_blocks(model, offload=offload, segment_layers=segment_layers) if checkpoint \
@@ -273,7 +274,8 @@ class _Runs:
     def hooks(self, clean_hooks: list, corrupted_hooks: Sequence, names: dict[int, list[str]]) -> Iterator[None]:
         """Every hook of both runs, each active in its own phase; block keyword-argument recorders."""
         keep = [(name, self._keeper(name)) for layer_names in names.values() for name in layer_names]
-        starts = [(f"blocks.{layers[0]}.hook_resid_pre", self._segment_input(layers[0])) for layers in self.layer_ranges]
+        starts = [(f"blocks.{layers[0]}.hook_resid_pre", self._segment_input(layers[0])) for layers in self.layer_ranges
+                  if any(names.values())]
         fwd_hooks = [(name, self._in_phase(hook, False)) for name, hook in clean_hooks]
         fwd_hooks += [(name, self._in_phase(hook, True)) for name, hook in [*corrupted_hooks, *keep, *starts]]
         handles = [block.register_forward_pre_hook(partial(self._record_kwargs, layer), with_kwargs=True)
