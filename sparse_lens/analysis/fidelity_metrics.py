@@ -2,7 +2,8 @@
 
 Metrics (see docs/fidelity.md), computed without any T x T tensor or [T / block, T / block]
 matrix, so that they run at 32k-1M tokens on a GPU:
-- ``pruned_fraction``: 1 - kept query-key pairs / causal pairs, over all layers and heads;
+- ``pruned_fraction``: 1 - kept query-key pairs / the pairs each layer can see (causal, within its
+  window), averaged over layers (``BlockSparsePattern.pruned_fraction``);
 - ``mass_recall_mean`` / ``mass_recall_p5``: share of the dense softmax mass that falls in the
   kept blocks, per (layer, head, query block), mean and 5th percentile (``kept_block_mass``
   under the dense lse: one pass over the kept blocks);
@@ -18,6 +19,14 @@ happens (query blocks that see more than top_k key blocks, or more than ``min_bl
 ``estimator="adaptive"``); earlier ones are exact by design. For ``"adaptive"`` the oracle is the
 exact top-k at the cap ``top_k``, an upper reference rather than an equal-budget one.
 
+Layers with a sliding window, soft-cap or sinks are scored as the model runs them
+(``pattern.window`` / ``softcap`` / ``sinks``): the masses are those of the capped, windowed
+softmax, and a learned sink's share counts as kept (sparse attention always keeps it), so a row
+that keeps every key it can see has recall 1. A layer whose window binds keeps its whole window
+band (:func:`~sparse_lens.tl.windows.window_selection`) and runs no estimator: it is scored on
+that band (recall 1 of what its window lets it see, its own oracle, ``pruned_fraction`` 0) in
+its per-layer row, and, pruning none of its rows, adds no rows to the all-layer recall figures.
+
 Without ``dense=``, each layer is scored inside the observe-mode forward (a ``hook_pattern``
 hook reads that layer's q, k and dense lse, then lets them go), so memory stays that of one
 forward; ``positions=`` limits the logits to a few positions (at 1M tokens a full
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -38,9 +48,10 @@ from tqdm.auto import tqdm
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError, ShapeError, TraceMismatchError
 from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
-from sparse_lens.kernels.blocks import visible_key_blocks
+from sparse_lens.kernels.blocks import tokens_per_block, visible_key_blocks
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.model import HookedSparseTransformer
+from sparse_lens.tl.windows import window_selection
 
 
 @dataclass
@@ -51,6 +62,9 @@ class DenseTrace:
     across several configs at moderate lengths; ``fidelity`` without ``dense=`` needs none of it.
     ``tokens`` (on the CPU) are the token ids it was made from, so that ``fidelity`` can refuse a
     trace of other tokens (``None``: unknown, only the batch and length are checked).
+    ``window`` / ``softcap`` / ``sinks``: per layer, the sliding window that binds at this length
+    (tokens), logit soft-cap and sink logits [head] of the patterns (``None`` for the list: every
+    layer plain, as traces saved before they were recorded).
     """
 
     logits: Float[Tensor, "batch pos vocab"]
@@ -59,6 +73,14 @@ class DenseTrace:
     lse: list[Tensor]
     scale: float
     tokens: Int[Tensor, "batch pos"] | None = None
+    window: list[int | None] | None = None
+    softcap: list[float | None] | None = None
+    sinks: list[Tensor | None] | None = None
+
+    def features(self, layer: int) -> dict:
+        """Layer ``layer``'s ``window`` / ``softcap`` / ``sinks`` (keyword arguments of the kernels)."""
+        return {name: None if values is None else values[layer]
+                for name, values in (("window", self.window), ("softcap", self.softcap), ("sinks", self.sinks))}
 
     def check_tokens(self, tokens: Int[Tensor, "batch pos"]) -> None:
         """Raise ``TraceMismatchError`` unless this trace was made from ``tokens``."""
@@ -86,6 +108,9 @@ def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos
         lse=[p.lse for p in patterns],
         scale=patterns[0].scale,
         tokens=tokens.detach().cpu().clone(),
+        window=[p.window for p in patterns],
+        softcap=[p.softcap for p in patterns],
+        sinks=[None if p.sinks is None else p.sinks.detach() for p in patterns],
     )
 
 
@@ -126,17 +151,20 @@ def fidelity(
     layers: list[dict] = []
     progress = tqdm(total=model.cfg.n_layers, desc="fidelity", disable=not verbose)
 
-    def score(layer: int, query: Tensor, key: Tensor, lse: Tensor, scale: float) -> None:
-        layers.append({"layer": layer, **_score_layer(query, key, lse, scale, stream, searched, oracle_stride)})
+    def score(layer: int, query: Tensor, key: Tensor, lse: Tensor, scale: float, features: dict) -> None:
+        layers.append({"layer": layer, **_score_layer(query, key, lse, scale, stream, searched, oracle_stride,
+                                                      **features)})
         progress.update()
 
     if dense is not None:
         for layer in range(model.cfg.n_layers):
-            score(layer, dense.query[layer], dense.key[layer], dense.lse[layer], dense.scale)
+            score(layer, dense.query[layer], dense.key[layer], dense.lse[layer], dense.scale, dense.features(layer))
         dense_logits = dense.logits if positions is None else dense.logits[:, keep["logits_to_keep"]]
     else:
         hooks = [(f"blocks.{layer}.attn.hook_pattern",
-                  lambda pattern, hook, layer=layer: score(layer, pattern.query, pattern.key, pattern.lse, pattern.scale))
+                  lambda pattern, hook, layer=layer: score(layer, pattern.query, pattern.key, pattern.lse, pattern.scale,
+                                                           {"window": pattern.window, "softcap": pattern.softcap,
+                                                            "sinks": pattern.sinks}))
                  for layer in range(model.cfg.n_layers)]
         with model.stream_settings(mode="observe", keep_qk=True):
             dense_logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **keep).float()
@@ -171,26 +199,52 @@ def as_tokens(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"] |
 
 
 def _score_layer(query: Tensor, key: Tensor, lse: Tensor, scale: float, stream: TracingConfig, searched: Tensor,
-                 oracle_stride: int) -> dict:
-    """One layer's figures: the estimate's kept mass under the dense lse, and the exact oracle."""
+                 oracle_stride: int, *, window: int | None = None, softcap: float | None = None,
+                 sinks: Tensor | None = None) -> dict:
+    """One layer's figures: the estimate's kept mass under the dense lse, and the exact oracle;
+    a layer whose window binds: its window band's (module docstring)."""
     geometry = {"query_block": stream.query_block, "key_block": stream.key_block}
-    _sync(query)
-    started = time.perf_counter()
-    block_indices = estimate_blocks(query, key, scale=scale, **stream.estimator_kwargs())
-    _sync(query)
-    seconds = time.perf_counter() - started
-    kept = kept_block_mass(query, key, block_indices, lse, scale=scale, backend=stream.backend, **geometry)
-    pattern = BlockSparsePattern(block_indices, kept, lse, query.shape[2], scale=scale, mode="observe", **geometry)
+    features = {"window": window, "softcap": softcap, "sinks": sinks}
+    batch, heads, seq_len, _ = query.shape
+    seconds = 0.0
+    if window is not None:  # the model keeps the band and runs no estimator
+        block_indices = window_selection(seq_len, batch=batch, heads=heads, top_k=stream.top_k, window=window,
+                                         device=query.device, **geometry)
+    else:
+        _sync(query)
+        started = time.perf_counter()
+        block_indices = estimate_blocks(query, key, scale=scale, **stream.estimator_kwargs())
+        _sync(query)
+        seconds = time.perf_counter() - started
+    kept = kept_block_mass(query, key, block_indices, lse, scale=scale, backend=stream.backend, **geometry, **features)
+    pattern = BlockSparsePattern(block_indices, kept, lse, seq_len, scale=scale, mode="observe", **geometry, **features)
+    sink_share = _sink_share(sinks, lse, stream.query_block)
+    recall = pattern.recall().float() + sink_share
+    if window is not None:  # every row exact: the band is its own oracle, and no row is pruned
+        every_row = recall.flatten().cpu()
+        nothing = torch.zeros(0)
+        return {"pruned_fraction": pattern.pruned_fraction(), **_recall_figures(every_row, every_row, every_row),
+                "recall": nothing, "sampled_recall": nothing, "oracle": nothing, "estimate_seconds": seconds}
     rows = torch.nonzero(searched.to(query.device)).flatten()
     sampled_rows = rows[::oracle_stride]
     _, oracle_mass = oracle_blocks(query, key, lse, top_k=stream.top_k, scale=scale, rows=sampled_rows,
-                                   backend=stream.backend, **geometry)
-    recall = pattern.recall().float()
+                                   backend=stream.backend, **geometry, **features)
     figures = {"recall": recall[:, :, rows].flatten().cpu(), "sampled_recall": recall[:, :, sampled_rows].flatten().cpu(),
-               "oracle": oracle_mass.sum(-1).flatten().cpu()}
+               "oracle": (oracle_mass.sum(-1) + sink_share[:, :, sampled_rows]).flatten().cpu()}
     return {"pruned_fraction": pattern.pruned_fraction(),
             **_recall_figures(figures["recall"], figures["sampled_recall"], figures["oracle"]),
             **figures, "estimate_seconds": seconds}
+
+
+def _sink_share(sinks: Float[Tensor, "head"] | None, lse: Float[Tensor, "batch head seq"],
+                query_block: int) -> Float[Tensor, "batch head n_query_blocks"]:
+    """Each query block's mean probability on its head's learned sink, ``exp(sink - lse)`` (zeros
+    without sinks): the share sparse attention always keeps."""
+    if sinks is None:
+        return torch.zeros(*lse.shape[:-1], -(-lse.shape[-1] // query_block), device=lse.device)
+    probs = torch.exp(sinks.detach().to(device=lse.device, dtype=torch.float32)[:, None] - lse.float())
+    probs = F.pad(probs, (0, -probs.shape[-1] % query_block)).unflatten(-1, (-1, query_block)).sum(-1)
+    return probs / tokens_per_block(lse.shape[-1], query_block, device=lse.device)
 
 
 def _sync(tensor: Tensor) -> None:

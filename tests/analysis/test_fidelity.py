@@ -156,3 +156,78 @@ def test_fidelity_accepts_a_text():
     assert figures(sl.fidelity(model, text, dense=sl.collect_dense(model, text))) == expected
     with pytest.raises(sl.ShapeError):
         sl.fidelity(model, tokens.tolist())
+
+
+def _windowed_model(family: str, stream: sl.TracingConfig):
+    """A tiny random model with layer 0 windowed (16 tokens) and layer 1 global: Gemma 2 (soft-cap
+    2.0 on both, weights large enough for the cap to bind), Gemma 3, or gpt-oss (learned sinks)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    shape = dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, max_position_embeddings=4096, sliding_window=16)
+    config = {
+        "gemma2": lambda: transformers.Gemma2Config(**shape, intermediate_size=128, attn_logit_softcapping=2.0,
+                                                    initializer_range=0.2),
+        "gemma3": lambda: transformers.Gemma3TextConfig(**shape, intermediate_size=128,
+                                                        layer_types=["sliding_attention", "full_attention"]),
+        "gpt-oss": lambda: transformers.GptOssConfig(**shape, intermediate_size=64, num_local_experts=4,
+                                                     num_experts_per_tok=2),
+    }[family]()
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(config).eval()
+    hf_model.config.architectures = [type(hf_model).__name__]
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith("sinks"):
+                param.copy_(2.0 * torch.randn_like(param))
+    return sl.HookedSparseTransformer.from_hf_model(hf_model, None, stream)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt-oss"])
+def test_windowed_soft_capped_and_sink_layers_are_scored_as_the_model_runs_them(family):
+    """The windowed layer 0 keeps its band: recall 1 of what its window sees (a sink's share
+    counted as kept), nothing pruned. The global layer 1's recall and oracle equal brute force on
+    the dense probabilities with the layer's soft-cap and sinks (the estimate as the model makes it)."""
+    from sparse_lens.kernels import estimate_blocks
+
+    seq, block, top_k = 128, 16, 3
+    stream = sl.TracingConfig(query_block=block, key_block=block, top_k=top_k, sink_blocks=1, local_blocks=1)
+    model = _windowed_model(family, stream)
+    tokens = torch.randint(0, 101, (1, seq), generator=torch.Generator().manual_seed(1))
+    trace = sl.collect_dense(model, tokens)
+    assert trace.window == [16, None] and (trace.softcap == [2.0, 2.0]) == (family == "gemma2")
+    assert (trace.sinks[1] is not None) == (family == "gpt-oss")
+    report = sl.fidelity(model, tokens, dense=trace, per_layer=True)
+    windowed, global_layer = report["layers"]
+    assert windowed["mass_recall_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert windowed["mass_recall_p5"] == pytest.approx(1.0, abs=1e-5) and windowed["pruned_fraction"] == 0.0
+
+    query, key, lse, features = trace.query[1], trace.key[1], trace.lse[1], trace.features(1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", query, key.repeat_interleave(2, dim=1)) * trace.scale
+    if features["softcap"] is not None:
+        scores = features["softcap"] * torch.tanh(scores / features["softcap"])
+    scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    if features["sinks"] is not None:  # a sink column in the normaliser, kept by sparse attention
+        sink = features["sinks"].float()[None, :, None, None].expand(1, -1, seq, 1)
+        probs = torch.cat([scores, sink], -1).softmax(-1)
+        probs, sink_probs = probs[..., :-1], probs[..., -1]
+    else:
+        probs, sink_probs = scores.softmax(-1), torch.zeros(1, 4, seq)
+    torch.testing.assert_close(lse, torch.logsumexp(torch.cat([scores, sink], -1) if features["sinks"] is not None
+                                                    else scores, -1), atol=1e-4, rtol=1e-4)
+    n_rows = seq // block
+    block_mass = probs.unflatten(-1, (n_rows, block)).sum(-1).unflatten(2, (n_rows, block)).mean(3)[0]
+    sink_mass = sink_probs.unflatten(-1, (n_rows, block)).mean(-1)[0]
+    indices = estimate_blocks(query, key, scale=trace.scale, **stream.estimator_kwargs())[0]
+    searched = range(top_k, n_rows)
+    recalls = torch.tensor([float(block_mass[h, r, [b for b in indices[h, r].tolist() if b >= 0]].sum() + sink_mass[h, r])
+                            for h in range(4) for r in searched])
+    oracles = torch.tensor([float(block_mass[h, r].topk(top_k).values.sum() + sink_mass[h, r])
+                            for h in range(4) for r in searched])
+    assert global_layer["mass_recall_mean"] == pytest.approx(float(recalls.mean()), abs=1e-5)
+    assert global_layer["oracle_recall_mean"] == pytest.approx(float(oracles.mean()), abs=1e-5)
+    assert global_layer["pruned_fraction"] > 0.3 and float(recalls.mean()) < 0.999
+    # the all-layer figures are the global layer's: the windowed layer prunes no row
+    assert report["mass_recall_mean"] == pytest.approx(float(recalls.mean()), abs=1e-5)
+    assert report["pruned_fraction"] == pytest.approx(global_layer["pruned_fraction"] / 2)
