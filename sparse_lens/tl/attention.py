@@ -50,7 +50,6 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from sparse_lens.config import StreamConfig
 from sparse_lens.errors import (
     ContextTooLongError,
-    PaddingNotSupportedError,
     UnsupportedModelError,
 )
 from sparse_lens.kernels import (
@@ -67,7 +66,7 @@ from sparse_lens.tl.pattern_hooks import fire_block_indices, fire_block_mass, fi
 from sparse_lens.tl.windows import (
     attention_softcap,
     binding_window,
-    hides_nothing_more,
+    check_one_sequence,
     sliding_window,
     window_selection,
 )
@@ -154,11 +153,7 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         features = {"window": binding_window(self._sliding_window, key.shape[2]), "softcap": self._softcap,
                     "sinks": getattr(hf_attn, "sinks", None)}
         if n_cached == 0:
-            if attention_mask is not None and not hides_nothing_more(attention_mask, features["window"]):
-                raise PaddingNotSupportedError(
-                    "An attention mask reached sparse attention: padded batches are not supported. "
-                    "Run sequences of equal length (or one at a time)."
-                )
+            check_one_sequence(attention_mask, kwargs.get("position_ids"), features["window"])
             z = self._prefill(query, key, value, scale, **features)
         else:  # HF's cache may hold only a windowed layer's last keys; the window then hides none of them
             z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached, **features)
@@ -306,14 +301,6 @@ def _llama_4_query_scale(hf_attn: Any, query: Tensor, position_ids: Tensor | Non
     beta, original_max = float(rope["llama_4_scaling_beta"]), int(rope["original_max_position_embeddings"])
     scale = 1 + beta * torch.log(1 + torch.floor(position_ids / original_max))
     return query * scale[:, None, :, None].to(query.dtype)
-
-
-_sliding_window = sliding_window  # the names joint_qkv_attention imports
-
-
-def _is_plain_causal(attention_mask: Tensor) -> bool:
-    """True when a 4-D HF mask hides nothing beyond causality (see ``windows.hides_nothing_more``)."""
-    return hides_nothing_more(attention_mask, None)
 
 
 def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: StreamConfig) -> None:

@@ -44,11 +44,11 @@ from transformer_lens.model_bridge.generalized_components.joint_qkv_position_emb
 from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
 from sparse_lens.config import TracingConfig
-from sparse_lens.errors import PaddingNotSupportedError, UnsupportedModelError
+from sparse_lens.errors import UnsupportedModelError
 from sparse_lens.kernels import dense_attention
 from sparse_lens.tl.attention import SparseAttentionBridge, apply_rotary
 from sparse_lens.tl.features import unsupported_features
-from sparse_lens.tl.windows import attention_softcap, binding_window, hides_nothing_more, sliding_window
+from sparse_lens.tl.windows import attention_softcap, binding_window, check_one_sequence, sliding_window
 
 # HF attention submodules of a QK-norm, which TL's joint bridge (and so this one) does not apply.
 _QK_NORM_MODULES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
@@ -132,12 +132,7 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
         features = {"window": binding_window(self._sliding_window, key.shape[2]), "softcap": self._softcap,
                     "sinks": getattr(hf_attn, "sinks", None)}
         if n_cached == 0:
-            attention_mask = kwargs.get("attention_mask")
-            if attention_mask is not None and not hides_nothing_more(attention_mask, features["window"]):
-                raise PaddingNotSupportedError(
-                    "An attention mask reached sparse attention: padded batches are not supported. "
-                    "Run sequences of equal length (or one at a time)."
-                )
+            check_one_sequence(kwargs.get("attention_mask"), kwargs.get("position_ids"), features["window"])
             z = self._prefill(query, key, value, scale, **features)
         else:
             z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached, **features)

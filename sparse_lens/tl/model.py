@@ -122,10 +122,12 @@ class HookedSparseTransformer(TransformerBridge):
         )
         model.cfg.n_devices = count_unique_devices(hf_model)
         model.__class__ = cls
-        # The bridge forces HF eager attention, whose decoder builds a [B, 1, T, T] mask. With
-        # "sdpa" HF passes attention_mask=None for unpadded input; our attention ignores the
-        # setting itself (it never calls HF's attention function).
-        hf_model.config._attn_implementation = "sdpa"
+        # The bridge forces HF eager attention, whose decoder builds a [B, 1, T, T] mask (so does
+        # "sdpa" for sliding-window layers once T reaches the window: five per forward, ~1 GiB
+        # each at 32k). HF's mask function for "flash_attention_2" builds no T x T tensor: None for
+        # unpadded input, else the 2-D padding mask (which our attention refuses). Our attention
+        # never calls HF's attention function, so the flash-attn package is not needed.
+        hf_model.config._attn_implementation = "flash_attention_2"
         model.stream = stream or TracingConfig()
         return model
 

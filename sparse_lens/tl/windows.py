@@ -1,5 +1,6 @@
-"""A layer's sliding window and logit soft-cap, read from its HF attention module, and the key
-blocks a windowed layer keeps.
+"""A layer's sliding window and logit soft-cap, read from its HF attention module, the key
+blocks a windowed layer keeps, and the check that a prefill is one unpadded sequence per row
+(``check_one_sequence``: HF's mask under "flash_attention_2", and ``position_ids``).
 
 Read generically (no architecture names), from the attributes HF attention modules carry:
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from sparse_lens.errors import PaddingNotSupportedError
 from sparse_lens.kernels.blocks import UNUSED_SLOT
 from sparse_lens.kernels.window import window_band
 
@@ -91,3 +93,22 @@ def hides_nothing_more(attention_mask: Tensor, window: int | None) -> bool:
     first_expected = key_pos == 0
     last_expected = key_pos > n_keys - 1 - (n_keys if window is None else window)
     return bool((visible[..., 0, :] == first_expected).all()) and bool((visible[..., -1, :] == last_expected).all())
+
+
+def check_one_sequence(attention_mask: Tensor | None, position_ids: Tensor | None, window: int | None) -> None:
+    """``PaddingNotSupportedError`` unless a prefill runs one unpadded sequence per batch row: HF's
+    ``attention_mask`` (None, or a 4-D mask that ``hides_nothing_more`` than causality and the
+    binding ``window``; a 2-D padding mask, which HF's "flash_attention_2" mask function passes
+    when there is padding, is refused) and ``position_ids`` ``[batch, seq]`` counting up by one
+    (HF reads restarts as packed sequences; the first position may be any, e.g. a
+    sequence-parallel shard's). O(seq)."""
+    if attention_mask is not None and not hides_nothing_more(attention_mask, window):
+        raise PaddingNotSupportedError(
+            "An attention mask reached sparse attention: padded batches are not supported. "
+            "Run sequences of equal length (or one at a time)."
+        )
+    if position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
+        raise PaddingNotSupportedError(
+            "position_ids restart inside a row (packed sequences): sparse attention runs one causal "
+            "sequence per batch row. Run the sequences one at a time (or as rows of equal length)."
+        )

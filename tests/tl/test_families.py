@@ -252,6 +252,37 @@ def test_a_window_that_does_not_bind_is_no_window_and_the_estimator_runs(config,
     assert (logits - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["gemma3", "mistral-window16", "gemma2"])
+def test_padding_and_packed_sequences_are_refused_past_the_window(family):
+    """HF's masks come from its "flash_attention_2" mask function (no T x T mask for sliding
+    layers): padding arrives as a 2-D mask and packed sequences only as restarting position_ids;
+    both are refused, as the 4-D masks were before."""
+    model = sl.HookedSparseTransformer.from_hf_model(_random_hf(FAMILIES[family]()), None, NOTHING_PRUNED)
+    assert model.original_model.config._attn_implementation == "flash_attention_2"
+    tokens = _tokens()
+    padding = torch.ones_like(tokens)
+    padding[1, :3] = 0
+    with pytest.raises(sl.PaddingNotSupportedError, match="padded"), torch.no_grad():
+        model.original_model(input_ids=tokens, attention_mask=padding)
+    packed = torch.cat([torch.arange(SEQ // 2), torch.arange(SEQ // 2)]).expand(2, -1)
+    with pytest.raises(sl.PaddingNotSupportedError, match="packed"), torch.no_grad():
+        model(tokens, position_ids=packed)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "mistral-window16"])
+def test_greedy_generate_past_the_window_equals_hf(family):
+    """TransformerLens' generate on the sparse model (nothing pruned; the flash_attention_2 mask
+    setting, no flash-attn package) gives HF's own greedy tokens, prompt and new tokens past the window."""
+    hf_model = _random_hf(FAMILIES[family]())
+    reference = copy.deepcopy(hf_model)
+    model = sl.HookedSparseTransformer.from_hf_model(hf_model, None, NOTHING_PRUNED)
+    prompt = _tokens()[:1]
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=6, stop_at_eos=False, verbose=False)
+        expected = reference.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, expected)
+
+
 def test_decode_past_the_window_is_hf_sliding_window_attention():
     """HF's cache keeps a sliding layer's last ``window - 1`` keys, so decode steps (dense over the
     cache) are exact past the window: only a prefill longer than the window raises."""

@@ -79,3 +79,23 @@ def test_attribution_backward_creates_no_quadratic_tensor():
     with LargestTensor() as recorder:
         attribution(dense, False)
     assert recorder.largest_backward_op >= SEQ * SEQ
+
+
+def test_a_model_with_sliding_layers_builds_no_quadratic_mask():
+    """Tiny Gemma 3 (layer 0 sliding, window 64; layer 1 global) at 1024 tokens, past the window:
+    HF builds its masks through the "flash_attention_2" mask function (set by from_hf_model), which
+    makes no [batch, 1, T, T] tensor (with "sdpa" a sliding layer's mask is one once T >= window)."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=64, max_position_embeddings=4096,
+        layer_types=["sliding_attention", "full_attention"])
+    model = sl.HookedSparseTransformer.from_config(config, stream=sl.TracingConfig(query_block=16, key_block=16, top_k=4))
+    tokens = torch.randint(0, 101, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    numel, shape, op = largest_tensor(model, tokens)
+    assert numel < SEQ * SEQ, f"{op} created a tensor of shape {shape}"
+    # the scan catches HF's sliding-window mask under "sdpa" (so this test can fail)
+    model.original_model.config._attn_implementation = "sdpa"
+    numel, shape, op = largest_tensor(model, tokens)
+    assert numel >= SEQ * SEQ

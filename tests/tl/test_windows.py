@@ -6,10 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import sparse_lens as sl
+
 from sparse_lens.kernels.window import window_band
 from sparse_lens.tl.windows import (
     attention_softcap,
     binding_window,
+    check_one_sequence,
     hides_nothing_more,
     sliding_window,
     window_selection,
@@ -84,3 +87,18 @@ def test_a_window_binds_only_when_it_hides_keys():
     # the window really hides nothing at n_keys == window: its mask is the causal mask
     assert torch.equal(_visible(SEQ, SEQ), _visible(SEQ, None)) and not torch.equal(_visible(SEQ, SEQ - 1),
                                                                                       _visible(SEQ, None))
+
+
+def test_a_prefill_must_be_one_unpadded_sequence_per_row():
+    """HF's "flash_attention_2" mask function passes None (no padding) or the 2-D padding mask;
+    packed sequences show as position_ids that restart."""
+    positions = torch.arange(SEQ)[None]
+    check_one_sequence(None, positions, None)
+    check_one_sequence(None, positions + 128, None)  # a sequence-parallel shard starts past 0
+    check_one_sequence(_visible(SEQ, WINDOW), positions, WINDOW)
+    with pytest.raises(sl.PaddingNotSupportedError, match="padded"):
+        check_one_sequence(torch.ones(1, SEQ, dtype=torch.bool).index_fill(1, torch.tensor([0]), False), positions, None)
+    with pytest.raises(sl.PaddingNotSupportedError, match="padded"):
+        check_one_sequence(_visible(SEQ, None, pad_left=2), positions, None)
+    with pytest.raises(sl.PaddingNotSupportedError, match="packed"):
+        check_one_sequence(None, torch.cat([torch.arange(SEQ // 2), torch.arange(SEQ // 2)])[None], None)
