@@ -231,3 +231,22 @@ def test_windowed_soft_capped_and_sink_layers_are_scored_as_the_model_runs_them(
     # the all-layer figures are the global layer's: the windowed layer prunes no row
     assert report["mass_recall_mean"] == pytest.approx(float(recalls.mean()), abs=1e-5)
     assert report["pruned_fraction"] == pytest.approx(global_layer["pruned_fraction"] / 2)
+
+
+def test_next_token_figures_chunked_equal_whole():
+    """The position-chunked KL / top-1 equal one whole-sequence computation (chunks of 1, 3 and
+    all positions; a first position inside and past the sequence)."""
+    from sparse_lens.analysis.fidelity_metrics import next_token_figures
+
+    generator = torch.Generator().manual_seed(0)
+    dense, sparse = torch.randn(2, 2, 11, 50, generator=generator)
+    for first in (0, 4, 11):
+        whole = next_token_figures(dense, sparse, first, chunk_elements=10**9)
+        logp, logq = dense[:, first:].log_softmax(-1), sparse[:, first:].log_softmax(-1)
+        if first == 11:
+            logp, logq = dense[:, -1:].log_softmax(-1), sparse[:, -1:].log_softmax(-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        assert whole["next_token_kl"] == pytest.approx(float(kl.mean()), rel=1e-6)
+        assert whole["top1_agreement"] == pytest.approx(float((logp.argmax(-1) == logq.argmax(-1)).float().mean()))
+        for chunk in (50, 150):
+            assert next_token_figures(dense, sparse, first, chunk_elements=chunk) == pytest.approx(whole, rel=1e-6)
