@@ -44,16 +44,16 @@ import torch  # noqa: E402
 
 import sparse_lens as sl  # noqa: E402
 from sparse_lens.data import prose_tokens  # noqa: E402
-from sparse_lens.kernels.oneshot_ref import antidiagonal_estimate, oneshot_pooled_estimate  # noqa: E402
-from sparse_lens.kernels.rescore_ref import (  # noqa: E402
+from sparse_lens.kernels.oneshot import antidiagonal_estimate, oneshot_pooled_estimate  # noqa: E402
+from sparse_lens.kernels.rescore import (  # noqa: E402
     adaptive_candidates, adaptive_estimate, rescored_estimate, select_top_p,
 )
-from sparse_lens.kernels.search_ref import bounds_estimate, pooled_estimate  # noqa: E402
+from sparse_lens.kernels.search import bounds_estimate, pooled_estimate  # noqa: E402
 from sparse_lens.kernels.blocks import (  # noqa: E402
     causal_pairs, fixed_blocks, kept_pairs_per_slot, num_blocks, pad_to_blocks, visible_key_blocks,
 )
 from sparse_lens.kernels.estimator_ref import stream_estimate  # noqa: E402
-from sparse_lens.kernels import block_mass_rows  # noqa: E402
+from sparse_lens.kernels.exact_block_mass import dense_block_masses  # noqa: E402
 
 SINK, LOCAL = 1, 1
 REPRESENTATIVE_KEYS = 8
@@ -166,26 +166,6 @@ def adaptive_flops(estimate: str, *, seq_len: int, block: int, max_blocks: int, 
     return search + 2.0 * heads * num_blocks(seq_len, block) * d_head * per_query_block
 
 
-def dense_block_masses(query, key, lse, blocks, scale) -> dict[int, torch.Tensor]:
-    """``dense_block_mass`` for several block sizes (multiples of the smallest) from one pass: the
-    package's exact block masses (``sparse_lens.kernels.block_mass_rows``) at the smallest block,
-    turned back into sums over the queries, then pooled."""
-    base = min(blocks)
-    seq_len = query.shape[2]
-    n_base = num_blocks(seq_len, base)
-    mass = block_mass_rows(query, key, lse, torch.arange(n_base), query_block=base, key_block=base, scale=scale)
-    n_real_base = (seq_len - torch.arange(n_base, device=mass.device) * base).clamp(max=base).float()
-    total = torch.nn.functional.pad(mass, (0, n_base - mass.shape[-1])) * n_real_base[:, None]
-    out = {}
-    for block in blocks:
-        factor = block // base
-        pooled = pad_to_blocks(pad_to_blocks(total, factor, -1), factor, -2)
-        pooled = pooled.unflatten(-1, (-1, factor)).sum(-1).unflatten(-2, (-1, factor)).sum(-2)
-        n_real = (seq_len - torch.arange(num_blocks(seq_len, block), device=total.device) * block).clamp(max=block).float()
-        out[block] = pooled / n_real[:, None]
-    return out
-
-
 def pruned_fraction(block_indices: torch.Tensor, seq_len: int, block: int) -> float:
     kept = kept_pairs_per_slot(block_indices, seq_len, block, block).sum()
     heads = block_indices.shape[0] * block_indices.shape[1]
@@ -285,7 +265,7 @@ def evaluate_layers(dense, args, plan, results_path, meta) -> dict:
     for layer in range(n_layers):
         layer_started = time.perf_counter()
         q, k = dense.query[layer], dense.key[layer]
-        all_masses = dense_block_masses(q, k, dense.lse[layer], args.blocks, dense.scale)
+        all_masses = dense_block_masses(q, k, dense.lse[layer], args.blocks, scale=dense.scale)
         for block in args.blocks:
             mass = all_masses.pop(block)
             n_visible = visible_key_blocks(seq_len, block, block)

@@ -3,20 +3,26 @@
 Nothing here imports TransformerLens. Every function takes [batch, heads, seq, d_head] tensors
 (keys and values may have fewer heads than queries: GQA) and returns plain tensors.
 
-- ``*_ref.py``: torch references, the readable definitions and the test oracles;
+- torch code, readable, running on any device and the test oracle of the Triton kernels: one
+  module per op (``search.py``: the hierarchical search loop and its branch scores;
+  ``oneshot.py``: one-shot baselines; ``rescore.py``: the rescored and adaptive estimators;
+  ``exact_block_mass.py``: exact dense block masses at several block sizes), and the older
+  ``*_ref.py`` modules (``estimator_ref.py``: Stream; ``sparse_attention_ref.py``,
+  ``dense_ref.py``: attention); ``search_ref`` / ``oneshot_ref`` / ``rescore_ref`` are deprecated
+  paths of the first three;
 - ``*_triton.py``: Triton kernels with the same signatures;
 - ``dispatch.py``: ``stream_estimate``, ``block_sparse_attention``, ``dense_attention``,
   ``kept_block_mass`` and ``block_mass_rows`` pick one (``backend=``); dense attention's fast path
   is torch's fused SDPA with its log-sum-exp (``dense_sdpa.py``), block masses under a given lse
   run on ``block_mass_triton.py``;
 - ``oracle.py``: ``oracle_blocks``, the exact top-k blocks by dense mass, streamed over query blocks;
-- ``estimate.py``: ``estimate_blocks(..., estimator=name)``, every block-selection estimator
-  (``estimator_ref`` Stream, ``search_ref`` bounds / pooled searches, ``oneshot_ref`` baselines,
-  ``rescore_ref`` rescored and adaptive) behind one call;
+- ``registry.py``: every estimator registered once (name, function, its settings dataclass);
+  ``estimate.py``: ``estimate_blocks(..., estimator=name)``, any of them behind one call;
 - ``causal.py``: ``lagged_selection``, the strictly causal selection wrapped around any estimator
   (``estimate_blocks(..., causal=True)``).
 """
 
+from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.kernels.causal import lagged_selection
 from sparse_lens.kernels.dense_ref import dense_block_mass
 from sparse_lens.kernels.dispatch import (
@@ -32,11 +38,14 @@ from sparse_lens.kernels.dispatch import (
 )
 from sparse_lens.kernels.estimate import ESTIMATORS, estimate_blocks
 from sparse_lens.kernels.oracle import oracle_blocks
+from sparse_lens.kernels.registry import REGISTRY
 from sparse_lens.kernels.sparse_attention_ref import kept_token_probs
 
 __all__ = [
     "BACKENDS",
+    "BlockGeometry",
     "ESTIMATORS",
+    "REGISTRY",
     "block_mass_rows",
     "block_sparse_attention",
     "block_sparse_attention_reference",

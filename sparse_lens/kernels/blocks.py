@@ -192,7 +192,7 @@ def query_blocks_per_chunk(bytes_per_query_block: int, budget_bytes: int = 256 *
     return max(1, budget_bytes // max(1, bytes_per_query_block))
 
 
-# Geometry of the estimators' candidate search (search_ref, oneshot_ref, rescore_ref)
+# Geometry of the estimators' candidate search (search, oneshot, rescore)
 def split_into_blocks(tensor: Float[Tensor, "batch head seq d"], block: int) -> Float[Tensor, "batch head n block d"]:
     """Zero-pad the sequence to whole blocks and split it: [batch, head, n_blocks, block, d]."""
     n = num_blocks(tensor.shape[2], block)
@@ -244,10 +244,11 @@ def keep_all_rows(n_visible: Int[Tensor, "rows"], width: int) -> Int[Tensor, "ro
 
 
 def first_searched_block(seq_len: int, query_block: int, key_block: int, top_k: int) -> int:
-    """First query block that sees more than ``top_k`` key blocks (a Python int)."""
-    n_visible = visible_key_blocks(seq_len, query_block, key_block)
-    rows = torch.nonzero(n_visible > top_k)
-    return int(rows[0]) if len(rows) else len(n_visible)
+    """First query block that sees more than ``top_k`` key blocks (a Python int, no tensor: the
+    searches compile with ``torch.compile(fullgraph=True)``)."""
+    n_query_blocks = num_blocks(seq_len, query_block)
+    return next((j for j in range(n_query_blocks)
+                 if num_blocks(min((j + 1) * query_block, seq_len), key_block) > top_k), n_query_blocks)
 
 
 def check_estimator_settings(query_block: int, key_block: int, top_k: int, sink_blocks: int, local_blocks: int) -> None:

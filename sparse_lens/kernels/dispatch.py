@@ -86,13 +86,13 @@ def rescore_top_k_unchecked(
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Exact candidate masses, then the sink / local blocks and the heaviest, ``geometry.top_k``
-    in all (``rescore_ref.rescore_top_k``; on Triton the fused ``rescore_top_k_triton``)."""
+    in all (``rescore.rescore_top_k``; on Triton the fused ``rescore_top_k_triton``)."""
     settings = dict(scale=scale, query_stride=query_stride, **geometry.as_kwargs())
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.rescore_triton import rescore_top_k_triton
 
         return rescore_top_k_triton(query, key, candidates, **settings)
-    from sparse_lens.kernels.rescore_ref import rescore_top_k
+    from sparse_lens.kernels.rescore import rescore_top_k
 
     return rescore_top_k(query, key, candidates, **settings)
 
@@ -110,7 +110,7 @@ def rescore_top_p_unchecked(
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks width"]:
     """Exact candidate masses, then per row the fewest heaviest reaching mass ``p`` (at least
-    ``min_blocks``; ``rescore_ref.rescore_top_p``; on Triton the fused ``rescore_top_p_triton``).
+    ``min_blocks``; ``rescore.rescore_top_p``; on Triton the fused ``rescore_top_p_triton``).
     ``geometry.top_k`` is unused: the width is the candidates'."""
     settings = dict(scale=scale, query_stride=query_stride, p=p, min_blocks=min_blocks,
                     query_block=geometry.query_block, key_block=geometry.key_block,
@@ -119,7 +119,7 @@ def rescore_top_p_unchecked(
         from sparse_lens.kernels.rescore_triton import rescore_top_p_triton
 
         return rescore_top_p_triton(query, key, candidates, **settings)
-    from sparse_lens.kernels.rescore_ref import rescore_top_p
+    from sparse_lens.kernels.rescore import rescore_top_p
 
     return rescore_top_p(query, key, candidates, **settings)
 

@@ -2,13 +2,13 @@
 
 | name | what it is | settings | where |
 |---|---|---|---|
-| ``"rescored"`` (default) | a search (``rescore_search``: Stream or bounds) with ``beam`` x the branches, then exact block masses of the candidates (every ``rescore_query_stride``-th query); keeps the heaviest | ``RescoredSettings`` | ``rescore_ref.py``; on Triton: Stream's kernel + ``rescore_triton`` |
-| ``"adaptive"`` | the same candidates (``top_k`` of them), keeps per row the fewest whose mass reaches ``top_p`` (at least ``min_blocks``) | ``AdaptiveSettings`` | ``rescore_ref.py``; on Triton as above |
+| ``"rescored"`` (default) | a search (``rescore_search``: Stream or bounds) with ``beam`` x the branches, then exact block masses of the candidates (every ``rescore_query_stride``-th query); keeps the heaviest | ``RescoredSettings`` | ``rescore.py``; on Triton: Stream's kernel + ``rescore_triton`` |
+| ``"adaptive"`` | the same candidates (``top_k`` of them), keeps per row the fewest whose mass reaches ``top_p`` (at least ``min_blocks``) | ``AdaptiveSettings`` | ``rescore.py``; on Triton as above |
 | ``"stream"`` | the paper's Stream refinement (representative keys of each branch's centre block) | ``StreamSettings`` | ``estimator_ref.py``, ``estimator_triton.py`` |
-| ``"bounds"`` | hierarchical search scored by Quest's key min / max bound | none | ``search_ref.py`` |
-| ``"pooled"`` | hierarchical search scored by mean keys | none | ``search_ref.py`` |
-| ``"oneshot_pooled"`` | mean query . mean key of every block pair (MInference / FlexPrefill style baseline) | none | ``oneshot_ref.py`` |
-| ``"antidiagonal"`` | strided antidiagonal sums of every block pair (XAttention-style baseline) | ``AntidiagonalSettings`` | ``oneshot_ref.py`` |
+| ``"bounds"`` | hierarchical search scored by Quest's key min / max bound | none | ``search.py`` |
+| ``"pooled"`` | hierarchical search scored by mean keys | none | ``search.py`` |
+| ``"oneshot_pooled"`` | mean query . mean key of every block pair (MInference / FlexPrefill style baseline) | none | ``oneshot.py`` |
+| ``"antidiagonal"`` | strided antidiagonal sums of every block pair (XAttention-style baseline) | ``AntidiagonalSettings`` | ``oneshot.py`` |
 | ``"oracle"`` | the exact top-k key blocks by dense block mass beside the sink and local blocks: the ceiling, for measurement (O(T^2) time) | none | ``oracle_estimate.py`` |
 
 Every estimator returns int64 ``[batch, q_head, n_query_blocks, top_k]`` kept key blocks,
@@ -18,7 +18,7 @@ inputs once and calls ``Estimator.estimate`` with a ``BlockGeometry``; ``causal=
 estimator in the strictly causal *lagged selection* of ``causal.py``.
 
 Backends: ``"stream"`` has its own Triton kernel. ``"rescored"`` and ``"adaptive"`` are composed
-once (``rescore_ref.rescored_estimate_unchecked`` / ``adaptive_estimate_unchecked``): the search,
+once (``rescore.rescored_estimate_unchecked`` / ``adaptive_estimate_unchecked``): the search,
 then the rescoring, each on the backend (``dispatch.py``): with ``backend`` resolving to Triton,
 Stream's search runs on its kernel and the fused rescoring kernel (``rescore_triton.py``) computes
 the candidates' exact masses from ``q . k`` alone and selects in the same launch. The bounds and
@@ -43,10 +43,10 @@ from torch import Tensor
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.kernels.dispatch import Backend, stream_estimate_unchecked
-from sparse_lens.kernels.oneshot_ref import antidiagonal_estimate_unchecked, oneshot_pooled_estimate_unchecked
+from sparse_lens.kernels.oneshot import antidiagonal_estimate_unchecked, oneshot_pooled_estimate_unchecked
 from sparse_lens.kernels.oracle_estimate import oracle_estimate
-from sparse_lens.kernels.rescore_ref import adaptive_estimate_unchecked, rescored_estimate_unchecked
-from sparse_lens.kernels.search_ref import (
+from sparse_lens.kernels.rescore import adaptive_estimate_unchecked, rescored_estimate_unchecked
+from sparse_lens.kernels.search import (
     SEARCHES,
     SearchName,
     bounds_estimate_unchecked,

@@ -10,7 +10,7 @@ import torch
 from sparse_lens.config import ESTIMATORS as CONFIG_ESTIMATORS
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError, ShapeError
-from sparse_lens.kernels import oneshot_ref, registry, rescore_ref, search_ref
+from sparse_lens.kernels import oneshot, registry, rescore, search
 from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.kernels.estimate import ESTIMATORS, estimate_blocks
 from sparse_lens.kernels.estimator_ref import stream_estimate
@@ -18,15 +18,15 @@ from sparse_lens.kernels.registry import AdaptiveSettings, AntidiagonalSettings,
 from tests.kernels.estimator_cases import check_rows, random_qk
 
 FIXED_K = {
-    "pooled": search_ref.pooled_estimate,
-    "pooled_strided_meanq": lambda q, k, **kw: search_ref.pooled_estimate(q, k, query_stride=4, mean_query=True, **kw),
-    "pooled_meanq": lambda q, k, **kw: search_ref.pooled_estimate(q, k, query_stride=0, mean_query=True, **kw),
-    "bounds": search_ref.bounds_estimate,
-    "oneshot_pooled": oneshot_ref.oneshot_pooled_estimate,
-    "antidiagonal": oneshot_ref.antidiagonal_estimate,
-    "antidiagonal_softmax": lambda q, k, **kw: oneshot_ref.antidiagonal_estimate(q, k, normalize="softmax", **kw),
-    "rescored": rescore_ref.rescored_estimate,
-    "rescored_pooled": lambda q, k, **kw: rescore_ref.rescored_estimate(q, k, search="pooled", beam=2, **kw),
+    "pooled": search.pooled_estimate,
+    "pooled_strided_meanq": lambda q, k, **kw: search.pooled_estimate(q, k, query_stride=4, mean_query=True, **kw),
+    "pooled_meanq": lambda q, k, **kw: search.pooled_estimate(q, k, query_stride=0, mean_query=True, **kw),
+    "bounds": search.bounds_estimate,
+    "oneshot_pooled": oneshot.oneshot_pooled_estimate,
+    "antidiagonal": oneshot.antidiagonal_estimate,
+    "antidiagonal_softmax": lambda q, k, **kw: oneshot.antidiagonal_estimate(q, k, normalize="softmax", **kw),
+    "rescored": rescore.rescored_estimate,
+    "rescored_pooled": lambda q, k, **kw: rescore.rescored_estimate(q, k, search="pooled", beam=2, **kw),
 }
 
 
@@ -68,12 +68,12 @@ def test_gqa_reads_the_shared_key_head():
 def test_rejects_bad_inputs():
     query, key = random_qk(q_heads=3, kv_heads=2)
     with pytest.raises(ShapeError):
-        search_ref.pooled_estimate(query, key, query_block=16, key_block=16, top_k=4)
+        search.pooled_estimate(query, key, query_block=16, key_block=16, top_k=4)
     query, key = random_qk()
     with pytest.raises(ValueError):
-        search_ref.bounds_estimate(query, key, query_block=16, key_block=16, top_k=2, sink_blocks=2, local_blocks=1)
+        search.bounds_estimate(query, key, query_block=16, key_block=16, top_k=2, sink_blocks=2, local_blocks=1)
     with pytest.raises(ValueError):
-        oneshot_ref.oneshot_pooled_estimate(query, key, query_block=16, key_block=24, top_k=4)
+        oneshot.oneshot_pooled_estimate(query, key, query_block=16, key_block=24, top_k=4)
 
 
 # ----- estimate_blocks: one call for every estimator -------------------------------------------
@@ -101,24 +101,24 @@ def test_estimate_blocks_passes_each_estimator_its_own_settings():
     assert torch.equal(estimate_blocks(query, key, geometry, estimator="stream", settings=StreamSettings(4)),
                        stream_estimate(query, key, representative_keys=4, **budget))
     assert torch.equal(estimate_blocks(query, key, estimator="antidiagonal", settings=AntidiagonalSettings(4), **budget),
-                       oneshot_ref.antidiagonal_estimate(query, key, stride=4, **budget))
+                       oneshot.antidiagonal_estimate(query, key, stride=4, **budget))
     # rescored, composed by hand from its parts: a bounds search with beam 2 x the searched slots,
     # exact masses on every 2nd query, sink + local + the heaviest
     rescored = estimate_blocks(query, key, geometry, estimator="rescored", scale=0.3, backend="reference",
                                settings=RescoredSettings(beam=2, rescore_query_stride=2, rescore_search="bounds"))
-    candidates = search_ref.bounds_estimate(query, key, **{**budget, "top_k": 2 + 2 * 3})
-    mass = rescore_ref.candidate_block_mass(query, key, candidates, query_block=16, key_block=16, sink_blocks=1,
+    candidates = search.bounds_estimate(query, key, **{**budget, "top_k": 2 + 2 * 3})
+    mass = rescore.candidate_block_mass(query, key, candidates, query_block=16, key_block=16, sink_blocks=1,
                                             local_blocks=1, scale=0.3, query_stride=2)
-    assert torch.equal(rescored, rescore_ref.keep_heaviest(candidates, mass, seq_len=256, **budget))
+    assert torch.equal(rescored, rescore.keep_heaviest(candidates, mass, seq_len=256, **budget))
     # adaptive, by hand: Stream's search with top_k candidates, exact masses, then top-p
     adaptive = estimate_blocks(query, key, geometry, estimator="adaptive", backend="reference",
                                settings=AdaptiveSettings(top_p=0.6, min_blocks=3, representative_keys=4))
     candidates = stream_estimate(query, key, representative_keys=4, **budget)
-    mass = rescore_ref.candidate_block_mass(query, key, candidates, query_block=16, key_block=16, sink_blocks=1,
+    mass = rescore.candidate_block_mass(query, key, candidates, query_block=16, key_block=16, sink_blocks=1,
                                             local_blocks=1)
-    always_keep = rescore_ref.fixed_slot_mask(candidates, seq_len=256, query_block=16, key_block=16, sink_blocks=1,
+    always_keep = rescore.fixed_slot_mask(candidates, seq_len=256, query_block=16, key_block=16, sink_blocks=1,
                                               local_blocks=1)
-    assert torch.equal(adaptive, rescore_ref.select_top_p(candidates, mass, always_keep, p=0.6, min_blocks=3))
+    assert torch.equal(adaptive, rescore.select_top_p(candidates, mass, always_keep, p=0.6, min_blocks=3))
     assert not torch.equal(adaptive, estimate_blocks(query, key, geometry, estimator="adaptive", backend="reference",
                                                      settings=AdaptiveSettings(top_p=0.99, min_blocks=3)))
 

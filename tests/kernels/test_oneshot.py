@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparse_lens.kernels import oneshot_ref
+from sparse_lens.kernels import oneshot
 from tests.kernels.estimator_cases import (
     assert_selection,
     brute_force_selection,
@@ -16,7 +16,7 @@ from tests.kernels.estimator_cases import (
 def test_oneshot_pooled_equals_brute_force(seq, query_block, key_block):
     query, key = random_qk(batch=1, q_heads=4, kv_heads=2, seq=seq, seed=8)
     top_k, sink, local = 5, 1, 1
-    chosen = oneshot_ref.oneshot_pooled_estimate(query, key, query_block=query_block, key_block=key_block, top_k=top_k,
+    chosen = oneshot.oneshot_pooled_estimate(query, key, query_block=query_block, key_block=key_block, top_k=top_k,
                                          sink_blocks=sink, local_blocks=local)
     scores = loop_block_scores(query, key, query_block, key_block, lambda q, k: float(q.mean(0) @ k.mean(0)))
     assert_selection(chosen, brute_force_selection(scores, seq, query_block, key_block, top_k, sink, local))
@@ -40,10 +40,10 @@ def loop_antidiagonal_scores(query, key, query_block, key_block, stride):
 def test_antidiagonal_scores_and_selection_equal_brute_force(seq, query_block, key_block):
     query, key = random_qk(batch=1, q_heads=2, kv_heads=1, seq=seq, seed=9)
     expected = loop_antidiagonal_scores(query, key, query_block, key_block, 4)
-    got = oneshot_ref.antidiagonal_block_scores(query, key, query_block=query_block, key_block=key_block, stride=4)
+    got = oneshot.antidiagonal_block_scores(query, key, query_block=query_block, key_block=key_block, stride=4)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
     top_k, sink, local = 4, 1, 1
-    chosen = oneshot_ref.antidiagonal_estimate(query, key, query_block=query_block, key_block=key_block, top_k=top_k,
+    chosen = oneshot.antidiagonal_estimate(query, key, query_block=query_block, key_block=key_block, top_k=top_k,
                                        sink_blocks=sink, local_blocks=local, stride=4)
     assert_selection(chosen, brute_force_selection(expected, seq, query_block, key_block, top_k, sink, local))
 
@@ -64,6 +64,6 @@ def test_antidiagonal_softmax_equals_brute_force():
             probs = torch.softmax(tile[h, m, : m + 1] * scale / stride, dim=0)
             for n in range(m + 1):
                 expected[h, m * stride // block, n * stride // block] += probs[n]
-    got = oneshot_ref.antidiagonal_block_scores(query, key, query_block=block, key_block=block, stride=stride,
+    got = oneshot.antidiagonal_block_scores(query, key, query_block=block, key_block=block, stride=stride,
                                         normalize="softmax", scale=scale)
     torch.testing.assert_close(got[0].double(), expected, rtol=1e-4, atol=1e-5)
