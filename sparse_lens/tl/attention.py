@@ -5,7 +5,7 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
 ``hook_result`` when ``cfg.use_attn_result``) and changes what happens between RoPE and
 ``hook_z``:
 
-- prefill (the whole sequence at once): the configured estimator (``StreamConfig.estimator``)
+- prefill (the whole sequence at once): the configured estimator (``TracingConfig.estimator``)
   picks ``top_k`` key blocks per query block and head; in ``"sparse"`` mode attention runs over
   those blocks only, in ``"observe"`` mode it runs exact dense attention (torch's fused SDPA
   kernels with their log-sum-exp, O(T) memory) and the estimate is recorded beside it; in ``"dense"`` mode it runs plain dense attention (torch SDPA) and nothing is
@@ -47,7 +47,7 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
 from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sparse_lens.config import StreamConfig
+from sparse_lens.config import TracingConfig
 from sparse_lens.errors import (
     ContextTooLongError,
     UnsupportedModelError,
@@ -77,7 +77,7 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stream = StreamConfig()
+        self.stream = TracingConfig()
         self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
         # Tensor hooks beside hook_pattern (as TL's DSA bridge's hook_topk_indices); order and edit
         # semantics in sparse_lens.tl.pattern_hooks.
@@ -303,7 +303,7 @@ def _llama_4_query_scale(hf_attn: Any, query: Tensor, position_ids: Tensor | Non
     return query * scale[:, None, :, None].to(query.dtype)
 
 
-def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: StreamConfig) -> None:
+def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: TracingConfig) -> None:
     """Raise ``ContextTooLongError`` when observe mode's dense attention would not fit: past
     ``cfg.observe_max_tokens`` (if set), or when its estimated memory exceeds what is free."""
     seq_len = query.shape[2]
