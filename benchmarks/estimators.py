@@ -52,7 +52,7 @@ from sparse_lens.kernels.search import bounds_estimate, pooled_estimate  # noqa:
 from sparse_lens.kernels.blocks import (  # noqa: E402
     causal_pairs, fixed_blocks, kept_pairs_per_slot, num_blocks, pad_to_blocks, visible_key_blocks,
 )
-from sparse_lens.kernels.estimator_ref import stream_estimate  # noqa: E402
+from sparse_lens.kernels.stream import stream_estimate  # noqa: E402
 from sparse_lens.kernels.exact_block_mass import dense_block_masses  # noqa: E402
 
 SINK, LOCAL = 1, 1

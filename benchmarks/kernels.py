@@ -39,7 +39,7 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == [
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import attention_heads, command, dense_sdpa, save_json, time_cuda  # noqa: E402
 from sparse_lens.kernels import block_sparse_attention, estimate_blocks  # noqa: E402
-from sparse_lens.kernels.estimator_triton import stream_estimate_triton  # noqa: E402
+from sparse_lens.kernels.stream_triton import stream_estimate_triton  # noqa: E402
 from sparse_lens.kernels.rescore_triton import rescore_top_k_triton  # noqa: E402
 
 SHAPES = {name: attention_heads(name)[:2] for name in ("qwen2.5-1.5b", "llama-3.1-8b")}  # (q heads, kv heads)

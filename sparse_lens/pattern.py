@@ -37,7 +37,7 @@ from torch import Tensor
 from sparse_lens.errors import ContextTooLongError, DensePatternRequiredError, ShapeError
 from sparse_lens.kernels.blocks import causal_pairs, kept_pairs_per_slot, num_blocks
 from sparse_lens.kernels.checks import check_attention_features
-from sparse_lens.kernels.sparse_attention_ref import kept_token_probs
+from sparse_lens.kernels.sparse_attention import kept_token_probs
 from sparse_lens.pattern_edits import normalize_block_indices
 from sparse_lens.pattern_flex import DEFAULT_BLOCK_MASK_BYTES, block_grid, block_mask_from_indices
 

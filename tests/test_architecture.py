@@ -112,7 +112,9 @@ def test_the_fidelity_function_and_its_module_have_different_names():
     assert callable(sl.analysis.fidelity)
 
 
-DEPRECATED_MODULES = ("sparse_lens.analysis.fidelity", "sparse_lens.cli.trace_report")  # shims kept one release
+DEPRECATED_MODULES = ("sparse_lens.analysis.fidelity", "sparse_lens.cli.trace_report",  # shims kept one release
+                      *(f"sparse_lens.kernels.{old}" for old in ("search_ref", "oneshot_ref", "rescore_ref", "estimator_ref",
+                                                                  "estimator_triton", "sparse_attention_ref", "dense_ref")))
 
 
 def test_the_package_imports_no_deprecated_module_path():

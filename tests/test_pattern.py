@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import sparse_lens as sl
-from sparse_lens.kernels.estimator_ref import stream_estimate
-from sparse_lens.kernels.sparse_attention_ref import block_sparse_attention
+from sparse_lens.kernels.stream import stream_estimate
+from sparse_lens.kernels.sparse_attention import block_sparse_attention
 
 
 def make_pattern(seq=100, block=16, top_k=3, keep_qk=True, batch=1):

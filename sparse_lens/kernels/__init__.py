@@ -4,12 +4,13 @@ Nothing here imports TransformerLens. Every function takes [batch, heads, seq, d
 (keys and values may have fewer heads than queries: GQA) and returns plain tensors.
 
 - torch code, readable, running on any device and the test oracle of the Triton kernels: one
-  module per op (``search.py``: the hierarchical search loop and its branch scores;
-  ``oneshot.py``: one-shot baselines; ``rescore.py``: the rescored and adaptive estimators;
-  ``exact_block_mass.py``: exact dense block masses at several block sizes), and the older
-  ``*_ref.py`` modules (``estimator_ref.py``: Stream; ``sparse_attention_ref.py``,
-  ``dense_ref.py``: attention); ``search_ref`` / ``oneshot_ref`` / ``rescore_ref`` are deprecated
-  paths of the first three;
+  module per op, named for what it holds (``search.py``: the hierarchical search loop and its
+  branch scores; ``stream.py``: the Stream estimator on that loop; ``oneshot.py``: one-shot
+  baselines; ``rescore.py``: the rescored and adaptive estimators; ``exact_block_mass.py``: exact
+  dense block masses at several block sizes; ``sparse_attention.py``: block-sparse attention;
+  ``dense.py``: chunked dense attention with its lse). ``search_ref`` / ``oneshot_ref`` /
+  ``rescore_ref`` / ``estimator_ref`` / ``estimator_triton`` / ``sparse_attention_ref`` /
+  ``dense_ref`` are deprecated paths (one release) that warn and forward;
 - ``*_triton.py``: Triton kernels with the same signatures;
 - ``dispatch.py``: ``stream_estimate``, ``block_sparse_attention``, ``dense_attention``,
   ``kept_block_mass`` and ``block_mass_rows`` pick one (``backend=``); dense attention's fast path
@@ -24,7 +25,7 @@ Nothing here imports TransformerLens. Every function takes [batch, heads, seq, d
 
 from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.kernels.causal import lagged_selection
-from sparse_lens.kernels.dense_ref import dense_block_mass
+from sparse_lens.kernels.dense import dense_block_mass
 from sparse_lens.kernels.dispatch import (
     BACKENDS,
     block_mass_rows,
@@ -39,7 +40,7 @@ from sparse_lens.kernels.dispatch import (
 from sparse_lens.kernels.estimate import ESTIMATORS, estimate_blocks
 from sparse_lens.kernels.oracle import oracle_blocks
 from sparse_lens.kernels.registry import REGISTRY
-from sparse_lens.kernels.sparse_attention_ref import kept_token_probs
+from sparse_lens.kernels.sparse_attention import kept_token_probs
 
 __all__ = [
     "BACKENDS",

@@ -5,12 +5,12 @@ With ``lse`` the exact (dense) normaliser of each query, the mass a query gives 
 that averaged over the query block's queries. Two functions share one kernel:
 
 - ``kept_block_mass_triton``: the mass of each kept block of ``block_indices`` (same signature
-  and result as ``sparse_attention_ref.kept_block_mass``). One pass over the kept blocks: the
+  and result as ``sparse_attention.kept_block_mass``). One pass over the kept blocks: the
   cost of block-sparse attention without the values. In observe mode it makes ``block_mass``
   the dense mass, so a row sums to the estimate's exact recall.
 - ``block_mass_rows_triton``: the mass of *every* causally visible key block for some query
   blocks (``rows``), [batch, head, len(rows), n_key_blocks]; the exact top-k oracle streams it
-  chunk of rows by chunk of rows (``oracle.py``). Reference: ``dense_ref.dense_block_mass``.
+  chunk of rows by chunk of rows (``oracle.py``). Reference: ``dense.dense_block_mass``.
 
 Kernel: grid ``(len(rows), batch * q_head)``, one program per (head, query block), owning its
 output row (plain stores, deterministic). It walks the query block in query tiles of
@@ -167,7 +167,7 @@ def kept_block_mass_triton(
 ) -> Float[Tensor, "batch q_head n_query_blocks top_k"]:
     """Mass of each kept block under a given normaliser (e.g. the dense one), averaged over queries.
 
-    Same contract as ``sparse_attention_ref.kept_block_mass``; unused slots (-1) get 0.
+    Same contract as ``sparse_attention.kept_block_mass``; unused slots (-1) get 0.
     """
     _check(query, key, lse, query_block, key_block, window, softcap)
     n_query_blocks = num_blocks(query.shape[2], query_block)

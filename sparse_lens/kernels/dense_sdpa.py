@@ -1,7 +1,7 @@
 """Exact dense causal attention with its log-sum-exp, on PyTorch's fused SDPA kernels.
 
 ``dense_attention_sdpa`` has the signature and the result of the chunked torch reference
-``dense_ref.dense_attention`` (``(output, lse)``, natural-log ``lse`` of each query's softmax
+``dense.dense_attention`` (``(output, lse)``, natural-log ``lse`` of each query's softmax
 normaliser, float32) but runs the fused kernel that ``torch.nn.functional.scaled_dot_product_attention``
 itself would pick for these tensors (``torch.ops.aten._fused_sdp_choice``): FlashAttention-2 or
 cuDNN on CUDA, the flash kernel for CPU elsewhere. It calls that kernel's own entry point, the
@@ -75,7 +75,7 @@ def dense_attention_sdpa(
 ) -> tuple[Float[Tensor, "batch q_head seq d_value"], Float[Tensor, "batch q_head seq"]]:
     """Causal softmax attention over all keys: ``(output, lse)``, on torch's fused SDPA kernel.
 
-    Same contract as ``dense_ref.dense_attention`` for ``query_offset=0``. Raises
+    Same contract as ``dense.dense_attention`` for ``query_offset=0``. Raises
     ``ShapeError`` when SDPA has no fused kernel for these tensors (``fused_backend`` is None)
     or for ``query_offset != 0``; ``sparse_lens.kernels.dense_attention`` routes such calls to the reference.
     """
@@ -129,7 +129,7 @@ def dense_attention_band(
 ) -> tuple[Float[Tensor, "batch q_head seq d_value"], Float[Tensor, "batch q_head seq"]]:
     """Exact causal attention ``(output, lse)`` with a sliding window, soft-cap and/or sinks, on Triton.
 
-    Same contract as ``dense_ref.dense_attention`` (prefill only): the block-sparse Triton kernel
+    Same contract as ``dense.dense_attention`` (prefill only): the block-sparse Triton kernel
     over the whole band of ``BAND_BLOCK``-token blocks each query block can see. Differentiable.
     """
     from sparse_lens.kernels.sparse_attention_triton import block_sparse_attention_triton

@@ -17,9 +17,9 @@ from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.checks import check_attention_features
 from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.kernels.checks import check_attention_inputs
-from sparse_lens.kernels.estimator_ref import stream_estimate as stream_estimate_reference
-from sparse_lens.kernels.estimator_ref import stream_estimate_unchecked as stream_estimate_reference_unchecked
-from sparse_lens.kernels.sparse_attention_ref import block_sparse_attention as block_sparse_attention_reference
+from sparse_lens.kernels.stream import stream_estimate as stream_estimate_reference
+from sparse_lens.kernels.stream import stream_estimate_unchecked as stream_estimate_reference_unchecked
+from sparse_lens.kernels.sparse_attention import block_sparse_attention as block_sparse_attention_reference
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -49,7 +49,7 @@ def stream_estimate(
     representative_keys: int = 8,
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
-    """The Stream estimator (see ``estimator_ref``), on the chosen backend.
+    """The Stream estimator (see ``stream``), on the chosen backend.
 
     Raises ``ShapeError`` for malformed q / k and ``BlockSizeError`` / ``InvalidConfigError`` for
     a bad block budget, once, before dispatching."""
@@ -69,7 +69,7 @@ def stream_estimate_unchecked(
     """``stream_estimate`` on inputs the caller has validated (the Triton entry point still
     checks its own inputs and its block sizes)."""
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
-        from sparse_lens.kernels.estimator_triton import stream_estimate_triton
+        from sparse_lens.kernels.stream_triton import stream_estimate_triton
 
         return stream_estimate_triton(query, key, representative_keys=representative_keys, **geometry.as_kwargs())
     return stream_estimate_reference_unchecked(query, key, geometry, representative_keys=representative_keys)
@@ -143,7 +143,7 @@ def block_sparse_attention(
     Float[Tensor, "batch q_head seq"],
     Float[Tensor, "batch q_head n_query_blocks top_k"],
 ]:
-    """Block-sparse attention (see ``sparse_attention_ref``, also for ``window`` / ``softcap`` /
+    """Block-sparse attention (see ``sparse_attention``, also for ``window`` / ``softcap`` /
     ``sinks``), on the chosen backend."""
     settings = dict(query_block=query_block, key_block=key_block, scale=scale, block_gate=block_gate,
                     window=window, softcap=softcap, sinks=sinks)
@@ -166,7 +166,7 @@ def dense_attention(
     softcap: float | None = None,
     sinks: Float[Tensor, "q_head"] | None = None,
 ) -> tuple[Float[Tensor, "batch q_head seq d_value"], Float[Tensor, "batch q_head seq"]]:
-    """Exact causal attention with its lse (see ``dense_ref``), on the chosen backend.
+    """Exact causal attention with its lse (see ``dense``), on the chosen backend.
 
     Dense attention has no Triton kernel of its own: ``"auto"`` and ``"triton"`` run torch's
     fused SDPA kernel with its log-sum-exp (``dense_sdpa``: flash / cuDNN on CUDA, flash on the
@@ -179,7 +179,7 @@ def dense_attention(
     """
     if backend not in BACKENDS:
         raise InvalidConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    from sparse_lens.kernels.dense_ref import dense_attention as dense_attention_reference
+    from sparse_lens.kernels.dense import dense_attention as dense_attention_reference
     from sparse_lens.kernels.dense_sdpa import BAND_BLOCK, dense_attention_band, dense_attention_sdpa, fused_backend
 
     features = dict(window=window, softcap=softcap, sinks=sinks)
@@ -210,7 +210,7 @@ def dense_attention_bytes(query: Tensor, key: Tensor, value: Tensor, *, scale: f
         return elements_out * query.element_size() + lse_bytes + repeated
     copies = 4 * (query.numel() + key.numel() + value.numel() + elements_out)
     row_bytes = 3 * 4 * batch * n_q_heads * seq_len  # one query row of scores, 3 float32 buffers
-    scores = row_bytes * max(1, min(128, seq_len, 256 * 2**20 // row_bytes))  # dense_ref's chunking
+    scores = row_bytes * max(1, min(128, seq_len, 256 * 2**20 // row_bytes))  # dense's chunking
     return copies + elements_out * query.element_size() + lse_bytes + scores
 
 
@@ -228,7 +228,7 @@ def kept_block_mass(
     softcap: float | None = None,
     sinks: Float[Tensor, "q_head"] | None = None,
 ) -> Float[Tensor, "batch q_head n_query_blocks top_k"]:
-    """Mass of each kept block under a given lse (see ``sparse_attention_ref.kept_block_mass``).
+    """Mass of each kept block under a given lse (see ``sparse_attention.kept_block_mass``).
 
     ``sinks`` is accepted so a layer's settings pass through whole; the sink only enters via ``lse``.
     """
@@ -238,7 +238,7 @@ def kept_block_mass(
         from sparse_lens.kernels.block_mass_triton import kept_block_mass_triton
 
         return kept_block_mass_triton(query, key, block_indices, lse, **settings)
-    from sparse_lens.kernels.sparse_attention_ref import kept_block_mass as kept_block_mass_reference
+    from sparse_lens.kernels.sparse_attention import kept_block_mass as kept_block_mass_reference
 
     return kept_block_mass_reference(query, key, block_indices, lse, **settings)
 
@@ -257,7 +257,7 @@ def block_mass_rows(
     softcap: float | None = None,
     sinks: Float[Tensor, "q_head"] | None = None,
 ) -> Float[Tensor, "batch q_head n_rows n_key_blocks"]:
-    """Dense mass of every key block for some query blocks (see ``dense_ref.block_mass_rows``).
+    """Dense mass of every key block for some query blocks (see ``dense.block_mass_rows``).
 
     ``sinks`` is accepted so a layer's settings pass through whole; the sink only enters via ``lse``.
     """
@@ -267,6 +267,6 @@ def block_mass_rows(
         from sparse_lens.kernels.block_mass_triton import block_mass_rows_triton
 
         return block_mass_rows_triton(query, key, lse, rows, **settings)
-    from sparse_lens.kernels.dense_ref import block_mass_rows as block_mass_rows_reference
+    from sparse_lens.kernels.dense import block_mass_rows as block_mass_rows_reference
 
     return block_mass_rows_reference(query, key, lse, rows, **settings)

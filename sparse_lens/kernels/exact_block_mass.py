@@ -2,7 +2,7 @@
 
 ``dense_block_masses`` gives, for every square block size asked for, the dense softmax mass of
 every (query block, key block) pair averaged over the query block's real queries: what
-``dense_ref.dense_block_mass`` gives for one size. It makes one pass at the smallest size
+``dense.dense_block_mass`` gives for one size. It makes one pass at the smallest size
 (``dispatch.block_mass_rows``: Triton on CUDA, the torch reference elsewhere), turns the masses
 back into sums over the queries and pools them to each larger size, so several block sizes cost
 one pass. Memory: the ``[batch, q_head, T / smallest, T / smallest]`` float32 mass matrix, so it

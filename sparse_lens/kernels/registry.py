@@ -4,7 +4,7 @@
 |---|---|---|---|
 | ``"rescored"`` (default) | a search (``rescore_search``: Stream or bounds) with ``beam`` x the branches, then exact block masses of the candidates (every ``rescore_query_stride``-th query); keeps the heaviest | ``RescoredSettings`` | ``rescore.py``; on Triton: Stream's kernel + ``rescore_triton`` |
 | ``"adaptive"`` | the same candidates (``top_k`` of them), keeps per row the fewest whose mass reaches ``top_p`` (at least ``min_blocks``) | ``AdaptiveSettings`` | ``rescore.py``; on Triton as above |
-| ``"stream"`` | the paper's Stream refinement (representative keys of each branch's centre block) | ``StreamSettings`` | ``estimator_ref.py``, ``estimator_triton.py`` |
+| ``"stream"`` | the paper's Stream refinement (representative keys of each branch's centre block) | ``StreamSettings`` | ``stream.py``, ``stream_triton.py`` |
 | ``"bounds"`` | hierarchical search scored by Quest's key min / max bound | none | ``search.py`` |
 | ``"pooled"`` | hierarchical search scored by mean keys | none | ``search.py`` |
 | ``"oneshot_pooled"`` | mean query . mean key of every block pair (MInference / FlexPrefill style baseline) | none | ``oneshot.py`` |

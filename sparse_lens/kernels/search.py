@@ -3,11 +3,11 @@
 ``hierarchical_search``: ``n_search = top_k - sink - local`` branches cover the searched range,
 every round splits each branch in two and keeps the best ``n_search`` halves;
 ``R = BlockGeometry.search_rounds(T)`` (about ``log2(n_kb / n_search)``) rounds; with
-``expand_levels = E > 0`` the expanded search (``estimator_ref``'s module doc). The estimators
+``expand_levels = E > 0`` the expanded search (``stream``'s module doc). The estimators
 differ only in the score of a candidate half (a contiguous key-block range):
 
-- Stream (``estimator_ref.stream_estimate``): the max ``q . k`` over evenly strided keys of the
-  range's centre block (``estimator_ref.score_branches_by_center_block``);
+- Stream (``stream.stream_estimate``): the max ``q . k`` over evenly strided keys of the
+  range's centre block (``stream.score_branches_by_center_block``);
 
 - :func:`pooled_estimate`: ``max_i q_i . mean_key(range)`` over the query block's queries
   (optionally strided, optionally with the block's mean query added). Mean keys of any range

@@ -1,4 +1,4 @@
-"""Block-sparse attention, Triton kernels (forward and backward) matching ``sparse_attention_ref``.
+"""Block-sparse attention, Triton kernels (forward and backward) matching ``sparse_attention``.
 
 ``block_sparse_attention_triton`` has the signature and semantics of the torch reference
 ``block_sparse_attention``: each query attends causally to the keys of its query block's kept key
@@ -35,7 +35,7 @@ Backward (``_backward_kernel``, one launch)
     the tile loads. The price: the order of the fp32 sums (hence the last bits of dk, dv) varies
     from run to run.
 
-Optional features (``window``, ``softcap``, ``sinks``; semantics in ``sparse_attention_ref``)
+Optional features (``window``, ``softcap``, ``sinks``; semantics in ``sparse_attention``)
     Each is a constexpr flag (``HAS_WINDOW``, ``HAS_SOFTCAP``, ``HAS_SINKS``), so the default call
     compiles to the same code as without them. ``layer_scores`` caps the scores
     (``softcap * tanh(s / softcap)``, tanh written with ``exp``) and adds the window to the causal
@@ -444,7 +444,7 @@ def block_sparse_attention_triton(
     ``with_block_mass=False`` returns ``block_mass=None`` and skips its per-slot sums: for rows of
     very many slots (``dense_sdpa.dense_attention_band``), where they would spill registers.
 
-    Same contract as ``sparse_attention_ref.block_sparse_attention`` (with ``window``,
+    Same contract as ``sparse_attention.block_sparse_attention`` (with ``window``,
     ``softcap`` and ``sinks``); differentiable w.r.t. query, key, value, ``block_gate`` and
     ``sinks`` (the sink gradient is returned in float32, cast to the sinks' dtype) through
     ``output``. Block sizes: powers of two >= 16.

@@ -18,9 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import sparse_lens.kernels as kernels
 from sparse_lens.errors import BlockSizeError, ShapeError
 from sparse_lens.kernels.block_mass_triton import kept_block_mass_triton
-from sparse_lens.kernels.dense_ref import dense_attention as dense_reference
+from sparse_lens.kernels.dense import dense_attention as dense_reference
 from sparse_lens.kernels.dense_sdpa import dense_attention_sdpa, fused_backend, normalise_lse
-from sparse_lens.kernels.sparse_attention_ref import kept_block_mass
+from sparse_lens.kernels.sparse_attention import kept_block_mass
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"

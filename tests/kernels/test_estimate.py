@@ -13,7 +13,7 @@ from sparse_lens.errors import InvalidConfigError, ShapeError
 from sparse_lens.kernels import oneshot, registry, rescore, search
 from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.kernels.estimate import ESTIMATORS, estimate_blocks
-from sparse_lens.kernels.estimator_ref import stream_estimate
+from sparse_lens.kernels.stream import stream_estimate
 from sparse_lens.kernels.registry import AdaptiveSettings, AntidiagonalSettings, RescoredSettings, StreamSettings
 from tests.kernels.estimator_cases import check_rows, random_qk
 

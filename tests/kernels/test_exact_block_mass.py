@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_lens.errors import BlockSizeError
-from sparse_lens.kernels.dense_ref import dense_attention, dense_block_mass
+from sparse_lens.kernels.dense import dense_attention, dense_block_mass
 from sparse_lens.kernels.exact_block_mass import dense_block_masses
 from tests.kernels.estimator_cases import random_qk
 

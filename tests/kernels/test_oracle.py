@@ -9,8 +9,8 @@ import torch
 
 from sparse_lens.kernels import block_mass_rows, oracle_blocks
 from sparse_lens.kernels.blocks import visible_key_blocks
-from sparse_lens.kernels.dense_ref import block_mass_rows as block_mass_rows_reference
-from sparse_lens.kernels.dense_ref import dense_attention
+from sparse_lens.kernels.dense import block_mass_rows as block_mass_rows_reference
+from sparse_lens.kernels.dense import dense_attention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"

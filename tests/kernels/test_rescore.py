@@ -5,7 +5,7 @@ import torch
 
 from sparse_lens.kernels import blocks, rescore
 from sparse_lens.kernels.blocks import visible_key_blocks
-from sparse_lens.kernels.dense_ref import dense_attention, dense_block_mass
+from sparse_lens.kernels.dense import dense_attention, dense_block_mass
 from tests.kernels.estimator_cases import (
     assert_selection,
     brute_force_selection,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_lens.kernels import blocks, search
-from sparse_lens.kernels.estimator_ref import (
+from sparse_lens.kernels.stream import (
     score_branches_by_center_block,
     stream_estimate,
 )

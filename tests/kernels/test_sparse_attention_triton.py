@@ -16,7 +16,7 @@ import torch
 
 from sparse_lens.errors import BlockSizeError, ShapeError
 from sparse_lens.kernels.blocks import visible_key_blocks
-from sparse_lens.kernels.sparse_attention_ref import block_sparse_attention
+from sparse_lens.kernels.sparse_attention import block_sparse_attention
 from sparse_lens.kernels.sparse_attention_triton import (
     _launch_backward,
     _launch_forward,

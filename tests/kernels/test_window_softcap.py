@@ -16,9 +16,9 @@ import torch
 
 from sparse_lens.errors import InvalidConfigError, ShapeError
 from sparse_lens.kernels import dispatch
-from sparse_lens.kernels.dense_ref import block_mass_rows, dense_attention
+from sparse_lens.kernels.dense import block_mass_rows, dense_attention
 from sparse_lens.kernels.oracle import oracle_blocks
-from sparse_lens.kernels.sparse_attention_ref import block_sparse_attention, kept_block_mass
+from sparse_lens.kernels.sparse_attention import block_sparse_attention, kept_block_mass
 from sparse_lens.kernels.window import max_window_blocks, window_band, window_blocks, window_fits
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from sparse_lens.analysis.anchors.sentences import Span, check_sentence_spans, sentence_sizes
 from sparse_lens.kernels.blocks import blocks_overlapping, num_blocks
-from sparse_lens.kernels.sparse_attention_ref import kept_scores_by_chunk, probs_from_lse
+from sparse_lens.kernels.sparse_attention import kept_scores_by_chunk, probs_from_lse
 from sparse_lens.pattern import BlockSparsePattern
 
 

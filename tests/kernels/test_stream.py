@@ -5,7 +5,7 @@ import torch
 
 from sparse_lens.errors import ShapeError
 from sparse_lens.kernels.blocks import visible_key_blocks
-from sparse_lens.kernels.estimator_ref import stream_estimate
+from sparse_lens.kernels.stream import stream_estimate
 
 
 def random_qk(batch=1, q_heads=4, kv_heads=2, seq=128, d=8, seed=0):
@@ -160,7 +160,7 @@ def test_expanded_search_fills_an_aligned_row_with_whole_branches():
 
 
 def test_expanded_rounds_stop_at_branches_of_2_to_the_e_blocks():
-    from sparse_lens.kernels.estimator_ref import expanded_rounds
+    from sparse_lens.kernels.stream import expanded_rounds
 
     # searched range = n_visible - 2; 2 branches of ceil(range / 2) blocks, halved until <= 4
     n_visible = torch.tensor([10, 11, 18, 19, 34, 35, 1026])

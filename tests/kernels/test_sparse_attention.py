@@ -7,8 +7,8 @@ import torch
 
 from sparse_lens.errors import ShapeError
 from sparse_lens.kernels.blocks import visible_key_blocks
-from sparse_lens.kernels.dense_ref import dense_attention, dense_block_mass
-from sparse_lens.kernels.sparse_attention_ref import (
+from sparse_lens.kernels.dense import dense_attention, dense_block_mass
+from sparse_lens.kernels.sparse_attention import (
     block_sparse_attention,
     kept_block_mass,
     kept_token_probs,

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
-from sparse_lens.kernels import estimator_ref
+from sparse_lens.kernels import stream
 from sparse_lens.kernels.blocks import num_blocks, pad_to_blocks, visible_key_blocks
-from sparse_lens.kernels.estimator_ref import (
+from sparse_lens.kernels.stream import (
     expanded_branches,
     score_branches_by_center_block,
     stream_estimate,
 )
-from sparse_lens.kernels.estimator_triton import (
+from sparse_lens.kernels.stream_triton import (
     _stream_estimate_into,
     stream_estimate_triton,
 )
@@ -55,7 +55,7 @@ def reference_with_near_ties(query, key, monkeypatch, **settings):
     n_search = expanded_branches(settings["top_k"] - settings.get("sink_blocks", 0) - settings.get("local_blocks", 0),
                                  settings.get("expand_levels", 0))
     near_tie = torch.zeros(batch, q_heads, num_blocks(seq, settings["query_block"]), dtype=torch.bool)
-    original = estimator_ref.score_branches_by_center_block
+    original = stream.score_branches_by_center_block
 
     def recording(query_blocks, key_blocks, block_ids, cand_start, cand_end, **kwargs):
         score = original(query_blocks, key_blocks, block_ids, cand_start, cand_end, **kwargs)
@@ -65,7 +65,7 @@ def reference_with_near_ties(query, key, monkeypatch, **settings):
         return score
 
     with monkeypatch.context() as patch:
-        patch.setattr(estimator_ref, "score_branches_by_center_block", recording)
+        patch.setattr(stream, "score_branches_by_center_block", recording)
         expected = stream_estimate(query, key, **settings)
     return expected, near_tie
 

@@ -1,0 +1,363 @@
+"""Stream estimator, Triton kernel: the same output as ``stream.stream_estimate``.
+
+Grid: one program per (query block, batch * query head); the query-block axis comes first
+because CUDA allows 2**31 - 1 programs there and only 65535 on the second axis (1M tokens in
+16-token blocks is 65536 query blocks). A program works on one output row of ``top_k`` slots:
+
+- rows that see at most ``top_k`` key blocks keep them all: ``0 .. n_visible - 1`` then ``-1``;
+  those programs store one short vector and do nothing else;
+- other rows store the sink blocks ``[0, sink)`` and the local blocks
+  ``[n_visible - local, n_visible)`` directly, and search the ``n_search = top_k - sink - local``
+  remaining blocks in ``[sink, n_visible - local)``.
+
+The search keeps ``n_search`` branches ``[branch_start, branch_end)`` as register vectors,
+padded to ``BRANCH_PAD`` (a power of two, at least 8, so that the ``CAND_PAD = 2 * BRANCH_PAD``
+candidates fill a 16-wide ``tl.dot``; padding is masked). The query block's tile
+(``BLOCK_Q x BLOCK_D``, both padded to powers of two >= 16) is loaded once. Each of the
+``n_rounds`` rounds (the reference's static count) then:
+
+1. splits every branch at ``mid = start + (end - start + 1) // 2`` into two candidate halves
+   (``tl.join`` + ``tl.reshape``: candidate ``2 b`` is the first half of branch ``b``, ``2 b + 1``
+   the second);
+2. scores every candidate by its centre key block: for each of the ``representative_keys``
+   strided key offsets, it gathers one key row per candidate (a ``CAND_PAD x BLOCK_D`` tile),
+   computes ``query_tile @ keys.T`` (``BLOCK_Q x CAND_PAD``, fp32 accumulation), masks it
+   causally and keeps the running max over queries; empty halves score ``-inf``;
+3. keeps the best ``n_search`` candidates by rank counting (no sort): a candidate's rank is the
+   number of candidates that beat it (higher score; on equal scores a non-empty half beats an
+   empty one, then the lower candidate index wins). Ranks are a permutation, so the candidate of
+   rank ``r`` becomes branch ``r`` (a ``BRANCH_PAD x CAND_PAD`` compare-and-sum).
+
+At the end the branch starts are sorted by the same rank counting and stored after the sinks.
+
+``select="sort"`` replaces both rank countings by ``tl.sort`` (a bitonic network,
+``O(C log^2 C)`` compare-swaps for ``C = CAND_PAD`` candidates instead of ``C**2`` compares and
+the ``BRANCH_PAD x CAND_PAD`` placement): each candidate's key packs, in one int64, its score
+(order-preserving bits, negated so that ascending is best first), an empty flag and its index,
+so the sorted order is the rank order above; the first ``BRANCH_PAD`` keys name the kept
+candidates, whose ranges ``tl.gather`` reads. Same output as ``"rank"``, ties aside (``-0.0``
+and ``0.0`` are ordered by their bits). Meant for the wide searches of the rescored estimators
+(``CAND_PAD`` 128 at ``top_k`` 16, ``beam`` 4), where the ``C**2`` comparison grows 16x; measured
+on the H200 (``benchmarks/results/h200_2026-11-30b/``) it is no faster there (21.2 against
+21.3 ms at 128k, 257 against 252 ms at 1M) and slower for Stream's own search (6.0 against
+4.5 ms at 128k), so ``"rank"`` stays the default: the wide search's time is not in its selection
+(the score dots and the gathered key rows grow 4x with the candidates, the rounds only fall from
+8 to 6).
+
+``expand_levels = E > 0`` runs the expanded search of ``stream`` (fewer branches, stopped
+``E`` levels early, every block of every branch kept, then the locals and ``-1``). As the rescored
+estimator's candidate stage (``E = 2``, 56 candidates at ``top_k`` 16) it searches in 2.6 ms
+instead of 21.3 ms at 128k (H200, same run), but its candidates are the neighbourhoods of 14 picks,
+not 56 independent ones: oracle ratio 0.895-0.936 against the default's 0.948-0.982 on the
+2,048-token SmolLM2 budgets, so it is not the default.
+
+Memory: the only tensor in global memory is the ``[batch, q_head, n_query_blocks, top_k]``
+output, O(T). Per program, on chip: the query tile, one key tile, the ``BLOCK_Q x CAND_PAD``
+score tile and the ``CAND_PAD x CAND_PAD`` rank comparison, none of which depends on T; no
+``(T / block)^2`` intermediate and no scratch. Work per searched row: ``n_rounds *
+representative_keys`` dots of ``BLOCK_Q x BLOCK_D x CAND_PAD``, so
+O(T * top_k * representative_keys * d * log T) per head, as in the reference.
+
+Measured on one H200 (Triton 3.6, bf16, head dim 128, blocks of 64, top_k 16, sink = local = 1,
+8 representative keys): 11.5 ms for a 32-query / 8-key-head layer at 128k tokens, 4.3 ms for
+12 / 2 heads at 128k and 47 ms at 1M; 123 registers, no spills. The rank comparison grows as
+``CAND_PAD ** 2``: from top_k ~ 34 (``BRANCH_PAD`` 64) the kernel runs 8 warps.
+
+Ties: ``torch.topk`` in the reference leaves the order of equal scores unspecified, so on exactly
+equal scores (degenerate inputs, e.g. zero queries) the two may keep different, equally scored
+blocks. A ``-inf`` candidate (empty, or the diagonal block when all its representative keys lie
+after the last query) never reaches the top-k boundary: every round has at least ``n_search``
+finite non-empty candidates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
+from sparse_lens.kernels.blocks import UNUSED_SLOT, num_blocks
+from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.device_guard import launch_on_tensor_device
+from sparse_lens.kernels.stream import expanded_branches
+
+MIN_DOT = 16  # smallest tl.dot dimension
+Select = Literal["rank", "sort"]
+_UNUSED: tl.constexpr = tl.constexpr(UNUSED_SLOT)
+_LAST: tl.constexpr = tl.constexpr(2**63 - 1)  # sorts after every real candidate's key
+
+
+@triton.jit
+def _stream_estimate_kernel(
+    query_ptr, key_ptr, block_indices_ptr,
+    seq_len, n_query_blocks, n_q_heads, group, n_rounds,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUERY_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+    N_SEARCH: tl.constexpr, BRANCH_PAD: tl.constexpr,
+    REPRESENTATIVE_KEYS: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_FIRST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_TILES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, SORT_SELECT: tl.constexpr,
+):
+    query_block_id = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // n_q_heads
+    q_head = batch_head % n_q_heads
+    query_end = tl.minimum((query_block_id + 1) * QUERY_BLOCK, seq_len)
+    n_visible = (query_end + KEY_BLOCK - 1) // KEY_BLOCK
+    row_ptr = block_indices_ptr + (batch_head.to(tl.int64) * n_query_blocks + query_block_id) * TOP_K
+    slot = tl.arange(0, TOP_K_PAD)
+
+    if n_visible <= TOP_K:
+        # Keep every visible block, then unused slots (-1).
+        tl.store(row_ptr + slot, tl.where(slot < n_visible, slot, _UNUSED).to(tl.int64), mask=slot < TOP_K)
+    else:
+        # Sinks [0, sink) in the first slots, locals [n_visible - local, n_visible) in the last.
+        if EXPAND_LEVELS == 0:
+            fixed = tl.where(slot < SINK_BLOCKS, slot, n_visible - TOP_K + slot)
+            is_fixed = (slot < SINK_BLOCKS) | ((slot >= TOP_K - LOCAL_BLOCKS) & (slot < TOP_K))
+            tl.store(row_ptr + slot, fixed.to(tl.int64), mask=is_fixed)
+        else:
+            tl.store(row_ptr + slot, slot.to(tl.int64), mask=slot < SINK_BLOCKS)
+
+        if N_SEARCH > 0:
+            query_rows = tl.arange(0, BLOCK_Q)
+            query_pos = query_block_id * QUERY_BLOCK + query_rows
+            query_valid = (query_rows < QUERY_BLOCK) & (query_pos < seq_len)
+            dims = tl.arange(0, BLOCK_D)
+            dim_valid = dims < D_HEAD
+            query_base = query_ptr + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
+            key_base = key_ptr + batch.to(tl.int64) * stride_kb + (q_head // group).to(tl.int64) * stride_kh
+            query_tile = tl.load(
+                query_base + query_pos.to(tl.int64)[:, None] * stride_qt + dims[None, :] * stride_qd,
+                mask=query_valid[:, None] & dim_valid[None, :], other=0.0,
+            )
+            if UPCAST_TILES:
+                query_tile = query_tile.to(tl.float32)
+
+            # Searched range [sink, n_visible - local) split into N_SEARCH branches; padding
+            # branches are empty ([0, 0)) and their candidates are never kept.
+            branch = tl.arange(0, BRANCH_PAD)
+            branch_is_real = branch < N_SEARCH
+            range_len = n_visible - LOCAL_BLOCKS - SINK_BLOCKS
+            branch_start = tl.where(branch_is_real, SINK_BLOCKS + branch * range_len // N_SEARCH, 0)
+            branch_end = tl.where(branch_is_real, SINK_BLOCKS + (branch + 1) * range_len // N_SEARCH, 0)
+            cand = tl.arange(0, 2 * BRANCH_PAD)
+            cand_is_real = cand < 2 * N_SEARCH
+            row_rounds = n_rounds
+            if EXPAND_LEVELS > 0:  # stop once every branch spans <= 2**E blocks (expanded_rounds)
+                widest_branch = (range_len + N_SEARCH - 1) // N_SEARCH
+                row_rounds = n_rounds * 0
+                for level in range(n_rounds):
+                    row_rounds += (widest_branch > ((1 << EXPAND_LEVELS) << level)).to(tl.int32)
+
+            for _ in range(row_rounds):
+                mid = branch_start + (branch_end - branch_start + 1) // 2
+                cand_start = tl.reshape(tl.join(branch_start, mid), [2 * BRANCH_PAD])
+                cand_end = tl.reshape(tl.join(mid, branch_end), [2 * BRANCH_PAD])
+                non_empty = cand_is_real & (cand_end > cand_start)
+                center = tl.where(non_empty, cand_start + (cand_end - cand_start - 1) // 2, 0)
+
+                score = tl.full([2 * BRANCH_PAD], float("-inf"), tl.float32)
+                for rep in range(REPRESENTATIVE_KEYS):
+                    key_pos = center * KEY_BLOCK + (KEY_FIRST + rep * KEY_STRIDE)
+                    key_tile = tl.load(
+                        key_base + key_pos.to(tl.int64)[:, None] * stride_kt + dims[None, :] * stride_kd,
+                        mask=(non_empty & (key_pos < seq_len))[:, None] & dim_valid[None, :], other=0.0,
+                    )
+                    if UPCAST_TILES:
+                        key_tile = key_tile.to(tl.float32)
+                    dots = tl.dot(query_tile, tl.trans(key_tile), input_precision=DOT_PRECISION)
+                    causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None]
+                    score = tl.maximum(score, tl.max(tl.where(causal, dots, float("-inf")), axis=0))
+                score = tl.where(non_empty, score, float("-inf"))
+                score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in torch.topk
+
+                if SORT_SELECT:
+                    # One bitonic sort of int64 keys in the same total order: the score's bits made
+                    # order-preserving and negated (descending), then empty after non-empty, then
+                    # the candidate index, which the first BRANCH_PAD sorted keys hand to tl.gather.
+                    bits = score.to(tl.int32, bitcast=True)
+                    descending = ~tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+                    order = (descending.to(tl.int64) << 32) | ((~non_empty).to(tl.int64) << 16) | cand.to(tl.int64)
+                    order = tl.sort(tl.where(cand_is_real, order, _LAST))
+                    best, _ = tl.split(tl.permute(tl.reshape(order, [2, BRANCH_PAD]), (1, 0)))
+                    best = tl.where(branch_is_real, best & 0xFFFF, 0).to(tl.int32)  # padding: any index
+                    branch_start = tl.where(branch_is_real, tl.gather(cand_start, best, 0), 0)
+                    branch_end = tl.where(branch_is_real, tl.gather(cand_end, best, 0), 0)
+                else:
+                    # rank[c] = number of real candidates that beat candidate c (a strict total order).
+                    other_score, own_score = score[None, :], score[:, None]
+                    other_full, own_full = non_empty[None, :], non_empty[:, None]
+                    beats = (other_score > own_score) | (
+                        (other_score == own_score)
+                        & ((other_full & ~own_full) | ((other_full == own_full) & (cand[None, :] < cand[:, None])))
+                    )
+                    rank = tl.sum((beats & cand_is_real[None, :]).to(tl.int32), axis=1)
+                    chosen = (rank[None, :] == branch[:, None]) & (cand_is_real & (rank < N_SEARCH))[None, :]
+                    branch_start = tl.sum(tl.where(chosen, cand_start[None, :], 0), axis=1)
+                    branch_end = tl.sum(tl.where(chosen, cand_end[None, :], 0), axis=1)
+
+            # Sort the found blocks ascending; they all lie between the sinks and the locals.
+            if EXPAND_LEVELS == 0 and SORT_SELECT:
+                found = tl.sort(tl.where(branch_is_real, branch_start, 2147483647))
+                tl.store(row_ptr + SINK_BLOCKS + branch, found.to(tl.int64), mask=branch_is_real)
+            elif EXPAND_LEVELS == 0:
+                before = (branch_start[None, :] < branch_start[:, None]) | (
+                    (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
+                )
+                position = tl.sum((before & branch_is_real[None, :]).to(tl.int32), axis=1)
+                tl.store(row_ptr + SINK_BLOCKS + position, branch_start.to(tl.int64), mask=branch_is_real)
+            else:
+                before = (branch_start[None, :] < branch_start[:, None]) | (
+                    (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
+                )
+                # Every block of every branch, ascending: a branch's blocks start after the blocks of
+                # the branches before it; then the local blocks, then -1.
+                size = tl.where(branch_is_real, branch_end - branch_start, 0)
+                first = tl.sum(tl.where(before & branch_is_real[None, :], size[None, :], 0), axis=1)
+                for offset in range(1 << EXPAND_LEVELS):
+                    tl.store(row_ptr + SINK_BLOCKS + first + offset, (branch_start + offset).to(tl.int64),
+                             mask=branch_is_real & (offset < size))
+                tail = SINK_BLOCKS + tl.sum(size, axis=0)
+                local_or_unused = tl.where(slot < tail + LOCAL_BLOCKS, n_visible - LOCAL_BLOCKS + slot - tail, _UNUSED)
+                tl.store(row_ptr + slot, local_or_unused.to(tl.int64), mask=(slot >= tail) & (slot < TOP_K))
+        elif EXPAND_LEVELS > 0:  # nothing searched: the locals follow the sinks
+            local = n_visible - TOP_K + slot
+            tl.store(row_ptr + slot, local.to(tl.int64), mask=(slot >= TOP_K - LOCAL_BLOCKS) & (slot < TOP_K))
+
+
+def _is_power_of_two(size: object) -> bool:
+    return isinstance(size, int) and size > 0 and size & (size - 1) == 0
+
+
+def _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys) -> None:
+    for name, size in (("query_block", query_block), ("key_block", key_block)):
+        if not _is_power_of_two(size):
+            raise BlockSizeError(
+                f"{name} must be a power of two for the Triton estimator, got {size!r} "
+                "(use sparse_lens.kernels.stream_estimate for other sizes)."
+            )
+    if not isinstance(top_k, int) or top_k < 1:
+        raise InvalidConfigError(f"top_k must be an int >= 1, got {top_k!r}.")
+    if sink_blocks < 0 or local_blocks < 0 or sink_blocks + local_blocks > top_k:
+        raise InvalidConfigError(
+            f"sink_blocks={sink_blocks} and local_blocks={local_blocks} must be >= 0 and sum to at most top_k={top_k}."
+        )
+    if not isinstance(representative_keys, int) or representative_keys < 1:
+        raise InvalidConfigError(f"representative_keys must be an int >= 1, got {representative_keys!r}.")
+
+
+def stream_estimate_triton(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    *,
+    query_block: int,
+    key_block: int,
+    top_k: int,
+    sink_blocks: int = 0,
+    local_blocks: int = 0,
+    representative_keys: int = 8,
+    expand_levels: int = 0,
+    select: Select = "rank",
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """Kept key blocks per query block, ascending, ``-1`` in unused slots (int64); see the module doc.
+
+    ``expand_levels``: ``E > 0`` runs the expanded search (``stream``'s module doc):
+    ``(top_k - sink - local) / 2**E`` branches, stopped at ``2**E`` blocks, all kept.
+    ``select``: how each round keeps its best halves, ``"rank"`` (compare-and-count) or
+    ``"sort"`` (one bitonic sort of packed keys); the same blocks either way (ties aside)."""
+    check_attention_inputs(query, key)
+    _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
+    expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
+    batch, n_q_heads, seq_len, _ = query.shape
+    block_indices: Int[Tensor, "batch q_head n_query_blocks top_k"] = torch.empty(
+        batch, n_q_heads, num_blocks(seq_len, query_block), top_k, dtype=torch.int64, device=query.device
+    )
+    _stream_estimate_into(
+        query, key, block_indices, query_block=query_block, key_block=key_block, top_k=top_k,
+        sink_blocks=sink_blocks, local_blocks=local_blocks, representative_keys=representative_keys,
+        expand_levels=expand_levels, select=select,
+    )
+    return block_indices
+
+
+@launch_on_tensor_device
+def _stream_estimate_into(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    block_indices: Int[Tensor, "batch q_head n_query_blocks top_k"],
+    *,
+    query_block: int,
+    key_block: int,
+    top_k: int,
+    sink_blocks: int = 0,
+    local_blocks: int = 0,
+    representative_keys: int = 8,
+    expand_levels: int = 0,
+    select: Select = "rank",
+) -> None:
+    """Write every element of ``block_indices`` (contiguous int64, the output's shape)."""
+    check_attention_inputs(query, key)
+    _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
+    n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
+    if select not in ("rank", "sort"):
+        raise InvalidConfigError(f"select must be 'rank' or 'sort', got {select!r}.")
+    if key.device != query.device or block_indices.device != query.device:
+        raise ShapeError(
+            f"query, key and block_indices must share a device, got {query.device}, {key.device}, "
+            f"{block_indices.device}."
+        )
+    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("The Triton estimator needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU).")
+    batch, n_q_heads, seq_len, d_head = query.shape
+    n_query_blocks = num_blocks(seq_len, query_block)
+    expected = (batch, n_q_heads, n_query_blocks, top_k)
+    if (
+        tuple(block_indices.shape) != expected
+        or block_indices.dtype != torch.int64
+        or not block_indices.is_contiguous()
+    ):
+        raise ShapeError(
+            f"block_indices must be a contiguous int64 tensor of shape {expected}, got "
+            f"{tuple(block_indices.shape)} {block_indices.dtype}."
+        )
+    if block_indices.numel() == 0:
+        return
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        query, key = query.float(), key.float()
+
+    representative_keys = min(representative_keys, key_block)
+    key_stride = key_block // representative_keys
+    # The reference's static round count: enough halvings for the widest searched range.
+    widest_range = num_blocks(seq_len, key_block) - sink_blocks - local_blocks
+    n_rounds = max(1, math.ceil(math.log2(max(2, -(-widest_range // max(n_search, 1))))))
+
+    # The Triton interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot (3.9), so it
+    # gets fp32 tiles instead (bf16 products are exact in fp32 either way).
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    branch_pad = max(MIN_DOT // 2, triton.next_power_of_2(max(n_search, 1)))
+    grid = (n_query_blocks, batch * n_q_heads)
+    _stream_estimate_kernel[grid](
+        query, key, block_indices,
+        seq_len, n_query_blocks, n_q_heads, n_q_heads // key.shape[1], n_rounds,
+        *query.stride(), *key.stride(),
+        D_HEAD=d_head, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(d_head)),
+        QUERY_BLOCK=query_block, BLOCK_Q=max(MIN_DOT, query_block), KEY_BLOCK=key_block,
+        TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
+        SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
+        N_SEARCH=n_search, BRANCH_PAD=branch_pad,
+        REPRESENTATIVE_KEYS=representative_keys, KEY_STRIDE=key_stride,
+        KEY_FIRST=(key_block - 1 - (representative_keys - 1) * key_stride) // 2,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or interpreting else "tf32",
+        UPCAST_TILES=interpreting, EXPAND_LEVELS=expand_levels, SORT_SELECT=select == "sort",
+        num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison spills with 4 (H200)
+    )
