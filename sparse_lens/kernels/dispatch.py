@@ -66,12 +66,13 @@ def stream_estimate_unchecked(
     representative_keys: int = 8,
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
-    """``stream_estimate`` on inputs the caller has validated (the Triton entry point still
-    checks its own inputs and its block sizes)."""
+    """``stream_estimate`` on inputs the caller has validated (the Triton kernel still checks
+    its own block-size constraints, no tensor checks)."""
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
-        from sparse_lens.kernels.stream_triton import stream_estimate_triton
+        from sparse_lens.kernels.stream_triton import stream_estimate_triton_unchecked
 
-        return stream_estimate_triton(query, key, representative_keys=representative_keys, **geometry.as_kwargs())
+        return stream_estimate_triton_unchecked(query, key, representative_keys=representative_keys,
+                                                **geometry.as_kwargs())
     return stream_estimate_reference_unchecked(query, key, geometry, representative_keys=representative_keys)
 
 
@@ -91,7 +92,7 @@ def rescore_top_k_unchecked(
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.rescore_triton import rescore_top_k_triton
 
-        return rescore_top_k_triton(query, key, candidates, **settings)
+        return rescore_top_k_triton(query, key, candidates, inputs_checked=True, **settings)
     from sparse_lens.kernels.rescore import rescore_top_k
 
     return rescore_top_k(query, key, candidates, **settings)
@@ -118,7 +119,7 @@ def rescore_top_p_unchecked(
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.rescore_triton import rescore_top_p_triton
 
-        return rescore_top_p_triton(query, key, candidates, **settings)
+        return rescore_top_p_triton(query, key, candidates, inputs_checked=True, **settings)
     from sparse_lens.kernels.rescore import rescore_top_p
 
     return rescore_top_p(query, key, candidates, **settings)

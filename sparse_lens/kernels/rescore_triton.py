@@ -211,11 +211,14 @@ def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_blo
     )
 
 
-def _prepare(query, key, candidates, query_block: int, key_block: int, query_stride: int):
-    """Validate once; contiguous q, k in a supported dtype and int32 candidates."""
-    check_attention_inputs(query, key)
+def _prepare(query, key, candidates, query_block: int, key_block: int, query_stride: int, inputs_checked: bool):
+    """Validate once (the tensor checks of ``checks.py`` only when the caller has not:
+    ``inputs_checked``); contiguous q, k in a supported dtype and int32 candidates."""
+    if not inputs_checked:
+        check_attention_inputs(query, key)
     check_triton_block_sizes(query_block, key_block)
-    check_block_indices(candidates, query, num_blocks(query.shape[2], query_block))
+    if not inputs_checked:
+        check_block_indices(candidates, query, num_blocks(query.shape[2], query_block))
     if not isinstance(query_stride, int) or not 1 <= query_stride <= query_block:
         raise ValueError(f"query_stride must be an int in [1, query_block={query_block}], got {query_stride!r}.")
     if query.dtype != key.dtype or query.dtype not in SUPPORTED_DTYPES:
@@ -238,12 +241,15 @@ def exact_candidate_mass_triton(
     scale: float | None = None,
     query_stride: int = 1,
     masked_loop: bool = True,
+    inputs_checked: bool = False,
 ) -> Float[Tensor, "batch q_head n_query_blocks width"]:
     """Each candidate's share of its query block's attention over the candidates (``rescore_ref.
     exact_candidate_mass``): per sampled query a softmax over the candidates' exact block
-    log-sum-exps, averaged over the block's real sampled queries; 0 for ``-1`` slots."""
+    log-sum-exps, averaged over the block's real sampled queries; 0 for ``-1`` slots.
+    ``inputs_checked``: the caller (``dispatch``) has checked q, k and the candidates; the same
+    keyword on the two selections below."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride)
+    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride, inputs_checked)
     mass: Float[Tensor, "batch q_head n_query_blocks width"] = torch.empty(
         candidates.shape, dtype=torch.float32, device=query.device)
     _launch(query, key, candidates, mass, mode=MODE_MASS, query_block=query_block, key_block=key_block,
@@ -264,12 +270,13 @@ def rescore_top_k_triton(
     scale: float | None = None,
     query_stride: int = 1,
     masked_loop: bool = True,
+    inputs_checked: bool = False,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Sink and local candidates, then the heaviest by exact mass, ``top_k`` valid slots in all
     (``rescore_ref.rescore_top_k``): ascending, ``-1`` in unused slots, width ``min(top_k, width)``."""
     check_estimator_settings(query_block, key_block, top_k, sink_blocks, local_blocks)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride)
+    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride, inputs_checked)
     kept: Int[Tensor, "batch q_head n_query_blocks top_k"] = torch.empty(
         (*candidates.shape[:3], min(top_k, candidates.shape[-1])), dtype=torch.int64, device=query.device)
     _launch(query, key, candidates, kept, mode=MODE_TOP_K, query_block=query_block, key_block=key_block,
@@ -292,6 +299,7 @@ def rescore_top_p_triton(
     scale: float | None = None,
     query_stride: int = 1,
     masked_loop: bool = True,
+    inputs_checked: bool = False,
 ) -> Int[Tensor, "batch q_head n_query_blocks width"]:
     """Per row the fewest candidates, heaviest by exact mass first (sink / local first of all), whose
     mass reaches ``p``; at least ``min_blocks`` (``rescore_ref.rescore_top_p``): ascending, ``-1``
@@ -301,7 +309,7 @@ def rescore_top_p_triton(
     if not 0.0 < p <= 1.0 or min_blocks < 1:
         raise ValueError(f"need 0 < p <= 1 and min_blocks >= 1, got p={p!r}, min_blocks={min_blocks!r}.")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride)
+    query, key, candidates = _prepare(query, key, candidates, query_block, key_block, query_stride, inputs_checked)
     kept: Int[Tensor, "batch q_head n_query_blocks width"] = torch.empty(
         candidates.shape, dtype=torch.int64, device=query.device)
     _launch(query, key, candidates, kept, mode=MODE_TOP_P, query_block=query_block, key_block=key_block,

@@ -276,13 +276,35 @@ def stream_estimate_triton(
     ``select``: how each round keeps its best halves, ``"rank"`` (compare-and-count) or
     ``"sort"`` (one bitonic sort of packed keys); the same blocks either way (ties aside)."""
     check_attention_inputs(query, key)
+    return stream_estimate_triton_unchecked(
+        query, key, query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink_blocks,
+        local_blocks=local_blocks, representative_keys=representative_keys, expand_levels=expand_levels, select=select,
+    )
+
+
+def stream_estimate_triton_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    *,
+    query_block: int,
+    key_block: int,
+    top_k: int,
+    sink_blocks: int = 0,
+    local_blocks: int = 0,
+    representative_keys: int = 8,
+    expand_levels: int = 0,
+    select: Select = "rank",
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """:func:`stream_estimate_triton` for q / k already checked at the public boundary
+    (``dispatch`` / ``estimate_blocks``): no tensor checks (``checks.py``); the kernel's own
+    constraints on the settings (power-of-two blocks: ``BlockSizeError``) are still checked."""
     _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
     expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
     batch, n_q_heads, seq_len, _ = query.shape
     block_indices: Int[Tensor, "batch q_head n_query_blocks top_k"] = torch.empty(
         batch, n_q_heads, num_blocks(seq_len, query_block), top_k, dtype=torch.int64, device=query.device
     )
-    _stream_estimate_into(
+    _launch_into(
         query, key, block_indices, query_block=query_block, key_block=key_block, top_k=top_k,
         sink_blocks=sink_blocks, local_blocks=local_blocks, representative_keys=representative_keys,
         expand_levels=expand_levels, select=select,
@@ -290,7 +312,6 @@ def stream_estimate_triton(
     return block_indices
 
 
-@launch_on_tensor_device
 def _stream_estimate_into(
     query: Float[Tensor, "batch q_head seq d_head"],
     key: Float[Tensor, "batch kv_head seq d_head"],
@@ -308,6 +329,17 @@ def _stream_estimate_into(
     """Write every element of ``block_indices`` (contiguous int64, the output's shape)."""
     check_attention_inputs(query, key)
     _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
+    _launch_into(query, key, block_indices, query_block=query_block, key_block=key_block, top_k=top_k,
+                 sink_blocks=sink_blocks, local_blocks=local_blocks, representative_keys=representative_keys,
+                 expand_levels=expand_levels, select=select)
+
+
+@launch_on_tensor_device
+def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_block: int, key_block: int, top_k: int,
+                 sink_blocks: int, local_blocks: int, representative_keys: int, expand_levels: int,
+                 select: Select) -> None:
+    """The launch behind :func:`_stream_estimate_into`, after the input checks: the output's
+    shape, dtype and device (cheap, kept here) and the kernel."""
     n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
     if select not in ("rank", "sort"):
         raise InvalidConfigError(f"select must be 'rank' or 'sort', got {select!r}.")

@@ -127,7 +127,10 @@ class HookedSparseTransformer(TransformerBridge):
         # each at 32k). HF's mask function for "flash_attention_2" builds no T x T tensor: None for
         # unpadded input, else the 2-D padding mask (which our attention refuses). Our attention
         # never calls HF's attention function, so the flash-attn package is not needed.
-        hf_model.config._attn_implementation = "flash_attention_2"
+        # The setting goes on a config of this model's own: a config object shared with other HF
+        # models (e.g. several built from one config) would make their construction fail
+        # without flash-attn installed.
+        _own_config(hf_model)._attn_implementation = "flash_attention_2"
         model.stream = stream or TracingConfig()
         return model
 
@@ -329,3 +332,16 @@ def _install_sparse_attention(adapter: Any) -> None:
             "its attention."
         )
     blocks.submodules["attn"] = sparse_bridge.replacing(template)
+
+
+def _own_config(hf_model: Any) -> Any:
+    """Give ``hf_model`` (and each of its modules that held the same config object) a copy of its
+    config, and return the copy."""
+    import copy
+
+    shared, own = hf_model.config, copy.deepcopy(hf_model.config)
+    for module in hf_model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = own
+    return own
+

@@ -203,3 +203,13 @@ def test_rescored_and_adaptive_on_the_triton_kernels_equal_the_reference(estimat
     on_triton = estimate_blocks(query * 2, key, backend="triton", **settings)
     reference = estimate_blocks(query * 2, key, backend="reference", **settings)
     assert torch.equal(on_triton, reference)
+
+
+@pytest.mark.parametrize("name", ["stream", "rescored", "adaptive"])
+def test_the_triton_path_checks_its_inputs_once_too(name):
+    # The Triton entry points behind the boundary skip the tensor checks (stream_estimate_triton_unchecked,
+    # rescore_*_triton(inputs_checked=True)); before, a rescored call entered checks.py 5 times here.
+    query, key = (tensor.to(DEVICE) for tensor in random_qk(batch=1, q_heads=4, kv_heads=2, seq=96, d=16, seed=16))
+    entered = checks_entered(lambda: estimate_blocks(query, key, estimator=name, query_block=16, key_block=16, top_k=4,
+                                                     sink_blocks=1, local_blocks=1, backend="triton"))
+    assert entered == Counter({"check_attention_inputs": 1}), entered

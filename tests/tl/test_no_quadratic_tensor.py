@@ -99,3 +99,18 @@ def test_a_model_with_sliding_layers_builds_no_quadratic_mask():
     model.original_model.config._attn_implementation = "sdpa"
     numel, shape, op = largest_tensor(model, tokens)
     assert numel >= SEQ * SEQ
+
+
+def test_wrapping_leaves_a_shared_hf_config_usable():
+    """The attention setting that avoids HF's T x T masks goes on the wrapped model's own config:
+    a second HF model built from the same config object (no flash-attn installed) still builds."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama_config()
+    hf_model = AutoModelForCausalLM.from_config(config).eval()
+    before = config._attn_implementation  # what HF chose when it built the model ("sdpa")
+    model = sl.HookedSparseTransformer.from_hf_model(hf_model)
+    assert config._attn_implementation == before
+    assert model.original_model.config._attn_implementation == "flash_attention_2"
+    assert not any(getattr(m, "config", None) is config for m in model.original_model.modules())
+    AutoModelForCausalLM.from_config(config)
