@@ -90,12 +90,14 @@ class BlockGeometry:
         """Key blocks covering ``seq_len`` tokens (the last may be partial)."""
         return num_blocks(seq_len, self.key_block)
 
-    def search_rounds(self, seq_len: int) -> int:
+    def search_rounds(self, seq_len: int, n_search: int | None = None) -> int:
         """Rounds of the hierarchical search: each halves every branch, from ``n_search`` branches
-        over the widest searched range (``n_key_blocks - sink - local`` blocks) down to one block,
+        (default: ``self.n_search``; fewer for the expanded search) over the widest searched range
+        (``n_key_blocks - sink - local`` blocks) down to one block,
         ``max(1, ceil(log2(ceil(range / n_search))))``."""
+        n_search = self.n_search if n_search is None else n_search
         widest_range = self.n_key_blocks(seq_len) - self.n_fixed
-        return max(1, math.ceil(math.log2(max(2, -(-widest_range // max(self.n_search, 1))))))
+        return max(1, math.ceil(math.log2(max(2, -(-widest_range // max(n_search, 1))))))
 
     def replace(self, **changes: int) -> "BlockGeometry":
         """A copy with some fields changed (validated again)."""

@@ -72,7 +72,6 @@ finite non-empty candidates.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal
 
@@ -83,7 +82,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
-from sparse_lens.kernels.blocks import UNUSED_SLOT, num_blocks
+from sparse_lens.kernels.blocks import UNUSED_SLOT, BlockGeometry, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.stream import expanded_branches
@@ -370,8 +369,8 @@ def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_blo
     representative_keys = min(representative_keys, key_block)
     key_stride = key_block // representative_keys
     # The reference's static round count: enough halvings for the widest searched range.
-    widest_range = num_blocks(seq_len, key_block) - sink_blocks - local_blocks
-    n_rounds = max(1, math.ceil(math.log2(max(2, -(-widest_range // max(n_search, 1))))))
+    n_rounds = BlockGeometry(query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink_blocks,
+                             local_blocks=local_blocks).search_rounds(seq_len, n_search)
 
     # The Triton interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot (3.9), so it
     # gets fp32 tiles instead (bf16 products are exact in fp32 either way).
