@@ -25,6 +25,7 @@ from sparse_lens.data.niah import NeedleSample
 from sparse_lens.kernels import estimate_blocks
 from sparse_lens.kernels.blocks import blocks_overlapping, num_blocks
 from sparse_lens.pattern import BlockSparsePattern
+from sparse_lens.tl.windows import attention_softcap, binding_window, sliding_window, window_selection
 
 if TYPE_CHECKING:
     from sparse_lens.analysis.fidelity_metrics import DenseTrace
@@ -195,18 +196,33 @@ class NeedleProbe:
         query: Float[Tensor, "batch q_head seq d_head"],
         key: Float[Tensor, "batch kv_head seq d_head"],
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
+        sinks: Float[Tensor, "q_head"] | None = None,
     ) -> None:
-        """Estimate the layer's blocks with the probe's TracingConfig and record its figures (batch 0)."""
+        """Estimate the layer's blocks with the probe's TracingConfig and record its figures (batch 0).
+
+        ``window`` / ``softcap`` / ``sinks``: the layer's attention features, as the model runs it
+        (a window that binds: the layer keeps its window band and runs no estimator, as
+        :class:`~sparse_lens.tl.attention.SparseAttentionBridge` does; the answer row's softmax is
+        the capped, windowed one with the sink in its normaliser)."""
         started = time.perf_counter()
         seq_len = query.shape[2]
         position = self.answer_position % seq_len
         if any(not 0 <= start < end <= position + 1 for start, end in self.needle_spans):
             raise ValueError(f"Needle spans {self.needle_spans} must lie within [0, {position + 1}), before the answer position.")
-        block_indices = estimate_blocks(query, key, scale=scale, **self.stream.estimator_kwargs())
+        window = binding_window(window, seq_len)
+        if window is not None:
+            block_indices = window_selection(seq_len, batch=query.shape[0], heads=query.shape[1],
+                                             query_block=self.stream.query_block, key_block=self.stream.key_block,
+                                             top_k=self.stream.top_k, window=window, device=query.device)
+        else:
+            block_indices = estimate_blocks(query, key, scale=scale, **self.stream.estimator_kwargs())
         row = position // self.stream.query_block
         self._layers[layer] = _answer_row_figures(
             query[0, :, position], key[0, :, : position + 1], scale, block_indices[0, :, row],
-            self.needle_spans, self.stream.key_block,
+            self.needle_spans, self.stream.key_block, window=window, softcap=softcap, sinks=sinks,
         )
         self._seq_len = seq_len
         self.seconds += time.perf_counter() - started
@@ -218,14 +234,19 @@ class NeedleProbe:
         hooks = []
         for layer in range(self.n_layers):
             scale = _attention_scale(model, layer)
+            hf_attention = model.blocks[layer].attn.original_component
+            features = {"window": sliding_window(hf_attention), "softcap": attention_softcap(hf_attention),
+                        "sinks": getattr(hf_attention, "sinks", None)}
 
             def take_query(query: Tensor, hook: Any, layer: int = layer) -> None:
                 if layer not in self._layers:
                     self._pending_query[layer] = query.detach().transpose(1, 2)
 
-            def take_key(key: Tensor, hook: Any, layer: int = layer, scale: float = scale) -> None:
+            def take_key(key: Tensor, hook: Any, layer: int = layer, scale: float = scale, features: dict = features) -> None:
                 if layer not in self._layers and layer in self._pending_query:
-                    self.add_layer(layer, self._pending_query.pop(layer), key.detach().transpose(1, 2), scale)
+                    sinks = features["sinks"]
+                    self.add_layer(layer, self._pending_query.pop(layer), key.detach().transpose(1, 2), scale,
+                                   **features | {"sinks": None if sinks is None else sinks.detach()})
 
             hooks += [(f"blocks.{layer}.attn.hook_rot_q", take_query), (f"blocks.{layer}.attn.hook_rot_k", take_key)]
         return hooks
@@ -280,7 +301,7 @@ def needle_fidelity(
     probe = NeedleProbe(needle_spans, stream, model.cfg.n_layers, answer_position=answer_position, threshold=threshold)
     if dense is not None:
         for layer in range(model.cfg.n_layers):
-            probe.add_layer(layer, dense.query[layer], dense.key[layer], dense.scale)
+            probe.add_layer(layer, dense.query[layer], dense.key[layer], dense.scale, **dense.features(layer))
     else:
         with model.stream_settings(mode="dense"), model.hooks(fwd_hooks=probe.hooks(model)):
             model(tokens, logits_to_keep=1)  # the whole input: a query block's estimate reads all its queries
@@ -294,13 +315,26 @@ def _answer_row_figures(
     kept_indices: Int[Tensor, "q_head width"],
     needle_spans: list[tuple[int, int]],
     key_block: int,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "q_head"] | None = None,
 ) -> dict[str, Tensor]:
     """Per head: the answer query's exact dense softmax row over its ``n_keys`` causal keys (O(T)),
-    its mass on each needle, the part of that inside kept blocks, and the row's recall."""
+    its mass on each needle, the part of that inside kept blocks, and the row's recall. The row is
+    the layer's own: scores capped (``softcap * tanh(s / softcap)``), keys older than ``window``
+    masked, a learned sink logit in the normaliser (its mass belongs to no key)."""
     n_q_heads, (n_kv_heads, n_keys, _) = query.shape[0], key.shape
     grouped = query.float().unflatten(0, (n_kv_heads, n_q_heads // n_kv_heads))  # q head h reads kv head h // group
     scores: Float[Tensor, "q_head n_keys"] = torch.einsum("vgd,vkd->vgk", grouped, key.float()).flatten(0, 1) * scale
-    probs = torch.softmax(scores, dim=-1)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if window is not None:  # the answer query sits at n_keys - 1 and sees keys j > n_keys - 1 - window
+        scores = scores.masked_fill(torch.arange(n_keys, device=scores.device) <= n_keys - 1 - window, float("-inf"))
+    normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
+    if sinks is not None:
+        normaliser = torch.logaddexp(normaliser, sinks.float().to(scores.device)[:, None])
+    probs = torch.exp(scores - normaliser)
     n_key_blocks = num_blocks(n_keys, key_block)  # the blocks the answer query sees
     kept_blocks: Bool[Tensor, "q_head n_key_blocks"] = torch.zeros(n_q_heads, n_key_blocks + 1, dtype=torch.bool, device=query.device)
     seen = (kept_indices >= 0) & (kept_indices < n_key_blocks)  # -1 slots (and non-causal blocks) go to a spare column

@@ -89,3 +89,30 @@ def test_probe_rejects_spans_after_the_answer():
     probe = NeedleProbe([(10, 20)], sl.StreamConfig(query_block=16, key_block=16, top_k=4), 1, answer_position=15)
     with pytest.raises(ValueError, match="before the answer"):
         probe.add_layer(0, torch.zeros(1, 2, 32, 8), torch.zeros(1, 1, 32, 8), 1.0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt-oss"])
+@pytest.mark.parametrize("through_trace", [False, True])
+def test_needle_figures_use_the_layers_window_softcap_and_sinks(family, through_trace):
+    """On a windowed / soft-capped / sink model the probe's dense needle mass per (layer, head)
+    equals the model's own attention row (token_probs of an unpruned sparse run, which applies the
+    window, the cap and the sink); a needle older than the window has no mass in the windowed
+    layer 0, whose band keeps everything it can see (row recall 1)."""
+    from tests.analysis.test_fidelity import _windowed_model
+
+    seq, block = 128, 16
+    stream = sl.TracingConfig(query_block=block, key_block=block, top_k=3, sink_blocks=1, local_blocks=1)
+    model = _windowed_model(family, stream)
+    tokens = torch.randint(0, 101, (1, seq), generator=torch.Generator().manual_seed(1))
+    spans = [(40, 50), (118, 122)]  # the first older than layer 0's 16-token window at the last query
+    dense = sl.collect_dense(model, tokens) if through_trace else None
+    result = sl.needle_fidelity(model, tokens, spans, dense=dense)
+    with model.stream_settings(top_k=seq // block):  # nothing pruned: the model's exact rows
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    for layer in range(2):
+        row = cache[f"blocks.{layer}.attn.hook_pattern"].token_probs(max_tokens=seq)[0, :, -1]  # [head, key]
+        for needle, (start, end) in enumerate(spans):
+            torch.testing.assert_close(result.needle_mass[needle, layer], row[:, start:end].sum(-1), atol=1e-5, rtol=1e-4)
+        if layer == 0:  # the band keeps every key the window lets the row see (a sink's share is no key's)
+            torch.testing.assert_close(result.row_recall[0], row.sum(-1), atol=1e-5, rtol=1e-4)
+    assert float(result.needle_mass[0, 0].abs().max()) == 0.0
