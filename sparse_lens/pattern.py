@@ -62,6 +62,25 @@ def _full(selection: Any) -> bool:
     return isinstance(selection, slice) and selection == slice(None)
 
 
+def _index_tensor(selection: Any, size: int, what: str) -> Int[Tensor, "n"]:
+    """int64 indices of an int / sequence of ints / bool mask along an axis of ``size`` entries, as
+    torch would read them: ``IndexError`` for an index outside ``[-size, size)``, a non-integer
+    index, or a mask of another length (``% size`` or ``int()`` would pick a wrong entry silently)."""
+    index = torch.as_tensor(selection)
+    if index.numel() == 0:
+        return index.to(torch.long).flatten()
+    if index.dtype == torch.bool:
+        if index.dim() != 1 or index.numel() != size:
+            raise IndexError(f"a bool mask over the {what} needs {size} entries, got shape {tuple(index.shape)}.")
+        return index.nonzero().flatten()
+    if index.is_floating_point() or index.is_complex():
+        raise IndexError(f"{what} must be integers, got {index.dtype}.")
+    index = index.to(torch.long).flatten()
+    if index.numel() and (int(index.min()) < -size or int(index.max()) >= size):
+        raise IndexError(f"{what} out of range: {index.tolist()[:8]} for an axis of {size}.")
+    return index
+
+
 def _pairs_per_slot_before(
     block_indices: Int[Tensor, "*batch n_query_blocks top_k"], seq_len: int, query_block: int, key_block: int,
     offset: int,
@@ -275,18 +294,21 @@ class BlockSparsePattern:
         return pattern
 
     def _select_batch(self, selection: Any) -> "BlockSparsePattern":
+        if isinstance(selection, bool) or (isinstance(selection, Tensor) and selection.dim() == 0
+                                           and selection.dtype == torch.bool):
+            raise IndexError("a single bool does not index a pattern's batch axis; use a row number or a mask.")
         if isinstance(selection, numbers.Integral) or (isinstance(selection, Tensor) and selection.dim() == 0):
             row = int(selection)
             return self._map_tensors(lambda t: t[row], batch_axis=True, has_batch_dim=False)
         if not isinstance(selection, slice):
-            selection = torch.as_tensor(selection, dtype=torch.long, device=self.device).flatten()
+            selection = _index_tensor(selection, self.block_indices.shape[0], "batch rows").to(self.device)
         return self._map_tensors(lambda t: t[selection], batch_axis=True)
 
     def _select_queries(self, query_sel: Any) -> "BlockSparsePattern":
         if isinstance(query_sel, slice):
             positions = list(range(self.seq_len)[query_sel])
-        else:  # an int, or a list / array / tensor of ints (TransformerLens' Slice gives arrays)
-            positions = [int(p) % self.seq_len for p in torch.as_tensor(query_sel).flatten().tolist()]
+        else:  # an int, or a list / array / tensor of ints (TransformerLens' Slice gives arrays), or a bool mask
+            positions = [p % self.seq_len for p in _index_tensor(query_sel, self.seq_len, "query positions").tolist()]
         if not positions:
             raise IndexError("Empty query selection.")
         first_pos, last_pos = min(positions), max(positions)

@@ -33,3 +33,25 @@ def test_query_positions_in_blocks_apart_are_refused(selection):
     pattern = make_pattern(seq=100, block=16)
     with pytest.raises(sl.DensePatternRequiredError, match="not one contiguous run"):
         pattern[:, :, selection]
+
+
+# ----- indices torch would refuse or read otherwise (each once picked a wrong block silently) ------
+@pytest.mark.parametrize("selection", [100, -101, [3, 100], 1.5, torch.tensor([2.0])])
+def test_query_positions_out_of_range_or_not_integers_raise(selection):
+    pattern = make_pattern(seq=100, block=16)  # position 100 wrapped to 0, 1.5 was read as 1
+    with pytest.raises(IndexError):
+        pattern[:, :, selection]
+
+
+def test_bool_masks_select_what_torch_selects():
+    pattern = make_pattern(batch=3, seq=100, block=16)
+    rows = pattern[torch.tensor([True, False, True])]  # was read as rows [1, 0, 1]
+    assert torch.equal(rows.block_indices, pattern.block_indices[[0, 2]])
+    positions = torch.zeros(100, dtype=torch.bool)
+    positions[33:40] = True  # inside query block 2
+    assert pattern[:, :, positions].first_query_block == 2 and pattern[:, :, positions].n_query_blocks == 1
+    for bad in (True, torch.tensor([True, False])):  # a single bool; a mask of the wrong length
+        with pytest.raises(IndexError):
+            pattern[bad]
+    with pytest.raises(IndexError):
+        pattern[:, :, []]
