@@ -132,6 +132,8 @@ class TracingConfig:
             raise InvalidConfigError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if not isinstance(self.causal_selection, bool):
             raise InvalidConfigError(f"causal_selection must be True or False, got {self.causal_selection!r}.")
+        if not isinstance(self.keep_qk, bool):  # keep_qk="no" would keep them (a non-empty string is true)
+            raise InvalidConfigError(f"keep_qk must be True or False, got {self.keep_qk!r}.")
         if self.causal_selection:
             causal_inner_geometry(geometry)  # InvalidConfigError: top_k too small beside the band
         if self.backend not in BACKENDS:

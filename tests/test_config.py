@@ -17,6 +17,7 @@ import sparse_lens as sl
     (dict(mode="exact"), sl.InvalidConfigError),
     (dict(estimator="no_such_estimator"), sl.InvalidConfigError),
     (dict(backend="cuda"), sl.InvalidConfigError),
+    (dict(keep_qk="no"), sl.InvalidConfigError),
     (dict(top_k=2, sink_blocks=2, local_blocks=0), sl.InvalidConfigError),  # causal: the band leaves no room
     (dict(estimator="rescored", estimator_settings=sl.AdaptiveSettings()), sl.InvalidConfigError),
     (dict(estimator="adaptive", top_k=4, estimator_settings=sl.AdaptiveSettings(min_blocks=5)), sl.InvalidConfigError),
