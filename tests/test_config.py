@@ -115,3 +115,14 @@ def test_the_alias_remembers_flat_settings_for_a_later_estimator_as_the_flat_con
     assert adaptive.estimator_settings == sl.AdaptiveSettings(min_blocks=2, top_p=0.7, representative_keys=4)
     with pytest.warns(DeprecationWarning):
         assert config.top_p == 0.7
+
+
+def test_adaptive_warns_when_min_blocks_leaves_top_p_no_effect():
+    # min_blocks = top_k (the CLI's auto top_k of 4 at CPU lengths, the default min_blocks 4): every row
+    # keeps top_k blocks whatever top_p says, which ran without a word before
+    with pytest.warns(UserWarning, match="top_p=0.5 has no effect"):
+        sl.TracingConfig(estimator="adaptive", top_k=4, estimator_settings=sl.AdaptiveSettings(top_p=0.5))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sl.TracingConfig(estimator="adaptive", top_k=8)  # top_p can act: no warning

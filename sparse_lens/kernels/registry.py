@@ -33,6 +33,7 @@ settings of its own (frozen, plain fields with defaults and a ``help``), and add
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Callable
@@ -136,6 +137,11 @@ class AdaptiveSettings(StreamSettings):
             raise InvalidConfigError(
                 f"estimator 'adaptive' keeps between min_blocks={self.min_blocks} and top_k={geometry.top_k} "
                 "blocks per row: min_blocks must not exceed top_k.")
+        if self.min_blocks == geometry.top_k:
+            warnings.warn(
+                f"estimator 'adaptive' with min_blocks={self.min_blocks} = top_k keeps top_k blocks in every row: "
+                f"top_p={self.top_p} has no effect. Lower min_blocks (AdaptiveSettings(min_blocks=...), "
+                "--min-blocks) or raise top_k.", UserWarning, stacklevel=2)
 
     def for_inner_budget(self, n_band: int) -> "AdaptiveSettings":
         # min_blocks counts the band, which causal selection keeps outside the inner estimator.
