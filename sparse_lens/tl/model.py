@@ -211,6 +211,8 @@ class HookedSparseTransformer(TransformerBridge):
             kwargs.setdefault("use_cache", False)
         if isinstance(input, list) and all(isinstance(item, str) for item in input):
             input = self.unpadded_tokens(input, prepend_bos=prepend_bos)
+        elif isinstance(input, Tensor) and kwargs.get("start_at_layer") is None:
+            _check_token_ids(input, self.cfg.d_vocab, "the forward")
         return super().forward(
             input, return_type=return_type, loss_per_token=loss_per_token, prepend_bos=prepend_bos,
             padding_side=padding_side, attention_mask=attention_mask, **kwargs,
@@ -290,17 +292,26 @@ class HookedSparseTransformer(TransformerBridge):
         if isinstance(input, str) or (isinstance(input, list) and input and all(isinstance(p, str) for p in input)):
             return self.unpadded_tokens(input, prepend_bos=prepend_bos, truncate=False)
         if isinstance(input, Tensor):
-            if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
-                raise ShapeError(f"generate takes integer token ids, got a {input.dtype} tensor.")
-            if input.ndim not in (1, 2) or input.shape[-1] == 0:
-                raise ShapeError(
-                    f"generate takes token ids shaped [pos] or [batch, pos] with pos >= 1, got {tuple(input.shape)}."
-                )
+            _check_token_ids(input, self.cfg.d_vocab, "generate")
             return input if input.ndim == 2 else input[None]
         raise TypeError(
             "generate takes a string, a non-empty list of strings (equal token lengths) or an integer token "
             f"tensor [pos] / [batch, pos]; got {type(input).__name__}."
         )
+
+
+def _check_token_ids(tokens: Tensor, d_vocab: int, what: str) -> None:
+    """ShapeError unless ``tokens`` are integer ids ``[pos]`` or ``[batch, pos]``, pos >= 1, each in
+    ``[0, d_vocab)`` (an id outside it failed deep inside the embedding: a bare IndexError on the
+    CPU, a device-side assert on CUDA; a 3-d or float tensor failed in the attention's reshape)."""
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ShapeError(f"{what} takes integer token ids, got a {tokens.dtype} tensor (residual-stream input: "
+                         "pass start_at_layer).")
+    if tokens.ndim not in (1, 2) or tokens.shape[-1] == 0:
+        raise ShapeError(f"{what} takes token ids shaped [pos] or [batch, pos] with pos >= 1, got {tuple(tokens.shape)}.")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= d_vocab:
+        raise ShapeError(f"{what}: token ids must be in [0, d_vocab={d_vocab}), got ids from {low} to {high}.")
 
 
 def _reject_padding(attention_mask: Tensor | None) -> None:

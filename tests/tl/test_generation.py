@@ -58,3 +58,18 @@ def test_unsupported_generate_inputs_raise_named_errors(text_model):
         model.generate([], max_new_tokens=2)
     with pytest.raises(TypeError, match="greedy decoding only"):
         model.generate(PROMPTS[0], max_new_tokens=2, do_sample=True)
+
+
+@pytest.mark.parametrize("tokens,match", [
+    (torch.zeros(1, 2, 40, dtype=torch.long), r"\[pos\] or \[batch, pos\]"),  # was an EinopsError in attention
+    (torch.zeros(1, 0, dtype=torch.long), r"\[pos\] or \[batch, pos\]"),  # was a bare IndexError
+    (torch.zeros(1, 40), "integer token ids"),  # was a RuntimeError
+    (torch.full((1, 40), VOCAB_SIZE), r"\[0, d_vocab"),  # past the vocabulary: a device-side assert on CUDA
+    (torch.full((1, 40), -1), r"\[0, d_vocab"),
+])
+def test_bad_token_tensors_raise_a_named_error_in_the_forward(text_model, tokens, match):
+    with pytest.raises(sl.ShapeError, match=match):
+        text_model(tokens)
+    with pytest.raises(sl.ShapeError, match=match):
+        text_model.run_with_cache(tokens)
+    assert text_model(torch.full((1, 40), VOCAB_SIZE - 1)).shape == (1, 40, VOCAB_SIZE)  # the last id is valid
