@@ -8,9 +8,10 @@ n_query_blocks, top_k], ...). Patterns of different geometry raise ``PatternGeom
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -59,8 +60,19 @@ class BlockSparsePatternStack:
     def __iter__(self) -> Iterator["BlockSparsePattern"]:
         return iter(self.patterns)
 
-    def __getitem__(self, layer: int) -> "BlockSparsePattern":
-        return self.patterns[layer]
+    def __getitem__(self, index: Any) -> "BlockSparsePattern | BlockSparsePatternStack":
+        """``stack[layer]`` is that layer's pattern; ``stack[a:b]`` a stack of those layers; the
+        axes after the layer index the patterns (``stack[:, 0]``: every layer's batch row 0,
+        ``stack[3, :, :, -1]``: layer 3's last query block), as ``BlockSparsePattern[...]`` does."""
+        layer, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
+        if isinstance(layer, slice):
+            return BlockSparsePatternStack(tuple(p[rest] if rest else p for p in self.patterns[layer]))
+        whole_number = isinstance(layer, numbers.Integral) or (
+            isinstance(layer, Tensor) and layer.dim() == 0 and not layer.is_floating_point())
+        if isinstance(layer, bool) or not whole_number or (isinstance(layer, Tensor) and layer.dtype == torch.bool):
+            raise IndexError(f"a pattern stack's layer axis takes an int or a slice, got {layer!r}.")
+        pattern = self.patterns[int(layer)]
+        return pattern[rest] if rest else pattern
 
     @property
     def shape(self) -> torch.Size:

@@ -268,3 +268,17 @@ def test_token_probs_of_a_windowed_capped_sink_layer_equal_a_dense_softmax():
     assert torch.equal(make_pattern().sink_probs(), torch.zeros(1, 4, 100))
     with pytest.raises(sl.ShapeError, match="sinks"):
         sl.BlockSparsePattern(indices, mass, lse, seq, block, block, scale, sinks=sinks[:2])
+
+
+def test_a_stack_indexes_its_layer_axis_then_the_patterns():
+    first, second, third = make_pattern(batch=2), make_pattern(batch=2, top_k=3), make_pattern(batch=2)
+    stack = torch.stack([first, second, third])
+    assert stack[1] is second and stack[-1] is third and stack[torch.tensor(0)] is first
+    assert torch.equal(stack[1, 0].block_indices, second.block_indices[0])  # was a bare TypeError
+    assert torch.equal(stack[2, :, :, 40:70].block_indices, third.block_indices[:, :, 2:5])
+    rows = stack[:, 1]  # every layer's batch row 1, still a stack
+    assert isinstance(rows, sl.BlockSparsePatternStack) and torch.equal(rows.block_indices, stack.block_indices[:, 1])
+    assert isinstance(stack[1:], sl.BlockSparsePatternStack) and stack[1:].patterns == (second, third)
+    for bad in (1.0, True, [0, 1]):
+        with pytest.raises(IndexError):
+            stack[bad]
