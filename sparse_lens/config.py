@@ -189,6 +189,21 @@ class TracingConfig:
         shared = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "estimator_settings"}
         return {**shared, **_fields_of(self.estimator_settings)}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TracingConfig":
+        """The config ``to_dict`` wrote (e.g. the ``"config"`` of a trace's summary.json): shared
+        fields, and the estimator's own settings flat beside them. A setting the estimator does not
+        have is refused (``InvalidConfigError``), as is a name that is neither."""
+        shared_names = {item.name for item in fields(cls)} - {"estimator_settings"}
+        shared = {key: value for key, value in values.items() if key in shared_names}
+        flat = {key: value for key, value in values.items() if key not in shared_names}
+        estimator = shared.get("estimator", DEFAULT_ESTIMATOR)
+        foreign = sorted(set(flat) - set(get_estimator(estimator).setting_names()))
+        if foreign:
+            raise InvalidConfigError(f"TracingConfig.from_dict: {foreign} are neither shared fields nor settings of "
+                                     f"estimator {estimator!r} (it takes {list(get_estimator(estimator).setting_names())}).")
+        return cls(**shared, estimator_settings=settings_from_fields(estimator, flat))
+
     def __getattr__(self, name: str) -> Any:
         # The former flat StreamConfig fields (config.top_p, ...): deprecated, read from the settings.
         if name not in LEGACY_SETTINGS:

@@ -126,3 +126,20 @@ def test_adaptive_warns_when_min_blocks_leaves_top_p_no_effect():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sl.TracingConfig(estimator="adaptive", top_k=8)  # top_p can act: no warning
+
+
+@pytest.mark.parametrize("estimator", sl.ESTIMATORS)
+def test_from_dict_reads_what_to_dict_wrote(estimator):
+    config = sl.TracingConfig(query_block=32, key_block=16, top_k=9, estimator=estimator, mode="observe")
+    changed = {"rescored": dict(beam=2), "adaptive": dict(top_p=0.8, min_blocks=2), "stream": dict(representative_keys=4),
+               "antidiagonal": dict(antidiagonal_stride=4)}.get(estimator)
+    if changed:
+        config = config.replace(estimator_settings=dataclasses.replace(config.estimator_settings, **changed))
+    assert sl.TracingConfig.from_dict(config.to_dict()) == config
+
+
+def test_from_dict_refuses_names_it_does_not_know():
+    with pytest.raises(sl.InvalidConfigError, match="top_p"):
+        sl.TracingConfig.from_dict({"estimator": "rescored", "top_p": 0.8})
+    with pytest.raises(sl.InvalidConfigError, match="topk"):
+        sl.TracingConfig.from_dict({"topk": 8})
