@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def run(args: argparse.Namespace) -> dict:
     sample = make_sample(args.task, model.tokenizer, args.length, seed=args.seed, depth=args.depth,
                          answer_tokens=args.max_new_tokens)
     tokens = torch.tensor([sample.input_ids], device=args.device)
+    if stream.top_k >= -(-sample.length // stream.key_block):  # every figure would read "exact"
+        print(f"warning: top_k {stream.top_k} keeps every one of the prompt's {-(-sample.length // stream.key_block)} "
+              "key blocks, so nothing is pruned; use a longer --length, smaller blocks or a smaller --top-k",
+              file=sys.stderr, flush=True)
 
     report, dense, fidelity_started = None, None, time.perf_counter()
     if args.no_fidelity:

@@ -72,3 +72,17 @@ def test_fidelity_command_reports_what_it_scored(tmp_path, monkeypatch):
         assert result["fidelity"][key] == pytest.approx(expected[key], abs=1e-6), key
     with_16 = sl.fidelity(model, torch.tensor([sample.input_ids]), stream.replace(top_k=16))
     assert abs(with_16["pruned_fraction"] - expected["pruned_fraction"]) > 0.05  # the check can tell them apart
+
+
+def test_fidelity_command_warns_when_top_k_keeps_every_block(tmp_path, monkeypatch, capsys):
+    # `sparse-lens fidelity --length 512` with the default 64-token blocks and top_k 16 scored a prompt of
+    # 7 key blocks: pruned 0, recall 1, KL 0, without a word
+    def tiny_model(name, stream, device):
+        tokenizer = byte_tokenizer()
+        return sl.HookedSparseTransformer.from_config(tiny_llama_config(vocab_size=len(tokenizer)), stream, tokenizer=tokenizer)
+
+    monkeypatch.setattr(fidelity_cli, "load_model", tiny_model)
+    for top_k, warned in (("4", False), ("8", True)):  # 400 tokens: 7 blocks of 64
+        assert main(["fidelity", "--length", "400", "--top-k", top_k, "--no-fidelity", "--max-new-tokens", "4",
+                     "--out", str(tmp_path / "f.json")]) == 0
+        assert ("nothing is pruned" in capsys.readouterr().err) == warned
