@@ -72,20 +72,27 @@ from sparse_lens.tl.windows import (
 )
 
 
+def init_sparse_state(bridge: Any) -> None:
+    """The state every sparse attention bridge adds to its TransformerLens base (this module's
+    bridge and the fused-qkv one): the configuration, the pattern hook without tensor conversion,
+    the block hooks, and the layer's window and soft-cap (set from the HF module in
+    ``set_original_component``, :mod:`sparse_lens.tl.windows`)."""
+    bridge.stream = TracingConfig()
+    bridge.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
+    # Tensor hooks beside hook_pattern (as TL's DSA bridge's hook_topk_indices); order and edit
+    # semantics in sparse_lens.tl.pattern_hooks.
+    bridge.hook_block_indices = HookPoint()
+    bridge.hook_block_mass = HookPoint()
+    bridge._sliding_window = None  # tokens; query i sees key j iff i - window < j <= i
+    bridge._softcap = None  # scores s -> softcap * tanh(s / softcap)
+
+
 class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
     """RoPE self-attention whose pattern is estimated and applied block-sparsely."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stream = TracingConfig()
-        self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
-        # Tensor hooks beside hook_pattern (as TL's DSA bridge's hook_topk_indices); order and edit
-        # semantics in sparse_lens.tl.pattern_hooks.
-        self.hook_block_indices = HookPoint()
-        self.hook_block_mass = HookPoint()
-        # Set from the HF module in set_original_component (sparse_lens.tl.windows).
-        self._sliding_window: int | None = None  # tokens; query i sees key j iff i - window < j <= i
-        self._softcap: float | None = None  # scores s -> softcap * tanh(s / softcap)
+        init_sparse_state(self)
 
     @classmethod
     def replacing(cls, template: PositionEmbeddingsAttentionBridge) -> "SparseAttentionBridge":

@@ -37,16 +37,14 @@ import torch
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
     JointQKVPositionEmbeddingsAttentionBridge,
 )
 from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
-from sparse_lens.config import TracingConfig
 from sparse_lens.errors import UnsupportedModelError
 from sparse_lens.kernels import dense_attention
-from sparse_lens.tl.attention import SparseAttentionBridge, apply_rotary
+from sparse_lens.tl.attention import SparseAttentionBridge, apply_rotary, init_sparse_state
 from sparse_lens.tl.features import unsupported_features
 from sparse_lens.tl.windows import attention_softcap, binding_window, check_one_sequence, sliding_window
 
@@ -64,13 +62,7 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stream = TracingConfig()
-        self.hook_pattern.hook_conversion = None  # the pattern is not a tensor to reshape
-        self.hook_block_indices = HookPoint()
-        self.hook_block_mass = HookPoint()
-        # Set from the HF module in set_original_component (sparse_lens.tl.windows).
-        self._sliding_window: int | None = None  # tokens; query i sees key j iff i - window < j <= i
-        self._softcap: float | None = None  # scores s -> softcap * tanh(s / softcap)
+        init_sparse_state(self)
 
     @classmethod
     def replacing(cls, template: JointQKVPositionEmbeddingsAttentionBridge) -> "SparseJointQKVAttentionBridge":
