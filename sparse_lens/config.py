@@ -162,6 +162,11 @@ class TracingConfig:
         A new ``estimator`` without ``estimator_settings`` gets that estimator's defaults, keeping
         the values of the settings both estimators have (e.g. ``rescore_query_stride``). The
         former flat settings (``top_p=...``) are accepted with a ``DeprecationWarning``."""
+        unknown = sorted(set(changes) - {item.name for item in fields(self)} - set(LEGACY_SETTINGS))
+        if unknown:
+            raise InvalidConfigError(
+                f"TracingConfig has no field(s) {unknown}; its fields: {[item.name for item in fields(self)]} "
+                f"(each estimator's own settings go in estimator_settings, e.g. sl.AdaptiveSettings(top_p=...)).")
         legacy = {name: changes.pop(name) for name in list(changes) if name in LEGACY_SETTINGS}
         if legacy:
             warnings.warn(_legacy_message(legacy, changes.get("estimator", self.estimator), "replace"),

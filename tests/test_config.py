@@ -143,3 +143,11 @@ def test_from_dict_refuses_names_it_does_not_know():
         sl.TracingConfig.from_dict({"estimator": "rescored", "top_p": 0.8})
     with pytest.raises(sl.InvalidConfigError, match="topk"):
         sl.TracingConfig.from_dict({"topk": 8})
+
+
+def test_replace_with_an_unknown_field_is_a_named_error():
+    """A mistyped field (``topk=``) in replace / stream_settings names the config's fields instead of
+    a bare dataclass TypeError."""
+    with pytest.raises(sl.InvalidConfigError, match=r"no field\(s\) \[.topk.\].*.top_k."):
+        sl.TracingConfig().replace(topk=4)
+    assert sl.TracingConfig().replace(top_k=4).top_k == 4

@@ -272,6 +272,8 @@ class HookedSparseTransformer(TransformerBridge):
             raise TypeError(f"HookedSparseTransformer.generate does greedy decoding only; unsupported: {names}")
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}.")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InvalidConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
         _reject_padding(attention_mask)
         tokens = self._generation_tokens(input, prepend_bos)
         if stop_at_eos and eos_token_id is None:

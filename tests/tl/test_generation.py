@@ -73,3 +73,11 @@ def test_bad_token_tensors_raise_a_named_error_in_the_forward(text_model, tokens
     with pytest.raises(sl.ShapeError, match=match):
         text_model.run_with_cache(tokens)
     assert text_model(torch.full((1, 40), VOCAB_SIZE - 1)).shape == (1, 40, VOCAB_SIZE)  # the last id is valid
+
+
+def test_negative_max_new_tokens_is_a_named_error():
+    model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), sl.TracingConfig(query_block=8, key_block=8, top_k=2))
+    tokens = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(sl.InvalidConfigError, match="max_new_tokens"):
+        model.generate(tokens, max_new_tokens=-1)
+    assert model.generate(tokens, max_new_tokens=0).shape == tokens.shape
