@@ -8,13 +8,8 @@ working for one release, with a ``DeprecationWarning`` naming the new module.
 
 from __future__ import annotations
 
-import warnings
+from sparse_lens.deprecation import forward_to
+from sparse_lens.analysis import fidelity_metrics as _moved
 
-from sparse_lens.analysis import fidelity_metrics as _metrics
-
-
-def __getattr__(name: str):
-    value = getattr(_metrics, name)  # AttributeError for names that never existed
-    warnings.warn(f"sparse_lens.analysis.fidelity.{name} moved to sparse_lens.analysis.fidelity_metrics.{name} "
-                  "(sparse_lens.analysis.fidelity is the function sl.fidelity)", DeprecationWarning, stacklevel=2)
-    return value
+__getattr__ = forward_to(_moved, "sparse_lens.analysis.fidelity",
+                         " (sparse_lens.analysis.fidelity is the function sl.fidelity)")

@@ -3,13 +3,7 @@ release; importing a name from here warns)."""
 
 from __future__ import annotations
 
-import warnings
-
+from sparse_lens.deprecation import forward_to
 from sparse_lens.report import trace as _moved
 
-
-def __getattr__(name: str):
-    value = getattr(_moved, name)  # AttributeError for names that never existed
-    warnings.warn(f"sparse_lens.cli.trace_report.{name} moved to sparse_lens.report.trace.{name}",
-                  DeprecationWarning, stacklevel=2)
-    return value
+__getattr__ = forward_to(_moved, "sparse_lens.cli.trace_report")
