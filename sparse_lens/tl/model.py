@@ -9,6 +9,7 @@ and no T x T tensor is built anywhere in the forward pass (HF's eager mask is sw
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Iterator
 
 import torch
@@ -350,8 +351,6 @@ def _install_sparse_attention(adapter: Any) -> None:
 def _own_config(hf_model: Any) -> Any:
     """Give ``hf_model`` (and each of its modules that held the same config object) a copy of its
     config, and return the copy."""
-    import copy
-
     shared, own = hf_model.config, copy.deepcopy(hf_model.config)
     for module in hf_model.modules():
         if getattr(module, "config", None) is shared:

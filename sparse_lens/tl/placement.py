@@ -55,7 +55,7 @@ def targets_cuda(device_map: DeviceMap) -> bool:
     """Whether a map (a string map: whenever CUDA is present) puts modules on a GPU."""
     if isinstance(device_map, str):
         return torch.cuda.is_available()
-    return any(str(target) not in ("cpu",) for target in device_map.values())
+    return any(str(target) != "cpu" for target in device_map.values())
 
 
 def resolve_module_map(hf_model: Any, device_map: DeviceMap, max_memory: dict | None = None) -> dict:
