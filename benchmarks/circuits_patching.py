@@ -12,7 +12,9 @@ MLPs chunked over 65536 positions, logits only at the last position):
 - ``path_patch_cached``: the same with the whole-sequence cache of every layer (the old tool; only
   up to ``--cached-max`` tokens);
 - ``span_patch``: residual stream at layer L/2 over ``--spans`` equal spans, seconds per span and
-  its ratio to one forward (target <= 1.2);
+  its ratio to one forward (target <= 1.2). Each span runs layers L/2 onwards only (the layers
+  before it run once, for all spans), so the ratio is about 0.5 plus the partial clean and
+  patched-run forwards to layer L/2 shared by the spans (about 1 / ``--spans``);
 - with ``--dense``: the forward and path patching again in ``mode="dense"`` (SDPA attention).
 Seconds and peak GPU GB per row; an out-of-memory row is recorded, not fatal. Prints a table and
 writes JSON. (To merge into ``benchmarks/circuits.py``: ``measure`` returns the rows.)
@@ -72,6 +74,7 @@ def measure(model, length: int, args) -> list[dict]:
                 row = {"length": length, "mode": mode, "tool": tool, "seconds": timing.pop("seconds"), **timing}
                 if tool == "span_patch" and "error" not in row:
                     row["spans"] = args.spans
+                    row["patched_layer"] = receiver_layer
                     forward_seconds = next(r["seconds"] for r in rows if r["tool"] == "forward" and r["mode"] == mode
                                            and "error" not in r)
                     row["seconds_per_span"] = row["seconds"] / args.spans

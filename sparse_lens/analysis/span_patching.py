@@ -15,17 +15,23 @@ Activations: ``"resid_pre"`` / ``"resid_post"`` (``blocks.{l}.hook_resid_pre`` /
 ``[layer, span]``) or ``"z"`` (the heads' outputs ``blocks.{l}.attn.hook_z``, result
 ``[head, span]`` over the chosen ``(layer, head)`` pairs).
 
-Memory and cost: only one layer's clean activation (``[batch, T, d_model]``) is alive at a time.
-Layers are visited in order; for each, one clean forward that stops after that layer caches the
-patched hook alone, then every span (and head) of that layer takes one forward, with logits at
-``positions`` only. Per span that is one forward plus ``1 / (n_spans x heads)`` of a partial clean
-forward. On the sparse model each patched forward re-estimates its blocks (the patch changes the
-queries and keys downstream), as the model would run.
+Memory and cost: one layer's clean activation and the residual stream entering that layer in the
+run being patched (each ``[batch, T, d_model]``) are alive at a time. Everything before layer
+``l`` is the same in every forward that patches layer ``l``, so it runs once: layers are visited in
+order; for each, one clean forward that stops after that layer caches the patched hook alone, and
+the run's residual stream entering ``l`` is carried forward from the previous visited layer (one
+forward in all, over every layer). Every span (and head) of that layer then runs blocks ``l`` to
+the last only (:func:`forward_from_layer`), with logits at ``positions`` only: per span
+``(n_layers - l) / n_layers`` of a forward plus ``1 / (n_spans x heads)`` of a partial clean
+forward; the result is bit-identical to patching in a full forward. On the sparse model each
+patched forward re-estimates the blocks of layers ``l`` onwards (the patch changes their queries
+and keys from the span on), as the model would run.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Literal, Sequence
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -63,7 +69,8 @@ def span_patch(
     positions: Sequence[int] | Tensor | None = None,
     progress: bool = True,
 ) -> Float[Tensor, "unit span"]:
-    """The metric after patching (or ablating) one activation over each span, one forward each.
+    """The metric after patching (or ablating) one activation over each span, one forward each
+    (from the patched layer on: module docstring).
 
     Args:
         model: A TransformerLens bridge (``HookedSparseTransformer`` or a dense ``TransformerBridge``).
@@ -110,14 +117,14 @@ def span_patch(
     results = torch.zeros(len(units), len(span_list))
     bar = tqdm(total=len(units) * len(span_list), desc=f"span patching ({activation}, {ablation})", disable=not progress)
     with torch.no_grad():
-        for layer in sorted({layer for layer, _ in units}):
+        for layer, residual in _residuals_entering(model, run_tokens, sorted({layer for layer, _ in units})):
             name = _HOOKS[activation].format(layer)
             layer_heads = [(row, head) for row, (unit_layer, head) in enumerate(units) if unit_layer == layer]
             source = None if ablation == "zero" else _clean_activation(model, clean_tokens, name, layer, ablation)
             for row, head in layer_heads:
                 for column, (start, end) in enumerate(span_list):
                     hook = _span_hook(source, head, start, end)
-                    logits = model.run_with_hooks(run_tokens, fwd_hooks=[(name, hook)], **logits_kwargs(index))
+                    logits = forward_from_layer(model, residual, layer, fwd_hooks=[(name, hook)], **logits_kwargs(index))
                     results[row, column] = float(call_metric(metric, logits, index))
                     bar.update()
             del source
@@ -164,6 +171,61 @@ def _units(model: Any, activation: str, layers: Sequence[int] | None, heads: Seq
         raise InvalidPathError(f"heads {bad or pairs} must be (layer, head) pairs with layers 0..{n_layers - 1} "
                                f"and heads 0..{n_heads - 1}.")
     return pairs
+
+
+def forward_from_layer(
+    model: Any, residual: Float[Tensor, "batch pos d_model"], layer: int, **kwargs: Any
+) -> Any:
+    """``model.run_with_hooks(residual, start_at_layer=layer, **kwargs)`` (``fwd_hooks``,
+    ``stop_at_layer``, ``logits_to_keep``, ...) running blocks ``layer`` onwards only.
+
+    ``residual`` is the residual stream entering block ``layer`` (``blocks.{layer}.hook_resid_pre``
+    of some run). TransformerLens' ``start_at_layer`` still runs blocks ``0 .. layer - 1`` (on
+    ``residual`` as input embeddings) and discards their output; here those blocks pass their
+    input through instead while the call runs, so the cost is that of the later blocks alone. The
+    result is bit-identical to the full forward whose residual entering ``layer`` is ``residual``
+    (same blocks, same inputs; tests/analysis/test_span_patching.py).
+    """
+    with _blocks_passing_through(model, layer):
+        return model.run_with_hooks(residual, start_at_layer=layer, **kwargs)
+
+
+@contextlib.contextmanager
+def _blocks_passing_through(model: Any, stop: int) -> Iterator[None]:
+    """Blocks ``0 .. stop - 1`` return their input unchanged while the context is open (written
+    into each block's instance dict, as :mod:`sparse_lens.tl.checkpointing` installs its forwards;
+    whatever was there before is put back)."""
+    blocks = list(model.blocks)[:stop]
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.__dict__["forward"] = _pass_through
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.__dict__["forward"] = forward
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> Tensor:
+    """A block that does nothing: its hidden states, as the model's layer loop passes them."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _residuals_entering(model: Any, tokens: Tensor, layers: list[int]) -> Iterator[tuple[int, Tensor]]:
+    """``(layer, residual stream entering block layer)`` of the run on ``tokens``, for ascending
+    ``layers``: the first from a forward that stops there, each next one carried on from the last
+    (one forward over all the layers in total); the caller drops each before the next is made."""
+    residual, at = None, 0
+    for layer in layers:
+        if residual is None:
+            residual = model(tokens, stop_at_layer=layer)
+        else:
+            residual = forward_from_layer(model, residual, at, stop_at_layer=layer)
+        at = layer
+        yield layer, residual
 
 
 def _clean_activation(model: Any, tokens: Tensor, name: str, layer: int, ablation: str) -> Tensor:

@@ -129,3 +129,55 @@ def test_a_metric_reading_an_unkept_position_raises_a_named_error(models):
     with pytest.raises(LogitsNotKeptError):
         span_patch(models[0], CLEAN, CORRUPTED, lambda lg: lg[0, 30, 5], SPANS[:1], layers=[0], positions=[-1],
                    progress=False)
+
+
+@pytest.fixture(scope="module")
+def four_layers():
+    config = tiny_llama_config(num_hidden_layers=4, initializer_range=0.2)
+    return sparse_and_dense(config, sl.TracingConfig(query_block=16, key_block=16, top_k=2))[0]
+
+
+@pytest.mark.parametrize("activation, ablation", [("resid_pre", "patch"), ("resid_post", "mean"), ("z", "zero")])
+def test_equals_full_patched_forwards_bit_for_bit(four_layers, activation, ablation):
+    """The oracle is span patching as it was before it started at the patched layer: one full
+    forward of the patched run per span, the span hook on the clean activation. Every logit, at
+    the positions before the span too, is equal bit for bit."""
+    from sparse_lens.analysis.span_patching import _HOOKS, _clean_activation, _span_hook
+
+    model, spans, layers = four_layers, [(8, 24), (40, 64)], [0, 2, 3]
+    heads = [(layer, 1) for layer in layers] if activation == "z" else None
+    kept = []
+    span_patch(model, CLEAN, CORRUPTED, lambda logits: kept.append(logits) or logits[0, -1, 0], spans,
+               activation=activation, layers=None if heads else layers, heads=heads, ablation=ablation, progress=False)
+    run = CORRUPTED if ablation == "patch" else CLEAN
+    with torch.no_grad():
+        for index, (layer, (start, end)) in enumerate((layer, span) for layer in layers for span in spans):
+            name = _HOOKS[activation].format(layer)
+            source = None if ablation == "zero" else _clean_activation(model, CLEAN, name, layer, ablation)
+            hook = _span_hook(source, 1 if heads else None, start, end)
+            expected = model.run_with_hooks(run, fwd_hooks=[(name, hook)])
+            assert torch.equal(kept[index], expected), (layer, start, end)
+            assert not torch.equal(expected[:, start:], model(run)[:, start:])  # the patch changes something
+
+
+def test_forward_from_layer_runs_the_later_blocks_only_and_restores_them(four_layers):
+    from sparse_lens.analysis.span_patching import forward_from_layer
+
+    model = four_layers
+    calls = []
+    handles = [block.attn.register_forward_pre_hook(lambda module, args, layer=layer: calls.append(layer))
+               for layer, block in enumerate(model.blocks)]
+    try:
+        with torch.no_grad():
+            full = model(CORRUPTED)
+            entering = model(CORRUPTED, stop_at_layer=2)
+            calls.clear()
+            resumed = forward_from_layer(model, entering, 2)
+            assert calls == [2, 3]  # TransformerLens' start_at_layer alone would run blocks 0 and 1 too
+            assert torch.equal(resumed, full)
+            calls.clear()
+            assert torch.equal(model(CORRUPTED), full) and calls == [0, 1, 2, 3]  # every block runs again
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all("forward" not in block.__dict__ for block in model.blocks)
