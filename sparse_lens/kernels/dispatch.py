@@ -17,6 +17,7 @@ from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.checks import check_attention_features
 from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.search import bounds_estimate_unchecked as bounds_estimate_reference_unchecked
 from sparse_lens.kernels.stream import stream_estimate as stream_estimate_reference
 from sparse_lens.kernels.stream import stream_estimate_unchecked as stream_estimate_reference_unchecked
 from sparse_lens.kernels.sparse_attention import block_sparse_attention as block_sparse_attention_reference
@@ -74,6 +75,23 @@ def stream_estimate_unchecked(
         return stream_estimate_triton_unchecked(query, key, representative_keys=representative_keys,
                                                 **geometry.as_kwargs())
     return stream_estimate_reference_unchecked(query, key, geometry, representative_keys=representative_keys)
+
+
+def bounds_estimate_unchecked(
+    query: Float[Tensor, "batch q_head seq d_head"],
+    key: Float[Tensor, "batch kv_head seq d_head"],
+    geometry: BlockGeometry,
+    *,
+    query_stride: int = 1,
+    backend: Backend = "auto",
+) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
+    """The bounds search (``search.bounds_estimate``) on validated inputs, on the chosen backend:
+    on Triton ``bounds_triton`` (the kernel still checks its own block-size constraints)."""
+    if use_triton(backend, query, geometry.query_block, geometry.key_block):
+        from sparse_lens.kernels.bounds_triton import bounds_estimate_triton_unchecked
+
+        return bounds_estimate_triton_unchecked(query, key, geometry, query_stride=query_stride)
+    return bounds_estimate_reference_unchecked(query, key, geometry, query_stride=query_stride)
 
 
 def rescore_top_k_unchecked(

@@ -2,10 +2,10 @@
 
 | name | what it is | settings | where |
 |---|---|---|---|
-| ``"rescored"`` (default) | a search (``rescore_search``: Stream or bounds) with ``beam`` x the branches, then exact block masses of the candidates (every ``rescore_query_stride``-th query); keeps the heaviest | ``RescoredSettings`` | ``rescore.py``; on Triton: Stream's kernel + ``rescore_triton`` |
+| ``"rescored"`` (default) | a search (``rescore_search``: Stream or bounds) with ``beam`` x the branches, then exact block masses of the candidates (every ``rescore_query_stride``-th query); keeps the heaviest | ``RescoredSettings`` | ``rescore.py``; on Triton: Stream's or the bounds kernel + ``rescore_triton`` |
 | ``"adaptive"`` | the same candidates (``top_k`` of them), keeps per row the fewest whose mass reaches ``top_p`` (at least ``min_blocks``) | ``AdaptiveSettings`` | ``rescore.py``; on Triton as above |
 | ``"stream"`` | the paper's Stream refinement (representative keys of each branch's centre block) | ``StreamSettings`` | ``stream.py``, ``stream_triton.py`` |
-| ``"bounds"`` | hierarchical search scored by Quest's key min / max bound | none | ``search.py`` |
+| ``"bounds"`` | hierarchical search scored by Quest's key min / max bound | none | ``search.py``, ``bounds_triton.py`` |
 | ``"pooled"`` | hierarchical search scored by mean keys | none | ``search.py`` |
 | ``"oneshot_pooled"`` | mean query . mean key of every block pair (MInference / FlexPrefill style baseline) | none | ``oneshot.py`` |
 | ``"antidiagonal"`` | strided antidiagonal sums of every block pair (XAttention-style baseline) | ``AntidiagonalSettings`` | ``oneshot.py`` |
@@ -20,9 +20,10 @@ estimator in the strictly causal *lagged selection* of ``causal.py``.
 Backends: ``"stream"`` has its own Triton kernel. ``"rescored"`` and ``"adaptive"`` are composed
 once (``rescore.rescored_estimate_unchecked`` / ``adaptive_estimate_unchecked``): the search,
 then the rescoring, each on the backend (``dispatch.py``): with ``backend`` resolving to Triton,
-Stream's search runs on its kernel and the fused rescoring kernel (``rescore_triton.py``) computes
-the candidates' exact masses from ``q . k`` alone and selects in the same launch. The bounds and
-pooled searches and the baselines are torch code on the tensors' device. Why ``"rescored"`` is
+Stream's and the bounds search run on their kernels (``stream_triton.py``, ``bounds_triton.py``)
+and the fused rescoring kernel (``rescore_triton.py``) computes the candidates' exact masses from
+``q . k`` alone and selects in the same launch. The pooled search and the baselines are torch
+code on the tensors' device. Why ``"rescored"`` is
 the default: docs/fidelity.md.
 
 To add an estimator: write it (docs/developing.md), give it a settings dataclass if it has
@@ -43,14 +44,13 @@ from torch import Tensor
 
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.blocks import BlockGeometry
-from sparse_lens.kernels.dispatch import Backend, stream_estimate_unchecked
+from sparse_lens.kernels.dispatch import Backend, bounds_estimate_unchecked, stream_estimate_unchecked
 from sparse_lens.kernels.oneshot import antidiagonal_estimate_unchecked, oneshot_pooled_estimate_unchecked
 from sparse_lens.kernels.oracle_estimate import oracle_estimate
 from sparse_lens.kernels.rescore import adaptive_estimate_unchecked, rescored_estimate_unchecked
 from sparse_lens.kernels.search import (
     SEARCHES,
     SearchName,
-    bounds_estimate_unchecked,
     pooled_estimate_unchecked,
 )
 
@@ -102,7 +102,8 @@ class RescoredSettings(StreamSettings):
     beam: int = field(default=4, metadata={"help": "candidates kept by the search, as a multiple of the searched slots"})
     rescore_search: SearchName = field(default="stream", metadata={
         "help": "how candidates are found: 'stream' (Stream's search, on its Triton kernel on the GPU), "
-                "'bounds' (Quest-style key min / max bounds, torch) or 'pooled' (mean keys, torch)"})
+                "'bounds' (Quest-style key min / max bounds, on its Triton kernel on the GPU) or "
+                "'pooled' (mean keys, torch)"})
     rescore_query_stride: int = field(default=1, metadata={
         "help": "exact candidate masses use every n-th query of a block (cost proportional to 1 / n)"})
 
@@ -217,7 +218,7 @@ def _stream(query: Query, key: Key, geometry: BlockGeometry, settings: StreamSet
 
 def _bounds(query: Query, key: Key, geometry: BlockGeometry, settings: EstimatorSettings, *, scale: float | None,
             backend: Backend) -> Tensor:
-    return bounds_estimate_unchecked(query, key, geometry)
+    return bounds_estimate_unchecked(query, key, geometry, backend=backend)
 
 
 def _pooled(query: Query, key: Key, geometry: BlockGeometry, settings: EstimatorSettings, *, scale: float | None,

@@ -46,6 +46,7 @@ from sparse_lens.kernels.blocks import (
 from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.dispatch import (
     Backend,
+    bounds_estimate_unchecked,
     rescore_top_k_unchecked,
     rescore_top_p_unchecked,
     stream_estimate_unchecked,
@@ -53,7 +54,6 @@ from sparse_lens.kernels.dispatch import (
 from sparse_lens.kernels.search import (
     SEARCHES,
     SearchName,
-    bounds_estimate_unchecked,
     key_block_prefix_sums,
     pooled_estimate_unchecked,
     range_mean_keys,
@@ -313,8 +313,8 @@ def rescored_estimate_unchecked(
     backend: Backend,
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """``rescored_estimate`` on validated inputs, on ``backend``: the one composition of the
-    rescored estimator. The search (``search_candidates``: Stream's on its kernel when
-    ``backend`` picks Triton) keeps ``sink + local + beam * n_search`` candidates; the rescoring
+    rescored estimator. The search (``search_candidates``: Stream's or the bounds search on its
+    kernel when ``backend`` picks Triton) keeps ``sink + local + beam * n_search`` candidates; the rescoring
     (``dispatch.rescore_top_k_unchecked``: this module's ``rescore_top_k`` or the fused
     ``rescore_top_k_triton``, chosen by ``backend``) computes their exact masses and keeps the
     heaviest."""
@@ -475,12 +475,12 @@ def search_candidates(
     backend: Backend = "reference",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Candidates of a hierarchical search by name, on validated inputs: ``"stream"`` (on
-    ``backend``, see ``dispatch.py``; ``representative_keys`` is its setting), ``"bounds"`` or
-    ``"pooled"`` (torch)."""
+    ``backend``, see ``dispatch.py``; ``representative_keys`` is its setting), ``"bounds"`` (on
+    ``backend``: ``bounds_triton`` or ``search.py``) or ``"pooled"`` (torch)."""
     if search == "stream":
         return stream_estimate_unchecked(query, key, geometry, representative_keys=representative_keys, backend=backend)
     if search == "pooled":
         return pooled_estimate_unchecked(query, key, geometry)
     if search == "bounds":
-        return bounds_estimate_unchecked(query, key, geometry)
+        return bounds_estimate_unchecked(query, key, geometry, backend=backend)
     raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
