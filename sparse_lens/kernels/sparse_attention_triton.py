@@ -68,6 +68,7 @@ write into caller-given buffers: the tests use them to run the kernels into pois
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -138,18 +139,96 @@ def soft_cap(scores, softcap):
     return softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
 
 
+LOG2E = 1.4426950408889634  # the kernels run the softmax in base 2: exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+
+
 @triton.jit
-def layer_scores(query_tile, key_tile, query_pos, key_pos, seq_len, scale, window, softcap,
-                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+def _load_tile(base, rows, n_rows, columns, n_columns, EVEN: tl.constexpr):
+    """``load_rows``, unmasked when ``EVEN`` (every row in range, ``columns`` exactly the width)."""
+    if EVEN:
+        tile = tl.load(base + rows[:, None] * n_columns + columns[None, :])
+    else:
+        tile = load_rows(base, rows, n_rows, columns, n_columns)
+    return tile
+
+
+@triton.jit
+def _dot_into(left, right, accumulator, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``accumulator + left @ right`` (fp32), the sum made by the tensor-core instruction itself."""
+    if DOT_UPCAST:
+        result = tl.dot(left.to(tl.float32), right.to(tl.float32), accumulator, input_precision="ieee")
+    else:
+        result = tl.dot(left, right, accumulator, input_precision=DOT_PRECISION)
+    return result
+
+
+@triton.jit
+def _scores_log2(query_tile, key_tile, scale, softcap,
+                 HAS_SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``masked_scores`` with the layer's optional soft-capping and sliding window (constexpr flags)."""
-    scores = _dot(query_tile, tl.trans(key_tile), DOT_PRECISION, DOT_UPCAST) * scale
+    """``(scores, factor, capped)``: the base-2 scores are ``scores * factor`` (``factor > 0``).
+
+    ``FOLD_SCALE`` (scale > 0, no soft-cap) leaves ``scale * LOG2E`` in ``factor``, so that the
+    caller's ``exp2(scores * factor - max)`` is one fused multiply-add; ``capped`` is the
+    soft-capped natural score (for the backward's derivative; 0 without soft-capping).
+    """
+    scores = _dot(query_tile, tl.trans(key_tile), DOT_PRECISION, DOT_UPCAST)
+    capped = 0.0
+    factor = 1.0
     if HAS_SOFTCAP:
-        scores = soft_cap(scores, softcap)
-    visible = (key_pos[None, :] <= query_pos[:, None]) & (query_pos[:, None] < seq_len)
+        capped = soft_cap(scores * scale, softcap)
+        scores = capped * LOG2E
+    elif FOLD_SCALE:
+        factor = scale * LOG2E
+    else:
+        scores = scores * (scale * LOG2E)
+    return scores, factor, capped
+
+
+@triton.jit
+def _visible(key_pos, query_pos, row_limit, window, HAS_WINDOW: tl.constexpr):
+    """[query tile, key tile] visibility: ``key <= row_limit`` (the query, or -1 for a row or slot
+    that sees nothing), and inside the window if any."""
+    visible = key_pos[None, :] <= row_limit[:, None]
     if HAS_WINDOW:
         visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
-    return tl.where(visible, scores, float("-inf"))
+    return visible
+
+
+@triton.jit
+def _forward_step(
+    accumulator, row_max, row_sum, slot_sums, query_tile_values, key_base, value_base,
+    first_key, load_first_key, row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value,
+    KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_MASS: tl.constexpr,
+    EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """One key tile of the online softmax (base 2): the new ``(accumulator, row_max, row_sum, slot_sums)``.
+
+    Keys are read at ``load_first_key`` and masked as the positions from ``first_key`` (the two
+    differ only for a wholly invisible tile of the branch-free loop: read at block 0, masked as
+    positions from ``seq_len`` on).
+    """
+    tile_rows = tl.arange(0, KEY_TILE)
+    keys = _load_tile(key_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_D), d_head, EVEN)
+    values = _load_tile(value_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_DV), d_value, EVEN)
+    scores, factor, _ = _scores_log2(query_tile_values, keys, scale, softcap, HAS_SOFTCAP, FOLD_SCALE,
+                                     DOT_PRECISION, DOT_UPCAST)
+    scores = tl.where(_visible(first_key + tile_rows, query_pos, row_limit, window, HAS_WINDOW), scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1) * factor)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
+    rescale = tl.exp2(row_max - shift)
+    probs = tl.exp2(scores * factor - shift[:, None])
+    tile_sum = tl.sum(probs, axis=1)
+    row_sum = row_sum * rescale + tile_sum
+    if WITH_MASS:
+        slot_ids = tl.arange(0, SLOTS)
+        slot_sums = slot_sums * rescale[:, None] + tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
+    if HAS_GATE:
+        probs = probs * gate
+    accumulator = _dot_into(probs.to(values.dtype), values, accumulator * rescale[:, None], DOT_PRECISION, DOT_UPCAST)
+    return accumulator, new_max, row_sum, slot_sums
 
 
 @triton.jit
@@ -160,7 +239,8 @@ def _forward_kernel(
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, WITH_MASS: tl.constexpr = True,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    SKIP_UNREACHED: tl.constexpr, WITH_MASS: tl.constexpr = True,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
@@ -172,59 +252,94 @@ def _forward_kernel(
     dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     slot_ids = tl.arange(0, SLOTS)
     mass_sum = tl.zeros([SLOTS], dtype=tl.float32)
+    TILES: tl.constexpr = KEY_BLOCK // KEY_TILE
     for query_tile in range(QUERY_BLOCK // QUERY_TILE):
         first_query = query_block_id * QUERY_BLOCK + query_tile * QUERY_TILE
         query_pos = first_query + tl.arange(0, QUERY_TILE)
         last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
-        query_tile_values = load_rows(query_base, query_pos, seq_len, dims, d_head)
+        row_limit = tl.where(query_pos < seq_len, query_pos, -1)  # padding rows see nothing
+        query_tile_values = _load_tile(query_base, query_pos, seq_len, dims, d_head, EVEN)
         if HAS_SINKS:  # the sink is an element already seen: running max = sink, running sum = 1
             sink = tl.load(sinks_ptr + batch_head % n_q_heads).to(tl.float32)
-            row_max = tl.zeros([QUERY_TILE], dtype=tl.float32) + sink
+            row_max = tl.zeros([QUERY_TILE], dtype=tl.float32) + sink * LOG2E
             row_sum = tl.full([QUERY_TILE], 1.0, dtype=tl.float32)
         else:
             row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
             row_sum = tl.zeros([QUERY_TILE], dtype=tl.float32)
-        if WITH_MASS:
-            slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
+        slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
         accumulator = tl.zeros([QUERY_TILE, BLOCK_DV], dtype=tl.float32)
-        for slot in range(top_k):
+        for step in tl.range(0, top_k * TILES):  # (slot, key tile) pairs, key tiles fastest
+            slot = step // TILES
             key_block_id = tl.load(block_indices_ptr + slots_row + slot)
             gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
-            for key_tile in range(KEY_BLOCK // KEY_TILE):
-                first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
+            first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
+            if SKIP_UNREACHED:  # branch around tiles that are wholly invisible (no load, no product)
                 in_reach = (key_block_id >= 0) & (first_key <= last_query)
-                if HAS_WINDOW:  # skip tiles older than the window of the tile's first query
+                if HAS_WINDOW:  # tiles older than the window of the tile's first query
                     in_reach = in_reach & (first_key + KEY_TILE > first_query - window + 1)
                 if in_reach:
-                    key_pos = first_key + tl.arange(0, KEY_TILE)
-                    keys = load_rows(key_base, key_pos, seq_len, dims, d_head)
-                    values = load_rows(value_base, key_pos, seq_len, value_dims, d_value)
-                    scores = layer_scores(query_tile_values, keys, query_pos, key_pos, seq_len, scale, window,
-                                          softcap, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, DOT_UPCAST)
-                    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-                    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
-                    rescale = tl.exp(row_max - shift)
-                    probs = tl.exp(scores - shift[:, None])
-                    tile_sum = tl.sum(probs, axis=1)
-                    row_sum = row_sum * rescale + tile_sum
-                    if WITH_MASS:
-                        in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
-                        slot_sums = slot_sums * rescale[:, None] + in_slot
-                    update = _dot(probs.to(values.dtype), values, DOT_PRECISION, DOT_UPCAST)
-                    accumulator = accumulator * rescale[:, None] + gate * update
-                    row_max = new_max
+                    accumulator, row_max, row_sum, slot_sums = _forward_step(
+                        accumulator, row_max, row_sum, slot_sums, query_tile_values, key_base, value_base,
+                        first_key, first_key, row_limit, query_pos, slot, gate, scale, window, softcap, seq_len,
+                        d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP,
+                        WITH_MASS, EVEN, FOLD_SCALE, DOT_PRECISION, DOT_UPCAST)
+            else:  # branch-free (software-pipelined loads): a wholly invisible tile is read at block 0 and
+                # masked as keys from seq_len on, which no query sees
+                reached = (key_block_id >= 0) & (first_key <= last_query)
+                accumulator, row_max, row_sum, slot_sums = _forward_step(
+                    accumulator, row_max, row_sum, slot_sums, query_tile_values, key_base, value_base,
+                    tl.where(reached, first_key, seq_len), tl.where(reached, first_key, 0), row_limit, query_pos, slot, gate,
+                    scale, window, softcap, seq_len, d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS,
+                    HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, WITH_MASS, EVEN, FOLD_SCALE, DOT_PRECISION, DOT_UPCAST)
         seen = row_sum > 0.0
         inverse_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
         real = query_pos < seq_len
         output_base = output_ptr + batch_head * seq_len * d_value
         _store_rows(output_base, query_pos, seq_len, value_dims, d_value, accumulator * inverse_sum[:, None])
-        lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+        lse = tl.where(seen, (row_max + tl.log2(tl.where(seen, row_sum, 1.0))) * LN2, float("-inf"))
         tl.store(lse_ptr + batch_head * seq_len + query_pos, lse, mask=real)
         if WITH_MASS:
             mass_sum += tl.sum(tl.where(real[:, None], slot_sums * inverse_sum[:, None], 0.0), axis=0)
     if WITH_MASS:
         n_real = tl.minimum(seq_len - query_block_id * QUERY_BLOCK, QUERY_BLOCK)
         tl.store(block_mass_ptr + slots_row + slot_ids, mass_sum / n_real, mask=slot_ids < top_k)
+
+
+@triton.jit
+def _backward_step(
+    grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr, grad_key_ptr, grad_value_ptr,
+    key_offset, value_offset, first_key, load_first_key, reached, row_limit, query_pos, slot, gate,
+    scale, window, softcap, seq_len, d_head, d_value,
+    KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """One key tile of the backward: the new ``(grad_query, gate_grad)``; dk and dv of the tile are
+    added atomically (not at all where ``reached`` is false: the tile is invisible, its terms 0)."""
+    tile_rows = tl.arange(0, KEY_TILE)
+    dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    load_pos = load_first_key + tile_rows
+    keys = _load_tile(key_ptr + key_offset, load_pos, seq_len, dims, d_head, EVEN)
+    values = _load_tile(value_ptr + value_offset, load_pos, seq_len, value_dims, d_value, EVEN)
+    scores, factor, capped = _scores_log2(queries, keys, scale, softcap, HAS_SOFTCAP, FOLD_SCALE,
+                                          DOT_PRECISION, DOT_UPCAST)
+    visible = _visible(first_key + tile_rows, query_pos, row_limit, window, HAS_WINDOW)
+    probs = tl.where(visible, tl.exp2(scores * factor - lse_log2[:, None]), 0.0)
+    grad_probs = _dot(grad_out, tl.trans(values), DOT_PRECISION, DOT_UPCAST)  # ungated
+    if HAS_GATE:
+        slot_grad = tl.sum(tl.sum(probs * grad_probs, axis=1), axis=0)
+        gate_grad += tl.where(tl.arange(0, SLOTS) == slot, slot_grad, 0.0)
+    grad_scores = probs * (gate * grad_probs - delta[:, None])
+    if HAS_SOFTCAP:  # d capped / d s = 1 - tanh^2
+        tanh = capped / softcap
+        grad_scores = grad_scores * (1.0 - tanh * tanh)
+    grad_query = _dot_into(grad_scores.to(keys.dtype), keys, grad_query, DOT_PRECISION, DOT_UPCAST)
+    grad_key = _dot(tl.trans(grad_scores).to(queries.dtype), queries, DOT_PRECISION, DOT_UPCAST)
+    grad_value = _dot(tl.trans(probs * gate).to(grad_out.dtype), grad_out, DOT_PRECISION, DOT_UPCAST)
+    rows_to_add = tl.where(reached, load_pos, seq_len)  # none of an invisible tile
+    _add_rows(grad_key_ptr + key_offset, rows_to_add, seq_len, dims, d_head, grad_key * scale)
+    _add_rows(grad_value_ptr + value_offset, rows_to_add, seq_len, value_dims, d_value, grad_value)
+    return grad_query, gate_grad
 
 
 @triton.jit
@@ -235,7 +350,8 @@ def _backward_kernel(
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    SKIP_UNREACHED: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)
@@ -246,14 +362,16 @@ def _backward_kernel(
     dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     slot_ids = tl.arange(0, SLOTS)
     gate_grad = tl.zeros([SLOTS], dtype=tl.float32)
+    TILES: tl.constexpr = KEY_BLOCK // KEY_TILE
     for query_tile in range(QUERY_BLOCK // QUERY_TILE):
         first_query = query_block_id * QUERY_BLOCK + query_tile * QUERY_TILE
         query_pos = first_query + tl.arange(0, QUERY_TILE)
         last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
         real = query_pos < seq_len
-        queries = load_rows(query_ptr + query_offset, query_pos, seq_len, dims, d_head)
-        grad_out = load_rows(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value)
-        output = load_rows(output_ptr + output_offset, query_pos, seq_len, value_dims, d_value)
+        row_limit = tl.where(real, query_pos, -1)
+        queries = _load_tile(query_ptr + query_offset, query_pos, seq_len, dims, d_head, EVEN)
+        grad_out = _load_tile(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN)
+        output = _load_tile(output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN)
         delta = tl.sum(grad_out.to(tl.float32) * output.to(tl.float32), axis=1)
         lse = tl.load(lse_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
         lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see no key: every p is 0 anyway
@@ -261,35 +379,31 @@ def _backward_kernel(
             sink = tl.load(sinks_ptr + batch_head % n_q_heads).to(tl.float32)
             sink_grad = -tl.sum(tl.where(real, tl.exp(sink - lse) * delta, 0.0), axis=0)
             tl.atomic_add(grad_sinks_ptr + batch_head % n_q_heads, sink_grad, sem="relaxed")
+        lse_log2 = lse * LOG2E
         grad_query = tl.zeros([QUERY_TILE, BLOCK_D], dtype=tl.float32)
-        for slot in range(top_k):
+        for step in tl.range(0, top_k * TILES):
+            slot = step // TILES
             key_block_id = tl.load(block_indices_ptr + slots_row + slot)
             gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
-            for key_tile in range(KEY_BLOCK // KEY_TILE):
-                first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
-                in_reach = (key_block_id >= 0) & (first_key <= last_query)
-                if HAS_WINDOW:
-                    in_reach = in_reach & (first_key + KEY_TILE > first_query - window + 1)
-                if in_reach:
-                    key_pos = first_key + tl.arange(0, KEY_TILE)
-                    keys = load_rows(key_ptr + key_offset, key_pos, seq_len, dims, d_head)
-                    values = load_rows(value_ptr + value_offset, key_pos, seq_len, value_dims, d_value)
-                    scores = layer_scores(queries, keys, query_pos, key_pos, seq_len, scale, window, softcap,
-                                          HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, DOT_UPCAST)
-                    probs = tl.exp(scores - lse[:, None])
-                    grad_probs = _dot(grad_out, tl.trans(values), DOT_PRECISION, DOT_UPCAST)  # ungated
-                    if HAS_GATE:
-                        slot_grad = tl.sum(tl.sum(probs * grad_probs, axis=1), axis=0)
-                        gate_grad += tl.where(slot_ids == slot, slot_grad, 0.0)
-                    grad_scores = probs * (gate * grad_probs - delta[:, None])
-                    if HAS_SOFTCAP:  # d capped / d s = 1 - tanh^2 (0 where masked: grad_scores is 0 there)
-                        tanh = tl.where(scores == float("-inf"), 0.0, scores / softcap)
-                        grad_scores = grad_scores * (1.0 - tanh * tanh)
-                    grad_query += _dot(grad_scores.to(keys.dtype), keys, DOT_PRECISION, DOT_UPCAST)
-                    grad_key = _dot(tl.trans(grad_scores).to(queries.dtype), queries, DOT_PRECISION, DOT_UPCAST)
-                    grad_value = _dot(tl.trans(probs * gate).to(grad_out.dtype), grad_out, DOT_PRECISION, DOT_UPCAST)
-                    _add_rows(grad_key_ptr + key_offset, key_pos, seq_len, dims, d_head, grad_key * scale)
-                    _add_rows(grad_value_ptr + value_offset, key_pos, seq_len, value_dims, d_value, grad_value)
+            first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
+            reached = (key_block_id >= 0) & (first_key <= last_query)
+            if HAS_WINDOW:
+                reached = reached & (first_key + KEY_TILE > first_query - window + 1)
+            if SKIP_UNREACHED:
+                if reached:
+                    grad_query, gate_grad = _backward_step(
+                        grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr,
+                        grad_key_ptr, grad_value_ptr, key_offset, value_offset, first_key, first_key, reached,
+                        row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value,
+                        KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE,
+                        DOT_PRECISION, DOT_UPCAST)
+            else:
+                grad_query, gate_grad = _backward_step(
+                    grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr,
+                    grad_key_ptr, grad_value_ptr, key_offset, value_offset, tl.where(reached, first_key, seq_len),
+                    tl.where(reached, first_key, 0), reached, row_limit, query_pos, slot,
+                    gate, scale, window, softcap, seq_len, d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS,
+                    HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE, DOT_PRECISION, DOT_UPCAST)
         _store_rows(grad_query_ptr + query_offset, query_pos, seq_len, dims, d_head, grad_query * scale)
     if HAS_GATE:
         grad_gate_at = grad_gate_ptr + slots_row + slot_ids
@@ -306,22 +420,56 @@ def check_triton_block_sizes(query_block: int, key_block: int) -> None:
             )
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """How a kernel is launched; every setting leaves the results unchanged (up to fp32 rounding).
+
+    ``num_warps``, ``num_stages``: Triton's (``num_stages``: depth of the software pipeline of the
+    key-tile loop's loads). ``skip_unreached``: branch around key tiles that are wholly invisible
+    (an unused slot, a block after the query tile, one older than the window), which saves their
+    work but keeps Triton from pipelining the loop's loads; without it the loop is branch-free and
+    such tiles are read at block 0 and masked. ``query_tile`` / ``key_tile``: rows of a query tile
+    and keys of a key tile, at most (capped by the block sizes; powers of two >= 16).
+    """
+
+    num_warps: int = 4
+    num_stages: int = 3
+    skip_unreached: bool = True
+    query_tile: int = MAX_TILE
+    key_tile: int = MAX_TILE
+
+    def kernel_options(self) -> dict:
+        """``num_warps`` / ``num_stages`` keyword arguments of a Triton launch."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+FORWARD_LAUNCH = KernelLaunch()
+BACKWARD_LAUNCH = KernelLaunch()
+
+
 def _launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_gate: Tensor | None,
                    query_block: int, key_block: int, window: int | None = None, softcap: float | None = None,
-                   sinks: Tensor | None = None) -> dict:
+                   sinks: Tensor | None = None, *, scale: float = 1.0, launch: KernelLaunch = FORWARD_LAUNCH) -> dict:
     """Compile-time constants of both kernels."""
+    query_tile, key_tile = min(query_block, launch.query_tile), min(key_block, launch.key_tile)
+    block_d = max(MIN_BLOCK, triton.next_power_of_2(query.shape[-1]))
+    block_dv = max(MIN_BLOCK, triton.next_power_of_2(value.shape[-1]))
+    seq_len = query.shape[2]
     return dict(
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None,
-        QUERY_BLOCK=query_block, KEY_BLOCK=key_block,
-        QUERY_TILE=min(query_block, MAX_TILE), KEY_TILE=min(key_block, MAX_TILE),
-        BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(query.shape[-1])),
-        BLOCK_DV=max(MIN_BLOCK, triton.next_power_of_2(value.shape[-1])),
+        QUERY_BLOCK=query_block, KEY_BLOCK=key_block, QUERY_TILE=query_tile, KEY_TILE=key_tile,
+        BLOCK_D=block_d, BLOCK_DV=block_dv,
         SLOTS=max(2, triton.next_power_of_2(block_indices.shape[-1])),
         HAS_GATE=block_gate is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         # The Triton interpreter multiplies bf16 tl.dot operands as raw uint16 bits
         # (triton-lang/triton#11584): there, bf16 operands are multiplied in fp32 instead.
         DOT_UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        # Tiles wholly in range (no row or column masks on the loads):
+        EVEN=seq_len % query_tile == 0 and seq_len % key_tile == 0
+        and block_d == query.shape[-1] and block_dv == value.shape[-1],
+        FOLD_SCALE=scale > 0,  # the scale rides in the exp2's multiply-add (the row max needs scale > 0)
+        SKIP_UNREACHED=launch.skip_unreached,
     )
 
 
@@ -340,24 +488,27 @@ def _feature_args(window: int | None, softcap: float | None) -> tuple[int, float
 @launch_on_tensor_device
 def _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass, *,
                     query_block: int, key_block: int, scale: float, window: int | None = None,
-                    softcap: float | None = None, sinks: Tensor | None = None, with_mass: bool = True) -> None:
+                    softcap: float | None = None, sinks: Tensor | None = None, with_mass: bool = True,
+                    launch: KernelLaunch = FORWARD_LAUNCH) -> None:
     """Run the forward kernel into caller-given buffers (every element of them is written).
 
     All tensors contiguous, ``block_indices`` int32, ``sinks`` float32; the tests call it with
     poisoned buffers. ``with_mass=False`` leaves ``block_mass`` unwritten and keeps no per-slot
     sums (for wide rows, e.g. a dense band of thousands of blocks, whose [query tile, slots]
-    register tensor would spill).
+    register tensor would spill). ``launch``: the launch settings (benchmarks/tune_kernels.py
+    sweeps them).
     """
     batch, n_q_heads = query.shape[:2]
     grid = (block_indices.shape[2], batch * n_q_heads)
-    config = _launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks)
+    config = _launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
+                            scale=scale, launch=launch)
     if not with_mass:
         config |= dict(WITH_MASS=False, SLOTS=2)
     _forward_kernel[grid](
         query, key, value, block_indices, block_gate if block_gate is not None else block_mass,
         sinks if sinks is not None else lse,  # unread placeholder without sinks
         output, lse, block_mass, float(scale), *_feature_args(window, softcap), *_sizes(query, key, value, block_indices),
-        **config, num_warps=4,
+        **config, **launch.kernel_options(),
     )
 
 
@@ -365,7 +516,8 @@ def _launch_forward(query, key, value, block_indices, block_gate, output, lse, b
 def _launch_backward(query, key, value, block_indices, block_gate, output, grad_output, lse,
                      grad_query, grad_key, grad_value, grad_gate, *, query_block: int, key_block: int,
                      scale: float, window: int | None = None, softcap: float | None = None,
-                     sinks: Tensor | None = None, grad_sinks: Tensor | None = None) -> None:
+                     sinks: Tensor | None = None, grad_sinks: Tensor | None = None,
+                     launch: KernelLaunch = BACKWARD_LAUNCH) -> None:
     """Run the backward kernel: ``grad_query`` and ``grad_gate`` are overwritten, ``grad_key``,
     ``grad_value`` and ``grad_sinks`` (fp32, zero on entry) are accumulated into with atomics."""
     batch, n_q_heads = query.shape[:2]
@@ -376,8 +528,9 @@ def _launch_backward(query, key, value, block_indices, block_gate, output, grad_
         query, key, value, block_indices, gate_args[0], sink_args[0], output, grad_output, lse,
         grad_query, grad_key, grad_value, gate_args[1], sink_args[1], float(scale), *_feature_args(window, softcap),
         *_sizes(query, key, value, block_indices),
-        **_launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks),
-        num_warps=4,
+        **_launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
+                         scale=scale, launch=launch),
+        **launch.kernel_options(),
     )
 
 

@@ -18,6 +18,7 @@ from sparse_lens.errors import BlockSizeError, ShapeError
 from sparse_lens.kernels.blocks import visible_key_blocks
 from sparse_lens.kernels.sparse_attention import block_sparse_attention
 from sparse_lens.kernels.sparse_attention_triton import (
+    KernelLaunch,
     _launch_backward,
     _launch_forward,
     block_sparse_attention_triton,
@@ -62,13 +63,13 @@ def draw_block_indices(generator, batch, heads, seq, query_block, key_block, top
     return block_indices.to(DEVICE)
 
 
-def forward_into_poisoned_buffers(query, key, value, block_indices, block_gate, **blocks):
+def forward_into_poisoned_buffers(query, key, value, block_indices, block_gate, **settings):
     """Run the forward kernel into NaN-filled buffers: an element it fails to write stays NaN."""
     batch, heads, seq, _ = query.shape
     output = torch.full((batch, heads, seq, value.shape[-1]), float("nan"), dtype=query.dtype, device=DEVICE)
     lse = torch.full((batch, heads, seq), float("nan"), device=DEVICE)
     block_mass = torch.full(block_indices.shape, float("nan"), device=DEVICE)
-    _launch_forward(query, key, value, block_indices.to(torch.int32), block_gate, output, lse, block_mass, **blocks)
+    _launch_forward(query, key, value, block_indices.to(torch.int32), block_gate, output, lse, block_mass, **settings)
     return output, lse, block_mass
 
 
@@ -196,3 +197,51 @@ def test_mismatched_dtypes_and_gate_shapes_raise_shape_errors():
         block_sparse_attention_triton(query, key, value, block_indices, block_gate=torch.ones(1, 2, 2, 2), **blocks)
     with pytest.raises(ShapeError, match="block_indices"):
         block_sparse_attention_triton(query, key, value, block_indices[:, :, :1], **blocks)
+
+
+LAUNCH_VARIANTS = {
+    # Every launch setting must give the reference's results: the branch-free (pipelined) loop, which
+    # reads unused slots' tiles and masks them, and key / query tiles smaller than a block.
+    "branch_free": KernelLaunch(skip_unreached=False),
+    "branch_free_key_tile_16": KernelLaunch(skip_unreached=False, key_tile=16, num_warps=8, num_stages=2),
+    "query_tile_16_key_tile_16": KernelLaunch(query_tile=16, key_tile=16),
+}
+LAUNCH_CASES = {
+    # name: (batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype); seq 96 = whole tiles
+    "whole_tiles_gqa_gated": (1, 4, 2, 96, 32, 32, 3, True, torch.float32),
+    "ragged_end_mixed_blocks": (1, 2, 1, 75, 32, 16, 3, False, torch.float32),
+    "bf16_whole_tiles": (1, 2, 1, 96, 32, 32, 2, True, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("launch", LAUNCH_VARIANTS.values(), ids=LAUNCH_VARIANTS.keys())
+@pytest.mark.parametrize("case", LAUNCH_CASES.values(), ids=LAUNCH_CASES.keys())
+def test_every_launch_variant_matches_the_reference_forward_and_backward(case, launch, seed):
+    batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype = case
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = draw_qkv(generator, batch, q_heads, kv_heads, seq, dtype=dtype)
+    block_indices = draw_block_indices(generator, batch, q_heads, seq, query_block, key_block, top_k)
+    block_indices[0, 0, -1] = -1  # a query block that keeps nothing: every tile of it is masked
+    gate = torch.rand(block_indices.shape, generator=generator).to(DEVICE) if gated else None
+    blocks = dict(query_block=query_block, key_block=key_block, scale=0.35)
+    output, lse, block_mass = forward_into_poisoned_buffers(query, key, value, block_indices, gate, launch=launch,
+                                                            **blocks)
+    inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)] + (
+        [gate.clone().requires_grad_()] if gated else [])
+    expected = reference_with_autograd(*inputs[:3], block_indices, block_gate=inputs[3] if gated else None, **blocks)
+    tolerance = TOLERANCE[dtype]
+    assert_close(output, expected[0].detach(), seed, "output", **tolerance)
+    assert_close(lse, expected[1], seed, "lse", atol=1e-4, rtol=1e-4)
+    assert_close(block_mass, expected[2], seed, "block_mass", atol=1e-4, rtol=1e-4)
+    grad_output = torch.randn(output.shape, generator=generator).to(DEVICE, dtype)
+    grad_query = torch.full_like(query, float("nan"))
+    grad_gate = torch.full_like(gate, float("nan")) if gated else None
+    grad_key = torch.zeros_like(key, dtype=torch.float32)
+    grad_value = torch.zeros_like(value, dtype=torch.float32)
+    _launch_backward(query, key, value, block_indices.to(torch.int32), gate, output, grad_output, lse,
+                     grad_query, grad_key, grad_value, grad_gate, launch=launch, **blocks)
+    expected_grads = torch.autograd.grad(expected[0], inputs, grad_output)
+    for grad, reference, name in zip((grad_query, grad_key, grad_value, grad_gate), expected_grads,
+                                     ("query", "key", "value", "gate")):
+        scale = reference.abs().max().clamp(min=1.0)
+        assert_close(grad.to(reference.dtype) / scale, reference / scale, seed, f"grad of {name}", **tolerance)
