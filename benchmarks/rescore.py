@@ -5,14 +5,17 @@ adaptive, against dense cuDNN SDPA in the same run; plus the attention kernel's 
     python3 benchmarks/rescore.py --device cpu --lengths 512 --shapes tiny     # CPU smoke run (interpreter)
 
 One layer, random bf16 q / k / v, head dim 128, 64-token blocks, sink 1, local 1, ``top_k`` 16.
-Rows (``--variants``, each ``name[:beam=B][:rk=R][:qs=S][:p=P]``):
+Rows (``--variants``, each ``name[:beam=B][:rk=R][:qs=S][:p=P][:search=stream|bounds]``):
 - ``stream``: Stream's Triton search with ``top_k`` branches (``rk`` representative keys);
 - ``two_kernel``: the previous default path: Stream's search with ``beam`` x the branches, the whole
   block-sparse attention kernel over the candidates for its ``block_mass``, a torch top-k;
 - ``rescored``: Stream's search with ``beam`` x the branches, then the fused rescoring kernel
   (``rescore_triton``: q.k over the candidates only, every ``qs``-th query, top-k in the kernel);
   also timed alone: ``search_s`` (the search) and ``rescore_s`` (the fused kernel on its output);
-- ``adaptive``: Stream's search with ``top_k`` candidates, fused rescoring with top-p ``p``.
+- ``adaptive``: Stream's search with ``top_k`` candidates, fused rescoring with top-p ``p``;
+- ``search=bounds`` (rescored, adaptive): the candidates come from the bounds search's Triton kernel
+  (``bounds_triton``: Quest's key min / max bound, the sparse table built in torch each call, part
+  of the time) instead of Stream's (``rescore_search="bounds"``).
 Every row gives the estimate time and its ratio to dense causal SDPA (cuDNN, flash fallback; GQA) on
 the same tensors, timed in the same run. The ``attention`` row times block-sparse attention on the
 first variant's blocks: time, ratio to dense, and effective TFLOP/s = kept causal query-key pairs x
@@ -45,6 +48,7 @@ if _runs_on_cpu(sys.argv):
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import attention_heads, command, dense_sdpa, save_json, time_cuda  # noqa: E402
 from sparse_lens.kernels.blocks import kept_pairs_per_slot  # noqa: E402
+from sparse_lens.kernels.bounds_triton import bounds_estimate_triton  # noqa: E402
 from sparse_lens.kernels.dispatch import block_sparse_attention, stream_estimate  # noqa: E402
 from sparse_lens.kernels.estimate import estimate_blocks  # noqa: E402
 from sparse_lens.kernels.rescore_ref import keep_heaviest  # noqa: E402
@@ -54,19 +58,26 @@ SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": atten
           "tiny": (2, 1, 32)}  # (query heads, key/value heads, head dim)
 DEFAULT_VARIANTS = ["stream", "two_kernel:beam=4", "rescored:beam=4", "rescored:beam=4:qs=4",
                     "rescored:beam=8:rk=2:qs=4", "rescored:beam=8:rk=4:qs=4", "rescored:beam=6:qs=4",
-                    "rescored:beam=8:qs=4", "adaptive:qs=4:p=0.93"]
+                    "rescored:beam=8:qs=4", "rescored:beam=2:qs=4:search=bounds", "rescored:beam=4:qs=4:search=bounds",
+                    "adaptive:qs=4:p=0.93"]
 SINK, LOCAL = 1, 1
 
 
 def parse_variant(spec: str) -> dict:
-    """``"rescored:beam=8:rk=2:qs=4"`` -> {kind, beam, rk, qs, p} with defaults beam 4, rk 8, qs 1, p 0.93."""
+    """``"rescored:beam=8:rk=2:qs=4"`` -> {kind, beam, rk, qs, p, search} with defaults beam 4, rk 8,
+    qs 1, p 0.93, search stream."""
     kind, *options = spec.split(":")
     if kind not in ("stream", "two_kernel", "rescored", "adaptive"):
         raise SystemExit(f"unknown variant {spec!r}")
-    settings = {"kind": kind, "beam": 4, "rk": 8, "qs": 1, "p": 0.93}
+    settings = {"kind": kind, "beam": 4, "rk": 8, "qs": 1, "p": 0.93, "search": "stream"}
     for option in options:
         name, value = option.split("=")
-        settings[name] = float(value) if name == "p" else int(value)
+        if name not in settings or name == "kind":
+            raise SystemExit(f"unknown option {name!r} in variant {spec!r} (beam, rk, qs, p, search)")
+        settings[name] = float(value) if name == "p" else value if name == "search" else int(value)
+    if settings["search"] not in ("stream", "bounds") or (settings["search"] == "bounds"
+                                                          and kind not in ("rescored", "adaptive")):
+        raise SystemExit(f"variant {spec!r}: search must be stream or bounds (bounds: rescored / adaptive only)")
     return settings
 
 
@@ -99,9 +110,18 @@ def variant_fn(settings: dict, query, key, top_k: int, geometry: dict):
     if kind == "stream":
         return lambda: estimate_blocks(query, key, estimator="stream", **common)
     if kind == "rescored":
-        return lambda: estimate_blocks(query, key, estimator="rescored", beam=beam, rescore_query_stride=qs, **common)
+        return lambda: estimate_blocks(query, key, estimator="rescored", beam=beam, rescore_query_stride=qs,
+                                       rescore_search=settings["search"], **common)
     return lambda: estimate_blocks(query, key, estimator="adaptive", rescore_query_stride=qs, top_p=settings["p"],
-                                   min_blocks=4, **common)
+                                   min_blocks=4, rescore_search=settings["search"], **common)
+
+
+def candidate_search(settings: dict, query, key, width: int, geometry: dict):
+    """The rescored variant's search alone (``width`` candidates): Stream's kernel or the bounds kernel."""
+    if settings["search"] == "bounds":
+        return lambda: bounds_estimate_triton(query, key, top_k=width, **geometry)
+    return lambda: stream_estimate(query, key, top_k=width, representative_keys=settings["rk"], backend="triton",
+                                   **geometry)
 
 
 def bench_length(shape: str, seq_len: int, args, dense_predicted: float | None, timer) -> list[dict]:
@@ -126,8 +146,7 @@ def bench_length(shape: str, seq_len: int, args, dense_predicted: float | None, 
         row = {**base, "variant": spec, "estimate_s": timer(fn, repeats)}
         if settings["kind"] == "rescored":  # its two halves alone
             width = SINK + LOCAL + settings["beam"] * (args.top_k - SINK - LOCAL)
-            search = lambda: stream_estimate(query, key, top_k=width, representative_keys=settings["rk"],  # noqa: E731
-                                             backend="triton", **geometry)
+            search = candidate_search(settings, query, key, width, geometry)
             candidates = search()
             row["search_s"] = timer(search, repeats)
             row["rescore_s"] = timer(lambda: rescore_top_k_triton(
