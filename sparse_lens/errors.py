@@ -96,4 +96,5 @@ class SequenceParallelError(SparseLensError, ValueError):
 
 class TraceMismatchError(SparseLensError, ValueError):
     """A saved trace (e.g. ``fidelity``'s ``dense=``, a ``DenseTrace``) was made from other tokens
-    than the ones it is used with: collect it again on these tokens."""
+    than the ones it is used with, or with another model: collect it again on these tokens, with
+    this model."""

@@ -65,6 +65,8 @@ class DenseTrace:
     ``window`` / ``softcap`` / ``sinks``: per layer, the sliding window that binds at this length
     (tokens), logit soft-cap and sink logits [head] of the patterns (``None`` for the list: every
     layer plain, as traces saved before they were recorded).
+    ``model``: the :func:`model_fingerprint` of the model it was made with, so that ``fidelity``
+    can refuse a trace of another model (``None``: unknown, only the number of layers is checked).
     """
 
     logits: Float[Tensor, "batch pos vocab"]
@@ -76,6 +78,7 @@ class DenseTrace:
     window: list[int | None] | None = None
     softcap: list[float | None] | None = None
     sinks: list[Tensor | None] | None = None
+    model: dict | None = None
 
     def features(self, layer: int) -> dict:
         """Layer ``layer``'s ``window`` / ``softcap`` / ``sinks`` (keyword arguments of the kernels)."""
@@ -91,6 +94,35 @@ class DenseTrace:
         if self.tokens is not None and not torch.equal(self.tokens, tokens.detach().cpu()):
             raise TraceMismatchError("The dense trace was made from other tokens (same shape): "
                                      "collect_dense(model, tokens) on these tokens.")
+
+    def check_model(self, model: HookedSparseTransformer) -> None:
+        """Raise ``TraceMismatchError`` unless this trace was made with ``model`` (its
+        :func:`model_fingerprint`; a trace without one: its number of layers)."""
+        if self.model is not None:
+            found = model_fingerprint(model)
+            differ = [name for name in found if found[name] != self.model.get(name)]
+            if differ:
+                shown = ", ".join(f"{name} {self.model.get(name)!r} vs {found[name]!r}" for name in differ
+                                  if name != "weights")
+                raise TraceMismatchError(
+                    f"The dense trace was made with another model (it differs in {', '.join(differ)}"
+                    + (f": {shown}" if shown else "") + "): collect_dense(model, tokens) with this model.")
+        if len(self.query) != model.cfg.n_layers:
+            raise TraceMismatchError(f"The dense trace has {len(self.query)} layers, the model {model.cfg.n_layers}: "
+                                     "it was made with another model; collect_dense(model, tokens) with this one.")
+
+
+def model_fingerprint(model: HookedSparseTransformer, sample: int = 64) -> dict:
+    """What tells one model from another, cheaply: ``cfg.model_name``, ``n_layers``, ``n_heads``,
+    ``d_model``, ``d_vocab``, and ``weights``: per parameter, the float64 sum of its first ``sample``
+    elements (computed on the CPU, so the same weights give the same figures on any device;
+    a few kB copied, whatever the model's size). Two models of one config with different weights
+    differ in ``weights``; a weight edit outside the sampled elements goes unnoticed."""
+    cfg = model.cfg
+    sums = tuple(float(parameter.detach().reshape(-1)[:sample].to("cpu", torch.float64).sum())
+                 for parameter in model.parameters() if parameter.device.type != "meta")
+    return {"model_name": str(cfg.model_name), "n_layers": int(cfg.n_layers), "n_heads": int(cfg.n_heads),
+            "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab), "weights": sums}
 
 
 def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"] | str) -> DenseTrace:
@@ -111,6 +143,7 @@ def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos
         window=[p.window for p in patterns],
         softcap=[p.softcap for p in patterns],
         sinks=[None if p.sinks is None else p.sinks.detach() for p in patterns],
+        model=model_fingerprint(model),
     )
 
 
@@ -130,7 +163,7 @@ def fidelity(
     ``[batch, pos]``, or a text, tokenized by ``model.to_tokens``; a token tensor else ``ShapeError``).
 
     Pass ``dense=collect_dense(model, tokens)`` to evaluate several configs on one dense run
-    (a trace of other tokens raises ``TraceMismatchError``).
+    (a trace of other tokens, or made with another model, raises ``TraceMismatchError``).
     ``per_layer=True`` adds ``"layers"``: one dict per layer with its ``layer``,
     ``pruned_fraction`` and recall figures (``mass_recall_mean``, ``mass_recall_p5``,
     ``oracle_recall_mean``, ``oracle_ratio``). ``positions`` (ascending token positions): the
@@ -144,6 +177,7 @@ def fidelity(
     stream = stream or model.stream
     tokens = as_tokens(model, tokens)
     if dense is not None:
+        dense.check_model(model)
         dense.check_tokens(tokens)
     seq_len = tokens.shape[-1]
     keep = {} if positions is None else {"logits_to_keep": _check_positions(positions, seq_len, tokens.device)}

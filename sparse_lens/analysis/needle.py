@@ -288,7 +288,8 @@ def needle_fidelity(
     token), against dense attention: one entry per needle span.
 
     ``tokens`` may be a :class:`~sparse_lens.data.NeedleSample` (its ``input_ids`` and
-    ``needle_spans``). Pass ``dense=collect_dense(model, tokens)`` to reuse a dense run; otherwise
+    ``needle_spans``). Pass ``dense=collect_dense(model, tokens)`` to reuse a dense run (a trace of
+    other tokens, or made with another model, raises ``TraceMismatchError``); otherwise
     one dense forward runs here with hooks on ``hook_rot_q`` / ``hook_rot_k``. Batch 1.
     """
     if isinstance(tokens, NeedleSample):
@@ -300,6 +301,8 @@ def needle_fidelity(
     stream = stream or model.stream
     probe = NeedleProbe(needle_spans, stream, model.cfg.n_layers, answer_position=answer_position, threshold=threshold)
     if dense is not None:
+        dense.check_model(model)  # a trace of another model or other tokens: TraceMismatchError
+        dense.check_tokens(tokens)
         for layer in range(model.cfg.n_layers):
             probe.add_layer(layer, dense.query[layer], dense.key[layer], dense.scale, **dense.features(layer))
     else:

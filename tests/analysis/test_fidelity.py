@@ -250,3 +250,21 @@ def test_next_token_figures_chunked_equal_whole():
         assert whole["top1_agreement"] == pytest.approx(float((logp.argmax(-1) == logq.argmax(-1)).float().mean()))
         for chunk in (50, 150):
             assert next_token_figures(dense, sparse, first, chunk_elements=chunk) == pytest.approx(whole, rel=1e-6)
+
+
+def test_fidelity_refuses_a_dense_trace_of_another_model():
+    stream = sl.TracingConfig(query_block=16, key_block=16, top_k=2)
+    model, _ = sparse_and_dense(tiny_llama_config(), stream)
+    same_shape, _ = sparse_and_dense(tiny_llama_config(), stream, seed=1)  # other weights, same config
+    deeper, _ = sparse_and_dense(tiny_llama_config(num_hidden_layers=3), stream)
+    tokens = torch.randint(0, 90, (1, 64), generator=torch.Generator().manual_seed(0))
+    dense = sl.collect_dense(model, tokens)
+    sl.fidelity(model, tokens, dense=dense)  # its own model: accepted
+    with pytest.raises(sl.TraceMismatchError, match="another model.*weights"):
+        sl.fidelity(same_shape, tokens, dense=dense)
+    with pytest.raises(sl.TraceMismatchError, match="n_layers 2 vs 3"):
+        sl.fidelity(deeper, tokens, dense=dense)
+    unknown = sl.analysis.DenseTrace(dense.logits, dense.query, dense.key, dense.lse, dense.scale)  # e.g. a saved trace
+    sl.fidelity(same_shape, tokens, dense=unknown)  # no fingerprint: accepted
+    with pytest.raises(sl.TraceMismatchError, match="2 layers, the model 3"):
+        sl.fidelity(deeper, tokens, dense=unknown)

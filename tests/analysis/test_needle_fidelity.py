@@ -116,3 +116,13 @@ def test_needle_figures_use_the_layers_window_softcap_and_sinks(family, through_
         if layer == 0:  # the band keeps every key the window lets the row see (a sink's share is no key's)
             torch.testing.assert_close(result.row_recall[0], row.sum(-1), atol=1e-5, rtol=1e-4)
     assert float(result.needle_mass[0, 0].abs().max()) == 0.0
+
+
+def test_a_dense_trace_of_another_model_or_other_tokens_is_refused(models):
+    sparse, _, tokens = models
+    other_weights, _ = sparse_and_dense(tiny_llama_config(), sparse.stream, seed=1)
+    dense = sl.collect_dense(sparse, tokens)
+    with pytest.raises(sl.TraceMismatchError, match="another model"):
+        sl.needle_fidelity(other_weights, tokens, SPANS, dense=dense)
+    with pytest.raises(sl.TraceMismatchError, match="other tokens"):
+        sl.needle_fidelity(sparse, (tokens + 1) % 90, SPANS, dense=dense)
