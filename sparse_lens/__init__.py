@@ -24,6 +24,7 @@ from sparse_lens.config import (
 from sparse_lens.errors import (
     BlockSizeError,
     ContextTooLongError,
+    DensePatternMethodError,
     DensePatternRequiredError,
     GradientModeError,
     InvalidConfigError,
@@ -93,6 +94,7 @@ __all__ = [
     "collect_dense",
     "ContextTooLongError",
     "DEFAULT_MODEL",
+    "DensePatternMethodError",
     "DensePatternRequiredError",
     "fidelity",
     "GradientModeError",

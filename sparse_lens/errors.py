@@ -52,6 +52,13 @@ class DensePatternRequiredError(SparseLensError, TypeError):
     which sparse_lens never builds. The message names the block-level tool to use instead."""
 
 
+class DensePatternMethodError(DensePatternRequiredError, AttributeError):
+    """A dense tensor's method or attribute read on a ``BlockSparsePattern`` (``pattern.mean()``,
+    ``pattern.softmax(-1)``, ``pattern.dtype``), which has none: the method form of the
+    ``DensePatternRequiredError`` that ``torch.mean(pattern)`` raises. Also an ``AttributeError``,
+    so ``hasattr(pattern, "mean")`` stays False and ``getattr(pattern, "dtype", None)`` None."""
+
+
 class PatternGeometryError(ShapeError):
     """Patterns of different geometry (sequence length, block sizes, top_k, batch, heads, rows)
     were combined, e.g. by ``torch.stack`` / ``ActivationCache.stack_activation``."""

@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.errors import ContextTooLongError, DensePatternRequiredError, ShapeError
+from sparse_lens.errors import ContextTooLongError, DensePatternMethodError, DensePatternRequiredError, ShapeError
 from sparse_lens.kernels.blocks import causal_pairs, kept_pairs_per_slot, num_blocks
 from sparse_lens.kernels.checks import check_attention_features
 from sparse_lens.kernels.sparse_attention import kept_token_probs
@@ -56,6 +56,17 @@ _DENSE_ONLY = (
     "sparse_lens.analysis (block_attribution, suppress_span, path_patch), or pattern.token_probs() "
     "for token-level values on short inputs."
 )
+
+# Public names of torch.Tensor: read on a pattern (which lacks them) they raise DensePatternMethodError.
+_TENSOR_NAMES = frozenset(name for name in dir(Tensor) if not name.startswith("_"))
+
+
+def _not_a_tensor(what: str, example: str) -> str:
+    """The message of ``torch.f(pattern)`` and ``pattern.f()``: ``what`` does not apply, use ``example``."""
+    return (f"{what} does not apply to a BlockSparsePattern (block indices and masses, not a dense "
+            "[batch, head, query, key] tensor). Use its tensors (pattern.block_mass, pattern.block_indices: "
+            f"e.g. {example}), its summaries (recall(), kept_pairs(), pruned_fraction()), "
+            "pattern.token_probs(...) for token-level values on short inputs, or torch.stack(patterns).")
 
 
 def _full(selection: Any) -> bool:
@@ -257,11 +268,17 @@ class BlockSparsePattern:
 
             return stack_patterns(*args, **(kwargs or {}))
         name = getattr(func, "__name__", str(func))
-        raise DensePatternRequiredError(
-            f"torch.{name} does not apply to a BlockSparsePattern (block indices and masses, not a dense "
-            "[batch, head, query, key] tensor). Use its tensors (pattern.block_mass, pattern.block_indices: "
-            f"e.g. torch.{name}(pattern.block_mass)), its summaries (recall(), kept_pairs(), pruned_fraction()), "
-            "pattern.token_probs(...) for token-level values on short inputs, or torch.stack(patterns).")
+        raise DensePatternRequiredError(_not_a_tensor(f"torch.{name}", f"torch.{name}(pattern.block_mass)"))
+
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for names the pattern lacks: a ``torch.Tensor`` method or attribute
+        (``pattern.mean()``, ``pattern.softmax(-1)``) raises ``DensePatternMethodError``, the method
+        form of what ``torch.mean(pattern)`` raises (an ``AttributeError`` too, for ``hasattr``);
+        any other name a plain ``AttributeError``."""
+        if name in _TENSOR_NAMES:
+            raise DensePatternMethodError(_not_a_tensor(f"pattern.{name} (a torch.Tensor attribute)",
+                                                        f"pattern.block_mass.{name}"))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __getitem__(self, index) -> "BlockSparsePattern":
         """Index the batch axis and/or slice the query axis, as TransformerLens' cache does.

@@ -2,6 +2,9 @@
 query selection that is not one contiguous run of blocks raise ``DensePatternRequiredError``
 saying what to do instead (rather than a bare dispatch ``TypeError`` or a silently widened run)."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -18,6 +21,26 @@ def test_torch_functions_other_than_stack_raise_a_named_error(call):
     assert "pattern.block_mass" in str(error.value)
     assert isinstance(error.value, TypeError)  # still what a caller catching TypeError expects
     assert isinstance(torch.stack([pattern, pattern]), sl.BlockSparsePatternStack)  # the one that applies
+
+
+@pytest.mark.parametrize("call", [lambda p: p.mean(), lambda p: p.sum(-1), lambda p: p.softmax(-1),
+                                  lambda p: p.numpy(), lambda p: p.dtype])
+def test_tensor_methods_raise_the_named_error_of_the_torch_functions(call):
+    """``pattern.mean()`` as ``torch.mean(pattern)`` (it was a bare AttributeError)."""
+    with pytest.raises(sl.DensePatternRequiredError, match="does not apply to a BlockSparsePattern") as error:
+        call(make_pattern())
+    assert "pattern.block_mass." in str(error.value)
+    assert isinstance(error.value, sl.DensePatternMethodError) and isinstance(error.value, AttributeError)
+
+
+def test_probing_a_pattern_for_attributes_still_works():
+    pattern = make_pattern()
+    assert not hasattr(pattern, "mean") and getattr(pattern, "dtype", None) is None  # AttributeError underneath
+    with pytest.raises(AttributeError) as error:
+        pattern.no_such_name
+    assert not isinstance(error.value, sl.DensePatternRequiredError)  # not a tensor name: the plain error
+    for copied in (copy.deepcopy(pattern), pickle.loads(pickle.dumps(pattern))):
+        assert torch.equal(copied.block_indices, pattern.block_indices) and copied.seq_len == pattern.seq_len
 
 
 def test_query_positions_in_blocks_that_touch_keep_exactly_those_blocks():
