@@ -4,9 +4,11 @@
     python benchmarks/circuits.py --shape llama-3.1-8b --lengths 131072 524288 --dense-max 131072 --out $OUT/circuits_llama.json
     python benchmarks/circuits.py --device cpu --dtype float32 --layers 2 --lengths 256 \
         --tools forward attribution_patching block_attribution        # smoke test on the CPU
+    python benchmarks/circuits.py --model /tmp/gemma3_270m --dtype float32 --lengths 32768 --out $OUT/circuits_gemma3.json
 
 A random-init model of the chosen shape (bf16, default StreamConfig with keep_qk=False, MLPs
-chunked over 65536 positions); the metric is a logit difference at the last position, whose
+chunked over 65536 positions), or with ``--model`` a real checkpoint (its weights in ``--dtype``, the
+shipped prose as input: ``clean_and_corrupted``); the metric is a logit difference at the last position, whose
 logits alone are built (``positions=[-1]``). Tools (``TOOLS``, name -> function):
 - ``forward``: one sparse forward with every layer's ``hook_pattern`` cached;
 - ``attribution_patching``: every head (``[layer, head]``), one clean and one corrupted run (the
@@ -33,8 +35,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (add_model_flags, build_model, cached_forward, clean_and_corrupted,  # noqa: E402
-                               command, config, environment, print_table, save_json, timed)
+from benchmarks.common import (add_model_flags, add_real_model_flag, cached_forward, clean_and_corrupted,  # noqa: E402
+                               command, config, environment, model_from_args, print_table, save_json, timed)
 
 SHAPE_NAMES = ["llama-3.1-8b", "qwen2.5-1.5b"]
 
@@ -119,10 +121,13 @@ def main() -> None:
     parser.add_argument("--segment-layers", type=lambda text: text if text == "sqrt" else int(text), default="sqrt",
                         help="attribution patching: blocks per checkpointed segment (block_attribution: always sqrt)")
     add_model_flags(parser)
+    add_real_model_flag(parser)
     parser.add_argument("--warmup-length", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/circuits.json"))
     args = parser.parse_args()
-    model = build_model(args.shape, layers=args.layers, dtype=args.dtype, device=args.device, mlp_chunk=args.mlp_chunk)
+    if args.model and args.layers:
+        parser.error("--layers applies to the random-init shape, not to --model")
+    model = model_from_args(args)
     warm_clean, warm_corrupted = clean_and_corrupted(model, min(args.warmup_length, min(args.lengths)), args.device)
     rows = []
     for mode in ["sparse"] + (["dense"] if args.dense_max else []):
@@ -143,7 +148,7 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     result = {**environment(args.device, triton=False), "config": config(args),
-              "model": f"random-init {args.shape} shape" + (f", {args.layers} layers" if args.layers else ""),
+              "model": args.model or f"random-init {args.shape} shape" + (f", {args.layers} layers" if args.layers else ""),
               "rows": rows, "command": command("circuits.py")}
     save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, {result['device']}, offload={args.offload}, "

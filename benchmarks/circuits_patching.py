@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (add_model_flags, build_model, clean_and_corrupted, command, config,  # noqa: E402
-                               environment, print_table, save_json, timed)
+from benchmarks.common import (add_model_flags, add_real_model_flag, clean_and_corrupted, command,  # noqa: E402
+                               config, environment, model_from_args, print_table, save_json, timed)
 
 
 def measure(model, length: int, args) -> list[dict]:
@@ -93,16 +93,17 @@ def main() -> None:
     parser.add_argument("--cached-max", type=int, default=131072, help="longest input for path_patch_cached")
     parser.add_argument("--dense", action="store_true", help="also run mode='dense' (SDPA)")
     add_model_flags(parser)
+    add_real_model_flag(parser)  # a real checkpoint (e.g. Gemma 3 270M), the shipped prose as input
     parser.add_argument("--warmup-length", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/circuits_patching.json"))
     args = parser.parse_args()
-    model = build_model(args.shape, layers=args.layers, dtype=args.dtype, device=args.device, mlp_chunk=args.mlp_chunk)
+    model = model_from_args(args)
     with torch.no_grad():  # compiles the kernels
         model(torch.zeros(1, min(args.warmup_length, max(args.lengths)), dtype=torch.long, device=args.device),
               logits_to_keep=1)
     rows = [row for length in args.lengths for row in measure(model, length, args)]
     result = {**environment(args.device, triton=False),
-              "model": f"random-init {args.shape} shape, {model.cfg.n_layers} layers",
+              "model": args.model or f"random-init {args.shape} shape, {model.cfg.n_layers} layers",
               "config": config(args), "rows": rows, "command": command("circuits_patching.py")}
     save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, default StreamConfig (keep_qk=False), {result['device']}")

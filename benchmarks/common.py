@@ -5,6 +5,9 @@ run with its peak GPU memory, CUDA-event medians, and the JSON / markdown-table 
   configs of the models benchmarked (random-init: only the shapes matter);
 - :func:`build_model`: a random-init ``HookedSparseTransformer`` of a shape (``keep_qk=False`` by
   default, MLPs chunked);
+- :func:`load_real_model`, :func:`model_from_args`, :func:`text_tokens`: a real checkpoint
+  (``--model``, :func:`add_real_model_flag`) instead of a shape, and its input: the shipped prose
+  after the tokenizer's BOS (:func:`clean_and_corrupted` uses it for models with a tokenizer);
 - :func:`cached_forward`: one forward with every layer's ``hook_pattern`` cached, last position's
   logits only;
 - :func:`timed`: seconds and peak GPU GB of one call, an error recorded as the row's ``error``;
@@ -136,12 +139,65 @@ def cached_forward(model, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Te
 
 
 def clean_and_corrupted(model, length: int, device: str, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``[1, length]`` tokens and a copy whose first half is replaced (seed: ``length`` unless given)."""
-    generator = torch.Generator().manual_seed(length if seed is None else seed)
+    """``[1, length]`` clean tokens and a copy whose first half is replaced (seed: ``length`` unless
+    given). A model with a tokenizer (a real checkpoint, :func:`load_real_model`): the shipped prose
+    (:func:`text_tokens`, essays in a seeded order), the first half replaced by other prose (the
+    BOS kept); a random-init model (no tokenizer): random ids."""
+    seed = length if seed is None else seed
+    if getattr(model, "tokenizer", None) is not None:
+        clean = torch.tensor([text_tokens(model.tokenizer, length, seed=seed)])
+        corrupted = clean.clone()
+        start = len(bos_tokens(model.tokenizer))
+        other = text_tokens(model.tokenizer, length, seed=seed + 1, bos=False)
+        corrupted[:, start: length // 2] = torch.tensor(other[: max(0, length // 2 - start)])
+        return clean.to(device), corrupted.to(device)
+    generator = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, model.cfg.d_vocab, (1, length), generator=generator)
     corrupted = clean.clone()
     corrupted[:, : length // 2] = torch.randint(0, model.cfg.d_vocab, (1, length // 2), generator=generator)
     return clean.to(device), corrupted.to(device)
+
+
+# ----- real checkpoints -------------------------------------------------------------------------------
+def load_real_model(name: str, *, stream: Any = None, dtype: str | torch.dtype = "float32", device: str | None = None,
+                    mlp_chunk: int = 65536) -> Any:
+    """A real checkpoint as a ``HookedSparseTransformer`` (``name``: anything ``from_pretrained``
+    takes: a package spec, a ``.gguf`` path, a ``save_pretrained`` directory such as
+    ``benchmarks/gguf_to_dir.py`` writes); ``stream`` (default ``TracingConfig(keep_qk=False)``),
+    ``dtype`` (GGUF weights are dequantised to it), ``mlp_chunk`` as :func:`build_model`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import sparse_lens as sl
+
+    model = sl.HookedSparseTransformer.from_pretrained(
+        name, stream=stream if stream is not None else sl.TracingConfig(keep_qk=False),
+        dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, **({"device": device} if device else {}))
+    model.mlp_chunk_tokens = mlp_chunk
+    return model
+
+
+def model_from_args(args: Any, shape: str | None = None, stream: Any = None) -> Any:
+    """``--model`` (a real checkpoint, :func:`load_real_model`) when given, else the random-init
+    ``shape`` (default ``args.shape``) with ``--layers``; ``--dtype``, ``--device``, ``--mlp-chunk``."""
+    if getattr(args, "model", None):
+        return load_real_model(args.model, stream=stream, dtype=args.dtype, device=args.device, mlp_chunk=args.mlp_chunk)
+    return build_model(shape or args.shape, layers=args.layers, stream=stream, dtype=args.dtype, device=args.device,
+                       mlp_chunk=args.mlp_chunk)
+
+
+def bos_tokens(tokenizer: Any) -> list[int]:
+    """``[bos id]`` when ``tokenizer`` puts a BOS before a text (Gemma), else ``[]`` (SmolLM2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+
+
+def text_tokens(tokenizer: Any, length: int, *, seed: int = 0, bos: bool = True) -> list[int]:
+    """``length`` token ids of the shipped prose (``sparse_lens.data.prose_tokens``: CC0 essays in
+    a ``seed``-ed order) as the model reads a text: after its BOS when its tokenizer adds one
+    (``bos=False``: never). Without a BOS the ids are exactly ``prose_tokens``'."""
+    from sparse_lens.data import prose_tokens
+
+    start = bos_tokens(tokenizer) if bos else []
+    return (start + prose_tokens(tokenizer, length - len(start), seed=seed))[:length]
 
 
 # ----- timing -----------------------------------------------------------------------------------------
@@ -224,6 +280,13 @@ def add_model_flags(parser: Any) -> None:
     parser.add_argument("--mlp-chunk", type=int, default=65536)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_real_model_flag(parser: Any) -> None:
+    """``--model``: a real checkpoint instead of the random-init shape (:func:`model_from_args`)."""
+    parser.add_argument("--model", default=None, metavar="MODEL",
+                        help="a real checkpoint instead of the random-init shape: a .gguf path, a package spec or a "
+                             "save_pretrained directory (benchmarks/gguf_to_dir.py); inputs are then the shipped prose")
 
 
 # ----- output -----------------------------------------------------------------------------------------
