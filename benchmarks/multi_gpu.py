@@ -106,7 +106,7 @@ def part_layers(args) -> list[dict]:
     model = build(args, **placement(args))
     devices = sorted({str(d) for d in (next(b.parameters()).device for b in model.blocks)})
     warm, _ = clean_and_corrupted(model, min(args.warmup_length, min(args.lengths)), model.cfg.device)
-    timed(args.device, lambda: forward_with_patterns(model, warm))  # compiles the kernels on every device
+    forward_with_patterns(model, warm)  # compiles the kernels on every device; an error here stops the run
     rows = []
     for length in args.lengths:
         clean, _ = clean_and_corrupted(model, length, model.cfg.device)
@@ -119,7 +119,7 @@ def part_layers(args) -> list[dict]:
         one = "cpu" if args.device == "cpu" else "cuda:0"
         # the same weights: a GPU map builds every module on its GPU with a per-module seed
         single = build(args, device=one) if args.device == "cpu" else build(args, device_map={"": 0})
-        timed(args.device, lambda: forward_with_patterns(single, warm.to(one)))
+        forward_with_patterns(single, warm.to(one))
         for row in list(rows):
             clean, _ = clean_and_corrupted(single, row["length"], one)
             reference = {"part": "layers", "length": row["length"], "devices": [one],
@@ -143,7 +143,7 @@ def part_attribution(args) -> list[dict]:
         return {"clean_metric": result.clean_metric, "corrupted_metric": result.corrupted_metric,
                 "top_heads": result.top_heads(3)}
 
-    timed(args.device, lambda: run(min(args.warmup_length, min(args.lengths))))
+    run(min(args.warmup_length, min(args.lengths)))  # warm-up: an error here stops the run, with its traceback
     rows = []
     for length in args.lengths:
         rows.append({"part": "attribution", "length": length, "devices": devices, **timed(args.device, lambda: run(length))})

@@ -264,6 +264,7 @@ class _Runs:
         self.corrupted_phase = False
         self.rerunning = False  # a segment of the corrupted run is being recomputed
         self.segment_inputs: dict[int, Tensor] = {}
+        self.segment_devices: dict[int, torch.device] = {}  # where each offloaded input came from
         self.block_kwargs: dict[int, dict] = {}
         self.corrupted: dict[str, Tensor] = {}
         self.clean: dict[str, Tensor] = {}
@@ -301,7 +302,8 @@ class _Runs:
         """Rerun the corrupted run's blocks ``layers`` from their stored input (no gradients),
         keeping their activations named in ``names`` in ``self.corrupted``."""
         hidden = self.segment_inputs.pop(layers[0])
-        hidden = hidden.to(self.model.cfg.device, non_blocking=True) if self.offload else hidden
+        if self.offload:  # back to the device the block ran on (layers across GPUs: not always cfg.device)
+            hidden = hidden.to(self.segment_devices.pop(layers[0]), non_blocking=True)
         self.corrupted_phase = self.rerunning = True
         state = recompute_state(self.model)
         previous = state.recomputing, state.memo
@@ -317,6 +319,7 @@ class _Runs:
 
     def clear(self) -> None:
         self.segment_inputs.clear()
+        self.segment_devices.clear()
         self.block_kwargs.clear()
         self.corrupted.clear()
         self.clean.clear()
@@ -342,6 +345,7 @@ class _Runs:
             if not self.rerunning:
                 if self.offload:  # one copy, straight into pinned host memory (read back without blocking)
                     kept = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda).copy_(value.detach())
+                    self.segment_devices[layer] = value.device
                 else:
                     kept = value.detach().clone()
                 self.segment_inputs[layer] = kept

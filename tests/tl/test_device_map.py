@@ -159,3 +159,27 @@ def test_build_on_devices_weights_depend_on_seed_not_split():
             assert abs(float(mine.std()) - config.initializer_range) < 0.3 * config.initializer_range, name
     for name, buffer in normal.named_buffers():
         torch.testing.assert_close(dict(whole.named_buffers())[name], buffer)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_attribution_with_offload_on_two_gpus_equals_one():
+    """The corrupted run's offloaded segment inputs go back to the GPU their block runs on (they went
+    to cfg.device, cuda:0, and a block on cuda:1 failed with a device mismatch at 1M tokens)."""
+    from sparse_lens.analysis.attribution_patching import attribution_patching
+
+    stream = STREAM.replace(query_block=16, key_block=16)
+    reference = sl.HookedSparseTransformer.from_config(tiny_llama_config(), stream, seed=5, device_map={"": 0})
+    model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), stream, seed=5, device_map=per_module_map(0, 1))
+    clean = torch.randint(0, 101, (1, 96), generator=torch.Generator().manual_seed(1))
+    corrupted = clean.clone()
+    corrupted[:, :48] = torch.randint(0, 101, (1, 48), generator=torch.Generator().manual_seed(2))
+
+    def metric(logits):
+        return logits[0, -1, 1].float() - logits[0, -1, 2].float()
+
+    results = [attribution_patching(each, clean.to(each.cfg.device), corrupted.to(each.cfg.device), metric,
+                                    positions=[-1], heads=True, offload=True, offload_activations=True,
+                                    segment_layers=1)  # a segment starting on cuda:1
+               for each in (model, reference)]
+    assert abs(results[0].clean_metric - results[1].clean_metric) < 1e-3
+    torch.testing.assert_close(results[0].head_out.cpu(), results[1].head_out.cpu(), atol=1e-3, rtol=1e-3)
