@@ -227,7 +227,7 @@ def _chunked_norm(forward: Callable, chunk_tokens: int, state: RecomputeState, i
     return torch.cat([forward(piece) for piece in pieces], dim=-2)
 
 
-def _position_wise_norms(model: Any) -> list[NormalizationBridge]:
+def position_wise_norms(model: Any) -> list[NormalizationBridge]:
     """The norm bridges acting on the residual stream: each block's direct norms and the final one."""
     norms = [module for block in model.blocks for module in block.children() if isinstance(module, NormalizationBridge)]
     final = getattr(model, "ln_final", None)
@@ -235,7 +235,7 @@ def _position_wise_norms(model: Any) -> list[NormalizationBridge]:
 
 
 def _install_chunked_norms(model: Any, chunk_tokens: int, state: RecomputeState) -> list[NormalizationBridge]:
-    norms = _position_wise_norms(model)
+    norms = position_wise_norms(model)
     for norm in norms:
         inner = [m for m in norm.modules() if isinstance(m, HookPoint) and m not in (norm.hook_in, norm.hook_out)]
         for name in _NORM_FORWARDS:

@@ -5,9 +5,19 @@ same result while its intermediates ([T, d_mlp], 18 GB in bf16 at 1M tokens for 
 shrink to [chunk, d_mlp]. The chunking is installed on the wrapped HF module, inside the
 bridge's ``mlp.hook_in`` / ``mlp.hook_out``, so hooks still see whole-sequence tensors.
 
-With gradients on, each chunk runs under activation checkpointing (``checkpoint_blocks``' helper):
-the backward keeps only the chunk inputs and recomputes one chunk's intermediates at a time, so
-the bound holds in the backward too.
+Norms are position-wise too. TransformerLens' norm bridge computes ``hook_scale`` and
+``hook_normalized`` in float32 over the whole sequence and then runs the HF norm, which upcasts
+to float32 again: four float32 ``[T, d_model]`` tensors alive at once, 8 residual-stream copies
+in bf16 (the peak of a whole forward). :func:`set_norm_chunking` runs each block norm and the
+final norm over ``chunk_tokens`` positions at a time in forwards without gradients; when neither
+``hook_scale`` nor ``hook_normalized`` carries a hook it calls the HF norm alone (what the bridge
+returns then), else the bridge's own computation runs unchunked. ``hook_in`` / ``hook_out`` see
+whole-sequence tensors. The chunks' outputs are written into one output tensor (no concatenation,
+which would hold the output twice).
+
+With gradients on, each MLP chunk runs under activation checkpointing (``checkpoint_blocks``'
+helper): the backward keeps only the chunk inputs and recomputes one chunk's intermediates at a
+time, so the bound holds in the backward too; norms are chunked then by ``checkpoint_blocks``.
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
-from sparse_lens.tl.checkpointing import RecomputeState, checkpointed_call
+from sparse_lens.tl.checkpointing import RecomputeState, checkpointed_call, position_wise_norms
 
 
 def set_mlp_chunking(blocks: Any, chunk_tokens: int | None, state: RecomputeState | None = None) -> None:
@@ -34,6 +46,18 @@ def set_mlp_chunking(blocks: Any, chunk_tokens: int | None, state: RecomputeStat
             mlp.forward = partial(_chunked_forward, mlp.forward, chunk_tokens, state)
 
 
+def set_norm_chunking(model: Any, chunk_tokens: int | None) -> None:
+    """Run every block norm and the final norm of ``model`` (a TransformerLens bridge) over at most
+    ``chunk_tokens`` positions at a time in forwards without gradients (``None``: whole sequence;
+    module docstring). Results do not change."""
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}.")
+    for norm in position_wise_norms(model):
+        norm.__dict__.pop("forward", None)  # into the instance dict: bridges pass attribute writes to the HF module
+        if chunk_tokens is not None:
+            norm.__dict__["forward"] = partial(_chunked_norm_forward, norm, chunk_tokens)
+
+
 def _chunked_forward(
     forward: Callable[[Tensor], Tensor], chunk_tokens: int, state: RecomputeState, hidden_states: Tensor
 ) -> Tensor:
@@ -41,6 +65,35 @@ def _chunked_forward(
         return forward(hidden_states)
     if torch.is_grad_enabled() and hidden_states.requires_grad:
         parts = [checkpointed_call(forward, state, (part,)) for part in hidden_states.split(chunk_tokens, dim=-2)]
+        return torch.cat(parts, dim=-2)
+    return _fill_by_chunks(forward, hidden_states, chunk_tokens)
+
+
+def _chunked_norm_forward(norm: NormalizationBridge, chunk_tokens: int, hidden_states: Tensor, **kwargs: Any) -> Tensor:
+    inner_hooks = [module for module in norm.modules()
+                   if isinstance(module, HookPoint) and module not in (norm.hook_in, norm.hook_out)]
+    if (hidden_states.shape[-2] <= chunk_tokens or (torch.is_grad_enabled() and hidden_states.requires_grad)
+            or any(hook.has_hooks() for hook in inner_hooks)):
+        return type(norm).forward(norm, hidden_states, **kwargs)
+    hidden_states = norm.hook_in(hidden_states)
+    if norm.use_native_layernorm_autograd or getattr(norm.config, "layer_norm_folding", False):
+        # What _hf_autograd_forward_with_hooks returns when no inner hook edits or reads: the HF
+        # norm's output in the input dtype (its float32 hook values are not computed).
+        def compute(piece: Tensor) -> Tensor:
+            return norm.original_component(piece).to(piece.dtype)
     else:
-        parts = [forward(part) for part in hidden_states.split(chunk_tokens, dim=-2)]
-    return torch.cat(parts, dim=-2)
+        compute = norm._python_norm_forward
+    return norm.hook_out(_fill_by_chunks(compute, hidden_states, chunk_tokens))
+
+
+def _fill_by_chunks(function: Callable[[Tensor], Tensor], hidden_states: Tensor, chunk_tokens: int) -> Tensor:
+    """``function`` (position-wise) over ``chunk_tokens`` positions at a time, written into one
+    output ``[..., pos, d_out]``: only the output and one chunk's intermediates are alive."""
+    seq_len, output = hidden_states.shape[-2], None
+    for start in range(0, seq_len, chunk_tokens):
+        part = function(hidden_states[..., start:start + chunk_tokens, :])
+        if output is None:
+            output = part.new_empty((*part.shape[:-2], seq_len, part.shape[-1]))
+        output[..., start:start + chunk_tokens, :] = part
+        del part
+    return output

@@ -44,7 +44,7 @@ from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
 from sparse_lens.errors import UnsupportedModelError
 from sparse_lens.kernels import dense_attention
-from sparse_lens.tl.attention import SparseAttentionBridge, apply_rotary, init_sparse_state
+from sparse_lens.tl.attention import ROTARY_CHUNK_TOKENS, SparseAttentionBridge, apply_rotary, init_sparse_state
 from sparse_lens.tl.features import unsupported_features
 from sparse_lens.tl.windows import attention_softcap, binding_window, check_one_sequence, sliding_window
 
@@ -113,7 +113,8 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
         if position_embeddings is None:
             raise UnsupportedModelError(f"{self._where()}: no rotary position embeddings were passed to attention.")
         cos, sin = self._apply_position_embedding_hooks(position_embeddings)
-        query, key = apply_rotary(query, key, cos, sin, full_rotary=get_rotary_pct_from_config(self.config) == 1.0)
+        query, key = apply_rotary(query, key, cos, sin, full_rotary=get_rotary_pct_from_config(self.config) == 1.0,
+                                  chunk_tokens=ROTARY_CHUNK_TOKENS)
         query = self.hook_rot_q(query)
         key = self.hook_rot_k(key)
         key, value = self._update_kv_cache(key, value, **kwargs)
@@ -129,6 +130,7 @@ class SparseJointQKVAttentionBridge(JointQKVPositionEmbeddingsAttentionBridge):
         else:
             z, _ = dense_attention(query, key, value, scale=scale, query_offset=n_cached, **features)
 
+        del query, key, value  # not alive during the output projection
         z = rearrange(z, "batch head pos d_head -> batch pos (head d_head)").to(self.o.original_component.weight.dtype)
         if getattr(self.config, "use_attn_result", False):
             z = self.o.hook_in(z)

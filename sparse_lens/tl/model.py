@@ -23,7 +23,7 @@ from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, ShapeError, UnsupportedModelError
 from sparse_lens.tl.attention import SparseAttentionBridge
 from sparse_lens.tl.checkpointing import RecomputeState, checkpoint_blocks, recompute_state
-from sparse_lens.tl.chunking import set_mlp_chunking
+from sparse_lens.tl.chunking import set_mlp_chunking, set_norm_chunking
 from sparse_lens.tl.generation import greedy_generate
 from sparse_lens.tl.joint_qkv_attention import SparseJointQKVAttentionBridge
 from sparse_lens.tl.loading import DEFAULT_MODEL, check_supported, load_hf_model, resolve_model_source
@@ -161,13 +161,15 @@ class HookedSparseTransformer(TransformerBridge):
 
     @property
     def mlp_chunk_tokens(self) -> int | None:
-        """Positions each MLP processes at a time (``None``: the whole sequence). Results do not
-        change; set it (e.g. to 65536) for very long inputs, whose MLP intermediates are large."""
+        """Positions each MLP and each norm (in forwards without gradients) processes at a time
+        (``None``: the whole sequence). Results do not change; set it (e.g. to 65536) for very long
+        inputs, whose MLP and float32 norm intermediates are large (``sparse_lens.tl.chunking``)."""
         return getattr(self, "_mlp_chunk_tokens", None)
 
     @mlp_chunk_tokens.setter
     def mlp_chunk_tokens(self, chunk_tokens: int | None) -> None:
         set_mlp_chunking(self.blocks, chunk_tokens, recompute_state(self))
+        set_norm_chunking(self, chunk_tokens)
         self._mlp_chunk_tokens = chunk_tokens
 
     def lean_backward(
