@@ -145,7 +145,7 @@ def test_reference_sparse_selection_renormalises_with_the_sink():
     query, key, value, sinks = draw(2)
     features = dict(window=40, softcap=SOFTCAP, sinks=sinks)
     band = band_indices(query, 40)
-    keep_first = torch.rand(band.shape[:-1], generator=torch.Generator().manual_seed(0)) < 0.5
+    keep_first = (torch.rand(band.shape[:-1], generator=torch.Generator().manual_seed(0)) < 0.5).to(DEVICE)
     indices = torch.where((band == band.amax(-1, keepdim=True)) | keep_first[..., None], band, -1)
     indices = sorted_slots(indices)
     kept_tokens = torch.zeros(*indices.shape[:2], SEQ, SEQ, dtype=torch.bool)
@@ -190,7 +190,7 @@ def test_reference_block_masses_under_the_exact_lse(name):
 def test_reference_gradients_equal_dense_softmax_gradients():
     query, key, value, sinks = draw(4)
     tensors = [t.clone().requires_grad_() for t in (query, key, value, sinks)]
-    weights = torch.randn(1, 4, SEQ, 16, generator=torch.Generator().manual_seed(9))
+    weights = torch.randn(1, 4, SEQ, 16, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     features = lambda t: dict(window=WINDOW, softcap=SOFTCAP, sinks=t[3])  # noqa: E731
     dense = dense_softmax(*tensors[:3], scale=SCALE, **features(tensors))[0]
     expected = torch.autograd.grad((dense * weights).sum(), tensors)
