@@ -1,26 +1,34 @@
 """What is alive at the memory peak of one long sparse forward: the largest live allocations and where
 they were made, in residual-stream copies (T x d_model x dtype bytes).
 
+    python3 benchmarks/memory_profile.py --shape llama-3.1-8b --layers 32 --length 1048576 --out $OUT/memory_8b_1m.json
+    python3 benchmarks/memory_profile.py --shape qwen2.5-1.5b --layers 28 --length 1048576 --out $OUT/memory_15b_1m.json
     python3 benchmarks/memory_profile.py --shape llama-3.1-8b --layers 2 --length 131072 --out $OUT/memory_8b_128k.json
     python3 benchmarks/memory_profile.py --shape tiny --length 512 --device cpu --out /tmp/memory_cpu.json
     python3 benchmarks/memory_profile.py --shape qwen2.5-1.5b --layers 28 --length 1048576 --run attribution_patching \
         --out $OUT/memory_attribution_1m.json      # what is alive at attribution patching's peak
 
 A random-init model of the named shape with ``--layers`` layers (bf16 on CUDA), ``keep_qk=False``,
-MLPs chunked over ``--mlp-chunk`` positions, logits for the last position only, run as in
+MLPs and norms chunked over ``--mlp-chunk`` positions, logits for the last position only, run as in
 ``benchmarks/model.py`` (``run_with_cache`` with every ``hook_pattern`` cached) after a warm-up at
 ``--warmup-length``. On CUDA the forward runs under ``torch.cuda.memory._record_memory_history``;
 the allocation trace is replayed to the moment of the highest allocated total, and the allocations
 live then are listed, largest first, with the innermost frame of this project, TransformerLens or
 transformers that made each (``--frames`` frames of it), grouped by that call site. The snapshot is
-saved too (``--snapshot``, for https://pytorch.org/memory_viz). On the CPU (smoke test) the
-profiler's per-operator memory table is printed instead. Prints tables, writes JSON.
+saved too (``--snapshot``, for https://pytorch.org/memory_viz). On the CPU the same table comes
+from counting live tensors: every tensor an op creates is counted from its creation until its
+storage is freed (a ``TorchDispatchMode``, as ``tests/tl/test_forward_memory.py`` does), and the
+ones alive at the highest total are listed by call site (the kernels are then the torch
+references, whose rescoring allocates far more than the Triton path: a smoke test; for the Triton
+wrappers' buffers see the test). Prints tables, writes JSON.
 
-Found by reading the code path (and counting live tensors at a layer's entry on the CPU): a plain
-forward lets HF build its ``DynamicCache``, so every layer's rotated keys and values stay alive to
-the end of the forward, though nothing reads them: ``2 * kv_heads * d_head / d_model`` residual
-copies per layer, 16 copies for the Llama-3.1-8B shape (32 layers x 0.5; 128 GB at 1M tokens), 9.3
-for Qwen2.5-1.5B. ``--no-kv-cache`` passes ``use_cache=False``; compare the two runs.
+Found so far (the forward; issue 11): HF's default KV cache kept every layer's keys and values
+(16 residual copies for the Llama-3.1-8B shape; the forward now passes ``use_cache=False``; compare
+with ``--kv-cache``); TransformerLens' norm bridge held four float32 ``[T, d_model]`` tensors (its
+hook values and HF's upcast: 8 copies, the forward's peak) and RoPE three whole-sequence
+temporaries, both now chunked (``sparse_lens.tl.chunking``, ``tl.attention.apply_rotary``). Left at
+the peak (rotating a layer's queries, ~6 copies): the embedding (HF's forward holds it to the end),
+the residual stream, the attention's input norm, the q / k / v projections and the rotated q / k.
 """
 
 from __future__ import annotations
@@ -30,10 +38,14 @@ import os
 import pickle
 import sys
 import time
+import traceback
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import build_model, cached_forward, command, device_name, hf_config, save_json  # noqa: E402
@@ -74,8 +86,8 @@ def block_attribution(model, length: int, device: str, use_cache: bool | None = 
 
 
 def forward(model, length: int, device: str, use_cache: bool | None = None):
-    """``use_cache=None``: as ``benchmarks/model.py`` (HF's default: a KV cache of every layer's keys
-    and values is built during the forward, though nothing reads it); ``False``: no KV cache."""
+    """As ``benchmarks/model.py`` runs it; ``use_cache=None``: the forward's default (no KV cache),
+    ``True``: HF's KV cache of every layer's keys and values is built during the forward."""
     tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=device)
     return cached_forward(model, tokens, **({} if use_cache is None else {"use_cache": use_cache}))
 
@@ -145,16 +157,55 @@ def profile_cuda(model, args, residual_bytes: int) -> dict:
                               "residual_copies": v["bytes"] / residual_bytes} for site, v in top]}
 
 
-def profile_cpu(model, args, residual_bytes: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+class LiveTensors(TorchDispatchMode):
+    """Every tensor an op creates while the mode is on, from its creation until its storage is freed
+    (views and in-place results are not new): the peak of their total bytes and what was alive then,
+    each with the call site that made it (as :func:`call_site` names CUDA allocations)."""
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        RUNS[args.run](model, args.length, args.device, args.use_cache)
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_memory_usage)[:args.top]
-    print(prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=args.top))
-    return {"live_at_peak": [], "cpu_operators": [
-        {"operator": e.key, "calls": e.count, "self_allocated_mb": e.self_cpu_memory_usage / 2**20,
-         "residual_copies": e.self_cpu_memory_usage / residual_bytes} for e in events]}
+    def __init__(self, frames: int):
+        super().__init__()
+        self.frames, self.live, self.total, self.peak, self.at_peak = frames, {}, 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer and pointer not in inputs and pointer not in self.live:
+                stack = [{"filename": f.filename, "line": f.lineno, "name": f.name}
+                         for f in reversed(traceback.extract_stack())]
+                self.live[pointer] = (storage.nbytes(), call_site(stack, self.frames))
+                self.total += storage.nbytes()
+                weakref.finalize(storage, self._free, pointer)
+        if self.total > self.peak:
+            self.peak, self.at_peak = self.total, dict(self.live)
+        return out
+
+    def _free(self, pointer):
+        entry = self.live.pop(pointer, None)
+        if entry is not None:
+            self.total -= entry[0]
+
+
+def profile_cpu(model, args, residual_bytes: int) -> dict:
+    recorder = LiveTensors(args.frames)
+    started = time.perf_counter()
+    with recorder:
+        outputs = RUNS[args.run](model, args.length, args.device, args.use_cache)
+    seconds = time.perf_counter() - started
+    del outputs
+    sites = defaultdict(lambda: {"bytes": 0, "count": 0})
+    for size, site in recorder.at_peak.values():
+        sites[site]["bytes"] += size
+        sites[site]["count"] += 1
+    top = sorted(sites.items(), key=lambda item: -item[1]["bytes"])[:args.top]
+    return {"seconds": seconds, "activation_peak_gb": recorder.peak / 2**30,
+            "activation_peak_residual_copies": recorder.peak / residual_bytes,
+            "live_at_peak": [{"site": site, "count": v["count"], "gb": v["bytes"] / 2**30,
+                              "residual_copies": v["bytes"] / residual_bytes} for site, v in top]}
 
 
 def main() -> None:
@@ -170,8 +221,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="call sites listed")
     parser.add_argument("--frames", type=int, default=3, help="frames per call site")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-kv-cache", dest="use_cache", action="store_const", const=False, default=None,
-                        help="pass use_cache=False (default: HF's default, which builds a KV cache)")
+    parser.add_argument("--kv-cache", dest="use_cache", action="store_const", const=True, default=None,
+                        help="pass use_cache=True (HF builds a KV cache of every layer; default: the forward's, none)")
+    parser.add_argument("--no-kv-cache", dest="use_cache", action="store_const", const=False,
+                        help="pass use_cache=False (the forward's default since it was found)")
     parser.add_argument("--run", choices=list(RUNS), default="forward",
                         help="what is profiled: the forward with patterns cached, or a gradient tool (forward + backward)")
     parser.add_argument("--snapshot", type=Path, default=None, help="also save the raw snapshot (pickle) here")
@@ -191,16 +244,12 @@ def main() -> None:
     print(f"\n{args.shape}, {args.layers} layers, {args.length:,} tokens, {dtype}, {result['device']}; "
           f"one residual-stream copy = {residual_bytes / 2**30:.3f} GB")
     if "peak_allocated_gb" in result:
-        print(f"peak allocated {result['peak_allocated_gb']:.2f} GB, of which activations "
-              f"{result['activation_peak_gb']:.2f} GB = {result['activation_peak_residual_copies']:.1f} residual copies")
-        print("\n| live at the peak: call site | allocations | GB | residual copies |\n|---|---|---|---|")
-        for row in result["live_at_peak"]:
-            print(f"| {row['site']} | {row['count']} | {row['gb']:.3f} | {row['residual_copies']:.2f} |")
-    else:
-        print("\n| operator | calls | self allocated MB | residual copies |\n|---|---|---|---|")
-        for row in result["cpu_operators"]:
-            print(f"| {row['operator']} | {row['calls']} | {row['self_allocated_mb']:.2f} | {row['residual_copies']:.2f} |")
-
+        print(f"peak allocated {result['peak_allocated_gb']:.2f} GB, of which ", end="")
+    print(f"activations {result['activation_peak_gb']:.2f} GB = {result['activation_peak_residual_copies']:.1f} "
+          "residual copies")
+    print("\n| live at the peak: call site | allocations | GB | residual copies |\n|---|---|---|---|")
+    for row in result["live_at_peak"]:
+        print(f"| {row['site']} | {row['count']} | {row['gb']:.3f} | {row['residual_copies']:.2f} |")
 
 if __name__ == "__main__":
     os.environ.setdefault("TORCH_CUDNN_SDPA_ENABLED", "1")
