@@ -3,7 +3,8 @@
     python benchmarks/tune_kernels.py --out benchmarks/results/tune_h200.json
 
 - block-sparse attention forward: num_warps x num_stages, Qwen2.5-1.5B and Llama-3.1-8B shapes,
-  128k tokens, top_k 32 (the <= 5%-of-dense target's setting);
+  128k tokens, top_k 32 (the <= 5%-of-dense target's setting); benchmarks/attention_sweep.py sweeps
+  every launch setting of the attention kernels (forward and backward) against dense SDPA;
 - Stream estimator: cost against ``representative_keys`` (the keys read per candidate), 128k and 1M.
 Uses the kernels' private launch helpers to vary launch parameters without changing defaults.
 Prints a table and writes JSON.
@@ -34,11 +35,9 @@ def attention_forward(query, key, value, block_indices, num_warps: int, num_stag
     output = torch.empty_like(query)
     lse = torch.empty(query.shape[:3], device="cuda", dtype=torch.float32)
     block_mass = torch.empty(block_indices.shape, device="cuda", dtype=torch.float32)
-    grid = (block_indices.shape[2], query.shape[0] * query.shape[1])
-    config = attention._launch_config(query, value, block_indices, None, block, block)
-    return lambda: attention._forward_kernel[grid](
-        query, key, value, block_indices, block_mass, lse, output, lse, block_mass, 128**-0.5, 0, 1.0,
-        *attention._sizes(query, key, value, block_indices), **config, num_warps=num_warps, num_stages=num_stages)
+    launch = attention.KernelLaunch(num_warps=num_warps, num_stages=num_stages)
+    return lambda: attention._launch_forward(query, key, value, block_indices, None, output, lse, block_mass,
+                                             query_block=block, key_block=block, scale=128**-0.5, launch=launch)
 
 
 def main() -> None:

@@ -197,25 +197,50 @@ def _visible(key_pos, query_pos, row_limit, window, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _tile_plan(key_block_id, first_key, first_query, last_query, seq_len, window,
+               QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """``(reached, mask_first_key, load_first_key, needs_mask)`` of one key tile of a query tile.
+
+    ``reached``: some key of the tile may be visible (a used slot, not after the tile's last query,
+    not wholly older than the window). An unreached tile is read at block 0 (``load_first_key``)
+    and masked as keys from ``seq_len`` on (``mask_first_key``), which no query sees.
+    ``needs_mask``: some query of the tile does not see some key of it (the diagonal, an unreached
+    tile, padding rows, the window's edge); the other tiles skip the mask when ``MASK_ALL`` is off.
+    """
+    reached = (key_block_id >= 0) & (first_key <= last_query)
+    if HAS_WINDOW:
+        reached = reached & (first_key + KEY_TILE > first_query - window + 1)
+    mask_first_key = tl.where(reached, first_key, seq_len)
+    needs_mask = (mask_first_key + KEY_TILE - 1 > first_query) | (last_query < first_query + QUERY_TILE - 1)
+    if HAS_WINDOW:
+        needs_mask = needs_mask | (first_key <= last_query - window)
+    return reached, mask_first_key, tl.where(reached, first_key, 0), needs_mask
+
+
+@triton.jit
 def _forward_step(
     accumulator, row_max, row_sum, slot_sums, query_tile_values, key_base, value_base,
-    first_key, load_first_key, row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value,
-    KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr,
+    first_key, load_first_key, needs_mask, row_limit, query_pos, slot, gate, scale, window, softcap, seq_len,
+    d_head, d_value, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_MASS: tl.constexpr,
-    EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One key tile of the online softmax (base 2): the new ``(accumulator, row_max, row_sum, slot_sums)``.
 
-    Keys are read at ``load_first_key`` and masked as the positions from ``first_key`` (the two
-    differ only for a wholly invisible tile of the branch-free loop: read at block 0, masked as
-    positions from ``seq_len`` on).
+    Keys are read at ``load_first_key`` and masked as the positions from ``first_key`` (see
+    ``_tile_plan``); without ``MASK_ALL`` only where ``needs_mask``.
     """
     tile_rows = tl.arange(0, KEY_TILE)
     keys = _load_tile(key_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_D), d_head, EVEN)
     values = _load_tile(value_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_DV), d_value, EVEN)
     scores, factor, _ = _scores_log2(query_tile_values, keys, scale, softcap, HAS_SOFTCAP, FOLD_SCALE,
                                      DOT_PRECISION, DOT_UPCAST)
-    scores = tl.where(_visible(first_key + tile_rows, query_pos, row_limit, window, HAS_WINDOW), scores, float("-inf"))
+    key_pos = first_key + tile_rows
+    if MASK_ALL:
+        scores = tl.where(_visible(key_pos, query_pos, row_limit, window, HAS_WINDOW), scores, float("-inf"))
+    elif needs_mask:
+        scores = tl.where(_visible(key_pos, query_pos, row_limit, window, HAS_WINDOW), scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, axis=1) * factor)
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
     rescale = tl.exp2(row_max - shift)
@@ -240,7 +265,7 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    SKIP_UNREACHED: tl.constexpr, WITH_MASS: tl.constexpr = True,
+    SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, WITH_MASS: tl.constexpr = True,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
@@ -273,24 +298,21 @@ def _forward_kernel(
             key_block_id = tl.load(block_indices_ptr + slots_row + slot)
             gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
             first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
-            if SKIP_UNREACHED:  # branch around tiles that are wholly invisible (no load, no product)
-                in_reach = (key_block_id >= 0) & (first_key <= last_query)
-                if HAS_WINDOW:  # tiles older than the window of the tile's first query
-                    in_reach = in_reach & (first_key + KEY_TILE > first_query - window + 1)
-                if in_reach:
+            reached, mask_first_key, load_first_key, needs_mask = _tile_plan(
+                key_block_id, first_key, first_query, last_query, seq_len, window, QUERY_TILE, KEY_TILE, HAS_WINDOW)
+            if SKIP_UNREACHED:  # branch around unreached tiles (no load, no product)
+                if reached:
                     accumulator, row_max, row_sum, slot_sums = _forward_step(
                         accumulator, row_max, row_sum, slot_sums, query_tile_values, key_base, value_base,
-                        first_key, first_key, row_limit, query_pos, slot, gate, scale, window, softcap, seq_len,
-                        d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP,
-                        WITH_MASS, EVEN, FOLD_SCALE, DOT_PRECISION, DOT_UPCAST)
-            else:  # branch-free (software-pipelined loads): a wholly invisible tile is read at block 0 and
-                # masked as keys from seq_len on, which no query sees
-                reached = (key_block_id >= 0) & (first_key <= last_query)
+                        mask_first_key, load_first_key, needs_mask, row_limit, query_pos, slot, gate, scale, window,
+                        softcap, seq_len, d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW,
+                        HAS_SOFTCAP, WITH_MASS, EVEN, FOLD_SCALE, MASK_ALL, DOT_PRECISION, DOT_UPCAST)
+            else:  # branch-free, so that Triton can pipeline the loads
                 accumulator, row_max, row_sum, slot_sums = _forward_step(
                     accumulator, row_max, row_sum, slot_sums, query_tile_values, key_base, value_base,
-                    tl.where(reached, first_key, seq_len), tl.where(reached, first_key, 0), row_limit, query_pos, slot, gate,
-                    scale, window, softcap, seq_len, d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS,
-                    HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, WITH_MASS, EVEN, FOLD_SCALE, DOT_PRECISION, DOT_UPCAST)
+                    mask_first_key, load_first_key, needs_mask, row_limit, query_pos, slot, gate, scale, window,
+                    softcap, seq_len, d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW,
+                    HAS_SOFTCAP, WITH_MASS, EVEN, FOLD_SCALE, MASK_ALL, DOT_PRECISION, DOT_UPCAST)
         seen = row_sum > 0.0
         inverse_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
         real = query_pos < seq_len
@@ -308,11 +330,11 @@ def _forward_kernel(
 @triton.jit
 def _backward_step(
     grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr, grad_key_ptr, grad_value_ptr,
-    key_offset, value_offset, first_key, load_first_key, reached, row_limit, query_pos, slot, gate,
+    key_offset, value_offset, first_key, load_first_key, reached, needs_mask, row_limit, query_pos, slot, gate,
     scale, window, softcap, seq_len, d_head, d_value,
     KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One key tile of the backward: the new ``(grad_query, gate_grad)``; dk and dv of the tile are
     added atomically (not at all where ``reached`` is false: the tile is invisible, its terms 0)."""
@@ -323,8 +345,12 @@ def _backward_step(
     values = _load_tile(value_ptr + value_offset, load_pos, seq_len, value_dims, d_value, EVEN)
     scores, factor, capped = _scores_log2(queries, keys, scale, softcap, HAS_SOFTCAP, FOLD_SCALE,
                                           DOT_PRECISION, DOT_UPCAST)
-    visible = _visible(first_key + tile_rows, query_pos, row_limit, window, HAS_WINDOW)
-    probs = tl.where(visible, tl.exp2(scores * factor - lse_log2[:, None]), 0.0)
+    probs = tl.exp2(scores * factor - lse_log2[:, None])
+    key_pos = first_key + tile_rows
+    if MASK_ALL:
+        probs = tl.where(_visible(key_pos, query_pos, row_limit, window, HAS_WINDOW), probs, 0.0)
+    elif needs_mask:
+        probs = tl.where(_visible(key_pos, query_pos, row_limit, window, HAS_WINDOW), probs, 0.0)
     grad_probs = _dot(grad_out, tl.trans(values), DOT_PRECISION, DOT_UPCAST)  # ungated
     if HAS_GATE:
         slot_grad = tl.sum(tl.sum(probs * grad_probs, axis=1), axis=0)
@@ -351,7 +377,7 @@ def _backward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    SKIP_UNREACHED: tl.constexpr,
+    SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1).to(tl.int64)
@@ -386,24 +412,23 @@ def _backward_kernel(
             key_block_id = tl.load(block_indices_ptr + slots_row + slot)
             gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
             first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
-            reached = (key_block_id >= 0) & (first_key <= last_query)
-            if HAS_WINDOW:
-                reached = reached & (first_key + KEY_TILE > first_query - window + 1)
+            reached, mask_first_key, load_first_key, needs_mask = _tile_plan(
+                key_block_id, first_key, first_query, last_query, seq_len, window, QUERY_TILE, KEY_TILE, HAS_WINDOW)
             if SKIP_UNREACHED:
                 if reached:
                     grad_query, gate_grad = _backward_step(
-                        grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr,
-                        grad_key_ptr, grad_value_ptr, key_offset, value_offset, first_key, first_key, reached,
-                        row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value,
-                        KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE,
+                        grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr, grad_key_ptr,
+                        grad_value_ptr, key_offset, value_offset, mask_first_key, load_first_key, reached, needs_mask,
+                        row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value, KEY_TILE,
+                        BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE, MASK_ALL,
                         DOT_PRECISION, DOT_UPCAST)
             else:
                 grad_query, gate_grad = _backward_step(
-                    grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr,
-                    grad_key_ptr, grad_value_ptr, key_offset, value_offset, tl.where(reached, first_key, seq_len),
-                    tl.where(reached, first_key, 0), reached, row_limit, query_pos, slot,
-                    gate, scale, window, softcap, seq_len, d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS,
-                    HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE, DOT_PRECISION, DOT_UPCAST)
+                    grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr, grad_key_ptr,
+                    grad_value_ptr, key_offset, value_offset, mask_first_key, load_first_key, reached, needs_mask,
+                    row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value, KEY_TILE,
+                    BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE, MASK_ALL,
+                    DOT_PRECISION, DOT_UPCAST)
         _store_rows(grad_query_ptr + query_offset, query_pos, seq_len, dims, d_head, grad_query * scale)
     if HAS_GATE:
         grad_gate_at = grad_gate_ptr + slots_row + slot_ids
@@ -428,13 +453,16 @@ class KernelLaunch:
     key-tile loop's loads). ``skip_unreached``: branch around key tiles that are wholly invisible
     (an unused slot, a block after the query tile, one older than the window), which saves their
     work but keeps Triton from pipelining the loop's loads; without it the loop is branch-free and
-    such tiles are read at block 0 and masked. ``query_tile`` / ``key_tile``: rows of a query tile
+    such tiles are read at block 0 and masked. ``mask_all``: apply the causal / window mask to
+    every tile; off, only to tiles that need it (a branch per tile; the others are whole).
+    ``query_tile`` / ``key_tile``: rows of a query tile
     and keys of a key tile, at most (capped by the block sizes; powers of two >= 16).
     """
 
     num_warps: int = 4
     num_stages: int = 3
     skip_unreached: bool = True
+    mask_all: bool = True
     query_tile: int = MAX_TILE
     key_tile: int = MAX_TILE
 
@@ -469,7 +497,7 @@ def _launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_ga
         EVEN=seq_len % query_tile == 0 and seq_len % key_tile == 0
         and block_d == query.shape[-1] and block_dv == value.shape[-1],
         FOLD_SCALE=scale > 0,  # the scale rides in the exp2's multiply-add (the row max needs scale > 0)
-        SKIP_UNREACHED=launch.skip_unreached,
+        SKIP_UNREACHED=launch.skip_unreached, MASK_ALL=launch.mask_all,
     )
 
 

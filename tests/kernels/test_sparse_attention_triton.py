@@ -201,34 +201,41 @@ def test_mismatched_dtypes_and_gate_shapes_raise_shape_errors():
 
 LAUNCH_VARIANTS = {
     # Every launch setting must give the reference's results: the branch-free (pipelined) loop, which
-    # reads unused slots' tiles and masks them, and key / query tiles smaller than a block.
+    # reads unused slots' tiles and masks them, masks on the tiles that need them only, and key /
+    # query tiles smaller than a block.
     "branch_free": KernelLaunch(skip_unreached=False),
+    "branch_free_partial_masks": KernelLaunch(skip_unreached=False, mask_all=False),
     "branch_free_key_tile_16": KernelLaunch(skip_unreached=False, key_tile=16, num_warps=8, num_stages=2),
-    "query_tile_16_key_tile_16": KernelLaunch(query_tile=16, key_tile=16),
+    "partial_masks_query_tile_16_key_tile_16": KernelLaunch(mask_all=False, query_tile=16, key_tile=16),
 }
 LAUNCH_CASES = {
-    # name: (batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype); seq 96 = whole tiles
-    "whole_tiles_gqa_gated": (1, 4, 2, 96, 32, 32, 3, True, torch.float32),
-    "ragged_end_mixed_blocks": (1, 2, 1, 75, 32, 16, 3, False, torch.float32),
-    "bf16_whole_tiles": (1, 2, 1, 96, 32, 32, 2, True, torch.bfloat16),
+    # name: (batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype, features);
+    # seq 96 = whole tiles (no load masks)
+    "whole_tiles_gqa_gated": (1, 4, 2, 96, 32, 32, 3, True, torch.float32, {}),
+    "ragged_end_mixed_blocks": (1, 2, 1, 75, 32, 16, 3, False, torch.float32, {}),
+    "bf16_whole_tiles": (1, 2, 1, 96, 32, 32, 2, True, torch.bfloat16, {}),
+    "window_softcap_sinks": (1, 2, 1, 75, 16, 16, 4, True, torch.float32, dict(window=21, softcap=2.0, sinks=True)),
 }
 
 
 @pytest.mark.parametrize("launch", LAUNCH_VARIANTS.values(), ids=LAUNCH_VARIANTS.keys())
 @pytest.mark.parametrize("case", LAUNCH_CASES.values(), ids=LAUNCH_CASES.keys())
 def test_every_launch_variant_matches_the_reference_forward_and_backward(case, launch, seed):
-    batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype = case
+    batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype, features = case
     generator = torch.Generator().manual_seed(seed)
     query, key, value = draw_qkv(generator, batch, q_heads, kv_heads, seq, dtype=dtype)
     block_indices = draw_block_indices(generator, batch, q_heads, seq, query_block, key_block, top_k)
     block_indices[0, 0, -1] = -1  # a query block that keeps nothing: every tile of it is masked
     gate = torch.rand(block_indices.shape, generator=generator).to(DEVICE) if gated else None
-    blocks = dict(query_block=query_block, key_block=key_block, scale=0.35)
+    sinks = torch.randn(q_heads, generator=generator).to(DEVICE) if features.get("sinks") else None
+    blocks = dict(query_block=query_block, key_block=key_block, scale=0.35, window=features.get("window"),
+                  softcap=features.get("softcap"))
     output, lse, block_mass = forward_into_poisoned_buffers(query, key, value, block_indices, gate, launch=launch,
-                                                            **blocks)
+                                                            sinks=sinks, **blocks)
     inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)] + (
-        [gate.clone().requires_grad_()] if gated else [])
-    expected = reference_with_autograd(*inputs[:3], block_indices, block_gate=inputs[3] if gated else None, **blocks)
+        [gate.clone().requires_grad_()] if gated else []) + ([sinks.clone().requires_grad_()] if sinks is not None else [])
+    expected = reference_with_autograd(*inputs[:3], block_indices, block_gate=inputs[3] if gated else None,
+                                       sinks=inputs[-1] if sinks is not None else None, **blocks)
     tolerance = TOLERANCE[dtype]
     assert_close(output, expected[0].detach(), seed, "output", **tolerance)
     assert_close(lse, expected[1], seed, "lse", atol=1e-4, rtol=1e-4)
@@ -238,10 +245,14 @@ def test_every_launch_variant_matches_the_reference_forward_and_backward(case, l
     grad_gate = torch.full_like(gate, float("nan")) if gated else None
     grad_key = torch.zeros_like(key, dtype=torch.float32)
     grad_value = torch.zeros_like(value, dtype=torch.float32)
+    grad_sinks = torch.zeros_like(sinks) if sinks is not None else None
     _launch_backward(query, key, value, block_indices.to(torch.int32), gate, output, grad_output, lse,
-                     grad_query, grad_key, grad_value, grad_gate, launch=launch, **blocks)
+                     grad_query, grad_key, grad_value, grad_gate, launch=launch, sinks=sinks, grad_sinks=grad_sinks,
+                     **blocks)
     expected_grads = torch.autograd.grad(expected[0], inputs, grad_output)
-    for grad, reference, name in zip((grad_query, grad_key, grad_value, grad_gate), expected_grads,
-                                     ("query", "key", "value", "gate")):
+    grads = [grad for grad in (grad_query, grad_key, grad_value, grad_gate, grad_sinks) if grad is not None]
+    names = ["query", "key", "value"] + ["gate"] * gated + ["sinks"] * (sinks is not None)
+    assert len(grads) == len(expected_grads) == len(names)
+    for grad, reference, name in zip(grads, expected_grads, names):
         scale = reference.abs().max().clamp(min=1.0)
         assert_close(grad.to(reference.dtype) / scale, reference / scale, seed, f"grad of {name}", **tolerance)

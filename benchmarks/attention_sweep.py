@@ -1,0 +1,234 @@
+"""Launch-setting sweep of the block-sparse attention kernels (forward and backward) against dense SDPA.
+
+    . benchmarks/gpu_env.sh && python3 benchmarks/attention_sweep.py --out $OUT/attention_sweep.json   # H200
+    python benchmarks/attention_sweep.py --device cpu --lengths 256 --shape tiny --forward w=4 w=4:skip=0 \
+        --backward w=4 w=4:skip=0 --out /tmp/attention_sweep.json      # CPU smoke run (Triton interpreter)
+
+One layer, random q / k / v (bf16 on the GPU, fp32 on the CPU), head dim 128, Qwen2.5-1.5B heads
+(12 query / 2 key-value), 64-token blocks, ``top_k`` 16 blocks from Stream (sink 1, local 1),
+T = 128k and 1M. Every variant is a ``KernelLaunch`` of ``sparse_attention_triton``, written
+``w=<num_warps>:s=<num_stages>:skip=<0|1>:m=<mask_all 0|1>:qt=<query tile>:kt=<key tile>[:mass=0]`` (unnamed
+settings keep ``KernelLaunch``'s defaults; ``mass=0``: the forward without block masses). Each
+row gives the time (CUDA-event median), TFLOP/s effective (FLOPs on the kept causal query-key
+pairs: 4 d a pair forward, 10 d backward, as benchmarks/kernels_features.py and rescore.py count
+them), the ratio to the first variant (the default launch), and the largest difference of its
+results from the first variant's (output and lse forward; dq, dk, dv backward): a launch setting
+must not change results beyond rounding. The backward times the kernel launch with its fp32 dk /
+dv buffers zeroed (what the autograd path does). Dense causal SDPA (cuDNN, flash fallback; GQA)
+runs on the same tensors in the same run, forward and backward, each skipped where predicted
+above ``--dense-limit`` seconds from the previous length (x (T'/T)^2). Variants stop being started
+once ``--budget`` seconds have passed (their rows say so). Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run on the CPU
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (  # noqa: E402
+    attention_heads, command, dense_sdpa, environment, print_table, save_json, time_cuda,
+)
+from sparse_lens.kernels.blocks import kept_pairs_per_slot  # noqa: E402
+from sparse_lens.kernels.dispatch import stream_estimate  # noqa: E402
+from sparse_lens.kernels.sparse_attention_triton import KernelLaunch, _launch_backward, _launch_forward  # noqa: E402
+
+SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": attention_heads("llama-3.1-8b"),
+          "tiny": (2, 1, 32)}  # (query heads, key/value heads, head dim)
+DEFAULT_FORWARD = ["w=4", "w=4:mass=0", "w=4:m=0", "w=4:skip=0", "w=4:skip=0:m=0", "w=4:s=2:skip=0:m=0",
+                   "w=4:s=4:skip=0:m=0", "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0", "w=8:s=4:skip=0:m=0",
+                   "w=4:kt=32:skip=0:m=0", "w=4:skip=0:m=0:mass=0", "w=8:skip=0:m=0:mass=0"]
+DEFAULT_BACKWARD = ["w=4", "w=4:skip=0", "w=4:skip=0:m=0", "w=8:skip=0:m=0", "w=4:s=2:skip=0:m=0",
+                    "w=8:s=2:skip=0:m=0", "w=4:kt=32:skip=0:m=0"]
+SPEC_FIELDS = {"w": "num_warps", "s": "num_stages", "skip": "skip_unreached", "m": "mask_all", "qt": "query_tile",
+               "kt": "key_tile"}
+SINK, LOCAL = 1, 1
+
+
+def parse_launch(spec: str) -> tuple[KernelLaunch, bool]:
+    """``"w=8:s=2:skip=0:mass=0"`` -> (KernelLaunch(num_warps=8, num_stages=2, skip_unreached=False), with_mass False)."""
+    settings, with_mass = {}, True
+    for option in spec.split(":"):
+        name, _, value = option.partition("=")
+        if name == "mass":
+            with_mass = value == "1"
+        elif name in SPEC_FIELDS and value.isdigit():
+            settings[SPEC_FIELDS[name]] = bool(int(value)) if name in ("skip", "m") else int(value)
+        else:
+            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, mass (e.g. w=8:s=2:skip=0)")
+    return KernelLaunch(**settings), with_mass
+
+
+def make_timer(device: str):
+    """``timer(fn, repeats, warmup) -> median seconds``: CUDA events, or one wall-clock run on the CPU (smoke)."""
+    if device == "cuda":
+        return time_cuda
+
+    def wall(fn, repeats, warmup=0):
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+    return wall
+
+
+def largest_difference(results: tuple, reference: tuple) -> float:
+    return max(float((a.float() - b.float()).abs().nan_to_num(float("inf")).max()) for a, b in zip(results, reference))
+
+
+class Problem:
+    """One length's tensors, Stream blocks, their kept pairs and the forward / backward runners."""
+
+    def __init__(self, shape: str, seq_len: int, top_k: int, block: int, device: str):
+        q_heads, kv_heads, self.d_head = SHAPES[shape]
+        generator = torch.Generator(device=device).manual_seed(seq_len)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        make = lambda heads: torch.randn(1, heads, seq_len, self.d_head, device=device, dtype=dtype,  # noqa: E731
+                                         generator=generator)
+        self.query, self.key, self.value = make(q_heads), make(kv_heads), make(kv_heads)
+        self.blocks = dict(query_block=block, key_block=block, scale=self.d_head**-0.5)
+        started = time.perf_counter()
+        self.block_indices = stream_estimate(self.query, self.key, query_block=block, key_block=block, top_k=top_k,
+                                             sink_blocks=SINK, local_blocks=LOCAL, backend="triton").to(torch.int32)
+        self.block_indices = self.block_indices.contiguous()
+        self.estimate_s = time.perf_counter() - started
+        self.pairs = int(kept_pairs_per_slot(self.block_indices, seq_len, block, block).sum())
+        self.output = torch.empty_like(self.query)
+        self.lse = self.query.new_empty(self.query.shape[:3], dtype=torch.float32)
+        self.block_mass = torch.empty(self.block_indices.shape, device=device, dtype=torch.float32)
+        self.grad_output = torch.randn(self.query.shape, device=device, dtype=dtype, generator=generator)
+        self.grad_query = torch.empty_like(self.query)
+        self.grad_key = torch.empty_like(self.key, dtype=torch.float32)
+        self.grad_value = torch.empty_like(self.value, dtype=torch.float32)
+
+    def forward(self, launch: KernelLaunch, with_mass: bool):
+        _launch_forward(self.query, self.key, self.value, self.block_indices, None, self.output, self.lse,
+                        self.block_mass, with_mass=with_mass, launch=launch, **self.blocks)
+
+    def backward(self, launch: KernelLaunch):
+        self.grad_key.zero_(), self.grad_value.zero_()
+        _launch_backward(self.query, self.key, self.value, self.block_indices, None, self.output, self.grad_output,
+                         self.lse, self.grad_query, self.grad_key, self.grad_value, None, launch=launch, **self.blocks)
+
+
+def dense_rows(problem: Problem, seq_len: int, measured: dict, args, timer) -> list[dict]:
+    """Dense causal SDPA forward and backward on the problem's tensors; each is skipped where the
+    time ``measured`` at a shorter length, x (T'/T)^2, passes ``--dense-limit``."""
+    pairs = problem.query.shape[1] * seq_len * (seq_len + 1) // 2
+    inputs = [tensor.detach().clone().requires_grad_() for tensor in (problem.query, problem.key, problem.value)]
+    long = seq_len > 131072
+    rows, repeats, warmup = [], 1 if long else args.repeats, 0 if long else 1
+    for direction, flops in (("forward", 4), ("backward", 10)):
+        row = {"kernel": "dense_sdpa", "direction": direction, "seq_len": seq_len, "pairs": pairs}
+        if direction in measured:
+            shorter, seconds = measured[direction]
+            predicted = seconds * (seq_len / shorter) ** 2
+            if predicted > args.dense_limit:
+                rows.append(row | {"note": f"skipped: predicted {predicted:.0f} s"})
+                continue
+        if direction == "forward":
+            seconds = timer(lambda: dense_sdpa(*inputs), repeats, warmup)
+        else:
+            output = dense_sdpa(*inputs)
+            seconds = timer(lambda: torch.autograd.grad(output, inputs, problem.grad_output, retain_graph=True),
+                            repeats, warmup)
+            del output
+        measured[direction] = (seq_len, seconds)
+        rows.append(row | {"s": seconds, "tflops": flops * pairs * problem.d_head / seconds / 1e12})
+    return rows
+
+
+def sweep_length(shape: str, seq_len: int, args, timer, started: float, dense_measured: dict) -> list[dict]:
+    problem = Problem(shape, seq_len, args.top_k, args.block, args.device)
+    base = {"shape": shape, "seq_len": seq_len, "top_k": args.top_k, "pairs": problem.pairs}
+    rows, repeats = [], args.repeats if seq_len <= 131072 else max(2, args.repeats // 3)
+    reference = {}
+    for direction, specs in (("forward", args.forward), ("backward", args.backward)):
+        if direction == "backward":  # the default forward's output and lse feed every backward variant
+            problem.forward(KernelLaunch(), True)
+        for spec in specs:
+            row = base | {"kernel": "block_sparse", "direction": direction, "variant": spec}
+            if time.perf_counter() - started > args.budget:
+                rows.append(row | {"note": f"skipped: past the {args.budget:.0f} s budget"})
+                continue
+            launch, with_mass = parse_launch(spec)
+            run = (lambda: problem.forward(launch, with_mass)) if direction == "forward" else (
+                lambda: problem.backward(launch))
+            try:
+                compile_started = time.perf_counter()
+                run()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                row["first_call_s"] = time.perf_counter() - compile_started
+                results = (problem.output, problem.lse) if direction == "forward" else (
+                    problem.grad_query, problem.grad_key, problem.grad_value)
+                if direction not in reference:
+                    reference[direction] = tuple(result.clone() for result in results)
+                row["max_diff_vs_first"] = largest_difference(results, reference[direction])
+                row["s"] = timer(run, repeats, 1)
+                row["tflops"] = (4 if direction == "forward" else 10) * problem.pairs * problem.d_head / row["s"] / 1e12
+            except Exception as error:  # noqa: BLE001 (a variant that fails to compile must not lose the others)
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            rows.append(row)
+            print(row, flush=True)
+    rows += [base | row for row in dense_rows(problem, seq_len, dense_measured, args, timer)]
+    print(rows[-2], rows[-1], sep="\n", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 1048576])
+    parser.add_argument("--shape", default="qwen2.5-1.5b", choices=list(SHAPES))
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--forward", nargs="+", default=DEFAULT_FORWARD, help="forward launch specs (first: baseline)")
+    parser.add_argument("--backward", nargs="+", default=DEFAULT_BACKWARD, help="backward launch specs")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats at <= 128k (a third beyond)")
+    parser.add_argument("--dense-limit", type=float, default=8.0, help="skip dense SDPA predicted above (s)")
+    parser.add_argument("--budget", type=float, default=100.0, help="start no variant after this many seconds")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_sweep.json"))
+    args = parser.parse_args()
+    for spec in args.forward + args.backward:
+        parse_launch(spec)
+    if args.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 before Triton is imported (pass --device cpu).")
+    timer, started, rows, dense_measured = make_timer(args.device), time.perf_counter(), [], {}
+    for seq_len in sorted(args.lengths):
+        rows += sweep_length(args.shape, seq_len, args, timer, started, dense_measured)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    result = environment(args.device) | {"shape": args.shape, "block": args.block, "top_k": args.top_k,
+                                         "total_s": time.perf_counter() - started, "rows": rows,
+                                         "command": command("attention_sweep.py", "python3")}
+    save_json(args.out, result)
+    print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}, {args.shape} heads, "
+          f"{'bf16' if args.device == 'cuda' else 'fp32'}, {args.block}-token blocks, top_k {args.top_k} "
+          f"(Stream), {result['total_s']:.0f} s in all")
+    table = []
+    firsts = {}
+    for r in rows:
+        key = (r["seq_len"], r["direction"])
+        if r["kernel"] == "block_sparse" and "s" in r:
+            firsts.setdefault(key, r["s"])
+        speedup = f"{firsts[key] / r['s']:.2f}x" if "s" in r and r["kernel"] == "block_sparse" else "-"
+        dense = next((d for d in rows if d["kernel"] == "dense_sdpa" and (d["seq_len"], d["direction"]) == key), {})
+        share = f"{r['s'] / dense['s'] * 100:.2f}%" if "s" in r and "s" in dense else "-"
+        table.append([f"{r['seq_len']:,}", r["direction"], r.get("variant", "dense SDPA"),
+                      f"{r['s'] * 1e3:.2f}" if "s" in r else r.get("error", r.get("note", "-"))[:60],
+                      f"{r['tflops']:.3g}" if "tflops" in r else "-", speedup, share,
+                      f"{r['max_diff_vs_first']:.2g}" if "max_diff_vs_first" in r else "-"])
+    print_table(["T", "direction", "variant", "ms", "TFLOP/s", "vs first", "of dense", "max diff vs first"], table)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCH_CUDNN_SDPA_ENABLED", "1")
+    main()
