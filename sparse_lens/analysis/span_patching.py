@@ -21,7 +21,8 @@ run being patched (each ``[batch, T, d_model]``) are alive at a time. Everything
 order; for each, one clean forward that stops after that layer caches the patched hook alone, and
 the run's residual stream entering ``l`` is carried forward from the previous visited layer (one
 forward in all, over every layer). Every span (and head) of that layer then runs blocks ``l`` to
-the last only (:func:`forward_from_layer`), with logits at ``positions`` only: per span
+the last only (:func:`forward_from_layer`; ``l + 1`` on for ``resid_post``, patched as the residual
+entering block ``l + 1``), with logits at ``positions`` only: per span
 ``(n_layers - l) / n_layers`` of a forward plus ``1 / (n_spans x heads)`` of a partial clean
 forward; the result is bit-identical to patching in a full forward. On the sparse model each
 patched forward re-estimates the blocks of layers ``l`` onwards (the patch changes their queries
@@ -117,14 +118,18 @@ def span_patch(
     results = torch.zeros(len(units), len(span_list))
     bar = tqdm(total=len(units) * len(span_list), desc=f"span patching ({activation}, {ablation})", disable=not progress)
     with torch.no_grad():
-        for layer, residual in _residuals_entering(model, run_tokens, sorted({layer for layer, _ in units})):
+        layers = sorted({layer for layer, _ in units})
+        entries = [_entry(activation, layer, int(model.cfg.n_layers)) for layer in layers]
+        residuals = _residuals_entering(model, run_tokens, [first_block for first_block, _ in entries])
+        for layer, (first_block, entry_hook), residual in zip(layers, entries, residuals):
             name = _HOOKS[activation].format(layer)
             layer_heads = [(row, head) for row, (unit_layer, head) in enumerate(units) if unit_layer == layer]
             source = None if ablation == "zero" else _clean_activation(model, clean_tokens, name, layer, ablation)
             for row, head in layer_heads:
                 for column, (start, end) in enumerate(span_list):
                     hook = _span_hook(source, head, start, end)
-                    logits = forward_from_layer(model, residual, layer, fwd_hooks=[(name, hook)], **logits_kwargs(index))
+                    logits = forward_from_layer(model, residual, first_block, fwd_hooks=[(entry_hook, hook)],
+                                                **logits_kwargs(index))
                     results[row, column] = float(call_metric(metric, logits, index))
                     bar.update()
             del source
@@ -214,18 +219,27 @@ def _pass_through(*args: Any, **kwargs: Any) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _residuals_entering(model: Any, tokens: Tensor, layers: list[int]) -> Iterator[tuple[int, Tensor]]:
-    """``(layer, residual stream entering block layer)`` of the run on ``tokens``, for ascending
-    ``layers``: the first from a forward that stops there, each next one carried on from the last
-    (one forward over all the layers in total); the caller drops each before the next is made."""
+def _entry(activation: str, layer: int, n_layers: int) -> tuple[int, str]:
+    """The first block of the forwards patching ``activation`` at ``layer``, and the hook they patch.
+    ``resid_post`` of block ``l`` is the residual stream entering block ``l + 1``: patched there,
+    block ``l`` (the same in every such forward) is not run again (except after the last block)."""
+    if activation == "resid_post" and layer + 1 < n_layers:
+        return layer + 1, _HOOKS["resid_pre"].format(layer + 1)
+    return layer, _HOOKS[activation].format(layer)
+
+
+def _residuals_entering(model: Any, tokens: Tensor, blocks: list[int]) -> Iterator[Tensor]:
+    """The residual stream entering each of the (ascending) ``blocks`` in the run on ``tokens``: the
+    first from a forward that stops there, each next one carried on from the last (one forward over
+    all the layers in total); the caller drops each before the next is made."""
     residual, at = None, 0
-    for layer in layers:
+    for block in blocks:
         if residual is None:
-            residual = model(tokens, stop_at_layer=layer)
-        else:
-            residual = forward_from_layer(model, residual, at, stop_at_layer=layer)
-        at = layer
-        yield layer, residual
+            residual = model(tokens, stop_at_layer=block)
+        elif block != at:
+            residual = forward_from_layer(model, residual, at, stop_at_layer=block)
+        at = block
+        yield residual
 
 
 def _clean_activation(model: Any, tokens: Tensor, name: str, layer: int, ablation: str) -> Tensor:

@@ -181,3 +181,24 @@ def test_forward_from_layer_runs_the_later_blocks_only_and_restores_them(four_la
         for handle in handles:
             handle.remove()
     assert all("forward" not in block.__dict__ for block in model.blocks)
+
+
+@pytest.mark.parametrize("activation, runs", [("resid_pre", {0: 2, 1: 3, 2: 2, 3: 2}),
+                                              ("resid_post", {0: 2, 1: 2, 2: 2, 3: 2})])
+def test_blocks_before_the_patch_run_once_for_all_spans(four_layers, activation, runs):
+    """Two spans at layer 1: blocks 0 (and 1 for resid_post, whose patch enters block 2) run in the
+    clean forward and the patched run's shared forward only; the later blocks once per span."""
+    calls = {layer: 0 for layer in range(4)}
+
+    def count(module, args, layer):
+        calls[layer] += 1
+
+    handles = [block.attn.register_forward_pre_hook(lambda module, args, layer=layer: count(module, args, layer))
+               for layer, block in enumerate(four_layers.blocks)]
+    try:
+        span_patch(four_layers, CLEAN, CORRUPTED, metric, [(0, 16), (32, 48)], activation=activation, layers=[1],
+                   progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == runs
