@@ -3,7 +3,8 @@
 Inputs (benchmarks/results/): estimators_smollm2_8192*.json (benchmarks/estimators.py: every
 estimator at equal budget, recall only), fidelity_e2e_8192.json (``fidelity run``: end to end,
 next-token figures, per-layer recall), fidelity_ruler_*.json (``fidelity ruler``: task accuracy and
-needle recall), kernels_estimators_h200.json and model_rescored_h200.json (GPU cost). Every figure
+needle recall), kernels_estimators_h200.json and model_rescored_h200.json (GPU cost), and the
+Gemma 3 270M files (benchmarks/fidelity_render_gemma3.py, its own section). Every figure
 printed comes from those files; a missing file leaves its section out with a note.
 """
 
@@ -16,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.fidelity_render_gemma3 import gemma3_section, is_gemma3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -344,7 +347,7 @@ def render() -> Path:
     default_rows = load("estimators_smollm2_8192_rescored_stream.json")
     extra_rows = [r | {"command": default_rows["command"]} for r in default_rows["rows"] if r["kind"] == "fixed"] if default_rows else []
     e2e, kernels = load("fidelity_e2e_8192.json"), load("kernels_estimators_h200.json")
-    rulers = sorted(RESULTS.glob("fidelity_ruler_*.json"))
+    rulers = [path for path in sorted(RESULTS.glob("fidelity_ruler_*.json")) if not is_gemma3(path)]
     lines = [HEADER]
     e2e_gpu = load("fidelity_e2e_8192_h200.json")
     ruler_gpu = load("fidelity_ruler_8192_h200.json")
@@ -362,6 +365,7 @@ def render() -> Path:
         ruler = json.loads(path.read_text())
         lines += ruler_section(ruler)
         plot_needle_heads(ruler, IMAGES / "fidelity_needle_heads.png")
+    lines += gemma3_section(RESULTS)
     if kernels:
         lines += gpu_section(kernels, load("model_rescored_h200.json"))
     causal_runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("causal_selection_*.json"))]
