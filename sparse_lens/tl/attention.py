@@ -72,7 +72,8 @@ from sparse_lens.tl.windows import (
 )
 
 # Positions rotated at a time in forwards without gradients (apply_rotary): the rotary formula's
-# temporaries hold 3 x 32,768 positions instead of three copies of the queries (1M tokens: 3/32 R).
+# temporaries (q * cos, rotate_half(q), its product with sin) hold 32,768 positions each instead of
+# the whole sequence (three residual-stream copies for Llama-3.1-8B's queries; 3/32 of one at 1M).
 ROTARY_CHUNK_TOKENS = 32_768
 
 
@@ -153,9 +154,10 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         query = self.hook_rot_q(query)
         key = self.hook_rot_k(key)
         key, value = self._update_kv_cache(key, value, **kwargs)
-        # The rotary outputs are strided views of [batch, pos, heads * d_head] buffers, which each
-        # kernel would copy to contiguous again: one copy here, and the strided buffers are freed
-        # before the estimator and attention run (about 1.5 residual-stream copies less at their peak).
+        # Short inputs' rotary outputs (and the values) are strided views of [batch, pos, heads * d_head]
+        # buffers, which each kernel would copy to contiguous again: one copy here, and the strided
+        # buffers are freed before the estimator and attention run. Long inputs are rotated into
+        # contiguous buffers already (apply_rotary's chunks): no copy.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
 
         scale = float(getattr(hf_attn, "scaling", head_dim**-0.5))
