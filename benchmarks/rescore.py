@@ -5,7 +5,7 @@ adaptive, against dense cuDNN SDPA in the same run; plus the attention kernel's 
     python3 benchmarks/rescore.py --device cpu --lengths 512 --shapes tiny     # CPU smoke run (interpreter)
 
 One layer, random bf16 q / k / v, head dim 128, 64-token blocks, sink 1, local 1, ``top_k`` 16.
-Rows (``--variants``, each ``name[:beam=B][:rk=R][:qs=S][:p=P][:search=stream|bounds]``):
+Rows (``--variants``, each ``name[:beam=B][:rk=R][:qs=S][:p=P][:search=stream|bounds][:sqs=S]``):
 - ``stream``: Stream's Triton search with ``top_k`` branches (``rk`` representative keys);
 - ``two_kernel``: the previous default path: Stream's search with ``beam`` x the branches, the whole
   block-sparse attention kernel over the candidates for its ``block_mass``, a torch top-k;
@@ -15,7 +15,9 @@ Rows (``--variants``, each ``name[:beam=B][:rk=R][:qs=S][:p=P][:search=stream|bo
 - ``adaptive``: Stream's search with ``top_k`` candidates, fused rescoring with top-p ``p``;
 - ``search=bounds`` (rescored, adaptive): the candidates come from the bounds search's Triton kernel
   (``bounds_triton``: Quest's key min / max bound, the sparse table built in torch each call, part
-  of the time) instead of Stream's (``rescore_search="bounds"``).
+  of the time) instead of Stream's (``rescore_search="bounds"``); ``sqs=S`` (rescored with the
+  bounds search only) scores the search with every ``S``-th query of a block (the kernel's
+  ``query_stride``; not a package setting: the row composes the two kernels directly).
 Every row gives the estimate time and its ratio to dense causal SDPA (cuDNN, flash fallback; GQA) on
 the same tensors, timed in the same run. The ``attention`` row times block-sparse attention on the
 first variant's blocks: time, ratio to dense, and effective TFLOP/s = kept causal query-key pairs x
@@ -69,15 +71,17 @@ def parse_variant(spec: str) -> dict:
     kind, *options = spec.split(":")
     if kind not in ("stream", "two_kernel", "rescored", "adaptive"):
         raise SystemExit(f"unknown variant {spec!r}")
-    settings = {"kind": kind, "beam": 4, "rk": 8, "qs": 1, "p": 0.93, "search": "stream"}
+    settings = {"kind": kind, "beam": 4, "rk": 8, "qs": 1, "p": 0.93, "search": "stream", "sqs": 1}
     for option in options:
         name, value = option.split("=")
         if name not in settings or name == "kind":
-            raise SystemExit(f"unknown option {name!r} in variant {spec!r} (beam, rk, qs, p, search)")
+            raise SystemExit(f"unknown option {name!r} in variant {spec!r} (beam, rk, qs, p, search, sqs)")
         settings[name] = float(value) if name == "p" else value if name == "search" else int(value)
     if settings["search"] not in ("stream", "bounds") or (settings["search"] == "bounds"
                                                           and kind not in ("rescored", "adaptive")):
         raise SystemExit(f"variant {spec!r}: search must be stream or bounds (bounds: rescored / adaptive only)")
+    if settings["sqs"] != 1 and (kind, settings["search"]) != ("rescored", "bounds"):
+        raise SystemExit(f"variant {spec!r}: sqs needs rescored with search=bounds")
     return settings
 
 
@@ -109,6 +113,10 @@ def variant_fn(settings: dict, query, key, top_k: int, geometry: dict):
     common = dict(top_k=top_k, representative_keys=rk, backend="triton", **geometry)
     if kind == "stream":
         return lambda: estimate_blocks(query, key, estimator="stream", **common)
+    if kind == "rescored" and settings["sqs"] != 1:  # not a package setting: the two kernels composed here
+        width = SINK + LOCAL + beam * (top_k - SINK - LOCAL)
+        search = candidate_search(settings, query, key, width, geometry)
+        return lambda: rescore_top_k_triton(query, key, search(), top_k=top_k, query_stride=qs, **geometry)
     if kind == "rescored":
         return lambda: estimate_blocks(query, key, estimator="rescored", beam=beam, rescore_query_stride=qs,
                                        rescore_search=settings["search"], **common)
@@ -119,7 +127,7 @@ def variant_fn(settings: dict, query, key, top_k: int, geometry: dict):
 def candidate_search(settings: dict, query, key, width: int, geometry: dict):
     """The rescored variant's search alone (``width`` candidates): Stream's kernel or the bounds kernel."""
     if settings["search"] == "bounds":
-        return lambda: bounds_estimate_triton(query, key, top_k=width, **geometry)
+        return lambda: bounds_estimate_triton(query, key, top_k=width, query_stride=settings["sqs"], **geometry)
     return lambda: stream_estimate(query, key, top_k=width, representative_keys=settings["rk"], backend="triton",
                                    **geometry)
 
@@ -197,6 +205,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rescore.json"))
     args = parser.parse_args()
+    for spec in args.variants:  # refuse a bad spec before any work
+        parse_variant(spec)
     if args.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--device cpu needs TRITON_INTERPRET=1 before Triton is imported (pass --device cpu).")
     import triton
