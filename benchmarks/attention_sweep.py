@@ -7,8 +7,11 @@
 One layer, random q / k / v (bf16 on the GPU, fp32 on the CPU), head dim 128, Qwen2.5-1.5B heads
 (12 query / 2 key-value), 64-token blocks, ``top_k`` 16 blocks from Stream (sink 1, local 1),
 T = 128k and 1M. Every variant is a ``KernelLaunch`` of ``sparse_attention_triton``, written
-``w=<num_warps>:s=<num_stages>:skip=<0|1>:m=<mask_all 0|1>:qt=<query tile>:kt=<key tile>[:mass=0]`` (unnamed
-settings keep ``KernelLaunch``'s defaults; ``mass=0``: the forward without block masses). Each
+``w=<num_warps>:s=<num_stages>:skip=<0|1>:m=<mask_all 0|1>:qt=<query tile>:kt=<key tile>:kv=<kv_chunk>``
+(unnamed settings keep ``KernelLaunch``'s defaults; ``kv`` acts on the backward only: dk / dv by
+a second kernel over chunks of ``kv`` slots per key block; ``mass=0``: the forward without block
+masses). At the lengths after the first, only the first spec and the ``--keep`` - 1 fastest of the
+first length run (compiling every variant once keeps the sweep within its budget). Each
 row gives the time (CUDA-event median), TFLOP/s effective (FLOPs on the kept causal query-key
 pairs: 4 d a pair forward, 10 d backward, as benchmarks/kernels_features.py and rescore.py count
 them), the ratio to the first variant (the default launch), and the largest difference of its
@@ -46,10 +49,11 @@ SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": atten
 DEFAULT_FORWARD = ["w=4", "w=4:mass=0", "w=4:m=0", "w=4:skip=0", "w=4:skip=0:m=0", "w=4:s=2:skip=0:m=0",
                    "w=4:s=4:skip=0:m=0", "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0", "w=8:s=4:skip=0:m=0",
                    "w=4:kt=32:skip=0:m=0", "w=4:skip=0:m=0:mass=0", "w=8:skip=0:m=0:mass=0"]
-DEFAULT_BACKWARD = ["w=4", "w=4:skip=0", "w=4:skip=0:m=0", "w=8:skip=0:m=0", "w=4:s=2:skip=0:m=0",
-                    "w=8:s=2:skip=0:m=0", "w=4:kt=32:skip=0:m=0"]
+DEFAULT_BACKWARD = ["w=4", "w=4:skip=0", "w=4:skip=0:m=0", "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0",
+                    "w=4:skip=0:m=0:kv=32", "w=8:skip=0:m=0:kv=32", "w=8:skip=0:m=0:kv=16", "w=8:skip=0:m=0:kv=64",
+                    "w=8:s=2:skip=0:m=0:kv=32"]
 SPEC_FIELDS = {"w": "num_warps", "s": "num_stages", "skip": "skip_unreached", "m": "mask_all", "qt": "query_tile",
-               "kt": "key_tile"}
+               "kt": "key_tile", "kv": "kv_chunk"}
 SINK, LOCAL = 1, 1
 
 
@@ -63,7 +67,7 @@ def parse_launch(spec: str) -> tuple[KernelLaunch, bool]:
         elif name in SPEC_FIELDS and value.isdigit():
             settings[SPEC_FIELDS[name]] = bool(int(value)) if name in ("skip", "m") else int(value)
         else:
-            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, mass (e.g. w=8:s=2:skip=0)")
+            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, kv, mass (e.g. w=8:skip=0)")
     return KernelLaunch(**settings), with_mass
 
 
@@ -145,15 +149,23 @@ def dense_rows(problem: Problem, seq_len: int, measured: dict, args, timer) -> l
     return rows
 
 
-def sweep_length(shape: str, seq_len: int, args, timer, started: float, dense_measured: dict) -> list[dict]:
+def fastest(rows: list[dict], direction: str, specs: list[str], keep: int) -> list[str]:
+    """The first spec and the ``keep - 1`` fastest others of ``rows`` (one length's)."""
+    timed = sorted((r["s"], r["variant"]) for r in rows if r["kernel"] == "block_sparse"
+                   and r["direction"] == direction and "s" in r and r["variant"] != specs[0])
+    return specs[:1] + [spec for _, spec in timed[:keep - 1]]
+
+
+def sweep_length(shape: str, seq_len: int, args, timer, started: float, dense_measured: dict,
+                 specs: dict) -> list[dict]:
     problem = Problem(shape, seq_len, args.top_k, args.block, args.device)
     base = {"shape": shape, "seq_len": seq_len, "top_k": args.top_k, "pairs": problem.pairs}
     rows, repeats = [], args.repeats if seq_len <= 131072 else max(2, args.repeats // 3)
     reference = {}
-    for direction, specs in (("forward", args.forward), ("backward", args.backward)):
+    for direction in ("forward", "backward"):
         if direction == "backward":  # the default forward's output and lse feed every backward variant
             problem.forward(KernelLaunch(), True)
-        for spec in specs:
+        for spec in specs[direction]:
             row = base | {"kernel": "block_sparse", "direction": direction, "variant": spec}
             if time.perf_counter() - started > args.budget:
                 rows.append(row | {"note": f"skipped: past the {args.budget:.0f} s budget"})
@@ -192,6 +204,7 @@ def main() -> None:
     parser.add_argument("--forward", nargs="+", default=DEFAULT_FORWARD, help="forward launch specs (first: baseline)")
     parser.add_argument("--backward", nargs="+", default=DEFAULT_BACKWARD, help="backward launch specs")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats at <= 128k (a third beyond)")
+    parser.add_argument("--keep", type=int, default=4, help="variants per direction timed after the first length")
     parser.add_argument("--dense-limit", type=float, default=8.0, help="skip dense SDPA predicted above (s)")
     parser.add_argument("--budget", type=float, default=100.0, help="start no variant after this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -202,8 +215,11 @@ def main() -> None:
     if args.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--device cpu needs TRITON_INTERPRET=1 before Triton is imported (pass --device cpu).")
     timer, started, rows, dense_measured = make_timer(args.device), time.perf_counter(), [], {}
+    specs = {"forward": args.forward, "backward": args.backward}
     for seq_len in sorted(args.lengths):
-        rows += sweep_length(args.shape, seq_len, args, timer, started, dense_measured)
+        length_rows = sweep_length(args.shape, seq_len, args, timer, started, dense_measured, specs)
+        rows += length_rows
+        specs = {direction: fastest(length_rows, direction, chosen, args.keep) for direction, chosen in specs.items()}
         if args.device == "cuda":
             torch.cuda.empty_cache()
     result = environment(args.device) | {"shape": args.shape, "block": args.block, "top_k": args.top_k,
