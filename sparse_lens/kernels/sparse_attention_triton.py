@@ -9,66 +9,79 @@ Forward (``_forward_kernel``, one launch)
     Grid ``(n_query_blocks, batch * q_head)``: one program per (head, query block), so that the
     program owns everything written for that block and every store is plain (no atomics, the
     result is deterministic). The program walks its query block in query tiles of
-    ``min(query_block, 64)`` rows; for each tile it loops over the ``top_k`` slots of the block's
-    row of ``block_indices`` and, inside a kept block, over key tiles of ``min(key_block, 64)``
-    keys, running the flash-attention online softmax (running row max, row sum, fp32 output
-    accumulator). The causal mask (key position <= query position), the end of the sequence
-    (positions >= T) and unused slots (-1) are handled in registers; key tiles that lie wholly
-    after the tile's last query, or in an unused slot, are skipped without loading anything.
-    ``block_mass`` needs the final normaliser, which the online softmax only knows at the end; it
-    gets it without a second pass: a [query_tile, top_k] register tensor keeps each slot's
-    partial row sums, rescaled with the output accumulator whenever the running max moves, so at
-    the end ``slot_sums / row_sum = sum over the slot's keys of exp(s - lse)`` exactly. The gate
-    multiplies a slot's ``P @ V`` contribution only, so lse and block_mass stay ungated.
+    ``min(query_block, 64)`` rows; for each tile one loop runs over the (slot, key tile) pairs of
+    the block's row of ``block_indices`` (key tiles of ``min(key_block, 64)`` keys), running the
+    flash-attention online softmax (running row max, row sum, fp32 output accumulator) in base 2:
+    ``exp(scale * s) = exp2(s * scale * log2 e)``, the factor folded into the exp2's multiply-add,
+    ``lse`` converted back at the end. ``_tile_plan`` decides per tile: a tile is *reached* unless
+    its slot is unused (-1), it lies wholly after the tile's last query, or wholly older than the
+    window; it *needs a mask* where some query does not see some key of it (the diagonal, padding
+    rows at the end, the window's edge). ``KernelLaunch`` chooses how (results equal up to fp32
+    rounding): ``skip_unreached`` branches around unreached tiles without loading them (the
+    branch keeps Triton from pipelining the loop's loads), else the loop is branch-free: an
+    unreached tile is read at block 0 and masked whole; ``mask_all`` masks every tile, else only
+    those that need it. ``block_mass`` needs the final normaliser, which the online softmax only
+    knows at the end; it gets it without a second pass: a [query_tile, top_k] register tensor keeps
+    each slot's partial row sums, rescaled with the output accumulator whenever the running max
+    moves, so at the end ``slot_sums / row_sum = sum over the slot's keys of exp(s - lse)``
+    exactly. The gate multiplies a slot's probabilities before ``P @ V`` only, so lse and
+    block_mass stay ungated.
 
-Backward (``_backward_kernel``, one launch)
-    Same grid and loops. With ``p = exp(s - lse)`` recomputed from the saved lse, ``g`` the slot's
+Backward (``_backward_kernel``; with ``KernelLaunch.kv_chunk`` also ``_key_value_grad_kernel``)
+    Same grid and loop. With ``p = exp(s - lse)`` recomputed from the saved lse, ``g`` the slot's
     gate and ``delta = rowsum(dO * O)`` (equal to ``sum_j p_j dp_j`` also with gates, since
     ``O = sum_b g_b P_b V_b``): ``dp = g * dO V^T``, ``ds = p * (dp - delta)``, ``dq = scale * ds K``,
     ``dk = scale * ds^T Q``, ``dv = (g p)^T dO`` and ``d gate = sum(p * dO V^T)`` over the slot.
     dq and d gate belong to one program and are stored plainly. A key block is kept by many query
-    blocks (and, with GQA, by several query heads), so dk and dv are accumulated with
-    ``tl.atomic_add`` into fp32 [batch, kv_head, seq, d] buffers, cast to the input dtype at the end.
-    We chose atomics over a transposed (key block -> query blocks) index because building that
-    index needs a device-side sort/histogram per call and a second kernel for dk/dv, whereas the
-    atomics add ``top_k * key_block * (d + d_value)`` fp32 adds per query block, the same order as
-    the tile loads. The price: the order of the fp32 sums (hence the last bits of dk, dv) varies
-    from run to run.
+    blocks (and, with GQA, by several query heads), so dk and dv meet from many programs. By
+    default (``kv_chunk = 0``) each tile's dk and dv are added with ``tl.atomic_add`` into fp32
+    [batch, kv_head, seq, d] buffers (``top_k * key_block * (d + d_value)`` adds per query block).
+    With ``kv_chunk = n`` the backward kernel makes dq, d gate and ``delta`` only, and
+    ``_key_value_grad_kernel`` makes dk and dv by key tile: ``_key_block_entries`` sorts the slots
+    by (kv row, key block) on the device (a stable argsort and a histogram, per call), one program
+    per key tile and chunk of at most ``n`` of its block's slots sums their dk, dv in registers and
+    adds them once (chunks, because the sink block is kept by every query block). That recomputes
+    ``s`` and ``dp`` (7 tile products instead of 5) for far fewer atomics. Either way the buffers
+    are cast to the input dtype at the end, and the order of the fp32 sums (hence the last bits
+    of dk, dv) varies from run to run.
 
 Optional features (``window``, ``softcap``, ``sinks``; semantics in ``sparse_attention``)
     Each is a constexpr flag (``HAS_WINDOW``, ``HAS_SOFTCAP``, ``HAS_SINKS``), so the default call
-    compiles to the same code as without them. ``layer_scores`` caps the scores
-    (``softcap * tanh(s / softcap)``, tanh written with ``exp``) and adds the window to the causal
-    mask; key tiles wholly older than the window of the tile's first query are skipped unloaded.
-    A sink starts each row's online softmax as one already-seen element (running max = sink,
-    running sum = 1, no value), so ``lse``, the output and ``block_mass`` include it. Backward:
-    ``ds`` is multiplied by the cap's derivative ``1 - (capped / softcap)^2``;
-    ``d sink = -sum over queries of exp(sink - lse) * delta`` (``delta = rowsum(dO * O)``), one
-    fp32 atomic add per (head, query block) into a [q_head] buffer.
+    compiles to the same code as without them. ``_scores_log2`` caps the scores
+    (``softcap * tanh(s / softcap)``, tanh written with ``exp``) and ``_visible`` adds the window to
+    the causal mask; tiles wholly older than the window are unreached. A sink starts each row's
+    online softmax as one already-seen element (running max = sink, running sum = 1, no value),
+    so ``lse``, the output and ``block_mass`` include it. Backward: ``ds`` is multiplied by the
+    cap's derivative ``1 - (capped / softcap)^2``; ``d sink = -sum over queries of exp(sink - lse) *
+    delta``, one fp32 atomic add per (head, query block) into a [q_head] buffer.
 
 Memory traffic per (head, query block): the query tile once, each kept key/value tile once
 (``top_k * key_block * (d + d_value)`` elements), the output and lse once; the backward adds the
-output and its gradient once and the dk/dv atomics. Nothing of size T x T or ``top_k * key_block``
-per query is ever written to global memory; registers hold at most a query tile x key tile of
-scores. Query blocks vary fastest in the grid, so programs running together belong to one head
-and share its sink and local key blocks in L2. Total work is O(T * top_k * key_block * d) per head.
+output and its gradient once and the dk/dv atomics (or, split, the key/value kernel's reads of
+q, dO, lse and delta per slot). Nothing of size T x T or ``top_k * key_block`` per query is ever
+written to global memory; registers hold at most a query tile x key tile of scores. Query blocks
+vary fastest in the grid, so programs running together belong to one head and share its sink and
+local key blocks in L2. Total work is O(T * top_k * key_block * d) per head.
 
-Measured on one H200 (triton 3.6, bf16, 32 query / 8 KV heads, d = 128, blocks 64, top_k = 16):
-forward 1.7 ms at T = 32k and 7.5 ms at 128k (about 300 TFLOP/s on the kept tiles; dense causal
-SDPA: 14 and 258 ms); the backward kernel takes about 4.5x the forward, a fifth of it in the atomics.
+Measured on one H200 before the launch variants (triton 3.6, bf16, 32 query / 8 KV heads, d = 128,
+blocks 64, top_k = 16): forward 1.7 ms at T = 32k and 7.5 ms at 128k (about 300 TFLOP/s on the
+kept tiles; dense causal SDPA: 14 and 258 ms); the backward kernel took about 4.5x the forward, a
+fifth of it in the atomics. ``benchmarks/attention_sweep.py`` times every launch variant.
 
 Inputs are made contiguous; fp32, bf16 and fp16 are supported, accumulation is fp32; fp32
 products use ``input_precision="ieee"`` (no TF32), bf16/fp16 products run on tensor cores. Under
 the Triton interpreter (``TRITON_INTERPRET=1``, the CPU test runs) bf16 products are made in fp32,
 because the interpreter's ``tl.dot`` mishandles bf16. Block sizes must be powers of two >= 16
-(``tl.dot`` tiles need at least 16 rows and columns). ``_launch_forward`` / ``_launch_backward``
-write into caller-given buffers: the tests use them to run the kernels into poisoned outputs.
+(``tl.dot`` tiles need at least 16 rows and columns). Where the sequence is a whole number of
+tiles and the head dims are powers of two (``EVEN``) the tile loads carry no masks.
+``_launch_forward`` / ``_launch_backward`` write into caller-given buffers: the tests use them to
+run the kernels into poisoned outputs.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -584,6 +597,14 @@ class KernelLaunch:
 
 FORWARD_LAUNCH = KernelLaunch()
 BACKWARD_LAUNCH = KernelLaunch()
+WIDE_ROWS = 64  # slots per row above which the kernels always branch around unreached tiles
+
+
+def launch_for_rows(launch: KernelLaunch, top_k: int) -> KernelLaunch:
+    """``launch``, but branching around unreached tiles on rows of more than ``WIDE_ROWS`` slots:
+    a dense band's rows (``dense_sdpa.dense_attention_band``) are mostly unused slots in its early
+    query blocks, where the branch-free loop would read and mask them all."""
+    return replace(launch, skip_unreached=True) if top_k > WIDE_ROWS else launch
 
 
 def _launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_gate: Tensor | None,
@@ -639,6 +660,7 @@ def _launch_forward(query, key, value, block_indices, block_gate, output, lse, b
     """
     batch, n_q_heads = query.shape[:2]
     grid = (block_indices.shape[2], batch * n_q_heads)
+    launch = launch_for_rows(launch, block_indices.shape[-1])
     config = _launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
                             scale=scale, launch=launch)
     if not with_mass:
@@ -665,6 +687,7 @@ def _launch_backward(query, key, value, block_indices, block_gate, output, grad_
     grid = (block_indices.shape[2], batch * n_q_heads)
     gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
     sink_args = (sinks, grad_sinks) if sinks is not None else (lse, lse)
+    launch = launch_for_rows(launch, block_indices.shape[-1])
     config = _launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
                             scale=scale, launch=launch)
     split = launch.kv_chunk > 0

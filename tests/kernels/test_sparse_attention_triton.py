@@ -18,10 +18,12 @@ from sparse_lens.errors import BlockSizeError, ShapeError
 from sparse_lens.kernels.blocks import visible_key_blocks
 from sparse_lens.kernels.sparse_attention import block_sparse_attention
 from sparse_lens.kernels.sparse_attention_triton import (
+    WIDE_ROWS,
     KernelLaunch,
     _launch_backward,
     _launch_forward,
     block_sparse_attention_triton,
+    launch_for_rows,
 )
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -260,3 +262,9 @@ def test_every_launch_variant_matches_the_reference_forward_and_backward(case, l
     for grad, reference, name in zip(grads, expected_grads, names):
         scale = reference.abs().max().clamp(min=1.0)
         assert_close(grad.to(reference.dtype) / scale, reference / scale, seed, f"grad of {name}", **tolerance)
+
+
+def test_wide_rows_always_branch_around_unreached_tiles():
+    branch_free = KernelLaunch(skip_unreached=False, num_warps=8)
+    assert launch_for_rows(branch_free, WIDE_ROWS) == branch_free
+    assert launch_for_rows(branch_free, WIDE_ROWS + 1) == KernelLaunch(skip_unreached=True, num_warps=8)
