@@ -12,9 +12,9 @@ FlexAttention's (its 380-436 TFLOP/s anchor): 64-token key blocks kept per 128 q
 variants (``--other-forward`` / ``--other-backward``). Every variant is a ``KernelLaunch`` of
 ``sparse_attention_triton``, written
 ``w=<num_warps>:s=<num_stages>:skip=<0|1>:m=<mask_all 0|1>:qt=<query tile>:kt=<key tile>:kv=<kv_chunk>``
-(unnamed settings keep ``KernelLaunch``'s defaults; ``kv`` acts on the backward only: dk / dv by
-a second kernel over chunks of ``kv`` slots per key block; ``mass=0``: the forward without block
-masses). At the lengths after the first, only the first spec and the ``--keep`` - 1 fastest of the
+``:h=<0|1>`` (unnamed settings keep ``KernelLaunch``'s defaults; ``kv`` acts on the backward only: dk / dv by
+a second kernel over chunks of ``kv`` slots per key block; ``h=1``: GQA heads side by side in the
+grid; ``mass=0``: the forward without block masses). At the lengths after the first, only the first spec and the ``--keep`` - 1 fastest of the
 first length run (compiling every variant once keeps the sweep within its budget). Each
 row gives the time (CUDA-event median), TFLOP/s effective (FLOPs on the kept causal query-key
 pairs: 4 d a pair forward, 10 d backward, as benchmarks/kernels_features.py and rescore.py count
@@ -54,14 +54,14 @@ from sparse_lens.kernels.sparse_attention_triton import KernelLaunch, _launch_ba
 SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": attention_heads("llama-3.1-8b"),
           "tiny": (2, 1, 32)}  # (query heads, key/value heads, head dim)
 DEFAULT_FORWARD = ["w=4", "w=4:mass=0", "w=4:skip=0", "w=4:skip=0:m=0", "w=4:s=2:skip=0:m=0", "w=4:s=4:skip=0:m=0",
-                   "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0", "w=8:s=4:skip=0:m=0", "w=4:kt=32:skip=0:m=0",
-                   "w=4:skip=0:m=0:mass=0"]
-DEFAULT_BACKWARD = ["w=4", "w=4:skip=0:m=0", "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0", "w=4:skip=0:m=0:kv=32",
-                    "w=8:skip=0:m=0:kv=32", "w=8:skip=0:m=0:kv=16", "w=8:s=2:skip=0:m=0:kv=64"]
+                   "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0", "w=4:kt=32:skip=0:m=0", "w=4:skip=0:m=0:h=1",
+                   "w=8:skip=0:m=0:h=1", "w=4:skip=0:m=0:mass=0"]
+DEFAULT_BACKWARD = ["w=4", "w=4:skip=0:m=0", "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0", "w=8:skip=0:m=0:h=1",
+                    "w=4:skip=0:m=0:kv=32", "w=8:skip=0:m=0:kv=32", "w=8:skip=0:m=0:kv=16", "w=8:skip=0:m=0:kv=32:h=1"]
 OTHER_FORWARD = ["w=4:skip=0:m=0", "w=8:qt=128:skip=0:m=0", "w=8:qt=128:s=2:skip=0:m=0"]
 OTHER_BACKWARD = ["w=8:skip=0:m=0", "w=8:qt=128:skip=0:m=0:kv=32"]
 SPEC_FIELDS = {"w": "num_warps", "s": "num_stages", "skip": "skip_unreached", "m": "mask_all", "qt": "query_tile",
-               "kt": "key_tile", "kv": "kv_chunk"}
+               "kt": "key_tile", "kv": "kv_chunk", "h": "heads_inner"}
 SINK, LOCAL = 1, 1
 
 
@@ -74,9 +74,9 @@ def parse_launch(spec: str) -> tuple[KernelLaunch, bool]:
         if name == "mass":
             with_mass = value == "1"
         elif name in SPEC_FIELDS and value.isdigit():
-            settings[SPEC_FIELDS[name]] = bool(int(value)) if name in ("skip", "m") else int(value)
+            settings[SPEC_FIELDS[name]] = bool(int(value)) if name in ("skip", "m", "h") else int(value)
         else:
-            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, kv, mass (e.g. w=8:skip=0)")
+            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, kv, h, mass (e.g. w=8:skip=0)")
     return KernelLaunch(**settings), with_mass
 
 

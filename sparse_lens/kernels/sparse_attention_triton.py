@@ -60,8 +60,9 @@ Memory traffic per (head, query block): the query tile once, each kept key/value
 output and its gradient once and the dk/dv atomics (or, split, the key/value kernel's reads of
 q, dO, lse and delta per slot). Nothing of size T x T or ``top_k * key_block`` per query is ever
 written to global memory; registers hold at most a query tile x key tile of scores. Query blocks
-vary fastest in the grid, so programs running together belong to one head and share its sink and
-local key blocks in L2. Total work is O(T * top_k * key_block * d) per head.
+vary fastest in the grid by default, so programs running together belong to one head and share
+its sink and local key blocks in L2 (``KernelLaunch.heads_inner``: the query heads of a GQA group
+vary fastest, sharing their key head's blocks). Total work is O(T * top_k * key_block * d) per head.
 
 Measured on one H200 before the launch variants (triton 3.6, bf16, 32 query / 8 KV heads, d = 128,
 blocks 64, top_k = 16): forward 1.7 ms at T = 32k and 7.5 ms at 128k (about 300 TFLOP/s on the
@@ -125,6 +126,19 @@ def kv_row(batch_head, n_q_heads, n_kv_heads):
     """Row ``batch * n_kv_heads + kv_head`` of the key head that query row ``batch_head`` reads (GQA)."""
     batch, q_head = batch_head // n_q_heads, batch_head % n_q_heads
     return batch * n_kv_heads + q_head // (n_q_heads // n_kv_heads)
+
+
+@triton.jit
+def _block_and_head(n_q_heads, n_kv_heads, HEADS_INNER: tl.constexpr):
+    """``(query block, batch * n_q_heads + q_head)`` of this program (``query_grid`` lays them out)."""
+    if HEADS_INNER:  # the query heads of a GQA group side by side, on one query block
+        group = n_q_heads // n_kv_heads
+        query_block_id = tl.program_id(0) // group
+        batch_head = tl.program_id(1).to(tl.int64) * group + tl.program_id(0) % group
+    else:
+        query_block_id = tl.program_id(0)
+        batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
+    return query_block_id, batch_head
 
 
 @triton.jit
@@ -278,10 +292,9 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, WITH_MASS: tl.constexpr = True,
+    SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, HEADS_INNER: tl.constexpr, WITH_MASS: tl.constexpr = True,
 ):
-    query_block_id = tl.program_id(0)
-    batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
+    query_block_id, batch_head = _block_and_head(n_q_heads, n_kv_heads, HEADS_INNER)
     kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
     query_base = query_ptr + batch_head * seq_len * d_head
     key_base = key_ptr + kv_batch_head * seq_len * d_head
@@ -407,10 +420,9 @@ def _backward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, KV_GRADS: tl.constexpr,
+    SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, HEADS_INNER: tl.constexpr, KV_GRADS: tl.constexpr,
 ):
-    query_block_id = tl.program_id(0)
-    batch_head = tl.program_id(1).to(tl.int64)
+    query_block_id, batch_head = _block_and_head(n_q_heads, n_kv_heads, HEADS_INNER)
     kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
     query_offset, key_offset = batch_head * seq_len * d_head, kv_batch_head * seq_len * d_head
     output_offset, value_offset = batch_head * seq_len * d_value, kv_batch_head * seq_len * d_value
@@ -579,7 +591,9 @@ class KernelLaunch:
     ``kv_chunk`` (backward only): 0 adds each tile's dk / dv to global memory with atomics inside
     the one backward kernel; ``n > 0`` makes dk / dv in a second kernel, one program per key tile
     and chunk of at most ``n`` (query head, query block) slots that keep its block, summed in
-    registers (one atomic add per chunk).
+    registers (one atomic add per chunk). ``heads_inner``: the grid runs the query heads of a GQA
+    group side by side on each query block (so that programs running together read one key head's
+    blocks: its local and shared picks hit L2); else query blocks vary fastest, within one head.
     """
 
     num_warps: int = 4
@@ -589,6 +603,7 @@ class KernelLaunch:
     query_tile: int = MAX_TILE
     key_tile: int = MAX_TILE
     kv_chunk: int = 0
+    heads_inner: bool = False
 
     def kernel_options(self) -> dict:
         """``num_warps`` / ``num_stages`` keyword arguments of a Triton launch."""
@@ -598,6 +613,13 @@ class KernelLaunch:
 FORWARD_LAUNCH = KernelLaunch()
 BACKWARD_LAUNCH = KernelLaunch()
 WIDE_ROWS = 64  # slots per row above which the kernels always branch around unreached tiles
+
+
+def query_grid(n_query_blocks: int, batch: int, n_q_heads: int, n_kv_heads: int, launch: KernelLaunch) -> tuple:
+    """The grid of the per-query-block kernels: one program per (query block, batch, query head)."""
+    if launch.heads_inner:
+        return (n_query_blocks * (n_q_heads // n_kv_heads), batch * n_kv_heads)
+    return (n_query_blocks, batch * n_q_heads)
 
 
 def launch_for_rows(launch: KernelLaunch, top_k: int) -> KernelLaunch:
@@ -629,7 +651,7 @@ def _launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_ga
         EVEN=seq_len % query_tile == 0 and seq_len % key_tile == 0
         and block_d == query.shape[-1] and block_dv == value.shape[-1],
         FOLD_SCALE=scale > 0,  # the scale rides in the exp2's multiply-add (the row max needs scale > 0)
-        SKIP_UNREACHED=launch.skip_unreached, MASK_ALL=launch.mask_all,
+        SKIP_UNREACHED=launch.skip_unreached, MASK_ALL=launch.mask_all, HEADS_INNER=launch.heads_inner,
     )
 
 
@@ -659,7 +681,7 @@ def _launch_forward(query, key, value, block_indices, block_gate, output, lse, b
     sweeps them).
     """
     batch, n_q_heads = query.shape[:2]
-    grid = (block_indices.shape[2], batch * n_q_heads)
+    grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch)
     launch = launch_for_rows(launch, block_indices.shape[-1])
     config = _launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
                             scale=scale, launch=launch)
@@ -684,7 +706,7 @@ def _launch_backward(query, key, value, block_indices, block_gate, output, grad_
     With ``launch.kv_chunk`` the first kernel makes dq (and ``delta``) only, and
     ``_key_value_grad_kernel`` dk and dv."""
     batch, n_q_heads, seq_len = query.shape[:3]
-    grid = (block_indices.shape[2], batch * n_q_heads)
+    grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch)
     gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
     sink_args = (sinks, grad_sinks) if sinks is not None else (lse, lse)
     launch = launch_for_rows(launch, block_indices.shape[-1])
@@ -703,7 +725,7 @@ def _launch_backward(query, key, value, block_indices, block_gate, output, grad_
     entries = _key_block_entries(block_indices, seq_len, query_block, key_block, key.shape[1], launch.kv_chunk)
     if entries[1].numel() == 0:
         return
-    unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED")
+    unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED", "HEADS_INNER")
     _key_value_grad_kernel[(entries[1].numel(), key_block // config["KEY_TILE"])](
         query, key, value, gate_args[0], grad_output, lse, delta, *entries, grad_key, grad_value,
         float(scale), *_feature_args(window, softcap), seq_len, num_blocks(seq_len, key_block),
