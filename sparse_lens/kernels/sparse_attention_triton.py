@@ -166,8 +166,8 @@ def soft_cap(scores, softcap):
     return softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
 
 
-LOG2E = 1.4426950408889634  # the kernels run the softmax in base 2: exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # the kernels run the softmax in base 2: exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
