@@ -191,16 +191,17 @@ def _dot_into(left, right, accumulator, DOT_PRECISION: tl.constexpr, DOT_UPCAST:
 
 
 @triton.jit
-def _scores_log2(query_tile, key_tile, scale, softcap,
+def _scores_log2(left_rows, right_rows, scale, softcap,
                  HAS_SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``(scores, factor, capped)``: the base-2 scores are ``scores * factor`` (``factor > 0``).
+    """``(scores, factor, capped)`` of ``left_rows @ right_rows^T`` (queries by keys, or keys by
+    queries): the base-2 scores are ``scores * factor`` (``factor > 0``).
 
     ``FOLD_SCALE`` (scale > 0, no soft-cap) leaves ``scale * LOG2E`` in ``factor``, so that the
     caller's ``exp2(scores * factor - max)`` is one fused multiply-add; ``capped`` is the
     soft-capped natural score (for the backward's derivative; 0 without soft-capping).
     """
-    scores = _dot(query_tile, tl.trans(key_tile), DOT_PRECISION, DOT_UPCAST)
+    scores = _dot(left_rows, tl.trans(right_rows), DOT_PRECISION, DOT_UPCAST)
     capped = 0.0
     factor = 1.0
     if HAS_SOFTCAP:
@@ -214,12 +215,17 @@ def _scores_log2(query_tile, key_tile, scale, softcap,
 
 
 @triton.jit
-def _visible(key_pos, query_pos, row_limit, window, HAS_WINDOW: tl.constexpr):
-    """[query tile, key tile] visibility: ``key <= row_limit`` (the query, or -1 for a row or slot
-    that sees nothing), and inside the window if any."""
-    visible = key_pos[None, :] <= row_limit[:, None]
-    if HAS_WINDOW:
-        visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
+def _visible(key_pos, query_pos, row_limit, window, HAS_WINDOW: tl.constexpr, KEYS_BY_ROWS: tl.constexpr = False):
+    """[query tile, key tile] visibility (``KEYS_BY_ROWS``: [key tile, query tile]): ``key <=
+    row_limit`` (the query, or -1 for a row that sees nothing), and inside the window if any."""
+    if KEYS_BY_ROWS:
+        visible = key_pos[:, None] <= row_limit[None, :]
+        if HAS_WINDOW:
+            visible = visible & (key_pos[:, None] > query_pos[None, :] - window)
+    else:
+        visible = key_pos[None, :] <= row_limit[:, None]
+        if HAS_WINDOW:
+            visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
     return visible
 
 
@@ -357,20 +363,30 @@ def _forward_kernel(
 def _tile_gradients(
     queries, grad_out, keys, values, delta, lse_log2, key_pos, needs_mask, row_limit, query_pos, gate,
     scale, window, softcap, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    MASK_ALL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    MASK_ALL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, KEYS_BY_ROWS: tl.constexpr = False,
 ):
     """``(probs, grad_probs, grad_scores)`` of a [query tile, key tile]: ``p = exp(s - lse)`` (0 where
     not visible), ``dp = dO V^T`` (ungated) and ``ds = p * (gate * dp - delta)`` (times the cap's
-    derivative) with respect to the unscaled ``q . k``, up to the factor ``scale``."""
-    scores, factor, capped = _scores_log2(queries, keys, scale, softcap, HAS_SOFTCAP, FOLD_SCALE,
-                                          DOT_PRECISION, DOT_UPCAST)
-    probs = tl.exp2(scores * factor - lse_log2[:, None])
+    derivative) with respect to the unscaled ``q . k``, up to the factor ``scale``.
+    ``KEYS_BY_ROWS``: their transposes, [key tile, query tile], made as ``K Q^T`` and ``V dO^T``
+    (so that ``dk += ds^T Q`` and ``dv += p^T dO`` take them as they are, no register transpose)."""
+    if KEYS_BY_ROWS:
+        scores, factor, capped = _scores_log2(keys, queries, scale, softcap, HAS_SOFTCAP, FOLD_SCALE,
+                                              DOT_PRECISION, DOT_UPCAST)
+        probs = tl.exp2(scores * factor - lse_log2[None, :])
+        grad_probs = _dot(values, tl.trans(grad_out), DOT_PRECISION, DOT_UPCAST)
+        centred = gate * grad_probs - delta[None, :]
+    else:
+        scores, factor, capped = _scores_log2(queries, keys, scale, softcap, HAS_SOFTCAP, FOLD_SCALE,
+                                              DOT_PRECISION, DOT_UPCAST)
+        probs = tl.exp2(scores * factor - lse_log2[:, None])
+        grad_probs = _dot(grad_out, tl.trans(values), DOT_PRECISION, DOT_UPCAST)
+        centred = gate * grad_probs - delta[:, None]
     if MASK_ALL:
-        probs = tl.where(_visible(key_pos, query_pos, row_limit, window, HAS_WINDOW), probs, 0.0)
+        probs = tl.where(_visible(key_pos, query_pos, row_limit, window, HAS_WINDOW, KEYS_BY_ROWS), probs, 0.0)
     elif needs_mask:
-        probs = tl.where(_visible(key_pos, query_pos, row_limit, window, HAS_WINDOW), probs, 0.0)
-    grad_probs = _dot(grad_out, tl.trans(values), DOT_PRECISION, DOT_UPCAST)
-    grad_scores = probs * (gate * grad_probs - delta[:, None])
+        probs = tl.where(_visible(key_pos, query_pos, row_limit, window, HAS_WINDOW, KEYS_BY_ROWS), probs, 0.0)
+    grad_scores = probs * centred
     if HAS_SOFTCAP:  # d capped / d s = 1 - tanh^2
         tanh = capped / softcap
         grad_scores = grad_scores * (1.0 - tanh * tanh)
@@ -520,12 +536,12 @@ def _key_value_grad_kernel(
             lse = tl.load(lse_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(delta_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
-            probs, _, grad_scores = _tile_gradients(
+            probs_t, _, grad_scores_t = _tile_gradients(  # [key tile, query tile]
                 queries, grad_out, keys, values, delta, lse * LOG2E, mask_first_key + tl.arange(0, KEY_TILE),
                 needs_mask, tl.where(real, query_pos, -1), query_pos, gate, scale, window, softcap,
-                HAS_WINDOW, HAS_SOFTCAP, FOLD_SCALE, MASK_ALL, DOT_PRECISION, DOT_UPCAST)
-            grad_key = _dot_into(tl.trans(grad_scores).to(queries.dtype), queries, grad_key, DOT_PRECISION, DOT_UPCAST)
-            grad_value = _dot_into(tl.trans(probs * gate).to(grad_out.dtype), grad_out, grad_value,
+                HAS_WINDOW, HAS_SOFTCAP, FOLD_SCALE, MASK_ALL, DOT_PRECISION, DOT_UPCAST, KEYS_BY_ROWS=True)
+            grad_key = _dot_into(grad_scores_t.to(queries.dtype), queries, grad_key, DOT_PRECISION, DOT_UPCAST)
+            grad_value = _dot_into((probs_t * gate).to(grad_out.dtype), grad_out, grad_value,
                                    DOT_PRECISION, DOT_UPCAST)
     _add_rows(grad_key_ptr + key_offset, key_pos, seq_len, dims, d_head, grad_key * scale)
     _add_rows(grad_value_ptr + value_offset, key_pos, seq_len, value_dims, d_value, grad_value)
