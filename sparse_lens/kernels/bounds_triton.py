@@ -150,8 +150,9 @@ def _bounds_search_kernel(
                 non_empty = cand_is_real & (cand_end > cand_start)
                 low, high = _range_min_max(table_min_ptr, table_max_ptr, table_base, cand_start, cand_end, non_empty,
                                            dims, dim_valid, n_key_blocks, stride_tl, stride_tn, stride_td)
-                if UPCAST_TILES:
-                    low, high = low.to(tl.float32), high.to(tl.float32)
+                # tl.dot wants one dtype: the table's min / max are key values, exact in the query's dtype
+                # (bf16 on the GPU; fp32 under the interpreter, UPCAST_TILES).
+                low, high = low.to(query_plus.dtype), high.to(query_plus.dtype)
                 bound = tl.dot(query_plus, tl.trans(high), input_precision=DOT_PRECISION)
                 bound = tl.dot(query_minus, tl.trans(low), bound, input_precision=DOT_PRECISION)
                 score = tl.max(tl.where(query_valid[:, None], bound, float("-inf")), axis=0)
