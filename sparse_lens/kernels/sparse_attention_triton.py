@@ -98,6 +98,8 @@ from sparse_lens.kernels.device_guard import launch_on_tensor_device
 MAX_TILE = 64  # rows of a query tile and keys of a key tile, at most
 MIN_BLOCK = 16  # smallest tile tl.dot accepts
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOG2E = tl.constexpr(1.4426950408889634)  # the kernels run the softmax in base 2: exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # (tl.constexpr: a kernel may read no other global)
 
 
 @triton.jit
@@ -164,10 +166,6 @@ def masked_scores(query_tile, key_tile, query_pos, key_pos, seq_len, scale,
 def soft_cap(scores, softcap):
     """``softcap * tanh(scores / softcap)``, tanh as ``1 - 2 / (exp(2x) + 1)`` (exact at +-inf, no NaN)."""
     return softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
-
-
-LOG2E = tl.constexpr(1.4426950408889634)  # the kernels run the softmax in base 2: exp(x) = exp2(x * LOG2E)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
