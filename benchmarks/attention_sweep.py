@@ -50,7 +50,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from sparse_lens.kernels.blocks import kept_pairs_per_slot  # noqa: E402
 from sparse_lens.kernels.dispatch import stream_estimate  # noqa: E402
-from sparse_lens.kernels.sparse_attention_triton import KernelLaunch, _launch_backward, _launch_forward  # noqa: E402
+from sparse_lens.kernels.sparse_attention_triton import KernelLaunch, launch_backward, launch_forward  # noqa: E402
 
 SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": attention_heads("llama-3.1-8b"),
           "tiny": (2, 1, 32)}  # (query heads, key/value heads, head dim)
@@ -137,12 +137,12 @@ class Problem:
         self.grad_value = torch.empty_like(self.value, dtype=torch.float32)
 
     def forward(self, launch: KernelLaunch, with_mass: bool):
-        _launch_forward(self.query, self.key, self.value, self.block_indices, None, self.output, self.lse,
+        launch_forward(self.query, self.key, self.value, self.block_indices, None, self.output, self.lse,
                         self.block_mass, with_mass=with_mass, launch=launch, **self.blocks)
 
     def backward(self, launch: KernelLaunch):
         self.grad_key.zero_(), self.grad_value.zero_()
-        _launch_backward(self.query, self.key, self.value, self.block_indices, None, self.output, self.grad_output,
+        launch_backward(self.query, self.key, self.value, self.block_indices, None, self.output, self.grad_output,
                          self.lse, self.grad_query, self.grad_key, self.grad_value, None, launch=launch, **self.blocks)
 
 

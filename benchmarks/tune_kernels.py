@@ -36,7 +36,7 @@ def attention_forward(query, key, value, block_indices, num_warps: int, num_stag
     lse = torch.empty(query.shape[:3], device="cuda", dtype=torch.float32)
     block_mass = torch.empty(block_indices.shape, device="cuda", dtype=torch.float32)
     launch = attention.KernelLaunch(num_warps=num_warps, num_stages=num_stages)
-    return lambda: attention._launch_forward(query, key, value, block_indices, None, output, lse, block_mass,
+    return lambda: attention.launch_forward(query, key, value, block_indices, None, output, lse, block_mass,
                                              query_block=block, key_block=block, scale=128**-0.5, launch=launch)
 
 

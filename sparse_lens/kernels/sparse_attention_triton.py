@@ -75,8 +75,9 @@ the Triton interpreter (``TRITON_INTERPRET=1``, the CPU test runs) bf16 products
 because the interpreter's ``tl.dot`` mishandles bf16. Block sizes must be powers of two >= 16
 (``tl.dot`` tiles need at least 16 rows and columns). Where the sequence is a whole number of
 tiles and the head dims are powers of two (``EVEN``) the tile loads carry no masks.
-``_launch_forward`` / ``_launch_backward`` write into caller-given buffers: the tests use them to
-run the kernels into poisoned outputs.
+``launch_forward`` / ``launch_backward`` write into caller-given buffers, with a ``KernelLaunch``:
+the tests use them to run the kernels into poisoned outputs, benchmarks/attention_sweep.py to time
+the launch variants.
 """
 
 from __future__ import annotations
@@ -682,14 +683,18 @@ def _feature_args(window: int | None, softcap: float | None) -> tuple[int, float
 
 
 @launch_on_tensor_device
-def _launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass, *,
+def launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass, *,
                     query_block: int, key_block: int, scale: float, window: int | None = None,
                     softcap: float | None = None, sinks: Tensor | None = None, with_mass: bool = True,
                     launch: KernelLaunch = FORWARD_LAUNCH) -> None:
     """Run the forward kernel into caller-given buffers (every element of them is written).
 
-    All tensors contiguous, ``block_indices`` int32, ``sinks`` float32; the tests call it with
-    poisoned buffers. ``with_mass=False`` leaves ``block_mass`` unwritten and keeps no per-slot
+    ``query`` [batch, q_head, seq, d_head], ``key`` / ``value`` [batch, kv_head, seq, d_head /
+    d_value], ``block_indices`` int32 [batch, q_head, n_query_blocks, top_k], ``block_gate`` None
+    or like it; written: ``output`` [batch, q_head, seq, d_value] (the inputs' dtype), ``lse``
+    fp32 [batch, q_head, seq], ``block_mass`` fp32 like ``block_indices``. All contiguous, on one
+    device, unchecked (``block_sparse_attention_triton`` checks); ``sinks`` float32. The tests call
+    it with poisoned buffers. ``with_mass=False`` leaves ``block_mass`` unwritten and keeps no per-slot
     sums (for wide rows, e.g. a dense band of thousands of blocks, whose [query tile, slots]
     register tensor would spill). ``launch``: the launch settings (benchmarks/tune_kernels.py
     sweeps them).
@@ -710,13 +715,15 @@ def _launch_forward(query, key, value, block_indices, block_gate, output, lse, b
 
 
 @launch_on_tensor_device
-def _launch_backward(query, key, value, block_indices, block_gate, output, grad_output, lse,
+def launch_backward(query, key, value, block_indices, block_gate, output, grad_output, lse,
                      grad_query, grad_key, grad_value, grad_gate, *, query_block: int, key_block: int,
                      scale: float, window: int | None = None, softcap: float | None = None,
                      sinks: Tensor | None = None, grad_sinks: Tensor | None = None,
                      launch: KernelLaunch = BACKWARD_LAUNCH) -> None:
-    """Run the backward kernel(s): ``grad_query`` and ``grad_gate`` are overwritten, ``grad_key``,
-    ``grad_value`` and ``grad_sinks`` (fp32, zero on entry) are accumulated into with atomics.
+    """Run the backward kernel(s), inputs as ``launch_forward`` takes them plus its ``output`` and
+    ``lse`` and ``grad_output`` (like ``output``): ``grad_query`` (like ``query``) and ``grad_gate``
+    are overwritten, ``grad_key``, ``grad_value`` (fp32 [batch, kv_head, seq, d], zero on entry)
+    and ``grad_sinks`` (fp32 [q_head], zero on entry) are accumulated into with atomics.
     With ``launch.kv_chunk`` the first kernel makes dq (and ``delta``) only, and
     ``_key_value_grad_kernel`` dk and dv."""
     batch, n_q_heads, seq_len = query.shape[:3]
@@ -746,6 +753,10 @@ def _launch_backward(query, key, value, block_indices, block_gate, output, grad_
         *block_indices.shape[2:], query.shape[-1], value.shape[-1],
         **{name: setting for name, setting in config.items() if name not in unused}, **launch.kernel_options(),
     )
+
+
+# The autograd function runs the kernels through these names (tests/tl/test_checkpointing.py replaces them).
+_launch_forward, _launch_backward = launch_forward, launch_backward
 
 
 class _BlockSparseAttention(torch.autograd.Function):
