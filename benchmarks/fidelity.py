@@ -4,12 +4,15 @@
     python -m benchmarks.fidelity ruler --length 4096 --samples 3                       # task accuracy
     python -m benchmarks.fidelity render                                                # docs/fidelity.md
 
-``run``: one dense (observe-mode) trace of ``--length`` tokens of the shipped prose, then
+``run``: per length of ``--length`` (one or more; the model loads once), one dense
+(observe-mode) trace of that many tokens of the shipped prose (after the tokenizer's BOS where it
+adds one: Gemma; SmolLM2 adds none), then
 ``sl.fidelity`` for every configuration of ``--configs`` (estimator:block:top_k, or
 adaptive:block:cap:p): pruned fraction, mass recall (mean, p5, per layer), the exact top-k
 oracle's recall and the ratio, estimator time, and next-token KL / top-1 of the model run
 sparsely against the dense run over every pruned position. Writes
-benchmarks/results/fidelity_e2e_<length>.json after every configuration.
+benchmarks/results/fidelity_e2e_<length><suffix>.json after every configuration. ``--model``: any
+model ``from_pretrained`` takes (e.g. Gemma 3 270M: a .gguf path or a gguf_to_dir.py directory).
 
 ``ruler``: RULER NIAH samples (``sparse_lens.data.ruler``) at ``--length``: greedy answers of the
 model run densely and sparsely (``sl.ruler_accuracy``), and needle recall at the answer position
@@ -29,7 +32,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, parse_config
+from benchmarks.common import RESULTS, machine, parse_config, text_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,7 +48,7 @@ def load_dense(model, tokens, cache: Path | None):
     import torch
 
     import sparse_lens as sl
-    from sparse_lens.analysis.fidelity import DenseTrace
+    from sparse_lens.analysis.fidelity_metrics import DenseTrace
 
     if cache is not None and cache.exists():
         saved = torch.load(cache)
@@ -62,23 +65,35 @@ def load_dense(model, tokens, cache: Path | None):
 
 
 def run_end_to_end(args: argparse.Namespace) -> None:
+    """``run``: the model loaded once, then every length of ``--length`` in turn."""
     import torch
 
     import sparse_lens as sl
-    from sparse_lens.data import prose_tokens
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = sl.HookedSparseTransformer.from_pretrained(args.model or sl.DEFAULT_MODEL, device=device)
+    for length in args.length:
+        run_length(args, model, length)
+
+
+def run_length(args: argparse.Namespace, model, length: int) -> None:
+    """One length: its first ``length`` tokens of the shipped prose (after the tokenizer's BOS, for
+    tokenizers that add one), every configuration, benchmarks/results/fidelity_e2e_<length><suffix>.json."""
+    import torch
+
+    import sparse_lens as sl
+
+    device = str(model.cfg.device)
     model_name = args.model or sl.DEFAULT_MODEL
-    model = sl.HookedSparseTransformer.from_pretrained(model_name, device=device)
-    tokens = torch.tensor([prose_tokens(model.tokenizer, args.length)], device=device)
+    tokens = torch.tensor([text_tokens(model.tokenizer, length)], device=device)
     dense = None if args.next_token_only else load_dense(model, tokens, args.dense_cache)
-    out = RESULTS / f"fidelity_e2e_{args.length}{args.suffix}.json"
+    out = RESULTS / f"fidelity_e2e_{length}{args.suffix}.json"
     results = json.loads(out.read_text()) if out.exists() and args.append else {"rows": []}
     command = "python -m benchmarks.fidelity run " + " ".join(args.argv)
     results["commands"] = results.get("commands", []) + [command]
-    results.update(date=str(date.today()), length=args.length, model=model_name,
-                   machine=torch.cuda.get_device_name() if device == "cuda" else machine(),
+    results.update(date=str(date.today()), length=length, model=model_name,
+                   machine=torch.cuda.get_device_name() if device.startswith("cuda") else machine(),
                    torch_threads=torch.get_num_threads(),
                    command=command)
     if args.next_token_only:
@@ -107,7 +122,7 @@ def run_next_token_only(args: argparse.Namespace, model, tokens, results: dict, 
     import numpy as np
     import torch
 
-    from sparse_lens.analysis.fidelity import first_pruned_position, next_token_figures
+    from sparse_lens.analysis.fidelity_metrics import first_pruned_position, next_token_figures
 
     started = time.perf_counter()
     with torch.no_grad(), model.stream_settings(mode="dense"):
@@ -145,7 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="end-to-end fidelity of several configurations on one dense trace")
-    run.add_argument("--length", type=int, default=8192)
+    run.add_argument("--length", type=int, nargs="+", default=[8192],
+                     help="tokens (one or more lengths, one JSON file each; the model loads once)")
     run.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     run.add_argument("--dense-cache", type=Path, default=None)
     run.add_argument("--append", action="store_true", help="keep rows of other configs already in the JSON")

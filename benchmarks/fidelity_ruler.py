@@ -31,7 +31,7 @@ def run_ruler(args: argparse.Namespace) -> dict:
     samples = ruler_samples(model.tokenizer, args.length, args.tasks or DEFAULT_TASKS, args.samples,
                             answer_tokens=args.max_new_tokens)
     results = {"date": str(date.today()), "machine": torch.cuda.get_device_name() if device == "cuda" else machine(),
-               "length": args.length, "samples_per_task": args.samples, "tasks": list(args.tasks or DEFAULT_TASKS),
+               "model": args.model or sl.DEFAULT_MODEL, "length": args.length, "samples_per_task": args.samples, "tasks": list(args.tasks or DEFAULT_TASKS),
                "threshold": 0.1, "max_new_tokens": args.max_new_tokens,
                "command": "python -m benchmarks.fidelity ruler " + " ".join(args.argv), "rows": []}
     out = RESULTS / f"fidelity_ruler_{args.length}{args.suffix}.json"
