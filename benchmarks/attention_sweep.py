@@ -12,9 +12,10 @@ FlexAttention's (its 380-436 TFLOP/s anchor): 64-token key blocks kept per 128 q
 variants (``--other-forward`` / ``--other-backward``). Every variant is a ``KernelLaunch`` of
 ``sparse_attention_triton``, written
 ``w=<num_warps>:s=<num_stages>:skip=<0|1>:m=<mask_all 0|1>:qt=<query tile>:kt=<key tile>:kv=<kv_chunk>``
-``:h=<0|1>`` (unnamed settings keep ``KernelLaunch``'s defaults; ``kv`` acts on the backward
-only: dk / dv by a second kernel over chunks of ``kv`` slots per key block; ``h=1``: GQA heads
-side by side in the grid; ``mass=0``: the forward without block masses). At the lengths after
+``:h=<0|1>:e=<0|1>`` (unnamed settings keep ``KernelLaunch``'s defaults; ``kv`` acts on the
+backward only: dk / dv by a second kernel over chunks of ``kv`` slots per key block; ``h=1``: GQA
+heads side by side in the grid; ``e=1``: L2 eviction hints; ``mass=0``: the forward without
+block masses). At the lengths after
 the first, only the first spec and the ``--keep`` - 1 fastest of the first length run (compiling
 every variant once keeps the sweep within its budget). Each
 row gives the time (CUDA-event median), TFLOP/s effective (FLOPs on the kept causal query-key
@@ -54,18 +55,19 @@ from sparse_lens.kernels.sparse_attention_triton import KernelLaunch, launch_bac
 
 SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": attention_heads("llama-3.1-8b"),
           "tiny": (2, 1, 32)}  # (query heads, key/value heads, head dim)
-DEFAULT_FORWARD = ["w=4", "w=4:mass=0", "w=4:m=0", "w=4:m=0:h=1", "w=4:skip=0:m=0", "w=4:s=2:skip=0:m=0",
-                   "w=4:s=4:skip=0:m=0", "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0", "w=4:kt=32:skip=0:m=0",
-                   "w=4:skip=0:m=0:h=1", "w=4:skip=0:m=0:mass=0"]
-# 4 warps spill registers in the backward kernels (ptxas, sm_90): the variants use 8 but the baseline;
-# the key/value kernel holds 140 KB of shared memory at 3 stages (one program per SM), 107 KB at 2.
-DEFAULT_BACKWARD = ["w=4", "w=8", "w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0", "w=8:skip=0:m=0:h=1", "w=8:skip=0:m=0:kv=32",
-                    "w=8:s=2:skip=0:m=0:kv=32", "w=8:s=2:skip=0:m=0:kv=16", "w=8:s=2:skip=0:m=0:kv=64",
-                    "w=8:s=2:skip=0:m=0:kv=32:h=1"]
-OTHER_FORWARD = ["w=4:skip=0:m=0", "w=8:qt=128:skip=0:m=0", "w=8:qt=128:s=2:skip=0:m=0"]
+# Chosen from the first H200 sweep (benchmarks/results/h200x2_2026-11-30c/attention_sweep.json): at 64x64
+# the branch-free loop at 4 warps and 3 stages led (392 TFLOP/s at 128k; 8 warps 178-247, 4 stages 269, 2
+# stages 336); 8 warps led the backward (4 spill registers on sm_90).
+DEFAULT_FORWARD = ["w=4", "w=4:skip=0:m=0", "w=4:skip=0:m=0:mass=0", "w=4:skip=0:m=0:h=1", "w=4:skip=0:m=0:e=1",
+                   "w=4:skip=0:m=0:mass=0:e=1", "w=4:skip=0:m=0:h=1:e=1", "w=4:skip=0:m=0:mass=0:h=1",
+                   "w=4:s=4:kt=32:skip=0:m=0", "w=4:skip=0"]
+# The key/value kernel holds 140 KB of shared memory at 3 stages (one program per SM), 107 KB at 2.
+DEFAULT_BACKWARD = ["w=4", "w=8:skip=0:m=0:h=1", "w=8:skip=0:m=0", "w=8:skip=0:m=0:h=1:e=1", "w=8:skip=0:m=0:kv=32",
+                    "w=8:s=2:skip=0:m=0:kv=32", "w=8:skip=0:m=0:kv=32:h=1", "w=8:s=2:skip=0:m=0:kv=64:e=1"]
+OTHER_FORWARD = ["w=4:skip=0:m=0", "w=8:qt=128:skip=0:m=0", "w=8:qt=128:skip=0:m=0:e=1"]
 OTHER_BACKWARD = ["w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0:kv=32"]
 SPEC_FIELDS = {"w": "num_warps", "s": "num_stages", "skip": "skip_unreached", "m": "mask_all", "qt": "query_tile",
-               "kt": "key_tile", "kv": "kv_chunk", "h": "heads_inner"}
+               "kt": "key_tile", "kv": "kv_chunk", "h": "heads_inner", "e": "l2_hints"}
 SINK, LOCAL = 1, 1
 
 
@@ -78,9 +80,10 @@ def parse_launch(spec: str) -> tuple[KernelLaunch, bool]:
         if name == "mass":
             with_mass = value == "1"
         elif name in SPEC_FIELDS and value.isdigit():
-            settings[SPEC_FIELDS[name]] = bool(int(value)) if name in ("skip", "m", "h") else int(value)
+            settings[SPEC_FIELDS[name]] = bool(int(value)) if name in ("skip", "m", "h", "e") else int(value)
         else:
-            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, kv, h, mass (e.g. w=8:skip=0)")
+            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, kv, h, e, mass "
+                             "(e.g. w=8:skip=0)")
     return KernelLaunch(**settings), with_mass
 
 
@@ -237,7 +240,7 @@ def main() -> None:
     parser.add_argument("--other-forward", nargs="+", default=OTHER_FORWARD)
     parser.add_argument("--other-backward", nargs="+", default=OTHER_BACKWARD)
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats at <= 128k (a third beyond)")
-    parser.add_argument("--keep", type=int, default=4, help="variants per direction timed after the first length")
+    parser.add_argument("--keep", type=int, default=5, help="variants per direction timed after the first length")
     parser.add_argument("--dense-limit", type=float, default=8.0, help="skip dense SDPA predicted above (s)")
     parser.add_argument("--budget", type=float, default=100.0, help="start no variant after this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])

@@ -170,12 +170,15 @@ def soft_cap(scores, softcap):
 
 
 @triton.jit
-def _load_tile(base, rows, n_rows, columns, n_columns, EVEN: tl.constexpr):
-    """``load_rows``, unmasked when ``EVEN`` (every row in range, ``columns`` exactly the width)."""
+def _load_tile(base, rows, n_rows, columns, n_columns, EVEN: tl.constexpr, EVICTION: tl.constexpr = ""):
+    """``load_rows``, unmasked when ``EVEN`` (every row in range, ``columns`` exactly the width), with
+    an L2 ``eviction_policy`` (``""``: the default)."""
+    at = base + rows[:, None] * n_columns + columns[None, :]
     if EVEN:
-        tile = tl.load(base + rows[:, None] * n_columns + columns[None, :])
+        tile = tl.load(at, eviction_policy=EVICTION)
     else:
-        tile = load_rows(base, rows, n_rows, columns, n_columns)
+        in_range = (rows[:, None] < n_rows) & (columns[None, :] < n_columns)
+        tile = tl.load(at, mask=in_range, other=0.0, eviction_policy=EVICTION)
     return tile
 
 
@@ -255,7 +258,7 @@ def _forward_step(
     first_key, load_first_key, needs_mask, row_limit, query_pos, slot, gate, scale, window, softcap, seq_len,
     d_head, d_value, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_MASS: tl.constexpr,
-    EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr,
+    EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr, KV_EVICTION: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One key tile of the online softmax (base 2): the new ``(accumulator, row_max, row_sum, slot_sums)``.
@@ -264,8 +267,9 @@ def _forward_step(
     ``_tile_plan``); without ``MASK_ALL`` only where ``needs_mask``.
     """
     tile_rows = tl.arange(0, KEY_TILE)
-    keys = _load_tile(key_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_D), d_head, EVEN)
-    values = _load_tile(value_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_DV), d_value, EVEN)
+    keys = _load_tile(key_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_D), d_head, EVEN, KV_EVICTION)
+    values = _load_tile(value_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_DV), d_value, EVEN,
+                        KV_EVICTION)
     scores, factor, _ = _scores_log2(query_tile_values, keys, scale, softcap, HAS_SOFTCAP, FOLD_SCALE,
                                      DOT_PRECISION, DOT_UPCAST)
     key_pos = first_key + tile_rows
@@ -297,7 +301,8 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, HEADS_INNER: tl.constexpr, WITH_MASS: tl.constexpr = True,
+    SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, HEADS_INNER: tl.constexpr,
+    KV_EVICTION: tl.constexpr, ONCE_EVICTION: tl.constexpr, WITH_MASS: tl.constexpr = True,
 ):
     query_block_id, batch_head = _block_and_head(n_q_heads, n_kv_heads, HEADS_INNER)
     kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
@@ -314,7 +319,7 @@ def _forward_kernel(
         query_pos = first_query + tl.arange(0, QUERY_TILE)
         last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
         row_limit = tl.where(query_pos < seq_len, query_pos, -1)  # padding rows see nothing
-        query_tile_values = _load_tile(query_base, query_pos, seq_len, dims, d_head, EVEN)
+        query_tile_values = _load_tile(query_base, query_pos, seq_len, dims, d_head, EVEN, ONCE_EVICTION)
         if HAS_SINKS:  # the sink is an element already seen: running max = sink, running sum = 1
             sink = tl.load(sinks_ptr + batch_head % n_q_heads).to(tl.float32)
             row_max = tl.zeros([QUERY_TILE], dtype=tl.float32) + sink * LOG2E
@@ -337,13 +342,13 @@ def _forward_kernel(
                         accumulator, row_max, row_sum, slot_sums, query_tile_values, key_base, value_base,
                         mask_first_key, load_first_key, needs_mask, row_limit, query_pos, slot, gate, scale, window,
                         softcap, seq_len, d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW,
-                        HAS_SOFTCAP, WITH_MASS, EVEN, FOLD_SCALE, MASK_ALL, DOT_PRECISION, DOT_UPCAST)
+                        HAS_SOFTCAP, WITH_MASS, EVEN, FOLD_SCALE, MASK_ALL, KV_EVICTION, DOT_PRECISION, DOT_UPCAST)
             else:  # branch-free, so that Triton can pipeline the loads
                 accumulator, row_max, row_sum, slot_sums = _forward_step(
                     accumulator, row_max, row_sum, slot_sums, query_tile_values, key_base, value_base,
                     mask_first_key, load_first_key, needs_mask, row_limit, query_pos, slot, gate, scale, window,
                     softcap, seq_len, d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW,
-                    HAS_SOFTCAP, WITH_MASS, EVEN, FOLD_SCALE, MASK_ALL, DOT_PRECISION, DOT_UPCAST)
+                    HAS_SOFTCAP, WITH_MASS, EVEN, FOLD_SCALE, MASK_ALL, KV_EVICTION, DOT_PRECISION, DOT_UPCAST)
         seen = row_sum > 0.0
         inverse_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
         real = query_pos < seq_len
@@ -399,7 +404,7 @@ def _backward_step(
     scale, window, softcap, seq_len, d_head, d_value,
     KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr, KV_GRADS: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr, KV_GRADS: tl.constexpr, KV_EVICTION: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One key tile of the backward: the new ``(grad_query, gate_grad)``; with ``KV_GRADS`` dk and
@@ -408,8 +413,8 @@ def _backward_step(
     tile_rows = tl.arange(0, KEY_TILE)
     dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     load_pos = load_first_key + tile_rows
-    keys = _load_tile(key_ptr + key_offset, load_pos, seq_len, dims, d_head, EVEN)
-    values = _load_tile(value_ptr + value_offset, load_pos, seq_len, value_dims, d_value, EVEN)
+    keys = _load_tile(key_ptr + key_offset, load_pos, seq_len, dims, d_head, EVEN, KV_EVICTION)
+    values = _load_tile(value_ptr + value_offset, load_pos, seq_len, value_dims, d_value, EVEN, KV_EVICTION)
     probs, grad_probs, grad_scores = _tile_gradients(
         queries, grad_out, keys, values, delta, lse_log2, first_key + tile_rows, needs_mask, row_limit, query_pos,
         gate, scale, window, softcap, HAS_WINDOW, HAS_SOFTCAP, FOLD_SCALE, MASK_ALL, DOT_PRECISION, DOT_UPCAST)
@@ -436,6 +441,7 @@ def _backward_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
     SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, HEADS_INNER: tl.constexpr, KV_GRADS: tl.constexpr,
+    KV_EVICTION: tl.constexpr, ONCE_EVICTION: tl.constexpr,
 ):
     query_block_id, batch_head = _block_and_head(n_q_heads, n_kv_heads, HEADS_INNER)
     kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
@@ -452,9 +458,10 @@ def _backward_kernel(
         last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
         real = query_pos < seq_len
         row_limit = tl.where(real, query_pos, -1)
-        queries = _load_tile(query_ptr + query_offset, query_pos, seq_len, dims, d_head, EVEN)
-        grad_out = _load_tile(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN)
-        output = _load_tile(output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN)
+        queries = _load_tile(query_ptr + query_offset, query_pos, seq_len, dims, d_head, EVEN, ONCE_EVICTION)
+        grad_out = _load_tile(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN,
+                              ONCE_EVICTION)
+        output = _load_tile(output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN, ONCE_EVICTION)
         delta = tl.sum(grad_out.to(tl.float32) * output.to(tl.float32), axis=1)
         if not KV_GRADS:  # the key/value gradient kernel reads it
             tl.store(delta_ptr + batch_head * seq_len + query_pos, delta, mask=real)
@@ -480,14 +487,14 @@ def _backward_kernel(
                         grad_value_ptr, key_offset, value_offset, mask_first_key, load_first_key, reached, needs_mask,
                         row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value, KEY_TILE,
                         BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE, MASK_ALL,
-                        KV_GRADS, DOT_PRECISION, DOT_UPCAST)
+                        KV_GRADS, KV_EVICTION, DOT_PRECISION, DOT_UPCAST)
             else:
                 grad_query, gate_grad = _backward_step(
                     grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr, grad_key_ptr,
                     grad_value_ptr, key_offset, value_offset, mask_first_key, load_first_key, reached, needs_mask,
                     row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value, KEY_TILE,
                     BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE, MASK_ALL,
-                    KV_GRADS, DOT_PRECISION, DOT_UPCAST)
+                    KV_GRADS, KV_EVICTION, DOT_PRECISION, DOT_UPCAST)
         _store_rows(grad_query_ptr + query_offset, query_pos, seq_len, dims, d_head, grad_query * scale)
     if HAS_GATE:
         grad_gate_at = grad_gate_ptr + slots_row + slot_ids
@@ -503,6 +510,7 @@ def _key_value_grad_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr,
+    KV_EVICTION: tl.constexpr, ONCE_EVICTION: tl.constexpr,
 ):
     """dk and dv of one key tile over a chunk of the (query head, query block) slots that keep its
     block (``_key_block_entries``), summed in registers and added once (fp32 atomics: a block's
@@ -514,8 +522,9 @@ def _key_value_grad_kernel(
     key_pos = first_key + tl.arange(0, KEY_TILE)
     dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     key_offset, value_offset = kv_batch_head * seq_len * d_head, kv_batch_head * seq_len * d_value
-    keys = _load_tile(key_ptr + key_offset, key_pos, seq_len, dims, d_head, EVEN)
-    values = _load_tile(value_ptr + value_offset, key_pos, seq_len, value_dims, d_value, EVEN)
+    # Here k and v are read once per program, q and dO by many programs (the L2 hints swap roles).
+    keys = _load_tile(key_ptr + key_offset, key_pos, seq_len, dims, d_head, EVEN, ONCE_EVICTION)
+    values = _load_tile(value_ptr + value_offset, key_pos, seq_len, value_dims, d_value, EVEN, ONCE_EVICTION)
     grad_key = tl.zeros([KEY_TILE, BLOCK_D], dtype=tl.float32)
     grad_value = tl.zeros([KEY_TILE, BLOCK_DV], dtype=tl.float32)
     for entry in tl.range(tl.load(item_starts_ptr + item), tl.load(item_ends_ptr + item)):
@@ -530,8 +539,9 @@ def _key_value_grad_kernel(
             reached, mask_first_key, _, needs_mask = _tile_plan(
                 key_block_id, first_key, first_query, last_query, seq_len, window, QUERY_TILE, KEY_TILE, HAS_WINDOW)
             query_offset, output_offset = batch_head * seq_len * d_head, batch_head * seq_len * d_value
-            queries = _load_tile(query_ptr + query_offset, query_pos, seq_len, dims, d_head, EVEN)
-            grad_out = _load_tile(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN)
+            queries = _load_tile(query_ptr + query_offset, query_pos, seq_len, dims, d_head, EVEN, KV_EVICTION)
+            grad_out = _load_tile(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN,
+                                  KV_EVICTION)
             lse = tl.load(lse_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(delta_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
@@ -609,6 +619,8 @@ class KernelLaunch:
     registers (one atomic add per chunk). ``heads_inner``: the grid runs the query heads of a GQA
     group side by side on each query block (so that programs running together read one key head's
     blocks: its local and shared picks hit L2); else query blocks vary fastest, within one head.
+    ``l2_hints``: tiles read by many programs (k, v; q, dO in the key/value kernel) are loaded with
+    ``eviction_policy="evict_last"``, those read once with ``"evict_first"``, to keep the former in L2.
     """
 
     num_warps: int = 4
@@ -619,6 +631,7 @@ class KernelLaunch:
     key_tile: int = MAX_TILE
     kv_chunk: int = 0
     heads_inner: bool = False
+    l2_hints: bool = False
 
     def kernel_options(self) -> dict:
         """``num_warps`` / ``num_stages`` keyword arguments of a Triton launch."""
@@ -667,6 +680,7 @@ def _launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_ga
         and block_d == query.shape[-1] and block_dv == value.shape[-1],
         FOLD_SCALE=scale > 0,  # the scale rides in the exp2's multiply-add (the row max needs scale > 0)
         SKIP_UNREACHED=launch.skip_unreached, MASK_ALL=launch.mask_all, HEADS_INNER=launch.heads_inner,
+        KV_EVICTION="evict_last" if launch.l2_hints else "", ONCE_EVICTION="evict_first" if launch.l2_hints else "",
     )
 
 

@@ -205,14 +205,15 @@ LAUNCH_VARIANTS = {
     # Every launch setting must give the reference's results: the branch-free (pipelined) loop, which
     # reads unused slots' tiles and masks them, masks on the tiles that need them only, and key /
     # query tiles smaller than a block.
-    "branch_free": KernelLaunch(skip_unreached=False),
+    "branch_free_l2_hints": KernelLaunch(skip_unreached=False, l2_hints=True),
     "branch_free_partial_masks_heads_inner": KernelLaunch(skip_unreached=False, mask_all=False, heads_inner=True),
     "branch_free_key_tile_16": KernelLaunch(skip_unreached=False, key_tile=16, num_warps=8, num_stages=2),
     "partial_masks_query_tile_16_key_tile_16": KernelLaunch(mask_all=False, query_tile=16, key_tile=16),
     # dk / dv by a second kernel over each key block's slots, in chunks of 2 (blocks kept by more
     # slots have several chunks, added atomically)
     "key_value_kernel_heads_inner": KernelLaunch(skip_unreached=False, kv_chunk=2, heads_inner=True),
-    "key_value_kernel_partial_masks_tiles_16": KernelLaunch(mask_all=False, kv_chunk=3, query_tile=16, key_tile=16),
+    "key_value_kernel_partial_masks_tiles_16": KernelLaunch(mask_all=False, kv_chunk=3, query_tile=16, key_tile=16,
+                                                            l2_hints=True),
 }
 LAUNCH_CASES = {
     # name: (batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype, features);

@@ -55,7 +55,7 @@ Launch = attention.KernelLaunch
 cases = [
     (Launch(), {}),
     (Launch(skip_unreached=False, mask_all=False, heads_inner=True, num_warps=8), {}),
-    (Launch(skip_unreached=False, mask_all=False, num_warps=8, kv_chunk=32),
+    (Launch(skip_unreached=False, mask_all=False, num_warps=8, kv_chunk=32, l2_hints=True),
      dict(window=100, softcap=30.0, sinks=torch.empty(4), block_gate=torch.empty(1, 4, 64, 16))),
 ]
 for launch, features in cases:
