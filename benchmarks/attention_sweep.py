@@ -22,9 +22,11 @@ row gives the time (CUDA-event median), TFLOP/s effective (FLOPs on the kept cau
 pairs: 4 d a pair forward, 10 d backward, as benchmarks/kernels_features.py and rescore.py count
 them), for the forward the rate at which it reads key/value tiles (each reached slot's key block,
 k and v, once per query tile: 64 FLOPs per byte at 64x64 blocks and d 128, so HBM's 4.8 TB/s
-caps a forward whose tiles miss L2 near 300 TFLOP/s), the ratio to the first variant (the
-default launch), and the largest difference of its results from the first variant's (output and
-lse forward; dq, dk, dv backward): a launch setting must not change results beyond rounding. The
+caps a forward whose tiles miss L2 near 300 TFLOP/s), the ratio to the first variant (the launch
+that was the default before the sweeps: ``KernelLaunch()``, 4 warps, branching, every tile
+masked; the kernels' defaults now are the second specs), and the largest difference of its
+results from the first variant's (output and lse forward; dq, dk, dv backward): a launch setting
+must not change results beyond rounding. The
 backward times the kernel launch(es) with the fp32 dk / dv buffers zeroed (as the autograd path
 does). Dense causal SDPA (cuDNN, flash fallback; GQA) runs on the same tensors in the same run,
 forward and backward, each skipped where predicted above ``--dense-limit`` seconds from the
@@ -58,12 +60,13 @@ SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": atten
 # Chosen from the first H200 sweep (benchmarks/results/h200x2_2026-11-30c/attention_sweep.json): at 64x64
 # the branch-free loop at 4 warps and 3 stages led (392 TFLOP/s at 128k; 8 warps 178-247, 4 stages 269, 2
 # stages 336); 8 warps led the backward (4 spill registers on sm_90).
-DEFAULT_FORWARD = ["w=4", "w=4:skip=0:m=0", "w=4:skip=0:m=0:mass=0", "w=4:skip=0:m=0:h=1", "w=4:skip=0:m=0:e=1",
-                   "w=4:skip=0:m=0:mass=0:e=1", "w=4:skip=0:m=0:h=1:e=1", "w=4:skip=0:m=0:mass=0:h=1",
-                   "w=4:s=4:kt=32:skip=0:m=0", "w=4:skip=0"]
+DEFAULT_FORWARD = ["w=4:skip=1:m=1", "w=4:skip=0:m=0", "w=4:skip=0:m=0:mass=0", "w=4:skip=0:m=0:h=1",
+                   "w=4:skip=0:m=0:e=1", "w=4:skip=0:m=0:mass=0:e=1", "w=4:skip=0:m=0:h=1:e=1",
+                   "w=4:skip=0:m=0:mass=0:h=1", "w=4:s=4:kt=32:skip=0:m=0", "w=4:skip=0"]
 # The key/value kernel holds 140 KB of shared memory at 3 stages (one program per SM), 107 KB at 2.
-DEFAULT_BACKWARD = ["w=4", "w=8:skip=0:m=0:h=1", "w=8:skip=0:m=0", "w=8:skip=0:m=0:h=1:e=1", "w=8:skip=0:m=0:kv=32",
-                    "w=8:s=2:skip=0:m=0:kv=32", "w=8:skip=0:m=0:kv=32:h=1", "w=8:s=2:skip=0:m=0:kv=64:e=1"]
+DEFAULT_BACKWARD = ["w=4:skip=1:m=1", "w=8:skip=0:m=0:h=1", "w=8:skip=0:m=0", "w=8:skip=0:m=0:h=1:e=1",
+                    "w=8:skip=0:m=0:kv=32", "w=8:s=2:skip=0:m=0:kv=32", "w=8:skip=0:m=0:kv=32:h=1",
+                    "w=8:s=2:skip=0:m=0:kv=64:e=1"]
 OTHER_FORWARD = ["w=4:skip=0:m=0", "w=8:qt=128:skip=0:m=0", "w=8:qt=128:skip=0:m=0:e=1"]
 OTHER_BACKWARD = ["w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0:kv=32"]
 SPEC_FIELDS = {"w": "num_warps", "s": "num_stages", "skip": "skip_unreached", "m": "mask_all", "qt": "query_tile",
@@ -195,8 +198,8 @@ def sweep_length(qkv: tuple, geometry: str, args, timer, started: float, specs: 
     rows, repeats = [], args.repeats if seq_len <= 131072 else max(2, args.repeats // 3)
     reference = {}
     for direction in ("forward", "backward"):
-        if direction == "backward":  # the default forward's output and lse feed every backward variant
-            problem.forward(KernelLaunch(), True)
+        if direction == "backward":  # the first forward's output and lse feed every backward variant
+            problem.forward(*parse_launch(args.forward[0]))
         for spec in specs[direction]:
             row = base | {"kernel": "block_sparse", "direction": direction, "variant": spec}
             if time.perf_counter() - started > args.budget:

@@ -64,10 +64,13 @@ vary fastest in the grid by default, so programs running together belong to one 
 its sink and local key blocks in L2 (``KernelLaunch.heads_inner``: the query heads of a GQA group
 vary fastest, sharing their key head's blocks). Total work is O(T * top_k * key_block * d) per head.
 
-Measured on one H200 before the launch variants (triton 3.6, bf16, 32 query / 8 KV heads, d = 128,
-blocks 64, top_k = 16): forward 1.7 ms at T = 32k and 7.5 ms at 128k (about 300 TFLOP/s on the
-kept tiles; dense causal SDPA: 14 and 258 ms); the backward kernel took about 4.5x the forward, a
-fifth of it in the atomics. ``benchmarks/attention_sweep.py`` times every launch variant.
+Measured on one H200 (triton 3.6, bf16, Qwen2.5-1.5B heads: 12 query / 2 KV, d = 128, 64-token
+blocks, Stream's top 16; ``benchmarks/attention_sweep.py``, TFLOP/s on the kept causal pairs):
+forward 2.03 ms at T = 128k, 392 TFLOP/s (the branching launch before: 2.61 ms, 305), 21.4 ms at
+1M, 299 (25.8 ms, 248); backward 13.6 ms at 128k, 147 TFLOP/s (15.5 ms, 128), 139 ms at 1M, 115
+(156 ms, 103); dense cuDNN SDPA at 128k: 92.6 ms forward, 240 ms backward. At 1M the forward reads
+key/value tiles at 4.9 TB/s, HBM's rate: random picks miss L2, and 64x64 tiles give 64 FLOPs per
+byte, so it is bandwidth-bound there.
 
 Inputs are made contiguous; fp32, bf16 and fp16 are supported, accumulation is fp32; fp32
 products use ``input_precision="ieee"`` (no TF32), bf16/fp16 products run on tensor cores. Under
@@ -638,8 +641,10 @@ class KernelLaunch:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-FORWARD_LAUNCH = KernelLaunch()
-BACKWARD_LAUNCH = KernelLaunch()
+# The defaults, the fastest of the first H200 sweep at 64x64 blocks (benchmarks/results/h200x2_2026-11-30c/
+# attention_sweep.json; the previous default was KernelLaunch(): 4 warps, branching, every tile masked).
+FORWARD_LAUNCH = KernelLaunch(skip_unreached=False, mask_all=False)
+BACKWARD_LAUNCH = KernelLaunch(num_warps=8, skip_unreached=False, mask_all=False, heads_inner=True)
 WIDE_ROWS = 64  # slots per row above which the kernels always branch around unreached tiles
 
 
