@@ -614,8 +614,8 @@ class KernelLaunch:
     work but keeps Triton from pipelining the loop's loads; without it the loop is branch-free and
     such tiles are read at block 0 and masked. ``mask_all``: apply the causal / window mask to
     every tile; off, only to tiles that need it (a branch per tile; the others are whole).
-    ``query_tile`` / ``key_tile``: rows of a query tile
-    and keys of a key tile, at most (capped by the block sizes; powers of two >= 16).
+    ``query_tile`` / ``key_tile``: rows of a query tile and keys of a key tile, at most (capped by
+    the block sizes; powers of two >= 16).
     ``kv_chunk`` (backward only): 0 adds each tile's dk / dv to global memory with atomics inside
     the one backward kernel; ``n > 0`` makes dk / dv in a second kernel, one program per key tile
     and chunk of at most ``n`` (query head, query block) slots that keep its block, summed in
@@ -703,9 +703,9 @@ def _feature_args(window: int | None, softcap: float | None) -> tuple[int, float
 
 @launch_on_tensor_device
 def launch_forward(query, key, value, block_indices, block_gate, output, lse, block_mass, *,
-                    query_block: int, key_block: int, scale: float, window: int | None = None,
-                    softcap: float | None = None, sinks: Tensor | None = None, with_mass: bool = True,
-                    launch: KernelLaunch = FORWARD_LAUNCH) -> None:
+                   query_block: int, key_block: int, scale: float, window: int | None = None,
+                   softcap: float | None = None, sinks: Tensor | None = None, with_mass: bool = True,
+                   launch: KernelLaunch = FORWARD_LAUNCH) -> None:
     """Run the forward kernel into caller-given buffers (every element of them is written).
 
     ``query`` [batch, q_head, seq, d_head], ``key`` / ``value`` [batch, kv_head, seq, d_head /
@@ -713,10 +713,10 @@ def launch_forward(query, key, value, block_indices, block_gate, output, lse, bl
     or like it; written: ``output`` [batch, q_head, seq, d_value] (the inputs' dtype), ``lse``
     fp32 [batch, q_head, seq], ``block_mass`` fp32 like ``block_indices``. All contiguous, on one
     device, unchecked (``block_sparse_attention_triton`` checks); ``sinks`` float32. The tests call
-    it with poisoned buffers. ``with_mass=False`` leaves ``block_mass`` unwritten and keeps no per-slot
-    sums (for wide rows, e.g. a dense band of thousands of blocks, whose [query tile, slots]
-    register tensor would spill). ``launch``: the launch settings (benchmarks/tune_kernels.py
-    sweeps them).
+    it with poisoned buffers. ``with_mass=False`` leaves ``block_mass`` unwritten and keeps no
+    per-slot sums (for wide rows, e.g. a dense band of thousands of blocks, whose [query tile,
+    slots] register tensor would spill). ``launch``: the launch settings
+    (benchmarks/attention_sweep.py times them).
     """
     batch, n_q_heads = query.shape[:2]
     grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch)
@@ -728,17 +728,18 @@ def launch_forward(query, key, value, block_indices, block_gate, output, lse, bl
     _forward_kernel[grid](
         query, key, value, block_indices, block_gate if block_gate is not None else block_mass,
         sinks if sinks is not None else lse,  # unread placeholder without sinks
-        output, lse, block_mass, float(scale), *_feature_args(window, softcap), *_sizes(query, key, value, block_indices),
+        output, lse, block_mass, float(scale), *_feature_args(window, softcap),
+        *_sizes(query, key, value, block_indices),
         **config, **launch.kernel_options(),
     )
 
 
 @launch_on_tensor_device
 def launch_backward(query, key, value, block_indices, block_gate, output, grad_output, lse,
-                     grad_query, grad_key, grad_value, grad_gate, *, query_block: int, key_block: int,
-                     scale: float, window: int | None = None, softcap: float | None = None,
-                     sinks: Tensor | None = None, grad_sinks: Tensor | None = None,
-                     launch: KernelLaunch = BACKWARD_LAUNCH) -> None:
+                    grad_query, grad_key, grad_value, grad_gate, *, query_block: int, key_block: int,
+                    scale: float, window: int | None = None, softcap: float | None = None,
+                    sinks: Tensor | None = None, grad_sinks: Tensor | None = None,
+                    launch: KernelLaunch = BACKWARD_LAUNCH) -> None:
     """Run the backward kernel(s), inputs as ``launch_forward`` takes them plus its ``output`` and
     ``lse`` and ``grad_output`` (like ``output``): ``grad_query`` (like ``query``) and ``grad_gate``
     are overwritten, ``grad_key``, ``grad_value`` (fp32 [batch, kv_head, seq, d], zero on entry)
