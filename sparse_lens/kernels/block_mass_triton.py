@@ -21,9 +21,9 @@ the slot's output (zero on entry). Rows with ``lse = -inf`` (a query that sees n
 Nothing of size T x T exists anywhere; work is that of ``q k^T`` over the slots.
 
 ``window`` and ``softcap`` (constexpr flags ``HAS_WINDOW`` / ``HAS_SOFTCAP``, so the default
-compiles as before) cap the scores and mask keys older than the window as
-``sparse_attention_triton.layer_scores`` does; key tiles wholly outside the window are skipped. A
-sink needs nothing here: it is part of the given ``lse``.
+compiles as before) cap the scores (``soft_cap``) and mask keys older than the window as the
+attention kernels do (``scores_log2`` and ``visibility`` in ``sparse_attention_tiles``); key
+tiles wholly outside the window are skipped. A sink needs nothing here: it is part of the given ``lse``.
 
 Inputs are made contiguous; fp32, bf16, fp16; block sizes powers of two >= 16. Under the Triton
 interpreter bf16 products are made in fp32 (the interpreter's bf16 ``tl.dot`` is wrong), as in

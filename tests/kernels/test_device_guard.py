@@ -73,12 +73,17 @@ def _launching_functions(path: Path) -> dict[str, bool]:
     return found
 
 
+# The public module of the attention kernels launches them through sparse_attention_fwd_triton /
+# sparse_attention_bwd_triton (scanned here too); any launch of its own must still be guarded.
+LAUNCHES_ELSEWHERE = {"sparse_attention_triton"}
+
+
 @pytest.mark.parametrize("path", [path for path in sorted(KERNEL_DIR.glob("*_triton.py"))
                                   if not path.read_text().startswith('"""Deprecated path')],  # one-release shims
                          ids=lambda p: p.stem)
 def test_every_triton_launch_is_guarded(path):
     launching = _launching_functions(path)
-    assert launching, f"{path.name} launches no kernel?"
+    assert launching or path.stem in LAUNCHES_ELSEWHERE, f"{path.name} launches no kernel?"
     assert all(launching.values()), f"unguarded launches in {path.name}: {launching}"
     module = importlib.import_module(f"sparse_lens.kernels.{path.stem}")
     for name in launching:

@@ -1,0 +1,134 @@
+"""Launch settings and host-side launch plan of the block-sparse attention kernels (no kernel here).
+
+``KernelLaunch``: how a kernel is launched (warps, pipeline stages, branching or branch-free key-tile
+loop, which tiles are masked, tile sizes, the split dk / dv backward, the grid order, L2 hints);
+every setting leaves the results unchanged up to fp32 rounding. ``FORWARD_LAUNCH`` /
+``BACKWARD_LAUNCH``: the defaults, the fastest of the first H200 sweep (figures in
+``sparse_attention_triton``). The plan of one launch: ``query_grid`` (one program per query block
+and query head), ``launch_for_rows`` (branch on rows wider than ``WIDE_ROWS`` slots),
+``launch_config`` (the kernels' compile-time constants), ``kernel_sizes`` and ``feature_args``
+(their runtime integer and feature arguments). ``check_triton_block_sizes`` and the tile limits
+``MAX_TILE`` / ``MIN_BLOCK``, the ``SUPPORTED_DTYPES``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+from torch import Tensor
+
+from sparse_lens.errors import BlockSizeError
+
+MAX_TILE = 64  # rows of a query tile and keys of a key tile, at most
+MIN_BLOCK = 16  # smallest tile tl.dot accepts
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_triton_block_sizes(query_block: int, key_block: int) -> None:
+    """Raise ``BlockSizeError`` unless both block sizes are powers of two of at least 16."""
+    for name, block in (("query_block", query_block), ("key_block", key_block)):
+        if not isinstance(block, int) or block < MIN_BLOCK or block & (block - 1):
+            raise BlockSizeError(
+                f"The Triton block-sparse attention needs {name} to be a power of two >= {MIN_BLOCK} "
+                f"(tl.dot tiles), got {block!r}; use the torch reference block_sparse_attention for other sizes."
+            )
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """How a kernel is launched; every setting leaves the results unchanged (up to fp32 rounding).
+
+    ``num_warps``, ``num_stages``: Triton's (``num_stages``: depth of the software pipeline of the
+    key-tile loop's loads). ``skip_unreached``: branch around key tiles that are wholly invisible
+    (an unused slot, a block after the query tile, one older than the window), which saves their
+    work but keeps Triton from pipelining the loop's loads; without it the loop is branch-free and
+    such tiles are read at block 0 and masked. ``mask_all``: apply the causal / window mask to
+    every tile; off, only to tiles that need it (a branch per tile; the others are whole).
+    ``query_tile`` / ``key_tile``: rows of a query tile and keys of a key tile, at most (capped by
+    the block sizes; powers of two >= 16).
+    ``kv_chunk`` (backward only): 0 adds each tile's dk / dv to global memory with atomics inside
+    the one backward kernel; ``n > 0`` makes dk / dv in a second kernel, one program per key tile
+    and chunk of at most ``n`` (query head, query block) slots that keep its block, summed in
+    registers (one atomic add per chunk). ``heads_inner``: the grid runs the query heads of a GQA
+    group side by side on each query block (so that programs running together read one key head's
+    blocks: its local and shared picks hit L2); else query blocks vary fastest, within one head.
+    ``l2_hints``: tiles read by many programs (k, v; q, dO in the key/value kernel) are loaded with
+    ``eviction_policy="evict_last"``, those read once with ``"evict_first"``, to keep the former in L2.
+    """
+
+    num_warps: int = 4
+    num_stages: int = 3
+    skip_unreached: bool = True
+    mask_all: bool = True
+    query_tile: int = MAX_TILE
+    key_tile: int = MAX_TILE
+    kv_chunk: int = 0
+    heads_inner: bool = False
+    l2_hints: bool = False
+
+    def kernel_options(self) -> dict:
+        """``num_warps`` / ``num_stages`` keyword arguments of a Triton launch."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# The defaults, the fastest of the first H200 sweep at 64x64 blocks (benchmarks/results/h200x2_2026-11-30c/
+# attention_sweep.json; the previous default was KernelLaunch(): 4 warps, branching, every tile masked).
+FORWARD_LAUNCH = KernelLaunch(skip_unreached=False, mask_all=False)
+BACKWARD_LAUNCH = KernelLaunch(num_warps=8, skip_unreached=False, mask_all=False, heads_inner=True)
+WIDE_ROWS = 64  # slots per row above which the kernels always branch around unreached tiles
+
+
+def query_grid(n_query_blocks: int, batch: int, n_q_heads: int, n_kv_heads: int, launch: KernelLaunch) -> tuple:
+    """The grid of the per-query-block kernels: one program per (query block, batch, query head)."""
+    if launch.heads_inner:
+        return (n_query_blocks * (n_q_heads // n_kv_heads), batch * n_kv_heads)
+    return (n_query_blocks, batch * n_q_heads)
+
+
+def launch_for_rows(launch: KernelLaunch, top_k: int) -> KernelLaunch:
+    """``launch``, but branching around unreached tiles on rows of more than ``WIDE_ROWS`` slots:
+    a dense band's rows (``dense_sdpa.dense_attention_band``) are mostly unused slots in its early
+    query blocks, where the branch-free loop would read and mask them all."""
+    return replace(launch, skip_unreached=True) if top_k > WIDE_ROWS else launch
+
+
+def launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_gate: Tensor | None,
+                   query_block: int, key_block: int, window: int | None = None, softcap: float | None = None,
+                   sinks: Tensor | None = None, *, scale: float = 1.0, launch: KernelLaunch = FORWARD_LAUNCH) -> dict:
+    """Compile-time constants of both kernels."""
+    query_tile, key_tile = min(query_block, launch.query_tile), min(key_block, launch.key_tile)
+    block_d = max(MIN_BLOCK, triton.next_power_of_2(query.shape[-1]))
+    block_dv = max(MIN_BLOCK, triton.next_power_of_2(value.shape[-1]))
+    seq_len = query.shape[2]
+    return dict(
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None,
+        QUERY_BLOCK=query_block, KEY_BLOCK=key_block, QUERY_TILE=query_tile, KEY_TILE=key_tile,
+        BLOCK_D=block_d, BLOCK_DV=block_dv,
+        SLOTS=max(2, triton.next_power_of_2(block_indices.shape[-1])),
+        HAS_GATE=block_gate is not None,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        # The Triton interpreter multiplies bf16 tl.dot operands as raw uint16 bits
+        # (triton-lang/triton#11584): there, bf16 operands are multiplied in fp32 instead.
+        DOT_UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        # Tiles wholly in range (no row or column masks on the loads):
+        EVEN=seq_len % query_tile == 0 and seq_len % key_tile == 0
+        and block_d == query.shape[-1] and block_dv == value.shape[-1],
+        FOLD_SCALE=scale > 0,  # the scale rides in the exp2's multiply-add (the row max needs scale > 0)
+        SKIP_UNREACHED=launch.skip_unreached, MASK_ALL=launch.mask_all, HEADS_INNER=launch.heads_inner,
+        KV_EVICTION="evict_last" if launch.l2_hints else "", ONCE_EVICTION="evict_first" if launch.l2_hints else "",
+    )
+
+
+def kernel_sizes(query: Tensor, key: Tensor, value: Tensor, block_indices: Tensor) -> tuple:
+    """Runtime integer arguments shared by both kernels, after the pointers and ``scale``."""
+    batch, n_q_heads, seq_len, d_head = query.shape
+    n_query_blocks, top_k = block_indices.shape[2:]
+    return seq_len, n_q_heads, key.shape[1], n_query_blocks, top_k, d_head, value.shape[-1]
+
+
+def feature_args(window: int | None, softcap: float | None) -> tuple[int, float]:
+    """Runtime ``window, softcap`` kernel arguments (unread placeholders when the feature is off)."""
+    return (0 if window is None else int(window)), (1.0 if softcap is None else float(softcap))
