@@ -194,7 +194,8 @@ def _check_settings(geometry: BlockGeometry, query_stride: int) -> None:
             raise BlockSizeError(
                 f"{name} must be a power of two >= {MIN_DOT} for the Triton bounds search, got {size!r} "
                 "(use sparse_lens.kernels.search.bounds_estimate for other sizes).")
-    if isinstance(query_stride, bool) or not isinstance(query_stride, int) or not 1 <= query_stride <= geometry.query_block:
+    stride_is_int = isinstance(query_stride, int) and not isinstance(query_stride, bool)
+    if not stride_is_int or not 1 <= query_stride <= geometry.query_block:
         raise InvalidConfigError(
             f"query_stride must be an int in [1, query_block={geometry.query_block}], got {query_stride!r}.")
 
