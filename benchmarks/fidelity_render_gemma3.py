@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 E2E, AT_LENGTH, RULER = "fidelity_e2e_*_gemma3_270m*.json", "fidelity_at_length_gemma3_*.json", "fidelity_ruler_*_gemma3_270m*.json"
-INTRO = ("Gemma 3 270M (the Q4_K_M GGUF dequantised to fp32; 18 layers x 4 query heads, 1 key-value head, d_head "
+INTRO = ("Gemma 3 270M (the Q4_K_M GGUF, dequantised to the dtype each table names; 18 layers x 4 query heads, 1 key-value head, d_head "
          "256; 15 layers with a 512-token sliding window, the global layers 5, 11 and 17; 262,144-token vocabulary). "
          "A layer whose window binds keeps its window band, exact, and runs no estimator: it prunes nothing and "
          "adds no rows to the recall figures, but counts in the pruned fraction, which is averaged over all 18 "
@@ -55,7 +55,8 @@ def gemma3_section(results: Path) -> list[str]:
 
 
 def _end_to_end(runs: list[dict]) -> list[str]:
-    lines = [f"**Against dense attention** ({runs[0]['date']}, {runs[0]['machine']}): {_commands(runs)}. KL and top-1 "
+    lines = [f"**Against dense attention** ({runs[0]['date']}, {runs[0]['machine']}, {runs[0].get('dtype', 'float32')} "
+             f"weights): {_commands(runs)}. KL and top-1 "
              "over every position where pruning happens.", "",
              "| tokens | config (estimator:block:top_k) | pruned (all layers) | recall mean | recall p5 | oracle ratio | "
              "KL (nats) | top-1 | positions |", "|---|---|---|---|---|---|---|---|---|"]
@@ -71,7 +72,8 @@ def _end_to_end(runs: list[dict]) -> list[str]:
 def _at_length(runs: list[dict]) -> list[str]:
     first = runs[0]
     stream = first["stream"]
-    lines = [f"**At length, one observe-mode and one sparse forward** ({first['date']}, {first['device']}): "
+    lines = [f"**At length, one observe-mode and one sparse forward** ({first['date']}, {first['device']}, "
+             f"{first['config']['dtype']} weights): "
              f"{_commands(runs)}. Default estimator `{stream['estimator']}`, {stream['query_block']}-token blocks, "
              f"top_k {stream['top_k']}; the oracle on every query block where pruning happens; KL and top-1 at the "
              "listed number of evenly spaced pruned positions.", "",
@@ -103,7 +105,8 @@ def _at_length(runs: list[dict]) -> list[str]:
 
 
 def _ruler(runs: list[dict]) -> list[str]:
-    lines = [f"**RULER accuracy** ({runs[0]['date']}, {runs[0]['machine']}): {_commands(runs)}. Greedy answers of "
+    lines = [f"**RULER accuracy** ({runs[0]['date']}, {runs[0]['machine']}, {runs[0].get('dtype', 'float32')} weights): "
+             f"{_commands(runs)}. Greedy answers of "
              "the model run densely and sparsely on the same seeded samples.", "",
              "| tokens | config | samples | dense accuracy | sparse accuracy | same output | needle heads | kept |",
              "|---|---|---|---|---|---|---|---|"]

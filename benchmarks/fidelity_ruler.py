@@ -27,11 +27,12 @@ def run_ruler(args: argparse.Namespace) -> dict:
     from sparse_lens.analysis.task_accuracy import DEFAULT_TASKS
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = sl.HookedSparseTransformer.from_pretrained(args.model or sl.DEFAULT_MODEL, device=device)
+    model = sl.HookedSparseTransformer.from_pretrained(args.model or sl.DEFAULT_MODEL, device=device,
+                                                       dtype=getattr(torch, args.dtype))
     samples = ruler_samples(model.tokenizer, args.length, args.tasks or DEFAULT_TASKS, args.samples,
                             answer_tokens=args.max_new_tokens)
     results = {"date": str(date.today()), "machine": torch.cuda.get_device_name() if device == "cuda" else machine(),
-               "model": args.model or sl.DEFAULT_MODEL, "length": args.length, "samples_per_task": args.samples, "tasks": list(args.tasks or DEFAULT_TASKS),
+               "model": args.model or sl.DEFAULT_MODEL, "dtype": args.dtype, "length": args.length, "samples_per_task": args.samples, "tasks": list(args.tasks or DEFAULT_TASKS),
                "threshold": 0.1, "max_new_tokens": args.max_new_tokens,
                "command": "python -m benchmarks.fidelity ruler " + " ".join(args.argv), "rows": []}
     out = RESULTS / f"fidelity_ruler_{args.length}{args.suffix}.json"
