@@ -4,11 +4,17 @@
 >= 16) and the torch reference otherwise; ``"triton"`` forces Triton (on the CPU that needs
 ``TRITON_INTERPRET=1``), ``"reference"`` forces the reference. ``StreamConfig.backend`` carries
 the choice down from the model. Triton modules are imported on first use.
+
+The estimators' Triton launches (Stream search, bounds search, rescoring) fall back to their torch
+reference, with a warning, when the compiled kernel asks for more shared memory than the GPU has
+(Triton's ``OutOfResources``, raised at launch before anything is written; e.g. d_head 256 in
+float32 on the H200's 227 KB): see :func:`_triton_or_reference`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Callable, Literal, TypeVar
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -25,6 +31,7 @@ from sparse_lens.kernels.sparse_attention import block_sparse_attention as block
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
 TRITON_MIN_BLOCK = 16
+Result = TypeVar("Result")
 
 
 def use_triton(backend: Backend, tensor: Tensor, query_block: int, key_block: int) -> bool:
@@ -36,6 +43,32 @@ def use_triton(backend: Backend, tensor: Tensor, query_block: int, key_block: in
     return tensor.is_cuda and all(
         size >= TRITON_MIN_BLOCK and size & (size - 1) == 0 for size in (query_block, key_block)
     )
+
+
+def _triton_or_reference(triton_call: Callable[[], Result], reference_call: Callable[[], Result], what: str) -> Result:
+    """``triton_call()``, or ``reference_call()`` (same contract, slower) if the Triton launch
+    raises ``OutOfResources``: the compiled kernel needs more on-chip memory (shared memory,
+    registers) than this GPU has. Triton raises it at launch, before the kernel writes anything,
+    so nothing is half-written. Warns once per call site (Python's default filter), naming
+    ``what`` (kernel and shapes) and the bytes asked vs available."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return triton_call()
+    except OutOfResources as error:
+        warnings.warn(
+            f"{what}: the Triton kernel needs {error.required} B of {error.name}, this GPU has "
+            f"{error.limit} B; running the torch reference instead (same result, slower).",
+            RuntimeWarning, stacklevel=3,
+        )
+        return reference_call()
+
+
+def _estimator_shapes(name: str, query: Tensor, geometry: BlockGeometry, **extra: object) -> str:
+    """``name`` and the sizes that set a kernel's on-chip tiles, for ``_triton_or_reference``."""
+    sizes = dict(d_head=query.shape[-1], dtype=str(query.dtype).removeprefix("torch."),
+                 query_block=geometry.query_block, key_block=geometry.key_block, **extra)
+    return f"{name} ({', '.join(f'{key} {value}' for key, value in sizes.items())})"
 
 
 def stream_estimate(
@@ -68,13 +101,22 @@ def stream_estimate_unchecked(
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """``stream_estimate`` on inputs the caller has validated (the Triton kernel still checks
-    its own block-size constraints, no tensor checks)."""
+    its own block-size constraints, no tensor checks). A Triton launch over the GPU's shared
+    memory falls back to the reference with a warning (``_triton_or_reference``)."""
+    def reference():
+        return stream_estimate_reference_unchecked(query, key, geometry, representative_keys=representative_keys)
+
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.stream_triton import stream_estimate_triton_unchecked
 
-        return stream_estimate_triton_unchecked(query, key, representative_keys=representative_keys,
-                                                **geometry.as_kwargs())
-    return stream_estimate_reference_unchecked(query, key, geometry, representative_keys=representative_keys)
+        return _triton_or_reference(
+            lambda: stream_estimate_triton_unchecked(query, key, representative_keys=representative_keys,
+                                                     **geometry.as_kwargs()),
+            reference,
+            _estimator_shapes("stream_triton._stream_estimate_kernel", query, geometry, top_k=geometry.top_k,
+                              branches=geometry.n_search),
+        )
+    return reference()
 
 
 def bounds_estimate_unchecked(
@@ -86,12 +128,21 @@ def bounds_estimate_unchecked(
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """The bounds search (``search.bounds_estimate``) on validated inputs, on the chosen backend:
-    on Triton ``bounds_triton`` (the kernel still checks its own block-size constraints)."""
+    on Triton ``bounds_triton`` (the kernel still checks its own block-size constraints; over the
+    GPU's shared memory it falls back to the reference with a warning)."""
+    def reference():
+        return bounds_estimate_reference_unchecked(query, key, geometry, query_stride=query_stride)
+
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.bounds_triton import bounds_estimate_triton_unchecked
 
-        return bounds_estimate_triton_unchecked(query, key, geometry, query_stride=query_stride)
-    return bounds_estimate_reference_unchecked(query, key, geometry, query_stride=query_stride)
+        return _triton_or_reference(
+            lambda: bounds_estimate_triton_unchecked(query, key, geometry, query_stride=query_stride),
+            reference,
+            _estimator_shapes("bounds_triton._bounds_search_kernel", query, geometry, top_k=geometry.top_k,
+                              branches=geometry.n_search),
+        )
+    return reference()
 
 
 def rescore_top_k_unchecked(
@@ -105,14 +156,20 @@ def rescore_top_k_unchecked(
     backend: Backend = "auto",
 ) -> Int[Tensor, "batch q_head n_query_blocks top_k"]:
     """Exact candidate masses, then the sink / local blocks and the heaviest, ``geometry.top_k``
-    in all (``rescore.rescore_top_k``; on Triton the fused ``rescore_top_k_triton``)."""
+    in all (``rescore.rescore_top_k``; on Triton the fused ``rescore_top_k_triton``, or the
+    reference with a warning where its launch exceeds the GPU's shared memory)."""
+    from sparse_lens.kernels.rescore import rescore_top_k
+
     settings = dict(scale=scale, query_stride=query_stride, **geometry.as_kwargs())
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.rescore_triton import rescore_top_k_triton
 
-        return rescore_top_k_triton(query, key, candidates, inputs_checked=True, **settings)
-    from sparse_lens.kernels.rescore import rescore_top_k
-
+        return _triton_or_reference(
+            lambda: rescore_top_k_triton(query, key, candidates, inputs_checked=True, **settings),
+            lambda: rescore_top_k(query, key, candidates, **settings),
+            _estimator_shapes("rescore_triton._rescore_kernel (top_k)", query, geometry, top_k=geometry.top_k,
+                              candidates=candidates.shape[-1]),
+        )
     return rescore_top_k(query, key, candidates, **settings)
 
 
@@ -130,16 +187,22 @@ def rescore_top_p_unchecked(
 ) -> Int[Tensor, "batch q_head n_query_blocks width"]:
     """Exact candidate masses, then per row the fewest heaviest reaching mass ``p`` (at least
     ``min_blocks``; ``rescore.rescore_top_p``; on Triton the fused ``rescore_top_p_triton``).
-    ``geometry.top_k`` is unused: the width is the candidates'."""
+    ``geometry.top_k`` is unused: the width is the candidates'. A Triton launch over the GPU's
+    shared memory falls back to the reference with a warning."""
+    from sparse_lens.kernels.rescore import rescore_top_p
+
     settings = dict(scale=scale, query_stride=query_stride, p=p, min_blocks=min_blocks,
                     query_block=geometry.query_block, key_block=geometry.key_block,
                     sink_blocks=geometry.sink_blocks, local_blocks=geometry.local_blocks)
     if use_triton(backend, query, geometry.query_block, geometry.key_block):
         from sparse_lens.kernels.rescore_triton import rescore_top_p_triton
 
-        return rescore_top_p_triton(query, key, candidates, inputs_checked=True, **settings)
-    from sparse_lens.kernels.rescore import rescore_top_p
-
+        return _triton_or_reference(
+            lambda: rescore_top_p_triton(query, key, candidates, inputs_checked=True, **settings),
+            lambda: rescore_top_p(query, key, candidates, **settings),
+            _estimator_shapes("rescore_triton._rescore_kernel (top_p)", query, geometry,
+                              candidates=candidates.shape[-1]),
+        )
     return rescore_top_p(query, key, candidates, **settings)
 
 
