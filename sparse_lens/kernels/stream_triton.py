@@ -63,6 +63,14 @@ Measured on one H200 (Triton 3.6, bf16, head dim 128, blocks of 64, top_k 16, si
 12 / 2 heads at 128k and 47 ms at 1M; 123 registers, no spills. The rank comparison grows as
 ``CAND_PAD ** 2``: from top_k ~ 34 (``BRANCH_PAD`` 64) the kernel runs 8 warps.
 
+Sizes over the H200's shared memory (232,448 B = 227 KB per block): Triton raises
+``OutOfResources`` at launch, before anything is written, and ``dispatch`` then runs the torch
+reference with a warning. Seen on the H200 (Triton 3.6) with Gemma 3 270M (d_head 256): the
+rescored estimator's wide search in float32 (64-token blocks, top_k 16, beam 4: 58 slots, 56
+branches) asks 344,320 B; 16-token blocks with top_k 128 (126 branches, ``CAND_PAD`` 256) ask
+1,069,056 B even in bf16. Triton 3.9 compiled for sm_90 on the CPU gives 331,776 B for the first
+(98,304 B in bf16) and 40,960 B for the second, so the limit depends on the Triton version.
+
 Ties: ``torch.topk`` in the reference leaves the order of equal scores unspecified, so on exactly
 equal scores (degenerate inputs, e.g. zero queries) the two may keep different, equally scored
 blocks. A ``-inf`` candidate (empty, or the diagonal block when all its representative keys lie
