@@ -30,6 +30,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
+from sparse_lens.errors import InvalidConfigError
 from sparse_lens.tl.checkpointing import RecomputeState, checkpointed_call, position_wise_norms
 
 
@@ -37,31 +38,48 @@ def set_mlp_chunking(blocks: Any, chunk_tokens: int | None, state: RecomputeStat
     """Run every block's MLP on at most ``chunk_tokens`` positions at a time (``None``: whole sequence).
     ``state``: the model's recompute state (flags the chunks' recomputation in the backward)."""
     state = RecomputeState() if state is None else state
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}.")
+    _check_chunk_tokens(chunk_tokens)
     for block in blocks:
         mlp = block.mlp.original_component
         mlp.__dict__.pop("forward", None)  # back to the class's forward
         if chunk_tokens is not None:
-            mlp.forward = partial(_chunked_forward, mlp.forward, chunk_tokens, state)
+            inner = _inner_hooks(block.mlp)
+            mlp.forward = partial(_chunked_forward, mlp.forward, chunk_tokens, state, inner)
 
 
 def set_norm_chunking(model: Any, chunk_tokens: int | None) -> None:
     """Run every block norm and the final norm of ``model`` (a TransformerLens bridge) over at most
     ``chunk_tokens`` positions at a time in forwards without gradients (``None``: whole sequence;
     module docstring). Results do not change."""
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}.")
+    _check_chunk_tokens(chunk_tokens)
     for norm in position_wise_norms(model):
         norm.__dict__.pop("forward", None)  # into the instance dict: bridges pass attribute writes to the HF module
         if chunk_tokens is not None:
             norm.__dict__["forward"] = partial(_chunked_norm_forward, norm, chunk_tokens)
 
 
+def _check_chunk_tokens(chunk_tokens: Any) -> None:
+    """``InvalidConfigError`` (a ``ValueError``) unless ``chunk_tokens`` is None or an int >= 1
+    (``True`` or ``2.5`` would silently chunk by 1 token or fail mid-forward)."""
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise InvalidConfigError(f"chunk_tokens must be an int >= 1 or None, got {chunk_tokens!r}.")
+
+
+def _inner_hooks(module: Any) -> list[HookPoint]:
+    """The hook points inside a bridge other than its own ``hook_in`` / ``hook_out``."""
+    outer = (getattr(module, "hook_in", None), getattr(module, "hook_out", None))
+    return [hook for hook in module.modules() if isinstance(hook, HookPoint) and all(hook is not o for o in outer)]
+
+
 def _chunked_forward(
-    forward: Callable[[Tensor], Tensor], chunk_tokens: int, state: RecomputeState, hidden_states: Tensor
+    forward: Callable[[Tensor], Tensor], chunk_tokens: int, state: RecomputeState, inner_hooks: list[HookPoint],
+    hidden_states: Tensor,
 ) -> Tensor:
-    if hidden_states.shape[-2] <= chunk_tokens:
+    # A hook inside the MLP (mlp.hook_pre, its linear layers' hooks) must see the whole sequence
+    # once (a cache would keep the last chunk), and with gradients must not be rerun by a chunk's
+    # recomputation after run_with_hooks removed it: such an MLP runs unchunked.
+    if hidden_states.shape[-2] <= chunk_tokens or any(hook.has_hooks() for hook in inner_hooks):
         return forward(hidden_states)
     if torch.is_grad_enabled() and hidden_states.requires_grad:
         parts = [checkpointed_call(forward, state, (part,)) for part in hidden_states.split(chunk_tokens, dim=-2)]

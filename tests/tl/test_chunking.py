@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import sparse_lens as sl
@@ -25,3 +26,47 @@ def test_logits_to_keep_returns_only_the_last_positions():
     tokens = torch.randint(0, 90, (1, 80), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(sparse(tokens, logits_to_keep=1), sparse(tokens)[:, -1:])
+
+
+def test_hooks_inside_a_chunked_mlp_see_the_whole_sequence_and_keep_gradients():
+    """A hook inside the MLP bridge (mlp.hook_pre, its linear layers' hooks) fired once per chunk:
+    run_with_cache kept the last chunk's [batch, chunk, d] only; with gradients an editing hook
+    removed by run_with_hooks before the backward was missing from the chunks' recomputation
+    (gradients off by ~1e-2). With such a hook the MLP runs unchunked, as the norms do."""
+    sparse, _ = sparse_and_dense(tiny_qwen2_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=4))
+    tokens = torch.randint(0, 90, (1, 64), generator=torch.Generator().manual_seed(0))
+    inner = [name for name in sparse.hook_dict if name.startswith("blocks.1.mlp.")
+             and name not in ("blocks.1.mlp.hook_in", "blocks.1.mlp.hook_out")]
+    assert "blocks.1.mlp.hook_pre" in inner
+
+    def run(chunk_tokens):
+        sparse.mlp_chunk_tokens = chunk_tokens
+        with torch.no_grad():
+            _, cache = sparse.run_with_cache(tokens, names_filter=lambda name: name in inner)
+        sparse.zero_grad(set_to_none=True)
+        kept = {}
+        logits = sparse.run_with_hooks(tokens, fwd_hooks=[
+            ("blocks.1.mlp.hook_pre", lambda value, hook: value * 1.5),
+            ("blocks.0.hook_resid_post", lambda value, hook: kept.setdefault("resid", value))])
+        kept["resid"].retain_grad()
+        logits[0, -4:].logsumexp(-1).sum().backward()
+        sparse.mlp_chunk_tokens = None
+        return cache, kept["resid"].grad
+
+    try:
+        cache, grad = run(None)
+        chunked_cache, chunked_grad = run(16)
+    finally:
+        sparse.mlp_chunk_tokens = None
+    for name in inner:
+        assert chunked_cache[name].shape == cache[name].shape, name
+        torch.testing.assert_close(chunked_cache[name], cache[name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked_grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_chunk_tokens_must_be_a_positive_int():
+    sparse, _ = sparse_and_dense(tiny_qwen2_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=4))
+    for bad in (0, -1, 2.5, True, "16"):
+        with pytest.raises(sl.InvalidConfigError, match="chunk_tokens"):
+            sparse.mlp_chunk_tokens = bad
+    assert sparse.mlp_chunk_tokens is None
