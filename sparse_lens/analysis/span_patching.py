@@ -32,6 +32,7 @@ and keys from the span on), as the model would run.
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -145,8 +146,10 @@ def check_spans(spans: Iterable[Span], seq_len: int) -> list[Span]:
     """
     checked = []
     for span in spans:
-        try:
-            start, end = (int(value) for value in span)
+        try:  # operator.index: a float (0.5) or a bool is no token position, int() would truncate it
+            start, end = (operator.index(value) for value in span)
+            if any(isinstance(value, bool) for value in span):
+                raise TypeError
         except (TypeError, ValueError):
             raise InvalidSpanError(f"a span must be a (start, end) pair of ints, got {span!r}.") from None
         if start >= end:
@@ -169,8 +172,11 @@ def _units(model: Any, activation: str, layers: Sequence[int] | None, heads: Seq
         if heads is not None:
             raise ValueError("heads= applies to activation='z' only.")
         return [(layer, None) for layer in chosen]
-    pairs = [(layer, head) for layer in chosen for head in range(n_heads)] if heads is None else \
-        [(int(layer), int(head)) for layer, head in heads]
+    try:
+        pairs = [(layer, head) for layer in chosen for head in range(n_heads)] if heads is None else \
+            [(operator.index(layer), operator.index(head)) for layer, head in heads]
+    except (TypeError, ValueError):
+        raise InvalidPathError(f"heads must be (layer, head) pairs of ints, got {heads!r}.") from None
     bad = [pair for pair in pairs if not (0 <= pair[0] < n_layers and 0 <= pair[1] < n_heads)]
     if bad or not pairs:
         raise InvalidPathError(f"heads {bad or pairs} must be (layer, head) pairs with layers 0..{n_layers - 1} "

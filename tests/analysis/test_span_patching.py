@@ -107,7 +107,8 @@ def test_block_spans():
 
 
 @pytest.mark.parametrize("spans, message", [([(0, 65)], "outside"), ([(-1, 4)], "outside"), ([(5, 5)], "empty"),
-                                            ([], "no spans"), ([(1, 2, 3)], "pair")])
+                                            ([], "no spans"), ([(1, 2, 3)], "pair"), ([(0.5, 16)], "pair"),
+                                            ([(True, 16)], "pair"), ([(0, 16.9)], "pair")])
 def test_bad_spans_raise_named_errors(models, spans, message):
     with pytest.raises(InvalidSpanError, match=message):
         span_patch(models[0], CLEAN, CORRUPTED, metric, spans, progress=False)
@@ -119,6 +120,9 @@ def test_bad_requests_raise_named_errors(models):
         span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, layers=[3], progress=False)
     with pytest.raises(InvalidPathError):
         span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation="z", heads=[(0, 4)], progress=False)
+    for heads in ([(0,)], [(0, 1.0)], [(0, 1, 2)]):
+        with pytest.raises(InvalidPathError, match="heads"):
+            span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation="z", heads=heads, progress=False)
     with pytest.raises(ShapeError):
         span_patch(pruned, CLEAN, None, metric, SPANS, progress=False)
     with pytest.raises(ValueError, match="activation"):
