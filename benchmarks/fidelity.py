@@ -46,23 +46,29 @@ DEFAULT_CONFIGS = [
 
 
 def load_dense(model, tokens, cache: Path | None):
-    """``sl.collect_dense`` once; with a cache path the trace is saved there and reused."""
+    """``sl.collect_dense`` once; with a cache path the trace is saved there (every ``DenseTrace``
+    field: the layers' window / softcap / sinks and the model's fingerprint too) and reused when it
+    was made from these tokens with this model (else made again and saved over it)."""
+    import dataclasses
+
     import torch
 
     import sparse_lens as sl
-    from sparse_lens.analysis.fidelity_metrics import DenseTrace
+    from sparse_lens.analysis.fidelity_metrics import DenseTrace, model_fingerprint
 
+    names = [field.name for field in dataclasses.fields(DenseTrace)]
     if cache is not None and cache.exists():
         saved = torch.load(cache)
-        if torch.equal(saved["tokens"], tokens.cpu()):
+        # A cache without the fingerprint (older files) kept no window / softcap / sinks either:
+        # figures of a windowed or capped model would be computed without them, so it is made again.
+        if torch.equal(saved["tokens"], tokens.cpu()) and saved.get("model") == model_fingerprint(model):
             print(f"dense trace loaded from {cache}", flush=True)
-            return DenseTrace(**{name: saved[name] for name in ("logits", "query", "key", "lse", "scale")})
+            return DenseTrace(**{name: saved[name] for name in names})
     started = time.perf_counter()
     dense = sl.collect_dense(model, tokens)
     print(f"dense observe run: {time.perf_counter() - started:.1f} s", flush=True)
     if cache is not None:
-        torch.save({"tokens": tokens, "logits": dense.logits, "query": dense.query, "key": dense.key,
-                    "lse": dense.lse, "scale": dense.scale, "seconds": time.perf_counter() - started}, cache)
+        torch.save({**{name: getattr(dense, name) for name in names}, "seconds": time.perf_counter() - started}, cache)
     return dense
 
 
