@@ -33,17 +33,23 @@ def greedy_generate(
     ``logits_processor``: ``(tokens so far [batch, pos], next-token scores [batch, vocab]) ->
     scores``, applied before the argmax as Hugging Face's ``generate`` applies its
     ``LogitsProcessorList`` (scores upcast to float32 first, as there); e.g.
-    ``LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.1)])``. Decoding stays greedy."""
+    ``LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.1)])``. Decoding stays greedy.
+
+    Every forward asks for the last position's logits only (``logits_to_keep=1``, where the model's
+    forward takes it): the prefill's full logits would be [batch, pos, d_vocab] (32 GiB in float32
+    for 32k tokens of a 262k vocabulary) where one row is read."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=hf_model.config)
     # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
-    cache_kwarg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    parameters = inspect.signature(hf_model.forward).parameters
+    cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+    forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     output = tokens
     step_input = tokens
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose):
-        logits = hf_model(input_ids=step_input, use_cache=True, **{cache_kwarg: cache}).logits
+        logits = hf_model(input_ids=step_input, use_cache=True, **{cache_kwarg: cache}, **forward_kwargs).logits
         scores = logits[:, -1]
         if logits_processor is not None:
             scores = logits_processor(output, scores.to(dtype=torch.float32, copy=True))

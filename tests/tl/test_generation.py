@@ -81,3 +81,26 @@ def test_negative_max_new_tokens_is_a_named_error():
     with pytest.raises(sl.InvalidConfigError, match="max_new_tokens"):
         model.generate(tokens, max_new_tokens=-1)
     assert model.generate(tokens, max_new_tokens=0).shape == tokens.shape
+
+
+def test_greedy_generate_asks_for_the_last_position_only_and_keeps_the_tokens():
+    # The prefill must not build [batch, pos, d_vocab] logits (32 GiB at 32k tokens of a 262k
+    # vocabulary): each forward returns one position, and the tokens equal full-forward decoding.
+    from sparse_lens.tl.generation import greedy_generate
+
+    sparse, _ = sparse_and_dense(tiny_qwen2_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=64))
+    prompt = torch.randint(0, 90, (2, 40), generator=torch.Generator().manual_seed(1))
+    shapes = []
+    handle = sparse.original_model.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        with torch.no_grad():
+            generated = greedy_generate(sparse.original_model, prompt, 4)
+    finally:
+        handle.remove()
+    vocab = sparse.cfg.d_vocab
+    assert shapes == [(2, 1, vocab)] * 4  # the prefill included
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            expected = torch.cat([expected, sparse(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, expected)
