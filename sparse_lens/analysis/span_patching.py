@@ -196,7 +196,20 @@ def forward_from_layer(
     input through instead while the call runs, so the cost is that of the later blocks alone. The
     result is bit-identical to the full forward whose residual entering ``layer`` is ``residual``
     (same blocks, same inputs; tests/analysis/test_span_patching.py).
+
+    Raises:
+        InvalidPathError: ``layer`` not an int in ``[0, n_layers)``, or a ``stop_at_layer`` not after it.
+        ShapeError: ``residual`` not ``[batch, pos, d_model]``.
     """
+    n_layers = int(model.cfg.n_layers)
+    checked = check_indices([layer], n_layers, "layers") if not isinstance(layer, bool) else []
+    if checked != [layer]:
+        raise InvalidPathError(f"layer must be an int in 0..{n_layers - 1}, got {layer!r}.")
+    stop = kwargs.get("stop_at_layer")
+    if stop is not None and (stop % n_layers if -n_layers <= stop < 0 else stop) <= layer:
+        raise InvalidPathError(f"stop_at_layer={stop} does not come after layer {layer}: no block would run.")
+    if residual.ndim != 3 or residual.shape[-1] != model.cfg.d_model:
+        raise ShapeError(f"residual must be [batch, pos, d_model={model.cfg.d_model}], got {tuple(residual.shape)}.")
     with _blocks_passing_through(model, layer):
         return model.run_with_hooks(residual, start_at_layer=layer, **kwargs)
 

@@ -206,3 +206,24 @@ def test_blocks_before_the_patch_run_once_for_all_spans(four_layers, activation,
         for handle in handles:
             handle.remove()
     assert calls == runs
+
+
+def test_forward_from_layer_refuses_a_bad_layer_stop_or_residual(four_layers):
+    """A layer outside the model, a stop_at_layer not after it (TransformerLens then returned the
+    logits of some other run), or a residual that is not [batch, pos, d_model] get named errors,
+    and every block is put back."""
+    from sparse_lens.analysis.span_patching import forward_from_layer
+
+    model = four_layers
+    with torch.no_grad():
+        entering = model(CORRUPTED, stop_at_layer=2)
+        for layer, kwargs in [(4, {}), (-1, {}), (1.0, {}), (True, {}), (2, {"stop_at_layer": 2}),
+                              (2, {"stop_at_layer": 1}), (3, {"stop_at_layer": -1})]:
+            with pytest.raises(InvalidPathError):
+                forward_from_layer(model, entering, layer, **kwargs)
+        for residual in (CORRUPTED, entering[0], entering[..., :32]):
+            with pytest.raises(ShapeError, match="d_model"):
+                forward_from_layer(model, residual, 2)
+        stopped = forward_from_layer(model, entering, 2, stop_at_layer=-1)  # blocks 2 only: the residual entering 3
+        assert torch.equal(stopped, model(CORRUPTED, stop_at_layer=3))
+    assert all("forward" not in block.__dict__ for block in model.blocks)
