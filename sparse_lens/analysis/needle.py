@@ -22,6 +22,7 @@ from torch import Tensor
 from sparse_lens.analysis.span_patching import check_spans
 from sparse_lens.config import TracingConfig
 from sparse_lens.data.niah import NeedleSample
+from sparse_lens.errors import InvalidPositionsError, InvalidSpanError
 from sparse_lens.kernels import estimate_blocks
 from sparse_lens.kernels.blocks import blocks_overlapping, num_blocks
 from sparse_lens.pattern import BlockSparsePattern
@@ -181,7 +182,7 @@ class NeedleProbe:
         threshold: float = NEEDLE_MASS_THRESHOLD,
     ):
         if not needle_spans:
-            raise ValueError("needle_spans is empty: give the [start, end) token span of at least one needle.")
+            raise InvalidSpanError("needle_spans is empty: give the [start, end) token span of at least one needle.")
         self.needle_spans = [(int(start), int(end)) for start, end in needle_spans]
         self.stream, self.n_layers = stream, n_layers
         self.answer_position, self.threshold = answer_position, threshold
@@ -209,9 +210,7 @@ class NeedleProbe:
         the capped, windowed one with the sink in its normaliser)."""
         started = time.perf_counter()
         seq_len = query.shape[2]
-        position = self.answer_position % seq_len
-        if any(not 0 <= start < end <= position + 1 for start, end in self.needle_spans):
-            raise ValueError(f"Needle spans {self.needle_spans} must lie within [0, {position + 1}), before the answer position.")
+        position = _check_needles(self.needle_spans, self.answer_position, seq_len)
         window = binding_window(window, seq_len)
         if window is not None:
             block_indices = window_selection(seq_len, batch=query.shape[0], heads=query.shape[1],
@@ -298,6 +297,7 @@ def needle_fidelity(
     if needle_spans is None:
         raise ValueError("needle_spans is required with a token tensor.")
     tokens = tokens if tokens.ndim == 2 else tokens[None]
+    _check_needles(needle_spans, answer_position, tokens.shape[-1])  # before any forward
     stream = stream or model.stream
     probe = NeedleProbe(needle_spans, stream, model.cfg.n_layers, answer_position=answer_position, threshold=threshold)
     if dense is not None:
@@ -309,6 +309,19 @@ def needle_fidelity(
         with model.stream_settings(mode="dense"), model.hooks(fwd_hooks=probe.hooks(model)):
             model(tokens, logits_to_keep=1)  # the whole input: a query block's estimate reads all its queries
     return probe.result()
+
+
+def _check_needles(needle_spans: list[tuple[int, int]], answer_position: int, seq_len: int) -> int:
+    """The answer position in ``[0, seq_len)``; ``InvalidPositionsError`` for one outside
+    ``[-seq_len, seq_len)`` (``%`` would wrap 70 to 6 at 64 tokens), ``InvalidSpanError`` for no
+    span, a malformed or empty one, or one that does not end by the answer position."""
+    if not -seq_len <= answer_position < seq_len:
+        raise InvalidPositionsError(f"answer_position {answer_position} is outside the {seq_len} tokens.")
+    position = answer_position % seq_len
+    spans = check_spans(needle_spans, seq_len)
+    if any(end > position + 1 for _, end in spans):
+        raise InvalidSpanError(f"Needle spans {spans} must lie within [0, {position + 1}), before the answer position.")
+    return position
 
 
 def _answer_row_figures(

@@ -126,3 +126,24 @@ def test_a_dense_trace_of_another_model_or_other_tokens_is_refused(models):
         sl.needle_fidelity(other_weights, tokens, SPANS, dense=dense)
     with pytest.raises(sl.TraceMismatchError, match="other tokens"):
         sl.needle_fidelity(sparse, (tokens + 1) % 90, SPANS, dense=dense)
+
+
+@pytest.mark.parametrize("spans, position, error", [
+    ([(20, 37)], SEQ, sl.InvalidPositionsError),  # % wrapped it to 0 (and SEQ + 30 to 30, silently)
+    ([(20, 37)], SEQ + 30, sl.InvalidPositionsError),
+    ([(20.5, 37)], -1, sl.InvalidSpanError),  # int() truncated it to (20, 37)
+    ([(20, 20)], -1, sl.InvalidSpanError),
+    ([(20, SEQ + 1)], -1, sl.InvalidSpanError),
+    ([(20, 37)], 30, sl.InvalidSpanError),  # after the answer
+    ([], -1, sl.InvalidSpanError),
+])
+def test_bad_needles_or_answer_position_are_refused_before_any_forward(models, spans, position, error):
+    sparse, _, tokens = models
+    forwards = []
+    handle = sparse.blocks[0].register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        with pytest.raises(error):
+            sl.needle_fidelity(sparse, tokens, spans, answer_position=position)
+    finally:
+        handle.remove()
+    assert not forwards
