@@ -290,6 +290,11 @@ def needle_fidelity(
     ``needle_spans``). Pass ``dense=collect_dense(model, tokens)`` to reuse a dense run (a trace of
     other tokens, or made with another model, raises ``TraceMismatchError``); otherwise
     one dense forward runs here with hooks on ``hook_rot_q`` / ``hook_rot_k``. Batch 1.
+
+    Raises:
+        InvalidSpanError: no needle span, a malformed or empty one, or one not ending by the answer.
+        InvalidPositionsError: ``answer_position`` outside ``[-T, T)``.
+        TraceMismatchError: ``dense`` was made with another model or from other tokens.
     """
     if isinstance(tokens, NeedleSample):
         needle_spans = tokens.needle_spans if needle_spans is None else needle_spans
