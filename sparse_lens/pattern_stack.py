@@ -3,7 +3,9 @@
 ``torch.stack([pattern_0, pattern_1, ...])`` and TransformerLens'
 ``ActivationCache.stack_activation("pattern")`` return a :class:`BlockSparsePatternStack`: the
 layers' patterns, with their compact tensors stacked (``block_indices`` [layer, batch, head,
-n_query_blocks, top_k], ...). Patterns of different geometry raise ``PatternGeometryError``.
+n_query_blocks, top_k], ...). Patterns of different geometry raise ``PatternGeometryError``. As on
+one pattern, a ``torch.Tensor`` method (``stack.mean()``) or torch function (``torch.mean(stack)``)
+raises ``DensePatternMethodError`` / ``DensePatternRequiredError`` naming what to use instead.
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from sparse_lens.errors import PatternGeometryError
+from sparse_lens.errors import DensePatternMethodError, DensePatternRequiredError, PatternGeometryError
 
 if TYPE_CHECKING:
     from sparse_lens.pattern import BlockSparsePattern
 
 _GEOMETRY = ("seq_len", "query_block", "key_block", "mode", "first_query_block", "has_batch_dim")
+# Public names of torch.Tensor: read on a stack (which lacks them) they raise DensePatternMethodError.
+_TENSOR_NAMES = frozenset(name for name in dir(Tensor) if not name.startswith("_"))
+
+
+def _not_a_tensor(what: str, example: str) -> str:
+    """The message of ``torch.f(stack)`` and ``stack.f()``: ``what`` does not apply, use ``example``."""
+    return (f"{what} does not apply to a BlockSparsePatternStack (each layer's block indices and masses, not a "
+            "dense [layer, batch, head, query, key] tensor). Use its stacked tensors (stack.block_mass, "
+            f"stack.block_indices: e.g. {example}), stack.pruned_fraction(), or a layer's pattern (stack[l]).")
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +119,22 @@ class BlockSparsePatternStack:
 
     def to(self, *args, **kwargs) -> "BlockSparsePatternStack":
         return BlockSparsePatternStack(tuple(pattern.to(*args, **kwargs) for pattern in self.patterns))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Every torch function raises ``DensePatternRequiredError`` (a ``TypeError``, as before)
+        naming what to use instead, as on a single pattern."""
+        name = getattr(func, "__name__", str(func))
+        raise DensePatternRequiredError(_not_a_tensor(f"torch.{name}", f"torch.{name}(stack.block_mass)"))
+
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for names the stack lacks: a ``torch.Tensor`` method or attribute
+        (``stack.mean()``) raises ``DensePatternMethodError`` (an ``AttributeError`` too, for
+        ``hasattr``); any other name a plain ``AttributeError``."""
+        if name in _TENSOR_NAMES:
+            raise DensePatternMethodError(_not_a_tensor(f"stack.{name} (a torch.Tensor attribute)",
+                                                        f"stack.block_mass.{name}"))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
         return f"BlockSparsePatternStack(layers={len(self.patterns)}, {self.patterns[0]!r})"

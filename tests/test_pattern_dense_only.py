@@ -78,3 +78,26 @@ def test_bool_masks_select_what_torch_selects():
             pattern[bad]
     with pytest.raises(IndexError):
         pattern[:, :, []]
+
+
+@pytest.mark.parametrize("call", [lambda s: s.mean(), lambda s: s.sum(-1), lambda s: s.softmax(-1), lambda s: s.numpy(),
+                                  torch.mean, lambda s: torch.einsum("lbhqk->lbhq", s)])
+def test_a_pattern_stack_refuses_tensor_methods_and_torch_functions_by_name(call):
+    """``cache.stack_activation("pattern").mean()`` as ``pattern.mean()``: the named error (it was a
+    bare AttributeError, ``torch.mean(stack)`` a bare 'must be Tensor' TypeError)."""
+    stack = torch.stack([make_pattern(), make_pattern()])
+    with pytest.raises(sl.DensePatternRequiredError, match="does not apply to a BlockSparsePatternStack") as error:
+        call(stack)
+    assert "stack.block_mass" in str(error.value)
+    assert isinstance(error.value, (TypeError, AttributeError))  # what callers catching the old errors expect
+
+
+def test_probing_a_pattern_stack_still_works():
+    stack = torch.stack([make_pattern(), make_pattern()])
+    assert not hasattr(stack, "mean") and getattr(stack, "dtype", None) is None
+    with pytest.raises(AttributeError) as error:
+        stack.no_such_name
+    assert not isinstance(error.value, sl.DensePatternRequiredError)
+    for copied in (copy.deepcopy(stack), pickle.loads(pickle.dumps(stack))):
+        assert torch.equal(copied.block_indices, stack.block_indices) and len(copied) == 2
+    assert stack.shape[0] == 2 and stack[1].seq_len == stack[0].seq_len and stack.pruned_fraction().shape == (2,)
