@@ -36,7 +36,7 @@ from sparse_lens.kernels.sparse_attention_launch import (
     feature_args,
     kernel_sizes,
     launch_config,
-    launch_for_rows,
+    launch_for_sizes,
     query_grid,
 )
 from sparse_lens.kernels.sparse_attention_tiles import (
@@ -298,7 +298,7 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch)
     gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
     sink_args = (sinks, grad_sinks) if sinks is not None else (lse, lse)
-    launch = launch_for_rows(launch, block_indices.shape[-1])
+    launch = launch_for_sizes(launch, query, value, block_indices, query_block, key_block, backward=True)
     config = launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
                             scale=scale, launch=launch)
     split = launch.kv_chunk > 0

@@ -35,7 +35,7 @@ from sparse_lens.kernels.sparse_attention_launch import (
     feature_args,
     kernel_sizes,
     launch_config,
-    launch_for_rows,
+    launch_for_sizes,
     query_grid,
 )
 from sparse_lens.kernels.sparse_attention_tiles import (
@@ -179,11 +179,12 @@ def launch_forward(query, key, value, block_indices, block_gate, output, lse, bl
     it with poisoned buffers. ``with_mass=False`` leaves ``block_mass`` unwritten and keeps no
     per-slot sums (for wide rows, e.g. a dense band of thousands of blocks, whose [query tile,
     slots] register tensor would spill). ``launch``: the launch settings
-    (benchmarks/attention_sweep.py times them).
+    (benchmarks/attention_sweep.py times them), shrunk by ``launch_for_sizes`` where its tiles would
+    exceed ``SHARED_MEMORY_BUDGET`` (e.g. d_head 256 in float32: 2 stages; the backward also 32-key tiles).
     """
     batch, n_q_heads = query.shape[:2]
     grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch)
-    launch = launch_for_rows(launch, block_indices.shape[-1])
+    launch = launch_for_sizes(launch, query, value, block_indices, query_block, key_block, backward=False)
     config = launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
                             scale=scale, launch=launch)
     if not with_mass:

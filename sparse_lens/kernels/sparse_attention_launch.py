@@ -6,6 +6,8 @@ every setting leaves the results unchanged up to fp32 rounding. ``FORWARD_LAUNCH
 ``BACKWARD_LAUNCH``: the defaults, the fastest of the first H200 sweep (figures in
 ``sparse_attention_triton``). The plan of one launch: ``query_grid`` (one program per query block
 and query head), ``launch_for_rows`` (branch on rows wider than ``WIDE_ROWS`` slots),
+``fit_shared_memory`` (fewer stages / smaller tiles where the tiles' ``shared_memory_bytes`` exceed
+``SHARED_MEMORY_BUDGET``, e.g. d_head 256 in float32), ``launch_for_sizes`` (both, as the launches use them),
 ``launch_config`` (the kernels' compile-time constants), ``kernel_sizes`` and ``feature_args``
 (their runtime integer and feature arguments). ``check_triton_block_sizes`` and the tile limits
 ``MAX_TILE`` / ``MIN_BLOCK``, the ``SUPPORTED_DTYPES``.
@@ -93,6 +95,65 @@ def launch_for_rows(launch: KernelLaunch, top_k: int) -> KernelLaunch:
     a dense band's rows (``dense_sdpa.dense_attention_band``) are mostly unused slots in its early
     query blocks, where the branch-free loop would read and mask them all."""
     return replace(launch, skip_unreached=True) if top_k > WIDE_ROWS else launch
+
+
+# Shared memory one program may take on sm_90 (H100 / H200: 227 KiB, the opt-in per-block limit);
+# a launch whose tiles would need more fails to load there (Triton's OutOfResources).
+SHARED_MEMORY_BUDGET = 232_448
+
+
+def shared_memory_bytes(launch: KernelLaunch, query_block: int, key_block: int, block_d: int, block_dv: int,
+                        element_size: int, *, backward: bool) -> int:
+    """Bytes of shared memory a launch of the forward (or, ``backward``, the backward) kernel takes.
+
+    The tiles Triton stages there: the query tile (with dO in the backward), ``num_stages - 1``
+    pipeline buffers of the key and value tiles (one at ``num_stages`` 1), and [query tile, key
+    tile] scratch (one in the forward, two in the backward), all in the inputs' ``element_size``
+    bytes, plus 1 KiB. Triton 3.9's sm_90 figures at d_head 256, 64-token blocks, fp32: forward
+    344,320 B at 3 stages, 213,248 at 2, 205,056 with 32-key tiles; backward (8 warps) 425,984 /
+    294,912 / 278,528; bf16 forward 147,464, backward 212,992; this sum is within 1 KiB above each.
+    """
+    query_tile, key_tile = min(query_block, launch.query_tile), min(key_block, launch.key_tile)
+    query_elements = query_tile * (block_d + block_dv if backward else block_d)
+    key_elements = max(1, launch.num_stages - 1) * key_tile * (block_d + block_dv)
+    scratch_elements = (2 if backward else 1) * query_tile * key_tile
+    return element_size * (query_elements + key_elements + scratch_elements) + 1024
+
+
+def fit_shared_memory(launch: KernelLaunch, query_block: int, key_block: int, block_d: int, block_dv: int,
+                      element_size: int, *, backward: bool, budget: int = SHARED_MEMORY_BUDGET) -> KernelLaunch:
+    """``launch``, made small enough that ``shared_memory_bytes`` fits ``budget`` bytes (unchanged if
+    it does): fewer pipeline stages (down to 2), then halved key tiles, then halved query tiles (down
+    to ``MIN_BLOCK``), then one stage. E.g. d_head 256 in float32 at 64-token blocks: the forward
+    runs 2 stages, the backward 2 stages and 32-key tiles. Results are unchanged (fp32 rounding)."""
+    def fits(candidate: KernelLaunch) -> bool:
+        return shared_memory_bytes(candidate, query_block, key_block, block_d, block_dv, element_size,
+                                   backward=backward) <= budget
+
+    while not fits(launch):
+        query_tile, key_tile = min(query_block, launch.query_tile), min(key_block, launch.key_tile)
+        if launch.num_stages > 2:
+            launch = replace(launch, num_stages=launch.num_stages - 1)
+        elif key_tile > MIN_BLOCK:
+            launch = replace(launch, key_tile=key_tile // 2)
+        elif query_tile > MIN_BLOCK:
+            launch = replace(launch, query_tile=query_tile // 2)
+        elif launch.num_stages > 1:
+            launch = replace(launch, num_stages=1)
+        else:
+            break  # the smallest launch; Triton reports it if even that does not fit
+    return launch
+
+
+def launch_for_sizes(launch: KernelLaunch, query: Tensor, value: Tensor, block_indices: Tensor, query_block: int,
+                     key_block: int, *, backward: bool) -> KernelLaunch:
+    """The launch a kernel runs: ``launch_for_rows`` then ``fit_shared_memory`` for the inputs' head
+    dims and dtype (``backward``: for the backward kernels)."""
+    launch = launch_for_rows(launch, block_indices.shape[-1])
+    block_d = max(MIN_BLOCK, triton.next_power_of_2(query.shape[-1]))
+    block_dv = max(MIN_BLOCK, triton.next_power_of_2(value.shape[-1]))
+    return fit_shared_memory(launch, query_block, key_block, block_d, block_dv, query.element_size(),
+                             backward=backward)
 
 
 def launch_config(query: Tensor, value: Tensor, block_indices: Tensor, block_gate: Tensor | None,

@@ -25,6 +25,14 @@ from sparse_lens.kernels.sparse_attention_triton import (
     block_sparse_attention_triton,
     launch_for_rows,
 )
+from sparse_lens.kernels.sparse_attention_launch import (
+    BACKWARD_LAUNCH,
+    FORWARD_LAUNCH,
+    SHARED_MEMORY_BUDGET,
+    fit_shared_memory,
+    launch_for_sizes,
+    shared_memory_bytes,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -269,3 +277,40 @@ def test_wide_rows_always_branch_around_unreached_tiles():
     branch_free = KernelLaunch(skip_unreached=False, num_warps=8)
     assert launch_for_rows(branch_free, WIDE_ROWS) == branch_free
     assert launch_for_rows(branch_free, WIDE_ROWS + 1) == KernelLaunch(skip_unreached=True, num_warps=8)
+
+
+def test_launches_shrink_to_fit_shared_memory_only_where_needed():
+    # d_head 256 in float32 (Gemma 3 fidelity runs) over-asks at the default 3 stages
+    # (tests/kernels/test_sparse_attention_triton_compile.py compiles the fitted launches for sm_90).
+    query, value = torch.empty(1, 1, 8, 256), torch.empty(1, 1, 8, 256)
+    forward = launch_for_sizes(FORWARD_LAUNCH, query, value, torch.empty(1, 1, 1, 16), 64, 64, backward=False)
+    backward = launch_for_sizes(BACKWARD_LAUNCH, query, value, torch.empty(1, 1, 1, 4), 64, 64, backward=True)
+    assert (forward.num_stages, forward.query_tile, forward.key_tile) == (2, 64, 64)
+    assert (backward.num_stages, backward.query_tile, backward.key_tile) == (2, 64, 32)
+    for launch, is_backward in ((forward, False), (backward, True)):
+        assert shared_memory_bytes(launch, 64, 64, 256, 256, 4, backward=is_backward) <= SHARED_MEMORY_BUDGET
+    # What fits stays as it is: bf16 at d_head 256 and 128, float32 at d_head 128.
+    for d, element_size in ((256, 2), (128, 2), (128, 4)):
+        for default, is_backward in ((FORWARD_LAUNCH, False), (BACKWARD_LAUNCH, True)):
+            assert fit_shared_memory(default, 64, 64, d, d, element_size, backward=is_backward) == default
+    # A tiny budget shrinks to the smallest launch and stops there.
+    smallest = fit_shared_memory(FORWARD_LAUNCH, 64, 64, 256, 256, 4, backward=False, budget=1)
+    assert (smallest.num_stages, smallest.query_tile, smallest.key_tile) == (1, 16, 16)
+
+
+def test_float32_d_head_256_at_64_token_blocks_matches_the_reference(seed):
+    # The fitted launches (2 stages; 32-key tiles in the backward) give the reference's results.
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [tensor.requires_grad_() for tensor in draw_qkv(generator, 1, 2, 1, 128, d=256)]
+    block_indices = draw_block_indices(generator, 1, 2, 128, 64, 64, 2)
+    blocks = dict(query_block=64, key_block=64, scale=1 / 16)
+    output, lse, block_mass = block_sparse_attention_triton(*inputs, block_indices, **blocks)
+    expected = reference_with_autograd(*inputs, block_indices, **blocks)
+    assert_close(output, expected[0], seed, "output", **TOLERANCE[torch.float32])
+    assert_close(lse, expected[1], seed, "lse", atol=1e-4, rtol=1e-4)
+    assert_close(block_mass, expected[2], seed, "block_mass", atol=1e-4, rtol=1e-4)
+    grad_output = torch.randn(output.shape, generator=generator)
+    for grad, reference, name in zip(torch.autograd.grad(output, inputs, grad_output),
+                                     torch.autograd.grad(expected[0], inputs, grad_output), ("query", "key", "value")):
+        scale = reference.abs().max().clamp(min=1.0)
+        assert_close(grad / scale, reference / scale, seed, f"grad of {name}", **TOLERANCE[torch.float32])

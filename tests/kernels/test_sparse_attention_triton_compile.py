@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-COMPILE_SCRIPT = r'''
+COMPILE_HELPERS = r'''
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -33,20 +33,23 @@ POINTER_TYPES = {"block_indices_ptr": "*i32", "entry_slots_ptr": "*i32", "item_o
                  "block_gate_ptr": "*fp32", "grad_gate_ptr": "*fp32", "sinks_ptr": "*fp32", "grad_sinks_ptr": "*fp32"}
 
 
-def compile_kernel(kernel, constexprs, launch):
+def compile_kernel(kernel, constexprs, launch, tensor_type="*bf16"):
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = POINTER_TYPES.get(name, "*bf16")
+            signature[name] = POINTER_TYPES.get(name, tensor_type)
         else:
             signature[name] = "fp32" if name in ("scale", "softcap") else "i32"
     source = ASTSource(kernel, signature, {name: constexprs[name] for name in signature if name in constexprs})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch.kernel_options())
-    assert "wgmma" in compiled.asm["ptx"], "no Hopper tensor-core instruction"
+    if tensor_type == "*bf16":
+        assert "wgmma" in compiled.asm["ptx"], "no Hopper tensor-core instruction"
     return compiled
+'''
 
+COMPILE_SCRIPT = COMPILE_HELPERS + r'''
 
 query = torch.empty(1, 4, 4096, 128, dtype=torch.bfloat16)
 value = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
@@ -70,10 +73,40 @@ print("compiled")
 '''
 
 
-def test_kernels_compile_for_hopper():
+# Gemma 3's d_head 256 in float32 (fidelity runs, ``sparse-lens trace``): the launches the kernels
+# choose (``launch_for_sizes``) must fit the H200's shared memory. The default launches asked for
+# 344,320 B (forward, top_k 16) and 425,984 B (backward, top_k 4) with Triton 3.9.
+WIDE_HEAD_SCRIPT = COMPILE_HELPERS + r'''
+from sparse_lens.kernels.sparse_attention_launch import SHARED_MEMORY_BUDGET, launch_for_sizes
+
+assert SHARED_MEMORY_BUDGET == 232448
+query = torch.empty(1, 4, 4096, 256)
+value = torch.empty(1, 1, 4096, 256)
+for backward, top_k in ((False, 16), (True, 4)):
+    block_indices = torch.empty(1, 4, 64, top_k, dtype=torch.int32)
+    default = attention.BACKWARD_LAUNCH if backward else attention.FORWARD_LAUNCH
+    launch = launch_for_sizes(default, query, value, block_indices, 64, 64, backward=backward)
+    config = attention._launch_config(query, value, block_indices, None, 64, 64, scale=0.1, launch=launch)
+    kernel, extra = (attention._backward_kernel, dict(KV_GRADS=True)) if backward else (attention._forward_kernel, {})
+    shared = compile_kernel(kernel, config | extra | dict(DOT_UPCAST=False), launch, "*fp32").metadata.shared
+    print("backward" if backward else "forward", launch, shared)
+    assert shared <= SHARED_MEMORY_BUDGET, (backward, launch, shared)
+print("compiled")
+'''
+
+
+def compile_in_subprocess(script: str) -> None:
     pytest.importorskip("triton.backends.nvidia")
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     environment["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=ROOT, env=environment,
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_kernels_compile_for_hopper():
+    compile_in_subprocess(COMPILE_SCRIPT)
+
+
+def test_float32_d_head_256_launches_fit_hopper_shared_memory():
+    compile_in_subprocess(WIDE_HEAD_SCRIPT)
