@@ -66,6 +66,7 @@ from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.search import build_sparse_table
 
 MIN_DOT = 16  # smallest tl.dot dimension
+KEY_TILE_BYTES = 32768  # at most one gathered table tile of this size (launch_constants; four per chunk)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _UNUSED: tl.constexpr = tl.constexpr(UNUSED_SLOT)
 
@@ -93,12 +94,25 @@ def _range_min_max(table_min_ptr, table_max_ptr, table_base, cand_start, cand_en
 
 
 @triton.jit
+def _signed_queries(rows_ptr, row_valid, first_dim, stride_d, D_HEAD: tl.constexpr, D_CHUNK: tl.constexpr,
+                    UPCAST_TILES: tl.constexpr):
+    """``q+ = max(q, 0)`` and ``q- = min(q, 0)`` of columns ``[first_dim, first_dim + D_CHUNK)`` of
+    the query rows at ``rows_ptr`` (``[rows, 1]`` pointers); zeros for invalid rows and dims."""
+    dims = first_dim + tl.arange(0, D_CHUNK)
+    tile = tl.load(rows_ptr + dims[None, :] * stride_d, mask=row_valid[:, None] & (dims < D_HEAD)[None, :], other=0.0)
+    if UPCAST_TILES:
+        tile = tile.to(tl.float32)
+    # q . centre + |q| . radius = q+ . kmax + q- . kmin (sign split, exact in any dtype).
+    return tl.where(tile > 0, tile, 0.0).to(tile.dtype), tl.where(tile < 0, tile, 0.0).to(tile.dtype)
+
+
+@triton.jit
 def _bounds_search_kernel(
     query_ptr, table_min_ptr, table_max_ptr, block_indices_ptr,
     seq_len, n_query_blocks, n_q_heads, group, n_rounds, n_key_blocks,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_tb, stride_th, stride_tl, stride_tn, stride_td,
-    D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
     QUERY_BLOCK: tl.constexpr, QUERY_STRIDE: tl.constexpr, FIRST_SLOT: tl.constexpr, N_QUERIES: tl.constexpr,
     BLOCK_Q: tl.constexpr, KEY_BLOCK: tl.constexpr,
     TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
@@ -127,18 +141,11 @@ def _bounds_search_kernel(
             query_rows = tl.arange(0, BLOCK_Q)
             query_pos = query_block_id * QUERY_BLOCK + FIRST_SLOT + query_rows * QUERY_STRIDE
             query_valid = (query_rows < N_QUERIES) & (query_pos < seq_len)
-            dims = tl.arange(0, BLOCK_D)
-            dim_valid = dims < D_HEAD
             query_base = query_ptr + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
-            query_tile = tl.load(
-                query_base + query_pos.to(tl.int64)[:, None] * stride_qt + dims[None, :] * stride_qd,
-                mask=query_valid[:, None] & dim_valid[None, :], other=0.0,
-            )
-            if UPCAST_TILES:
-                query_tile = query_tile.to(tl.float32)
-            # q . centre + |q| . radius = q+ . kmax + q- . kmin (sign split, exact in any dtype).
-            query_plus = tl.where(query_tile > 0, query_tile, 0.0).to(query_tile.dtype)
-            query_minus = tl.where(query_tile < 0, query_tile, 0.0).to(query_tile.dtype)
+            query_rows_ptr = query_base + query_pos.to(tl.int64)[:, None] * stride_qt
+            if D_CHUNK == BLOCK_D:  # one chunk: the query tile is loaded once for the whole search
+                query_plus, query_minus = _signed_queries(query_rows_ptr, query_valid, 0, stride_qd, D_HEAD, D_CHUNK,
+                                                          UPCAST_TILES)
             table_base = batch.to(tl.int64) * stride_tb + (q_head // group).to(tl.int64) * stride_th
 
             # Searched range [sink, n_visible - local) split into N_SEARCH branches; padding
@@ -156,13 +163,21 @@ def _bounds_search_kernel(
                 cand_start = tl.reshape(tl.join(branch_start, mid), [2 * BRANCH_PAD])
                 cand_end = tl.reshape(tl.join(mid, branch_end), [2 * BRANCH_PAD])
                 non_empty = cand_is_real & (cand_end > cand_start)
-                low, high = _range_min_max(table_min_ptr, table_max_ptr, table_base, cand_start, cand_end, non_empty,
-                                           dims, dim_valid, n_key_blocks, stride_tl, stride_tn, stride_td)
-                # tl.dot wants one dtype: the table's min / max are key values, exact in the query's dtype
-                # (bf16 on the GPU; fp32 under the interpreter, UPCAST_TILES).
-                low, high = low.to(query_plus.dtype), high.to(query_plus.dtype)
-                bound = tl.dot(query_plus, tl.trans(high), input_precision=DOT_PRECISION)
-                bound = tl.dot(query_minus, tl.trans(low), bound, input_precision=DOT_PRECISION)
+                # The bound over the head dimension, D_CHUNK columns at a time.
+                bound = tl.zeros([BLOCK_Q, 2 * BRANCH_PAD], tl.float32)
+                for chunk in tl.static_range(BLOCK_D // D_CHUNK):
+                    if D_CHUNK != BLOCK_D:
+                        query_plus, query_minus = _signed_queries(query_rows_ptr, query_valid, chunk * D_CHUNK,
+                                                                  stride_qd, D_HEAD, D_CHUNK, UPCAST_TILES)
+                    dims = chunk * D_CHUNK + tl.arange(0, D_CHUNK)
+                    low, high = _range_min_max(table_min_ptr, table_max_ptr, table_base, cand_start, cand_end,
+                                               non_empty, dims, dims < D_HEAD, n_key_blocks, stride_tl, stride_tn,
+                                               stride_td)
+                    # tl.dot wants one dtype: the table's min / max are key values, exact in the query's dtype
+                    # (bf16 on the GPU; fp32 under the interpreter, UPCAST_TILES).
+                    low, high = low.to(query_plus.dtype), high.to(query_plus.dtype)
+                    bound = tl.dot(query_plus, tl.trans(high), bound, input_precision=DOT_PRECISION)
+                    bound = tl.dot(query_minus, tl.trans(low), bound, input_precision=DOT_PRECISION)
                 score = tl.max(tl.where(query_valid[:, None], bound, float("-inf")), axis=0)
                 score = tl.where(non_empty, score, float("-inf"))
                 score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in torch.topk
@@ -256,26 +271,42 @@ def _launch(query: Tensor, key: Tensor, block_indices: Tensor, geometry: BlockGe
     table_min, table_max = build_sparse_table(key, geometry.key_block)  # [b, kv_head, levels, n_kb, d], key dtype
     batch, n_q_heads, seq_len, d_head = query.shape
     n_query_blocks = block_indices.shape[2]
-    n_search = geometry.n_search
-    n_queries = -(-geometry.query_block // query_stride)
     # The Triton interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot (3.9), so it
     # gets fp32 tiles instead (bf16 products are exact in fp32 either way).
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    branch_pad = max(MIN_DOT // 2, triton.next_power_of_2(max(n_search, 1)))
     grid = (n_query_blocks, batch * n_q_heads)
     _bounds_search_kernel[grid](
         query, table_min, table_max, block_indices,
         seq_len, n_query_blocks, n_q_heads, n_q_heads // key.shape[1], geometry.search_rounds(seq_len),
         table_min.shape[3],
         *query.stride(), *table_min.stride(),
-        D_HEAD=d_head, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(d_head)),
+        **launch_constants(d_head, query.dtype, geometry, query_stride, interpreting),
+    )
+
+
+def launch_constants(d_head: int, dtype: torch.dtype, geometry: BlockGeometry, query_stride: int,
+                     interpreting: bool) -> dict:
+    """The kernel's constexprs and launch options for these settings: what ``_launch`` passes, and
+    what the sm_90 compile test compiles. As ``stream_triton.launch_constants``: ``num_stages=1``
+    (3 stages multi-buffered the gathered table rows: 327,680 B of shared memory at d_head 128, bf16,
+    28 branches, on the H200) and the head dimension in chunks such that one gathered table tile
+    (``CAND_PAD x D_CHUNK``) takes at most ``KEY_TILE_BYTES``."""
+    n_search = geometry.n_search
+    n_queries = -(-geometry.query_block // query_stride)
+    branch_pad = max(MIN_DOT // 2, triton.next_power_of_2(max(n_search, 1)))
+    block_d = max(MIN_DOT, triton.next_power_of_2(d_head))
+    element_bytes = 4 if dtype == torch.float32 or interpreting else 2
+    d_chunk = max(MIN_DOT, min(block_d, KEY_TILE_BYTES // (2 * branch_pad * element_bytes)))
+    return dict(
+        D_HEAD=d_head, BLOCK_D=block_d, D_CHUNK=d_chunk,
         QUERY_BLOCK=geometry.query_block, QUERY_STRIDE=query_stride,
         FIRST_SLOT=(geometry.query_block - 1) % query_stride, N_QUERIES=n_queries,
         BLOCK_Q=max(MIN_DOT, triton.next_power_of_2(n_queries)), KEY_BLOCK=geometry.key_block,
         TOP_K=geometry.top_k, TOP_K_PAD=triton.next_power_of_2(geometry.top_k),
         SINK_BLOCKS=geometry.sink_blocks, LOCAL_BLOCKS=geometry.local_blocks,
         N_SEARCH=n_search, BRANCH_PAD=branch_pad,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 or interpreting else "tf32",
+        DOT_PRECISION="ieee" if dtype == torch.float32 or interpreting else "tf32",
         UPCAST_TILES=interpreting,
         num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison (stream_triton)
+        num_stages=1,
     )

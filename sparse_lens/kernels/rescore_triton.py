@@ -193,20 +193,32 @@ def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_blo
     n_query_blocks, width = candidates.shape[2:]
     if out.numel() == 0:
         return
-    n_queries = -(-query_block // query_stride)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (n_query_blocks, batch * n_q_heads)
     _rescore_kernel[grid](
         query, key, candidates, out,
         float(scale), float(p), seq_len, n_q_heads, key.shape[1], n_query_blocks, width, out.shape[-1], d_head,
         int(min_blocks),
+        **launch_constants(mode=mode, d_head=d_head, dtype=query.dtype, width=width, out_width=out.shape[-1],
+                           query_block=query_block, key_block=key_block, query_stride=query_stride,
+                           sink_blocks=sink_blocks, local_blocks=local_blocks, masked_loop=masked_loop,
+                           interpreting=os.environ.get("TRITON_INTERPRET") == "1"),
+    )
+
+
+def launch_constants(*, mode: int, d_head: int, dtype: torch.dtype, width: int, out_width: int, query_block: int,
+                     key_block: int, query_stride: int, sink_blocks: int, local_blocks: int, masked_loop: bool,
+                     interpreting: bool) -> dict:
+    """The kernel's constexprs and launch options for these settings: what ``_launch`` passes, and
+    what the sm_90 compile test compiles (``tests/kernels/test_estimator_triton_compile.py``)."""
+    n_queries = -(-query_block // query_stride)
+    return dict(
         QUERY_BLOCK=query_block, KEY_BLOCK=key_block, QUERY_STRIDE=query_stride, N_QUERIES=n_queries,
         QUERY_TILE=min(max(MIN_BLOCK, triton.next_power_of_2(n_queries)), MAX_TILE),
         KEY_TILE=min(key_block, MAX_TILE), BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(d_head)),
-        SLOTS=max(2, triton.next_power_of_2(width)), OUT_PAD=max(2, triton.next_power_of_2(out.shape[-1])),
+        SLOTS=max(2, triton.next_power_of_2(width)), OUT_PAD=max(2, triton.next_power_of_2(out_width)),
         SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks, MODE=mode,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
-        DOT_UPCAST=query.dtype == torch.bfloat16 and interpreting, MASKED_LOOP=bool(masked_loop),
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        DOT_UPCAST=dtype == torch.bfloat16 and interpreting, MASKED_LOOP=bool(masked_loop),
         num_warps=8 if width > 64 else 4,
     )
 

@@ -96,9 +96,23 @@ from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.stream import expanded_branches
 
 MIN_DOT = 16  # smallest tl.dot dimension
+KEY_TILE_BYTES = 65536  # at most one gathered key tile of this size (launch_constants)
+MIN_SORTED_CANDIDATES = 512  # from this CAND_PAD on the selection sorts (launch_constants)
 Select = Literal["rank", "sort"]
 _UNUSED: tl.constexpr = tl.constexpr(UNUSED_SLOT)
 _LAST: tl.constexpr = tl.constexpr(2**63 - 1)  # sorts after every real candidate's key
+
+
+@triton.jit
+def _load_dims(rows_ptr, row_valid, first_dim, stride_d, D_HEAD: tl.constexpr, D_CHUNK: tl.constexpr,
+               UPCAST_TILES: tl.constexpr):
+    """Columns ``[first_dim, first_dim + D_CHUNK)`` of the rows at ``rows_ptr`` (``[rows, 1]``
+    pointers), zeros for invalid rows and dims past ``D_HEAD``; fp32 under ``UPCAST_TILES``."""
+    dims = first_dim + tl.arange(0, D_CHUNK)
+    tile = tl.load(rows_ptr + dims[None, :] * stride_d, mask=row_valid[:, None] & (dims < D_HEAD)[None, :], other=0.0)
+    if UPCAST_TILES:
+        tile = tile.to(tl.float32)
+    return tile
 
 
 @triton.jit
@@ -107,7 +121,7 @@ def _stream_estimate_kernel(
     seq_len, n_query_blocks, n_q_heads, group, n_rounds,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
-    D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
     QUERY_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, KEY_BLOCK: tl.constexpr,
     TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     N_SEARCH: tl.constexpr, BRANCH_PAD: tl.constexpr,
@@ -139,16 +153,11 @@ def _stream_estimate_kernel(
             query_rows = tl.arange(0, BLOCK_Q)
             query_pos = query_block_id * QUERY_BLOCK + query_rows
             query_valid = (query_rows < QUERY_BLOCK) & (query_pos < seq_len)
-            dims = tl.arange(0, BLOCK_D)
-            dim_valid = dims < D_HEAD
             query_base = query_ptr + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
             key_base = key_ptr + batch.to(tl.int64) * stride_kb + (q_head // group).to(tl.int64) * stride_kh
-            query_tile = tl.load(
-                query_base + query_pos.to(tl.int64)[:, None] * stride_qt + dims[None, :] * stride_qd,
-                mask=query_valid[:, None] & dim_valid[None, :], other=0.0,
-            )
-            if UPCAST_TILES:
-                query_tile = query_tile.to(tl.float32)
+            query_rows_ptr = query_base + query_pos.to(tl.int64)[:, None] * stride_qt
+            if D_CHUNK == BLOCK_D:  # one chunk: the query tile is loaded once for the whole search
+                query_tile = _load_dims(query_rows_ptr, query_valid, 0, stride_qd, D_HEAD, D_CHUNK, UPCAST_TILES)
 
             # Searched range [sink, n_visible - local) split into N_SEARCH branches; padding
             # branches are empty ([0, 0)) and their candidates are never kept.
@@ -176,13 +185,17 @@ def _stream_estimate_kernel(
                 score = tl.full([2 * BRANCH_PAD], float("-inf"), tl.float32)
                 for rep in range(REPRESENTATIVE_KEYS):
                     key_pos = center * KEY_BLOCK + (KEY_FIRST + rep * KEY_STRIDE)
-                    key_tile = tl.load(
-                        key_base + key_pos.to(tl.int64)[:, None] * stride_kt + dims[None, :] * stride_kd,
-                        mask=(non_empty & (key_pos < seq_len))[:, None] & dim_valid[None, :], other=0.0,
-                    )
-                    if UPCAST_TILES:
-                        key_tile = key_tile.to(tl.float32)
-                    dots = tl.dot(query_tile, tl.trans(key_tile), input_precision=DOT_PRECISION)
+                    key_rows_ptr = key_base + key_pos.to(tl.int64)[:, None] * stride_kt
+                    key_valid = non_empty & (key_pos < seq_len)
+                    # query_tile @ keys.T over the head dimension, D_CHUNK columns at a time.
+                    dots = tl.zeros([BLOCK_Q, 2 * BRANCH_PAD], tl.float32)
+                    for chunk in tl.static_range(BLOCK_D // D_CHUNK):
+                        if D_CHUNK != BLOCK_D:
+                            query_tile = _load_dims(query_rows_ptr, query_valid, chunk * D_CHUNK, stride_qd, D_HEAD,
+                                                    D_CHUNK, UPCAST_TILES)
+                        key_tile = _load_dims(key_rows_ptr, key_valid, chunk * D_CHUNK, stride_kd, D_HEAD, D_CHUNK,
+                                              UPCAST_TILES)
+                        dots = tl.dot(query_tile, tl.trans(key_tile), dots, input_precision=DOT_PRECISION)
                     causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None]
                     score = tl.maximum(score, tl.max(tl.where(causal, dots, float("-inf")), axis=0))
                 score = tl.where(non_empty, score, float("-inf"))
@@ -374,8 +387,6 @@ def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_blo
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         query, key = query.float(), key.float()
 
-    representative_keys = min(representative_keys, key_block)
-    key_stride = key_block // representative_keys
     # The reference's static round count: enough halvings for the widest searched range.
     n_rounds = BlockGeometry(query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink_blocks,
                              local_blocks=local_blocks).search_rounds(seq_len, n_search)
@@ -383,20 +394,53 @@ def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_blo
     # The Triton interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot (3.9), so it
     # gets fp32 tiles instead (bf16 products are exact in fp32 either way).
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    branch_pad = max(MIN_DOT // 2, triton.next_power_of_2(max(n_search, 1)))
     grid = (n_query_blocks, batch * n_q_heads)
     _stream_estimate_kernel[grid](
         query, key, block_indices,
         seq_len, n_query_blocks, n_q_heads, n_q_heads // key.shape[1], n_rounds,
         *query.stride(), *key.stride(),
-        D_HEAD=d_head, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(d_head)),
+        **launch_constants(d_head=d_head, dtype=query.dtype, query_block=query_block, key_block=key_block,
+                           top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                           representative_keys=representative_keys, expand_levels=expand_levels, select=select,
+                           interpreting=interpreting),
+    )
+
+
+def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_block: int, top_k: int,
+                     sink_blocks: int, local_blocks: int, representative_keys: int, expand_levels: int,
+                     select: Select, interpreting: bool) -> dict:
+    """The kernel's constexprs and launch options (``num_warps``, ``num_stages``) for these
+    settings: what ``_launch_into`` passes, and what the sm_90 compile test compiles.
+
+    Shared memory (232,448 B per block on the H200) is spent on ``tl.dot``'s operand tiles and
+    on layout conversions; the choices that keep it in bounds:
+
+    - ``num_stages=1``: the loop's loads are gathers that software pipelining would only
+      multi-buffer in shared memory (Gemma 3's d_head 256 in fp32 asked 344,320 B with 3 stages);
+    - ``D_CHUNK``: the head dimension is multiplied in chunks such that one gathered key tile
+      (``CAND_PAD x D_CHUNK``) takes at most ``KEY_TILE_BYTES``; one chunk in the common cases;
+    - the ``"sort"`` selection from ``CAND_PAD`` 512 on, whatever ``select`` asks: the rank
+      comparison's ``CAND_PAD x CAND_PAD`` temporaries pass through shared memory (1,069,056 B at
+      ``CAND_PAD`` 1024, the wide search at 16-token blocks and ``top_k`` 128); same blocks,
+      ties aside (module doc)."""
+    n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
+    representative_keys = min(representative_keys, key_block)
+    key_stride = key_block // representative_keys
+    branch_pad = max(MIN_DOT // 2, triton.next_power_of_2(max(n_search, 1)))
+    block_d = max(MIN_DOT, triton.next_power_of_2(d_head))
+    element_bytes = 4 if dtype == torch.float32 or interpreting else 2
+    d_chunk = max(MIN_DOT, min(block_d, KEY_TILE_BYTES // (2 * branch_pad * element_bytes)))
+    return dict(
+        D_HEAD=d_head, BLOCK_D=block_d, D_CHUNK=d_chunk,
         QUERY_BLOCK=query_block, BLOCK_Q=max(MIN_DOT, query_block), KEY_BLOCK=key_block,
         TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
         N_SEARCH=n_search, BRANCH_PAD=branch_pad,
         REPRESENTATIVE_KEYS=representative_keys, KEY_STRIDE=key_stride,
         KEY_FIRST=(key_block - 1 - (representative_keys - 1) * key_stride) // 2,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 or interpreting else "tf32",
-        UPCAST_TILES=interpreting, EXPAND_LEVELS=expand_levels, SORT_SELECT=select == "sort",
+        DOT_PRECISION="ieee" if dtype == torch.float32 or interpreting else "tf32",
+        UPCAST_TILES=interpreting, EXPAND_LEVELS=expand_levels,
+        SORT_SELECT=select == "sort" or 2 * branch_pad >= MIN_SORTED_CANDIDATES,
         num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison spills with 4 (H200)
+        num_stages=1,
     )
