@@ -3,7 +3,9 @@
 An MLP acts on each position independently, so running it on slices of the sequence gives the
 same result while its intermediates ([T, d_mlp], 18 GB in bf16 at 1M tokens for d_mlp = 8960)
 shrink to [chunk, d_mlp]. The chunking is installed on the wrapped HF module, inside the
-bridge's ``mlp.hook_in`` / ``mlp.hook_out``, so hooks still see whole-sequence tensors.
+bridge's ``mlp.hook_in`` / ``mlp.hook_out``, so hooks still see whole-sequence tensors; an MLP with
+a hook inside it (``mlp.hook_pre``, its linear layers' hooks) runs unchunked, so that hook fires once
+on every position (and is not rerun by a chunk's recomputation in the backward).
 
 Norms are position-wise too. TransformerLens' norm bridge computes ``hook_scale`` and
 ``hook_normalized`` in float32 over the whole sequence and then runs the HF norm, which upcasts
