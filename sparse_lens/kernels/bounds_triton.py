@@ -280,22 +280,23 @@ def _launch(query: Tensor, key: Tensor, block_indices: Tensor, geometry: BlockGe
         seq_len, n_query_blocks, n_q_heads, n_q_heads // key.shape[1], geometry.search_rounds(seq_len),
         table_min.shape[3],
         *query.stride(), *table_min.stride(),
-        **launch_constants(d_head, query.dtype, geometry, query_stride, interpreting),
+        **launch_constants(d_head, query.dtype, geometry, query_stride, interpreting, table_dtype=table_min.dtype),
     )
 
 
 def launch_constants(d_head: int, dtype: torch.dtype, geometry: BlockGeometry, query_stride: int,
-                     interpreting: bool) -> dict:
+                     interpreting: bool, table_dtype: torch.dtype | None = None) -> dict:
     """The kernel's constexprs and launch options for these settings: what ``_launch`` passes, and
     what the sm_90 compile test compiles. As ``stream_triton.launch_constants``: ``num_stages=1``
     (3 stages multi-buffered the gathered table rows: 327,680 B of shared memory at d_head 128, bf16,
     28 branches, on the H200) and the head dimension in chunks such that one gathered table tile
-    (``CAND_PAD x D_CHUNK``) takes at most ``KEY_TILE_BYTES``."""
+    (``CAND_PAD x D_CHUNK``, in the table's dtype, default the queries') takes at most ``KEY_TILE_BYTES``."""
     n_search = geometry.n_search
     n_queries = -(-geometry.query_block // query_stride)
     branch_pad = max(MIN_DOT // 2, triton.next_power_of_2(max(n_search, 1)))
     block_d = max(MIN_DOT, triton.next_power_of_2(d_head))
-    element_bytes = 4 if dtype == torch.float32 or interpreting else 2
+    table_dtype = dtype if table_dtype is None else table_dtype
+    element_bytes = 4 if table_dtype == torch.float32 or interpreting else 2
     d_chunk = max(MIN_DOT, min(block_d, KEY_TILE_BYTES // (2 * branch_pad * element_bytes)))
     return dict(
         D_HEAD=d_head, BLOCK_D=block_d, D_CHUNK=d_chunk,
