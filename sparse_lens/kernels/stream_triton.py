@@ -40,9 +40,10 @@ and ``0.0`` are ordered by their bits). Meant for the wide searches of the resco
 (``CAND_PAD`` 128 at ``top_k`` 16, ``beam`` 4), where the ``C**2`` comparison grows 16x; measured
 on the H200 (``benchmarks/results/h200_2026-11-30b/``) it is no faster there (21.2 against
 21.3 ms at 128k, 257 against 252 ms at 1M) and slower for Stream's own search (6.0 against
-4.5 ms at 128k), so ``"rank"`` stays the default: the wide search's time is not in its selection
-(the score dots and the gathered key rows grow 4x with the candidates, the rounds only fall from
-8 to 6).
+4.5 ms at 128k), so ``"rank"`` stays the default (up to ``CAND_PAD`` 256; wider searches sort,
+as the rank comparison's temporaries would not fit in shared memory): the wide search's time is
+not in its selection (the score dots and the gathered key rows grow 4x with the candidates, the
+rounds only fall from 8 to 6).
 
 ``expand_levels = E > 0`` runs the expanded search of ``stream`` (fewer branches, stopped
 ``E`` levels early, every block of every branch kept, then the locals and ``-1``). As the rescored
@@ -63,13 +64,15 @@ Measured on one H200 (Triton 3.6, bf16, head dim 128, blocks of 64, top_k 16, si
 12 / 2 heads at 128k and 47 ms at 1M; 123 registers, no spills. The rank comparison grows as
 ``CAND_PAD ** 2``: from top_k ~ 34 (``BRANCH_PAD`` 64) the kernel runs 8 warps.
 
-Sizes over the H200's shared memory (232,448 B = 227 KB per block): Triton raises
-``OutOfResources`` at launch, before anything is written, and ``dispatch`` then runs the torch
-reference with a warning. Seen on the H200 (Triton 3.6) with Gemma 3 270M (d_head 256): the
-rescored estimator's wide search in float32 (64-token blocks, top_k 16, beam 4: 58 slots, 56
-branches) asks 344,320 B; 16-token blocks with top_k 128 (126 branches, ``CAND_PAD`` 256) ask
-1,069,056 B even in bf16. Triton 3.9 compiled for sm_90 on the CPU gives 331,776 B for the first
-(98,304 B in bf16) and 40,960 B for the second, so the limit depends on the Triton version.
+Shared memory (232,448 B = 227 KB per block on the H200; over it Triton raises
+``OutOfResources`` at launch, before anything is written, and ``dispatch`` runs the torch
+reference with a warning). Seen on the H200 (Triton 3.6) with Gemma 3 270M (d_head 256) before
+``launch_constants`` took its measures (one pipeline stage, the head dimension in chunks, the sort
+from ``CAND_PAD`` 512): the rescored estimator's wide search in float32 (64-token blocks, top_k 16,
+beam 4: 58 slots, 56 branches) asked 344,320 B, and its wide search at 16-token blocks and top_k
+128 (504 branches, ``CAND_PAD`` 1024) 1,069,056 B in bf16. Compiled for sm_90 on the CPU
+(Triton 3.6, aligned-tensor specialisation) they now ask 131,072 B and 16,384 B
+(``tests/kernels/test_estimator_triton_compile.py`` checks these and the common settings).
 
 Ties: ``torch.topk`` in the reference leaves the order of equal scores unspecified, so on exactly
 equal scores (degenerate inputs, e.g. zero queries) the two may keep different, equally scored
@@ -294,7 +297,8 @@ def stream_estimate_triton(
     ``expand_levels``: ``E > 0`` runs the expanded search (``stream``'s module doc):
     ``(top_k - sink - local) / 2**E`` branches, stopped at ``2**E`` blocks, all kept.
     ``select``: how each round keeps its best halves, ``"rank"`` (compare-and-count) or
-    ``"sort"`` (one bitonic sort of packed keys); the same blocks either way (ties aside)."""
+    ``"sort"`` (one bitonic sort of packed keys); the same blocks either way (ties aside). Searches
+    of 256 branches or more sort whatever ``select`` says (``launch_constants``: shared memory)."""
     check_attention_inputs(query, key)
     return stream_estimate_triton_unchecked(
         query, key, query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink_blocks,
