@@ -298,7 +298,7 @@ def stream_estimate_triton(
     ``(top_k - sink - local) / 2**E`` branches, stopped at ``2**E`` blocks, all kept.
     ``select``: how each round keeps its best halves, ``"rank"`` (compare-and-count) or
     ``"sort"`` (one bitonic sort of packed keys); the same blocks either way (ties aside). Searches
-    of 256 branches or more sort whatever ``select`` says (``launch_constants``: shared memory)."""
+    of more than 128 branches sort whatever ``select`` says (``launch_constants``: shared memory)."""
     check_attention_inputs(query, key)
     return stream_estimate_triton_unchecked(
         query, key, query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink_blocks,
