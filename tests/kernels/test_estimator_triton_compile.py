@@ -164,7 +164,7 @@ def _rows_match(chosen, expected, near_tie):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stream_with_a_chunked_head_dimension_and_forced_sort_matches_the_reference(dtype, monkeypatch):
-    query, key = random_qk(7, q_heads=2, kv_heads=1, seq=600, d=64, dtype=dtype)
+    query, key = random_qk(7, q_heads=2, kv_heads=1, seq=400, d=64, dtype=dtype)
     settings = dict(query_block=16, key_block=16, top_k=12, sink_blocks=1, local_blocks=1, representative_keys=2)
     expected, near_tie = stream_reference_with_near_ties(query, key, monkeypatch, **settings)
     monkeypatch.setattr(stream_triton, "KEY_TILE_BYTES", 16 * 16 * 4)  # CAND_PAD 32: D_CHUNK 16 (or 16 anyway)
@@ -186,7 +186,7 @@ def _stream_keywords(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bounds_with_a_chunked_head_dimension_matches_the_reference(dtype, monkeypatch):
-    query, key = random_qk(11, q_heads=2, kv_heads=1, seq=600, d=64, dtype=dtype)
+    query, key = random_qk(11, q_heads=2, kv_heads=1, seq=400, d=64, dtype=dtype)
     settings = dict(query_block=16, key_block=16, top_k=12, sink_blocks=1, local_blocks=1, query_stride=1)
     expected, near_tie = bounds_reference_with_near_ties(query, key, monkeypatch, **settings)
     monkeypatch.setattr(bounds_triton, "KEY_TILE_BYTES", 32 * 16 * 4)
