@@ -46,7 +46,7 @@ def set_mlp_chunking(blocks: Any, chunk_tokens: int | None, state: RecomputeStat
         mlp.__dict__.pop("forward", None)  # back to the class's forward
         if chunk_tokens is not None:
             inner = _inner_hooks(block.mlp)
-            mlp.forward = partial(_chunked_forward, mlp.forward, chunk_tokens, state, inner)
+            mlp.forward = partial(_chunked_forward, mlp.forward, chunk_tokens, state, inner, set())
 
 
 def set_norm_chunking(model: Any, chunk_tokens: int | None) -> None:
@@ -76,17 +76,32 @@ def _inner_hooks(module: Any) -> list[HookPoint]:
 
 def _chunked_forward(
     forward: Callable[[Tensor], Tensor], chunk_tokens: int, state: RecomputeState, inner_hooks: list[HookPoint],
-    hidden_states: Tensor,
+    unchunked: set, hidden_states: Tensor,
 ) -> Tensor:
     # A hook inside the MLP (mlp.hook_pre, its linear layers' hooks) must see the whole sequence
     # once (a cache would keep the last chunk), and with gradients must not be rerun by a chunk's
-    # recomputation after run_with_hooks removed it: such an MLP runs unchunked.
-    if hidden_states.shape[-2] <= chunk_tokens or any(hook.has_hooks() for hook in inner_hooks):
+    # recomputation after run_with_hooks removed it: such an MLP runs unchunked. So does one that
+    # returns more than a tensor (gpt-oss' MoE: (hidden states, router scores of the flattened
+    # tokens), not a position-wise output): found on its first chunk, remembered in ``unchunked``.
+    if hidden_states.shape[-2] <= chunk_tokens or unchunked or any(hook.has_hooks() for hook in inner_hooks):
         return forward(hidden_states)
     if torch.is_grad_enabled() and hidden_states.requires_grad:
-        parts = [checkpointed_call(forward, state, (part,)) for part in hidden_states.split(chunk_tokens, dim=-2)]
+        parts = []
+        for part in hidden_states.split(chunk_tokens, dim=-2):
+            parts.append(checkpointed_call(forward, state, (part,)))
+            if not isinstance(parts[-1], Tensor):
+                unchunked.add("not a tensor")
+                return forward(hidden_states)
         return torch.cat(parts, dim=-2)
-    return _fill_by_chunks(forward, hidden_states, chunk_tokens)
+    try:
+        return _fill_by_chunks(forward, hidden_states, chunk_tokens)
+    except _NotATensor:
+        unchunked.add("not a tensor")
+        return forward(hidden_states)
+
+
+class _NotATensor(Exception):
+    """A chunked function returned something other than one tensor."""
 
 
 def _chunked_norm_forward(norm: NormalizationBridge, chunk_tokens: int, hidden_states: Tensor, **kwargs: Any) -> Tensor:
@@ -112,6 +127,8 @@ def _fill_by_chunks(function: Callable[[Tensor], Tensor], hidden_states: Tensor,
     seq_len, output = hidden_states.shape[-2], None
     for start in range(0, seq_len, chunk_tokens):
         part = function(hidden_states[..., start:start + chunk_tokens, :])
+        if not isinstance(part, Tensor):
+            raise _NotATensor
         if output is None:
             output = part.new_empty((*part.shape[:-2], seq_len, part.shape[-1]))
         output[..., start:start + chunk_tokens, :] = part

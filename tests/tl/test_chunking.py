@@ -70,3 +70,29 @@ def test_chunk_tokens_must_be_a_positive_int():
         with pytest.raises(sl.InvalidConfigError, match="chunk_tokens"):
             sparse.mlp_chunk_tokens = bad
     assert sparse.mlp_chunk_tokens is None
+
+
+def test_an_mlp_returning_a_tuple_runs_unchunked():
+    """gpt-oss' MoE returns (hidden states, router scores of the flattened tokens): chunking it
+    raised "'tuple' object has no attribute 'new_empty'" (and could not be concatenated under grad)."""
+    from tests.tl.test_families_gpt_oss import _sparse
+
+    model = _sparse(16, sl.TracingConfig(query_block=16, key_block=16, top_k=2, sink_blocks=1, local_blocks=1))[0]
+    tokens = torch.randint(0, 101, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        with torch.no_grad():
+            logits = model(tokens)
+        model.zero_grad(set_to_none=True)
+        model(tokens)[:, -4:].logsumexp(-1).sum().backward()
+        return logits, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    logits, grads = run()
+    model.mlp_chunk_tokens = 16
+    try:
+        chunked_logits, chunked_grads = run()
+    finally:
+        model.mlp_chunk_tokens = None
+    torch.testing.assert_close(chunked_logits, logits, atol=0, rtol=0)
+    for chunked, plain in zip(chunked_grads, grads):
+        torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
