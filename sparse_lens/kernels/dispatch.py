@@ -8,7 +8,7 @@ the choice down from the model. Triton modules are imported on first use.
 The estimators' Triton launches (Stream search, bounds search, rescoring) fall back to their torch
 reference, with a warning, when the compiled kernel asks for more shared memory than the GPU has
 (Triton's ``OutOfResources``, raised at launch before anything is written; e.g. d_head 256 in
-float32 on the H200's 227 KB): see :func:`_triton_or_reference`.
+float32 on the H200's 227 KB): see ``_triton_or_reference`` in this module.
 """
 
 from __future__ import annotations
