@@ -57,7 +57,7 @@ from torch import Tensor
 
 from sparse_lens.analysis.positions import call_metric, kept_positions, logits_kwargs
 from sparse_lens.analysis.span_patching import block_spans, check_spans
-from sparse_lens.errors import GradientModeError, ShapeError
+from sparse_lens.errors import GradientModeError, InvalidConfigError, ShapeError
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing, layer_types, recompute_state, segments
 
@@ -143,6 +143,8 @@ def attribution_patching(
         InvalidPositionsError: bad positions.
         InvalidSpanError: an empty span, one outside the sequence, or an empty list of spans.
         LogitsNotKeptError: the metric read a position whose logits were not kept.
+        InvalidConfigError (a ``ValueError``): nothing to estimate, a bad ``segment_layers``, or
+            offloading asked for without checkpointing.
     """
     check_gradient_mode(model, gates=gates)
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
@@ -154,7 +156,10 @@ def attribution_patching(
     index = kept_positions(positions, seq_len, device=clean_tokens.device)
     span_list = [] if spans is None else (block_spans(seq_len, spans) if isinstance(spans, int) else check_spans(spans, seq_len))
     if not (heads or span_list or gates):
-        raise ValueError("attribution_patching: nothing to estimate (heads=False, no spans, gates=False).")
+        raise InvalidConfigError("attribution_patching: nothing to estimate (heads=False, no spans, gates=False).")
+    if (offload or offload_activations) and not checkpoint:
+        raise InvalidConfigError("attribution_patching: offload / offload_activations keep checkpoints in host "
+                                 "memory; with checkpoint=False there are none (set checkpoint=True).")
     n_layers = model.cfg.n_layers
     layer_ranges = segments(n_layers, segment_layers, layer_types(model))  # the clean run's segments too
     names = {layer: ([f"blocks.{layer}.attn.hook_z"] if heads else [])

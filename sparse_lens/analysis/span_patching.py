@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sparse_lens.analysis.positions import call_metric, check_indices, kept_positions, logits_kwargs
-from sparse_lens.errors import InvalidPathError, InvalidSpanError, ShapeError
+from sparse_lens.errors import InvalidConfigError, InvalidPathError, InvalidSpanError, ShapeError
 
 Span = tuple[int, int]
 Activation = Literal["resid_pre", "resid_post", "z"]
@@ -100,13 +100,14 @@ def span_patch(
     Raises:
         InvalidSpanError: no spans, an empty span or one outside the sequence.
         InvalidPathError: an unknown layer or head. InvalidPositionsError: bad ``positions``.
-        ShapeError / ValueError: mismatched tokens, unknown ``activation`` or ``ablation``.
+        ShapeError: mismatched tokens.
+        InvalidConfigError (a ``ValueError``): unknown ``activation`` or ``ablation``.
         LogitsNotKeptError: the metric read a position whose logits were not kept.
     """
     if activation not in _HOOKS:
-        raise ValueError(f"activation must be one of {tuple(_HOOKS)}, got {activation!r}.")
+        raise InvalidConfigError(f"activation must be one of {tuple(_HOOKS)}, got {activation!r}.")
     if ablation not in ("patch", "zero", "mean"):
-        raise ValueError(f"ablation must be 'patch', 'zero' or 'mean', got {ablation!r}.")
+        raise InvalidConfigError(f"ablation must be 'patch', 'zero' or 'mean', got {ablation!r}.")
     if clean_tokens.ndim != 2:
         raise ShapeError(f"clean_tokens must be [batch, pos], got {tuple(clean_tokens.shape)}.")
     if ablation == "patch" and (corrupted_tokens is None or corrupted_tokens.shape != clean_tokens.shape):
@@ -170,7 +171,7 @@ def _units(model: Any, activation: str, layers: Sequence[int] | None, heads: Seq
         raise InvalidPathError(f"layers is empty: name at least one layer in 0..{n_layers - 1}.")
     if activation != "z":
         if heads is not None:
-            raise ValueError("heads= applies to activation='z' only.")
+            raise InvalidConfigError("heads= applies to activation='z' only.")
         return [(layer, None) for layer in chosen]
     try:
         pairs = [(layer, head) for layer in chosen for head in range(n_heads)] if heads is None else \

@@ -58,6 +58,8 @@ from torch.utils.checkpoint import checkpoint
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
+from sparse_lens.errors import InvalidConfigError
+
 _STATE_ATTRIBUTE = "_sparse_lens_recompute"
 DEFAULT_CHUNK_TOKENS = 65_536  # norm chunk when the model sets no mlp_chunk_tokens
 STATE_ATTRIBUTE_OF_ATTENTION = "recompute_state"  # an attention bridge's RecomputeState while installed
@@ -162,7 +164,7 @@ def _equal_segments(n_layers: int, segment_layers: int | Literal["sqrt"] | None)
     if segment_layers is None:
         segment_layers = 1
     if not isinstance(segment_layers, int) or isinstance(segment_layers, bool) or segment_layers < 1:
-        raise ValueError(f"segment_layers must be a positive int, 'sqrt' or None, got {segment_layers!r}.")
+        raise InvalidConfigError(f"segment_layers must be a positive int, 'sqrt' or None, got {segment_layers!r}.")
     return [range(start, min(start + segment_layers, n_layers)) for start in range(0, n_layers, segment_layers)]
 
 

@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_leaves
 import sparse_lens as sl
 from sparse_lens.analysis.attribution_patching import attribution_patching
 from sparse_lens.analysis.interventions import block_attribution
-from sparse_lens.errors import GradientModeError, InvalidPositionsError, InvalidSpanError, LogitsNotKeptError, ShapeError
+from sparse_lens.errors import GradientModeError, InvalidConfigError, InvalidPositionsError, InvalidSpanError, LogitsNotKeptError, ShapeError
 from tests.conftest import sparse_and_dense, tiny_llama_config
 
 GENERATOR = torch.Generator().manual_seed(0)
@@ -140,6 +140,12 @@ def test_bad_input_gets_named_errors_and_leaves_the_model_clean():
         attribution_patching(model, CLEAN, CORRUPTED, metric)
     with model.stream_settings(mode="dense"), pytest.raises(GradientModeError):
         block_attribution(model, CLEAN, metric)
+    with pytest.raises(InvalidConfigError, match="checkpoint"):  # offloading needs checkpoints (was ignored)
+        attribution_patching(model, CLEAN, CORRUPTED, metric, checkpoint=False, offload=True)
+    with pytest.raises(InvalidConfigError, match="segment_layers"):
+        attribution_patching(model, CLEAN, CORRUPTED, metric, segment_layers=0)
+    with pytest.raises(InvalidConfigError, match="nothing to estimate"):
+        attribution_patching(model, CLEAN, CORRUPTED, metric, heads=False)
     # Nothing left installed after the failures: no hook, no checkpointing, the same logits.
     assert "forward" not in model.blocks[0].__dict__
     with torch.no_grad():

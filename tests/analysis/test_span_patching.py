@@ -6,7 +6,7 @@ import torch
 
 import sparse_lens as sl
 from sparse_lens.analysis.span_patching import block_spans, span_patch
-from sparse_lens.errors import InvalidPathError, InvalidSpanError, LogitsNotKeptError, ShapeError
+from sparse_lens.errors import InvalidConfigError, InvalidPathError, InvalidSpanError, LogitsNotKeptError, ShapeError
 from tests.conftest import sparse_and_dense, tiny_llama_config
 
 GENERATOR = torch.Generator().manual_seed(5)
@@ -125,8 +125,10 @@ def test_bad_requests_raise_named_errors(models):
             span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation="z", heads=heads, progress=False)
     with pytest.raises(ShapeError):
         span_patch(pruned, CLEAN, None, metric, SPANS, progress=False)
-    with pytest.raises(ValueError, match="activation"):
+    with pytest.raises(InvalidConfigError, match="activation"):
         span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation="hook_q", progress=False)
+    with pytest.raises(InvalidConfigError, match="ablation"):
+        span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, ablation="resample", progress=False)
 
 
 def test_a_metric_reading_an_unkept_position_raises_a_named_error(models):

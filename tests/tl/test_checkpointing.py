@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import Qwen2Config
 
 import sparse_lens as sl
+from sparse_lens.errors import InvalidConfigError
 from sparse_lens.tl.checkpointing import checkpoint_blocks, is_recomputing, segments
 from tests.conftest import sparse_and_dense, tiny_llama_config
 
@@ -72,7 +73,7 @@ def test_segments():
     # Cut where the attention type changes (one mask per segment).
     types = ["full", "full", "sliding", "sliding", "sliding", "full", "full"]
     assert segments(7, 3, types) == [range(0, 2), range(2, 3), range(3, 5), range(5, 6), range(6, 7)]
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidConfigError):
         segments(4, 0)
 
 
