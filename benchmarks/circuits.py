@@ -15,7 +15,7 @@ logits alone are built (``positions=[-1]``). Tools (``TOOLS``, name -> function)
   first half of the tokens replaced), one backward checkpointed by segments of ``--segment-layers``
   blocks (the corrupted run is recomputed segment by segment in the backward);
 - ``block_attribution``: the gate gradient of every kept block of every layer;
-- ``path_patch``, ``span_patch``: registered by ``benchmarks/circuits_patching.py`` when present.
+- ``path_patch``, ``span_patch``: not here; ``benchmarks/circuits_patching.py`` times them beside one forward.
 With ``--dense-max N`` every tool runs again with ``mode="dense"`` (SDPA attention on the same
 weights) up to ``N`` tokens; tools that need sparse attention record their error there.
 Per row: seconds, peak GPU GB (``torch.cuda.max_memory_allocated``), or the error (an
