@@ -64,6 +64,7 @@ from sparse_lens.kernels.blocks import UNUSED_SLOT, BlockGeometry, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.search import build_sparse_table
+from sparse_lens.kernels.stream_triton import keep_best_halves_by_rank, store_branches_ascending
 
 MIN_DOT = 16  # smallest tl.dot dimension
 KEY_TILE_BYTES = 32768  # at most one gathered table tile of this size (launch_constants; four per chunk)
@@ -182,25 +183,11 @@ def _bounds_search_kernel(
                 score = tl.where(non_empty, score, float("-inf"))
                 score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in torch.topk
 
-                # rank[c] = number of real candidates that beat candidate c (a strict total order);
-                # the candidate of rank r becomes branch r.
-                other_score, own_score = score[None, :], score[:, None]
-                other_full, own_full = non_empty[None, :], non_empty[:, None]
-                beats = (other_score > own_score) | (
-                    (other_score == own_score)
-                    & ((other_full & ~own_full) | ((other_full == own_full) & (cand[None, :] < cand[:, None])))
-                )
-                rank = tl.sum((beats & cand_is_real[None, :]).to(tl.int32), axis=1)
-                chosen = (rank[None, :] == branch[:, None]) & (cand_is_real & (rank < N_SEARCH))[None, :]
-                branch_start = tl.sum(tl.where(chosen, cand_start[None, :], 0), axis=1)
-                branch_end = tl.sum(tl.where(chosen, cand_end[None, :], 0), axis=1)
+                branch_start, branch_end = keep_best_halves_by_rank(
+                    score, non_empty, cand, cand_is_real, cand_start, cand_end, branch, N_SEARCH)
 
-            # Store the found blocks ascending; they all lie between the sinks and the locals.
-            before = (branch_start[None, :] < branch_start[:, None]) | (
-                (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
-            )
-            position = tl.sum((before & branch_is_real[None, :]).to(tl.int32), axis=1)
-            tl.store(row_ptr + SINK_BLOCKS + position, branch_start.to(tl.int64), mask=branch_is_real)
+            # The found blocks ascending; they all lie between the sinks and the locals.
+            store_branches_ascending(row_ptr, branch_start, branch, branch_is_real, SINK_BLOCKS)
 
 
 def _check_settings(geometry: BlockGeometry, query_stride: int) -> None:

@@ -119,6 +119,37 @@ def _load_dims(rows_ptr, row_valid, first_dim, stride_d, D_HEAD: tl.constexpr, D
 
 
 @triton.jit
+def keep_best_halves_by_rank(score, non_empty, cand, cand_is_real, cand_start, cand_end, branch,
+                             N_SEARCH: tl.constexpr):
+    """One search round's selection by compare-and-count (shared with ``bounds_triton``): rank[c] =
+    the number of real candidates that beat candidate c in a strict total order (higher score, then
+    non-empty, then lower index); the candidate of rank r becomes branch r. Returns the new
+    ``(branch_start, branch_end)``."""
+    other_score, own_score = score[None, :], score[:, None]
+    other_full, own_full = non_empty[None, :], non_empty[:, None]
+    beats = (other_score > own_score) | (
+        (other_score == own_score)
+        & ((other_full & ~own_full) | ((other_full == own_full) & (cand[None, :] < cand[:, None])))
+    )
+    rank = tl.sum((beats & cand_is_real[None, :]).to(tl.int32), axis=1)
+    chosen = (rank[None, :] == branch[:, None]) & (cand_is_real & (rank < N_SEARCH))[None, :]
+    branch_start = tl.sum(tl.where(chosen, cand_start[None, :], 0), axis=1)
+    branch_end = tl.sum(tl.where(chosen, cand_end[None, :], 0), axis=1)
+    return branch_start, branch_end
+
+
+@triton.jit
+def store_branches_ascending(row_ptr, branch_start, branch, branch_is_real, SINK_BLOCKS: tl.constexpr):
+    """Store the found blocks (each branch's start) ascending after the sinks (shared with
+    ``bounds_triton``): a block's position is the number of real branches before it."""
+    before = (branch_start[None, :] < branch_start[:, None]) | (
+        (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
+    )
+    position = tl.sum((before & branch_is_real[None, :]).to(tl.int32), axis=1)
+    tl.store(row_ptr + SINK_BLOCKS + position, branch_start.to(tl.int64), mask=branch_is_real)
+
+
+@triton.jit
 def _stream_estimate_kernel(
     query_ptr, key_ptr, block_indices_ptr,
     seq_len, n_query_blocks, n_q_heads, group, n_rounds,
@@ -217,28 +248,15 @@ def _stream_estimate_kernel(
                     branch_start = tl.where(branch_is_real, tl.gather(cand_start, best, 0), 0)
                     branch_end = tl.where(branch_is_real, tl.gather(cand_end, best, 0), 0)
                 else:
-                    # rank[c] = number of real candidates that beat candidate c (a strict total order).
-                    other_score, own_score = score[None, :], score[:, None]
-                    other_full, own_full = non_empty[None, :], non_empty[:, None]
-                    beats = (other_score > own_score) | (
-                        (other_score == own_score)
-                        & ((other_full & ~own_full) | ((other_full == own_full) & (cand[None, :] < cand[:, None])))
-                    )
-                    rank = tl.sum((beats & cand_is_real[None, :]).to(tl.int32), axis=1)
-                    chosen = (rank[None, :] == branch[:, None]) & (cand_is_real & (rank < N_SEARCH))[None, :]
-                    branch_start = tl.sum(tl.where(chosen, cand_start[None, :], 0), axis=1)
-                    branch_end = tl.sum(tl.where(chosen, cand_end[None, :], 0), axis=1)
+                    branch_start, branch_end = keep_best_halves_by_rank(
+                        score, non_empty, cand, cand_is_real, cand_start, cand_end, branch, N_SEARCH)
 
             # Sort the found blocks ascending; they all lie between the sinks and the locals.
             if EXPAND_LEVELS == 0 and SORT_SELECT:
                 found = tl.sort(tl.where(branch_is_real, branch_start, 2147483647))
                 tl.store(row_ptr + SINK_BLOCKS + branch, found.to(tl.int64), mask=branch_is_real)
             elif EXPAND_LEVELS == 0:
-                before = (branch_start[None, :] < branch_start[:, None]) | (
-                    (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
-                )
-                position = tl.sum((before & branch_is_real[None, :]).to(tl.int32), axis=1)
-                tl.store(row_ptr + SINK_BLOCKS + position, branch_start.to(tl.int64), mask=branch_is_real)
+                store_branches_ascending(row_ptr, branch_start, branch, branch_is_real, SINK_BLOCKS)
             else:
                 before = (branch_start[None, :] < branch_start[:, None]) | (
                     (branch_start[None, :] == branch_start[:, None]) & (branch[None, :] < branch[:, None])
