@@ -1,8 +1,32 @@
 """Shared fixtures of the estimator tests: random q / k, row checks, brute-force selection."""
 
+import os
+import secrets
+
+import pytest
 import torch
 
 from sparse_lens.kernels.blocks import visible_key_blocks
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed per test; replay one with ``SPARSE_LENS_SEED=<seed>``."""
+    return int(os.environ.get("SPARSE_LENS_SEED", secrets.randbelow(2**31)))
+
+
+def device_qk(seed, *, batch=1, q_heads=4, kv_heads=2, seq=200, d=16, dtype=torch.float32, head_major=True):
+    """Random q, k on DEVICE; ``head_major=False`` returns strided views of [batch, seq, head, d] storage."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(heads):
+        if head_major:
+            return torch.randn(batch, heads, seq, d, generator=generator).to(DEVICE, dtype)
+        return torch.randn(batch, seq, heads, d, generator=generator).to(DEVICE, dtype).transpose(1, 2)
+
+    return make(q_heads), make(kv_heads)
 
 
 def random_qk(batch=1, q_heads=4, kv_heads=2, seq=128, d=8, seed=0):

@@ -11,9 +11,6 @@ must be identical.
 
 from __future__ import annotations
 
-import os
-import secrets
-
 import pytest
 import torch
 
@@ -23,27 +20,11 @@ from sparse_lens.kernels.blocks import BlockGeometry, num_blocks, visible_key_bl
 from sparse_lens.kernels.bounds_triton import bounds_estimate_triton
 from sparse_lens.kernels.estimate import estimate_blocks
 from sparse_lens.kernels.rescore_triton import rescore_top_k_triton
-from tests.kernels.estimator_cases import check_rows
+from tests.kernels.estimator_cases import DEVICE, check_rows, seed  # noqa: F401 (seed: the shared fixture)
+from tests.kernels.estimator_cases import device_qk as random_qk
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEAR_TIE = 1e-4  # bound gap under which the two implementations may legitimately disagree
 
-
-@pytest.fixture
-def seed() -> int:
-    return int(os.environ.get("SPARSE_LENS_SEED", secrets.randbelow(2**31)))
-
-
-def random_qk(seed, *, batch=1, q_heads=4, kv_heads=2, seq=200, d=16, dtype=torch.float32, head_major=True):
-    """Random q, k on DEVICE; ``head_major=False`` returns strided views of [batch, seq, head, d] storage."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def make(heads):
-        if head_major:
-            return torch.randn(batch, heads, seq, d, generator=generator).to(DEVICE, dtype)
-        return torch.randn(batch, seq, heads, d, generator=generator).to(DEVICE, dtype).transpose(1, 2)
-
-    return make(q_heads), make(kv_heads)
 
 
 def reference_with_near_ties(query, key, monkeypatch, **settings):
