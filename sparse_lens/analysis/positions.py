@@ -42,8 +42,12 @@ def kept_positions(
 
 
 def logits_kwargs(index: Tensor | None) -> dict:
-    """Keyword arguments for a model call that keeps the logits at ``index`` only (none: all)."""
-    return {} if index is None else {"logits_to_keep": index}
+    """Keyword arguments for a model call that keeps the logits at ``index`` only (none: all).
+
+    The index goes on the CPU: HF's head indexes the final hidden states with it, and with layers
+    spread over several GPUs those live on the last layer's GPU, not on ``cfg.device``; a CPU index
+    serves any device."""
+    return {} if index is None else {"logits_to_keep": index.cpu()}
 
 
 def call_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, index: Tensor | None) -> Tensor:
