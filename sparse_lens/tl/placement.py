@@ -114,7 +114,10 @@ def dispatch_layers(hf_model: Any, device_map: DeviceMap, max_memory: dict | Non
     from accelerate import dispatch_model
 
     device_map = resolve_module_map(hf_model, device_map, max_memory)
-    dispatch_model(hf_model, device_map=device_map, force_hooks=True)
+    # accelerate moves every tensor argument of the model's forward to the first device; the
+    # ``logits_to_keep`` index must stay where the caller put it (the CPU: ``positions.logits_kwargs``),
+    # since HF indexes the last layer's hidden states with it, on the last layer's device.
+    dispatch_model(hf_model, device_map=device_map, force_hooks=True, skip_keys=["logits_to_keep"])
     hf_model.hf_device_map = dict(device_map)
     return hf_model
 

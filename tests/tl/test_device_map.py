@@ -51,6 +51,19 @@ def test_from_config_device_map_equals_one_device(device_map, monkeypatch):
     assert torch.equal(generated, reference.generate(TOKENS[0, :20], max_new_tokens=4))
 
 
+def test_logits_to_keep_is_not_moved_to_the_first_device():
+    # accelerate sends every tensor argument to the first device; HF indexes the last layer's hidden
+    # states with logits_to_keep, so over two GPUs a moved index fails (seen on two H200s). The index
+    # is passed on the CPU (positions.logits_kwargs), and the model's hook must leave it there.
+    from sparse_lens.analysis.positions import logits_kwargs
+
+    model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5,
+                                                   device_map=per_module_map("cpu", "cpu"))
+    hook = model.original_model._hf_hook
+    assert "logits_to_keep" in (hook.skip_keys or [])
+    assert logits_kwargs(torch.tensor([3, 7]))["logits_to_keep"].device.type == "cpu"
+
+
 def test_gradients_through_a_placed_model():
     reference = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5)
     model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), STREAM, seed=5,
