@@ -100,6 +100,7 @@ from sparse_lens.kernels.stream import expanded_branches
 
 MIN_DOT = 16  # smallest tl.dot dimension
 KEY_TILE_BYTES = 65536  # at most one gathered key tile of this size (launch_constants)
+PIPELINED_TILE_BYTES = 32768  # up to this key tile the search loop is software-pipelined (launch_constants)
 MIN_SORTED_CANDIDATES = 512  # from this CAND_PAD on the selection sorts (launch_constants)
 Select = Literal["rank", "sort"]
 _UNUSED: tl.constexpr = tl.constexpr(UNUSED_SLOT)
@@ -437,8 +438,13 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
     Shared memory (232,448 B per block on the H200) is spent on ``tl.dot``'s operand tiles and
     on layout conversions; the choices that keep it in bounds:
 
-    - ``num_stages=1``: the loop's loads are gathers that software pipelining would only
-      multi-buffer in shared memory (Gemma 3's d_head 256 in fp32 asked 344,320 B with 3 stages);
+    - ``num_stages``: 3 (Triton's default: the gathered key rows of the next representative key
+      load while the current ones are multiplied) when one gathered key tile takes at most
+      ``PIPELINED_TILE_BYTES`` and the selection ranks; 1 otherwise, where multi-buffering would
+      overflow (Gemma 3's d_head 256 in fp32 asked 344,320 B with 3 stages). Compiled for sm_90 on
+      the CPU (Triton 3.9), 3 stages take 41,216 B for Stream's own search (d_head 128, bf16,
+      ``top_k`` 16) and 115,200 B for the rescored estimator's wide one; one stage cost the H200
+      29% on Stream's search at 128k (5.90 against 4.57 ms, ``benchmarks/kernels.py``);
     - ``D_CHUNK``: the head dimension is multiplied in chunks such that one gathered key tile
       (``CAND_PAD x D_CHUNK``) takes at most ``KEY_TILE_BYTES``; one chunk in the common cases;
     - the ``"sort"`` selection from ``CAND_PAD`` 512 on, whatever ``select`` asks: the rank
@@ -452,6 +458,8 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
     block_d = max(MIN_DOT, triton.next_power_of_2(d_head))
     element_bytes = 4 if dtype == torch.float32 or interpreting else 2
     d_chunk = max(MIN_DOT, min(block_d, KEY_TILE_BYTES // (2 * branch_pad * element_bytes)))
+    sort_select = select == "sort" or 2 * branch_pad >= MIN_SORTED_CANDIDATES
+    key_tile_bytes = 2 * branch_pad * d_chunk * element_bytes
     return dict(
         D_HEAD=d_head, BLOCK_D=block_d, D_CHUNK=d_chunk,
         QUERY_BLOCK=query_block, BLOCK_Q=max(MIN_DOT, query_block), KEY_BLOCK=key_block,
@@ -462,7 +470,7 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
         KEY_FIRST=(key_block - 1 - (representative_keys - 1) * key_stride) // 2,
         DOT_PRECISION="ieee" if dtype == torch.float32 or interpreting else "tf32",
         UPCAST_TILES=interpreting, EXPAND_LEVELS=expand_levels,
-        SORT_SELECT=select == "sort" or 2 * branch_pad >= MIN_SORTED_CANDIDATES,
+        SORT_SELECT=sort_select,
         num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison spills with 4 (H200)
-        num_stages=1,
+        num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and not sort_select else 1,
     )

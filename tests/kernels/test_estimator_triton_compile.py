@@ -127,6 +127,9 @@ CASES = [
     *[_case("stream", d_head, dtype, 64, 16, 4) for d_head in (64, 128, 256) for dtype in ("bf16", "fp16", "fp32")
       if (d_head, dtype) != (256, "fp32")],
     _case("stream", 128, "bf16", 16, 128, 1),
+    # Software-pipelined (3 stages) searches with the largest key tiles: 128-token blocks, d_head 256.
+    _case("stream", 128, "bf16", 128, 16, 4),
+    _case("stream", 256, "bf16", 64, 16, 1),
     _case("stream", 256, "fp32", 16, 128, 4),
     *[_case("bounds", d_head, dtype, 64, 16, 4) for d_head, dtype in ((64, "bf16"), (128, "fp16"), (256, "fp32"))],
     _case("bounds", 256, "bf16", 64, 16, 4, table="fp32"),
