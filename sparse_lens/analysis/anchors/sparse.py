@@ -52,20 +52,20 @@ def _causal_pairs(q0: Tensor, q1: Tensor, k0: Tensor, k1: Tensor) -> Tensor:
     full_queries = (q_last - torch.maximum(q0, k1) + 1).clamp(min=0)
     full = full_queries * (k1 - k0).clamp(min=0)
     valid = (q1 > q0) & (k1 > k0)
-    return torch.where(valid, ramp + full, torch.zeros_like(ramp))
+    return torch.where(valid, ramp + full, 0)
 
 
-def _block_sentence_overlaps(spans: Sequence[Span], n_blocks: int, block: int, seq_len: int):
+def _block_sentence_overlaps(spans: Sequence[Span], n_blocks: int, block: int, seq_len: int, device=None):
     """For each block: the sentences it overlaps, as [n_blocks, m] sentence ids (-1 padded) and the
-    overlapping token ranges [n_blocks, m] (start, end)."""
-    starts = torch.tensor([a for a, _ in spans])
-    ends = torch.tensor([b for _, b in spans])
-    block_first = torch.arange(n_blocks) * block
+    overlapping token ranges [n_blocks, m] (start, end), on ``device``."""
+    starts = torch.tensor([a for a, _ in spans], device=device)
+    ends = torch.tensor([b for _, b in spans], device=device)
+    block_first = torch.arange(n_blocks, device=device) * block
     block_end = (block_first + block).clamp(max=seq_len)
     lo = torch.searchsorted(ends, block_first, right=True)  # first sentence ending after the block starts
     hi = torch.searchsorted(starts, block_end, right=False)  # first sentence starting at or after its end
     width = max(1, int((hi - lo).max()))
-    ids = lo[:, None] + torch.arange(width)[None, :]
+    ids = lo[:, None] + torch.arange(width, device=device)[None, :]
     valid = ids < hi[:, None]
     ids = torch.where(valid, ids, torch.full_like(ids, -1))
     safe = ids.clamp(min=0, max=len(spans) - 1)
@@ -75,8 +75,49 @@ def _block_sentence_overlaps(spans: Sequence[Span], n_blocks: int, block: int, s
     return ids, first, end
 
 
-def _sparse_sentence_cells(pattern: BlockSparsePattern, spans: Sequence[Span], batch: int, max_elements: int = 2**21):
-    """Yield ``(value, receiver, source)`` per chunk of query blocks, from ``block_mass`` only.
+def _chunk_elements(device: torch.device) -> int:
+    """Kept cells x sentence pairs per chunk (a few temporaries of that many 4-8 byte elements):
+    2M on the CPU (cache-friendly), 16M on an accelerator (fewer launches, ~1 GB of scratch)."""
+    return 2**21 if device.type == "cpu" else 2**24
+
+
+def _row_chunks(pattern: BlockSparsePattern, elements_per_row: int):
+    """Row indices (query blocks held by the pattern) in chunks of about ``_chunk_elements``."""
+    device, n_rows = pattern.block_indices.device, pattern.block_indices.shape[-2]
+    step = max(1, _chunk_elements(device) // max(1, elements_per_row))
+    for row0 in range(0, n_rows, step):
+        yield torch.arange(row0, min(row0 + step, n_rows), device=device)
+
+
+def _kept_cells(pattern: BlockSparsePattern, batch: int, rows: Tensor):
+    """The kept cells of ``rows``: ``(blocks, key_blocks, used, share, diagonal)``.
+
+    ``blocks``: [r] query block ids; ``key_blocks``: [head, r, top_k] key block ids (unused slots
+    read 0), ``used``: which slots hold a block; ``share``: float32 [head, r, top_k], the cell's
+    mass ``block_mass x n_queries`` per causal token pair in it (0 for unused slots);
+    ``diagonal``: the (head, row, slot) indices of the used cells whose key block reaches the
+    query block (not every token pair causal; about one per row)."""
+    seq_len, qb, kb = pattern.seq_len, pattern.query_block, pattern.key_block
+    kept = pattern.block_indices[batch][:, rows].long()  # [h, r, k]
+    used = kept >= 0
+    blocks = rows + pattern.first_query_block
+    key_blocks = kept.clamp(min=0)
+    q_lo = blocks * qb
+    q_size = ((q_lo + qb).clamp(max=seq_len) - q_lo)[None, :, None]
+    k_lo = key_blocks * kb
+    cell = q_size * ((k_lo + kb).clamp(max=seq_len) - k_lo)  # every pair causal, off the diagonal
+    diagonal = (used & (k_lo + kb > q_lo[None, :, None])).nonzero(as_tuple=True)
+    hd, rd, kd = diagonal
+    cell[diagonal] = _causal_pairs(q_lo[rd], q_lo[rd] + q_size[0, rd, 0], k_lo[diagonal],
+                                   (k_lo[diagonal] + kb).clamp(max=seq_len))
+    total = pattern.block_mass[batch][:, rows].detach().float() * q_size  # probability summed over queries
+    share = torch.where(used, total / cell.clamp(min=1).float(), 0.0)
+    return blocks, key_blocks, used, share, diagonal
+
+
+def _sparse_sentence_cells(pattern: BlockSparsePattern, spans: Sequence[Span], batch: int):
+    """Yield ``(value, receiver, source)`` per chunk of query blocks, from ``block_mass`` only, on
+    the pattern's device.
 
     ``value``: float32 [head, rows, top_k, mq, mk], the mass each kept cell gives to the pair
     (the mq sentences overlapping its query block) x (the mk sentences overlapping its key
@@ -84,55 +125,88 @@ def _sparse_sentence_cells(pattern: BlockSparsePattern, spans: Sequence[Span], b
     mq, 1] and ``source``: [head, rows, top_k, 1, mk], -1 where no sentence.
     """
     seq_len, qb, kb = pattern.seq_len, pattern.query_block, pattern.key_block
-    n_query_blocks, n_key_blocks = num_blocks(seq_len, qb), num_blocks(seq_len, kb)
-    q_ids, q_first, q_end = _block_sentence_overlaps(spans, n_query_blocks, qb, seq_len)
-    k_ids, k_first, k_end = _block_sentence_overlaps(spans, n_key_blocks, kb, seq_len)
+    device = pattern.block_indices.device
+    q_ids, q_first, q_end = _block_sentence_overlaps(spans, num_blocks(seq_len, qb), qb, seq_len, device)
+    k_ids, k_first, k_end = _block_sentence_overlaps(spans, num_blocks(seq_len, kb), kb, seq_len, device)
     q_len, k_len = (q_end - q_first).float(), (k_end - k_first).float()
-    indices = pattern.block_indices[batch].cpu()  # [head, rows, top_k]
-    mass = pattern.block_mass[batch].detach().cpu().float()
-    n_heads, n_rows, top_k = indices.shape
-    mq, mk = q_ids.shape[1], k_ids.shape[1]
-    rows_per_chunk = max(1, max_elements // max(1, n_heads * top_k * mq * mk))
-    for row0 in range(0, n_rows, rows_per_chunk):
-        rows = torch.arange(row0, min(row0 + rows_per_chunk, n_rows))
-        blocks = rows + pattern.first_query_block  # [r]
+    n_heads, _, top_k = pattern.block_indices[batch].shape
+    for rows in _row_chunks(pattern, n_heads * top_k * q_ids.shape[1] * k_ids.shape[1]):
+        blocks, key_blocks, used, share, diagonal = _kept_cells(pattern, batch, rows)
         if not bool((q_ids[blocks] >= 0).any()):
             continue
-        kept = indices[:, rows]  # [h, r, k]
-        used = kept >= 0
-        key_blocks = kept.clamp(min=0)
-        q_lo = blocks * qb
-        q_hi = (q_lo + qb).clamp(max=seq_len)
-        k_lo = key_blocks * kb
-        k_hi = (k_lo + kb).clamp(max=seq_len)
-        total = mass[:, rows] * (q_hi - q_lo)[None, :, None].float()  # probability summed over queries
-        # Off the diagonal every (query, key) pair of a cell is causal: share by overlap products.
-        sub = q_len[blocks][None, :, None, :, None] * k_len[key_blocks][..., None, :]
-        cell = ((q_hi - q_lo)[None, :, None] * (k_hi - k_lo)).float()
-        diagonal = used & (k_hi > q_lo[None, :, None])
-        if bool(diagonal.any()):  # cells reaching the query block: count causal pairs only
-            hd, rd, kd = diagonal.nonzero(as_tuple=True)
-            kbd, bd = key_blocks[hd, rd, kd], blocks[rd]
-            sub[hd, rd, kd] = _causal_pairs(
-                q_first[bd][:, :, None], q_end[bd][:, :, None], k_first[kbd][:, None, :], k_end[kbd][:, None, :]
-            ).float()
-            cell[hd, rd, kd] = _causal_pairs(q_lo[rd], q_hi[rd], k_lo[hd, rd, kd], k_hi[hd, rd, kd]).float()
-        share = torch.where(used, total / cell.clamp(min=1), 0.0)
+        # Off the diagonal every (query, key) pair of a cell is causal: causal pairs = overlap products.
+        pairs = q_len[blocks][None, :, None, :, None] * k_len[key_blocks][..., None, :]
+        hd, rd, kd = diagonal
+        kbd, bd = key_blocks[diagonal], blocks[rd]
+        pairs[diagonal] = _causal_pairs(
+            q_first[bd][:, :, None], q_end[bd][:, :, None], k_first[kbd][:, None, :], k_end[kbd][:, None, :]
+        ).float()
         source = torch.where(used[..., None], k_ids[key_blocks], -1)
-        yield share[..., None, None] * sub, q_ids[blocks][None, :, None, :, None], source[..., None, :]
+        yield share[..., None, None] * pairs, q_ids[blocks][None, :, None, :, None], source[..., None, :]
+
+
+def _vertical_sums_from_block_mass(
+    pattern: BlockSparsePattern, spans: Sequence[Span], batch: int, proximity: int
+) -> Float[Tensor, "head n"]:
+    """``accumulate_sentence_attention(pattern, spans, batch, False, proximity)``: float64 [head,
+    n] sums over receivers ``i >= j + proximity`` of the block-mass sentence means, factored to
+    O(kept cells x sentences per key block) time and scratch (not x sentences per query block
+    too), on the pattern's device, returned on the CPU.
+
+    Off the diagonal every token pair of a cell is causal, so source sentence ``j`` receives
+    ``share x overlap_j / |S_j| x sum_{i >= j + proximity} overlap_i / |S_i|`` from a cell
+    (``share``: the cell's mass per token pair; ``overlap``: tokens in the query / key block), the
+    sum running over the query block's sentences, whose ids are consecutive: a suffix sum, looked
+    up. The few cells reaching the diagonal (about one per row) go sentence pair by pair.
+    """
+    seq_len, qb, kb = pattern.seq_len, pattern.query_block, pattern.key_block
+    device = pattern.block_indices.device
+    n, (n_heads, _, top_k) = len(spans), pattern.block_indices[batch].shape
+    q_ids, q_first, q_end = _block_sentence_overlaps(spans, num_blocks(seq_len, qb), qb, seq_len, device)
+    k_ids, k_first, k_end = _block_sentence_overlaps(spans, num_blocks(seq_len, kb), kb, seq_len, device)
+    inverse_size = (1.0 / sentence_sizes(spans)).to(device)  # float64 [n]
+    q_weight = (q_end - q_first) * _per_sentence(inverse_size, q_ids)  # overlap_i / |S_i|, [n_query_blocks, mq]
+    k_weight = (k_end - k_first) * _per_sentence(inverse_size, k_ids)  # overlap_j / |S_j|, [n_key_blocks, mk]
+    # received[b, a]: sum of q_weight[b, a:], over the query block's sentences from its a-th on (0 for a = mq).
+    received = torch.nn.functional.pad(q_weight.flip(-1).cumsum(-1).flip(-1), (0, 1))
+    first_sentence = q_ids[:, 0]  # [n_query_blocks]; -1 if none (its received row is all 0)
+    head = torch.arange(n_heads, device=device)[:, None, None, None]
+    out = torch.zeros(n_heads * n, dtype=torch.float64, device=device)
+    for rows in _row_chunks(pattern, n_heads * top_k * k_ids.shape[1]):
+        blocks, key_blocks, _, share, diagonal = _kept_cells(pattern, batch, rows)
+        off_diagonal_share = share.index_put(diagonal, share.new_zeros(()))[..., None]
+        source = k_ids[key_blocks]  # [h, r, k, mk]
+        first_receiver = (source + proximity - first_sentence[blocks][None, :, None, None]).clamp(0, q_ids.shape[1])
+        value = off_diagonal_share * k_weight[key_blocks] * received[blocks[None, :, None, None], first_receiver]
+        out.index_add_(0, (head * n + source.clamp(min=0)).flatten(), value.flatten())
+        # Cells reaching the diagonal: causal token pairs per (receiver, source) sentence pair.
+        hd, rd, _ = diagonal
+        bd, kbd = blocks[rd], key_blocks[diagonal]
+        receiver, source = q_ids[bd][:, :, None], k_ids[kbd][:, None, :]  # [d, mq, 1], [d, 1, mk]
+        pairs = _causal_pairs(q_first[bd][:, :, None], q_end[bd][:, :, None], k_first[kbd][:, None, :], k_end[kbd][:, None, :])
+        value = pairs * share[diagonal][:, None, None].double() * _per_sentence(inverse_size, receiver)
+        value = torch.where(source <= receiver - proximity, value, 0.0).sum(1) * _per_sentence(inverse_size, source[:, 0])
+        out.index_add_(0, (hd[:, None] * n + source[:, 0].clamp(min=0)).flatten(), value.flatten())
+    return out.view(n_heads, n).cpu()
+
+
+def _per_sentence(values: Tensor, ids: Tensor) -> Tensor:
+    """``values[ids]``, 0 where ``ids`` is -1 (no sentence)."""
+    return torch.where(ids >= 0, values[ids.clamp(min=0)], 0.0)
 
 
 def _kept_token_sentence_cells(pattern: BlockSparsePattern, spans: Sequence[Span], batch: int):
     """As ``_sparse_sentence_cells``, but each kept cell's mass is split by its exact token
     probabilities ``exp(q.k * scale - lse)``, recomputed from the pattern's rotated q/k (time
-    O(kept pairs), like the sparse attention itself)."""
+    O(kept pairs), like the sparse attention itself), on the pattern's device."""
     if pattern.query is None or pattern.key is None:
         raise ValueError("Token-level sparse aggregation needs the pattern's queries/keys (TracingConfig.keep_qk=True).")
     if pattern.is_sliced:
         raise ValueError("Token-level sparse aggregation needs the whole pattern; this one was sliced along queries.")
     seq_len, qb, kb = pattern.seq_len, pattern.query_block, pattern.key_block
-    q_ids, q_first, q_end = _block_sentence_overlaps(spans, num_blocks(seq_len, qb), qb, seq_len)
-    k_ids, k_first, k_end = _block_sentence_overlaps(spans, num_blocks(seq_len, kb), kb, seq_len)
+    device = pattern.block_indices.device
+    q_ids, q_first, q_end = _block_sentence_overlaps(spans, num_blocks(seq_len, qb), qb, seq_len, device)
+    k_ids, k_first, k_end = _block_sentence_overlaps(spans, num_blocks(seq_len, kb), kb, seq_len, device)
     lse = pattern.lse[batch: batch + 1].float()
     lse_blocks = torch.nn.functional.pad(lse, (0, num_blocks(seq_len, qb) * qb - seq_len)).unflatten(2, (-1, qb))
     indices = pattern.block_indices[batch: batch + 1]
@@ -144,15 +218,14 @@ def _kept_token_sentence_cells(pattern: BlockSparsePattern, spans: Sequence[Span
     ):
         if int(block_ids[-1]) < first_row or int(block_ids[0]) > last_row:
             continue
-        probs = probs_from_lse(scores, lse_blocks[:, :, block_ids])[0].cpu()  # float32 [h, c, qb, top_k, kb]
-        block_ids = block_ids.cpu()
-        slots = indices[0][:, block_ids].cpu()  # [h, c, top_k]
+        probs = probs_from_lse(scores, lse_blocks[:, :, block_ids])[0].float()  # [h, c, qb, top_k, kb]
+        slots = indices[0][:, block_ids].long()  # [h, c, top_k]
         used = slots >= 0
         key_blocks = slots.clamp(min=0)
         # Which local sentence each query / key token belongs to (one-hot over the block's overlaps).
-        q_pos = block_ids[:, None, None] * qb + torch.arange(qb)[None, :, None]  # [c, qb, 1]
+        q_pos = block_ids[:, None, None] * qb + torch.arange(qb, device=device)[None, :, None]  # [c, qb, 1]
         q_hot = ((q_pos >= q_first[block_ids][:, None, :]) & (q_pos < q_end[block_ids][:, None, :])).float()
-        k_pos = key_blocks[..., None, None] * kb + torch.arange(kb)[:, None]  # [h, c, top_k, kb, 1]
+        k_pos = key_blocks[..., None, None] * kb + torch.arange(kb, device=device)[:, None]  # [h, c, top_k, kb, 1]
         k_hot = ((k_pos >= k_first[key_blocks][..., None, :]) & (k_pos < k_end[key_blocks][..., None, :])).float()
         per_receiver = torch.einsum("cqm,hcqkx->hcmkx", q_hot, probs)
         value = torch.einsum("hcmkx,hckxs->hckms", per_receiver, k_hot)
@@ -170,18 +243,31 @@ def accumulate_sentence_attention(
     pattern: BlockSparsePattern, spans: Sequence[Span], batch: int, token_level: bool, proximity: int | None
 ) -> Tensor:
     """Sum the kept cells into [head, n, n] sentence-pair means (``proximity=None``) or, without
-    the matrix, into [head, n] sums over receivers ``i >= j + proximity`` of those means."""
+    the matrix, into [head, n] sums over receivers ``i >= j + proximity`` of those means
+    (from ``block_mass``: ``_vertical_sums_from_block_mass``).
+
+    Computed on the pattern's device in O(kept cells x sentence pairs per cell) time, in chunks
+    of bounded scratch; returned as float64 on the CPU (layers spread over devices stack)."""
+    if proximity is not None and not token_level:
+        return _vertical_sums_from_block_mass(pattern, spans, batch, proximity)
     n = len(spans)
-    n_heads = pattern.block_indices.shape[1]
-    sizes = sentence_sizes(spans).float()
-    out = torch.zeros(n_heads * n * (n if proximity is None else 1), dtype=torch.float64)
-    head = torch.arange(n_heads)[:, None, None, None, None]
+    device = pattern.block_indices.device
+    n_heads = pattern.block_indices.shape[-3]
+    inverse_size = (1.0 / sentence_sizes(spans)).float().to(device)  # [n]
+    head = torch.arange(n_heads, device=device)[:, None, None, None]
+    out = torch.zeros(n_heads * n * (n if proximity is None else 1), dtype=torch.float64, device=device)
     for value, receiver, source in _cells(pattern, spans, batch, token_level):
-        valid = (receiver >= 0) & (source >= 0)
-        if proximity is not None:
-            valid = valid & (receiver - source >= proximity)
+        # value [h, r, k, mq, mk], receiver [1, r, 1, mq, 1], source [h, r, k, 1, mk]; -1: no sentence
+        receiver_weight, source_weight = _per_sentence(inverse_size, receiver), _per_sentence(inverse_size, source)
         receiver, source = receiver.clamp(min=0), source.clamp(min=0)
-        value = torch.where(valid, value / (sizes[receiver] * sizes[source]), 0.0)
-        index = head * n + source if proximity is not None else (head * n + receiver) * n + source
-        out.index_add_(0, index.expand_as(value).reshape(-1), value.reshape(-1).double())
+        if proximity is None:
+            value = value * receiver_weight * source_weight
+            index = (head[..., None] * n + receiver) * n + source
+            out.index_add_(0, index.expand_as(value).reshape(-1), value.reshape(-1).double())
+            continue
+        # Sum over the receivers first (the index depends on the source only).
+        value = torch.where(source <= receiver - proximity, value * receiver_weight, 0.0).sum(-2)
+        value = value * source_weight[..., 0, :]  # [h, r, k, mk]
+        out.index_add_(0, (head * n + source[..., 0, :]).reshape(-1), value.reshape(-1).double())
+    out = out.cpu()
     return out.view(n_heads, n, n) if proximity is None else out.view(n_heads, n)
