@@ -45,9 +45,11 @@ def _out_of_shared_memory(*args, **kwargs):
 def test_triton_launch_out_of_shared_memory_falls_back_to_the_reference(kernel, monkeypatch):
     from sparse_lens.kernels import bounds_triton, dispatch, rescore_triton, stream_triton
     from sparse_lens.kernels.blocks import BlockGeometry
-    from tests.kernels.estimator_cases import random_qk
+    from tests.kernels.estimator_cases import device_qk
 
-    query, key = random_qk(q_heads=2, kv_heads=1, seq=96, d=16)
+    # On the device the kernels run on: a CUDA host's GPU, else the CPU under the interpreter (the
+    # Triton wrappers refuse CPU tensors on a CUDA host before the patched launch is reached).
+    query, key = device_qk(0, q_heads=2, kv_heads=1, seq=96, d=16)
     geometry = BlockGeometry(query_block=16, key_block=16, top_k=3, sink_blocks=1, local_blocks=1)
     candidates = dispatch.stream_estimate_unchecked(query, key, geometry.replace(top_k=5), backend="reference")
     module, launch, run = {
