@@ -106,8 +106,9 @@ class ThoughtAnchors:
 
     def anchors(self, k: int = 5) -> list[int]:
         """The ``k`` most salient sentences (indices, most salient first; scored sentences only)."""
-        order = [int(i) for i in torch.argsort(torch.nan_to_num(self.salience, nan=-float("inf")), descending=True)]
-        return [i for i in order if not torch.isnan(self.salience[i])][:k]
+        order = torch.argsort(torch.nan_to_num(self.salience, nan=-float("inf")), descending=True)
+        n_scored = int((~torch.isnan(self.salience)).sum())  # NaN (unscored) sorts last
+        return order[: min(k, n_scored)].tolist()
 
     def summary(self, sentences: Sequence[str] | None = None, k: int = 5) -> str:
         pruned = "" if self.pruned_fraction is None else f", {self.pruned_fraction:.0%} pruned"

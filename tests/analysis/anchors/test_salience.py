@@ -49,6 +49,7 @@ def test_vertical_scores_kurtosis_receivers_and_salience_match_brute_force():
     salience = np.mean([brute_scores[l, h] for l, h in order[:4]], axis=0)
     np.testing.assert_allclose(result.salience.numpy(), salience, rtol=1e-5, equal_nan=True)
     assert result.anchors(3) == [int(i) for i in np.argsort(-np.nan_to_num(salience, nan=-np.inf))[:3]]
+    assert result.anchors(n) == [int(i) for i in np.argsort(-np.nan_to_num(salience, nan=-np.inf))[:n - 4]]  # no NaN
     assert "sentence" in result.summary([f"s{i}" for i in range(n)], k=3)
     # layer exclusion, and a constant head has no kurtosis
     assert all(layer != 0 for layer, _ in anchors_from_vertical_scores(scores, top_heads=4, exclude_layers=[0]).receiver_heads)
