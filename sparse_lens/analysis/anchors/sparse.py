@@ -15,7 +15,9 @@
 
 The kept cells are summed either into the [head, n, n] matrix (``sentence_attention_sparse``) or,
 without it, straight into per-source sums over the receivers (``vertical_scores_sparse`` in
-``sparse_lens.analysis.anchors.salience``: long traces have thousands of sentences).
+``sparse_lens.analysis.anchors.salience``: long traces have thousands of sentences; from
+``block_mass`` in factored form, linear in T). The work runs on the pattern's device (the GPU for
+a model's cached patterns), in chunks of bounded scratch; results come back on the CPU.
 """
 
 from __future__ import annotations
@@ -183,9 +185,11 @@ def _vertical_sums_from_block_mass(
         hd, rd, _ = diagonal
         bd, kbd = blocks[rd], key_blocks[diagonal]
         receiver, source = q_ids[bd][:, :, None], k_ids[kbd][:, None, :]  # [d, mq, 1], [d, 1, mk]
-        pairs = _causal_pairs(q_first[bd][:, :, None], q_end[bd][:, :, None], k_first[kbd][:, None, :], k_end[kbd][:, None, :])
+        pairs = _causal_pairs(q_first[bd][:, :, None], q_end[bd][:, :, None],
+                              k_first[kbd][:, None, :], k_end[kbd][:, None, :])
         value = pairs * share[diagonal][:, None, None].double() * _per_sentence(inverse_size, receiver)
-        value = torch.where(source <= receiver - proximity, value, 0.0).sum(1) * _per_sentence(inverse_size, source[:, 0])
+        value = torch.where(source <= receiver - proximity, value, 0.0).sum(1)  # over receivers: [d, mk]
+        value = value * _per_sentence(inverse_size, source[:, 0])
         out.index_add_(0, (hd[:, None] * n + source[:, 0].clamp(min=0)).flatten(), value.flatten())
     return out.view(n_heads, n).cpu()
 
