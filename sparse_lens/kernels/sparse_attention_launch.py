@@ -7,7 +7,8 @@ every setting leaves the results unchanged up to fp32 rounding. ``FORWARD_LAUNCH
 ``sparse_attention_triton``). The plan of one launch: ``query_grid`` (one program per query block
 and query head), ``launch_for_rows`` (branch on rows wider than ``WIDE_ROWS`` slots),
 ``fit_shared_memory`` (fewer stages / smaller tiles where the tiles' ``shared_memory_bytes`` exceed
-``SHARED_MEMORY_BUDGET``, e.g. d_head 256 in float32), ``launch_for_sizes`` (both, as the launches use them),
+``SHARED_MEMORY_BUDGET``, e.g. d_head 256: the backward, and float32's forward), ``launch_for_sizes``
+(both, as the launches use them),
 ``launch_config`` (the kernels' compile-time constants), ``kernel_sizes`` and ``feature_args``
 (their runtime integer and feature arguments). ``check_triton_block_sizes`` and the tile limits
 ``MAX_TILE`` / ``MIN_BLOCK``, the ``SUPPORTED_DTYPES``.
@@ -104,28 +105,40 @@ SHARED_MEMORY_BUDGET = 232_448
 
 def shared_memory_bytes(launch: KernelLaunch, query_block: int, key_block: int, block_d: int, block_dv: int,
                         element_size: int, *, backward: bool) -> int:
-    """Bytes of shared memory a launch of the forward (or, ``backward``, the backward) kernel takes.
+    """Bytes of shared memory a launch of the forward (or, ``backward``, the backward) kernel takes
+    on sm_90: an upper bound, within 1 KiB of what Triton compiles where that is near the budget.
 
-    The tiles Triton stages there: the query tile (with dO in the backward), ``num_stages - 1``
-    pipeline buffers of the key and value tiles (one at ``num_stages`` 1), and [query tile, key
-    tile] scratch (one in the forward, two in the backward), all in the inputs' ``element_size``
-    bytes, plus 1 KiB. Triton 3.9's sm_90 figures at d_head 256, 64-token blocks, fp32: forward
-    344,320 B at 3 stages, 213,248 at 2, 205,056 with 32-key tiles; backward (8 warps) 425,984 /
-    294,912 / 278,528; bf16 forward 147,464, backward 212,992; this sum is within 1 KiB above each.
+    The tiles Triton stages there, in the inputs' ``element_size`` bytes: the key and value tiles
+    in the pipeline's buffers, and the query tile (with dO in the backward). 16-bit inputs run on
+    tensor cores (wgmma), which read their operands from the pipeline's buffers: ``num_stages``
+    buffers; the backward also keeps a second copy of the query and dO tiles and 16 KiB of
+    scratch. float32 products (``ieee``, no tensor cores) load from ``num_stages - 1`` buffers (one
+    at ``num_stages`` 1) and keep [query tile, key tile] scratch (one in the forward, two in the
+    backward, at least 16 KiB). Plus 1 KiB. Measured (Triton 3.6 and 3.9, sm_90, 64-token blocks,
+    d_head 256, the JIT's specialisation of aligned tensors): bf16 forward 229,376 B at 3 stages;
+    bf16 backward (8 warps) 327,680 at 3 stages, 262,144 at 2, 212,992 with 32-key tiles; fp32
+    forward 344,320 / 213,248 / 139,520, backward 425,984 / 294,912 / 212,992.
     """
     query_tile, key_tile = min(query_block, launch.query_tile), min(key_block, launch.key_tile)
-    query_elements = query_tile * (block_d + block_dv if backward else block_d)
-    key_elements = max(1, launch.num_stages - 1) * key_tile * (block_d + block_dv)
-    scratch_elements = (2 if backward else 1) * query_tile * key_tile
-    return element_size * (query_elements + key_elements + scratch_elements) + 1024
+    key_value_tile = key_tile * (block_d + block_dv)
+    if element_size < 4:  # tensor cores
+        if backward:
+            return element_size * (2 * query_tile * (block_d + block_dv) + launch.num_stages * key_value_tile) + 17 * 1024
+        return element_size * (query_tile * block_d + launch.num_stages * key_value_tile) + 1024
+    buffers = max(1, launch.num_stages - 1)
+    if backward:
+        scratch = max(16 * 1024, element_size * 2 * query_tile * key_tile)
+        return element_size * (query_tile * (block_d + block_dv) + buffers * key_value_tile) + scratch + 1024
+    return element_size * (query_tile * block_d + buffers * key_value_tile + query_tile * key_tile) + 1024
 
 
 def fit_shared_memory(launch: KernelLaunch, query_block: int, key_block: int, block_d: int, block_dv: int,
                       element_size: int, *, backward: bool, budget: int = SHARED_MEMORY_BUDGET) -> KernelLaunch:
     """``launch``, made small enough that ``shared_memory_bytes`` fits ``budget`` bytes (unchanged if
     it does): fewer pipeline stages (down to 2), then halved key tiles, then halved query tiles (down
-    to ``MIN_BLOCK``), then one stage. E.g. d_head 256 in float32 at 64-token blocks: the forward
-    runs 2 stages, the backward 2 stages and 32-key tiles. Results are unchanged (fp32 rounding)."""
+    to ``MIN_BLOCK``), then one stage. E.g. d_head 256 at 64-token blocks: the float32 forward runs
+    2 stages; the backward, in bf16 / fp16 as in float32, 2 stages and 32-key tiles; the bf16
+    forward and every d_head-128 launch stay as they are. Results are unchanged (fp32 rounding)."""
     def fits(candidate: KernelLaunch) -> bool:
         return shared_memory_bytes(candidate, query_block, key_block, block_d, block_dv, element_size,
                                    backward=backward) <= budget
