@@ -97,10 +97,21 @@ class DenseTrace:
 
     def check_model(self, model: HookedSparseTransformer) -> None:
         """Raise ``TraceMismatchError`` unless this trace was made with ``model`` (its
-        :func:`model_fingerprint`; a trace without one: its number of layers)."""
+        :func:`model_fingerprint`; a trace without one: its number of layers). A copy of the same
+        weights in another dtype is refused too, the message saying so (the trace's values carry
+        its dtype's rounding)."""
         if self.model is not None:
             found = model_fingerprint(model)
-            differ = [name for name in found if found[name] != self.model.get(name)]
+            # A name the trace's fingerprint lacks (one saved before it was recorded) is not compared.
+            differ = [name for name in found if name in self.model and found[name] != self.model[name]]
+            if "dtype" in differ and set(differ) <= {"dtype", "weights"} and _same_weights_up_to_rounding(
+                    model, found["dtype"], self.model):
+                raise TraceMismatchError(
+                    f"The dense trace was made with the same weights in another dtype: {self.model['dtype']} "
+                    f"(the trace) vs {found['dtype']} (this model). Its logits, q, k and lse carry that dtype's "
+                    "rounding, which the figures would count as the sparse trace's error: collect the dense "
+                    "trace with the model in the dtype you compare (collect_dense(model, tokens) with this "
+                    f"model), or cast this model to {self.model['dtype']}.")
             if differ:
                 shown = ", ".join(f"{name} {self.model.get(name)!r} vs {found[name]!r}" for name in differ
                                   if name != "weights")
@@ -114,15 +125,42 @@ class DenseTrace:
 
 def model_fingerprint(model: HookedSparseTransformer, sample: int = 64) -> dict:
     """What tells one model from another, cheaply: ``cfg.model_name``, ``n_layers``, ``n_heads``,
-    ``d_model``, ``d_vocab``, and ``weights``: per parameter, the float64 sum of its first ``sample``
-    elements (computed on the CPU, so the same weights give the same figures on any device;
-    a few kB copied, whatever the model's size). Two models of one config with different weights
-    differ in ``weights``; a weight edit outside the sampled elements goes unnoticed."""
+    ``d_model``, ``d_vocab``, ``dtype`` (of its floating-point parameters, e.g. ``"float32"``;
+    ``"bfloat16/float32"`` when mixed) and ``weights``: per parameter, the float64 sum of its first
+    ``sample`` elements (computed on the CPU, so the same weights give the same figures on any
+    device; a few kB copied, whatever the model's size). Two models of one config with different
+    weights differ in ``weights``; a copy cast to another dtype in ``dtype`` and, by rounding, in
+    ``weights``; a weight edit outside the sampled elements goes unnoticed."""
     cfg = model.cfg
-    sums = tuple(float(parameter.detach().reshape(-1)[:sample].to("cpu", torch.float64).sum())
-                 for parameter in model.parameters() if parameter.device.type != "meta")
+    sums = tuple(float(values.sum()) for values in _weight_samples(model, sample))
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
     return {"model_name": str(cfg.model_name), "n_layers": int(cfg.n_layers), "n_heads": int(cfg.n_heads),
-            "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab), "weights": sums}
+            "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab), "dtype": "/".join(dtypes), "weights": sums}
+
+
+def _weight_samples(model: HookedSparseTransformer, sample: int) -> list[Tensor]:
+    """Each (non-meta) parameter's first ``sample`` elements, float64 on the CPU."""
+    return [parameter.detach().reshape(-1)[:sample].to("cpu", torch.float64)
+            for parameter in model.parameters() if parameter.device.type != "meta"]
+
+
+def _same_weights_up_to_rounding(model: HookedSparseTransformer, dtype: str, fingerprint: dict,
+                                 sample: int = 64) -> bool:
+    """Whether ``fingerprint["weights"]`` are ``model``'s (in ``dtype``) sampled sums up to the rounding of the
+    coarser of the two dtypes: each element moves by at most ``eps`` of its magnitude (plus
+    ``eps`` of the smallest normal, for subnormals), so each sum by ``eps * (sum |x| + sample *
+    smallest_normal)``, ``eps = torch.finfo(coarser).eps`` (twice the unit roundoff: a margin)."""
+    names = {*fingerprint["dtype"].split("/"), *dtype.split("/")}
+    dtypes = [getattr(torch, name, None) for name in names]
+    if not all(isinstance(dtype, torch.dtype) and dtype.is_floating_point for dtype in dtypes):
+        return False
+    eps = max(torch.finfo(dtype).eps for dtype in dtypes)
+    smallest_normal = max(torch.finfo(dtype).smallest_normal for dtype in dtypes)
+    samples = _weight_samples(model, sample)
+    if len(samples) != len(fingerprint["weights"]):
+        return False
+    return all(abs(float(values.sum()) - theirs) <= eps * (float(values.abs().sum()) + sample * smallest_normal)
+               for values, theirs in zip(samples, fingerprint["weights"]))
 
 
 def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"] | str) -> DenseTrace:

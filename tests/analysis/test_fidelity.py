@@ -1,5 +1,8 @@
 """sl.fidelity on a tiny model, every figure recomputed by brute force from dense T x T tensors."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -268,3 +271,24 @@ def test_fidelity_refuses_a_dense_trace_of_another_model():
     sl.fidelity(same_shape, tokens, dense=unknown)  # no fingerprint: accepted
     with pytest.raises(sl.TraceMismatchError, match="2 layers, the model 3"):
         sl.fidelity(deeper, tokens, dense=unknown)
+
+
+def test_a_dense_trace_of_the_same_weights_in_another_dtype_is_refused_saying_so():
+    stream = sl.TracingConfig(query_block=16, key_block=16, top_k=2)
+    model, _ = sparse_and_dense(tiny_llama_config(), stream)
+    other, _ = sparse_and_dense(tiny_llama_config(), stream, seed=1)
+    tokens = torch.randint(0, 90, (1, 64), generator=torch.Generator().manual_seed(0))
+    dense = sl.collect_dense(model, tokens)
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        cast = copy.deepcopy(model).to(dtype)
+        with pytest.raises(sl.TraceMismatchError, match=f"same weights in another dtype: float32 .* vs {name}"):
+            sl.fidelity(cast, tokens, dense=dense)
+        with pytest.raises(sl.TraceMismatchError, match=f"another model .*dtype, weights: dtype 'float32' vs '{name}'"):
+            sl.fidelity(copy.deepcopy(other).to(dtype), tokens, dense=dense)  # other weights, cast too
+        # ... and the other way round: a trace of the cast copy, the float32 model.
+        with pytest.raises(sl.TraceMismatchError, match=f"same weights in another dtype: {name} .* vs float32"):
+            sl.collect_dense(cast, tokens).check_model(model)
+    older = dataclasses.replace(dense, model={k: v for k, v in dense.model.items() if k != "dtype"})
+    older.check_model(model)  # a fingerprint saved before dtype was recorded: still accepted
+    with pytest.raises(sl.TraceMismatchError, match="another model .*weights"):
+        older.check_model(copy.deepcopy(model).to(torch.bfloat16))  # no dtype to tell: the weights differ
