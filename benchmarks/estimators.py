@@ -38,11 +38,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.* when run as a script
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import sparse_lens as sl  # noqa: E402
+from benchmarks.fidelity import load_dense_timed  # noqa: E402
 from sparse_lens.data import prose_tokens  # noqa: E402
 from sparse_lens.kernels.oneshot import antidiagonal_estimate, oneshot_pooled_estimate  # noqa: E402
 from sparse_lens.kernels.rescore import (  # noqa: E402
@@ -380,26 +382,6 @@ def next_token_runs(model, tokens, dense, args, plan) -> list[dict]:
     return out
 
 
-def load_or_collect_dense(model, tokens, cache: Path | None):
-    """``sl.collect_dense`` once; with ``--dense-cache`` the trace is saved there and reused."""
-    from sparse_lens.analysis.fidelity import DenseTrace
-
-    if cache is not None and cache.exists():
-        saved = torch.load(cache)
-        if torch.equal(saved["tokens"], tokens):
-            print(f"dense trace loaded from {cache}", flush=True)
-            fields = {name: saved[name] for name in ("logits", "query", "key", "lse", "scale")}
-            return DenseTrace(**fields), saved["seconds"]
-    started = time.perf_counter()
-    dense = sl.collect_dense(model, tokens)
-    seconds = time.perf_counter() - started
-    print(f"dense observe run: {seconds:.1f} s", flush=True)
-    if cache is not None:
-        torch.save({"tokens": tokens, "logits": dense.logits, "query": dense.query, "key": dense.key,
-                    "lse": dense.lse, "scale": dense.scale, "seconds": seconds}, cache)
-    return dense, seconds
-
-
 def print_tables(results: dict) -> None:
     rows = results["rows"]
     print(f"\nSmolLM2-135M-Instruct, {results['length']} tokens of prose, sink {SINK}, local {LOCAL}, "
@@ -464,7 +446,8 @@ def main() -> None:
     hf_model, tokenizer = load_hf_model(resolve_model_source(sl.DEFAULT_MODEL))
     model = sl.HookedSparseTransformer.from_hf_model(hf_model, tokenizer, sl.StreamConfig())
     tokens = torch.tensor([prose_tokens(tokenizer, args.length)])
-    dense, dense_seconds = load_or_collect_dense(model, tokens, args.dense_cache)
+    # fidelity.py's --dense-cache: every DenseTrace field (window, soft-cap, sinks, fingerprint)
+    dense, dense_seconds = load_dense_timed(model, tokens, args.dense_cache)
 
     plan = {block: {target: budget_top_k(args.length, block, target) for target in args.pruned}
             for block in args.blocks}

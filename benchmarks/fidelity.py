@@ -49,6 +49,12 @@ def load_dense(model, tokens, cache: Path | None):
     """``sl.collect_dense`` once; with a cache path the trace is saved there (every ``DenseTrace``
     field: the layers' window / softcap / sinks and the model's fingerprint too) and reused when it
     was made from these tokens with this model (else made again and saved over it)."""
+    return load_dense_timed(model, tokens, cache)[0]
+
+
+def load_dense_timed(model, tokens, cache: Path | None):
+    """:func:`load_dense`, and the seconds the dense run took (when it was made; a reloaded
+    trace: those saved with it)."""
     import dataclasses
 
     import torch
@@ -63,13 +69,14 @@ def load_dense(model, tokens, cache: Path | None):
         # figures of a windowed or capped model would be computed without them, so it is made again.
         if torch.equal(saved["tokens"], tokens.cpu()) and saved.get("model") == model_fingerprint(model):
             print(f"dense trace loaded from {cache}", flush=True)
-            return DenseTrace(**{name: saved[name] for name in names})
+            return DenseTrace(**{name: saved[name] for name in names}), saved["seconds"]
     started = time.perf_counter()
     dense = sl.collect_dense(model, tokens)
-    print(f"dense observe run: {time.perf_counter() - started:.1f} s", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"dense observe run: {seconds:.1f} s", flush=True)
     if cache is not None:
-        torch.save({**{name: getattr(dense, name) for name in names}, "seconds": time.perf_counter() - started}, cache)
-    return dense
+        torch.save({**{name: getattr(dense, name) for name in names}, "seconds": seconds}, cache)
+    return dense, seconds
 
 
 def run_end_to_end(args: argparse.Namespace) -> None:
