@@ -176,7 +176,8 @@ def write_trace_figures(
 ) -> TraceFigures:
     """Write every figure into ``out``; return the summary entries they add and the report's
     sections, for :func:`write_trace_page` (called once the summary's figures are final, so the
-    page and ``summary.json`` show the same ones)."""
+    page and ``summary.json`` show the same ones). ``summary`` holds ``pruned_layers`` (the layers
+    its recall figures are taken over, see :func:`recall_scope`) when ``mass_recall_mean`` is set."""
     needle_span = tuple(sample.needle_spans[0])
     length = sample.length
     route = route_to_needle(patterns, needle_span, answer_position=-1)
@@ -216,13 +217,34 @@ def write_trace_figures(
     return TraceFigures(added, _sections(summary, layers, figures, route, sentences, needle_sentence_ids))
 
 
+def recall_scope(pruned_layers: Sequence[int], n_layers: int) -> str:
+    """What the summary's recall figures average over, in words: ``mass_recall_mean`` (and
+    ``mass_recall_p5``, ``oracle_ratio``) pool the pruned query blocks of the ``pruned_layers`` only
+    (those whose blocks the estimator chooses); the other layers of the ``n_layers`` keep their whole
+    sliding-window band, are exact and are left out."""
+    pruned = set(pruned_layers)
+    exact = [layer for layer in range(n_layers) if layer not in pruned]
+    text = (f"mass_recall_mean (mass recall, mean over the {len(pruned)} pruned layer{'' if len(pruned) == 1 else 's'}: "
+            "pruned_layers), mass_recall_p5 and oracle_ratio pool the query blocks where pruning happens in those "
+            "layers only")
+    if len(exact) == 1:
+        text += f"; the windowed layer {exact[0]} keeps its whole sliding-window band, is exact (recall 1) and is left out"
+    elif exact:
+        text += (f"; the {len(exact)} windowed layers ({', '.join(map(str, exact))}) keep their whole sliding-window "
+                 "band, are exact (recall 1) and are left out")
+    return text + "."
+
+
 def write_trace_page(out: Path, summary: dict[str, Any], figures: TraceFigures) -> None:
     """Write ``out/report.html``: ``summary`` (with ``figures.added``) as the headline table, then
     the figures' sections."""
     headline = {key: value for key, value in {**summary, **figures.added}.items()
                 if key not in ("per_layer", "figures", "plot", "report", "config")}  # config: in summary.json
+    note = f"Model {summary['model']}; figures are also PNG files beside this page."
+    if summary.get("mass_recall_mean") is not None:
+        note += " " + recall_scope(summary["pruned_layers"], len(figures.added["per_layer"]))
     write_report(out / "report.html", f"sparse-lens trace: {summary['length']}-token needle in a haystack", headline,
-                 figures.sections, note=f"Model {summary['model']}; figures are also PNG files beside this page.")
+                 figures.sections, note=note)
 
 
 def _sections(summary, layers: LayerPass, figures: dict[str, Path], route: Route, sentences, needle_ids) -> list[Section]:
@@ -234,7 +256,8 @@ def _sections(summary, layers: LayerPass, figures: dict[str, Path], route: Route
           row["needle_route_log_mass"]] for row in layers.rows],
     )
     fidelity_note = ("Mass recall: share of the dense softmax mass inside the kept blocks, over the query blocks "
-                     "that are pruned; oracle: the same for the exact top-k blocks."
+                     "that are pruned; oracle: the same for the exact top-k blocks. In the summary, "
+                     + recall_scope(summary["pruned_layers"], len(layers.rows))
                      if summary.get("mass_recall_mean") is not None
                      else "Fidelity against dense attention was skipped, so only the needle figures are shown.")
     sections = [

@@ -24,12 +24,11 @@ CHAT_TEMPLATE = (
 N_LAYERS = 3
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def save_tiny_model(path, make_config, model_class):
+    """A random ``model_class`` of ``make_config(**sizes)`` and a byte-level BPE tokenizer trained on the
+    prompt's own text, saved in ``path`` as a local model directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from tests.conftest import tiny_llama_config
+    from transformers import PreTrainedTokenizerFast
 
     corpus = [INSTRUCTION, NOISE_LINE * 4, " ".join(ADJECTIVES + NOUNS), "0123456789 special magic numbers is: for"]
     tokenizer = Tokenizer(models.BPE())
@@ -40,13 +39,21 @@ def tiny_model_dir(tmp_path_factory):
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|im_start|>")
     fast.chat_template = CHAT_TEMPLATE
-    config: LlamaConfig = tiny_llama_config(vocab_size=len(fast), num_hidden_layers=N_LAYERS,
-                                            eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id)
-    path = tmp_path_factory.mktemp("tiny_llama")
+    config = make_config(vocab_size=len(fast), num_hidden_layers=N_LAYERS, eos_token_id=fast.eos_token_id,
+                         bos_token_id=fast.bos_token_id)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), tiny_llama_config, LlamaForCausalLM)
 
 
 TRACE_ARGS = ["--length", "448", "--top-k", "4", "--query-block", "32", "--key-block", "32", "--max-new-tokens", "8",
@@ -82,6 +89,7 @@ def test_trace_writes_summary_figures_and_report(traced):
         assert 0.0 < row["mass_recall_mean"] <= 1.0 and 0.0 <= row["needle_heads_kept"] <= 1.0
     mean_recall = sum(row["mass_recall_mean"] for row in rows) / N_LAYERS
     assert mean_recall == pytest.approx(summary["mass_recall_mean"], rel=1e-5)
+    assert summary["pruned_layers"] == list(range(N_LAYERS))  # no window: every layer is pruned
 
     # Figures: the recall per layer, needle, route, salience and the block heatmaps asked for.
     names = set(summary["figures"])
@@ -102,6 +110,7 @@ def test_trace_writes_summary_figures_and_report(traced):
     for key in ("pruned_fraction", "mass_recall_mean", "top1_agreement", "next_token_kl", "correct"):
         assert f"<th>{key}</th>" in page
     assert f"{summary['pruned_fraction']:.4g}" in page and "Best path" in page
+    assert f"mass recall, mean over the {N_LAYERS} pruned layers" in page and "windowed" not in page
     # The page's summary table shows summary.json's final figures (the total time included).
     from sparse_lens.report.html import format_value
 
@@ -115,6 +124,41 @@ def test_trace_writes_summary_figures_and_report(traced):
     # Progress bars over layers: the sparse and dense forwards, fidelity and the figure pass.
     for bar in ("sparse forward", "dense forward", "fidelity", "layers"):
         assert re.search(rf"{bar}: 100%.*{N_LAYERS}/{N_LAYERS}", err), bar
+
+
+@pytest.fixture(scope="module")
+def windowed_model_dir(tmp_path_factory):
+    """A tiny Qwen2 whose middle layer has a 64-token sliding window (binding on the traced prompt)."""
+    from transformers import Qwen2ForCausalLM
+
+    from tests.conftest import tiny_qwen2_config
+
+    def config(**sizes):
+        return tiny_qwen2_config(use_sliding_window=True, sliding_window=64,
+                                 layer_types=["full_attention", "sliding_attention", "full_attention"], **sizes)
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_windowed"), config, Qwen2ForCausalLM)
+
+
+def test_trace_recall_is_the_mean_over_the_pruned_layers_only(windowed_model_dir, tmp_path):
+    # The windowed layer keeps its whole band (exact, recall 1): the summary's recall leaves it out,
+    # lists the layers it is taken over, and the page says so.
+    out = tmp_path / "trace"
+    assert main(["trace", "--model", str(windowed_model_dir), "--length", "320", "--top-k", "4", "--query-block", "32",
+                 "--key-block", "32", "--max-new-tokens", "2", "--device", "cpu", "--out", str(out),
+                 "--heatmap-layers", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pruned_layers"] == [0, 2]
+    rows = {row["layer"]: row for row in summary["per_layer"]}
+    assert rows[1]["mass_recall_mean"] == pytest.approx(1.0, abs=1e-5) and rows[1]["pruned_fraction"] == 0.0
+    pruned = [rows[layer]["mass_recall_mean"] for layer in (0, 2)]
+    assert max(pruned) < 0.99  # so a mean taking in the exact layer differs measurably
+    assert summary["mass_recall_mean"] == pytest.approx(sum(pruned) / 2, rel=1e-5)
+    every_layer = sum(row["mass_recall_mean"] for row in rows.values()) / N_LAYERS
+    assert summary["mass_recall_mean"] != pytest.approx(every_layer, rel=1e-3)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "mass recall, mean over the 2 pruned layers" in page
+    assert "the windowed layer 1 keeps its whole sliding-window band" in page
 
 
 @torch.no_grad()

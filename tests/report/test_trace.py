@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparse_lens.analysis.needle import NeedleRecall
-from sparse_lens.report.trace import auto_heatmap_layers, parse_layers
+from sparse_lens.report.trace import auto_heatmap_layers, parse_layers, recall_scope
 
 
 def test_heatmap_layers_argument():
@@ -31,3 +31,12 @@ def test_the_old_cli_module_still_answers_with_a_deprecation_warning():
         assert old.parse_layers is new.parse_layers
     with pytest.raises(AttributeError):
         old.no_such_name
+
+
+def test_recall_scope_names_the_pruned_layers_and_the_exact_ones():
+    gemma = recall_scope([5, 11, 17], 18)
+    assert gemma.startswith("mass_recall_mean (mass recall, mean over the 3 pruned layers: pruned_layers)")
+    assert "the 15 windowed layers (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16) keep" in gemma
+    assert "the windowed layer 1 keeps" in recall_scope([0, 2], 3)
+    every = recall_scope([0, 1], 2)
+    assert "mean over the 2 pruned layers" in every and "windowed" not in every
