@@ -89,6 +89,26 @@ def test_tensor_protocol_used_by_the_cache():
     assert pattern.nbytes() < pattern.nbytes(include_qk=True)
 
 
+def test_cuda_and_cpu_move_the_pattern_as_to_does(monkeypatch):
+    pattern = make_pattern()
+    on_cpu = pattern.cpu()
+    assert isinstance(on_cpu, sl.BlockSparsePattern) and torch.equal(on_cpu.block_mass, pattern.block_mass)
+    if torch.cuda.is_available():
+        moved = pattern.cuda()
+        assert moved.block_mass.is_cuda and moved.block_indices.is_cuda and moved.query.is_cuda
+        assert torch.equal(moved.cpu().block_indices, pattern.block_indices)
+    moves = []
+    monkeypatch.setattr(sl.BlockSparsePattern, "to", lambda self, *args, **kwargs: moves.append((args, kwargs)))
+    for device in (None, 1, "cuda:1", torch.device("cuda", 1)):
+        pattern.cuda(device)
+    pattern.cuda(non_blocking=True)
+    cuda, cuda_1 = torch.device("cuda"), torch.device("cuda", 1)
+    assert [args for args, _ in moves] == [(cuda,), (cuda_1,), (cuda_1,), (cuda_1,), (cuda,)]
+    assert moves[-1][1] == {"non_blocking": True}
+    with pytest.raises(sl.InvalidConfigError, match="CUDA device"):
+        pattern.cuda("cpu")
+
+
 def test_shape_mismatch_is_rejected():
     pattern = make_pattern()
     with pytest.raises(sl.ShapeError):

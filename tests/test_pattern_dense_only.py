@@ -33,6 +33,17 @@ def test_tensor_methods_raise_the_named_error_of_the_torch_functions(call):
     assert isinstance(error.value, sl.DensePatternMethodError) and isinstance(error.value, AttributeError)
 
 
+@pytest.mark.parametrize("cast,dtype", [("float", "torch.float32"), ("double", "torch.float64"),
+                                        ("half", "torch.float16"), ("bfloat16", "torch.bfloat16")])
+def test_dtype_casts_raise_the_named_error_saying_to_use_to(cast, dtype):
+    pattern = make_pattern()
+    with pytest.raises(sl.DensePatternMethodError, match=rf"pattern\.to\({dtype}\)"):
+        getattr(pattern, cast)()
+    assert not hasattr(pattern, cast)
+    cast_by_to = pattern.to(getattr(torch, dtype.removeprefix("torch.")))
+    assert cast_by_to.block_mass.dtype == getattr(torch.ones(1), cast)().dtype
+
+
 def test_probing_a_pattern_for_attributes_still_works():
     pattern = make_pattern()
     assert not hasattr(pattern, "mean") and getattr(pattern, "dtype", None) is None  # AttributeError underneath

@@ -1,7 +1,7 @@
 """The tensor-like protocol of :class:`~sparse_lens.pattern.BlockSparsePattern`: what TransformerLens'
 ``ActivationCache`` calls on a ``hook_pattern`` value.
 
-``detach``, ``to``, ``cpu``, ``clone``, ``squeeze(0)`` / ``unsqueeze(0)`` act on every tensor field;
+``detach``, ``to``, ``cpu``, ``cuda``, ``clone``, ``squeeze(0)`` / ``unsqueeze(0)`` act on every tensor field;
 ``torch.stack(patterns)`` gives a :class:`~sparse_lens.pattern_stack.BlockSparsePatternStack`. Any
 other torch function (``torch.mean(pattern)``), ``torch.Tensor`` method (``pattern.mean()``) or entry
 assignment raises ``DensePatternRequiredError`` / ``DensePatternMethodError`` naming what to use
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sparse_lens.errors import DensePatternMethodError, DensePatternRequiredError, ShapeError
+from sparse_lens.errors import DensePatternMethodError, DensePatternRequiredError, InvalidConfigError, ShapeError
 
 if TYPE_CHECKING:
     from sparse_lens.pattern import BlockSparsePattern
@@ -35,6 +35,9 @@ DENSE_ONLY = (
 
 # Public names of torch.Tensor: read on a pattern (which lacks them) they raise DensePatternMethodError.
 _TENSOR_NAMES = frozenset(name for name in dir(Tensor) if not name.startswith("_"))
+# Tensor dtype-cast methods, and the pattern.to(...) that does their work on a pattern.
+_DTYPE_CASTS = {"float": "torch.float32", "double": "torch.float64", "half": "torch.float16",
+                "bfloat16": "torch.bfloat16"}
 
 
 def _not_a_tensor(what: str, example: str) -> str:
@@ -74,6 +77,15 @@ class PatternTensorProtocol:
     def cpu(self) -> "BlockSparsePattern":
         return self.to("cpu")
 
+    def cuda(self, device: int | str | torch.device | None = None, non_blocking: bool = False) -> "BlockSparsePattern":
+        """``to`` a CUDA device, as ``Tensor.cuda``: the current one, or ``device`` (an index,
+        ``"cuda:1"``, ``torch.device("cuda", 1)``). Raises ``InvalidConfigError`` for another device type."""
+        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+        if target.type != "cuda":
+            raise InvalidConfigError(f"pattern.cuda(device) takes a CUDA device, got {device!r}: "
+                                     f"use pattern.to({str(target)!r}) for others.")
+        return self.to(target, non_blocking=non_blocking)
+
     def squeeze(self, dim: int = 0) -> "BlockSparsePattern":
         """Drop a batch axis of size 1 (``dim=0`` only); unchanged otherwise, as ``Tensor.squeeze``."""
         if dim != 0:
@@ -108,6 +120,11 @@ class PatternTensorProtocol:
         (``pattern.mean()``, ``pattern.softmax(-1)``) raises ``DensePatternMethodError``, the method
         form of what ``torch.mean(pattern)`` raises (an ``AttributeError`` too, for ``hasattr``);
         any other name a plain ``AttributeError``."""
+        if name in _DTYPE_CASTS:
+            raise DensePatternMethodError(
+                f"pattern.{name}() (a torch.Tensor dtype cast) does not apply to a BlockSparsePattern: cast it with "
+                f"pattern.to({_DTYPE_CASTS[name]}) (its float tensors: block_mass, lse, query / key; block_indices "
+                f"stay int64), or one tensor with e.g. pattern.block_mass.{name}().")
         if name in _TENSOR_NAMES:
             raise DensePatternMethodError(_not_a_tensor(f"pattern.{name} (a torch.Tensor attribute)",
                                                         f"pattern.block_mass.{name}"))
