@@ -136,16 +136,58 @@ def test_exact_ties_keep_equally_good_blocks(seed):
     assert torch.equal(chosen[:, :, ~searched_rows], expected[:, :, ~searched_rows]), message
 
 
-def test_a_large_key_anywhere_in_a_block_is_found(seed):
-    # The bound reads every key of a range (through the table), not a sample: one key aligned with
-    # the queries, at an arbitrary offset of a far block, must win that block for every query block
-    # after it (the diagonal's later keys count too: the table covers whole blocks).
+def exact_block_masses(query, key, key_block):
+    """Brute-force oracle: the causal softmax mass (scale 1/sqrt(d)) of every key block for every
+    query, ``[batch, q_head, seq, n_key_blocks]`` in float64."""
+    seq, d_head = query.shape[2], query.shape[3]
+    group = query.shape[1] // key.shape[1]
+    logits = query.double() @ key.double().repeat_interleave(group, 1).transpose(-1, -2) / d_head ** 0.5
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    return probs.unflatten(-1, (num_blocks(seq, key_block), key_block)).sum(-1)
+
+
+def plant_a_dominant_key(query, key, position):
+    """Make ``key[:, :, position]`` the largest ``q . k`` of every query, by construction.
+
+    Dimension 0 is reserved: every query gets ``+1`` there, every other key ``0``, and the planted
+    key ``margin`` (its other dimensions ``0``), so ``q . planted = margin`` for every query. Any
+    range of key blocks without the planted key then has, for every query, the Quest bound
+    ``sum_(d>=1) max(q_d kmax_d, q_d kmin_d) <= sum_(d>=1) |q_d| max_keys |k_d| < margin / 2``,
+    while a range with it bounds at least ``margin``: every searched range holding the planted
+    key outranks every range without it, whatever the seed."""
+    query, key = query.clone(), key.clone()
+    query[..., 0] = 1
+    key[..., 0] = 0
+    largest_rest = (query[..., 1:].abs().double() @ key[..., 1:].abs().amax(2).double().transpose(-1, -2)).max()
+    margin = 2 * float(largest_rest) + 1
+    key[:, :, position] = 0
+    key[:, :, position, 0] = margin
+    return query, key
+
+
+@pytest.mark.parametrize("offset", [0, 11, 15])
+def test_a_large_key_anywhere_in_a_block_is_found(offset, seed):
+    # The bound reads every key of a range (through the table), not a sample: one key dominating
+    # every q . k, at any offset of block 5, must make block 5 the exact top block of every query
+    # block searching it, and the search must find it there.
+    query_block = key_block = 16
+    planted_block = 5
     query, key = random_qk(seed, q_heads=2, kv_heads=1, seq=256)
-    position = 16 * 5 + 11
-    key[:, 0, position] = 50 * query[:, :, 200:].mean(2).mean(1)
-    settings = dict(query_block=16, key_block=16, top_k=4, sink_blocks=1, local_blocks=1)
+    query, key = plant_a_dominant_key(query, key, planted_block * key_block + offset)
+    settings = dict(query_block=query_block, key_block=key_block, top_k=4, sink_blocks=1, local_blocks=1)
+    n_visible = visible_key_blocks(256, query_block, key_block)
+    rows = (n_visible > settings["top_k"]) & (n_visible - settings["local_blocks"] > planted_block)
+    assert rows.sum() == 10  # query blocks 6..15 search a range holding block 5
+    message = f"seed={seed} (replay with SPARSE_LENS_SEED={seed}), offset={offset}"
+
+    # The premise, against the exact oracle: block 5 holds the largest mass of every query there.
+    mass = exact_block_masses(query.cpu(), key.cpu(), key_block)
+    queries_there = torch.arange(256) >= int(rows.nonzero()[0]) * query_block
+    assert (mass[:, :, queries_there].argmax(-1) == planted_block).all(), message
+
     chosen = bounds_estimate_triton(query, key, **settings).cpu()
-    assert (chosen[:, :, 7:] == 5).any(-1).all(), f"seed={seed}: {chosen[0, 0].tolist()}"
+    assert (chosen[:, :, rows] == planted_block).any(-1).all(), f"{message}: {chosen[0, 0].tolist()}"
 
 
 @pytest.mark.parametrize("seq,top_k", [(150, 4), (40, 6)], ids=["searched-rows", "keep-all-rows-only"])
