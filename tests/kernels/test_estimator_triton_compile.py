@@ -22,12 +22,6 @@ sort selection equal the torch references, forced on small inputs.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -36,9 +30,8 @@ import sparse_lens.kernels.stream_triton as stream_triton
 from sparse_lens.kernels.blocks import BlockGeometry
 from tests.kernels.test_bounds_triton import reference_with_near_ties as bounds_reference_with_near_ties
 from tests.kernels.test_stream_triton import random_qk
+from tests.kernels.sm90_compile import compile_cases
 from tests.kernels.test_stream_triton import reference_with_near_ties as stream_reference_with_near_ties
-
-ROOT = Path(__file__).resolve().parents[2]
 H200_SHARED_BYTES = 232_448
 
 COMPILE_SCRIPT = r'''
@@ -142,14 +135,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def compiled_shared_bytes():
-    pytest.importorskip("triton.backends.nvidia")
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
-    cases = [param.values[0] for param in CASES]
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)], cwd=ROOT, env=environment,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dict(json.loads(line) for line in result.stdout.splitlines())
+    return compile_cases(COMPILE_SCRIPT, [param.values[0] for param in CASES])
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -12,15 +12,9 @@ functions, which do not compile). Skipped where Triton has no CUDA backend.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.sm90_compile import compile_cases, run_compile_script
 
 COMPILE_HELPERS = r'''
 import torch
@@ -167,14 +161,7 @@ LAUNCH_CASES = [
 
 @pytest.fixture(scope="module")
 def launch_shared_bytes():
-    pytest.importorskip("triton.backends.nvidia")
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
-    cases = [param.values[0] for param in LAUNCH_CASES]
-    result = subprocess.run([sys.executable, "-c", LAUNCH_SCRIPT, json.dumps(cases)], cwd=ROOT, env=environment,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dict(json.loads(line) for line in result.stdout.splitlines())
+    return compile_cases(LAUNCH_SCRIPT, [param.values[0] for param in LAUNCH_CASES])
 
 
 @pytest.mark.parametrize("case", LAUNCH_CASES)
@@ -189,14 +176,5 @@ def test_chosen_launches_fit_hopper_shared_memory_within_their_estimate(case, la
             assert row["default"], (kernel, row)
 
 
-def compile_in_subprocess(script: str) -> None:
-    pytest.importorskip("triton.backends.nvidia")
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
-
-
 def test_kernels_compile_for_hopper():
-    compile_in_subprocess(COMPILE_SCRIPT)
+    assert "compiled" in run_compile_script(COMPILE_SCRIPT, timeout=600)
