@@ -45,6 +45,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sparse_lens.analysis.positions import logits_kwargs
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError, ShapeError, TraceMismatchError
 from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
@@ -218,7 +219,8 @@ def fidelity(
         dense.check_model(model)
         dense.check_tokens(tokens)
     seq_len = tokens.shape[-1]
-    keep = {} if positions is None else {"logits_to_keep": _check_positions(positions, seq_len, tokens.device)}
+    index = None if positions is None else _check_positions(positions, seq_len, tokens.device)
+    keep = logits_kwargs(index)  # the model calls' logits_to_keep (on the CPU: layers may span GPUs)
     searched = _pruned_rows(stream, seq_len)
     layers: list[dict] = []
     progress = tqdm(total=model.cfg.n_layers, desc="fidelity", disable=not verbose)
@@ -231,7 +233,7 @@ def fidelity(
     if dense is not None:
         for layer in range(model.cfg.n_layers):
             score(layer, dense.query[layer], dense.key[layer], dense.lse[layer], dense.scale, dense.features(layer))
-        dense_logits = dense.logits if positions is None else dense.logits[:, keep["logits_to_keep"]]
+        dense_logits = dense.logits if positions is None else dense.logits[:, index]
     else:
         hooks = [(f"blocks.{layer}.attn.hook_pattern",
                   lambda pattern, hook, layer=layer: score(layer, pattern.query, pattern.key, pattern.lse, pattern.scale,
@@ -248,7 +250,7 @@ def fidelity(
     oracles = torch.cat([row.pop("oracle") for row in layers])
     first = first_pruned_position(stream, seq_len)
     if positions is not None:  # score the kept positions at or after the first pruned one
-        first = int((keep["logits_to_keep"] < first).sum())
+        first = int((index < first).sum())
     report = {
         "seq_len": seq_len,
         "pruned_fraction": float(np.mean([row["pruned_fraction"] for row in layers])),

@@ -196,3 +196,17 @@ def test_attribution_with_offload_on_two_gpus_equals_one():
                for each in (model, reference)]
     assert abs(results[0].clean_metric - results[1].clean_metric) < 1e-3
     torch.testing.assert_close(results[0].head_out.cpu(), results[1].head_out.cpu(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_fidelity_at_chosen_positions_on_two_gpus_equals_one():
+    """``sl.fidelity(positions=...)`` passes logits_to_keep on the CPU: the final hidden states sit on
+    the last layer's GPU (cuda:1), where an index on cfg.device (cuda:0) fails."""
+    stream = STREAM.replace(query_block=16, key_block=16)
+    reference = sl.HookedSparseTransformer.from_config(tiny_llama_config(), stream, seed=5, device_map={"": 0})
+    model = sl.HookedSparseTransformer.from_config(tiny_llama_config(), stream, seed=5, device_map=per_module_map(0, 1))
+    tokens = torch.randint(0, 101, (1, 96), generator=torch.Generator().manual_seed(1))
+    reports = [sl.fidelity(each, tokens.to(each.cfg.device), positions=torch.tensor([40, 70, 95]))
+               for each in (model, reference)]
+    for name in ("mass_recall_mean", "oracle_ratio", "next_token_kl", "top1_agreement"):
+        assert reports[0][name] == pytest.approx(reports[1][name], abs=1e-3), name
