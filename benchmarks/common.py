@@ -269,10 +269,37 @@ def dense_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> t
 
 # ----- flags ------------------------------------------------------------------------------------------
 def add_stream_flags(parser: Any) -> None:
-    """``--block`` (tokens, query and key blocks), ``--top-k`` (blocks kept per query block), ``--estimator``."""
+    """``--block`` (tokens, query and key blocks), ``--top-k`` (blocks kept per query block), ``--estimator``,
+    ``--settings`` (the estimator's own settings as ``field=value`` pairs, e.g.
+    ``--settings beam=8 representative_keys=2 rescore_query_stride=4``; :func:`estimator_settings`)."""
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=16)
     parser.add_argument("--estimator", default="rescored")
+    parser.add_argument("--settings", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="the estimator's own settings (fields of its settings class), e.g. beam=8")
+
+
+def estimator_settings(estimator: str, pairs: list[str]) -> Any:
+    """The settings object of ``estimator`` with ``pairs`` (``["beam=8", ...]``) applied, typed as the
+    command line types them; ``None`` when ``pairs`` is empty (the estimator's defaults).
+
+    Raises:
+        KeyError: a field the estimator's settings class does not have.
+        ValueError: a pair without ``=`` or a value of the wrong type.
+    """
+    if not pairs:
+        return None
+    from sparse_lens.cli.config_flags import parse_field
+    from sparse_lens.kernels.registry import get_estimator
+
+    cls = get_estimator(estimator).settings
+    values = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--settings takes FIELD=VALUE pairs, got {pair!r}")
+        values[name] = parse_field(cls, name, text)
+    return cls(**values)
 
 
 def add_model_flags(parser: Any) -> None:

@@ -22,17 +22,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (QWEN25_15B, add_model_flags, add_stream_flags, build_model,  # noqa: E402
-                               cached_forward, command, config, environment, print_table, save_json, timed)
+                               cached_forward, command, config, environment, estimator_settings, print_table,
+                               save_json, timed)
 
 
 def build(args):
-    """The Qwen2.5-1.5B shape with ``--layers`` layers, ``--block`` / ``--top-k`` / ``--estimator``
-    (``keep_qk=False``), ``--dtype``, ``--device``, ``--mlp-chunk`` (also used by observe.py and
-    fidelity_at_length.py)."""
+    """The Qwen2.5-1.5B shape with ``--layers`` layers, ``--block`` / ``--top-k`` / ``--estimator`` /
+    ``--settings`` (``keep_qk=False``), ``--dtype``, ``--device``, ``--mlp-chunk`` (also used by observe.py
+    and fidelity_at_length.py)."""
     import sparse_lens as sl
 
-    stream = sl.StreamConfig(query_block=args.block, key_block=args.block, top_k=args.top_k, keep_qk=False,
-                             estimator=args.estimator)
+    stream = sl.TracingConfig(query_block=args.block, key_block=args.block, top_k=args.top_k, keep_qk=False,
+                              estimator=args.estimator,
+                              estimator_settings=estimator_settings(args.estimator, getattr(args, "settings", [])))
     return build_model("qwen2.5-1.5b", layers=args.layers, stream=stream, dtype=args.dtype, device=args.device,
                        mlp_chunk=args.mlp_chunk)
 
