@@ -139,7 +139,8 @@ def part_attribution(args) -> list[dict]:
     def run(length: int) -> dict:
         clean, corrupted = clean_and_corrupted(model, length, model.cfg.device)
         result = attribution_patching(model, clean, corrupted, metric, positions=[-1], heads=True,
-                                      offload=args.offload, offload_activations=args.offload)
+                                      offload=args.offload, offload_activations=args.offload,
+                                      segment_layers=args.segment_layers)
         return {"clean_metric": result.clean_metric, "corrupted_metric": result.corrupted_metric,
                 "top_heads": result.top_heads(3)}
 
@@ -219,6 +220,9 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="layers: rerun on one device, compare logits")
     parser.add_argument("--one-gpu-baseline", action="store_true", help="heads: time the unsharded forward on rank 0")
     parser.add_argument("--offload", action="store_true", help="attribution: checkpoints and differences in host memory")
+    parser.add_argument("--segment-layers", type=lambda text: text if text == "sqrt" else int(text), default="sqrt",
+                        help="attribution: blocks per checkpointed segment (a segment's recomputation must fit on "
+                             "one GPU: fewer blocks, less memory per GPU, more segment inputs in host memory)")
     parser.add_argument("--mlp-chunk", type=int, default=65536)
     parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
