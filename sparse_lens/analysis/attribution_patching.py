@@ -136,6 +136,9 @@ def attribution_patching(
         offload: Keep the clean run's segment checkpoints in host memory.
         offload_activations: Keep the corrupted run's segment inputs in host memory.
         segment_layers: Blocks per segment (an int, or ``"sqrt"``: ``ceil(sqrt(n_layers))``).
+            The backward holds one segment's recomputation at a time, on its blocks' devices:
+            with layers across GPUs that is one GPU's worth, whatever the split; fewer blocks per
+            segment need less of it (the 8B shape at 1M tokens over two H200s: 3, not "sqrt").
 
     Raises:
         GradientModeError: ``mode="observe"``, or ``gates`` outside ``mode="sparse"``.
