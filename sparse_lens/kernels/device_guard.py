@@ -5,9 +5,6 @@ GPUs (``device_map``), a layer on ``cuda:1`` would otherwise launch its kernels 
 with pointers into ``cuda:1`` memory: ``CUDA error: an illegal memory access``. Every launch in
 ``*_triton.py`` is wrapped by :func:`launch_on_tensor_device`. On the CPU (``TRITON_INTERPRET=1``)
 and for any non-CUDA tensor both helpers do nothing.
-
-:func:`run_beside` starts independent work on a side CUDA stream of a tensor's device (observe
-mode's dense attention runs beside the estimate); elsewhere it defers the work to its join.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import torch
 from torch import Tensor
 
 Launch = TypeVar("Launch", bound=Callable[..., Any])
-Result = TypeVar("Result")
 
 
 def cuda_device_of(tensor: Tensor) -> contextlib.AbstractContextManager:
@@ -45,33 +41,3 @@ def launch_on_tensor_device(launch: Launch) -> Launch:
             return launch(*args, **kwargs)
 
     return on_device  # type: ignore[return-value]
-
-
-def run_beside(work: Callable[[], Result], like: Tensor) -> Callable[[], Result]:
-    """Start ``work()`` now on a side stream of ``like``'s CUDA device; returns ``join``, which
-    makes the current stream wait for it and returns its result (a tensor or a tuple of tensors).
-
-    The side stream first waits for the current one (``work`` reads what it has queued), and the
-    result's tensors are recorded on the current stream, so the caching allocator does not hand
-    their memory to the side stream's next allocation while the current stream still reads them.
-    ``work``'s inputs stay referenced by the caller until ``join`` returns. For a tensor not on
-    CUDA, ``work`` runs inside ``join`` (the order of a plain call).
-    """
-    if like.device.type != "cuda":
-        return work
-    with torch.cuda.device(like.device):
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            result = work()
-
-    def join() -> Result:
-        with torch.cuda.device(like.device):
-            current.wait_stream(side)
-        for tensor in result if isinstance(result, tuple) else (result,):
-            if isinstance(tensor, Tensor):
-                tensor.record_stream(current)
-        return result
-
-    return join

@@ -59,7 +59,6 @@ from sparse_lens.kernels import (
     estimate_blocks,
     kept_block_mass,
 )
-from sparse_lens.kernels.device_guard import run_beside
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.checkpointing import STATE_ATTRIBUTE_OF_ATTENTION, remembered_selection
 from sparse_lens.tl.features import unsupported_features
@@ -198,11 +197,8 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         seq_len = query.shape[2]
         geometry = {"query_block": cfg.query_block, "key_block": cfg.key_block}
         features = {"window": window, "softcap": softcap, "sinks": sinks}
-        dense_beside = None
-        if cfg.mode == "observe":  # exact dense attention starts beside the estimate (on CUDA)
+        if cfg.mode == "observe":
             _check_observe_fits(query, key, value, scale, cfg)
-            dense_beside = run_beside(
-                lambda: dense_attention(query, key, value, scale=scale, backend=cfg.backend, **features), query)
         if cfg.mode == "dense":
             if any(feature is not None for feature in features.values()):  # SDPA's is_causal applies none
                 return dense_attention(query, key, value, scale=scale, backend=cfg.backend, **features)[0]
@@ -224,7 +220,7 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
                 query, key, value, block_indices, scale=scale, backend=cfg.backend, **geometry, **features
             )
         else:
-            z, lse = dense_beside()
+            z, lse = dense_attention(query, key, value, scale=scale, backend=cfg.backend, **features)
             with torch.no_grad():
                 block_mass = kept_block_mass(query, key, block_indices, lse, scale=scale, backend=cfg.backend,
                                              **geometry, **features)

@@ -104,32 +104,3 @@ def test_kernel_on_second_gpu_equals_reference():
                                         query_block=64, key_block=64, scale=0.2)
     for mine, theirs in zip(got, expected):
         torch.testing.assert_close(mine.cpu(), theirs, atol=1e-4, rtol=1e-4)
-
-
-def test_run_beside_defers_the_work_to_its_join_off_cuda():
-    calls = []
-    join = device_guard.run_beside(lambda: calls.append("work") or torch.ones(2), torch.zeros(1))
-    assert calls == []  # nothing ran yet: the plain order, at the join
-    torch.testing.assert_close(join(), torch.ones(2))
-    assert calls == ["work"]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_run_beside_on_a_side_stream_equals_a_plain_call():
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(2048, 2048, device="cuda", generator=generator)
-    expected = (x @ x @ x).sum(0), x.sum(1)
-    main = torch.cuda.current_stream()
-    streams = []
-
-    def work():
-        streams.append(torch.cuda.current_stream())
-        return (x @ x @ x).sum(0), x.sum(1)
-
-    join = device_guard.run_beside(work, x)
-    busy = x @ x  # the current stream keeps working meanwhile
-    result = join()
-    assert streams[0] != main and torch.cuda.current_stream() == main
-    for got, want in zip(result, expected):
-        torch.testing.assert_close(got, want)
-    del busy
