@@ -66,3 +66,24 @@ def test_too_long_for_memory_raises_with_the_estimate(monkeypatch):
     with sparse.stream_settings(mode="sparse"):
         monkeypatch.setattr(attention, "_free_bytes", lambda device: 0)
         sparse(tokens)  # the check is observe mode's only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused SDPA kernels with their lse)")
+def test_observe_on_cuda_equals_the_dense_bridge():
+    """On CUDA observe mode runs the fused SDPA entry points that return the lse (flash / cuDNN, bf16):
+    its output must be the dense bridge's, layer by layer, and the kept masses at most 1 a row."""
+    stream = sl.StreamConfig(query_block=64, key_block=64, top_k=4, mode="observe")
+    sparse, dense = sparse_and_dense(tiny_qwen2_config(), stream)
+    sparse, dense = sparse.to("cuda", torch.bfloat16), dense.to("cuda", torch.bfloat16)
+    tokens = torch.randint(0, 90, (1, 4096), generator=torch.Generator().manual_seed(5)).cuda()
+    names = lambda name: name.endswith(("hook_pattern", "hook_z"))  # noqa: E731
+    with torch.no_grad():
+        logits, cache = sparse.run_with_cache(tokens, names_filter=names)
+        dense_logits, dense_cache = dense.run_with_cache(tokens, names_filter=names)
+    torch.testing.assert_close(logits.float(), dense_logits.float(), atol=0.05, rtol=0.05)
+    for layer in range(2):
+        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_z"].float(),
+                                   dense_cache[f"blocks.{layer}.attn.hook_z"].float(), atol=0.02, rtol=0.02)
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        assert pattern.mode == "observe" and pattern.pruned_fraction() > 0.5
+        assert bool((pattern.block_mass.sum(-1) <= 1.001).all()) and bool((pattern.block_mass >= 0).all())
