@@ -274,7 +274,7 @@ def _launch(query: Tensor, key: Tensor, block_indices: Tensor, geometry: BlockGe
 def launch_constants(d_head: int, dtype: torch.dtype, geometry: BlockGeometry, query_stride: int,
                      interpreting: bool, table_dtype: torch.dtype | None = None) -> dict:
     """The kernel's constexprs and launch options for these settings: what ``_launch`` passes, and
-    what the sm_90 compile test compiles. As ``stream_triton.launch_constants``: ``num_stages=1``
+    what the sm_90 compile test compiles. As ``stream_launch.launch_constants``: ``num_stages=1``
     (3 stages multi-buffered the gathered table rows: 327,680 B of shared memory at d_head 128, bf16,
     28 branches, on the H200) and the head dimension in chunks such that one gathered table tile
     (``CAND_PAD x D_CHUNK``, in the table's dtype, default the queries') takes at most ``KEY_TILE_BYTES``."""

@@ -84,7 +84,6 @@ finite non-empty candidates.
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 import torch
 import triton
@@ -92,17 +91,15 @@ import triton.language as tl
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
+from sparse_lens.errors import InvalidConfigError, ShapeError
 from sparse_lens.kernels.blocks import UNUSED_SLOT, BlockGeometry, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.stream import expanded_branches
+from sparse_lens.kernels.stream_launch import Select, check_settings, launch_constants
 
-MIN_DOT = 16  # smallest tl.dot dimension
-KEY_TILE_BYTES = 65536  # at most one gathered key tile of this size (launch_constants)
-PIPELINED_TILE_BYTES = 32768  # up to this key tile the search loop is software-pipelined (launch_constants)
-MIN_SORTED_CANDIDATES = 512  # from this CAND_PAD on the selection sorts (launch_constants)
-Select = Literal["rank", "sort"]
+__all__ = ["launch_constants", "stream_estimate_triton", "stream_estimate_triton_unchecked"]
+
 _UNUSED: tl.constexpr = tl.constexpr(UNUSED_SLOT)
 _LAST: tl.constexpr = tl.constexpr(2**63 - 1)  # sorts after every real candidate's key
 
@@ -277,27 +274,6 @@ def _stream_estimate_kernel(
             tl.store(row_ptr + slot, local.to(tl.int64), mask=(slot >= TOP_K - LOCAL_BLOCKS) & (slot < TOP_K))
 
 
-def _is_power_of_two(size: object) -> bool:
-    return isinstance(size, int) and size > 0 and size & (size - 1) == 0
-
-
-def _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys) -> None:
-    for name, size in (("query_block", query_block), ("key_block", key_block)):
-        if not _is_power_of_two(size):
-            raise BlockSizeError(
-                f"{name} must be a power of two for the Triton estimator, got {size!r} "
-                "(use sparse_lens.kernels.stream_estimate for other sizes)."
-            )
-    if not isinstance(top_k, int) or top_k < 1:
-        raise InvalidConfigError(f"top_k must be an int >= 1, got {top_k!r}.")
-    if sink_blocks < 0 or local_blocks < 0 or sink_blocks + local_blocks > top_k:
-        raise InvalidConfigError(
-            f"sink_blocks={sink_blocks} and local_blocks={local_blocks} must be >= 0 and sum to at most top_k={top_k}."
-        )
-    if not isinstance(representative_keys, int) or representative_keys < 1:
-        raise InvalidConfigError(f"representative_keys must be an int >= 1, got {representative_keys!r}.")
-
-
 def stream_estimate_triton(
     query: Float[Tensor, "batch q_head seq d_head"],
     key: Float[Tensor, "batch kv_head seq d_head"],
@@ -341,7 +317,7 @@ def stream_estimate_triton_unchecked(
     """:func:`stream_estimate_triton` for q / k already checked at the public boundary
     (``dispatch`` / ``estimate_blocks``): no tensor checks (``checks.py``); the kernel's own
     constraints on the settings (power-of-two blocks: ``BlockSizeError``) are still checked."""
-    _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
+    check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
     expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
     batch, n_q_heads, seq_len, _ = query.shape
     block_indices: Int[Tensor, "batch q_head n_query_blocks top_k"] = torch.empty(
@@ -371,7 +347,7 @@ def _stream_estimate_into(
 ) -> None:
     """Write every element of ``block_indices`` (contiguous int64, the output's shape)."""
     check_attention_inputs(query, key)
-    _check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
+    check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys)
     _launch_into(query, key, block_indices, query_block=query_block, key_block=key_block, top_k=top_k,
                  sink_blocks=sink_blocks, local_blocks=local_blocks, representative_keys=representative_keys,
                  expand_levels=expand_levels, select=select)
@@ -426,51 +402,4 @@ def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_blo
                            top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
                            representative_keys=representative_keys, expand_levels=expand_levels, select=select,
                            interpreting=interpreting),
-    )
-
-
-def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_block: int, top_k: int,
-                     sink_blocks: int, local_blocks: int, representative_keys: int, expand_levels: int,
-                     select: Select, interpreting: bool) -> dict:
-    """The kernel's constexprs and launch options (``num_warps``, ``num_stages``) for these
-    settings: what ``_launch_into`` passes, and what the sm_90 compile test compiles.
-
-    Shared memory (232,448 B per block on the H200) is spent on ``tl.dot``'s operand tiles and
-    on layout conversions; the choices that keep it in bounds:
-
-    - ``num_stages``: 3 (Triton's default: the gathered key rows of the next representative key
-      load while the current ones are multiplied) when one gathered key tile takes at most
-      ``PIPELINED_TILE_BYTES`` and the selection ranks; 1 otherwise, where multi-buffering would
-      overflow (Gemma 3's d_head 256 in fp32 asked 344,320 B with 3 stages). Compiled for sm_90 on
-      the CPU (Triton 3.9), 3 stages take 41,216 B for Stream's own search (d_head 128, bf16,
-      ``top_k`` 16) and 115,200 B for the rescored estimator's wide one; one stage cost the H200
-      29% on Stream's search at 128k (5.90 against 4.57 ms, ``benchmarks/kernels.py``);
-    - ``D_CHUNK``: the head dimension is multiplied in chunks such that one gathered key tile
-      (``CAND_PAD x D_CHUNK``) takes at most ``KEY_TILE_BYTES``; one chunk in the common cases;
-    - the ``"sort"`` selection from ``CAND_PAD`` 512 on, whatever ``select`` asks: the rank
-      comparison's ``CAND_PAD x CAND_PAD`` temporaries pass through shared memory (1,069,056 B at
-      ``CAND_PAD`` 1024, the wide search at 16-token blocks and ``top_k`` 128); same blocks,
-      ties aside (module doc)."""
-    n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
-    representative_keys = min(representative_keys, key_block)
-    key_stride = key_block // representative_keys
-    branch_pad = max(MIN_DOT // 2, triton.next_power_of_2(max(n_search, 1)))
-    block_d = max(MIN_DOT, triton.next_power_of_2(d_head))
-    element_bytes = 4 if dtype == torch.float32 or interpreting else 2
-    d_chunk = max(MIN_DOT, min(block_d, KEY_TILE_BYTES // (2 * branch_pad * element_bytes)))
-    sort_select = select == "sort" or 2 * branch_pad >= MIN_SORTED_CANDIDATES
-    key_tile_bytes = 2 * branch_pad * d_chunk * element_bytes
-    return dict(
-        D_HEAD=d_head, BLOCK_D=block_d, D_CHUNK=d_chunk,
-        QUERY_BLOCK=query_block, BLOCK_Q=max(MIN_DOT, query_block), KEY_BLOCK=key_block,
-        TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
-        SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
-        N_SEARCH=n_search, BRANCH_PAD=branch_pad,
-        REPRESENTATIVE_KEYS=representative_keys, KEY_STRIDE=key_stride,
-        KEY_FIRST=(key_block - 1 - (representative_keys - 1) * key_stride) // 2,
-        DOT_PRECISION="ieee" if dtype == torch.float32 or interpreting else "tf32",
-        UPCAST_TILES=interpreting, EXPAND_LEVELS=expand_levels,
-        SORT_SELECT=sort_select,
-        num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison spills with 4 (H200)
-        num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and not sort_select else 1,
     )

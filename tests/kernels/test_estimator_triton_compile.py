@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import sparse_lens.kernels.bounds_triton as bounds_triton
+import sparse_lens.kernels.stream_launch as stream_launch
 import sparse_lens.kernels.stream_triton as stream_triton
 from sparse_lens.kernels.blocks import BlockGeometry
 from tests.kernels.test_bounds_triton import reference_with_near_ties as bounds_reference_with_near_ties
@@ -42,6 +43,7 @@ from triton.compiler import ASTSource
 
 import sparse_lens.kernels.bounds_triton as bounds_triton
 import sparse_lens.kernels.rescore_triton as rescore_triton
+import sparse_lens.kernels.stream_launch as stream_launch
 import sparse_lens.kernels.stream_triton as stream_triton
 from sparse_lens.kernels.blocks import BlockGeometry
 
@@ -156,14 +158,14 @@ def test_stream_with_a_chunked_head_dimension_and_forced_sort_matches_the_refere
     query, key = random_qk(7, q_heads=2, kv_heads=1, seq=400, d=64, dtype=dtype)
     settings = dict(query_block=16, key_block=16, top_k=12, sink_blocks=1, local_blocks=1, representative_keys=2)
     expected, near_tie = stream_reference_with_near_ties(query, key, monkeypatch, **settings)
-    monkeypatch.setattr(stream_triton, "KEY_TILE_BYTES", 16 * 16 * 4)  # CAND_PAD 32: D_CHUNK 16 (or 16 anyway)
+    monkeypatch.setattr(stream_launch, "KEY_TILE_BYTES", 16 * 16 * 4)  # CAND_PAD 32: D_CHUNK 16 (or 16 anyway)
     constants = stream_triton.launch_constants(
         d_head=64, dtype=dtype, query_block=16, key_block=16, top_k=12, sink_blocks=1, local_blocks=1,
         representative_keys=2, expand_levels=0, select="rank", interpreting=True)
     assert (constants["BLOCK_D"], constants["D_CHUNK"], constants["SORT_SELECT"]) == (64, 16, False)
     chunked = stream_triton.stream_estimate_triton(query, key, **settings)
     assert _rows_match(chunked, expected, near_tie)
-    monkeypatch.setattr(stream_triton, "MIN_SORTED_CANDIDATES", 16)  # "rank" asked, sorted all the same
+    monkeypatch.setattr(stream_launch, "MIN_SORTED_CANDIDATES", 16)  # "rank" asked, sorted all the same
     assert stream_triton.launch_constants(**{**_stream_keywords(dtype), "select": "rank"})["SORT_SELECT"]
     assert _rows_match(stream_triton.stream_estimate_triton(query, key, select="rank", **settings), expected, near_tie)
 
