@@ -26,6 +26,13 @@ def _is_power_of_two(size: object) -> bool:
 
 
 def check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, representative_keys) -> None:
+    """Refuse settings the kernel cannot run.
+
+    Raises:
+        BlockSizeError: a block size that is not a power of two (the torch reference takes any).
+        InvalidConfigError: ``top_k < 1``, sink + local blocks beyond ``top_k``, or
+            ``representative_keys < 1``.
+    """
     for name, size in (("query_block", query_block), ("key_block", key_block)):
         if not _is_power_of_two(size):
             raise BlockSizeError(

@@ -98,8 +98,6 @@ from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.stream import expanded_branches
 from sparse_lens.kernels.stream_launch import Select, check_settings, launch_constants
 
-__all__ = ["launch_constants", "stream_estimate_triton", "stream_estimate_triton_unchecked"]
-
 _UNUSED: tl.constexpr = tl.constexpr(UNUSED_SLOT)
 _LAST: tl.constexpr = tl.constexpr(2**63 - 1)  # sorts after every real candidate's key
 
