@@ -246,6 +246,19 @@ def _install_chunked_norms(model: Any, chunk_tokens: int, state: RecomputeState)
     return norms
 
 
+def memory_advice(layer_ranges: list[range], offload: bool) -> str:
+    """What to change when a lean backward runs out of device memory (added as a note to the
+    ``OutOfMemoryError``): the backward recomputes one segment at a time, on its blocks' device."""
+    widest = max(len(layers) for layers in layer_ranges)
+    advice = (f"sparse_lens: the lean backward recomputes one checkpoint segment at a time (here up to {widest} "
+              f"blocks; {len(layer_ranges)} segments), all of it on that segment's device, however the layers are "
+              "spread over devices. Lower segment_layers")
+    advice += f" (e.g. segment_layers={max(1, widest // 2)})" if widest > 1 else ""
+    if not offload:
+        advice += ", set offload=True (segment inputs in host memory; offload_activations=True too in attribution)"
+    return advice + ", or keep fewer positions."
+
+
 @contextlib.contextmanager
 def checkpoint_blocks(
     model: Any,
@@ -268,6 +281,10 @@ def checkpoint_blocks(
     forward have no atomics); only memory and time do (about one extra forward in the backward,
     two with segments). Entering it while it is already installed on ``model`` changes nothing
     (the outer one rules). Forwards without gradients run as without it (norms chunked).
+
+    Raises:
+        torch.OutOfMemoryError: raised inside the context, re-raised as it is with a note
+            (:func:`memory_advice`, Python 3.11+) on what to lower: ``segment_layers``, ``offload``.
     """
     state = recompute_state(model)
     if state.installed:
@@ -298,6 +315,10 @@ def checkpoint_blocks(
         attention.__dict__[STATE_ATTRIBUTE_OF_ATTENTION] = state
     try:
         yield state
+    except torch.OutOfMemoryError as error:
+        if hasattr(error, "add_note"):  # Python 3.11+: the advice shows under the traceback, the type stays
+            error.add_note(memory_advice(layer_ranges, offload))
+        raise
     finally:
         for block in blocks:
             block.__dict__.pop("forward", None)

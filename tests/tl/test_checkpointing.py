@@ -88,6 +88,22 @@ def test_checkpointing_changes_no_forward_and_nests():
     assert not outer.installed
 
 
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="exception notes need Python 3.11")
+def test_out_of_memory_inside_the_lean_backward_keeps_its_type_and_says_what_to_lower():
+    model, _ = sparse_and_dense(tiny_llama_config(num_hidden_layers=5), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
+    with pytest.raises(torch.OutOfMemoryError) as caught, checkpoint_blocks(model, segment_layers=4):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.")
+    note = "\n".join(caught.value.__notes__)
+    assert "up to 4 blocks; 2 segments" in note and "segment_layers=2" in note and "offload=True" in note
+    with pytest.raises(torch.OutOfMemoryError) as caught, checkpoint_blocks(model, segment_layers=None, offload=True):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+    note = "\n".join(caught.value.__notes__)
+    assert "up to 1 blocks" in note and "segment_layers=" not in note and "offload=True" not in note
+    with pytest.raises(ValueError) as other, checkpoint_blocks(model):
+        raise ValueError("not memory")
+    assert not getattr(other.value, "__notes__", None)  # only memory errors get the advice
+
+
 # ----- the working set of one block's recompute and backward, in residual-stream copies -----------------
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensors that ops create while the mode is on and that are still alive: the peak,
