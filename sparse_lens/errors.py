@@ -22,10 +22,12 @@ class ShapeError(SparseLensError, ValueError):
 
 
 class ContextTooLongError(SparseLensError, MemoryError):
-    """The request needs memory quadratic in the sequence length and the sequence is too long.
+    """The request needs more memory than the device has for this sequence length.
 
-    Raised by ``BlockSparsePattern.token_probs`` and by ``mode="observe"`` (dense attention),
-    never by the sparse path, which is linear in the sequence length.
+    Raised before any work starts, by what is quadratic in the sequence length
+    (``BlockSparsePattern.token_probs``, ``mode="observe"``'s dense attention) and by what holds
+    ``[batch, pos, d_vocab]`` logits at every position (``sl.fidelity`` and ``collect_dense``
+    without ``positions=``), never by the sparse forward, which is linear in the sequence length.
     """
 
 

@@ -47,10 +47,11 @@ from tqdm.auto import tqdm
 
 from sparse_lens.analysis.positions import logits_kwargs
 from sparse_lens.config import TracingConfig
-from sparse_lens.errors import InvalidConfigError, ShapeError, TraceMismatchError
+from sparse_lens.errors import ContextTooLongError, InvalidConfigError, ShapeError, TraceMismatchError
 from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
 from sparse_lens.kernels.blocks import tokens_per_block, visible_key_blocks
 from sparse_lens.pattern import BlockSparsePattern
+from sparse_lens.tl import memory
 from sparse_lens.tl.model import HookedSparseTransformer
 from sparse_lens.tl.windows import window_selection
 
@@ -164,11 +165,33 @@ def _same_weights_up_to_rounding(model: HookedSparseTransformer, dtype: str, fin
                for values, theirs in zip(samples, fingerprint["weights"]))
 
 
+def check_logits_fit(model: HookedSparseTransformer, tokens: Tensor, forwards: int, caller: str) -> None:
+    """Raise ``ContextTooLongError`` when ``forwards`` forwards' float32 logits at every position
+    (``[batch, pos, d_vocab]`` each, plus the model-dtype original they are cast from) would not fit
+    in the memory free where the logits are made (the unembedding's device)."""
+    head = model.original_model.get_output_embeddings()
+    device = next(head.parameters()).device if head is not None else tokens.device
+    batch, seq_len = tokens.shape
+    per_forward = batch * seq_len * model.cfg.d_vocab * (4 + (0 if model.cfg.dtype == torch.float32 else 2))
+    needed, free = forwards * per_forward, memory.free_bytes(device)
+    if needed > free:
+        raise ContextTooLongError(
+            f"{caller}: the next-token figures at all {seq_len} positions need [batch, pos, d_vocab] = "
+            f"[{batch}, {seq_len}, {model.cfg.d_vocab}] float32 logits from {forwards} forward(s), about "
+            f"{needed / 2**30:.3g} GiB, and {free / 2**30:.3g} GiB is free on {device}. Score a sample of "
+            f"positions instead: sl.fidelity(model, tokens, positions=torch.linspace(0, {seq_len - 1}, 1024).long()) "
+            "(logits at those positions only, no dense trace needed)."
+        )
+
+
 def collect_dense(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"] | str) -> DenseTrace:
     """Run the model once with dense attention (observe mode), keeping what fidelity needs.
 
-    ``tokens``: token ids ``[batch, pos]``, or a text (tokenized by ``model.to_tokens``)."""
+    ``tokens``: token ids ``[batch, pos]``, or a text (tokenized by ``model.to_tokens``).
+    Keeps the logits at every position: ``ContextTooLongError`` when they would not fit
+    (``sl.fidelity(..., positions=...)`` needs no dense trace)."""
     tokens = as_tokens(model, tokens)
+    check_logits_fit(model, tokens, 1, "collect_dense")
     with torch.no_grad(), model.stream_settings(mode="observe", keep_qk=True):
         logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     patterns: list[BlockSparsePattern] = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
@@ -207,7 +230,8 @@ def fidelity(
     ``pruned_fraction`` and recall figures (``mass_recall_mean``, ``mass_recall_p5``,
     ``oracle_recall_mean``, ``oracle_ratio``). ``positions`` (ascending token positions): the
     next-token figures are taken at those positions only (logits computed there only), and
-    ``final_*`` at the last of them. ``oracle_stride``: the oracle is computed on every n-th
+    ``final_*`` at the last of them; without it every position's logits are kept (``ContextTooLongError``
+    up front where they would not fit: 17 GiB a forward at 16k tokens of a 262k vocabulary). ``oracle_stride``: the oracle is computed on every n-th
     pruned query block (it costs half a dense attention pass per layer); ``oracle_recall_mean``
     and ``oracle_ratio`` then compare estimator and oracle on those query blocks.
     """
@@ -220,6 +244,8 @@ def fidelity(
         dense.check_tokens(tokens)
     seq_len = tokens.shape[-1]
     index = None if positions is None else _check_positions(positions, seq_len, tokens.device)
+    if positions is None:  # the sparse run's logits, and the dense run's unless a trace brings them
+        check_logits_fit(model, tokens, 1 if dense is not None else 2, "fidelity")
     keep = logits_kwargs(index)  # the model calls' logits_to_keep (on the CPU: layers may span GPUs)
     searched = _pruned_rows(stream, seq_len)
     layers: list[dict] = []

@@ -39,10 +39,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sparse_lens.analysis import collect_dense, fidelity
+from sparse_lens.analysis.fidelity_metrics import first_pruned_position
 from sparse_lens.analysis.needle import needle_recall
 from sparse_lens.cli.config_flags import add_tracing_flags, tracing_config
 from sparse_lens.config import TracingConfig
-from sparse_lens.errors import InvalidConfigError
+from sparse_lens.errors import ContextTooLongError, InvalidConfigError
 from sparse_lens.data import needle_prompt, string_match_all
 from sparse_lens.report.trace import describe, parse_layers, write_trace_figures, write_trace_page
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
@@ -52,6 +53,7 @@ GPU_LENGTH, CPU_LENGTH = 4096, 1024
 TRACE_BLOCK = 16
 AUTO_TOP_K_SHARE = 16  # --top-k auto keeps about 1 / AUTO_TOP_K_SHARE of the last query block's key blocks
 AUTO_SEARCHABLE = 2  # --top-k auto keeps at least this many blocks beyond the sink, local and diagonal ones
+SAMPLED_POSITIONS = 1024  # positions fidelity scores where the logits at every position would not fit
 SHORT_PROMPT = 0.9  # warn when the prompt fills less than this share of --length (a short --text document)
 MIN_LENGTH = 128  # tokens a needle prompt needs besides its haystack and answer (chat template, instruction, question)
 
@@ -236,11 +238,7 @@ def run(args: argparse.Namespace) -> dict:
     scores = {}
     if args.fidelity == "on" or (args.fidelity == "auto" and sample.length <= DENSE_FIDELITY_LIMIT):
         print("[4/6] fidelity against dense attention (observe mode, quadratic time)", flush=True)
-        with layer_progress(model, "dense forward"):
-            dense = collect_dense(model, tokens)
-        with layer_progress(model, "sparse forward (fidelity)"):  # fidelity's own sparse run, after its layer loop
-            scores = fidelity(model, tokens, dense=dense, verbose=True, per_layer=True)
-        del dense
+        scores = fidelity_scores(model, tokens)
     else:
         print(f"[4/6] fidelity skipped ({fidelity_skip_reason(args.fidelity, sample.length)})", flush=True)
 
@@ -260,6 +258,7 @@ def run(args: argparse.Namespace) -> dict:
         "mass_recall_p5": scores.get("mass_recall_p5"),
         "oracle_ratio": scores.get("oracle_ratio"),
         "top1_agreement": scores.get("top1_agreement"),
+        "fidelity_positions": scores.get("fidelity_positions"),  # "all", or how many evenly spaced ones were scored
         "next_token_kl": scores.get("next_token_kl"),
         "answer": answer,
         "expected": sample.answers,
@@ -287,6 +286,25 @@ def run(args: argparse.Namespace) -> dict:
     print(json.dumps({key: value for key, value in summary.items() if key != "per_layer"}, indent=2))
     print(f"wrote {args.out / 'summary.json'} and the figures; open the report: {args.out / 'report.html'}", flush=True)
     return summary
+
+
+def fidelity_scores(model: HookedSparseTransformer, tokens: torch.Tensor) -> dict:
+    """``sl.fidelity`` against one dense trace, its next-token figures at every position; where those
+    logits would not fit (``ContextTooLongError``: e.g. 16k tokens of a 262k vocabulary on a 24 GB
+    host), at ``SAMPLED_POSITIONS`` evenly spaced pruned positions instead. ``"fidelity_positions"`` says which."""
+    try:
+        with layer_progress(model, "dense forward"):
+            dense = collect_dense(model, tokens)
+    except ContextTooLongError as error:
+        seq_len = tokens.shape[1]
+        first = min(first_pruned_position(model.stream, seq_len), seq_len - 1)
+        positions = torch.linspace(first, seq_len - 1, SAMPLED_POSITIONS).long().unique()
+        print(f"      {error}\n      scoring {len(positions)} evenly spaced positions instead", flush=True)
+        scores = fidelity(model, tokens, verbose=True, per_layer=True, positions=positions)
+        return {**scores, "fidelity_positions": len(positions)}
+    with layer_progress(model, "sparse forward (fidelity)"):  # fidelity's own sparse run, after its layer loop
+        scores = fidelity(model, tokens, dense=dense, verbose=True, per_layer=True)
+    return {**scores, "fidelity_positions": "all"}
 
 
 def fidelity_skip_reason(setting: str, length: int) -> str:

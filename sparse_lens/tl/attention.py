@@ -32,7 +32,6 @@ projections, ``hook_rot_q/k`` after RoPE, ``hook_z`` before the output projectio
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -60,6 +59,7 @@ from sparse_lens.kernels import (
     kept_block_mass,
 )
 from sparse_lens.pattern import BlockSparsePattern
+from sparse_lens.tl import memory
 from sparse_lens.tl.checkpointing import STATE_ATTRIBUTE_OF_ATTENTION, remembered_selection
 from sparse_lens.tl.features import unsupported_features
 from sparse_lens.tl.pattern_hooks import fire_block_indices, fire_block_mass, fire_pattern
@@ -352,23 +352,10 @@ def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float,
             "Set observe_max_tokens=None (limited by memory only) or use mode='sparse'."
         )
     needed = dense_attention_bytes(query, key, value, scale=scale, backend=cfg.backend)
-    free = _free_bytes(query.device)
+    free = memory.free_bytes(query.device)
     if needed > free:
         raise ContextTooLongError(
             f"mode='observe' at {seq_len} tokens: dense attention needs about {needed / 2**30:.2f} GiB per layer "
             f"(output, lse, scratch) and {free / 2**30:.2f} GiB is free on {query.device}. Use mode='sparse', "
             "a shorter input or a larger device."
         )
-
-
-def _free_bytes(device: torch.device) -> int:
-    """Memory free for new tensors on ``device``: CUDA free plus PyTorch's unused cache; on the CPU
-    the kernel's MemAvailable (unbounded where the platform does not say)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 2**63  # free memory unknown (no /proc/meminfo): refuse nothing

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -292,3 +293,27 @@ def test_a_dense_trace_of_the_same_weights_in_another_dtype_is_refused_saying_so
     older.check_model(model)  # a fingerprint saved before dtype was recorded: still accepted
     with pytest.raises(sl.TraceMismatchError, match="another model .*weights"):
         older.check_model(copy.deepcopy(model).to(torch.bfloat16))  # no dtype to tell: the weights differ
+
+
+def test_logits_at_every_position_beyond_free_memory_are_refused_up_front(monkeypatch):
+    from sparse_lens.analysis import fidelity_metrics
+
+    sparse, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=2))
+    tokens = torch.randint(0, 90, (2, 64), generator=torch.Generator().manual_seed(0))
+    one_forward = 2 * 64 * sparse.cfg.d_vocab * 4  # float32 logits [batch, pos, d_vocab] of a float32 model
+    free = lambda room: types.SimpleNamespace(free_bytes=lambda device: room)  # noqa: E731 (fidelity's check only)
+    monkeypatch.setattr(fidelity_metrics, "memory", free(2 * one_forward))
+    dense = sl.collect_dense(sparse, tokens)  # one forward's logits fit
+    sl.fidelity(sparse, tokens, dense=dense)  # the sparse run's only: fits
+    sl.fidelity(sparse, tokens)  # two forwards': exactly what is free
+    monkeypatch.setattr(fidelity_metrics, "memory", free(2 * one_forward - 1))
+    with pytest.raises(sl.ContextTooLongError, match=rf"\[2, 64, {sparse.cfg.d_vocab}\].*positions="):
+        sl.fidelity(sparse, tokens)
+    sl.fidelity(sparse, tokens, dense=dense)
+    monkeypatch.setattr(fidelity_metrics, "memory", free(one_forward - 1))
+    with pytest.raises(sl.ContextTooLongError, match="collect_dense"):
+        sl.collect_dense(sparse, tokens)
+    with pytest.raises(sl.ContextTooLongError, match="fidelity"):
+        sl.fidelity(sparse, tokens, dense=dense)
+    report = sl.fidelity(sparse, tokens, positions=torch.arange(40, 64))  # a sample of positions: no check
+    assert 0 <= report["top1_agreement"] <= 1

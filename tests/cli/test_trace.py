@@ -9,6 +9,7 @@ import html
 import io
 import json
 import re
+import types
 
 import pytest
 import torch
@@ -203,6 +204,26 @@ def test_trace_reports_the_figures_recomputed_here(traced, tiny_model_dir):
     answer = model.tokenizer.decode(generated[0, seq:], skip_special_tokens=True)
     assert summary["answer"] == answer and summary["expected"] == sample.answers
     assert summary["correct"] is (sample.answers[0] in answer)
+
+
+def test_fidelity_where_every_positions_logits_do_not_fit_scores_sampled_positions(traced, tiny_model_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    # As 16k tokens of a 262k vocabulary on a 24 GB host: collect_dense refuses (ContextTooLongError), so
+    # the trace scores evenly spaced positions without a dense trace; the recall figures do not change.
+    from sparse_lens.analysis import fidelity_metrics
+
+    _, full, _ = traced
+    assert full["fidelity_positions"] == "all"
+    no_room_for_logits = types.SimpleNamespace(free_bytes=lambda device: 0)  # observe mode's own check unchanged
+    monkeypatch.setattr(fidelity_metrics, "memory", no_room_for_logits)
+    monkeypatch.setattr("sparse_lens.cli.trace.SAMPLED_POSITIONS", 50)
+    out = tmp_path / "trace"
+    assert main(["trace", "--model", str(tiny_model_dir), *TRACE_ARGS, "--out", str(out), "--heatmap-layers", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fidelity_positions"] == 50 and "scoring 50 evenly spaced positions" in capsys.readouterr().out
+    assert summary["mass_recall_mean"] == pytest.approx(full["mass_recall_mean"], abs=1e-6)
+    assert summary["oracle_ratio"] == pytest.approx(full["oracle_ratio"], abs=1e-6)
+    assert 0.0 <= summary["top1_agreement"] <= 1.0 and summary["next_token_kl"] >= 0.0
 
 
 def test_a_correct_answer_is_reported_correct(tiny_model_dir, tmp_path, monkeypatch, capsys):

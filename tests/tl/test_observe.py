@@ -58,13 +58,13 @@ def test_too_long_for_memory_raises_with_the_estimate(monkeypatch):
     needed = sl.kernels.dense_attention_bytes(torch.zeros(1, 6, 64, 16), torch.zeros(1, 2, 64, 16),
                                               torch.zeros(1, 2, 64, 16), scale=0.25)
     assert needed >= 6 * 64 * 16 * 4 + 6 * 64 * 4  # at least the output and the lse
-    monkeypatch.setattr(attention, "_free_bytes", lambda device: needed - 1)
+    monkeypatch.setattr(attention.memory, "free_bytes", lambda device: needed - 1)
     with pytest.raises(sl.ContextTooLongError, match=r"needs about 0\.00 GiB per layer .* free"):
         sparse(tokens)
-    monkeypatch.setattr(attention, "_free_bytes", lambda device: needed)
+    monkeypatch.setattr(attention.memory, "free_bytes", lambda device: needed)
     sparse(tokens)  # fits exactly
     with sparse.stream_settings(mode="sparse"):
-        monkeypatch.setattr(attention, "_free_bytes", lambda device: 0)
+        monkeypatch.setattr(attention.memory, "free_bytes", lambda device: 0)
         sparse(tokens)  # the check is observe mode's only
 
 
