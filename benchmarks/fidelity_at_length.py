@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (add_model_flags, add_real_model_flag, add_stream_flags, command, estimator_settings,  # noqa: E402
-                               config, environment, load_real_model, print_table, save_json, text_tokens, timed)
+from benchmarks.common import (add_model_flags, add_real_model_flag, add_stream_flags, command,  # noqa: E402
+                               config, environment, estimator_settings, load_real_model, print_table, save_json,
+                               text_tokens, timed)
 from benchmarks.model import build, model_name  # noqa: E402
 
 
@@ -62,8 +63,8 @@ def run(model, length: int, args) -> dict:
 
 
 def real_model(args):
-    """``--model`` with ``--block`` / ``--top-k`` / ``--estimator`` / ``--settings`` (``keep_qk=False``, the other
-    TracingConfig fields at their defaults, as :func:`benchmarks.model.build`)."""
+    """``--model`` with ``--block`` / ``--top-k`` / ``--estimator`` / ``--settings`` (``keep_qk=False``,
+    the other TracingConfig fields at their defaults, as :func:`benchmarks.model.build`)."""
     import sparse_lens as sl
 
     stream = sl.TracingConfig(query_block=args.block, key_block=args.block, top_k=args.top_k, keep_qk=False,

@@ -230,10 +230,11 @@ def fidelity(
     ``pruned_fraction`` and recall figures (``mass_recall_mean``, ``mass_recall_p5``,
     ``oracle_recall_mean``, ``oracle_ratio``). ``positions`` (ascending token positions): the
     next-token figures are taken at those positions only (logits computed there only), and
-    ``final_*`` at the last of them; without it every position's logits are kept (``ContextTooLongError``
-    up front where they would not fit: 17 GiB a forward at 16k tokens of a 262k vocabulary). ``oracle_stride``: the oracle is computed on every n-th
-    pruned query block (it costs half a dense attention pass per layer); ``oracle_recall_mean``
-    and ``oracle_ratio`` then compare estimator and oracle on those query blocks.
+    ``final_*`` at the last of them; without it every position's logits are kept
+    (``ContextTooLongError`` up front where they would not fit: 17 GiB a forward at 16k tokens of
+    a 262k vocabulary). ``oracle_stride``: the oracle is computed on every n-th pruned query block
+    (it costs half a dense attention pass per layer); ``oracle_recall_mean`` and ``oracle_ratio``
+    then compare estimator and oracle on those query blocks.
     """
     if not isinstance(oracle_stride, int) or oracle_stride < 1:
         raise InvalidConfigError(f"oracle_stride must be an int >= 1, got {oracle_stride!r}.")
