@@ -1,0 +1,118 @@
+"""Launch sweep of the default estimator's two kernels on one GPU (issue 11: the search is the cost).
+
+    python3 benchmarks/search_tiles.py --out $OUT/search_tiles.json
+    python3 benchmarks/search_tiles.py --lengths 131072 1048576 --groups 1 4 --launches 4:3 8:3
+
+- **Stream's search** (``stream_triton``) at Stream's own width (``top_k`` 16) and at the default's
+  wide one (beam 4: 58 slots): ``REP_GROUP`` representative keys gathered and scored per ``tl.dot``
+  (1 = one key per candidate per dot, as before this sweep) x ``num_warps:num_stages``.
+- **The fused rescoring** (``rescore_triton``, top-k mode, every query) of the wide search's
+  candidates: ``num_warps:num_stages``.
+
+One layer of random bf16 q / k of the Qwen2.5-1.5B shape (12 query heads, 2 key heads, d_head 128),
+64-token blocks, sink 1, local 1, 8 representative keys; dense cuDNN SDPA on the same tensors timed
+in the same run (the ratio's baseline). Every setting's blocks are compared with the package's
+default launch (``same``: share of identical rows; the kernels sum in another order only through
+the tile shape, so a few near-tied rows may differ). A launch that does not fit the GPU is recorded
+with its error. CUDA-event medians. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import attention_heads, command, dense_sdpa, describe, environment, print_table, save_json, time_cuda  # noqa: E402
+from sparse_lens.kernels import rescore_triton, stream_triton  # noqa: E402
+from sparse_lens.kernels.blocks import num_blocks  # noqa: E402
+
+BLOCK, SINK, LOCAL, REPRESENTATIVE_KEYS, TOP_K, BEAM = 64, 1, 1, 8, 16, 4
+MAX_TILE_ROWS = 512  # wider gathered tiles (group x candidates) are not swept: 64 x 512 fp32 scores already
+
+
+def search(query, key, top_k: int, tuning: dict | None):
+    out = torch.empty(*query.shape[:2], num_blocks(query.shape[2], BLOCK), top_k, dtype=torch.int64, device="cuda")
+    stream_triton._launch_into(query, key, out, query_block=BLOCK, key_block=BLOCK, top_k=top_k, sink_blocks=SINK,
+                               local_blocks=LOCAL, representative_keys=REPRESENTATIVE_KEYS, expand_levels=0,
+                               select="rank", tuning=tuning)
+    return out
+
+
+def rescore(query, key, candidates, tuning: dict | None):
+    out = torch.empty(*candidates.shape[:3], TOP_K, dtype=torch.int64, device="cuda")
+    rescore_triton._launch(query, key, candidates, out, mode=rescore_triton.MODE_TOP_K, query_block=BLOCK,
+                           key_block=BLOCK, scale=query.shape[-1] ** -0.5, query_stride=1, sink_blocks=SINK,
+                           local_blocks=LOCAL, tuning=tuning)
+    return out
+
+
+def measure(name: str, run, reference: torch.Tensor, dense_s: float, repeats: int) -> dict:
+    row = {"kernel": name}
+    try:
+        same = (run() == reference).all(-1).float().mean().item()
+        seconds = time_cuda(run, repeats)
+    except Exception as error:  # noqa: BLE001 - a launch that does not fit is a result of the sweep
+        row["error"] = describe(error)
+        torch.cuda.empty_cache()
+        return row
+    row.update(ms=seconds * 1e3, share_of_dense=seconds / dense_s, same=same)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[131072])
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8], help="REP_GROUP values")
+    parser.add_argument("--launches", nargs="+", default=["4:3", "8:3", "8:2", "8:1"], help="num_warps:num_stages")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_tiles.json"))
+    args = parser.parse_args()
+    launches = [tuple(int(part) for part in spec.split(":")) for spec in args.launches]
+    q_heads, kv_heads, d_head = attention_heads("qwen2.5-1.5b")
+    rows = []
+    for seq_len in args.lengths:
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        query, key, value = (torch.randn(1, heads, seq_len, d_head, device="cuda", dtype=torch.bfloat16,
+                                         generator=generator) for heads in (q_heads, kv_heads, kv_heads))
+        dense_s = time_cuda(lambda: dense_sdpa(query, key, value), 5)
+        rows.append({"kernel": "dense SDPA", "seq_len": seq_len, "ms": dense_s * 1e3, "share_of_dense": 1.0})
+        print(rows[-1], flush=True)
+        wide = SINK + LOCAL + BEAM * (TOP_K - SINK - LOCAL)
+        for top_k in (TOP_K, wide):
+            reference = search(query, key, top_k, None)
+            rows.append({**measure(f"search top_k {top_k}", lambda: search(query, key, top_k, None), reference,
+                                   dense_s, args.repeats), "seq_len": seq_len, "setting": "package default"})
+            print(rows[-1], flush=True)
+            cand_pad = 2 * max(8, 1 << (top_k - SINK - LOCAL - 1).bit_length())
+            for group in [group for group in args.groups if group * cand_pad <= MAX_TILE_ROWS]:
+                for warps, stages in launches:
+                    tuning = {"REP_GROUP": group, "num_warps": warps, "num_stages": stages}
+                    row = measure(f"search top_k {top_k}", lambda: search(query, key, top_k, tuning), reference,
+                                  dense_s, args.repeats)
+                    rows.append({**row, "seq_len": seq_len, "setting": f"group {group}, {warps} warps, {stages} stages",
+                                 **tuning})
+                    print(rows[-1], flush=True)
+        candidates = search(query, key, wide, None).to(torch.int32).contiguous()
+        reference = rescore(query, key, candidates, None)
+        rows.append({**measure("rescore", lambda: rescore(query, key, candidates, None), reference, dense_s,
+                               args.repeats), "seq_len": seq_len, "setting": "package default"})
+        for warps, stages in launches:
+            tuning = {"num_warps": warps, "num_stages": stages}
+            row = measure("rescore", lambda: rescore(query, key, candidates, tuning), reference, dense_s, args.repeats)
+            rows.append({**row, "seq_len": seq_len, "setting": f"{warps} warps, {stages} stages", **tuning})
+            print(rows[-1], flush=True)
+        del query, key, value
+        torch.cuda.empty_cache()
+    print_table(["kernel", "T", "setting", "ms", "/ dense", "same rows", "error"],
+                [[r["kernel"], f"{r['seq_len']:,}", r.get("setting", ""), f"{r['ms']:.2f}" if "ms" in r else "-",
+                  f"{100 * r['share_of_dense']:.2f}%" if "share_of_dense" in r else "-",
+                  f"{r['same']:.4f}" if "same" in r else "-", r.get("error", "")] for r in rows])
+    save_json(args.out, {"command": command("search_tiles.py", "python3"), **environment("cuda"), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
