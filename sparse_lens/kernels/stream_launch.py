@@ -18,7 +18,6 @@ MIN_DOT = 16  # smallest tl.dot dimension
 KEY_TILE_BYTES = 65536  # at most one gathered key tile of this size (launch_constants)
 PIPELINED_TILE_BYTES = 32768  # up to this key tile the search loop is software-pipelined (launch_constants)
 MIN_SORTED_CANDIDATES = 512  # from this CAND_PAD on the selection sorts (launch_constants)
-GROUPED_TILE_BYTES = 8192  # representative keys gathered and scored together up to this tile (launch_constants)
 Select = Literal["rank", "sort"]
 
 
@@ -52,7 +51,7 @@ def check_settings(query_block, key_block, top_k, sink_blocks, local_blocks, rep
 
 def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_block: int, top_k: int,
                      sink_blocks: int, local_blocks: int, representative_keys: int, expand_levels: int,
-                     select: Select, interpreting: bool, rep_group: int | None = None) -> dict:
+                     select: Select, interpreting: bool) -> dict:
     """The kernel's constexprs and launch options (``num_warps``, ``num_stages``) for these
     settings: what ``_launch_into`` passes, and what the sm_90 compile test compiles.
 
@@ -79,34 +78,19 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
     block_d = max(MIN_DOT, triton.next_power_of_2(d_head))
     element_bytes = 4 if dtype == torch.float32 or interpreting else 2
     d_chunk = max(MIN_DOT, min(block_d, KEY_TILE_BYTES // (2 * branch_pad * element_bytes)))
-    if rep_group is None:
-        rep_group = grouped_representative_keys(representative_keys, 2 * branch_pad * d_chunk * element_bytes)
-    if not _is_power_of_two(rep_group):
-        raise InvalidConfigError(f"rep_group must be a power of two, got {rep_group!r}.")
     sort_select = select == "sort" or 2 * branch_pad >= MIN_SORTED_CANDIDATES
-    key_tile_bytes = rep_group * 2 * branch_pad * d_chunk * element_bytes
+    key_tile_bytes = 2 * branch_pad * d_chunk * element_bytes
     return dict(
         D_HEAD=d_head, BLOCK_D=block_d, D_CHUNK=d_chunk,
         QUERY_BLOCK=query_block, BLOCK_Q=max(MIN_DOT, query_block), KEY_BLOCK=key_block,
         TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
         N_SEARCH=n_search, BRANCH_PAD=branch_pad,
-        REPRESENTATIVE_KEYS=representative_keys, REP_GROUP=rep_group, KEY_STRIDE=key_stride,
+        REPRESENTATIVE_KEYS=representative_keys, KEY_STRIDE=key_stride,
         KEY_FIRST=(key_block - 1 - (representative_keys - 1) * key_stride) // 2,
         DOT_PRECISION="ieee" if dtype == torch.float32 or interpreting else "tf32",
         UPCAST_TILES=interpreting, EXPAND_LEVELS=expand_levels,
         SORT_SELECT=sort_select,
-        # the 128 x 128 rank comparison spills with 4 warps (H200), as would a 64 x 256 score tile
-        num_warps=8 if branch_pad >= 64 or rep_group * 2 * branch_pad >= 256 else 4,
+        num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison spills with 4 (H200)
         num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and not sort_select else 1,
     )
-
-
-def grouped_representative_keys(representative_keys: int, rep_tile_bytes: int) -> int:
-    """How many representative keys the search scores per gathered tile (``REP_GROUP``, a power of
-    two): the most, up to ``representative_keys``, whose tiles take at most
-    ``GROUPED_TILE_BYTES`` together (``rep_tile_bytes``: one representative key's tile)."""
-    group = 1
-    while group * 2 <= representative_keys and group * 2 * rep_tile_bytes <= GROUPED_TILE_BYTES:
-        group *= 2
-    return group

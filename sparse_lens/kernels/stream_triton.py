@@ -155,7 +155,7 @@ def _stream_estimate_kernel(
     QUERY_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, KEY_BLOCK: tl.constexpr,
     TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     N_SEARCH: tl.constexpr, BRANCH_PAD: tl.constexpr,
-    REPRESENTATIVE_KEYS: tl.constexpr, REP_GROUP: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_FIRST: tl.constexpr,
+    REPRESENTATIVE_KEYS: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_TILES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, SORT_SELECT: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
@@ -213,17 +213,12 @@ def _stream_estimate_kernel(
                 center = tl.where(non_empty, cand_start + (cand_end - cand_start - 1) // 2, 0)
 
                 score = tl.full([2 * BRANCH_PAD], float("-inf"), tl.float32)
-                for first_rep in range(0, REPRESENTATIVE_KEYS, REP_GROUP):
-                    # REP_GROUP representative keys per candidate in one gathered tile: row
-                    # r * CAND_PAD + c holds key first_rep + r of candidate c.
-                    rep = first_rep + tl.arange(0, REP_GROUP)
-                    key_pos_2d = center[None, :] * KEY_BLOCK + (KEY_FIRST + rep[:, None] * KEY_STRIDE)
-                    valid_2d = non_empty[None, :] & (rep < REPRESENTATIVE_KEYS)[:, None] & (key_pos_2d < seq_len)
-                    key_pos = tl.reshape(key_pos_2d, [REP_GROUP * 2 * BRANCH_PAD])
-                    key_valid = tl.reshape(valid_2d, [REP_GROUP * 2 * BRANCH_PAD])
+                for rep in range(REPRESENTATIVE_KEYS):
+                    key_pos = center * KEY_BLOCK + (KEY_FIRST + rep * KEY_STRIDE)
                     key_rows_ptr = key_base + key_pos.to(tl.int64)[:, None] * stride_kt
+                    key_valid = non_empty & (key_pos < seq_len)
                     # query_tile @ keys.T over the head dimension, D_CHUNK columns at a time.
-                    dots = tl.zeros([BLOCK_Q, REP_GROUP * 2 * BRANCH_PAD], tl.float32)
+                    dots = tl.zeros([BLOCK_Q, 2 * BRANCH_PAD], tl.float32)
                     for chunk in tl.static_range(BLOCK_D // D_CHUNK):
                         if D_CHUNK != BLOCK_D:
                             query_tile = _load_dims(query_rows_ptr, query_valid, chunk * D_CHUNK, stride_qd, D_HEAD,
@@ -231,9 +226,8 @@ def _stream_estimate_kernel(
                         key_tile = _load_dims(key_rows_ptr, key_valid, chunk * D_CHUNK, stride_kd, D_HEAD, D_CHUNK,
                                               UPCAST_TILES)
                         dots = tl.dot(query_tile, tl.trans(key_tile), dots, input_precision=DOT_PRECISION)
-                    causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None] & key_valid[None, :]
-                    best = tl.max(tl.where(causal, dots, float("-inf")), axis=0)
-                    score = tl.maximum(score, tl.max(tl.reshape(best, [REP_GROUP, 2 * BRANCH_PAD]), axis=0))
+                    causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None]
+                    score = tl.maximum(score, tl.max(tl.where(causal, dots, float("-inf")), axis=0))
                 score = tl.where(non_empty, score, float("-inf"))
                 score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in torch.topk
 
@@ -360,10 +354,9 @@ def _stream_estimate_into(
 @launch_on_tensor_device
 def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_block: int, key_block: int, top_k: int,
                  sink_blocks: int, local_blocks: int, representative_keys: int, expand_levels: int,
-                 select: Select, tuning: dict | None = None) -> None:
+                 select: Select) -> None:
     """The launch behind :func:`_stream_estimate_into`, after the input checks: the output's
-    shape, dtype and device (cheap, kept here) and the kernel. ``tuning`` replaces launch
-    constants (``REP_GROUP``, ``num_warps``, ``num_stages``) for ``benchmarks/search_tiles.py``."""
+    shape, dtype and device (cheap, kept here) and the kernel."""
     n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
     if select not in ("rank", "sort"):
         raise InvalidConfigError(f"select must be 'rank' or 'sort', got {select!r}.")
@@ -399,13 +392,12 @@ def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_blo
     # gets fp32 tiles instead (bf16 products are exact in fp32 either way).
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (n_query_blocks, batch * n_q_heads)
-    constants = launch_constants(d_head=d_head, dtype=query.dtype, query_block=query_block, key_block=key_block,
-                                 top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                                 representative_keys=representative_keys, expand_levels=expand_levels, select=select,
-                                 interpreting=interpreting)
     _stream_estimate_kernel[grid](
         query, key, block_indices,
         seq_len, n_query_blocks, n_q_heads, n_q_heads // key.shape[1], n_rounds,
         *query.stride(), *key.stride(),
-        **{**constants, **(tuning or {})},
+        **launch_constants(d_head=d_head, dtype=query.dtype, query_block=query_block, key_block=key_block,
+                           top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                           representative_keys=representative_keys, expand_levels=expand_levels, select=select,
+                           interpreting=interpreting),
     )

@@ -185,21 +185,3 @@ def test_bounds_with_a_chunked_head_dimension_matches_the_reference(dtype, monke
     constants = bounds_triton.launch_constants(64, dtype, geometry, 1, True)
     assert (constants["BLOCK_D"], constants["D_CHUNK"]) == (64, 16)
     assert _rows_match(bounds_triton.bounds_estimate_triton(query, key, **settings), expected, near_tie)
-
-
-@pytest.mark.parametrize("representative_keys", [3, 4, 8])
-def test_stream_with_grouped_representative_keys_matches_the_reference(representative_keys, monkeypatch):
-    # Several representative keys per gathered tile (REP_GROUP 4; with 3 keys the fourth row of
-    # each group is masked, a bug there would score its zero keys): the reference's blocks.
-    query, key = random_qk(5, q_heads=2, kv_heads=1, seq=700, d=32, dtype=torch.float32)
-    query[..., 0] += 5.0  # q . k mostly negative: a masked key scored as 0 would win its candidate
-    key[..., 0] -= 5.0
-    settings = dict(query_block=16, key_block=16, top_k=10, sink_blocks=1, local_blocks=1,
-                    representative_keys=representative_keys)
-    expected, near_tie = stream_reference_with_near_ties(query, key, monkeypatch, **settings)
-    monkeypatch.setattr(stream_launch, "GROUPED_TILE_BYTES", 4 * 16 * 32 * 4)  # CAND_PAD 16, d 32, fp32: 4 keys
-    constants = stream_triton.launch_constants(
-        d_head=32, dtype=torch.float32, query_block=16, key_block=16, top_k=10, sink_blocks=1, local_blocks=1,
-        representative_keys=representative_keys, expand_levels=0, select="rank", interpreting=True)
-    assert constants["REP_GROUP"] == min(4, 2 if representative_keys == 3 else representative_keys)
-    assert _rows_match(stream_triton.stream_estimate_triton(query, key, **settings), expected, near_tie)
