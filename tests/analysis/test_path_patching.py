@@ -158,3 +158,24 @@ def test_bad_tokens_and_positions_raise_named_errors(pruned):
 def test_a_metric_reading_an_unkept_position_raises_a_named_error(pruned, tool):
     with pytest.raises(LogitsNotKeptError):
         tool(pruned, CLEAN, CORRUPTED, SENDERS, RECEIVERS["q"], lambda lg: lg[0, 30, 5], positions=[-1])
+
+
+def test_a_batch_of_two_prompts_is_patched_row_by_row(pruned):
+    """Rows of a batch are independent path patchings: the batch's summed metric is the sum of each
+    row run alone (a mix-up of step 2's clean and patched rows, e.g. interleaving them, shows only
+    with batch > 1)."""
+    clean = torch.cat([CLEAN, (CLEAN + 11) % 90])
+    corrupted = torch.cat([CORRUPTED, torch.cat([torch.randint(0, 90, (1, 32), generator=torch.Generator().manual_seed(4)),
+                                                 clean[1:, 32:]], dim=1)])
+
+    def summed(logits):
+        return (logits[:, -1, 5] - logits[:, -1, 9]).sum()
+
+    for receiver_input in ("q", "v"):
+        receivers = RECEIVERS[receiver_input]
+        rows = [path_patch(pruned, clean[i:i + 1], corrupted[i:i + 1], SENDERS, receivers, summed, receiver_input)
+                for i in range(2)]
+        batched = path_patch(pruned, clean, corrupted, SENDERS, receivers, summed, receiver_input)
+        assert batched == pytest.approx(sum(rows), abs=1e-4)
+        assert path_patch_cached(pruned, clean, corrupted, SENDERS, receivers, summed, receiver_input) == \
+            pytest.approx(batched, abs=1e-4)
