@@ -22,7 +22,10 @@ candidates fill a 16-wide ``tl.dot``; padding is masked). The query block's tile
 2. scores every candidate by its centre key block: for each of the ``representative_keys``
    strided key offsets, it gathers one key row per candidate (a ``CAND_PAD x BLOCK_D`` tile),
    computes ``query_tile @ keys.T`` (``BLOCK_Q x CAND_PAD``, fp32 accumulation), masks it
-   causally and keeps the running max over queries; empty halves score ``-inf``;
+   causally and keeps the running max over queries; empty halves score ``-inf``. The mask is
+   compiled out (``MASK_KEYS`` false) when the local blocks span at least a query block: then every
+   searched key precedes the block's first query, and padding query rows repeat the block's last
+   real query, which changes no max;
 3. keeps the best ``n_search`` candidates by rank counting (no sort): a candidate's rank is the
    number of candidates that beat it (higher score; on equal scores a non-empty half beats an
    empty one, then the lower candidate index wins). Ranks are a permutation, so the candidate of
@@ -157,6 +160,7 @@ def _stream_estimate_kernel(
     N_SEARCH: tl.constexpr, BRANCH_PAD: tl.constexpr,
     REPRESENTATIVE_KEYS: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_TILES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, SORT_SELECT: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -182,7 +186,14 @@ def _stream_estimate_kernel(
         if N_SEARCH > 0:
             query_rows = tl.arange(0, BLOCK_Q)
             query_pos = query_block_id * QUERY_BLOCK + query_rows
-            query_valid = (query_rows < QUERY_BLOCK) & (query_pos < seq_len)
+            if MASK_KEYS:
+                query_valid = (query_rows < QUERY_BLOCK) & (query_pos < seq_len)
+            else:
+                # Every searched key precedes the block's first query: padding rows repeat the
+                # block's last real query, which leaves each candidate's max unchanged, and no
+                # score needs a mask.
+                query_pos = tl.minimum(query_pos, query_end - 1)
+                query_valid = query_rows >= 0
             query_base = query_ptr + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
             key_base = key_ptr + batch.to(tl.int64) * stride_kb + (q_head // group).to(tl.int64) * stride_kh
             query_rows_ptr = query_base + query_pos.to(tl.int64)[:, None] * stride_qt
@@ -226,8 +237,10 @@ def _stream_estimate_kernel(
                         key_tile = _load_dims(key_rows_ptr, key_valid, chunk * D_CHUNK, stride_kd, D_HEAD, D_CHUNK,
                                               UPCAST_TILES)
                         dots = tl.dot(query_tile, tl.trans(key_tile), dots, input_precision=DOT_PRECISION)
-                    causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None]
-                    score = tl.maximum(score, tl.max(tl.where(causal, dots, float("-inf")), axis=0))
+                    if MASK_KEYS:
+                        causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None]
+                        dots = tl.where(causal, dots, float("-inf"))
+                    score = tl.maximum(score, tl.max(dots, axis=0))
                 score = tl.where(non_empty, score, float("-inf"))
                 score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in torch.topk
 

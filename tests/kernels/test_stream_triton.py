@@ -87,6 +87,8 @@ CASES = {
     "partial-last-block-bf16": (237, 16, 16, 6, 1, 2, 1, 1, 4, 2, torch.bfloat16, True),
     "query-16-key-32": (237, 16, 32, 4, 1, 1, 8, 1, 2, 1, torch.float32, True),
     "query-32-key-16-whole-block": (250, 32, 16, 6, 0, 2, 16, 1, 2, 2, torch.bfloat16, True),
+    # one 16-key local block under a 32-query block: searched keys can follow a query (masked scores)
+    "query-32-key-16-one-local": (250, 32, 16, 6, 1, 1, 8, 1, 2, 1, torch.float32, True),
     "no-sink-no-local": (190, 16, 16, 4, 0, 0, 4, 1, 4, 1, torch.float32, True),
     "sink-only-strided-views": (300, 16, 16, 6, 2, 0, 16, 1, 2, 1, torch.float32, False),
     "one-searched-branch": (161, 16, 16, 3, 1, 1, 4, 2, 2, 2, torch.bfloat16, False),
@@ -226,6 +228,20 @@ def assert_expanded_rows_valid(block_indices, seq, settings, message):
             assert used[len(used) - local:] == list(range(n_visible - local, n_visible)), (row, message)
             n_found = len(used) - sink - local
             assert n_slots >> settings["expand_levels"] <= n_found <= n_slots, (row, message)
+
+
+def test_a_query_does_not_see_a_later_key_of_its_own_block(seed):
+    # 32-query blocks over 16-key blocks, one local block: query block 1 (queries 32-63) searches
+    # key blocks 1-2, and block 2 (keys 32-47) lies partly after its queries. rk = 1 reads key 7 of
+    # a block: key 39, made to align with query 32, which must not see it; every later query is
+    # anti-aligned, so only a missing causal mask lets block 2 beat block 1.
+    query, key = random_qk(seed, q_heads=1, kv_heads=1, seq=64)
+    query[:, 0, 33:] = -query[:, 0, 32:33]
+    key[:, 0, 39] = 10 * query[:, 0, 32]
+    settings = dict(query_block=32, key_block=16, top_k=3, sink_blocks=1, local_blocks=1, representative_keys=1)
+    chosen = stream_estimate_triton(query, key, **settings)
+    assert chosen[0, 0, 1].tolist() == [0, 1, 3], f"seed={seed}"
+    assert torch.equal(chosen, stream_estimate(query, key, **settings)), f"seed={seed}"
 
 
 # (seq, query_block, key_block, top_k, sink, local, representative_keys, q_heads, kv_heads, dtype, expand_levels)
