@@ -258,3 +258,44 @@ def test_peak_memory_is_linear_in_T_and_within_the_benchmark_estimate(monkeypatc
     short, long = peak(512), peak(1024)
     assert abs(long - short) <= 0.5
     assert long <= 2 * 3 + 2 * 2 + 8.6
+
+
+def test_products_reduced_in_chunks_that_do_not_divide_the_sequence_change_nothing():
+    """``mlp_chunk_tokens`` (positions reduced at a time) of 30 for 96 tokens: the same estimates as
+    one chunk (a position lost or counted twice at a chunk boundary shows here). The metric reads
+    every position, so every position after the corruption has a gradient and a difference."""
+    def every_position(logits):
+        return (logits[0, :, 3] - logits[0, :, 8]).sum()
+
+    model, _ = three_layers(3)
+    whole = attribution_patching(model, CLEAN, CORRUPTED, every_position, spans=SPANS)
+    model.mlp_chunk_tokens = 30
+    chunked = attribution_patching(model, CLEAN, CORRUPTED, every_position, spans=SPANS)
+    torch.testing.assert_close(chunked.head_out, whole.head_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked.resid_pre, whole.resid_pre, atol=1e-6, rtol=1e-5)
+    assert whole.head_out.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("segment_layers, expected_reruns", [(1, [[3], [2], [1], [0]]), (3, [[3], [0, 1, 2]]),
+                                                             ("sqrt", [[2, 3], [0, 1]])])
+def test_segment_layers_and_offload_reach_both_runs(monkeypatch, segment_layers, expected_reruns):
+    """The corrupted run is recomputed by segments of ``segment_layers`` blocks (last first), kept in
+    host memory with ``offload_activations``; the clean run's checkpointing gets ``segment_layers``
+    and ``offload``; the estimates equal the plain backward's. (On the CPU offloading moves nothing,
+    so the settings are observed where they are handed on.)"""
+    import sparse_lens.analysis.attribution_patching as module
+
+    model, _ = sparse_and_dense(tiny_llama_config(num_hidden_layers=4), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
+    plain = attribution_patching(model, CLEAN, CORRUPTED, metric, positions=[-1], checkpoint=False)
+    reruns, checkpoints = [], []
+    rerun, checkpoint_blocks = module._Runs.corrupted_segment, module.checkpoint_blocks
+    monkeypatch.setattr(module._Runs, "corrupted_segment",
+                        lambda self, layers, names: reruns.append((list(layers), self.offload)) or rerun(self, layers, names))
+    monkeypatch.setattr(module, "checkpoint_blocks",
+                        lambda model, **kwargs: checkpoints.append(kwargs) or checkpoint_blocks(model, **kwargs))
+    lean = attribution_patching(model, CLEAN, CORRUPTED, metric, positions=[-1], offload=True, offload_activations=True,
+                                segment_layers=segment_layers)
+    assert reruns == [(layers, True) for layers in expected_reruns]
+    assert checkpoints == [dict(offload=True, segment_layers=segment_layers)]
+    torch.testing.assert_close(lean.head_out, plain.head_out, atol=1e-6, rtol=1e-5)
+    assert plain.head_out.abs().max() > 1e-4
