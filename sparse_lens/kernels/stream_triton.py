@@ -223,7 +223,9 @@ def _stream_estimate_kernel(
                 non_empty = cand_is_real & (cand_end > cand_start)
                 center = tl.where(non_empty, cand_start + (cand_end - cand_start - 1) // 2, 0)
 
-                score = tl.full([2 * BRANCH_PAD], float("-inf"), tl.float32)
+                # Running max over representative keys, element by element in the dot's layout; one
+                # reduction over the queries per round (not one per key: each crosses warps).
+                best = tl.full([BLOCK_Q, 2 * BRANCH_PAD], float("-inf"), tl.float32)
                 for rep in range(REPRESENTATIVE_KEYS):
                     key_pos = center * KEY_BLOCK + (KEY_FIRST + rep * KEY_STRIDE)
                     key_rows_ptr = key_base + key_pos.to(tl.int64)[:, None] * stride_kt
@@ -240,8 +242,8 @@ def _stream_estimate_kernel(
                     if MASK_KEYS:
                         causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None]
                         dots = tl.where(causal, dots, float("-inf"))
-                    score = tl.maximum(score, tl.max(dots, axis=0))
-                score = tl.where(non_empty, score, float("-inf"))
+                    best = tl.maximum(best, dots)
+                score = tl.where(non_empty, tl.max(best, axis=0), float("-inf"))
                 score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in torch.topk
 
                 if SORT_SELECT:
