@@ -317,3 +317,18 @@ def test_logits_at_every_position_beyond_free_memory_are_refused_up_front(monkey
         sl.fidelity(sparse, tokens, dense=dense)
     report = sl.fidelity(sparse, tokens, positions=torch.arange(40, 64))  # a sample of positions: no check
     assert 0 <= report["top1_agreement"] <= 1
+
+
+def test_the_logits_check_counts_the_model_dtype_original_of_a_bfloat16_model(monkeypatch):
+    """A bfloat16 model's logits are made in bfloat16 and cast to float32: 6 bytes a value, not 4."""
+    from sparse_lens.analysis import fidelity_metrics
+
+    sparse, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=2))
+    sparse.to(torch.bfloat16)
+    tokens = torch.randint(0, 90, (1, 64), generator=torch.Generator().manual_seed(0))
+    one_forward = 64 * sparse.cfg.d_vocab * (4 + 2)
+    monkeypatch.setattr(fidelity_metrics, "memory", types.SimpleNamespace(free_bytes=lambda device: one_forward - 1))
+    with pytest.raises(sl.ContextTooLongError, match="collect_dense"):
+        sl.collect_dense(sparse, tokens)
+    monkeypatch.setattr(fidelity_metrics, "memory", types.SimpleNamespace(free_bytes=lambda device: one_forward))
+    assert sl.collect_dense(sparse, tokens).logits.shape == (1, 64, sparse.cfg.d_vocab)
