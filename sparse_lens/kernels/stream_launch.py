@@ -94,6 +94,7 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
         # When the local blocks span at least a query block (powers of two), every searched key
         # lies before the query block's first query: no causal or padding mask on the scores.
         MASK_KEYS=local_blocks * key_block < query_block,
+        KEY_MAJOR=False,
         num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison spills with 4 (H200)
         num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and not sort_select else 1,
     )

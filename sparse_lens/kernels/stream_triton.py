@@ -160,7 +160,7 @@ def _stream_estimate_kernel(
     N_SEARCH: tl.constexpr, BRANCH_PAD: tl.constexpr,
     REPRESENTATIVE_KEYS: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_TILES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, SORT_SELECT: tl.constexpr,
-    MASK_KEYS: tl.constexpr,
+    MASK_KEYS: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
     query_block_id = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -225,25 +225,42 @@ def _stream_estimate_kernel(
 
                 # Running max over representative keys, element by element in the dot's layout; one
                 # reduction over the queries per round (not one per key: each crosses warps).
-                best = tl.full([BLOCK_Q, 2 * BRANCH_PAD], float("-inf"), tl.float32)
+                # KEY_MAJOR: the tile is keys x queries (keys @ query_tile.T), else queries x keys.
+                if KEY_MAJOR:
+                    best = tl.full([2 * BRANCH_PAD, BLOCK_Q], float("-inf"), tl.float32)
+                else:
+                    best = tl.full([BLOCK_Q, 2 * BRANCH_PAD], float("-inf"), tl.float32)
                 for rep in range(REPRESENTATIVE_KEYS):
                     key_pos = center * KEY_BLOCK + (KEY_FIRST + rep * KEY_STRIDE)
                     key_rows_ptr = key_base + key_pos.to(tl.int64)[:, None] * stride_kt
                     key_valid = non_empty & (key_pos < seq_len)
-                    # query_tile @ keys.T over the head dimension, D_CHUNK columns at a time.
-                    dots = tl.zeros([BLOCK_Q, 2 * BRANCH_PAD], tl.float32)
+                    # q . k over the head dimension, D_CHUNK columns at a time.
+                    if KEY_MAJOR:
+                        dots = tl.zeros([2 * BRANCH_PAD, BLOCK_Q], tl.float32)
+                    else:
+                        dots = tl.zeros([BLOCK_Q, 2 * BRANCH_PAD], tl.float32)
                     for chunk in tl.static_range(BLOCK_D // D_CHUNK):
                         if D_CHUNK != BLOCK_D:
                             query_tile = _load_dims(query_rows_ptr, query_valid, chunk * D_CHUNK, stride_qd, D_HEAD,
                                                     D_CHUNK, UPCAST_TILES)
                         key_tile = _load_dims(key_rows_ptr, key_valid, chunk * D_CHUNK, stride_kd, D_HEAD, D_CHUNK,
                                               UPCAST_TILES)
-                        dots = tl.dot(query_tile, tl.trans(key_tile), dots, input_precision=DOT_PRECISION)
-                    if MASK_KEYS:
+                        if KEY_MAJOR:
+                            dots = tl.dot(key_tile, tl.trans(query_tile), dots, input_precision=DOT_PRECISION)
+                        else:
+                            dots = tl.dot(query_tile, tl.trans(key_tile), dots, input_precision=DOT_PRECISION)
+                    if MASK_KEYS and KEY_MAJOR:
+                        causal = (key_pos[:, None] <= query_pos[None, :]) & query_valid[None, :]
+                        dots = tl.where(causal, dots, float("-inf"))
+                    elif MASK_KEYS:
                         causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None]
                         dots = tl.where(causal, dots, float("-inf"))
                     best = tl.maximum(best, dots)
-                score = tl.where(non_empty, tl.max(best, axis=0), float("-inf"))
+                if KEY_MAJOR:
+                    score = tl.max(best, axis=1)
+                else:
+                    score = tl.max(best, axis=0)
+                score = tl.where(non_empty, score, float("-inf"))
                 score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in torch.topk
 
                 if SORT_SELECT:
@@ -369,9 +386,10 @@ def _stream_estimate_into(
 @launch_on_tensor_device
 def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_block: int, key_block: int, top_k: int,
                  sink_blocks: int, local_blocks: int, representative_keys: int, expand_levels: int,
-                 select: Select) -> None:
+                 select: Select, tuning: dict | None = None) -> None:
     """The launch behind :func:`_stream_estimate_into`, after the input checks: the output's
-    shape, dtype and device (cheap, kept here) and the kernel."""
+    shape, dtype and device (cheap, kept here) and the kernel. ``tuning`` replaces launch
+    constants (e.g. ``KEY_MAJOR``, ``num_warps``) for ``benchmarks/search_tiles.py``."""
     n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
     if select not in ("rank", "sort"):
         raise InvalidConfigError(f"select must be 'rank' or 'sort', got {select!r}.")
@@ -411,8 +429,8 @@ def _launch_into(query: Tensor, key: Tensor, block_indices: Tensor, *, query_blo
         query, key, block_indices,
         seq_len, n_query_blocks, n_q_heads, n_q_heads // key.shape[1], n_rounds,
         *query.stride(), *key.stride(),
-        **launch_constants(d_head=d_head, dtype=query.dtype, query_block=query_block, key_block=key_block,
-                           top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                           representative_keys=representative_keys, expand_levels=expand_levels, select=select,
-                           interpreting=interpreting),
+        **{**launch_constants(d_head=d_head, dtype=query.dtype, query_block=query_block, key_block=key_block,
+                              top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                              representative_keys=representative_keys, expand_levels=expand_levels, select=select,
+                              interpreting=interpreting), **(tuning or {})},
     )
