@@ -322,3 +322,80 @@ def test_bad_arguments_are_usage_errors_before_the_model_loads(arguments, messag
         main(["trace", *arguments, "--device", "cpu"])
     assert exited.value.code == 2  # argparse's usage error, not a traceback
     assert message in capsys.readouterr().err
+
+
+def reload_traced(tiny_model_dir, length: int = 448):
+    """The traced model (TRACE_ARGS' blocks and top_k) and prompt, rebuilt here: (model, sample, tokens)."""
+    import sparse_lens as sl
+
+    stream = sl.StreamConfig(query_block=32, key_block=32, top_k=4, keep_qk=False)
+    model = sl.HookedSparseTransformer.from_pretrained(str(tiny_model_dir), stream=stream, device="cpu")
+    sample = needle_prompt(model.tokenizer, length, depth=0.5, seed=0, answer_tokens=8)
+    return model, sample, torch.tensor([sample.input_ids])
+
+
+@torch.no_grad()
+def test_trace_summary_fields_are_their_own_figures(traced, tiny_model_dir):
+    """The fields the recomputation above does not cover: fidelity's p5 recall and oracle ratio (not
+    the mean, not the oracle's recall), the needle's span, and its kept fraction and layers counted
+    by hand from the kept key blocks of the last query block."""
+    import sparse_lens as sl
+
+    _, summary, _ = traced
+    model, sample, tokens = reload_traced(tiny_model_dir)
+    report = sl.fidelity(model, tokens)
+    for key in ("mass_recall_mean", "mass_recall_p5", "oracle_ratio"):
+        assert summary[key] == pytest.approx(report[key], rel=1e-5, abs=1e-7), key
+    assert report["mass_recall_p5"] != pytest.approx(report["mass_recall_mean"], rel=1e-3)  # so a mix-up shows
+    assert report["oracle_ratio"] != pytest.approx(report["oracle_recall_mean"], rel=1e-3)
+
+    start, end = sample.needle_spans[0]
+    assert summary["needle_span"] == [start, end]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    needle_blocks = set(range(start // 32, (end - 1) // 32 + 1))
+    last_row = (tokens.shape[1] - 1) // 32
+    kept = [[bool(needle_blocks & set(head_rows[last_row]))
+             for head_rows in cache[f"blocks.{layer}.attn.hook_pattern"].block_indices[0].tolist()]
+            for layer in range(N_LAYERS)]
+    flat = [value for layer in kept for value in layer]
+    assert summary["needle_kept_fraction"] == pytest.approx(sum(flat) / len(flat), abs=1e-6)
+    assert summary["needle_layers"] == [layer for layer in range(N_LAYERS) if any(kept[layer])]
+    assert 0 < sum(flat) < len(flat) and sum(flat) * 2 != len(flat)  # neither 0, 1 nor 1/2: mix-ups show
+
+
+def test_without_fidelity_the_pruned_fraction_is_the_patterns(traced, tiny_model_dir, tmp_path):
+    """--fidelity off: pruned_fraction comes from the cached patterns (mean over layers), the same
+    figure fidelity reports (checked against brute-force pair counts above); no recall figures."""
+    _, full, _ = traced
+    out = tmp_path / "trace"
+    assert main(["trace", "--model", str(tiny_model_dir), *TRACE_ARGS, "--out", str(out), "--fidelity", "off",
+                 "--heatmap-layers", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pruned_fraction"] == pytest.approx(full["pruned_fraction"], abs=1e-6)
+    assert all(summary[key] is None for key in ("mass_recall_mean", "oracle_ratio", "top1_agreement",
+                                                 "fidelity_positions"))
+
+
+@torch.no_grad()
+def test_sampled_fidelity_scores_evenly_spaced_pruned_positions(tiny_model_dir, monkeypatch):
+    """Where the logits at every position do not fit, fidelity_scores takes its next-token figures at
+    SAMPLED_POSITIONS evenly spaced positions from the first pruned one (query block top_k) to the last,
+    recomputed here from a dense and a sparse forward; more samples than pruned positions: every one."""
+    from sparse_lens.analysis import fidelity_metrics
+    from sparse_lens.cli import trace
+
+    model, _, tokens = reload_traced(tiny_model_dir)
+    sparse_logits = model(tokens)[0]
+    with model.stream_settings(mode="dense"):
+        dense_logits = model(tokens)[0]
+    seq, first = tokens.shape[1], 4 * 32
+    monkeypatch.setattr(fidelity_metrics, "memory", types.SimpleNamespace(free_bytes=lambda device: 0))
+    for samples, positions in ((50, torch.linspace(first, seq - 1, 50).long().unique()), (10_000, torch.arange(first, seq))):
+        monkeypatch.setattr(trace, "SAMPLED_POSITIONS", samples)
+        scores = trace.fidelity_scores(model, tokens)
+        assert scores["fidelity_positions"] == len(positions)
+        dense_logp, sparse_logp = dense_logits[positions].log_softmax(-1), sparse_logits[positions].log_softmax(-1)
+        agree = (dense_logp.argmax(-1) == sparse_logp.argmax(-1)).float().mean()
+        assert scores["top1_agreement"] == pytest.approx(float(agree), abs=1e-6)
+        kl = (dense_logp.exp() * (dense_logp - sparse_logp)).sum(-1).mean()
+        assert scores["next_token_kl"] == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
