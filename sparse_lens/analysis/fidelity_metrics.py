@@ -296,6 +296,9 @@ def as_tokens(model: HookedSparseTransformer, tokens: Int[Tensor, "batch pos"] |
         return model.to_tokens(tokens)
     if not isinstance(tokens, Tensor):
         raise ShapeError(f"tokens must be a [batch, pos] tensor of token ids or a text, got {type(tokens).__name__}.")
+    if tokens.ndim != 2:
+        raise ShapeError(f"tokens must be a [batch, pos] tensor of token ids, got shape {tuple(tokens.shape)} "
+                         "(one sequence: tokens[None]).")
     return tokens
 
 

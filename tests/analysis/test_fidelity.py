@@ -160,6 +160,8 @@ def test_fidelity_accepts_a_text():
     assert figures(sl.fidelity(model, text, dense=sl.collect_dense(model, text))) == expected
     with pytest.raises(sl.ShapeError):
         sl.fidelity(model, tokens.tolist())
+    with pytest.raises(sl.ShapeError, match=r"\[batch, pos\].*shape \(\d+,\)"):  # one sequence without its batch axis
+        sl.fidelity(model, tokens[0])
 
 
 def _windowed_model(family: str, stream: sl.TracingConfig):
