@@ -17,7 +17,8 @@ from sparse_lens.kernels.stream import expanded_branches
 MIN_DOT = 16  # smallest tl.dot dimension
 KEY_TILE_BYTES = 65536  # at most one gathered key tile of this size (launch_constants)
 PIPELINED_TILE_BYTES = 32768  # up to this key tile the search loop is software-pipelined (launch_constants)
-MIN_SORTED_CANDIDATES = 512  # from this CAND_PAD on the selection sorts (launch_constants)
+MIN_SORTED_CANDIDATES = 128  # from this CAND_PAD on the selection sorts (launch_constants)
+MIN_KEY_MAJOR_CANDIDATES = 128  # from this CAND_PAD on the score tile is keys x queries (launch_constants)
 Select = Literal["rank", "sort"]
 
 
@@ -94,7 +95,7 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
         # When the local blocks span at least a query block (powers of two), every searched key
         # lies before the query block's first query: no causal or padding mask on the scores.
         MASK_KEYS=local_blocks * key_block < query_block,
-        KEY_MAJOR=False,
-        num_warps=8 if branch_pad >= 64 else 4,  # the 128 x 128 rank comparison spills with 4 (H200)
-        num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and not sort_select else 1,
+        KEY_MAJOR=2 * branch_pad >= MIN_KEY_MAJOR_CANDIDATES,
+        num_warps=8 if branch_pad >= 128 else 4,
+        num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and 2 * branch_pad <= MIN_SORTED_CANDIDATES else 1,
     )

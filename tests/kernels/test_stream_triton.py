@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
-from sparse_lens.kernels import stream
+from sparse_lens.kernels import stream, stream_launch
 from sparse_lens.kernels.blocks import num_blocks, pad_to_blocks, visible_key_blocks
 from sparse_lens.kernels.stream import (
     expanded_branches,
@@ -87,6 +87,10 @@ CASES = {
     "partial-last-block-bf16": (237, 16, 16, 6, 1, 2, 1, 1, 4, 2, torch.bfloat16, True),
     "query-16-key-32": (237, 16, 32, 4, 1, 1, 8, 1, 2, 1, torch.float32, True),
     "query-32-key-16-whole-block": (250, 32, 16, 6, 0, 2, 16, 1, 2, 2, torch.bfloat16, True),
+    # 38 searched branches (CAND_PAD 128): keys x queries score tile and sorted selection, as
+    # rescored's wide search; with and without the score mask
+    "wide-key-major-sort": (800, 16, 16, 40, 1, 1, 2, 1, 2, 1, torch.float32, True),
+    "wide-key-major-sort-masked": (760, 16, 16, 40, 1, 0, 2, 1, 2, 1, torch.bfloat16, True),
     # one 16-key local block under a 32-query block: searched keys can follow a query (masked scores)
     "query-32-key-16-one-local": (250, 32, 16, 6, 1, 1, 8, 1, 2, 1, torch.float32, True),
     "no-sink-no-local": (190, 16, 16, 4, 0, 0, 4, 1, 4, 1, torch.float32, True),
@@ -230,11 +234,13 @@ def assert_expanded_rows_valid(block_indices, seq, settings, message):
             assert n_slots >> settings["expand_levels"] <= n_found <= n_slots, (row, message)
 
 
-def test_a_query_does_not_see_a_later_key_of_its_own_block(seed):
+@pytest.mark.parametrize("key_major", [False, True], ids=["queries-x-keys", "keys-x-queries"])
+def test_a_query_does_not_see_a_later_key_of_its_own_block(seed, key_major, monkeypatch):
     # 32-query blocks over 16-key blocks, one local block: query block 1 (queries 32-63) searches
     # key blocks 1-2, and block 2 (keys 32-47) lies partly after its queries. rk = 1 reads key 7 of
     # a block: key 39, made to align with query 32, which must not see it; every later query is
     # anti-aligned, so only a missing causal mask lets block 2 beat block 1.
+    monkeypatch.setattr(stream_launch, "MIN_KEY_MAJOR_CANDIDATES", 16 if key_major else 2**20)  # both score tiles
     query, key = random_qk(seed, q_heads=1, kv_heads=1, seq=64)
     query[:, 0, 33:] = -query[:, 0, 32:33]
     key[:, 0, 39] = 10 * query[:, 0, 32]
