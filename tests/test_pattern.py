@@ -61,6 +61,9 @@ def test_token_probs_rows_sum_to_one_and_limit_is_enforced():
     torch.testing.assert_close(pattern.token_probs().sum(-1), torch.ones(1, 4, 100))
     with pytest.raises(sl.ContextTooLongError):
         pattern.token_probs(max_tokens=64)
+    for bad in (0, -5, None, "4096", 4096.0):  # not a limit: a named error, not "100 > -5" or a TypeError
+        with pytest.raises(sl.InvalidConfigError, match="max_tokens must be an int >= 1"):
+            pattern.token_probs(max_tokens=bad)
     with pytest.raises(ValueError, match="keep_qk"):
         make_pattern(keep_qk=False).token_probs()
 

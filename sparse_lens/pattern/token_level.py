@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sparse_lens.errors import ContextTooLongError
+from sparse_lens.errors import ContextTooLongError, InvalidConfigError
 from sparse_lens.kernels.sparse_attention import kept_token_probs
 
 DEFAULT_DENSE_LIMIT = 4096
@@ -29,8 +29,11 @@ class PatternTokenLevel:
         the capped score and keys outside the window are 0; with sinks a row sums to at most
         ``1 - sink_probs()`` (the sink's share is dropped). [head, seq, seq] without batch
         dimension. Raises ``ContextTooLongError`` above ``max_tokens`` (the tensor is quadratic
-        in the sequence length).
+        in the sequence length), ``InvalidConfigError`` for a ``max_tokens`` that is not an int >= 1.
         """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidConfigError(f"max_tokens must be an int >= 1 (the longest sequence token_probs builds "
+                                     f"a [.., seq, seq] tensor for), got {max_tokens!r}.")
         if self.seq_len > max_tokens:
             raise ContextTooLongError(
                 f"token_probs would build a {list(self.shape)} tensor; the limit is max_tokens={max_tokens}. "
