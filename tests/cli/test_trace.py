@@ -337,15 +337,18 @@ def reload_traced(tiny_model_dir, length: int = 448):
 @torch.no_grad()
 def test_trace_summary_fields_are_their_own_figures(traced, tiny_model_dir):
     """The fields the recomputation above does not cover: fidelity's p5 recall and oracle ratio (not
-    the mean, not the oracle's recall), the needle's span, and its kept fraction and layers counted
-    by hand from the kept key blocks of the last query block."""
+    the mean, not the oracle's recall), overall and per layer, the needle's span, and its kept
+    fraction, layers and mass counted by hand from the kept key blocks of the last query block."""
     import sparse_lens as sl
 
     _, summary, _ = traced
     model, sample, tokens = reload_traced(tiny_model_dir)
-    report = sl.fidelity(model, tokens)
+    report = sl.fidelity(model, tokens, per_layer=True)
     for key in ("mass_recall_mean", "mass_recall_p5", "oracle_ratio"):
         assert summary[key] == pytest.approx(report[key], rel=1e-5, abs=1e-7), key
+    for row, measured in zip(summary["per_layer"], report["layers"], strict=True):
+        for key in ("mass_recall_mean", "mass_recall_p5", "oracle_recall_mean"):
+            assert row[key] == pytest.approx(measured[key], rel=1e-5, abs=1e-7), (row["layer"], key)
     assert report["mass_recall_p5"] != pytest.approx(report["mass_recall_mean"], rel=1e-3)  # so a mix-up shows
     assert report["oracle_ratio"] != pytest.approx(report["oracle_recall_mean"], rel=1e-3)
 
@@ -354,9 +357,17 @@ def test_trace_summary_fields_are_their_own_figures(traced, tiny_model_dir):
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     needle_blocks = set(range(start // 32, (end - 1) // 32 + 1))
     last_row = (tokens.shape[1] - 1) // 32
-    kept = [[bool(needle_blocks & set(head_rows[last_row]))
-             for head_rows in cache[f"blocks.{layer}.attn.hook_pattern"].block_indices[0].tolist()]
-            for layer in range(N_LAYERS)]
+    kept, mass = [], []
+    for layer in range(N_LAYERS):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        rows, masses = pattern.block_indices[0, :, last_row].tolist(), pattern.block_mass[0, :, last_row].tolist()
+        kept.append([bool(needle_blocks & set(blocks)) for blocks in rows])
+        mass.append([sum(m for b, m in zip(blocks, head_mass) if b in needle_blocks)
+                     for blocks, head_mass in zip(rows, masses)])
+        per_layer = summary["per_layer"][layer]
+        assert per_layer["needle_heads_kept"] == pytest.approx(sum(kept[-1]) / len(kept[-1]), abs=1e-6)
+        assert per_layer["needle_mass"] == pytest.approx(sum(mass[-1]) / len(mass[-1]), abs=1e-6)
+        assert per_layer["needle_mass_max"] == pytest.approx(max(mass[-1]), abs=1e-6)
     flat = [value for layer in kept for value in layer]
     assert summary["needle_kept_fraction"] == pytest.approx(sum(flat) / len(flat), abs=1e-6)
     assert summary["needle_layers"] == [layer for layer in range(N_LAYERS) if any(kept[layer])]
