@@ -130,6 +130,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"argument --length: must be at least {MIN_LENGTH} + --max-new-tokens "
                      f"({args.max_new_tokens}) = {MIN_LENGTH + args.max_new_tokens} tokens (the instruction, "
                      f"needle, question and answer alone need about {MIN_LENGTH}), got {args.length}")
+    existing = next(path for path in (args.out.absolute(), *args.out.absolute().parents) if path.exists())
+    if not existing.is_dir():  # else mkdir fails only after the whole trace has run
+        parser.error(f"argument --out: {args.out} cannot be an output directory: {existing} is a file")
     try:
         parse_layers(args.heatmap_layers, n_layers=2**31)  # the syntax; the range once the model is known
     except ValueError:
