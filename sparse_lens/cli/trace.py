@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.top_k == "auto":  # from the prompt's real length
         stream = stream.replace(top_k=auto_top_k(sample.length, args.key_block, args.query_block, args.sink_blocks,
                                                  args.local_blocks))
-        model.stream = stream
+    stream = _top_k_within_prompt(stream, sample.length)
+    model.stream = stream
     print(f"      the prompt has {sample.length} tokens; top_k {stream.top_k} of its "
           f"{-(-sample.length // stream.key_block)} key blocks", flush=True)
     _warn_if_short(sample.length, length - args.max_new_tokens, args.text, stream)
@@ -316,6 +317,23 @@ def fidelity_skip_reason(setting: str, length: int) -> str:
         return "--fidelity off"
     return (f"the {length}-token prompt is beyond the dense limit of {DENSE_FIDELITY_LIMIT} tokens; "
             "--fidelity on forces it")
+
+
+def _top_k_within_prompt(stream: TracingConfig, prompt_length: int) -> TracingConfig:
+    """``stream`` with ``top_k`` at most the prompt's key blocks: slots beyond them stay empty (-1) but
+    the estimator and attention still process each one (``--top-k 1000`` on 31 blocks: 30-45x the
+    work per layer), and every estimator then keeps the same blocks (tests/cli/test_trace_arguments.py).
+    Unchanged where the smaller top_k is not a valid config (e.g. ``--min-blocks`` above it)."""
+    n_key_blocks = -(-prompt_length // stream.key_block)
+    if stream.top_k <= n_key_blocks:
+        return stream
+    try:
+        clamped = stream.replace(top_k=n_key_blocks)
+    except InvalidConfigError:
+        return stream
+    print(f"      top_k {stream.top_k} is more than the prompt's {n_key_blocks} key blocks: using top_k "
+          f"{n_key_blocks} (the same blocks, without the empty slots)", flush=True)
+    return clamped
 
 
 def _warn_if_short(prompt_length: int, budget: int, document: Path | None, stream: TracingConfig) -> None:

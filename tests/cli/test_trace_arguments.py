@@ -1,14 +1,16 @@
 """``sparse-lens trace`` arguments that are refused before the model loads (usage errors, exit 2)."""
 
-import pytest
+import json
 
+import pytest
+import torch
+
+import sparse_lens as sl
 from sparse_lens.cli.main import main
 
 
 def refused(arguments, monkeypatch, capsys) -> str:
     """Run ``sparse-lens trace`` with a model loader that fails the test if called; the usage error's text."""
-    import sparse_lens as sl
-
     def no_loading(*_, **__):
         raise AssertionError("the model was loaded before the arguments were checked")
 
@@ -25,3 +27,49 @@ def test_an_output_folder_that_is_a_file_or_under_one_is_refused(out, tmp_path, 
     message = refused(["--out", str(tmp_path / out)], monkeypatch, capsys)
     assert f"{tmp_path / 'a_file'} is a file" in message
     assert (tmp_path / "a_file").read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [tmp_path / "a_file"]
+
+
+@pytest.mark.parametrize("estimator", sl.ESTIMATORS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_top_k_beyond_the_key_blocks_keeps_the_same_blocks_as_top_k_equal_to_them(estimator, causal):
+    """Why the trace may lower such a top_k to the prompt's key blocks: every estimator keeps the
+    same blocks, and the extra slots are empty."""
+    from sparse_lens.kernels import estimate_blocks
+
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 4, 200, 32, generator=generator), torch.randn(1, 2, 200, 32, generator=generator)
+    n_key_blocks = 13  # ceil(200 / 16)
+    settings = {} if estimator != "adaptive" else {"estimator_settings": sl.AdaptiveSettings(top_p=0.5, min_blocks=3)}
+    chosen = [estimate_blocks(query, key, scale=0.5, **sl.TracingConfig(
+                  query_block=16, key_block=16, top_k=top_k, estimator=estimator, causal_selection=causal,
+                  **settings).estimator_kwargs())
+              for top_k in (n_key_blocks, n_key_blocks + 20)]
+    assert torch.equal(chosen[1][..., :n_key_blocks], chosen[0])
+    assert (chosen[1][..., n_key_blocks:] == -1).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    from tests.cli.test_trace import save_tiny_model
+    from tests.conftest import tiny_llama_config
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), tiny_llama_config, LlamaForCausalLM)
+
+
+def test_a_top_k_beyond_the_prompts_key_blocks_is_lowered_to_them(tiny_model_dir, tmp_path, capsys):
+    """--top-k 100 on a 14-key-block prompt traces with top_k 14 (the same figures as --top-k 14),
+    and says so."""
+    arguments = ["trace", "--model", str(tiny_model_dir), "--length", "448", "--query-block", "32", "--key-block", "32",
+                 "--max-new-tokens", "8", "--device", "cpu", "--fidelity", "off", "--heatmap-layers", "none"]
+    summaries = []
+    for top_k in ("100", "14"):
+        assert main([*arguments, "--top-k", top_k, "--out", str(tmp_path / top_k)]) == 0
+        summaries.append(json.loads((tmp_path / top_k / "summary.json").read_text()))
+    assert "top_k 100 is more than the prompt's 14 key blocks: using top_k 14" in capsys.readouterr().out
+    lowered, direct = summaries
+    assert lowered["length"] == direct["length"] and -(-lowered["length"] // 32) == 14
+    assert lowered["config"]["top_k"] == 14
+    for key in ("pruned_fraction", "needle_kept_fraction", "needle_layers", "answer", "pattern_bytes"):
+        assert lowered[key] == direct[key], key
