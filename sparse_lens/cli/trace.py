@@ -29,7 +29,9 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -250,7 +252,6 @@ def run(args: argparse.Namespace) -> dict:
     generated = model.generate(tokens, max_new_tokens=args.max_new_tokens, verbose=True)
     answer = model.tokenizer.decode(generated[0, tokens.shape[1]:], skip_special_tokens=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     summary = {
         "model": str(args.model),
         "length": sample.length,
@@ -279,14 +280,15 @@ def run(args: argparse.Namespace) -> dict:
         "config": stream.to_dict(),
     }
     print("[6/6] per-layer figures and the report", flush=True)
-    figures = write_trace_figures(
-        args.out, summary, patterns=patterns, recall=recall, fidelity_layers=scores.get("layers", []),
-        sample=sample, tokenizer=model.tokenizer, heatmap_layers=heatmap_layers,
-    )
-    summary.update(figures.added)
-    summary["seconds"] = round(time.perf_counter() - started, 2)  # final: the page and summary.json both show it
-    write_trace_page(args.out, summary, figures)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with staged_output(args.out) as staging:  # nothing lands in --out unless every file was written
+        figures = write_trace_figures(
+            staging, summary, patterns=patterns, recall=recall, fidelity_layers=scores.get("layers", []),
+            sample=sample, tokenizer=model.tokenizer, heatmap_layers=heatmap_layers,
+        )
+        summary.update(figures.added)
+        summary["seconds"] = round(time.perf_counter() - started, 2)  # final: the page and summary.json both show it
+        write_trace_page(staging, summary, figures)
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({key: value for key, value in summary.items() if key != "per_layer"}, indent=2))
     print(f"wrote {args.out / 'summary.json'} and the figures; open the report: {args.out / 'report.html'}", flush=True)
     return summary
@@ -346,6 +348,22 @@ def _warn_if_short(prompt_length: int, budget: int, document: Path | None, strea
     if stream.top_k >= -(-prompt_length // stream.key_block):
         print(f"warning: top_k {stream.top_k} keeps every one of the prompt's key blocks, so nothing is pruned; "
               "use a longer prompt, smaller blocks or a smaller --top-k", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to write into; once the block succeeds its files move into ``out``
+    (created if needed; files of an earlier run with the same names are replaced), ``summary.json``
+    last. If the block raises, ``out`` is left as it was and the staging folder is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        out.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda path: path.name == "summary.json"):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""``sparse-lens trace`` arguments that are refused before the model loads (usage errors, exit 2)."""
+"""``sparse-lens trace``: arguments refused before the model loads (usage errors, exit 2), a --top-k
+beyond the prompt, and an output folder left as it was when the run fails."""
 
 import json
 
@@ -73,3 +74,34 @@ def test_a_top_k_beyond_the_prompts_key_blocks_is_lowered_to_them(tiny_model_dir
     assert lowered["config"]["top_k"] == 14
     for key in ("pruned_fraction", "needle_kept_fraction", "needle_layers", "answer", "pattern_bytes"):
         assert lowered[key] == direct[key], key
+
+
+def test_a_failing_run_leaves_the_output_folder_as_it_was(tiny_model_dir, tmp_path, monkeypatch):
+    """The figures are written into a staging folder and moved into --out only once the page and
+    summary.json are written: a run failing at its last step leaves an earlier run's folder untouched
+    and no staging folder behind; a run that succeeds fills --out and leaves nothing else."""
+    from sparse_lens.cli import trace
+
+    out = tmp_path / "trace"
+    out.mkdir()
+    (out / "summary.json").write_text("an earlier run")
+    arguments = ["trace", "--model", str(tiny_model_dir), "--length", "300", "--top-k", "4", "--query-block", "32",
+                 "--key-block", "32", "--max-new-tokens", "4", "--device", "cpu", "--fidelity", "off",
+                 "--heatmap-layers", "0", "--out", str(out)]
+    written = trace.write_trace_page
+
+    def fail(*_, **__):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(trace, "write_trace_page", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(arguments)
+    assert sorted(path.name for path in out.iterdir()) == ["summary.json"]
+    assert (out / "summary.json").read_text() == "an earlier run"
+    assert sorted(tmp_path.iterdir()) == [out]
+
+    monkeypatch.setattr(trace, "write_trace_page", written)
+    assert main(arguments) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(path.name for path in out.iterdir()) == sorted([*summary["figures"], "report.html", "summary.json"])
+    assert sorted(tmp_path.iterdir()) == [out]
