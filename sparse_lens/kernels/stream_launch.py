@@ -61,17 +61,24 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
 
     - ``num_stages``: 3 (Triton's default: the gathered key rows of the next representative key
       load while the current ones are multiplied) when one gathered key tile takes at most
-      ``PIPELINED_TILE_BYTES`` and the selection ranks; 1 otherwise, where multi-buffering would
-      overflow (Gemma 3's d_head 256 in fp32 asked 344,320 B with 3 stages). Compiled for sm_90 on
-      the CPU (Triton 3.9), 3 stages take 41,216 B for Stream's own search (d_head 128, bf16,
-      ``top_k`` 16) and 115,200 B for the rescored estimator's wide one; one stage cost the H200
-      29% on Stream's search at 128k (5.90 against 4.57 ms, ``benchmarks/kernels.py``);
+      ``PIPELINED_TILE_BYTES`` and ``CAND_PAD`` is at most ``MIN_SORTED_CANDIDATES``; 1
+      otherwise, where multi-buffering would overflow (Gemma 3's d_head 256 in fp32 asked
+      344,320 B with 3 stages). Compiled for sm_90 on the CPU (Triton 3.9), 3 stages take
+      40,960 B for Stream's own search (d_head 128, bf16, ``top_k`` 16) and 115,200 B for the
+      rescored estimator's wide one; one stage cost the H200 29% on Stream's search at 128k
+      (5.90 against 4.57 ms, ``benchmarks/kernels.py``);
     - ``D_CHUNK``: the head dimension is multiplied in chunks such that one gathered key tile
       (``CAND_PAD x D_CHUNK``) takes at most ``KEY_TILE_BYTES``; one chunk in the common cases;
-    - the ``"sort"`` selection from ``CAND_PAD`` 512 on, whatever ``select`` asks: the rank
-      comparison's ``CAND_PAD x CAND_PAD`` temporaries pass through shared memory (1,069,056 B at
+    - the ``"sort"`` selection from ``CAND_PAD`` ``MIN_SORTED_CANDIDATES`` (128) on, whatever
+      ``select`` asks: faster there on the H200 (module doc), and the rank comparison's
+      ``CAND_PAD x CAND_PAD`` temporaries would pass through shared memory (1,069,056 B at
       ``CAND_PAD`` 1024, the wide search at 16-token blocks and ``top_k`` 128); same blocks,
-      ties aside (module doc)."""
+      ties aside (module doc);
+    - ``KEY_MAJOR`` (a keys x queries score tile) from ``CAND_PAD`` ``MIN_KEY_MAJOR_CANDIDATES``
+      (128) on, and 4 warps below ``CAND_PAD`` 256: the fastest of ``benchmarks/search_tiles.py``'s
+      sweep at ``CAND_PAD`` 32 and 128 (module doc); ``CAND_PAD`` 64 and 256 follow untimed;
+    - ``MASK_KEYS`` false (no causal or padding mask on the scores) when the local blocks span at
+      least a query block: every searched key then precedes the block's queries."""
     n_search = expanded_branches(top_k - sink_blocks - local_blocks, expand_levels)
     representative_keys = min(representative_keys, key_block)
     key_stride = key_block // representative_keys
@@ -92,9 +99,7 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
         DOT_PRECISION="ieee" if dtype == torch.float32 or interpreting else "tf32",
         UPCAST_TILES=interpreting, EXPAND_LEVELS=expand_levels,
         SORT_SELECT=sort_select,
-        # When the local blocks span at least a query block (powers of two), every searched key
-        # lies before the query block's first query: no causal or padding mask on the scores.
-        MASK_KEYS=local_blocks * key_block < query_block,
+        MASK_KEYS=local_blocks * key_block < query_block,  # powers of two: the local blocks cover the queries
         KEY_MAJOR=2 * branch_pad >= MIN_KEY_MAJOR_CANDIDATES,
         num_warps=8 if branch_pad >= 128 else 4,
         num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and 2 * branch_pad <= MIN_SORTED_CANDIDATES else 1,

@@ -39,14 +39,24 @@ the ``BRANCH_PAD x CAND_PAD`` placement): each candidate's key packs, in one int
 (order-preserving bits, negated so that ascending is best first), an empty flag and its index,
 so the sorted order is the rank order above; the first ``BRANCH_PAD`` keys name the kept
 candidates, whose ranges ``tl.gather`` reads. Same output as ``"rank"``, ties aside (``-0.0``
-and ``0.0`` are ordered by their bits). Meant for the wide searches of the rescored estimators
-(``CAND_PAD`` 128 at ``top_k`` 16, ``beam`` 4), where the ``C**2`` comparison grows 16x; measured
-on the H200 (``benchmarks/results/h200_2026-11-30b/``) it is no faster there (21.2 against
-21.3 ms at 128k, 257 against 252 ms at 1M) and slower for Stream's own search (6.0 against
-4.5 ms at 128k), so ``"rank"`` stays the default (up to ``CAND_PAD`` 256; wider searches sort,
-as the rank comparison's temporaries would not fit in shared memory): the wide search's time is
-not in its selection (the score dots and the gathered key rows grow 4x with the candidates, the
-rounds only fall from 8 to 6).
+and ``0.0`` are ordered by their bits).
+
+Launch choices (``stream_launch.launch_constants``), from the sweeps on the H200
+(``benchmarks/search_tiles.py``, ``benchmarks/results/h200_2026-11-30f/``; Qwen2.5-1.5B heads,
+bf16, 64-token blocks, 128k tokens):
+
+- Stream's own search (``CAND_PAD`` 32): a queries x keys score tile, rank counting, 4 warps:
+  3.2 ms (keys x queries 4.5 ms; sort 4.1 ms; 8 warps 4.3 ms);
+- from ``CAND_PAD`` 128 on (the rescored estimator's wide search): a keys x queries score tile
+  (``KEY_MAJOR``: ``keys @ query_tile.T``; why this orientation is faster was not profiled),
+  the sorted selection and 4 warps: 7.7 ms, against 14.3 ms for queries x keys with rank counting
+  and 8 warps (the earlier rule) and 9.0 ms with rank counting. Before the running max and the
+  mask-free scores (below) the sort was no faster there (21.2 against 21.3 ms): the time was in
+  the per-key reductions, not in the selection;
+- each round keeps an element-wise running max over the representative keys in the score tile's
+  own layout and reduces over the queries once per round (one reduction per key before: 4.5 to
+  3.2 ms for Stream's search, 18.3 to 14.2 ms for the wide one);
+- no score mask where none is needed (``MASK_KEYS``, step 2): 4.5 to 4.4 ms and 21.4 to 18.3 ms.
 
 ``expand_levels = E > 0`` runs the expanded search of ``stream`` (fewer branches, stopped
 ``E`` levels early, every block of every branch kept, then the locals and ``-1``). As the rescored
@@ -63,9 +73,10 @@ representative_keys`` dots of ``BLOCK_Q x BLOCK_D x CAND_PAD``, so
 O(T * top_k * representative_keys * d * log T) per head, as in the reference.
 
 Measured on one H200 (Triton 3.6, bf16, head dim 128, blocks of 64, top_k 16, sink = local = 1,
-8 representative keys): 11.5 ms for a 32-query / 8-key-head layer at 128k tokens, 4.3 ms for
-12 / 2 heads at 128k and 47 ms at 1M; 123 registers, no spills. The rank comparison grows as
-``CAND_PAD ** 2``: from top_k ~ 34 (``BRANCH_PAD`` 64) the kernel runs 8 warps.
+8 representative keys; ``benchmarks/rescore.py``, 2026-11-30): 3.1 ms for 12 / 2 heads at 128k
+and 34 ms at 1M (4.5 and 49 ms before the running max and the mask-free scores). The rank
+comparison grows as ``CAND_PAD ** 2``: the sorted selection takes over from ``CAND_PAD`` 128, and
+from ``CAND_PAD`` 256 the kernel runs 8 warps.
 
 Shared memory (232,448 B = 227 KB per block on the H200; over it Triton raises
 ``OutOfResources`` at launch, before anything is written, and ``dispatch`` runs the torch
@@ -323,7 +334,7 @@ def stream_estimate_triton(
     ``(top_k - sink - local) / 2**E`` branches, stopped at ``2**E`` blocks, all kept.
     ``select``: how each round keeps its best halves, ``"rank"`` (compare-and-count) or
     ``"sort"`` (one bitonic sort of packed keys); the same blocks either way (ties aside). Searches
-    of more than 128 branches sort whatever ``select`` says (``launch_constants``: shared memory)."""
+    of 33 or more branches (``CAND_PAD`` 128) sort whatever ``select`` says (``launch_constants``)."""
     check_attention_inputs(query, key)
     return stream_estimate_triton_unchecked(
         query, key, query_block=query_block, key_block=key_block, top_k=top_k, sink_blocks=sink_blocks,
