@@ -11,7 +11,9 @@ heads, 2 key heads, d_head 128), 64-token blocks, sink 1, local 1, 8 representat
 cuDNN SDPA on the same tensors timed in the same run (the ratio's baseline). Every setting's blocks
 are compared with the package's default launch (``same``: share of identical rows; scores summed in
 another order can flip a near-tied row). A launch that does not fit the GPU is recorded with its
-error. CUDA-event medians. Prints a table, writes JSON.
+error. CUDA-event medians. Prints a table, writes JSON. ``--rescore`` sweeps the fused rescoring
+(``rescore_triton``, top-k mode) of the wide search's candidates instead: ``num_warps:num_stages``,
+every query and every 4th.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import attention_heads, command, dense_sdpa, describe, environment, print_table, save_json, time_cuda  # noqa: E402
-from sparse_lens.kernels import stream_triton  # noqa: E402
+from sparse_lens.kernels import rescore_triton, stream_triton  # noqa: E402
 from sparse_lens.kernels.blocks import num_blocks  # noqa: E402
 
 BLOCK, SINK, LOCAL, REPRESENTATIVE_KEYS, TOP_K, BEAM = 64, 1, 1, 8, 16, 4
@@ -35,6 +37,14 @@ def search(query, key, top_k: int, select: str, tuning: dict | None):
     stream_triton._launch_into(query, key, out, query_block=BLOCK, key_block=BLOCK, top_k=top_k, sink_blocks=SINK,
                                local_blocks=LOCAL, representative_keys=REPRESENTATIVE_KEYS, expand_levels=0,
                                select=select, tuning=tuning)
+    return out
+
+
+def rescore(query, key, candidates, query_stride: int, tuning: dict | None):
+    out = torch.empty(*candidates.shape[:3], TOP_K, dtype=torch.int64, device="cuda")
+    rescore_triton._launch(query, key, candidates, out, mode=rescore_triton.MODE_TOP_K, query_block=BLOCK,
+                           key_block=BLOCK, scale=query.shape[-1] ** -0.5, query_stride=query_stride,
+                           sink_blocks=SINK, local_blocks=LOCAL, tuning=tuning)
     return out
 
 
@@ -51,12 +61,30 @@ def measure(name: str, run, reference: torch.Tensor, dense_s: float, repeats: in
     return row
 
 
+def sweep_rescoring(query, key, launches, dense_s: float, repeats: int, seq_len: int) -> list[dict]:
+    """The fused rescoring (top-k mode) of the wide search's candidates, per launch and query stride."""
+    candidates = search(query, key, SINK + LOCAL + BEAM * (TOP_K - SINK - LOCAL), "rank", None)
+    candidates = candidates.to(torch.int32).contiguous()
+    rows = []
+    for stride in (1, 4):
+        reference = rescore(query, key, candidates, stride, None)
+        for tuning in [None] + [{"num_warps": warps, "num_stages": stages} for warps, stages in launches]:
+            row = measure(f"rescore every {stride} query", lambda: rescore(query, key, candidates, stride, tuning),
+                          reference, dense_s, repeats)
+            setting = "package default" if tuning is None else f"{tuning['num_warps']} warps, {tuning['num_stages']} stages"
+            rows.append({**row, "seq_len": seq_len, "setting": setting, **(tuning or {})})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072])
     parser.add_argument("--launches", nargs="+", default=["4:3", "8:3", "8:2"], help="num_warps:num_stages")
     parser.add_argument("--selects", nargs="+", default=["rank", "sort"], choices=["rank", "sort"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rescore", action="store_true",
+                        help="sweep the fused rescoring (num_warps:num_stages, every query and every 4th) instead")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_tiles.json"))
     args = parser.parse_args()
     launches = [tuple(int(part) for part in spec.split(":")) for spec in args.launches]
@@ -69,7 +97,9 @@ def main() -> None:
         dense_s = time_cuda(lambda: dense_sdpa(query, key, value), 5)
         rows.append({"kernel": "dense SDPA", "seq_len": seq_len, "ms": dense_s * 1e3, "share_of_dense": 1.0})
         print(rows[-1], flush=True)
-        for top_k in (TOP_K, SINK + LOCAL + BEAM * (TOP_K - SINK - LOCAL)):
+        if args.rescore:
+            rows += sweep_rescoring(query, key, launches, dense_s, args.repeats, seq_len)
+        for top_k in () if args.rescore else (TOP_K, SINK + LOCAL + BEAM * (TOP_K - SINK - LOCAL)):
             reference = search(query, key, top_k, "rank", None)
             rows.append({**measure(f"search top_k {top_k}", lambda: search(query, key, top_k, "rank", None),
                                    reference, dense_s, args.repeats), "seq_len": seq_len, "setting": "package default"})

@@ -185,10 +185,11 @@ def _rescore_kernel(
 @launch_on_tensor_device
 def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_block: int, scale: float,
             query_stride: int, sink_blocks: int = 0, local_blocks: int = 0, p: float = 1.0,
-            min_blocks: int = 1, masked_loop: bool = True) -> None:
+            min_blocks: int = 1, masked_loop: bool = True, tuning: dict | None = None) -> None:
     """Run the kernel into ``out`` (every element written): contiguous q, k, int32 ``candidates``;
     ``out`` float32 of the candidates' shape (mode 0) or int64 ``[..., out_width]`` (modes 1, 2).
-    The tests call it with poisoned buffers."""
+    The tests call it with poisoned buffers. ``tuning`` replaces launch options (``num_warps``,
+    ``num_stages``) for ``benchmarks/search_tiles.py``."""
     batch, n_q_heads, seq_len, d_head = query.shape
     n_query_blocks, width = candidates.shape[2:]
     if out.numel() == 0:
@@ -198,10 +199,10 @@ def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_blo
         query, key, candidates, out,
         float(scale), float(p), seq_len, n_q_heads, key.shape[1], n_query_blocks, width, out.shape[-1], d_head,
         int(min_blocks),
-        **launch_constants(mode=mode, d_head=d_head, dtype=query.dtype, width=width, out_width=out.shape[-1],
-                           query_block=query_block, key_block=key_block, query_stride=query_stride,
-                           sink_blocks=sink_blocks, local_blocks=local_blocks, masked_loop=masked_loop,
-                           interpreting=os.environ.get("TRITON_INTERPRET") == "1"),
+        **{**launch_constants(mode=mode, d_head=d_head, dtype=query.dtype, width=width, out_width=out.shape[-1],
+                              query_block=query_block, key_block=key_block, query_stride=query_stride,
+                              sink_blocks=sink_blocks, local_blocks=local_blocks, masked_loop=masked_loop,
+                              interpreting=os.environ.get("TRITON_INTERPRET") == "1"), **(tuning or {})},
     )
 
 
