@@ -33,13 +33,16 @@ def resolve_placement(
     """``(device_map, max_memory)`` for HF / accelerate, or ``(None, ...)`` for one device.
 
     Raises:
-        InvalidConfigError: ``device`` together with ``device_map`` or ``n_devices > 1``, more
+        InvalidConfigError: ``device`` together with ``device_map`` or ``n_devices > 1``, a ``device``
+            torch does not know or this machine does not have (:func:`check_device`), more
             devices than CUDA has, or a map target that holds no data (``"meta"``, ``"disk"``).
     """
     from transformer_lens.utilities.multi_gpu import resolve_device_map
 
     if device is not None and (device_map is not None or (n_devices or 1) > 1):
         raise InvalidConfigError("Pass device for one device, or device_map / n_devices for several; not both.")
+    if device is not None:
+        check_device(device)
     try:
         resolved, memory = resolve_device_map(n_devices, device_map, None, max_memory)
     except ValueError as error:
@@ -49,6 +52,21 @@ def resolve_placement(
         if bad:
             raise InvalidConfigError(f"device_map targets must hold the weights (CPU or GPU devices), got {bad}.")
     return resolved, memory
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``InvalidConfigError`` for a name torch does not know or a CUDA
+    device this machine does not have (checked before any weights load)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InvalidConfigError(f"device={device!r} is not a torch device ({error}).") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            hint = f"cuda:0 .. cuda:{count - 1}" if count else "torch.cuda.is_available() is False; use device='cpu'"
+            raise InvalidConfigError(f"device={device!r}: this machine has {count} CUDA device(s) ({hint}).")
+    return resolved
 
 
 def targets_cuda(device_map: DeviceMap) -> bool:

@@ -110,6 +110,23 @@ def test_placement_errors():
             sl.HookedSparseTransformer.from_config(config, n_devices=64)
 
 
+def test_a_device_this_machine_lacks_is_refused_before_loading(monkeypatch):
+    """A CUDA device on a machine without one (or past its last GPU), or a name torch does not know:
+    InvalidConfigError up front, not torch's AssertionError once the weights are loaded."""
+    config = tiny_llama_config()
+    with pytest.raises(InvalidConfigError, match="'gpu' is not a torch device"):
+        sl.HookedSparseTransformer.from_config(config, device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(InvalidConfigError, match="0 CUDA device.*use device='cpu'"):
+        sl.HookedSparseTransformer.from_config(config, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(InvalidConfigError, match=r"2 CUDA device\(s\) \(cuda:0 .. cuda:1\)"):
+        sl.HookedSparseTransformer.from_config(config, device="cuda:2")
+    sl.HookedSparseTransformer.from_config(config, device="cpu")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_layers_on_two_gpus_equal_one():
     stream = STREAM.replace(query_block=16, key_block=16)  # Triton's smallest blocks
