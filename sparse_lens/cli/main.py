@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sparse_lens.cli import fidelity, trace
+from sparse_lens.errors import SparseLensError
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = {"trace": trace, "fidelity": fidelity}[args.command]
     command.check_arguments(commands[args.command], args)  # before the model loads
-    command.run(args)
+    try:
+        command.run(args)
+    except SparseLensError as error:  # a named error says what went wrong and what to do: no traceback
+        print(f"sparse-lens {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -105,3 +105,16 @@ def test_a_failing_run_leaves_the_output_folder_as_it_was(tiny_model_dir, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(path.name for path in out.iterdir()) == sorted([*summary["figures"], "report.html", "summary.json"])
     assert sorted(tmp_path.iterdir()) == [out]
+
+
+def test_a_named_error_while_running_is_one_line_and_exit_status_1(tmp_path, capsys):
+    """A model that does not exist, or a CUDA device the machine lacks: the named error's message
+    (its class named) on stderr and exit status 1, no traceback, nothing written."""
+    out = tmp_path / "trace"
+    missing = main(["trace", "--model", str(tmp_path / "nope.gguf"), "--device", "cpu", "--out", str(out)])
+    lacking = main(["trace", "--device", f"cuda:{torch.cuda.device_count()}", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert missing == lacking == 1
+    assert f"sparse-lens trace: error: ModelSourceError: No model file or directory at {tmp_path / 'nope.gguf'}" in err
+    assert "sparse-lens trace: error: InvalidConfigError: device='cuda:" in err
+    assert "Traceback" not in err and not out.exists()
