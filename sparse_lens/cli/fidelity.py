@@ -56,7 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The config the flags describe is valid, before the model loads (else a usage error)."""
+    """The config the flags describe is valid and ``--out`` can be written as a file, before the
+    model loads (else a usage error)."""
+    out = args.out.absolute()
+    if out.is_dir():
+        parser.error(f"argument --out: {args.out} is a directory; name the JSON file to write")
+    blocking = next((path for path in out.parents if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        parser.error(f"argument --out: {args.out} cannot be written: {blocking} is a file, not a directory")
     try:
         fidelity_config(args)
     except InvalidConfigError as error:

@@ -86,3 +86,19 @@ def test_fidelity_command_warns_when_top_k_keeps_every_block(tmp_path, monkeypat
         assert main(["fidelity", "--length", "400", "--top-k", top_k, "--no-fidelity", "--max-new-tokens", "4",
                      "--out", str(tmp_path / "f.json")]) == 0
         assert ("nothing is pruned" in capsys.readouterr().err) == warned
+
+
+@pytest.mark.parametrize("out, message", [("folder", "is a directory"), ("a_file/fidelity.json", "a_file is a file")])
+def test_an_out_that_cannot_be_written_is_a_usage_error_before_the_model_loads(out, message, tmp_path, monkeypatch,
+                                                                               capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("kept")
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(fidelity_cli, "load_model", no_loading)
+    with pytest.raises(SystemExit) as exited:
+        main(["fidelity", "--out", str(tmp_path / out), "--device", "cpu"])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "kept" and not any((tmp_path / "folder").iterdir())
