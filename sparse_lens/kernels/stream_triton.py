@@ -235,7 +235,7 @@ def _stream_estimate_kernel(
                 center = tl.where(non_empty, cand_start + (cand_end - cand_start - 1) // 2, 0)
 
                 # Running max over representative keys, element by element in the dot's layout; one
-                # reduction over the queries per round (not one per key: each crosses warps).
+                # reduction over the queries per round, not one per key (module doc: measured faster).
                 # KEY_MAJOR: the tile is keys x queries (keys @ query_tile.T), else queries x keys.
                 if KEY_MAJOR:
                     best = tl.full([2 * BRANCH_PAD, BLOCK_Q], float("-inf"), tl.float32)
