@@ -151,3 +151,13 @@ def test_replace_with_an_unknown_field_is_a_named_error():
     with pytest.raises(sl.InvalidConfigError, match=r"no field\(s\) \[.topk.\].*.top_k."):
         sl.TracingConfig().replace(topk=4)
     assert sl.TracingConfig().replace(top_k=4).top_k == 4
+
+
+def test_a_key_block_below_the_default_representative_keys_names_the_setting_to_pass():
+    # Key blocks of 4 keys with the default 8 representative keys: the user never set them, so the
+    # error says which settings class takes a smaller value (and that value then works).
+    with pytest.raises(sl.InvalidConfigError, match=r"default is 8.*RescoredSettings\(representative_keys=\.\.\.\)"):
+        sl.TracingConfig(query_block=4, key_block=4, top_k=4, estimator="rescored")
+    config = sl.TracingConfig(query_block=4, key_block=4, top_k=4, estimator="rescored",
+                              estimator_settings=sl.RescoredSettings(representative_keys=4))
+    assert config.estimator_settings.representative_keys == 4

@@ -91,8 +91,10 @@ class StreamSettings(EstimatorSettings):
 
     def check(self, geometry: BlockGeometry) -> None:
         if self.representative_keys > geometry.key_block:
-            raise InvalidConfigError(f"representative_keys must be between 1 and key_block={geometry.key_block}, "
-                                     f"got {self.representative_keys!r}.")
+            raise InvalidConfigError(
+                f"representative_keys must be between 1 and key_block={geometry.key_block}, got "
+                f"{self.representative_keys!r} (the default is {type(self)().representative_keys}; for smaller key "
+                f"blocks pass estimator_settings={type(self).__name__}(representative_keys=...)).")
 
 
 @dataclass(frozen=True)
