@@ -42,6 +42,12 @@ class PaddingNotSupportedError(SparseLensError, ValueError):
 class ModelSourceError(SparseLensError, FileNotFoundError):
     """A model name or path could not be resolved to weights (missing file, package, or no hub access)."""
 
+class IncompletePatternError(SparseLensError, ValueError):
+    """A pattern lacks what the method needs: it was sliced along queries (``pattern[:, :, a:b]``;
+    ``to_block_mask``, ``to_string``, ``pruned_fraction`` and ``token_probs`` need the whole
+    pattern), or it kept no queries and keys (``keep_qk=False``; ``token_probs`` needs them)."""
+
+
 class InvalidPatternError(SparseLensError, ValueError):
     """An edited pattern (returned by a ``hook_pattern`` / ``hook_block_indices`` / ``hook_block_mass``
     hook) is not one attention can run on: a block out of range, a block listed twice, a block

@@ -64,8 +64,13 @@ def test_token_probs_rows_sum_to_one_and_limit_is_enforced():
     for bad in (0, -5, None, "4096", 4096.0):  # not a limit: a named error, not "100 > -5" or a TypeError
         with pytest.raises(sl.InvalidConfigError, match="max_tokens must be an int >= 1"):
             pattern.token_probs(max_tokens=bad)
-    with pytest.raises(ValueError, match="keep_qk"):
+    with pytest.raises(sl.IncompletePatternError, match="keep_qk"):
         make_pattern(keep_qk=False).token_probs()
+    sliced = pattern[:, :, 70:]  # the last query blocks: the four whole-pattern methods refuse it by name
+    assert sliced.is_sliced
+    for method in (sliced.token_probs, sliced.to_block_mask, sliced.to_string, sliced.pruned_fraction):
+        with pytest.raises(sl.IncompletePatternError, match="sliced along queries"):
+            method()
 
 
 def test_to_dense_is_a_deprecated_alias_of_token_probs():

@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sparse_lens.errors import ContextTooLongError, InvalidConfigError
+from sparse_lens.errors import ContextTooLongError, IncompletePatternError, InvalidConfigError
 from sparse_lens.kernels.sparse_attention import kept_token_probs
 
 DEFAULT_DENSE_LIMIT = 4096
@@ -29,7 +29,8 @@ class PatternTokenLevel:
         the capped score and keys outside the window are 0; with sinks a row sums to at most
         ``1 - sink_probs()`` (the sink's share is dropped). [head, seq, seq] without batch
         dimension. Raises ``ContextTooLongError`` above ``max_tokens`` (the tensor is quadratic
-        in the sequence length), ``InvalidConfigError`` for a ``max_tokens`` that is not an int >= 1.
+        in the sequence length), ``InvalidConfigError`` for a ``max_tokens`` that is not an int >= 1,
+        ``IncompletePatternError`` for a pattern sliced along queries or kept without q / k.
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidConfigError(f"max_tokens must be an int >= 1 (the longest sequence token_probs builds "
@@ -40,9 +41,9 @@ class PatternTokenLevel:
                 "Use block_mass, or run a window of the sequence, or raise max_tokens if you have the memory."
             )
         if self.query is None or self.key is None:
-            raise ValueError("This pattern kept no queries/keys (StreamConfig.keep_qk=False); token_probs needs them.")
+            raise IncompletePatternError("This pattern kept no queries/keys (StreamConfig.keep_qk=False); token_probs needs them.")
         if self.is_sliced:
-            raise ValueError("token_probs needs the whole pattern; this one was sliced along queries.")
+            raise IncompletePatternError("token_probs needs the whole pattern; this one was sliced along queries.")
         batched = self._batched()
         probs = kept_token_probs(
             batched.query, batched.key, batched.block_indices, batched.lse,
