@@ -42,7 +42,7 @@ candidates, whose ranges ``tl.gather`` reads. Same output as ``"rank"``, ties as
 and ``0.0`` are ordered by their bits).
 
 Launch choices (``stream_launch.launch_constants``), from the sweeps on the H200
-(``benchmarks/search_tiles.py``, ``benchmarks/results/h200_2026-11-30f/``; Qwen2.5-1.5B heads,
+(``benchmarks/search_tiles.py``, ``benchmarks/results/h200_2026-11-30f/c4/``; Qwen2.5-1.5B heads,
 bf16, 64-token blocks, 128k tokens):
 
 - Stream's own search (``CAND_PAD`` 32): a queries x keys score tile, rank counting, 4 warps:
