@@ -74,15 +74,16 @@ MODE_MASS, MODE_TOP_K, MODE_TOP_P = 0, 1, 2
 
 
 @triton.jit
-def _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims, d_head, tile_max, tile_sum,
-                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Online log-sum-exp step over one key tile of a candidate: ``(max, sum)`` per query, the sum
-    taken relative to the max (rows that see nothing keep ``-inf`` and 0)."""
+def _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims, d_head, slot_ids, slot, row_max,
+                  slot_sums, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Online log-sum-exp step: one key tile of candidate ``slot`` into ``(row_max, slot_sums)``."""
     keys = load_rows(key_base, key_pos, seq_len, dims, d_head)
     scores = masked_scores(queries, keys, query_pos, key_pos, seq_len, scale, DOT_PRECISION, DOT_UPCAST)
-    new_max = tl.maximum(tile_max, tl.max(scores, axis=1))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
-    return new_max, tile_sum * tl.exp(tile_max - shift) + tl.sum(tl.exp(scores - shift[:, None]), axis=1)
+    tile_sum = tl.sum(tl.exp(scores - shift[:, None]), axis=1)
+    in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
+    return new_max, slot_sums * tl.exp(row_max - shift)[:, None] + in_slot
 
 
 @triton.jit
@@ -92,10 +93,7 @@ def _candidate_mass(
     QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, MASKED_LOOP: tl.constexpr,
 ):
-    """``[SLOTS]`` block masses of the row's candidates (0 beyond ``width`` and for ``-1`` slots).
-
-    Per query, each candidate's own log-sum-exp (its key tiles merged online), written into its
-    column of a ``[QUERY_TILE, SLOTS]`` tensor; the softmax over the columns comes once at the end."""
+    """``[SLOTS]`` block masses of the row's candidates (0 beyond ``width`` and for ``-1`` slots)."""
     dims, slot_ids = tl.arange(0, BLOCK_D), tl.arange(0, SLOTS)
     mass_sum = tl.zeros([SLOTS], dtype=tl.float32)
     n_real = 0
@@ -107,29 +105,27 @@ def _candidate_mass(
         query_pos = tl.where(real, query_pos, seq_len)  # padded rows: loaded as 0, masked everywhere
         last_query = tl.max(tl.where(real, query_pos, -1), axis=0)
         queries = load_rows(query_base, query_pos, seq_len, dims, d_head)
-        slot_lse = tl.full([QUERY_TILE, SLOTS], float("-inf"), dtype=tl.float32)
+        row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
+        slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
         for slot in range(width):
             key_block_id = tl.load(candidates_ptr + slots_row + slot)
-            tile_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
-            tile_sum = tl.zeros([QUERY_TILE], dtype=tl.float32)
             for key_tile in range(KEY_BLOCK // KEY_TILE):
                 first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
                 live = (key_block_id >= 0) & (first_key <= last_query)
                 if MASKED_LOOP:  # no branch: a dead tile's keys sit at seq_len (-inf scores, adds 0)
                     key_pos = tl.where(live, first_key, seq_len) + tl.arange(0, KEY_TILE)
-                    tile_max, tile_sum = _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims,
-                                                       d_head, tile_max, tile_sum, DOT_PRECISION, DOT_UPCAST)
+                    row_max, slot_sums = _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims,
+                                                       d_head, slot_ids, slot, row_max, slot_sums,
+                                                       DOT_PRECISION, DOT_UPCAST)
                 elif live:
                     key_pos = first_key + tl.arange(0, KEY_TILE)
-                    tile_max, tile_sum = _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims,
-                                                       d_head, tile_max, tile_sum, DOT_PRECISION, DOT_UPCAST)
-            lse = tl.where(tile_sum > 0.0, tile_max + tl.log(tl.where(tile_sum > 0.0, tile_sum, 1.0)), float("-inf"))
-            slot_lse = tl.where(slot_ids[None, :] == slot, lse[:, None], slot_lse)
-        row_max = tl.max(slot_lse, axis=1)
-        seen = real & (row_max > float("-inf"))
-        probs = tl.exp(slot_lse - tl.where(seen, row_max, 0.0)[:, None])
-        row_sum = tl.sum(probs, axis=1)
-        mass_sum += tl.sum(probs * tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)[:, None], axis=0)
+                    row_max, slot_sums = _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims,
+                                                       d_head, slot_ids, slot, row_max, slot_sums,
+                                                       DOT_PRECISION, DOT_UPCAST)
+        row_sum = tl.sum(slot_sums, axis=1)
+        seen = real & (row_sum > 0.0)
+        inverse_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
+        mass_sum += tl.sum(slot_sums * inverse_sum[:, None], axis=0)
         n_real += tl.sum(real.to(tl.int32), axis=0)
     return mass_sum / tl.maximum(n_real, 1).to(tl.float32)
 
