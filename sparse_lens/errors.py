@@ -42,6 +42,7 @@ class PaddingNotSupportedError(SparseLensError, ValueError):
 class ModelSourceError(SparseLensError, FileNotFoundError):
     """A model name or path could not be resolved to weights (missing file, package, or no hub access)."""
 
+
 class IncompletePatternError(SparseLensError, ValueError):
     """A pattern lacks what the method needs: it was sliced along queries (``pattern[:, :, a:b]``;
     ``to_block_mask``, ``to_string``, ``pruned_fraction`` and ``token_probs`` need the whole
