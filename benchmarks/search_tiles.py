@@ -4,8 +4,8 @@
     python3 benchmarks/search_tiles.py --lengths 131072 1048576 --launches 4:3 8:3 --selects rank
 
 ``stream_triton`` at Stream's own width (``top_k`` 16) and at the default's wide one (beam 4: 58
-slots), for every combination of: the score tile's orientation (``KEY_MAJOR``: keys x queries, the
-reduction over queries inside a warp; else queries x keys), ``num_warps:num_stages`` and the
+slots), for every combination of: the score tile's orientation (``KEY_MAJOR``: keys x queries;
+else queries x keys), ``num_warps:num_stages`` and the
 selection (``rank`` / ``sort``). One layer of random bf16 q / k of the Qwen2.5-1.5B shape (12 query
 heads, 2 key heads, d_head 128), 64-token blocks, sink 1, local 1, 8 representative keys; dense
 cuDNN SDPA on the same tensors timed in the same run (the ratio's baseline). Every setting's blocks
@@ -87,6 +87,8 @@ def main() -> None:
                         help="sweep the fused rescoring (num_warps:num_stages, every query and every 4th) instead")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_tiles.json"))
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("search_tiles.py times the Triton kernels on a GPU; this machine has no CUDA device.")
     launches = [tuple(int(part) for part in spec.split(":")) for spec in args.launches]
     q_heads, kv_heads, d_head = attention_heads("qwen2.5-1.5b")
     rows = []
