@@ -51,9 +51,12 @@ _HOOKS = {"resid_pre": "blocks.{}.hook_resid_pre", "resid_post": "blocks.{}.hook
 
 def block_spans(seq_len: int, block: int) -> list[Span]:
     """``[start, end)`` of every ``block``-token block of a ``seq_len``-token sequence (the last may
-    be shorter): the key blocks of a ``TracingConfig`` with ``key_block = block``."""
-    if block < 1 or seq_len < 1:
-        raise InvalidSpanError(f"block ({block}) and seq_len ({seq_len}) must be >= 1.")
+    be shorter): the key blocks of a ``TracingConfig`` with ``key_block = block``.
+    ``InvalidSpanError`` for a ``block`` that is not an int >= 1 (a bool too) or an empty sequence."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise InvalidSpanError(f"spans as an int is a span length in tokens, >= 1; got {block!r}.")
+    if seq_len < 1:
+        raise InvalidSpanError(f"the sequence is empty (seq_len {seq_len}): no spans to cut.")
     return [(start, min(start + block, seq_len)) for start in range(0, seq_len, block)]
 
 

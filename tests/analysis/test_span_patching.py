@@ -104,6 +104,11 @@ def test_positions_before_the_span_are_unchanged(models):
 
 def test_block_spans():
     assert block_spans(40, 16) == [(0, 16), (16, 32), (32, 40)]
+    for bad in (0, -4, True, 2.5):  # True is an int to Python: it would read as 1-token spans
+        with pytest.raises(InvalidSpanError, match="span length in tokens"):
+            block_spans(40, bad)
+    with pytest.raises(InvalidSpanError, match="empty"):
+        block_spans(0, 16)
 
 
 @pytest.mark.parametrize("spans, message", [([(0, 65)], "outside"), ([(-1, 4)], "outside"), ([(5, 5)], "empty"),
