@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.errors import ShapeError
+from sparse_lens.errors import IncompletePatternError, ShapeError
 from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.kernels.checks import check_attention_features
 from sparse_lens.pattern.block_mask import PatternFlexVocabulary
@@ -123,6 +123,11 @@ class BlockSparsePattern(
     @property
     def is_sliced(self) -> bool:
         return self.first_query_block != 0 or self.n_query_blocks != num_blocks(self.seq_len, self.query_block)
+
+    def require_whole(self, method: str) -> None:
+        """``IncompletePatternError`` if this pattern was sliced along queries (``method`` needs every row)."""
+        if self.is_sliced:
+            raise IncompletePatternError(f"{method} needs the whole pattern; this one was sliced along queries.")
 
     @property
     def shape(self) -> torch.Size:

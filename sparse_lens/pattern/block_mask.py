@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sparse_lens.errors import ContextTooLongError, IncompletePatternError
+from sparse_lens.errors import ContextTooLongError
 from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.pattern_flex import DEFAULT_BLOCK_MASK_BYTES, block_grid, block_mask_from_indices
 
@@ -53,8 +53,7 @@ class PatternFlexVocabulary:
             ContextTooLongError: those tables would need more than ``max_bytes``.
             IncompletePatternError: the pattern was sliced along queries.
         """
-        if self.is_sliced:
-            raise IncompletePatternError("to_block_mask needs the whole pattern; this one was sliced along queries.")
+        self.require_whole("to_block_mask")
         return block_mask_from_indices(
             self._batched().block_indices, seq_len=self.seq_len, query_block=self.query_block,
             key_block=self.key_block, max_bytes=max_bytes,
@@ -69,8 +68,7 @@ class PatternFlexVocabulary:
             raise ContextTooLongError(
                 f"to_string draws {self.n_query_blocks} x {n_key_blocks} blocks; the limit is max_blocks={max_blocks}."
             )
-        if self.is_sliced:
-            raise IncompletePatternError("to_string needs the whole pattern; this one was sliced along queries.")
+        self.require_whole("to_string")
         indices = self._batched().block_indices
         parts = [f"{self!r}  (█ kept, ░ pruned, blank not causal)"]
         for flat, (batch, head) in enumerate((b, h) for b in range(indices.shape[0]) for h in range(indices.shape[1])):

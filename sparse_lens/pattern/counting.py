@@ -11,7 +11,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.errors import IncompletePatternError
 from sparse_lens.kernels.blocks import causal_pairs, kept_pairs_per_slot
 
 
@@ -66,7 +65,6 @@ class PatternCounting:
         """``1 - kept pairs / visible pairs`` over every batch row and head, where visible pairs
         are those the layer's attention can see (causal, within its window): a windowed layer
         that keeps its whole window band prunes nothing."""
-        if self.is_sliced:
-            raise IncompletePatternError("pruned_fraction needs the whole pattern; this one was sliced along queries.")
+        self.require_whole("pruned_fraction")
         kept = self.kept_pairs()
         return 1.0 - float(kept.sum()) / (self.visible_pairs() * kept.numel())

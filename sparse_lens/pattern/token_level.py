@@ -42,8 +42,7 @@ class PatternTokenLevel:
             )
         if self.query is None or self.key is None:
             raise IncompletePatternError("This pattern kept no queries/keys (StreamConfig.keep_qk=False); token_probs needs them.")
-        if self.is_sliced:
-            raise IncompletePatternError("token_probs needs the whole pattern; this one was sliced along queries.")
+        self.require_whole("token_probs")
         batched = self._batched()
         probs = kept_token_probs(
             batched.query, batched.key, batched.block_indices, batched.lse,
