@@ -31,6 +31,7 @@ from sparse_lens.analysis import (
 )
 from sparse_lens.analysis.task_accuracy import DEFAULT_TASKS
 from sparse_lens.cli.config_flags import add_tracing_flags, tracing_config
+from sparse_lens.cli.paths import file_in_the_way
 from sparse_lens.config import TracingConfig
 from sparse_lens.data import RULER_TASKS, make_sample
 from sparse_lens.errors import InvalidConfigError
@@ -58,10 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The config the flags describe is valid and ``--out`` can be written as a file, before the
     model loads (else a usage error)."""
-    out = args.out.absolute()
-    if out.is_dir():
+    if args.out.is_dir():
         parser.error(f"argument --out: {args.out} is a directory; name the JSON file to write")
-    blocking = next((path for path in out.parents if path.exists() and not path.is_dir()), None)
+    blocking = file_in_the_way(args.out.parent)
     if blocking is not None:
         parser.error(f"argument --out: {args.out} cannot be written: {blocking} is a file, not a directory")
     try:

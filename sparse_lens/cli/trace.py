@@ -44,6 +44,7 @@ from sparse_lens.analysis import collect_dense, fidelity
 from sparse_lens.analysis.fidelity_metrics import first_pruned_position
 from sparse_lens.analysis.needle import needle_recall
 from sparse_lens.cli.config_flags import add_tracing_flags, tracing_config
+from sparse_lens.cli.paths import file_in_the_way
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import ContextTooLongError, InvalidConfigError
 from sparse_lens.data import needle_prompt, string_match_all
@@ -132,9 +133,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"argument --length: must be at least {MIN_LENGTH} + --max-new-tokens "
                      f"({args.max_new_tokens}) = {MIN_LENGTH + args.max_new_tokens} tokens (the instruction, "
                      f"needle, question and answer alone need about {MIN_LENGTH}), got {args.length}")
-    existing = next(path for path in (args.out.absolute(), *args.out.absolute().parents) if path.exists())
-    if not existing.is_dir():  # else mkdir fails only after the whole trace has run
-        parser.error(f"argument --out: {args.out} cannot be an output directory: {existing} is a file")
+    blocking = file_in_the_way(args.out)
+    if blocking is not None:  # else mkdir fails only after the whole trace has run
+        parser.error(f"argument --out: {args.out} cannot be an output directory: {blocking} is a file")
     try:
         parse_layers(args.heatmap_layers, n_layers=2**31)  # the syntax; the range once the model is known
     except ValueError:
