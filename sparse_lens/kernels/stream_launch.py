@@ -17,6 +17,7 @@ from sparse_lens.kernels.stream import expanded_branches
 MIN_DOT = 16  # smallest tl.dot dimension
 KEY_TILE_BYTES = 65536  # at most one gathered key tile of this size (launch_constants)
 PIPELINED_TILE_BYTES = 32768  # up to this key tile the search loop is software-pipelined (launch_constants)
+MAX_PIPELINED_CANDIDATES = 128  # ... and up to this CAND_PAD (launch_constants)
 MIN_SORTED_CANDIDATES = 128  # from this CAND_PAD on the selection sorts (launch_constants)
 MIN_KEY_MAJOR_CANDIDATES = 128  # from this CAND_PAD on the score tile is keys x queries (launch_constants)
 Select = Literal["rank", "sort"]
@@ -61,7 +62,7 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
 
     - ``num_stages``: 3 (Triton's default: the gathered key rows of the next representative key
       load while the current ones are multiplied) when one gathered key tile takes at most
-      ``PIPELINED_TILE_BYTES`` and ``CAND_PAD`` is at most ``MIN_SORTED_CANDIDATES``; 1
+      ``PIPELINED_TILE_BYTES`` and ``CAND_PAD`` is at most ``MAX_PIPELINED_CANDIDATES``; 1
       otherwise, where multi-buffering would overflow (Gemma 3's d_head 256 in fp32 asked
       344,320 B with 3 stages). Compiled for sm_90 on the CPU (Triton 3.9), 3 stages take
       40,960 B for Stream's own search (d_head 128, bf16, ``top_k`` 16) and 115,200 B for the
@@ -102,5 +103,5 @@ def launch_constants(*, d_head: int, dtype: torch.dtype, query_block: int, key_b
         MASK_KEYS=local_blocks * key_block < query_block,  # powers of two: the local blocks cover the queries
         KEY_MAJOR=2 * branch_pad >= MIN_KEY_MAJOR_CANDIDATES,
         num_warps=8 if branch_pad >= 128 else 4,
-        num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and 2 * branch_pad <= MIN_SORTED_CANDIDATES else 1,
+        num_stages=3 if key_tile_bytes <= PIPELINED_TILE_BYTES and 2 * branch_pad <= MAX_PIPELINED_CANDIDATES else 1,
     )
