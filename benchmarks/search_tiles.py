@@ -30,6 +30,7 @@ from sparse_lens.kernels import rescore_triton, stream_triton  # noqa: E402
 from sparse_lens.kernels.blocks import num_blocks  # noqa: E402
 
 BLOCK, SINK, LOCAL, REPRESENTATIVE_KEYS, TOP_K, BEAM = 64, 1, 1, 8, 16, 4
+WIDE_TOP_K = SINK + LOCAL + BEAM * (TOP_K - SINK - LOCAL)  # the default's wide search: 58 slots
 
 
 def search(query, key, top_k: int, select: str, tuning: dict | None):
@@ -61,9 +62,30 @@ def measure(name: str, run, reference: torch.Tensor, dense_s: float, repeats: in
     return row
 
 
+def sweep_search(query, key, launches, selects, dense_s: float, repeats: int, seq_len: int) -> list[dict]:
+    """Stream's search at its own width and the wide one: the package's launch, then every
+    orientation x selection x launch."""
+    rows = []
+    for top_k in (TOP_K, WIDE_TOP_K):
+        reference = search(query, key, top_k, "rank", None)
+        rows.append({**measure(f"search top_k {top_k}", lambda: search(query, key, top_k, "rank", None), reference,
+                               dense_s, repeats), "seq_len": seq_len, "setting": "package default"})
+        print(rows[-1], flush=True)
+        for key_major in (False, True):
+            for select in selects:
+                for warps, stages in launches:
+                    tuning = {"KEY_MAJOR": key_major, "num_warps": warps, "num_stages": stages}
+                    row = measure(f"search top_k {top_k}", lambda: search(query, key, top_k, select, tuning),
+                                  reference, dense_s, repeats)
+                    setting = f"{'keys x queries' if key_major else 'queries x keys'}, {select}, {warps} warps, {stages} stages"
+                    rows.append({**row, "seq_len": seq_len, "setting": setting, "select": select, **tuning})
+                    print(rows[-1], flush=True)
+    return rows
+
+
 def sweep_rescoring(query, key, launches, dense_s: float, repeats: int, seq_len: int) -> list[dict]:
     """The fused rescoring (top-k mode) of the wide search's candidates, per launch and query stride."""
-    candidates = search(query, key, SINK + LOCAL + BEAM * (TOP_K - SINK - LOCAL), "rank", None)
+    candidates = search(query, key, WIDE_TOP_K, "rank", None)
     candidates = candidates.to(torch.int32).contiguous()
     rows = []
     for stride in (1, 4):
@@ -101,20 +123,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         if args.rescore:
             rows += sweep_rescoring(query, key, launches, dense_s, args.repeats, seq_len)
-        for top_k in () if args.rescore else (TOP_K, SINK + LOCAL + BEAM * (TOP_K - SINK - LOCAL)):
-            reference = search(query, key, top_k, "rank", None)
-            rows.append({**measure(f"search top_k {top_k}", lambda: search(query, key, top_k, "rank", None),
-                                   reference, dense_s, args.repeats), "seq_len": seq_len, "setting": "package default"})
-            print(rows[-1], flush=True)
-            for key_major in (False, True):
-                for select in args.selects:
-                    for warps, stages in launches:
-                        tuning = {"KEY_MAJOR": key_major, "num_warps": warps, "num_stages": stages}
-                        row = measure(f"search top_k {top_k}", lambda: search(query, key, top_k, select, tuning),
-                                      reference, dense_s, args.repeats)
-                        setting = f"{'keys x queries' if key_major else 'queries x keys'}, {select}, {warps} warps, {stages} stages"
-                        rows.append({**row, "seq_len": seq_len, "setting": setting, "select": select, **tuning})
-                        print(rows[-1], flush=True)
+        else:
+            rows += sweep_search(query, key, launches, args.selects, dense_s, args.repeats, seq_len)
         del query, key, value
         torch.cuda.empty_cache()
     print_table(["kernel", "T", "setting", "ms", "/ dense", "same rows", "error"],
