@@ -64,7 +64,7 @@ from sparse_lens.kernels.blocks import UNUSED_SLOT, BlockGeometry, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.search import build_sparse_table
-from sparse_lens.kernels.search_select_triton import keep_best_halves_by_rank, store_branches_ascending
+from sparse_lens.kernels.search_selection import keep_best_halves_by_rank, store_branches_ascending
 
 MIN_DOT = 16  # smallest tl.dot dimension
 KEY_TILE_BYTES = 32768  # at most one gathered table tile of this size (launch_constants; four per chunk)

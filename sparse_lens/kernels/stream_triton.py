@@ -109,7 +109,7 @@ from sparse_lens.errors import InvalidConfigError, ShapeError
 from sparse_lens.kernels.blocks import UNUSED_SLOT, BlockGeometry, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
-from sparse_lens.kernels.search_select_triton import keep_best_halves_by_rank, store_branches_ascending
+from sparse_lens.kernels.search_selection import keep_best_halves_by_rank, store_branches_ascending
 from sparse_lens.kernels.stream import expanded_branches
 from sparse_lens.kernels.stream_launch import Select, check_settings, launch_constants
 

@@ -1,4 +1,4 @@
-"""The selection steps the Stream and bounds search kernels share (``stream_triton``,
+"""The selection steps (Triton) the Stream and bounds search kernels share (``stream_triton``,
 ``bounds_triton``): one round's best halves by rank counting, and the found blocks stored ascending.
 Sort-free: ranks are compare-and-count over register vectors (module doc of ``stream_triton``).
 """
