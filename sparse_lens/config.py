@@ -16,6 +16,7 @@ from typing import Any, Literal
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.blocks import BlockGeometry
 from sparse_lens.kernels.causal import causal_inner_geometry
+from sparse_lens.kernels.checks import is_int_at_least
 from sparse_lens.kernels.dispatch import BACKENDS
 from sparse_lens.kernels.registry import (
     DEFAULT_ESTIMATOR,
@@ -138,10 +139,7 @@ class TracingConfig:
             causal_inner_geometry(geometry)  # InvalidConfigError: top_k too small beside the band
         if self.backend not in BACKENDS:
             raise InvalidConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
-        if self.observe_max_tokens is not None and (
-            isinstance(self.observe_max_tokens, bool) or not isinstance(self.observe_max_tokens, int)
-            or self.observe_max_tokens < 1
-        ):
+        if self.observe_max_tokens is not None and not is_int_at_least(self.observe_max_tokens, 1):
             raise InvalidConfigError(f"observe_max_tokens must be None or an int >= 1, got {self.observe_max_tokens!r}.")
         object.__setattr__(self, "_geometry", geometry)
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from sparse_lens.analysis.positions import call_metric, check_indices, kept_positions, logits_kwargs
 from sparse_lens.errors import InvalidConfigError, InvalidPathError, InvalidSpanError, ShapeError
+from sparse_lens.kernels.checks import is_int_at_least
 
 Span = tuple[int, int]
 Activation = Literal["resid_pre", "resid_post", "z"]
@@ -53,7 +54,7 @@ def block_spans(seq_len: int, block: int) -> list[Span]:
     """``[start, end)`` of every ``block``-token block of a ``seq_len``-token sequence (the last may
     be shorter): the key blocks of a ``TracingConfig`` with ``key_block = block``.
     ``InvalidSpanError`` for a ``block`` that is not an int >= 1 (a bool too) or an empty sequence."""
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    if not is_int_at_least(block, 1):
         raise InvalidSpanError(f"spans as an int is a span length in tokens, >= 1; got {block!r}.")
     if seq_len < 1:
         raise InvalidSpanError(f"the sequence is empty (seq_len {seq_len}): no spans to cut.")

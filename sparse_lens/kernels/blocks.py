@@ -19,6 +19,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from sparse_lens.errors import BlockSizeError, InvalidConfigError
+from sparse_lens.kernels.checks import is_int_at_least
 
 UNUSED_SLOT = -1
 
@@ -53,18 +54,18 @@ class BlockGeometry:
     def __post_init__(self) -> None:
         for name in ("query_block", "key_block"):
             size = getattr(self, name)
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            if not is_int_at_least(size, 1):
                 raise BlockSizeError(f"{name} must be a positive int, got {size!r}.")
         if self.query_block % self.key_block and self.key_block % self.query_block:
             raise BlockSizeError(
                 f"query_block={self.query_block} and key_block={self.key_block}: one must divide "
                 "the other so that query and key block grids line up (e.g. 64 and 64, or 64 and 16)."
             )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+        if not is_int_at_least(self.top_k, 1):
             raise InvalidConfigError(f"top_k counts kept key blocks and must be an int >= 1, got {self.top_k!r}.")
         for name in ("sink_blocks", "local_blocks"):
             count = getattr(self, name)
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            if not is_int_at_least(count, 0):
                 raise InvalidConfigError(f"{name} must be an int >= 0, got {count!r}.")
         if self.sink_blocks + self.local_blocks > self.top_k:
             raise InvalidConfigError(

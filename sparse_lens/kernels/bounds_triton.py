@@ -61,7 +61,7 @@ from torch import Tensor
 
 from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
 from sparse_lens.kernels.blocks import UNUSED_SLOT, BlockGeometry, num_blocks
-from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.checks import check_attention_inputs, is_int_at_least
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.search import build_sparse_table
 from sparse_lens.kernels.search_selection import keep_best_halves_by_rank, store_branches_ascending
@@ -196,8 +196,7 @@ def _check_settings(geometry: BlockGeometry, query_stride: int) -> None:
             raise BlockSizeError(
                 f"{name} must be a power of two >= {MIN_DOT} for the Triton bounds search, got {size!r} "
                 "(use sparse_lens.kernels.search.bounds_estimate for other sizes).")
-    stride_is_int = isinstance(query_stride, int) and not isinstance(query_stride, bool)
-    if not stride_is_int or not 1 <= query_stride <= geometry.query_block:
+    if not is_int_at_least(query_stride, 1) or query_stride > geometry.query_block:
         raise InvalidConfigError(
             f"query_stride must be an int in [1, query_block={geometry.query_block}], got {query_stride!r}.")
 

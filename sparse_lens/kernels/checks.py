@@ -7,6 +7,16 @@ from torch import Tensor
 from sparse_lens.errors import InvalidConfigError, ShapeError
 
 
+def is_int_at_least(value: object, minimum: int) -> bool:
+    """True iff ``value`` is a Python ``int`` (not a ``bool``) with ``value >= minimum``.
+
+    The one "whole number" test of the package's validators: ``True`` (an ``int`` subclass) would
+    silently count as 1, and ``2.0``, ``numpy.int64(2)`` or a tensor are refused, as they always
+    were at every call site. Each caller raises its own named error with its own message.
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def check_attention_inputs(
     query: Tensor, key: Tensor, value: Tensor | None = None, *, query_offset: int = 0
 ) -> None:
@@ -57,7 +67,7 @@ def check_attention_features(window: int | None, softcap: float | None, sinks: T
     ``sinks``: None or a floating [q_head] tensor (one sink logit per query head).
     Raises ``InvalidConfigError`` (window, softcap) or ``ShapeError`` (sinks).
     """
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+    if window is not None and not is_int_at_least(window, 1):
         raise InvalidConfigError(f"window must be None or an int >= 1 (tokens), got {window!r}.")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0):
         raise InvalidConfigError(f"softcap must be None or a number > 0, got {softcap!r}.")

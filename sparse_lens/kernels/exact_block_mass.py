@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sparse_lens.errors import BlockSizeError
 from sparse_lens.kernels.blocks import num_blocks, pad_to_blocks, tokens_per_block
-from sparse_lens.kernels.checks import check_attention_inputs
+from sparse_lens.kernels.checks import check_attention_inputs, is_int_at_least
 from sparse_lens.kernels.dispatch import Backend, block_mass_rows
 
 
@@ -50,7 +50,7 @@ def dense_block_masses(
         BlockSizeError: No size, a size < 1, or one that is not a multiple of the smallest.
     """
     check_attention_inputs(query, key)
-    if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+    if not blocks or not all(is_int_at_least(b, 1) for b in blocks):
         raise BlockSizeError(f"blocks must be positive ints, got {list(blocks)!r}.")
     base = min(blocks)
     if any(block % base for block in blocks):

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.blocks import BlockGeometry
+from sparse_lens.kernels.checks import is_int_at_least
 from sparse_lens.kernels.dispatch import Backend, bounds_estimate_unchecked, stream_estimate_unchecked
 from sparse_lens.kernels.oneshot import antidiagonal_estimate_unchecked, oneshot_pooled_estimate_unchecked
 from sparse_lens.kernels.oracle_estimate import oracle_estimate
@@ -58,7 +59,7 @@ from sparse_lens.kernels.search import (
 def _positive_int(settings: Any, *names: str) -> None:
     for name in names:
         value = getattr(settings, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int_at_least(value, 1):
             raise InvalidConfigError(f"{name} must be an int >= 1, got {value!r}.")
 
 

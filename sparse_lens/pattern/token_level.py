@@ -13,6 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sparse_lens.errors import ContextTooLongError, IncompletePatternError, InvalidConfigError
+from sparse_lens.kernels.checks import is_int_at_least
 from sparse_lens.kernels.sparse_attention import kept_token_probs
 
 DEFAULT_DENSE_LIMIT = 4096
@@ -32,7 +33,7 @@ class PatternTokenLevel:
         in the sequence length), ``InvalidConfigError`` for a ``max_tokens`` that is not an int >= 1,
         ``IncompletePatternError`` for a pattern sliced along queries or kept without q / k.
         """
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if not is_int_at_least(max_tokens, 1):
             raise InvalidConfigError(f"max_tokens must be an int >= 1 (the longest sequence token_probs builds "
                                      f"a [.., seq, seq] tensor for), got {max_tokens!r}.")
         if self.seq_len > max_tokens:

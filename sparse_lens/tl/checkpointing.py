@@ -59,6 +59,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
 from sparse_lens.errors import InvalidConfigError
+from sparse_lens.kernels.checks import is_int_at_least
 
 _STATE_ATTRIBUTE = "_sparse_lens_recompute"
 DEFAULT_CHUNK_TOKENS = 65_536  # norm chunk when the model sets no mlp_chunk_tokens
@@ -163,7 +164,7 @@ def _equal_segments(n_layers: int, segment_layers: int | Literal["sqrt"] | None)
         segment_layers = math.ceil(math.sqrt(n_layers))
     if segment_layers is None:
         segment_layers = 1
-    if not isinstance(segment_layers, int) or isinstance(segment_layers, bool) or segment_layers < 1:
+    if not is_int_at_least(segment_layers, 1):
         raise InvalidConfigError(f"segment_layers must be a positive int, 'sqrt' or None, got {segment_layers!r}.")
     return [range(start, min(start + segment_layers, n_layers)) for start in range(0, n_layers, segment_layers)]
 

@@ -33,6 +33,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
 from sparse_lens.errors import InvalidConfigError
+from sparse_lens.kernels.checks import is_int_at_least
 from sparse_lens.tl.checkpointing import RecomputeState, checkpointed_call, position_wise_norms
 
 
@@ -63,8 +64,7 @@ def set_norm_chunking(model: Any, chunk_tokens: int | None) -> None:
 def _check_chunk_tokens(chunk_tokens: Any) -> None:
     """``InvalidConfigError`` (a ``ValueError``) unless ``chunk_tokens`` is None or an int >= 1
     (``True`` or ``2.5`` would silently chunk by 1 token or fail mid-forward)."""
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
-                                     or chunk_tokens < 1):
+    if chunk_tokens is not None and not is_int_at_least(chunk_tokens, 1):
         raise InvalidConfigError(f"chunk_tokens must be an int >= 1 or None, got {chunk_tokens!r}.")
 
 

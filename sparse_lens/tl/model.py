@@ -21,6 +21,7 @@ from transformer_lens.utilities.multi_gpu import count_unique_devices, find_embe
 
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError, PaddingNotSupportedError, ShapeError, UnsupportedModelError
+from sparse_lens.kernels.checks import is_int_at_least
 from sparse_lens.tl.attention import SparseAttentionBridge
 from sparse_lens.tl.checkpointing import RecomputeState, checkpoint_blocks, recompute_state
 from sparse_lens.tl.chunking import set_mlp_chunking, set_norm_chunking
@@ -275,7 +276,7 @@ class HookedSparseTransformer(TransformerBridge):
             raise TypeError(f"HookedSparseTransformer.generate does greedy decoding only; unsupported: {names}")
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not is_int_at_least(max_new_tokens, 0):
             raise InvalidConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
         _reject_padding(attention_mask)
         tokens = self._generation_tokens(input, prepend_bos)
