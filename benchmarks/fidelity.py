@@ -60,7 +60,7 @@ def load_dense_timed(model, tokens, cache: Path | None):
     import torch
 
     import sparse_lens as sl
-    from sparse_lens.analysis.fidelity_metrics import DenseTrace, model_fingerprint
+    from sparse_lens.analysis.dense_trace import DenseTrace, model_fingerprint
 
     names = [field.name for field in dataclasses.fields(DenseTrace)]
     if cache is not None and cache.exists():

@@ -54,7 +54,7 @@ _LAZY = {
     "DEFAULT_MODEL": "sparse_lens.tl.loading",
     "SUPPORTED_ARCHITECTURES": "sparse_lens.tl.loading",
     "HookedSparseTransformer": "sparse_lens.tl.model",
-    "collect_dense": "sparse_lens.analysis.fidelity_metrics",
+    "collect_dense": "sparse_lens.analysis.dense_trace",
     "fidelity": "sparse_lens.analysis.fidelity_metrics",
     "needle_fidelity": "sparse_lens.analysis.needle",
     "ruler_accuracy": "sparse_lens.analysis.task_accuracy",

@@ -105,6 +105,10 @@ def test_the_fidelity_function_and_its_module_have_different_names():
 
     assert sl.analysis.fidelity is metrics.fidelity is sl.fidelity and callable(sl.analysis.fidelity)
     assert sl.collect_dense is metrics.collect_dense
+    import sparse_lens.analysis.dense_trace as dense_trace  # the dense side, split out: old paths re-export it
+
+    for name in ("DenseTrace", "collect_dense", "model_fingerprint", "check_logits_fit"):
+        assert getattr(metrics, name) is getattr(dense_trace, name)
     with pytest.warns(DeprecationWarning, match="sparse_lens.analysis.fidelity_metrics.DenseTrace"):
         from sparse_lens.analysis.fidelity import DenseTrace
     assert DenseTrace is metrics.DenseTrace

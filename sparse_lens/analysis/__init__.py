@@ -7,7 +7,8 @@ patching; import those submodules).
 """
 
 from sparse_lens.analysis import fidelity as _deprecated_module_path  # noqa: F401  (loaded first: the function wins)
-from sparse_lens.analysis.fidelity_metrics import DenseTrace, collect_dense, fidelity
+from sparse_lens.analysis.dense_trace import DenseTrace, collect_dense
+from sparse_lens.analysis.fidelity_metrics import fidelity
 from sparse_lens.analysis.needle import NeedleFidelity, NeedleProbe, NeedleRecall, needle_fidelity, needle_recall
 from sparse_lens.analysis.routes import Route, RoutePath, RouteStep, needle_key_blocks, route_to_needle
 from sparse_lens.analysis.task_accuracy import RulerAccuracy, RulerRecord, ruler_accuracy, ruler_samples, ruler_score

@@ -29,7 +29,7 @@ from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.windows import attention_softcap, binding_window, sliding_window, window_selection
 
 if TYPE_CHECKING:
-    from sparse_lens.analysis.fidelity_metrics import DenseTrace
+    from sparse_lens.analysis.dense_trace import DenseTrace
     from sparse_lens.tl.model import HookedSparseTransformer
 
 

@@ -298,21 +298,21 @@ def test_a_dense_trace_of_the_same_weights_in_another_dtype_is_refused_saying_so
 
 
 def test_logits_at_every_position_beyond_free_memory_are_refused_up_front(monkeypatch):
-    from sparse_lens.analysis import fidelity_metrics
+    from sparse_lens.analysis import dense_trace
 
     sparse, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=2))
     tokens = torch.randint(0, 90, (2, 64), generator=torch.Generator().manual_seed(0))
     one_forward = 2 * 64 * sparse.cfg.d_vocab * 4  # float32 logits [batch, pos, d_vocab] of a float32 model
     free = lambda room: types.SimpleNamespace(free_bytes=lambda device: room)  # noqa: E731 (fidelity's check only)
-    monkeypatch.setattr(fidelity_metrics, "memory", free(2 * one_forward))
+    monkeypatch.setattr(dense_trace, "memory", free(2 * one_forward))
     dense = sl.collect_dense(sparse, tokens)  # one forward's logits fit
     sl.fidelity(sparse, tokens, dense=dense)  # the sparse run's only: fits
     sl.fidelity(sparse, tokens)  # two forwards': exactly what is free
-    monkeypatch.setattr(fidelity_metrics, "memory", free(2 * one_forward - 1))
+    monkeypatch.setattr(dense_trace, "memory", free(2 * one_forward - 1))
     with pytest.raises(sl.ContextTooLongError, match=rf"\[2, 64, {sparse.cfg.d_vocab}\].*positions="):
         sl.fidelity(sparse, tokens)
     sl.fidelity(sparse, tokens, dense=dense)
-    monkeypatch.setattr(fidelity_metrics, "memory", free(one_forward - 1))
+    monkeypatch.setattr(dense_trace, "memory", free(one_forward - 1))
     with pytest.raises(sl.ContextTooLongError, match="collect_dense"):
         sl.collect_dense(sparse, tokens)
     with pytest.raises(sl.ContextTooLongError, match="fidelity"):
@@ -323,14 +323,14 @@ def test_logits_at_every_position_beyond_free_memory_are_refused_up_front(monkey
 
 def test_the_logits_check_counts_the_model_dtype_original_of_a_bfloat16_model(monkeypatch):
     """A bfloat16 model's logits are made in bfloat16 and cast to float32: 6 bytes a value, not 4."""
-    from sparse_lens.analysis import fidelity_metrics
+    from sparse_lens.analysis import dense_trace
 
     sparse, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=2))
     sparse.to(torch.bfloat16)
     tokens = torch.randint(0, 90, (1, 64), generator=torch.Generator().manual_seed(0))
     one_forward = 64 * sparse.cfg.d_vocab * (4 + 2)
-    monkeypatch.setattr(fidelity_metrics, "memory", types.SimpleNamespace(free_bytes=lambda device: one_forward - 1))
+    monkeypatch.setattr(dense_trace, "memory", types.SimpleNamespace(free_bytes=lambda device: one_forward - 1))
     with pytest.raises(sl.ContextTooLongError, match="collect_dense"):
         sl.collect_dense(sparse, tokens)
-    monkeypatch.setattr(fidelity_metrics, "memory", types.SimpleNamespace(free_bytes=lambda device: one_forward))
+    monkeypatch.setattr(dense_trace, "memory", types.SimpleNamespace(free_bytes=lambda device: one_forward))
     assert sl.collect_dense(sparse, tokens).logits.shape == (1, 64, sparse.cfg.d_vocab)

@@ -210,12 +210,12 @@ def test_fidelity_where_every_positions_logits_do_not_fit_scores_sampled_positio
                                                                                    monkeypatch, capsys):
     # As 16k tokens of a 262k vocabulary on a 24 GB host: collect_dense refuses (ContextTooLongError), so
     # the trace scores evenly spaced positions without a dense trace; the recall figures do not change.
-    from sparse_lens.analysis import fidelity_metrics
+    from sparse_lens.analysis import dense_trace
 
     _, full, _ = traced
     assert full["fidelity_positions"] == "all"
     no_room_for_logits = types.SimpleNamespace(free_bytes=lambda device: 0)  # observe mode's own check unchanged
-    monkeypatch.setattr(fidelity_metrics, "memory", no_room_for_logits)
+    monkeypatch.setattr(dense_trace, "memory", no_room_for_logits)
     monkeypatch.setattr("sparse_lens.cli.trace.SAMPLED_POSITIONS", 50)
     out = tmp_path / "trace"
     assert main(["trace", "--model", str(tiny_model_dir), *TRACE_ARGS, "--out", str(out), "--heatmap-layers", "none"]) == 0
@@ -392,7 +392,7 @@ def test_sampled_fidelity_scores_evenly_spaced_pruned_positions(tiny_model_dir, 
     """Where the logits at every position do not fit, fidelity_scores takes its next-token figures at
     SAMPLED_POSITIONS evenly spaced positions from the first pruned one (query block top_k) to the last,
     recomputed here from a dense and a sparse forward; more samples than pruned positions: every one."""
-    from sparse_lens.analysis import fidelity_metrics
+    from sparse_lens.analysis import dense_trace
     from sparse_lens.cli import trace
 
     model, _, tokens = reload_traced(tiny_model_dir)
@@ -400,7 +400,7 @@ def test_sampled_fidelity_scores_evenly_spaced_pruned_positions(tiny_model_dir, 
     with model.stream_settings(mode="dense"):
         dense_logits = model(tokens)[0]
     seq, first = tokens.shape[1], 4 * 32
-    monkeypatch.setattr(fidelity_metrics, "memory", types.SimpleNamespace(free_bytes=lambda device: 0))
+    monkeypatch.setattr(dense_trace, "memory", types.SimpleNamespace(free_bytes=lambda device: 0))
     for samples, positions in ((50, torch.linspace(first, seq - 1, 50).long().unique()), (10_000, torch.arange(first, seq))):
         monkeypatch.setattr(trace, "SAMPLED_POSITIONS", samples)
         scores = trace.fidelity_scores(model, tokens)
