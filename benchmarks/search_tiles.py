@@ -12,8 +12,9 @@ cuDNN SDPA on the same tensors timed in the same run (the ratio's baseline). Eve
 are compared with the package's default launch (``same``: share of identical rows; scores summed in
 another order can flip a near-tied row). A launch that does not fit the GPU is recorded with its
 error. CUDA-event medians. Prints a table, writes JSON. ``--rescore`` sweeps the fused rescoring
-(``rescore_triton``, top-k mode) of the wide search's candidates instead: ``num_warps:num_stages``,
-every query and every 4th.
+(``rescore_triton``, top-k mode) of the wide search's candidates instead: every tile masked
+(``MASK_ALL``), the GQA group's heads side by side (``HEADS_INNER``), ``num_warps:num_stages``; every
+query and every 4th.
 """
 
 from __future__ import annotations
@@ -90,10 +91,13 @@ def sweep_rescoring(query, key, launches, dense_s: float, repeats: int, seq_len:
     rows = []
     for stride in (1, 4):
         reference = rescore(query, key, candidates, stride, None)
-        for tuning in [None] + [{"num_warps": warps, "num_stages": stages} for warps, stages in launches]:
+        tunings = [None, {"MASK_ALL": True}, {"HEADS_INNER": True}] + [
+            {"num_warps": warps, "num_stages": stages, "HEADS_INNER": heads_inner}
+            for warps, stages in launches for heads_inner in (False, True)]
+        for tuning in tunings:
             row = measure(f"rescore every {stride} query", lambda: rescore(query, key, candidates, stride, tuning),
                           reference, dense_s, repeats)
-            setting = "package default" if tuning is None else f"{tuning['num_warps']} warps, {tuning['num_stages']} stages"
+            setting = "package default" if tuning is None else ", ".join(f"{k}={v}" for k, v in tuning.items())
             rows.append({**row, "seq_len": seq_len, "setting": setting, **(tuning or {})})
             print(rows[-1], flush=True)
     return rows

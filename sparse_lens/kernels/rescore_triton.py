@@ -9,17 +9,22 @@ Three entry points, each with the signature and semantics of its torch reference
 | ``rescore_top_k_triton`` | ``rescore_top_k`` | int64 ``[batch, q_head, n_query_blocks, min(top_k, width)]`` |
 | ``rescore_top_p_triton`` | ``rescore_top_p`` | int64 ``[batch, q_head, n_query_blocks, width]`` |
 
-One launch, grid ``(n_query_blocks, batch * q_head)``: a program owns one (head, query block) row
+One launch, grid ``(n_query_blocks, batch * q_head)`` (``HEADS_INNER``: a GQA group's query heads
+side by side on each query block): a program owns one (head, query block) row
 of ``width`` candidate key blocks (``-1`` = no candidate) and
 
 1. takes the block's queries at slots ``query_block - 1, query_block - 1 - stride, ...`` (every
    ``query_stride``-th query counted from the last, as the reference), in tiles of at most 64 rows;
-2. walks the candidates' keys once, tile by tile, with an online log-sum-exp: a running row max and
-   a ``[query_tile, SLOTS]`` register tensor of per-slot partial sums, all rescaled when the row max
-   moves. No values are read and nothing is written per key: at the end
-   ``slot_sums / slot_sums.sum(1)`` is, per query, the softmax over the candidates of their exact
-   block log-masses; averaged over the block's real queries (queries seeing no candidate key count
-   as 0, as in the reference) it is the candidate's ``block_mass``;
+2. walks the candidates' keys once, tile by tile (one flat loop over (slot, key tile) pairs), with
+   an online log-sum-exp in base 2: a running row max and a ``[query_tile, SLOTS]`` register tensor
+   of per-slot partial sums, all rescaled when the row max moves. No values are read and nothing is
+   written per key: at the end ``slot_sums / slot_sums.sum(1)`` is, per query, the softmax over the
+   candidates of their exact block log-masses; averaged over the block's real queries (queries
+   seeing no candidate key count as 0, as in the reference) it is the candidate's ``block_mass``.
+   Each tile is planned as in the attention forward (``sparse_attention_tiles.tile_plan``): the
+   causal mask only where some query of the tile does not see some key of it (the diagonal, an
+   unused slot, padding; ``MASK_ALL`` masks every tile), unmasked loads where the tiles are whole
+   (``EVEN``), the scale folded into the ``exp2``'s multiply-add (``FOLD_SCALE``);
 3. ``MODE`` 0 stores the masses; 1 keeps the sink / local candidates and then the heaviest,
    ``min(top_k, valid)`` in all (``keep_heaviest``); 2 keeps, heaviest first (sink / local first of
    all), the fewest whose mass reaches ``p``, at least ``max(min_blocks, n_fixed)`` (``select_top_p``).
@@ -32,9 +37,10 @@ Cost per (head, query block): ``width * key_block * (query_block / query_stride)
 bytes since no values are loaded), plus ``SLOTS**2`` compares. Memory: the output only, O(T).
 
 ``masked_loop=True`` (the default) walks every candidate's key tiles without a branch: a ``-1``
-slot's or a future tile's keys are read at ``seq_len`` (masked: zeros, ``-inf`` scores, a sum of 0
-and a rescale by ``exp(0) = 1``), so the output is bit-identical to ``masked_loop=False`` (an ``if``
-around each tile, which skips dead tiles but keeps Triton from pipelining the loads). Measured on
+slot's or a future tile's keys are read at block 0 and masked as positions from ``seq_len`` on
+(``-inf`` scores, a sum of 0 and a rescale by ``exp2(0) = 1``), so the output is bit-identical
+to ``masked_loop=False`` (an ``if`` around each tile, which skips dead tiles but keeps Triton from
+pipelining the loads). Measured on
 the H200 (``benchmarks/kernels.py``, Qwen2.5-1.5B heads, ``top_k`` 16, beam 4: 58 candidates;
 ``benchmarks/results/h200_2026-11-30b/``): the rescoring takes 7.7 ms instead of 8.2 ms at 128k
 and 64 ms instead of 69 ms at 1M (estimate minus search, same run).
@@ -60,30 +66,48 @@ from sparse_lens.errors import ShapeError
 from sparse_lens.kernels.blocks import check_estimator_settings, num_blocks
 from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
-from sparse_lens.kernels.sparse_attention_triton import (
+from sparse_lens.kernels.sparse_attention_launch import (
     MAX_TILE,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
-    kv_row,
-    load_rows,
-    masked_scores,
     check_triton_block_sizes,
 )
+from sparse_lens.kernels.sparse_attention_tiles import (
+    block_and_head,
+    kv_row,
+    load_rows,
+    load_tile,
+    scores_log2,
+    tile_plan,
+    visibility,
+)
+
 
 MODE_MASS, MODE_TOP_K, MODE_TOP_P = 0, 1, 2
 
 
 @triton.jit
-def _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims, d_head, slot_ids, slot, row_max,
-                  slot_sums, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Online log-sum-exp step: one key tile of candidate ``slot`` into ``(row_max, slot_sums)``."""
-    keys = load_rows(key_base, key_pos, seq_len, dims, d_head)
-    scores = masked_scores(queries, keys, query_pos, key_pos, seq_len, scale, DOT_PRECISION, DOT_UPCAST)
-    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+def _add_key_tile(queries, key_base, mask_first_key, load_first_key, needs_mask, row_limit, query_pos, seq_len, scale,
+                  d_head, slot, row_max, slot_sums, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SLOTS: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Online log-sum-exp step (base 2): one key tile of candidate ``slot`` into ``(row_max, slot_sums)``.
+
+    Keys are read at ``load_first_key`` and masked as the positions from ``mask_first_key``
+    (``tile_plan``); without ``MASK_ALL`` only where ``needs_mask``."""
+    tile_rows = tl.arange(0, KEY_TILE)
+    keys = load_tile(key_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_D), d_head, EVEN)
+    scores, factor, _ = scores_log2(queries, keys, scale, 0.0, False, FOLD_SCALE, DOT_PRECISION, DOT_UPCAST)
+    key_pos = mask_first_key + tile_rows
+    if MASK_ALL:
+        scores = tl.where(visibility(key_pos, query_pos, row_limit, 0, False), scores, float("-inf"))
+    elif needs_mask:
+        scores = tl.where(visibility(key_pos, query_pos, row_limit, 0, False), scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1) * factor)
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows seeing nothing yet
-    tile_sum = tl.sum(tl.exp(scores - shift[:, None]), axis=1)
-    in_slot = tl.where(slot_ids[None, :] == slot, tile_sum[:, None], 0.0)
-    return new_max, slot_sums * tl.exp(row_max - shift)[:, None] + in_slot
+    tile_sum = tl.sum(tl.exp2(scores * factor - shift[:, None]), axis=1)
+    in_slot = tl.where(tl.arange(0, SLOTS)[None, :] == slot, tile_sum[:, None], 0.0)
+    return new_max, slot_sums * tl.exp2(row_max - shift)[:, None] + in_slot
 
 
 @triton.jit
@@ -91,37 +115,42 @@ def _candidate_mass(
     query_base, key_base, slots_row, candidates_ptr, query_block_id, scale, seq_len, width, d_head,
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_STRIDE: tl.constexpr, N_QUERIES: tl.constexpr,
     QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, SLOTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, MASKED_LOOP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, MASKED_LOOP: tl.constexpr, EVEN: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr,
 ):
     """``[SLOTS]`` block masses of the row's candidates (0 beyond ``width`` and for ``-1`` slots)."""
-    dims, slot_ids = tl.arange(0, BLOCK_D), tl.arange(0, SLOTS)
+    dims = tl.arange(0, BLOCK_D)
     mass_sum = tl.zeros([SLOTS], dtype=tl.float32)
     n_real = 0
     block_last = query_block_id * QUERY_BLOCK + QUERY_BLOCK - 1
+    TILES: tl.constexpr = KEY_BLOCK // KEY_TILE
     for query_tile in range((N_QUERIES + QUERY_TILE - 1) // QUERY_TILE):
         row = query_tile * QUERY_TILE + tl.arange(0, QUERY_TILE)
         query_pos = block_last - QUERY_STRIDE * (N_QUERIES - 1 - row)
         real = (row < N_QUERIES) & (query_pos < seq_len)
         query_pos = tl.where(real, query_pos, seq_len)  # padded rows: loaded as 0, masked everywhere
-        last_query = tl.max(tl.where(real, query_pos, -1), axis=0)
+        row_limit = tl.where(real, query_pos, -1)
+        first_query = tl.min(query_pos, axis=0)
+        last_query = tl.max(row_limit, axis=0)
         queries = load_rows(query_base, query_pos, seq_len, dims, d_head)
         row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
         slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
-        for slot in range(width):
+        for step in tl.range(0, width * TILES):  # (slot, key tile) pairs, key tiles fastest
+            slot = step // TILES
             key_block_id = tl.load(candidates_ptr + slots_row + slot)
-            for key_tile in range(KEY_BLOCK // KEY_TILE):
-                first_key = key_block_id * KEY_BLOCK + key_tile * KEY_TILE
-                live = (key_block_id >= 0) & (first_key <= last_query)
-                if MASKED_LOOP:  # no branch: a dead tile's keys sit at seq_len (-inf scores, adds 0)
-                    key_pos = tl.where(live, first_key, seq_len) + tl.arange(0, KEY_TILE)
-                    row_max, slot_sums = _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims,
-                                                       d_head, slot_ids, slot, row_max, slot_sums,
-                                                       DOT_PRECISION, DOT_UPCAST)
-                elif live:
-                    key_pos = first_key + tl.arange(0, KEY_TILE)
-                    row_max, slot_sums = _add_key_tile(queries, key_base, query_pos, key_pos, seq_len, scale, dims,
-                                                       d_head, slot_ids, slot, row_max, slot_sums,
-                                                       DOT_PRECISION, DOT_UPCAST)
+            first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
+            reached, mask_first_key, load_first_key, needs_mask = tile_plan(
+                key_block_id, first_key, first_query, last_query, seq_len, 0, QUERY_TILE, KEY_TILE, False)
+            if MASKED_LOOP:  # no branch: an unreached tile is read at block 0 and masked (adds 0)
+                row_max, slot_sums = _add_key_tile(
+                    queries, key_base, mask_first_key, load_first_key, needs_mask, row_limit, query_pos, seq_len,
+                    scale, d_head, slot, row_max, slot_sums, KEY_TILE, BLOCK_D, SLOTS, EVEN, FOLD_SCALE, MASK_ALL,
+                    DOT_PRECISION, DOT_UPCAST)
+            elif reached:
+                row_max, slot_sums = _add_key_tile(
+                    queries, key_base, mask_first_key, load_first_key, needs_mask, row_limit, query_pos, seq_len,
+                    scale, d_head, slot, row_max, slot_sums, KEY_TILE, BLOCK_D, SLOTS, EVEN, FOLD_SCALE, MASK_ALL,
+                    DOT_PRECISION, DOT_UPCAST)
         row_sum = tl.sum(slot_sums, axis=1)
         seen = real & (row_sum > 0.0)
         inverse_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
@@ -137,10 +166,10 @@ def _rescore_kernel(
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_STRIDE: tl.constexpr, N_QUERIES: tl.constexpr,
     QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr, BLOCK_D: tl.constexpr, SLOTS: tl.constexpr,
     OUT_PAD: tl.constexpr, SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MODE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, MASKED_LOOP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, MASKED_LOOP: tl.constexpr, EVEN: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr, HEADS_INNER: tl.constexpr,
 ):
-    query_block_id = tl.program_id(0)
-    batch_head = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 on long contexts
+    query_block_id, batch_head = block_and_head(n_q_heads, n_kv_heads, HEADS_INNER)
     kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
     row_id = batch_head * n_query_blocks + query_block_id
     slots_row = row_id * width
@@ -149,7 +178,7 @@ def _rescore_kernel(
         query_ptr + batch_head * seq_len * d_head, key_ptr + kv_batch_head * seq_len * d_head, slots_row,
         candidates_ptr, query_block_id, scale, seq_len, width, d_head,
         QUERY_BLOCK, KEY_BLOCK, QUERY_STRIDE, N_QUERIES, QUERY_TILE, KEY_TILE, BLOCK_D, SLOTS,
-        DOT_PRECISION, DOT_UPCAST, MASKED_LOOP,
+        DOT_PRECISION, DOT_UPCAST, MASKED_LOOP, EVEN, FOLD_SCALE, MASK_ALL,
     )
     if MODE == 0:
         tl.store(out_ptr + slots_row + slot_ids, mass, mask=slot_ids < width)
@@ -188,39 +217,52 @@ def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_blo
             min_blocks: int = 1, masked_loop: bool = True, tuning: dict | None = None) -> None:
     """Run the kernel into ``out`` (every element written): contiguous q, k, int32 ``candidates``;
     ``out`` float32 of the candidates' shape (mode 0) or int64 ``[..., out_width]`` (modes 1, 2).
-    The tests call it with poisoned buffers. ``tuning`` replaces launch options (``num_warps``,
-    ``num_stages``) for ``benchmarks/search_tiles.py``."""
+    The tests call it with poisoned buffers. ``tuning`` replaces launch constants (``num_warps``,
+    ``num_stages``, ``MASK_ALL``, ``HEADS_INNER``) for ``benchmarks/search_tiles.py``."""
     batch, n_q_heads, seq_len, d_head = query.shape
     n_query_blocks, width = candidates.shape[2:]
     if out.numel() == 0:
         return
-    grid = (n_query_blocks, batch * n_q_heads)
+    constants = {**launch_constants(mode=mode, d_head=d_head, dtype=query.dtype, width=width, out_width=out.shape[-1],
+                                    query_block=query_block, key_block=key_block, query_stride=query_stride,
+                                    sink_blocks=sink_blocks, local_blocks=local_blocks, masked_loop=masked_loop,
+                                    interpreting=os.environ.get("TRITON_INTERPRET") == "1", seq_len=seq_len,
+                                    scale=scale),
+                 **(tuning or {})}
+    n_kv_heads = key.shape[1]
+    group = n_q_heads // n_kv_heads
+    grid = ((n_query_blocks * group, batch * n_kv_heads) if constants["HEADS_INNER"]
+            else (n_query_blocks, batch * n_q_heads))
     _rescore_kernel[grid](
         query, key, candidates, out,
-        float(scale), float(p), seq_len, n_q_heads, key.shape[1], n_query_blocks, width, out.shape[-1], d_head,
-        int(min_blocks),
-        **{**launch_constants(mode=mode, d_head=d_head, dtype=query.dtype, width=width, out_width=out.shape[-1],
-                              query_block=query_block, key_block=key_block, query_stride=query_stride,
-                              sink_blocks=sink_blocks, local_blocks=local_blocks, masked_loop=masked_loop,
-                              interpreting=os.environ.get("TRITON_INTERPRET") == "1"), **(tuning or {})},
+        float(scale), float(p), seq_len, n_q_heads, n_kv_heads, n_query_blocks, width, out.shape[-1], d_head,
+        int(min_blocks), **constants,
     )
 
 
 def launch_constants(*, mode: int, d_head: int, dtype: torch.dtype, width: int, out_width: int, query_block: int,
                      key_block: int, query_stride: int, sink_blocks: int, local_blocks: int, masked_loop: bool,
-                     interpreting: bool) -> dict:
+                     interpreting: bool, seq_len: int, scale: float) -> dict:
     """The kernel's constexprs and launch options for these settings: what ``_launch`` passes, and
-    what the sm_90 compile test compiles (``tests/kernels/test_estimator_triton_compile.py``)."""
+    what the sm_90 compile test compiles (``tests/kernels/test_estimator_triton_compile.py``).
+
+    As the attention forward's defaults (``sparse_attention_launch.FORWARD_LAUNCH``): key tiles
+    unmasked where every query of the tile sees every key (``MASK_ALL`` off; a branch per tile),
+    wholly in-range tiles loaded without row masks (``EVEN``), the scale folded into the ``exp2``'s
+    multiply-add (``FOLD_SCALE``), query blocks fastest within one head (``HEADS_INNER`` off)."""
     n_queries = -(-query_block // query_stride)
+    key_tile = min(key_block, MAX_TILE)
+    block_d = max(MIN_BLOCK, triton.next_power_of_2(d_head))
     return dict(
         QUERY_BLOCK=query_block, KEY_BLOCK=key_block, QUERY_STRIDE=query_stride, N_QUERIES=n_queries,
         QUERY_TILE=min(max(MIN_BLOCK, triton.next_power_of_2(n_queries)), MAX_TILE),
-        KEY_TILE=min(key_block, MAX_TILE), BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(d_head)),
+        KEY_TILE=key_tile, BLOCK_D=block_d,
         SLOTS=max(2, triton.next_power_of_2(width)), OUT_PAD=max(2, triton.next_power_of_2(out_width)),
         SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks, MODE=mode,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         DOT_UPCAST=dtype == torch.bfloat16 and interpreting, MASKED_LOOP=bool(masked_loop),
-        num_warps=8 if width > 64 else 4,
+        EVEN=seq_len % key_tile == 0 and block_d == d_head, FOLD_SCALE=scale > 0, MASK_ALL=False,
+        HEADS_INNER=False, num_warps=8 if width > 64 else 4,
     )
 
 

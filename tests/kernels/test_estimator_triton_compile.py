@@ -91,7 +91,8 @@ def shared_bytes(case):
     out_width = top_k if case["mode"] != rescore_triton.MODE_TOP_K else case["top_k"]
     constants = rescore_triton.launch_constants(
         mode=case["mode"], d_head=case["d_head"], dtype=dtype, width=top_k, out_width=out_width, query_block=block,
-        key_block=block, query_stride=1, sink_blocks=sink, local_blocks=local, masked_loop=True, interpreting=False)
+        key_block=block, query_stride=1, sink_blocks=sink, local_blocks=local, masked_loop=True, interpreting=False,
+        seq_len=1 << 17, scale=case["d_head"] ** -0.5)
     out_type = "*fp32" if case["mode"] == rescore_triton.MODE_MASS else "*i64"
     return compile_shared(rescore_triton._rescore_kernel, constants,
                           {"candidates_ptr": "*i32", "out_ptr": out_type}, pointer)

@@ -180,3 +180,21 @@ def test_masked_loop_is_bit_identical(query_block, key_block, width, query_strid
     top_k = dict(top_k=2, sink_blocks=1, local_blocks=0, **settings)
     assert torch.equal(rescore_top_k_triton(query, key, candidates, masked_loop=True, **top_k),
                        rescore_top_k_triton(query, key, candidates, masked_loop=False, **top_k))
+
+
+@pytest.mark.parametrize("seq_len,query_stride", [(128, 1), (136, 1), (128, 3)])
+@pytest.mark.parametrize("tuning", [None, {"MASK_ALL": True}, {"HEADS_INNER": True}])
+def test_launch_variants_match_reference(seq_len, query_stride, tuning):
+    # seq_len 128: whole key tiles (EVEN, unmasked loads; unused slots read at block 0 and masked);
+    # 136: a partial last block. The default masks only the tiles some query of the tile cannot see
+    # wholly (the diagonal, unused slots), MASK_ALL every tile; HEADS_INNER reorders the grid.
+    # A tile skipping a mask it needs would let queries see future keys or block 0 for "-1" slots.
+    query, key, generator = inputs(seq_len=seq_len, q_heads=4, kv_heads=2, seed=5)
+    candidates = random_candidates(seq_len, 16, 16, 6, query.shape[1], generator).to(torch.int32)
+    assert (candidates < 0).any()
+    mass = torch.full(candidates.shape, -7.0, device=DEVICE)
+    _launch(query, key, candidates, mass, mode=MODE_MASS, query_block=16, key_block=16, scale=0.3,
+            query_stride=query_stride, tuning=tuning)
+    expected = exact_candidate_mass(query, key, candidates.long(), query_block=16, key_block=16, scale=0.3,
+                                    query_stride=query_stride)
+    torch.testing.assert_close(mass, expected, atol=2e-5, rtol=1e-4)
