@@ -266,6 +266,25 @@ def test_bad_input_gets_named_errors():
         route_to_needle(patterns, NEEDLE, head_reduce="median")
 
 
+def test_the_batch_row_asked_for_is_the_one_read():
+    """A batch of two different rows: each row's route (steps, masses and heads) is that row's alone."""
+    hand, other = hand_built_patterns(), random_patterns(1, n_layers=3, n_query_blocks=N_BLOCKS)
+    batched = [sl.BlockSparsePattern(torch.cat([o.block_indices, h.block_indices]),
+                                     torch.cat([o.block_mass, h.block_mass]), torch.zeros(2, HEADS, BLOCK * N_BLOCKS),
+                                     BLOCK * N_BLOCKS, BLOCK, BLOCK, 1.0) for h, o in zip(hand, other)]
+    for row, alone in ((1, hand), (0, other)):
+        route, expected = route_to_needle(batched, NEEDLE, batch=row), route_to_needle(alone, NEEDLE)
+        assert route.best == expected.best and route.needle_entries == expected.needle_entries
+    assert route_to_needle(batched, NEEDLE, batch=1).best != route_to_needle(batched, NEEDLE, batch=0).best
+
+
+def test_a_needle_ending_on_the_last_token_is_routed():
+    patterns = hand_built_patterns()  # 32 tokens
+    route = route_to_needle(patterns, (28, 32))
+    assert route.needle_blocks == (7,) and route.needle_entries
+    assert_matches_brute_force(route, patterns, (28, 32), 7)
+
+
 def test_patterns_without_a_batch_axis_are_a_batch_of_one():
     patterns = hand_built_patterns()
     batchless = [pattern[0] for pattern in patterns]  # what run_with_cache(remove_batch_dim=True) caches
