@@ -55,7 +55,7 @@ from sparse_lens.analysis.dense_trace import (  # noqa: F401  (re-exported: thei
     collect_dense,
     model_fingerprint,
 )
-from sparse_lens.analysis.positions import logits_kwargs
+from sparse_lens.analysis.positions import kept_positions, logits_kwargs
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
@@ -84,9 +84,10 @@ def fidelity(
     (a trace of other tokens, or made with another model, raises ``TraceMismatchError``).
     ``per_layer=True`` adds ``"layers"``: one dict per layer with its ``layer``,
     ``pruned_fraction`` and recall figures (``mass_recall_mean``, ``mass_recall_p5``,
-    ``oracle_recall_mean``, ``oracle_ratio``). ``positions`` (ascending token positions): the
-    next-token figures are taken at those positions only (logits computed there only), and
-    ``final_*`` at the last of them; without it every position's logits are kept
+    ``oracle_recall_mean``, ``oracle_ratio``). ``positions`` (ascending token positions; negative
+    ones count from the end, ``-1`` the last, as in the patching tools; else
+    ``InvalidPositionsError``, as there): the next-token figures are taken at those positions only
+    (logits computed there only), and ``final_*`` at the last of them; without it every position's logits are kept
     (``ContextTooLongError`` up front where they would not fit: 17 GiB a forward at 16k tokens of
     a 262k vocabulary). ``oracle_stride``: the oracle is computed on every n-th pruned query block
     (it costs half a dense attention pass per layer); ``oracle_recall_mean`` and ``oracle_ratio``
@@ -100,7 +101,7 @@ def fidelity(
         dense.check_model(model)
         dense.check_tokens(tokens)
     seq_len = tokens.shape[-1]
-    index = None if positions is None else _check_positions(positions, seq_len, tokens.device)
+    index = kept_positions(positions, seq_len, tokens.device, ascending=True)
     if positions is None:  # the sparse run's logits, and the dense run's unless a trace brings them
         check_logits_fit(model, tokens, 1 if dense is not None else 2, "fidelity")
     keep = logits_kwargs(index)  # the model calls' logits_to_keep (on the CPU: layers may span GPUs)
@@ -198,13 +199,6 @@ def _sink_share(sinks: Float[Tensor, "head"] | None, lse: Float[Tensor, "batch h
 def _sync(tensor: Tensor) -> None:
     if tensor.is_cuda:
         torch.cuda.synchronize(tensor.device)
-
-
-def _check_positions(positions: Tensor, seq_len: int, device: torch.device) -> Tensor:
-    positions = torch.as_tensor(positions, device=device).long().flatten()
-    if positions.numel() == 0 or positions.min() < 0 or positions.max() >= seq_len or (positions.diff() <= 0).any():
-        raise InvalidConfigError(f"positions must be ascending token positions in [0, {seq_len}), got {positions.tolist()[:8]}.")
-    return positions
 
 
 def _pruned_rows(stream: TracingConfig, seq_len: int) -> Tensor:

@@ -19,13 +19,19 @@ from sparse_lens.errors import InvalidPathError, InvalidPositionsError, LogitsNo
 
 
 def kept_positions(
-    positions: Sequence[int] | Tensor | None, seq_len: int, device: torch.device | str | None = None
+    positions: Sequence[int] | Tensor | None, seq_len: int, device: torch.device | str | None = None,
+    *, ascending: bool = False,
 ) -> Int[Tensor, "n_positions"] | None:
     """``positions`` as a 1-D int64 tensor of positions in ``[0, seq_len)`` (negative values count
-    from the end, as in Python), or ``None`` when ``positions`` is ``None`` (keep every position).
+    from the end, as in Python: ``-1`` is ``seq_len - 1``), or ``None`` when ``positions`` is
+    ``None`` (keep every position). The one check of every tool's ``positions=``.
+
+    ``ascending=True`` (``sl.fidelity``, whose ``final_*`` figures are those of the last position)
+    also requires them in increasing order once counted from the start (``[10, -1]`` is).
 
     Raises:
-        InvalidPositionsError: empty, not 1-D integers, repeated, or outside the sequence.
+        InvalidPositionsError: empty, not 1-D integers, repeated, outside the sequence
+            (``< -seq_len`` or ``>= seq_len``), or, with ``ascending``, out of order.
     """
     if positions is None:
         return None
@@ -38,6 +44,9 @@ def kept_positions(
     index = index % seq_len
     if index.unique().numel() != index.numel():
         raise InvalidPositionsError(f"positions {index.tolist()} repeat a position.")
+    if ascending and bool((index.diff() < 0).any()):
+        raise InvalidPositionsError(f"positions must be ascending (counted from the start of the {seq_len} "
+                                    f"tokens), got {index.tolist()[:8]}.")
     return index.to(device) if device is not None else index
 
 

@@ -41,8 +41,22 @@ def test_next_token_figures_at_chosen_positions(setup):
     assert report["positions_scored"] == 3
     assert report["next_token_kl"] == pytest.approx(float(kl.mean()), abs=1e-5)
     assert report["final_kl"] == pytest.approx(float(kl[-1]), abs=1e-5)
-    with pytest.raises(sl.InvalidConfigError):
-        sl.fidelity(sparse, tokens, positions=torch.tensor([5, SEQ]))
+    for outside in ([5, SEQ], [-SEQ - 1, 5]):  # the patching tools' error, for the same positions
+        with pytest.raises(sl.InvalidPositionsError, match="outside"):
+            sl.fidelity(sparse, tokens, positions=torch.tensor(outside))
+    for bad in ([70, 10], [10, 70, 70], [-1, 10]):  # fidelity's own rule: ascending, once counted from the start
+        with pytest.raises(sl.InvalidPositionsError):
+            sl.fidelity(sparse, tokens, positions=bad)
+
+
+def test_negative_positions_count_from_the_end_as_in_the_patching_tools(setup):
+    sparse, tokens, dense = setup
+    from_the_end = sl.fidelity(sparse, tokens, dense=dense, positions=[10, -60, -1])
+    from_the_start = sl.fidelity(sparse, tokens, dense=dense, positions=torch.tensor([10, SEQ - 60, SEQ - 1]))
+    timing = ("estimate_seconds",)  # wall time: the one figure two runs need not share
+    assert {k: v for k, v in from_the_end.items() if k not in timing} == \
+        {k: v for k, v in from_the_start.items() if k not in timing}
+    assert from_the_end["positions_scored"] == 2  # 10 is before the first pruned position
 
 
 def test_oracle_on_every_nth_pruned_query_block(setup):
