@@ -96,7 +96,7 @@ def _add_key_tile(queries, key_base, mask_first_key, load_first_key, needs_mask,
     Keys are read at ``load_first_key`` and masked as the positions from ``mask_first_key``
     (``tile_plan``); without ``MASK_ALL`` only where ``needs_mask``."""
     tile_rows = tl.arange(0, KEY_TILE)
-    keys = load_tile(key_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_D), d_head, EVEN)
+    keys = load_tile(key_base, load_first_key + tile_rows, seq_len, tl.arange(0, BLOCK_D), d_head, EVEN, "")
     scores, factor, _ = scores_log2(queries, keys, scale, 0.0, False, FOLD_SCALE, DOT_PRECISION, DOT_UPCAST)
     key_pos = mask_first_key + tile_rows
     if MASK_ALL:

@@ -88,9 +88,10 @@ def soft_cap(scores, softcap):
 
 
 @triton.jit
-def load_tile(base, rows, n_rows, columns, n_columns, EVEN: tl.constexpr, EVICTION: tl.constexpr = ""):
+def load_tile(base, rows, n_rows, columns, n_columns, EVEN: tl.constexpr, EVICTION: tl.constexpr):
     """``load_rows``, unmasked when ``EVEN`` (every row in range, ``columns`` exactly the width), with
-    an L2 ``eviction_policy`` (``""``: the default)."""
+    an L2 ``eviction_policy`` (``""``: the default; no default value here: Triton 3.6 does not make
+    an omitted string argument a constexpr)."""
     at = base + rows[:, None] * n_columns + columns[None, :]
     if EVEN:
         tile = tl.load(at, eviction_policy=EVICTION)
