@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import sparse_lens as sl
-from sparse_lens.analysis.needle import NeedleProbe
+from sparse_lens.analysis.needle import NeedleFidelity, NeedleProbe, needle_recall
 from sparse_lens.data import NeedleSample
+from sparse_lens.kernels import estimate_blocks
 from tests.conftest import sparse_and_dense, tiny_llama_config
 
 SEQ, BLOCK, TOP_K = 160, 16, 4
@@ -147,3 +148,70 @@ def test_bad_needles_or_answer_position_are_refused_before_any_forward(models, s
     finally:
         handle.remove()
     assert not forwards
+
+
+def test_needle_recall_matches_brute_force():
+    """Batch row 0 or 1 of two different rows, a needle straddling three key blocks (their masses
+    add), and the same patterns sliced along queries (the row is found from first_query_block)."""
+    from tests.analysis.test_routes import random_patterns
+
+    rows = [random_patterns(seed, n_layers=3, n_query_blocks=8) for seed in (0, 1)]  # 32 tokens, blocks of 4
+    patterns = [sl.BlockSparsePattern(torch.cat([a.block_indices, b.block_indices]),
+                                      torch.cat([a.block_mass, b.block_mass]), torch.zeros(2, 2, 32), 32, 4, 4, 1.0)
+                for a, b in zip(*rows)]
+    span, position = (6, 13), 29  # key blocks 1, 2, 3; query block 7
+    for batch in (0, 1):
+        recall = needle_recall(patterns, span, query_position=position, batch=batch)
+        indices = torch.stack([pattern.block_indices[batch, :, 7] for pattern in patterns])  # [layer, head, top_k]
+        in_needle = (indices >= 1) & (indices <= 3)
+        mass = (torch.stack([pattern.block_mass[batch, :, 7] for pattern in patterns]) * in_needle).sum(-1)
+        assert recall.needle_blocks == (1, 2, 3) and recall.query_block == 7
+        assert torch.equal(recall.kept, in_needle.any(-1)) and torch.allclose(recall.mass, mass)
+        assert 0 < int(recall.kept.sum()) < recall.kept.numel() and bool((in_needle.sum(-1) >= 2).any())
+        sliced = needle_recall([pattern[:, :, 16:] for pattern in patterns], span, query_position=position, batch=batch)
+        assert torch.equal(sliced.kept, recall.kept) and torch.equal(sliced.mass, recall.mass)
+    assert not torch.equal(needle_recall(patterns, span, position, batch=0).mass, recall.mass)
+
+
+def test_headline_figures_per_needle_and_at_the_threshold():
+    """Hand-made figures (binary fractions, so that the threshold comparison is exact): a head at
+    exactly the threshold is a needle head; per-needle figures read that needle's heads only."""
+    needle_mass = torch.tensor([[[0.25, 0.125]], [[0.5, 0.375]]])  # [needle, layer, head]
+    needle_mass_kept = torch.tensor([[[0.25, 0.0]], [[0.25, 0.0]]])
+    result = NeedleFidelity([(0, 4), (8, 12)], [(0,), (2,)], 15, 3, needle_mass, needle_mass_kept,
+                            needle_mass_kept > 0, torch.ones(1, 2), threshold=0.25)
+    assert result.needle_heads() == [(0, 0, 0), (1, 0, 0), (1, 0, 1)]
+    assert result.missed_heads() == [(1, 0, 1)] and result.missed_heads(0) == []
+    assert result.kept_share(0) == 1.0 and result.kept_share(1) == 0.5 and result.kept_share() == pytest.approx(2 / 3)
+    assert result.needle_mass_recall(0) == 1.0 and result.needle_mass_recall(1) == pytest.approx(0.25 / 0.875)
+    assert result.needle_mass_recall() == pytest.approx(0.5 / 1.125)
+    summary = result.summary()
+    assert [needle["needle_mass_recall"] for needle in summary["needles"]] == [1.0, pytest.approx(0.25 / 0.875)]
+
+
+def test_probe_figures_when_query_and_key_blocks_differ():
+    """query_block 32, key_block 16: the answer at 70 is in query block 2 (key block 4); every figure
+    recomputed from the estimator's kept blocks for that row and a plain softmax row. A needle may
+    end on the answer token itself."""
+    seq, position, spans, scale = 128, 70, [(20, 30), (60, 71)], 0.5
+    stream = sl.TracingConfig(query_block=32, key_block=16, top_k=4, backend="reference")
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 4, seq, 8, generator=generator), torch.randn(1, 2, seq, 8, generator=generator)
+    probe = NeedleProbe(spans, stream, 1, answer_position=position, threshold=0.0)
+    probe.add_layer(0, query, key, scale)
+    result = probe.result()
+    assert result.query_block_index == 2 and result.answer_position == position
+    kept_indices = estimate_blocks(query, key, scale=scale, **stream.estimator_kwargs())[0, :, 2]
+    keys = key[0].repeat_interleave(2, dim=0)[:, : position + 1]  # query head h reads kv head h // 2
+    row = torch.softmax(torch.einsum("hd,hkd->hk", query[0, :, position], keys) * scale, dim=-1)
+    for head in range(4):
+        kept_blocks = {block for block in kept_indices[head].tolist() if block >= 0}
+        kept_keys = torch.tensor([k // 16 in kept_blocks for k in range(position + 1)])
+        assert float(result.row_recall[0, head]) == pytest.approx(float(row[head][kept_keys].sum()), abs=1e-5)
+        for needle, (start, end) in enumerate(spans):
+            assert float(result.needle_mass[needle, 0, head]) == pytest.approx(float(row[head, start:end].sum()), abs=1e-5)
+            assert float(result.needle_mass_kept[needle, 0, head]) == pytest.approx(
+                float(row[head, start:end][kept_keys[start:end]].sum()), abs=1e-5)
+            assert bool(result.kept[needle, 0, head]) == bool(kept_blocks & set(range(start // 16, (end - 1) // 16 + 1)))
+    assert 0 < float(result.row_recall.min()) and float(result.row_recall.max()) < 1
+
