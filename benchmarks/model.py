@@ -7,7 +7,9 @@ Per length: wall time of one forward (after a warm-up at a short length), peak G
 bytes held by the 28 cached patterns. Settings for long inputs: keep_qk=False (patterns keep only
 indices, masses and lse), MLPs chunked over 65536 positions, logits for the last position only.
 Needs transformer_lens (carry wheels to a GPU machine; see docs/benchmarks.md). Prints a table and
-writes JSON.
+writes JSON. ``--profile N``: one more forward at the last length under ``torch.profiler``, and the
+``N`` GPU kernels (and ops) taking the most device time, with their share of the summed device time
+and that sum against the wall time (where the rest of the time goes: launch gaps, host work).
 """
 
 from __future__ import annotations
@@ -58,6 +60,29 @@ def measure(model, length: int, device: str) -> dict:
     return row
 
 
+def profile(model, length: int, device: str, top: int) -> dict:
+    """One forward of ``length`` tokens under ``torch.profiler``: the ``top`` entries by device time
+    (``self_device_time_total``, microseconds in the profiler, milliseconds here) and the totals."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    started = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        logits, patterns = cached_forward(model, tokens)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    del logits, patterns
+    events = [event for event in prof.key_averages() if event.self_device_time_total > 0]
+    total_ms = sum(event.self_device_time_total for event in events) / 1e3
+    events.sort(key=lambda event: event.self_device_time_total, reverse=True)
+    rows = [{"name": event.key[:120], "calls": event.count, "device_ms": event.self_device_time_total / 1e3,
+             "share": event.self_device_time_total / 1e3 / total_ms if total_ms else 0.0} for event in events[:top]]
+    return {"length": length, "wall_s_profiled": wall, "device_ms_total": total_ms, "top": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 524288, 1048576])
@@ -65,6 +90,8 @@ def main() -> None:
     add_stream_flags(parser)
     add_model_flags(parser)
     parser.add_argument("--warmup-length", type=int, default=8192)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one more forward at the last length; keep the N costliest kernels")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/model.json"))
     args = parser.parse_args()
     started = time.perf_counter()
@@ -77,12 +104,20 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     result = {**environment(args.device), "config": config(args), "model": model_name(args.layers),
               "build_seconds": build_seconds, "rows": rows, "command": command("model.py")}
+    if args.profile:
+        result["profile"] = profile(model, args.lengths[-1], args.device, args.profile)
     save_json(args.out, result)
     print(f"\n{result['model']}, {args.dtype}, {args.block}-token blocks, top_k={args.top_k}, {result['device']}")
     print_table(["tokens", "forward s", "peak GPU GB", "cached patterns MB", "pruned"], [
         [f"{row['length']:,}", row["error"], "", "", ""] if "error" in row else
         [f"{row['length']:,}", f"{row['seconds']:.2f}", f"{row.get('peak_gpu_gb', float('nan')):.1f}",
          f"{row['pattern_bytes'] / 2**20:.0f}", f"{row['pruned_fraction']:.4f}"] for row in rows])
+    if args.profile:
+        found = result["profile"]
+        print(f"\nprofiled forward at {found['length']:,} tokens: {found['wall_s_profiled']:.2f} s wall, "
+              f"{found['device_ms_total'] / 1e3:.2f} s of device time")
+        print_table(["kernel / op", "calls", "device ms", "share"], [
+            [row["name"], row["calls"], f"{row['device_ms']:.1f}", f"{100 * row['share']:.1f}%"] for row in found["top"]])
 
 
 if __name__ == "__main__":
