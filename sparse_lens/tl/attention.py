@@ -49,6 +49,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import (
     ContextTooLongError,
+    InvalidConfigError,
     UnsupportedModelError,
 )
 from sparse_lens.kernels import (
@@ -58,6 +59,7 @@ from sparse_lens.kernels import (
     estimate_blocks,
     kept_block_mass,
 )
+from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl import memory
 from sparse_lens.tl.checkpointing import STATE_ATTRIBUTE_OF_ATTENTION, remembered_selection
@@ -193,8 +195,8 @@ class SparseAttentionBridge(PositionEmbeddingsAttentionBridge):
         windowed layer keeps its whole window band instead of an estimate
         (:func:`~sparse_lens.tl.windows.window_selection`). Pass ``window`` only where it binds
         (:func:`~sparse_lens.tl.windows.binding_window`)."""
-        cfg = self.stream
         seq_len = query.shape[2]
+        cfg = top_k_within_key_blocks(self.stream, seq_len)  # no slots beyond the key blocks there are
         geometry = {"query_block": cfg.query_block, "key_block": cfg.key_block}
         features = {"window": window, "softcap": softcap, "sinks": sinks}
         if cfg.mode == "observe":
@@ -340,6 +342,30 @@ def _llama_4_query_scale(hf_attn: Any, query: Tensor, position_ids: Tensor | Non
     beta, original_max = float(rope["llama_4_scaling_beta"]), int(rope["original_max_position_embeddings"])
     scale = 1 + beta * torch.log(1 + torch.floor(position_ids / original_max))
     return query * scale[:, None, :, None].to(query.dtype)
+
+
+def top_k_within_key_blocks(stream: TracingConfig, seq_len: int) -> TracingConfig:
+    """``stream`` with ``top_k`` lowered to the ``ceil(seq_len / key_block)`` key blocks of a
+    ``seq_len``-token prefill where it is more; else ``stream`` itself.
+
+    The kept blocks do not change: every estimator, and causal (lagged) selection, keeps all the
+    visible blocks of a query block that sees at most ``top_k`` of them, and no query block sees
+    more than the sequence's key blocks, so under either budget every row keeps all it sees. Only
+    the ``-1`` slots past them go (each one costs estimator and attention work and pattern memory:
+    ``top_k=1000`` on 31 key blocks did 30-45x the work), so ``block_indices`` / ``block_mass``
+    are ``[..., min(top_k, n_key_blocks)]`` wide. The adaptive estimator's ``top_k`` stays above
+    its ``min_blocks`` (at ``min_blocks`` its settings warn that ``top_p`` has no effect, true of
+    the lowered config only). A config the lower ``top_k`` would make invalid (e.g.
+    ``sink_blocks + local_blocks`` above it) is kept as is.
+    """
+    fewest_kept = getattr(stream.estimator_settings, "min_blocks", 0)  # "adaptive": its floor
+    lowered = max(num_blocks(seq_len, stream.key_block), fewest_kept + 1)
+    if stream.top_k <= lowered:
+        return stream
+    try:
+        return stream.replace(top_k=lowered)
+    except InvalidConfigError:
+        return stream
 
 
 def _check_observe_fits(query: Tensor, key: Tensor, value: Tensor, scale: float, cfg: TracingConfig) -> None:
