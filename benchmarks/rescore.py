@@ -4,7 +4,7 @@ adaptive, against dense cuDNN SDPA in the same run; plus the attention kernel's 
     python3 benchmarks/rescore.py --out $OUT/rescore_h200.json                 # H200: 128k and 1M
     python3 benchmarks/rescore.py --device cpu --lengths 512 --shapes tiny     # CPU smoke run (interpreter)
 
-One layer, random bf16 q / k / v, head dim 128, 64-token blocks, sink 1, local 1, ``top_k`` 16.
+One layer, random bf16 q / k / v, head dim 128, 64-token blocks, sink 1, local 1 (``--local``), ``top_k`` 16.
 Rows (``--variants``, each ``name[:beam=B][:rk=R][:qs=S][:p=P][:search=stream|bounds][:sqs=S]``):
 - ``stream``: Stream's Triton search with ``top_k`` branches (``rk`` representative keys);
 - ``two_kernel``: the previous default path: Stream's search with ``beam`` x the branches, the whole
@@ -62,7 +62,7 @@ DEFAULT_VARIANTS = ["stream", "two_kernel:beam=4", "rescored:beam=4", "rescored:
                     "rescored:beam=8:rk=2:qs=4", "rescored:beam=8:rk=4:qs=4", "rescored:beam=6:qs=4",
                     "rescored:beam=8:qs=4", "rescored:beam=2:qs=4:search=bounds", "rescored:beam=4:qs=4:search=bounds",
                     "adaptive:qs=4:p=0.93"]
-SINK, LOCAL = 1, 1
+SINK, LOCAL = 1, 1  # --local overrides LOCAL (0 with top_k 15: the inner estimate of causal selection)
 
 
 def parse_variant(spec: str) -> dict:
@@ -99,7 +99,8 @@ def make_timer(device: str):
 
 def two_kernel_rescored(query, key, *, top_k, beam, rk, geometry):
     """The previous Triton path of estimate_blocks("rescored"): search, attention kernel's block_mass, torch top-k."""
-    width = SINK + LOCAL + beam * (top_k - SINK - LOCAL)
+    local = geometry["local_blocks"]
+    width = SINK + local + beam * (top_k - SINK - local)
     candidates = stream_estimate(query, key, top_k=width, representative_keys=rk, backend="triton", **geometry)
     _, _, mass = block_sparse_attention(query, key, key, candidates, scale=query.shape[-1] ** -0.5, backend="triton",
                                         query_block=geometry["query_block"], key_block=geometry["key_block"])
@@ -114,7 +115,8 @@ def variant_fn(settings: dict, query, key, top_k: int, geometry: dict):
     if kind == "stream":
         return lambda: estimate_blocks(query, key, estimator="stream", **common)
     if kind == "rescored" and settings["sqs"] != 1:  # not a package setting: the two kernels composed here
-        width = SINK + LOCAL + beam * (top_k - SINK - LOCAL)
+        local = geometry["local_blocks"]
+        width = SINK + local + beam * (top_k - SINK - local)
         search = candidate_search(settings, query, key, width, geometry)
         return lambda: rescore_top_k_triton(query, key, search(), top_k=top_k, query_stride=qs, **geometry)
     if kind == "rescored":
@@ -140,8 +142,8 @@ def bench_length(shape: str, seq_len: int, args, dense_predicted: float | None, 
     make = lambda heads: torch.randn(1, heads, seq_len, d_head, device=device, dtype=dtype, generator=generator)  # noqa: E731
     query, key, value = make(q_heads), make(kv_heads), make(kv_heads)
     repeats = 5 if seq_len <= 131072 else 2
-    geometry = dict(query_block=args.block, key_block=args.block, sink_blocks=SINK, local_blocks=LOCAL)
-    base = {"shape": shape, "seq_len": seq_len, "top_k": args.top_k}
+    geometry = dict(query_block=args.block, key_block=args.block, sink_blocks=SINK, local_blocks=args.local)
+    base = {"shape": shape, "seq_len": seq_len, "top_k": args.top_k, "local_blocks": args.local}
     if dense_predicted is not None and dense_predicted > args.dense_limit:
         dense_s, dense_note = None, f"skipped: predicted {dense_predicted:.0f} s"
     else:
@@ -153,7 +155,7 @@ def bench_length(shape: str, seq_len: int, args, dense_predicted: float | None, 
         fn = variant_fn(settings, query, key, args.top_k, geometry)
         row = {**base, "variant": spec, "estimate_s": timer(fn, repeats)}
         if settings["kind"] == "rescored":  # its two halves alone
-            width = SINK + LOCAL + settings["beam"] * (args.top_k - SINK - LOCAL)
+            width = SINK + args.local + settings["beam"] * (args.top_k - SINK - args.local)
             search = candidate_search(settings, query, key, width, geometry)
             candidates = search()
             row["search_s"] = timer(search, repeats)
@@ -181,7 +183,7 @@ def bench_length(shape: str, seq_len: int, args, dense_predicted: float | None, 
 def print_table(result: dict) -> None:
     print(f"\n{result['device_name']}, torch {result['torch']}, triton {result['triton']}, "
           f"{'bf16' if result['device'] == 'cuda' else 'fp32'}, {result['block']}-token blocks, top_k {result['top_k']}, "
-          f"sink {SINK}, local {LOCAL}")
+          f"sink {result['sink_blocks']}, local {result['local_blocks']}")
     print("| shape | T | variant | estimate ms | search ms | rescore ms | dense SDPA ms | / dense | attention TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     ms = lambda value: f"{value * 1e3:.2f}" if value is not None else "-"  # noqa: E731
@@ -201,6 +203,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--top-k", type=int, default=16)
     parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--local", type=int, default=LOCAL,
+                        help="local blocks (0 with --top-k 15: the estimate causal selection runs, one band block less)")
     parser.add_argument("--dense-limit", type=float, default=60.0, help="skip dense SDPA predicted above (s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rescore.json"))
@@ -225,6 +229,7 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)",
               "torch": torch.__version__, "triton": triton.__version__, "block": args.block, "top_k": args.top_k,
+              "sink_blocks": SINK, "local_blocks": args.local,
               "rows": rows, "command": command("rescore.py", python="python3")}
     save_json(args.out, result)
     print_table(result)

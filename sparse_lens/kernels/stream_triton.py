@@ -22,10 +22,14 @@ candidates fill a 16-wide ``tl.dot``; padding is masked). The query block's tile
 2. scores every candidate by its centre key block: for each of the ``representative_keys``
    strided key offsets, it gathers one key row per candidate (a ``CAND_PAD x BLOCK_D`` tile),
    computes ``query_tile @ keys.T`` (``BLOCK_Q x CAND_PAD``, fp32 accumulation), masks it
-   causally and keeps the running max over queries; empty halves score ``-inf``. The mask is
-   compiled out (``MASK_KEYS`` false) when the local blocks span at least a query block: then every
-   searched key precedes the block's first query, and padding query rows repeat the block's last
-   real query, which changes no max;
+   causally and keeps the running max over queries; empty halves score ``-inf``. Padding query
+   rows repeat the block's last real query, which changes no max. The mask is compiled out
+   (``MASK_KEYS`` false) when the local blocks span at least a query block: then every searched key
+   precedes the block's first query. Otherwise (e.g. ``local_blocks`` 0, the inner estimate of
+   causal selection) a round masks only when some candidate's centre block reaches the block's
+   first query: in most rounds the branch holding the diagonal is still wide and its centre far
+   back (H200, 1M tokens, the 1.5B model's default estimate: the wide search took 117.6 ms per
+   layer masking every round);
 3. keeps the best ``n_search`` candidates by rank counting (no sort): a candidate's rank is the
    number of candidates that beat it (higher score; on equal scores a non-empty half beats an
    empty one, then the lower candidate index wins). Ranks are a permutation, so the candidate of
@@ -166,15 +170,11 @@ def _stream_estimate_kernel(
 
         if N_SEARCH > 0:
             query_rows = tl.arange(0, BLOCK_Q)
-            query_pos = query_block_id * QUERY_BLOCK + query_rows
-            if MASK_KEYS:
-                query_valid = (query_rows < QUERY_BLOCK) & (query_pos < seq_len)
-            else:
-                # Every searched key precedes the block's first query: padding rows repeat the
-                # block's last real query, which leaves each candidate's max unchanged, and no
-                # score needs a mask.
-                query_pos = tl.minimum(query_pos, query_end - 1)
-                query_valid = query_rows >= 0
+            first_query = query_block_id * QUERY_BLOCK
+            # Padding rows repeat the block's last real query: that leaves every candidate's max
+            # unchanged, masked or not, so no row needs a validity mask.
+            query_pos = tl.minimum(first_query + query_rows, query_end - 1)
+            query_valid = query_rows >= 0
             query_base = query_ptr + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
             key_base = key_ptr + batch.to(tl.int64) * stride_kb + (q_head // group).to(tl.int64) * stride_kh
             query_rows_ptr = query_base + query_pos.to(tl.int64)[:, None] * stride_qt
@@ -211,6 +211,9 @@ def _stream_estimate_kernel(
                     best = tl.full([2 * BRANCH_PAD, BLOCK_Q], float("-inf"), tl.float32)
                 else:
                     best = tl.full([BLOCK_Q, 2 * BRANCH_PAD], float("-inf"), tl.float32)
+                # Only a centre block that reaches the block's first query needs the causal mask: in
+                # most rounds none does (the branch holding the diagonal is still wide).
+                round_masked = tl.max(tl.where(non_empty, center, 0), axis=0) * KEY_BLOCK + KEY_BLOCK - 1 > first_query
                 for rep in range(REPRESENTATIVE_KEYS):
                     key_pos = center * KEY_BLOCK + (KEY_FIRST + rep * KEY_STRIDE)
                     key_rows_ptr = key_base + key_pos.to(tl.int64)[:, None] * stride_kt
@@ -230,12 +233,12 @@ def _stream_estimate_kernel(
                             dots = tl.dot(key_tile, tl.trans(query_tile), dots, input_precision=DOT_PRECISION)
                         else:
                             dots = tl.dot(query_tile, tl.trans(key_tile), dots, input_precision=DOT_PRECISION)
-                    if MASK_KEYS and KEY_MAJOR:
-                        causal = (key_pos[:, None] <= query_pos[None, :]) & query_valid[None, :]
-                        dots = tl.where(causal, dots, float("-inf"))
-                    elif MASK_KEYS:
-                        causal = (key_pos[None, :] <= query_pos[:, None]) & query_valid[:, None]
-                        dots = tl.where(causal, dots, float("-inf"))
+                    if MASK_KEYS:
+                        if round_masked:
+                            if KEY_MAJOR:
+                                dots = tl.where(key_pos[:, None] <= query_pos[None, :], dots, float("-inf"))
+                            else:
+                                dots = tl.where(key_pos[None, :] <= query_pos[:, None], dots, float("-inf"))
                     best = tl.maximum(best, dots)
                 if KEY_MAJOR:
                     score = tl.max(best, axis=1)
