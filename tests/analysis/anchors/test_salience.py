@@ -95,3 +95,32 @@ def test_observe_thought_anchors_runs_the_model_once_per_budget():
     np.testing.assert_allclose(results["sparse_tokens"].salience.numpy(), results["dense"].salience.numpy(), rtol=1e-5)
     assert results["sparse"].method == "sparse" and results["sparse"].n_sentences == len(UNALIGNED)
     assert results["sparse"].pruned_fraction == 0.0 and results["dense"].pruned_fraction is None
+
+
+def test_the_batch_row_asked_for_is_the_one_read(tiny_traces):
+    """A batch of two rows, row 0 with other block masses and normalisers: row 1 gives the
+    single-row result by every method, row 0 another."""
+    from dataclasses import replace
+
+    traces, _ = tiny_traces
+
+    def two_rows(p):
+        return replace(p, block_indices=torch.cat([p.block_indices] * 2), block_mass=torch.cat([p.block_mass * 0.5, p.block_mass]),
+                       lse=torch.cat([p.lse + 0.7, p.lse]), query=torch.cat([p.query] * 2), key=torch.cat([p.key] * 2))
+
+    batched = [two_rows(pattern) for pattern in traces[6]]
+    for method in ("sparse", "sparse_tokens", "dense"):
+        expected = thought_anchors(traces[6], UNALIGNED, top_heads=3, method=method)
+        row_1 = thought_anchors(batched, UNALIGNED, top_heads=3, method=method, batch=1)
+        row_0 = thought_anchors(batched, UNALIGNED, top_heads=3, method=method, batch=0)
+        torch.testing.assert_close(row_1.vertical_scores, expected.vertical_scores, equal_nan=True)
+        assert not torch.allclose(row_0.vertical_scores, expected.vertical_scores, equal_nan=True)
+
+
+def test_pruned_fraction_is_the_mean_over_layers(tiny_traces):
+    traces, _ = tiny_traces
+    mixed = [traces[SEQ // BLOCK][0], traces[6][1]]  # nothing pruned, then most blocks pruned
+    assert traces[6][1].pruned_fraction() > 0.5
+    result = thought_anchors(mixed, ALIGNED, top_heads=3)
+    assert result.pruned_fraction == pytest.approx(traces[6][1].pruned_fraction() / 2)
+

@@ -57,6 +57,14 @@ def test_split_sentences_on_a_real_fast_tokenizer_decodes_each_sentence():
 
 def test_spans_are_checked():
     assert check_sentence_spans([(1, 3), (3, 5)], 5) == [(1, 3), (3, 5)]
-    for bad in ([(3, 5), (1, 3)], [(1, 1)], [(4, 6)], []):
+    for bad in ([(3, 5), (1, 3)], [(1, 1)], [(4, 6)], [], [(1, 3), (2, 5)]):  # ..., overlapping by one token
         with pytest.raises(ValueError):
             check_sentence_spans(bad, 5)
+
+
+def test_a_sentence_without_a_token_of_its_own_merges_into_the_previous_one():
+    text = "Hi. Yo. Ok."
+    sentences = split_sentences(text, offsets=[(0, 3), (3, 11)])  # the second token holds "Yo. Ok."
+    assert sentences.texts == ("Hi.", "Yo. Ok.") and sentences.char_spans == ((0, 3), (4, 11))
+    assert sentences.token_spans == ((0, 1), (1, 2))
+
