@@ -73,9 +73,10 @@ from sparse_lens.tl.windows import (
     window_selection,
 )
 
-# Positions rotated at a time in forwards without gradients (apply_rotary): the rotary formula's
-# temporaries (q * cos, rotate_half(q), its product with sin) hold 32,768 positions each instead of
-# the whole sequence (three residual-stream copies for Llama-3.1-8B's queries; 3/32 of one at 1M).
+# Positions rotated at a time in forwards without gradients (apply_rotary): the in-place rotation's
+# one temporary holds half of 32,768 positions instead of HF's formula's three whole-sequence
+# temporaries (q * cos, rotate_half(q), its product with sin: three residual-stream copies for
+# Llama-3.1-8B's queries).
 ROTARY_CHUNK_TOKENS = 32_768
 
 
@@ -301,25 +302,42 @@ def apply_rotary(
     1) with half-width ``cos``/``sin`` is GPT-OSS' un-duplicated convention: the halves are repeated.
 
     ``chunk_tokens``: without gradients, rotate that many positions at a time into contiguous
-    ``[batch, head, pos, d_head]`` outputs (the formula's three temporaries then hold one chunk, not
-    three copies of the queries, and the kernels need no contiguous copy); the same values."""
+    ``[batch, head, pos, d_head]`` outputs, written in place (:func:`_rotate_into`: one chunk-sized
+    temporary, no contiguous copy for the kernels, half the passes of HF's formula); the same
+    values, bit for bit."""
     rotary_dim, head_dim = cos.shape[-1], query.shape[-1]
     if full_rotary and rotary_dim * 2 == head_dim:
         cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
     seq_len = query.shape[-2]
     with_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    if chunk_tokens is None or seq_len <= chunk_tokens or with_grad:
+    same_dtype = cos.dtype == sin.dtype == query.dtype == key.dtype  # else HF's formula promotes
+    if chunk_tokens is None or seq_len <= chunk_tokens or with_grad or not same_dtype:
         return _rotate(query, key, cos, sin)
-    outputs: list[Tensor] = []
+    outputs = (query.new_empty(query.shape), key.new_empty(key.shape))
     for start in range(0, seq_len, chunk_tokens):
         positions = slice(start, start + chunk_tokens)
-        parts = _rotate(query[..., positions, :], key[..., positions, :], cos[..., positions, :], sin[..., positions, :])
-        if not outputs:
-            outputs = [part.new_empty((*part.shape[:-2], seq_len, part.shape[-1])) for part in parts]
-        for output, part in zip(outputs, parts):
-            output[..., positions, :] = part
-        del parts
-    return outputs[0], outputs[1]
+        cos_chunk, sin_chunk = cos[:, None, positions, :], sin[:, None, positions, :]
+        for source, output in zip((query, key), outputs):
+            _rotate_into(output[..., positions, :], source[..., positions, :], cos_chunk, sin_chunk)
+    return outputs
+
+
+def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """``out = x * cos + rotate_half(x) * sin`` over the first ``cos.shape[-1]`` dims (the rest
+    copied), rounded as HF's formula rounds it: per half, ``x1 * c1 - x2 * s1`` and ``x2 * c2 + x1 *
+    s2``, each product rounded to the dtype before the sum (``rotate_half`` only negates, exactly)."""
+    rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    out1, out2 = out[..., :half], out[..., half:rotary_dim]
+    torch.mul(x1, cos[..., :half], out=out1)
+    scratch = x2 * sin[..., :half]
+    out1.sub_(scratch)
+    torch.mul(x2, cos[..., half:], out=out2)
+    torch.mul(x1, sin[..., half:], out=scratch)
+    out2.add_(scratch)
+    if rotary_dim < x.shape[-1]:
+        out[..., rotary_dim:] = x[..., rotary_dim:]
 
 
 def _rotate(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

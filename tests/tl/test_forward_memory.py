@@ -139,13 +139,18 @@ def test_a_hook_inside_a_norm_sees_the_whole_sequence():
     assert not torch.allclose(chunked, plain, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rotary_dim, full_rotary", [(16, True), (8, True), (8, False)])
-def test_chunked_rotary_equals_whole(rotary_dim, full_rotary):
+def test_chunked_rotary_equals_whole(rotary_dim, full_rotary, dtype):
     """Full, half-width (GPT-OSS: the halves repeated) and partial rotary (GPT-NeoX): chunks of 7
-    positions into contiguous outputs equal the whole-sequence formula."""
+    positions, rotated in place into contiguous outputs, equal HF's whole-sequence formula bit for
+    bit (bf16: each product rounded before the sum, as HF rounds it); queries in the bridge's
+    [batch, pos, head, d] layout, transposed (not contiguous)."""
     generator = torch.Generator().manual_seed(0)
-    query, key = torch.randn(2, 4, 30, 16, generator=generator), torch.randn(2, 2, 30, 16, generator=generator)
-    cos, sin = torch.randn(1, 30, rotary_dim, generator=generator), torch.randn(1, 30, rotary_dim, generator=generator)
+    query = torch.randn(2, 30, 4, 16, generator=generator).to(dtype).transpose(1, 2)
+    key = torch.randn(2, 2, 30, 16, generator=generator).to(dtype)
+    cos = torch.randn(1, 30, rotary_dim, generator=generator).to(dtype)
+    sin = torch.randn(1, 30, rotary_dim, generator=generator).to(dtype)
     whole = attention.apply_rotary(query, key, cos, sin, full_rotary=full_rotary)
     chunked = attention.apply_rotary(query, key, cos, sin, full_rotary=full_rotary, chunk_tokens=7)
     for expected, actual in zip(whole, chunked):
