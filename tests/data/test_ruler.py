@@ -1,3 +1,4 @@
+import itertools
 import re
 
 import pytest
@@ -6,10 +7,13 @@ from sparse_lens.data import needle_prompt, string_match_all
 from sparse_lens.data.niah import INSTRUCTION, NOISE_LINE
 from sparse_lens.data.prose import essays
 from sparse_lens.data.ruler import (
+    ADJECTIVES,
     DEPTHS,
     NIAH_ANSWER_TOKENS,
+    NOUNS,
     RULER_TASKS,
     VT_ANSWER_TOKENS,
+    _distractor_keys,
     make_sample,
     niah_sample,
 )
@@ -170,3 +174,57 @@ def test_unknown_task_and_too_short_length_raise(tokenizer):
         niah_sample(tokenizer, 1024, "single_1")
     with pytest.raises(ValueError, match="without any haystack"):
         make_sample("niah_multiquery", tokenizer, 200)
+
+
+def test_rulers_constants():
+    """RULER's 40 evenly spaced depths from 0% to 100%, and its answer budgets (tokens_to_generate)."""
+    assert len(DEPTHS) == 40 and DEPTHS[0] == 0.0 and DEPTHS[-1] == 1.0
+    assert all(b - a == pytest.approx(1 / 39) for a, b in itertools.pairwise(DEPTHS))
+    assert (NIAH_ANSWER_TOKENS, VT_ANSWER_TOKENS) == (128, 30)
+
+
+def test_number_values_have_seven_digits(samples):
+    values = [value for sample in samples.values() for _, value in NEEDLE.findall(sample.prompt) if not UUID.fullmatch(value)]
+    assert len(values) > 100 and all(re.fullmatch(r"[1-9]\d{6}", value) for value in values)
+
+
+def test_questions_and_instruction_follow_the_value_kind_and_the_keys_asked(samples):
+    """Singular for one expected value, plural (and every key named) otherwise; the instruction
+    names the value kind (uuids for niah_single_3)."""
+    single, multivalue, multiquery = (samples[task, 1024] for task in ("niah_single_2", "niah_multivalue", "niah_multiquery"))
+    assert "What is the special magic number for" in single.prompt
+    assert "What are all the special magic numbers for" in multivalue.prompt
+    keys = [NEEDLE.fullmatch(text).group(1) for text in multiquery.needle_texts]
+    asked = re.search(r"numbers for (.+) mentioned in the provided text\?", multiquery.prompt).group(1)
+    assert sorted(asked.replace(", and ", ", ").split(", ")) == sorted(keys)
+    assert "Some special magic uuids are hidden" in samples["niah_single_3", 1024].prompt
+    assert "Some special magic numbers are hidden" in single.prompt
+
+
+@pytest.mark.parametrize("task", ["niah_single_2", "niah_multikey_1", "niah_multivalue", "niah_multiquery"])
+def test_sample_depth_is_the_depth_of_the_first_answers_needle(samples, task):
+    """In an essay haystack of N sentences, a needle at depth d has round(d * N) haystack sentences
+    before it (multikey_1 and multiquery at seed 0 ask about their second needle first)."""
+    for length in LENGTHS:
+        sample = samples[task, length]
+        sentences = re.split(r"(?<=[.!?])\s+", haystack_lines(sample)[0])
+        haystack = [s for s in sentences if s not in sample.needle_texts]
+        first = next(i for i, s in enumerate(sentences) if s in sample.needle_texts and sample.answers[0] in s)
+        before = len([s for s in sentences[:first] if s not in sample.needle_texts])
+        assert before == round(sample.depth * len(haystack))
+
+
+def test_distractor_keys_never_repeat_a_needles_key():
+    import random
+
+    taken = ["amber-anchor", "quiet-river"]
+    keys = list(itertools.islice(_distractor_keys("words", random.Random(0), taken), 3 * len(ADJECTIVES) * len(NOUNS)))
+    assert not set(keys) & set(taken)
+    first_pass = keys[: len(ADJECTIVES) * len(NOUNS) - len(taken)]  # every other pair once before any repeats
+    assert len(set(first_pass)) == len(first_pass)
+
+
+def test_answer_tokens_set_the_budget(tokenizer):
+    sample = make_sample("niah_single_1", tokenizer, 1024, answer_tokens=300)
+    assert 0.99 * (1024 - 300) <= sample.length <= 1024 - 300
+

@@ -26,6 +26,13 @@ def test_postprocessing_turns_control_characters_into_newlines_and_strips():
     assert ruler_score("12\x0034567", ["1234567"]) == 0.0  # the control character splits the number
     assert ruler_score("  The number is 1234567.\x00", ["1234567"]) == 1.0
     assert ruler_score("  \n", ["x"]) == 0.0
+    assert postprocess_prediction("a\x1fb\x0bc") == "a\nb\nc"  # the whole range \x00-\x1f, inside the text too
+
+
+def test_ruler_score_is_the_share_of_all_answers_found():
+    """NIAH multi-value / multi-query and variable tracking expect every answer: 1 of 2 found is 0.5."""
+    assert ruler_score("  It is 1234567\x00", ["1234567", "7654321"]) == 0.5
+    assert ruler_score("1234567 and 7654321", ["7654321", "1234567"]) == 1.0
 
 
 def test_answers_must_be_a_non_empty_list_of_strings():
