@@ -56,6 +56,30 @@ def test_pruned_fraction_of_a_windowed_layer_is_relative_to_what_its_window_sees
     assert whole_band.pruned_fraction() == 0.0
 
 
+def test_recall_kept_pairs_and_pruned_fraction_of_a_batch_and_of_a_slice():
+    """Against token_probs (every kept causal pair has positive probability): recall 1 per row in
+    sparse mode, the pruned fraction over every batch row and head, a slice's pairs its rows' only."""
+    pattern = make_pattern(batch=3)  # 100 tokens, blocks of 16 (7 query blocks)
+    kept = pattern.token_probs() > 0
+    torch.testing.assert_close(pattern.recall(), torch.ones(3, 4, 7))
+    assert pattern.pruned_fraction() == pytest.approx(1 - int(kept.sum()) / (3 * 4 * 100 * 101 / 2))
+    sliced = pattern[:, :, 40:70]  # query blocks 2-4: tokens 32-79
+    assert sliced.kept_pairs().tolist() == kept[:, :, 32:80].sum((-1, -2)).tolist()
+
+
+def test_size_limits_are_inclusive_and_count_both_sides():
+    pattern = make_pattern()  # 100 tokens, 7 blocks a side
+    assert pattern.token_probs(max_tokens=100).shape == (1, 4, 100, 100)
+    assert pattern.to_string(max_blocks=7)
+    generator = torch.Generator().manual_seed(3)
+    query, key = torch.randn(1, 4, 96, 8, generator=generator), torch.randn(1, 2, 96, 8, generator=generator)
+    indices = stream_estimate(query, key, query_block=32, key_block=16, top_k=3, sink_blocks=1, local_blocks=2)
+    wide = sl.BlockSparsePattern(indices, torch.zeros(indices.shape), torch.zeros(1, 4, 96), 96, 32, 16, 0.3)
+    assert all(len(line) == 6 for line in wide.to_string(limit=1, max_blocks=6).splitlines()[2:5])  # 6 key blocks
+    with pytest.raises(sl.ContextTooLongError):
+        wide.to_string(max_blocks=5)  # 3 query blocks but 6 key blocks
+
+
 def test_token_probs_rows_sum_to_one_and_limit_is_enforced():
     pattern = make_pattern()
     torch.testing.assert_close(pattern.token_probs().sum(-1), torch.ones(1, 4, 100))
