@@ -60,6 +60,8 @@ from sparse_lens.kernels import (
     kept_block_mass,
 )
 from sparse_lens.kernels.blocks import num_blocks
+from sparse_lens.kernels.rotary_triton import SUPPORTED_DTYPES as ROTARY_KERNEL_DTYPES
+from sparse_lens.kernels.rotary_triton import rotary_triton
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl import memory
 from sparse_lens.tl.checkpointing import STATE_ATTRIBUTE_OF_ATTENTION, remembered_selection
@@ -301,10 +303,11 @@ def apply_rotary(
     GPT-NeoX, Phi, ``partial_rotary_factor < 1``). ``full_rotary`` (the config's rotary fraction is
     1) with half-width ``cos``/``sin`` is GPT-OSS' un-duplicated convention: the halves are repeated.
 
-    ``chunk_tokens``: without gradients, rotate that many positions at a time into contiguous
-    ``[batch, head, pos, d_head]`` outputs, written in place (:func:`_rotate_into`: one chunk-sized
-    temporary, no contiguous copy for the kernels, half the passes of HF's formula); the same
-    values, bit for bit."""
+    ``chunk_tokens``: without gradients, on sequences longer than that, rotate into contiguous
+    ``[batch, head, pos, d_head]`` outputs: on CUDA in 16-bit dtypes by the one-pass Triton kernel
+    (``kernels.rotary_triton``), else ``chunk_tokens`` positions at a time, in place
+    (:func:`_rotate_into`: one chunk-sized temporary, half the passes of HF's formula); the same
+    values as HF's formula, bit for bit."""
     rotary_dim, head_dim = cos.shape[-1], query.shape[-1]
     if full_rotary and rotary_dim * 2 == head_dim:
         cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
@@ -313,6 +316,8 @@ def apply_rotary(
     same_dtype = cos.dtype == sin.dtype == query.dtype == key.dtype  # else HF's formula promotes
     if chunk_tokens is None or seq_len <= chunk_tokens or with_grad or not same_dtype:
         return _rotate(query, key, cos, sin)
+    if _rotary_on_kernel(query, key, cos):  # one pass, no chunks needed (no temporaries)
+        return rotary_triton(query, cos, sin), rotary_triton(key, cos, sin)
     outputs = (query.new_empty(query.shape), key.new_empty(key.shape))
     for start in range(0, seq_len, chunk_tokens):
         positions = slice(start, start + chunk_tokens)
@@ -320,6 +325,14 @@ def apply_rotary(
         for source, output in zip((query, key), outputs):
             _rotate_into(output[..., positions, :], source[..., positions, :], cos_chunk, sin_chunk)
     return outputs
+
+
+def _rotary_on_kernel(query: Tensor, key: Tensor, cos: Tensor) -> bool:
+    """Whether the one-pass RoPE kernel (``kernels.rotary_triton``) takes these inputs: CUDA
+    tensors of one 16-bit dtype (the caller checked that ``cos`` / ``sin`` share it), unit last
+    strides, an even ``rotary_dim``."""
+    return (query.is_cuda and query.dtype in ROTARY_KERNEL_DTYPES and query.stride(-1) == 1 == key.stride(-1)
+            and cos.dim() == 3 and cos.shape[-1] % 2 == 0)
 
 
 def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:

@@ -157,3 +157,20 @@ def test_chunked_rotary_equals_whole(rotary_dim, full_rotary, dtype):
         assert actual.is_contiguous() and torch.equal(actual, expected)
     if rotary_dim == 16:  # the rotation is applied (the test sees a wrong formula)
         assert not torch.allclose(whole[0], query)
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_long_rotary_on_the_kernel_equals_whole(monkeypatch, rotary_dim):
+    """On CUDA (here: the interpreter, the kernel's condition forced) bf16 rotary of a long input runs
+    the one-pass Triton kernel, whose outputs equal HF's whole-sequence formula bit for bit."""
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 30, 4, 16, generator=generator).bfloat16().transpose(1, 2)
+    key = torch.randn(1, 2, 30, 16, generator=generator).bfloat16()
+    cos, sin = (torch.randn(1, 30, rotary_dim, generator=generator).bfloat16() for _ in range(2))
+    calls = []
+    monkeypatch.setattr(attention, "_rotary_on_kernel", lambda *args: calls.append(1) or True)
+    chunked = attention.apply_rotary(query, key, cos, sin, full_rotary=False, chunk_tokens=7)
+    whole = attention.apply_rotary(query, key, cos, sin, full_rotary=False)
+    assert calls == [1]
+    for expected, actual in zip(whole, chunked):
+        assert actual.is_contiguous() and torch.equal(actual, expected)

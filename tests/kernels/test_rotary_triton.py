@@ -1,0 +1,55 @@
+"""The RoPE kernel against its torch reference (rotary_ref), and the reference against HF's formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from sparse_lens.errors import ShapeError
+from sparse_lens.kernels.rotary_ref import rotary
+from sparse_lens.kernels.rotary_triton import rotary_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
+
+
+def inputs(dtype, rotary_dim=16, d_head=16, seq_len=45, batch=2, heads=3, seed=0):
+    """x in the bridge's layout ([batch, pos, head, d] transposed: not contiguous), cos / sin of one
+    batch row; random halves (not repeated), so that every product of the formula is checked."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, seq_len, heads, d_head, generator=generator) * 2).to(dtype).transpose(1, 2)
+    cos, sin = (torch.randn(1, seq_len, rotary_dim, generator=generator).to(dtype) for _ in range(2))
+    return x.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE)
+
+
+def test_reference_is_hf_formula():
+    x, cos, sin = inputs(torch.bfloat16)
+    expected, _ = apply_rotary_pos_emb(x, x[:, :1], cos, sin)
+    assert torch.equal(rotary(x, cos, sin), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rotary_dim,d_head", [(16, 16), (8, 16), (8, 12)])
+def test_kernel_equals_reference_bit_for_bit(dtype, rotary_dim, d_head):
+    # 45 positions: a partial last program of 32; (8, 12): partial rotary, 4 dims passed through
+    x, cos, sin = inputs(dtype, rotary_dim, d_head)
+    got = rotary_triton(x, cos, sin)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, rotary(x, cos, sin))
+    assert not torch.equal(got, x)
+
+
+def test_per_batch_cos_sin():
+    x, cos, sin = inputs(torch.bfloat16)
+    cos, sin = torch.cat([cos, cos.flip(1)]), torch.cat([sin, -sin])
+    assert torch.equal(rotary_triton(x, cos, sin), rotary(x, cos, sin))
+
+
+def test_bad_inputs_raise():
+    x, cos, sin = inputs(torch.bfloat16)
+    with pytest.raises(ShapeError):
+        rotary_triton(x.float(), cos.float(), sin.float())  # float32 stays on the torch path
+    with pytest.raises(ShapeError):
+        rotary_triton(x, cos[..., :7], sin[..., :7])  # odd rotary_dim
+    with pytest.raises(ShapeError):
+        rotary_triton(x, cos[:, :10], sin[:, :10])  # positions differ
