@@ -7,10 +7,12 @@ and writes the output once.
 
 Grid ``(cdiv(pos, BLOCK_T), batch)``: a program loads ``BLOCK_T`` positions of ``cos`` / ``sin``
 once and rotates them for every head of ``x`` (``[batch, head, pos, d_head]``, any strides with a
-unit last one), writing a contiguous output. 16-bit inputs only: each product and the sum are
-rounded to the input dtype as HF's eager formula rounds them (the product of two 16-bit floats and
-the sum of two are exact or rounded once in float32, so the result equals the reference bit for
-bit); float32 stays on the torch path (the compiler may fuse a multiply and an add there).
+unit last one), writing a contiguous output. bf16 only: each product and the sum are rounded to
+bf16 as HF's eager formula rounds them, by integer arithmetic on the float32 bits (the product of
+two bf16 values and the sum of two are exact or rounded once in float32, so the result equals the
+reference bit for bit). Other dtypes stay on the torch path: float32 because the compiler may fuse
+a multiply and an add; fp16 because a cast to fp16 and back was not a rounding on the H200 (Triton
+3.6: 1-ulp differences from the reference, not seen under the interpreter).
 """
 
 from __future__ import annotations
@@ -24,21 +26,17 @@ from torch import Tensor
 from sparse_lens.errors import ShapeError
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.bfloat16,)
 BLOCK_T = 32  # positions per program
 
 
 @triton.jit
-def _rounded(value, IS_BF16: tl.constexpr):
-    """float32 ``value`` rounded to the nearest bf16 (ties to even; IS_BF16) or fp16, kept as float32.
-    bf16 by integer arithmetic on the bits: the Triton interpreter's bf16 casts truncate."""
-    if IS_BF16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        rounded = bits.to(tl.float32, bitcast=True)
-    else:
-        rounded = value.to(tl.float16).to(tl.float32)
-    return rounded
+def _rounded(value):
+    """float32 ``value`` rounded to the nearest bf16 (ties to even), kept as float32: integer
+    arithmetic on the bits, which no compiler pass can drop (the Triton interpreter's casts truncate)."""
+    bits = value.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -46,7 +44,7 @@ def _rotary_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, seq_len, d_head,
     stride_xb, stride_xh, stride_xt, stride_cb, stride_ct,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, IS_BF16: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     positions = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -67,8 +65,8 @@ def _rotary_kernel(
         second = tl.load(x_at + HALF + dims[None, :], mask=in_half, other=0.0)
         x1, x2 = first.to(tl.float32), second.to(tl.float32)
         # each product rounded to the dtype, then the sum (HF: x * cos + rotate_half(x) * sin)
-        out_first = _rounded(_rounded(x1 * cos_first, IS_BF16) - _rounded(x2 * sin_first, IS_BF16), IS_BF16)
-        out_second = _rounded(_rounded(x2 * cos_second, IS_BF16) + _rounded(x1 * sin_second, IS_BF16), IS_BF16)
+        out_first = _rounded(_rounded(x1 * cos_first) - _rounded(x2 * sin_first))
+        out_second = _rounded(_rounded(x2 * cos_second) + _rounded(x1 * sin_second))
         tl.store(out_at + dims[None, :], out_first.to(first.dtype), mask=in_half)
         tl.store(out_at + HALF + dims[None, :], out_second.to(first.dtype), mask=in_half)
         if HAS_PASS:  # partial rotary: the other dims pass through
@@ -83,14 +81,14 @@ def rotary_triton(
 ) -> Float[Tensor, "batch head pos d_head"]:
     """``rotary_ref.rotary`` (same signature and result, bit for bit), into a new contiguous tensor.
 
-    ``x``: bf16 / fp16 with a unit last stride; ``cos`` / ``sin``: ``x``'s dtype, ``[1 or batch,
+    ``x``: bf16 with a unit last stride; ``cos`` / ``sin``: ``x``'s dtype, ``[1 or batch,
     pos, rotary_dim]`` with ``rotary_dim`` even and <= ``d_head``. Raises ``ShapeError`` otherwise."""
     batch, n_heads, seq_len, d_head = x.shape
     rotary_dim = cos.shape[-1]
     if (x.dtype not in SUPPORTED_DTYPES or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.shape != sin.shape
             or cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len or rotary_dim % 2
             or rotary_dim > d_head or x.stride(-1) != 1):
-        raise ShapeError(f"rotary_triton needs 16-bit x [batch, head, pos, d_head] with a unit last stride and cos / "
+        raise ShapeError(f"rotary_triton needs bf16 x [batch, head, pos, d_head] with a unit last stride and cos / "
                          f"sin of its dtype, [1 or batch, pos, even rotary_dim <= d_head]; got x {tuple(x.shape)} "
                          f"{x.dtype}, cos {tuple(cos.shape)} {cos.dtype}, sin {tuple(sin.shape)} {sin.dtype}.")
     cos, sin = cos.expand(batch, -1, -1).contiguous(), sin.expand(batch, -1, -1).contiguous()
@@ -103,6 +101,5 @@ def rotary_triton(
         x, cos, sin, out, n_heads, seq_len, d_head, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
         cos.stride(1), HALF=half, HALF_PAD=triton.next_power_of_2(half),
         HAS_PASS=d_head > rotary_dim, PASS_PAD=triton.next_power_of_2(max(d_head - rotary_dim, 1)), BLOCK_T=BLOCK_T,
-        IS_BF16=x.dtype == torch.bfloat16,
     )
     return out

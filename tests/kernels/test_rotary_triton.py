@@ -28,7 +28,7 @@ def test_reference_is_hf_formula():
     assert torch.equal(rotary(x, cos, sin), expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("rotary_dim,d_head", [(16, 16), (8, 16), (8, 12)])
 def test_kernel_equals_reference_bit_for_bit(dtype, rotary_dim, d_head):
     # 45 positions: a partial last program of 32; (8, 12): partial rotary, 4 dims passed through
@@ -47,8 +47,9 @@ def test_per_batch_cos_sin():
 
 def test_bad_inputs_raise():
     x, cos, sin = inputs(torch.bfloat16)
-    with pytest.raises(ShapeError):
-        rotary_triton(x.float(), cos.float(), sin.float())  # float32 stays on the torch path
+    for dtype in (torch.float32, torch.float16):  # they stay on the torch path
+        with pytest.raises(ShapeError):
+            rotary_triton(x.to(dtype), cos.to(dtype), sin.to(dtype))
     with pytest.raises(ShapeError):
         rotary_triton(x, cos[..., :7], sin[..., :7])  # odd rotary_dim
     with pytest.raises(ShapeError):

@@ -163,10 +163,11 @@ def test_chunked_rotary_equals_whole(rotary_dim, full_rotary, dtype):
 def test_long_rotary_on_the_kernel_equals_whole(monkeypatch, rotary_dim):
     """On CUDA (here: the interpreter, the kernel's condition forced) bf16 rotary of a long input runs
     the one-pass Triton kernel, whose outputs equal HF's whole-sequence formula bit for bit."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
     generator = torch.Generator().manual_seed(1)
-    query = torch.randn(1, 30, 4, 16, generator=generator).bfloat16().transpose(1, 2)
-    key = torch.randn(1, 2, 30, 16, generator=generator).bfloat16()
-    cos, sin = (torch.randn(1, 30, rotary_dim, generator=generator).bfloat16() for _ in range(2))
+    query = torch.randn(1, 30, 4, 16, generator=generator).bfloat16().transpose(1, 2).to(device)
+    key = torch.randn(1, 2, 30, 16, generator=generator).bfloat16().to(device)
+    cos, sin = (torch.randn(1, 30, rotary_dim, generator=generator).bfloat16().to(device) for _ in range(2))
     calls = []
     monkeypatch.setattr(attention, "_rotary_on_kernel", lambda *args: calls.append(1) or True)
     chunked = attention.apply_rotary(query, key, cos, sin, full_rotary=False, chunk_tokens=7)
