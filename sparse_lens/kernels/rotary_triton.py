@@ -8,7 +8,7 @@ and writes the output once.
 Grid ``(cdiv(pos, BLOCK_T), batch)``: a program loads ``BLOCK_T`` positions of ``cos`` / ``sin``
 once and rotates them for every head of ``x`` (``[batch, head, pos, d_head]``, any strides with a
 unit last one), writing a contiguous output. bf16 only: each product and the sum are rounded to
-bf16 as HF's eager formula rounds them, by integer arithmetic on the float32 bits (the product of
+bf16 as HF's eager formula rounds them (``bf16_rounding.round_to_bf16``; the product of
 two bf16 values and the sum of two are exact or rounded once in float32, so the result equals the
 reference bit for bit). Other dtypes stay on the torch path: float32 because the compiler may fuse
 a multiply and an add; fp16 because a cast to fp16 and back was not a rounding on the H200 (Triton
@@ -24,19 +24,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sparse_lens.errors import ShapeError
+from sparse_lens.kernels.bf16_rounding import round_to_bf16
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 
 SUPPORTED_DTYPES = (torch.bfloat16,)
 BLOCK_T = 32  # positions per program
-
-
-@triton.jit
-def _rounded(value):
-    """float32 ``value`` rounded to the nearest bf16 (ties to even), kept as float32: integer
-    arithmetic on the bits, which no compiler pass can drop (the Triton interpreter's casts truncate)."""
-    bits = value.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -65,8 +57,8 @@ def _rotary_kernel(
         second = tl.load(x_at + HALF + dims[None, :], mask=in_half, other=0.0)
         x1, x2 = first.to(tl.float32), second.to(tl.float32)
         # each product rounded to the dtype, then the sum (HF: x * cos + rotate_half(x) * sin)
-        out_first = _rounded(_rounded(x1 * cos_first) - _rounded(x2 * sin_first))
-        out_second = _rounded(_rounded(x2 * cos_second) + _rounded(x1 * sin_second))
+        out_first = round_to_bf16(round_to_bf16(x1 * cos_first) - round_to_bf16(x2 * sin_first))
+        out_second = round_to_bf16(round_to_bf16(x2 * cos_second) + round_to_bf16(x1 * sin_second))
         tl.store(out_at + dims[None, :], out_first.to(first.dtype), mask=in_half)
         tl.store(out_at + HALF + dims[None, :], out_second.to(first.dtype), mask=in_half)
         if HAS_PASS:  # partial rotary: the other dims pass through

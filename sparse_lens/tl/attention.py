@@ -306,7 +306,7 @@ def apply_rotary(
     ``chunk_tokens``: without gradients, on sequences longer than that, rotate into contiguous
     ``[batch, head, pos, d_head]`` outputs: on CUDA in 16-bit dtypes by the one-pass Triton kernel
     (``kernels.rotary_triton``), else ``chunk_tokens`` positions at a time, in place
-    (:func:`_rotate_into`: one chunk-sized temporary, half the passes of HF's formula); the same
+    (``_rotate_into``: one chunk-sized temporary, half the passes of HF's formula); the same
     values as HF's formula, bit for bit."""
     rotary_dim, head_dim = cos.shape[-1], query.shape[-1]
     if full_rotary and rotary_dim * 2 == head_dim:

@@ -15,10 +15,9 @@ final norm over ``chunk_tokens`` positions at a time in forwards without gradien
 ``hook_scale`` nor ``hook_normalized`` carries a hook it calls the HF norm alone (what the bridge
 returns then), else the bridge's own computation runs unchunked. ``hook_in`` / ``hook_out`` see
 whole-sequence tensors. The chunks' outputs are written into one output tensor (no concatenation,
-which would hold the output twice). A norm of the Llama RMSNorm form runs as ``weight *
-torch.rms_norm(x)`` (:func:`fused_rms_norm`: one pass instead of about six, checked against the
-module on the input's first positions; on CUDA a rare element may differ by one unit in the last
-place, bit-identical on the CPU).
+which would hold the output twice). Norms of the Llama RMSNorm form and gated SiLU MLPs run fused
+(``sparse_lens.tl.fused_layers``: fewer passes over the sequence, checked against the module on
+the input's first positions).
 
 With gradients on, each MLP chunk runs under activation checkpointing (``checkpoint_blocks``'
 helper): the backward keeps only the chunk inputs and recomputes one chunk's intermediates at a
@@ -38,6 +37,7 @@ from transformer_lens.model_bridge.generalized_components.normalization import N
 from sparse_lens.errors import InvalidConfigError
 from sparse_lens.kernels.checks import is_int_at_least
 from sparse_lens.tl.checkpointing import RecomputeState, checkpointed_call, position_wise_norms
+from sparse_lens.tl.fused_layers import PROBE_POSITIONS, fused_gated_mlp, fused_rms_norm
 
 
 def set_mlp_chunking(blocks: Any, chunk_tokens: int | None, state: RecomputeState | None = None) -> None:
@@ -50,7 +50,7 @@ def set_mlp_chunking(blocks: Any, chunk_tokens: int | None, state: RecomputeStat
         mlp.__dict__.pop("forward", None)  # back to the class's forward
         if chunk_tokens is not None:
             inner = _inner_hooks(block.mlp)
-            mlp.forward = partial(_chunked_forward, mlp.forward, chunk_tokens, state, inner, set())
+            mlp.forward = partial(_chunked_forward, mlp, mlp.forward, chunk_tokens, state, inner, set())
 
 
 def set_norm_chunking(model: Any, chunk_tokens: int | None) -> None:
@@ -78,8 +78,8 @@ def _inner_hooks(module: Any) -> list[HookPoint]:
 
 
 def _chunked_forward(
-    forward: Callable[[Tensor], Tensor], chunk_tokens: int, state: RecomputeState, inner_hooks: list[HookPoint],
-    unchunked: set, hidden_states: Tensor,
+    mlp: Any, forward: Callable[[Tensor], Tensor], chunk_tokens: int, state: RecomputeState,
+    inner_hooks: list[HookPoint], unchunked: set, hidden_states: Tensor,
 ) -> Tensor:
     # A hook inside the MLP (mlp.hook_pre, its linear layers' hooks) must see the whole sequence
     # once (a cache would keep the last chunk), and with gradients must not be rerun by a chunk's
@@ -96,8 +96,9 @@ def _chunked_forward(
                 unchunked.add("not a tensor")
                 return forward(hidden_states)
         return torch.cat(parts, dim=-2)
+    fused = fused_gated_mlp(mlp, hidden_states[..., :PROBE_POSITIONS, :])
     try:
-        return _fill_by_chunks(forward, hidden_states, chunk_tokens)
+        return _fill_by_chunks(forward if fused is None else fused, hidden_states, chunk_tokens)
     except _NotATensor:
         unchunked.add("not a tensor")
         return forward(hidden_states)
@@ -125,39 +126,6 @@ def _chunked_norm_forward(norm: NormalizationBridge, chunk_tokens: int, hidden_s
     else:
         compute = norm._python_norm_forward
     return norm.hook_out(_fill_by_chunks(compute, hidden_states, chunk_tokens))
-
-
-PROBE_POSITIONS = 64  # positions of the input on which fused_rms_norm checks its formula
-
-
-def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | None:
-    """``weight * torch.rms_norm(x, eps)``, or ``None`` unless that reproduces ``module`` on ``probe``.
-
-    HF's RMSNorms of the Llama form (Llama, Qwen2, Mistral, ...) upcast to float32, square, average,
-    take ``rsqrt``, multiply, cast back and multiply by ``weight``: about six passes over the
-    sequence, 1 s of a 1.5B-shaped forward at 1M tokens on the H200. ``torch.rms_norm`` does the
-    normalisation in one (a fused kernel on CUDA, float32 inside, one rounding to the input dtype)
-    and the weight is applied as HF does. Used when the module has a 1-D ``weight`` and a float
-    ``variance_epsilon`` (or ``eps``) and the two agree on ``probe`` (some of the real input) to
-    within one rounding of the output dtype (a norm of another form, e.g. Gemma's ``1 + weight``
-    applied in float32, differs far more and keeps its own forward). On the CPU the two are
-    bit-identical; on CUDA the fused kernel sums the variance in another order, which can move a
-    rare element by one unit in the last place.
-    """
-    weight = getattr(module, "weight", None)
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if not isinstance(weight, Tensor) or weight.dim() != 1 or not isinstance(eps, float) or probe.numel() == 0:
-        return None
-
-    def forward(piece: Tensor) -> Tensor:
-        return weight * torch.rms_norm(piece, (piece.shape[-1],), None, eps)
-
-    with torch.no_grad():
-        expected, got = module(probe), forward(probe)
-    if got.shape != expected.shape or got.dtype != expected.dtype:
-        return None
-    finfo = torch.finfo(expected.dtype)
-    return forward if torch.allclose(got, expected, rtol=finfo.eps, atol=finfo.tiny) else None
 
 
 def _fill_by_chunks(function: Callable[[Tensor], Tensor], hidden_states: Tensor, chunk_tokens: int) -> Tensor:

@@ -98,40 +98,8 @@ def test_an_mlp_returning_a_tuple_runs_unchunked():
         torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
 
 
-class _GemmaStyleNorm(torch.nn.Module):
-    """Gemma's RMSNorm form: ``1 + weight``, applied in float32 before the cast."""
-
-    def __init__(self, weight: torch.Tensor, eps: float = 1e-6):
-        super().__init__()
-        self.weight, self.eps = torch.nn.Parameter(weight), eps
-
-    def forward(self, x):
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rms_norm_reproduces_the_llama_form_and_refuses_others(dtype):
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    from sparse_lens.tl.chunking import fused_rms_norm
-
-    generator = torch.Generator().manual_seed(0)
-    weight = (torch.randn(48, generator=generator) * 0.3 + 1.0).to(dtype)  # not ones: a dropped weight shows
-    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(weight)
-    x = (torch.randn(2, 100, 48, generator=generator) * 3).to(dtype)
-    fused = fused_rms_norm(norm, x[:, :8])
-    assert fused is not None
-    assert torch.equal(fused(x), norm(x))  # bit-identical on the CPU
-    assert fused_rms_norm(_GemmaStyleNorm(weight.float() - 1.0).to(dtype), x[:, :8]) is None
-    assert fused_rms_norm(torch.nn.LayerNorm(48).to(dtype), x[:, :8]) is None  # no variance_epsilon / eps float
-    assert fused_rms_norm(norm, x[:, :0]) is None
-
-
 def test_long_forward_runs_the_fused_norm_and_changes_no_result(monkeypatch):
-    import sparse_lens.tl.chunking as chunking
+    import sparse_lens.tl.fused_layers as fused_layers
 
     sparse, _ = sparse_and_dense(tiny_qwen2_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=4))
     tokens = torch.randint(0, 90, (1, 150), generator=torch.Generator().manual_seed(1))
@@ -140,7 +108,7 @@ def test_long_forward_runs_the_fused_norm_and_changes_no_result(monkeypatch):
         sparse.mlp_chunk_tokens = 64
         calls = []
         real = torch.rms_norm
-        monkeypatch.setattr(chunking.torch, "rms_norm", lambda *args: calls.append(1) or real(*args))
+        monkeypatch.setattr(fused_layers.torch, "rms_norm", lambda *args: calls.append(1) or real(*args))
         chunked = sparse(tokens)
     assert len(calls) >= 3 * (2 * sparse.cfg.n_layers + 1)  # three chunks of every block norm and the final norm
     assert torch.equal(chunked, logits)

@@ -1,0 +1,22 @@
+"""bf16 rounding inside Triton kernels (``@triton.jit`` helper, no launch here).
+
+Kernels that must reproduce an eager PyTorch formula in bf16 bit for bit (``rotary_triton``,
+``swiglu_triton``) compute in float32 and round each intermediate to bf16 where eager PyTorch
+rounds it. A cast to bf16 and back would do, but the Triton interpreter's cast truncates, so the
+rounding is written in integer arithmetic on the float32 bits (round to nearest, ties to even),
+which behaves the same on the GPU and under the interpreter, and which no compiler pass can drop.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_bf16(value):
+    """float32 ``value`` rounded to the nearest bf16 (ties to even), kept as float32 (NaN stays NaN
+    for the quiet NaNs arithmetic makes; infinities and overflow to infinity as a cast would)."""
+    bits = value.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)

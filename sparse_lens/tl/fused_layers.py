@@ -1,0 +1,96 @@
+"""Fused replacements for position-wise HF layers in chunked long forwards (``tl.chunking``).
+
+At 1M tokens a 1.5B-shaped forward spends seconds in elementwise passes over ``[T, d]`` tensors
+that eager HF layers make one operation at a time. Two layer forms common to Llama-type models run
+in fewer passes when ``tl.chunking`` runs a layer over chunks (forwards without gradients, no
+hook inside the layer):
+
+- :func:`fused_rms_norm`: the RMSNorm as ``weight * torch.rms_norm(x)``;
+- :func:`fused_gated_mlp`: the gated SiLU MLP with ``kernels.swiglu_triton`` between its
+  projections (CUDA, bf16).
+
+Each is found by its form, not by architecture: the attributes it needs, then the replacement run
+beside the module on the input's first ``PROBE_POSITIONS`` positions must agree with it (to
+one rounding of the dtype, or for the MLP also after the down projection). Anything else keeps the
+module's own forward (``None``). Measured on the H200 (``benchmarks/model.py --profile``, the
+1.5B shape at 1M tokens): the norms took about 1 s as HF runs them, 0.37 s fused; the MLP's SiLU
+and product 0.66 s (docs/benchmarks.md, eighth session).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from sparse_lens.kernels.swiglu_triton import SUPPORTED_DTYPES as SWIGLU_DTYPES
+from sparse_lens.kernels.swiglu_triton import silu_mul_triton
+
+PROBE_POSITIONS = 64  # positions of the input on which a fused layer is checked against the module
+
+
+def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """``weight * torch.rms_norm(x, eps)``, or ``None`` unless that reproduces ``module`` on ``probe``.
+
+    HF's RMSNorms of the Llama form (Llama, Qwen2, Mistral, ...) upcast to float32, square, average,
+    take ``rsqrt``, multiply, cast back and multiply by ``weight``: about six passes over the
+    sequence, 1 s of a 1.5B-shaped forward at 1M tokens on the H200. ``torch.rms_norm`` does the
+    normalisation in one (a fused kernel on CUDA, float32 inside, one rounding to the input dtype)
+    and the weight is applied as HF does. Used when the module has a 1-D ``weight`` and a float
+    ``variance_epsilon`` (or ``eps``) and the two agree on ``probe`` (some of the real input) to
+    within one rounding of the output dtype (a norm of another form, e.g. Gemma's ``1 + weight``
+    applied in float32, differs far more and keeps its own forward). On the CPU the two are
+    bit-identical; on CUDA the fused kernel sums the variance in another order, which can move a
+    rare element by one unit in the last place.
+    """
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or not isinstance(eps, float) or probe.numel() == 0:
+        return None
+
+    def forward(piece: Tensor) -> Tensor:
+        return weight * torch.rms_norm(piece, (piece.shape[-1],), None, eps)
+
+    with torch.no_grad():
+        expected, got = module(probe), forward(probe)
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return None
+    finfo = torch.finfo(expected.dtype)
+    return forward if torch.allclose(got, expected, rtol=finfo.eps, atol=finfo.tiny) else None
+
+
+def fused_gated_mlp(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """``down_proj(silu_mul_triton(gate_proj(x), up_proj(x)))``, or ``None`` unless ``module`` is a
+    gated SiLU MLP (Llama, Qwen2, Mistral: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``) on a
+    CUDA bf16 ``probe`` and the two agree there.
+
+    Checks: the three projections and ``act_fn`` exist; ``act_fn`` computes SiLU exactly on a range
+    of bf16 values; the fused forward matches ``module`` on ``probe`` to bf16 precision (a module of
+    another form, e.g. a GELU or a scaled product, differs far more). The kernel reads ``gate`` and
+    ``up`` once instead of eager PyTorch's two kernels over ``[chunk, d_mlp]``, with the same
+    roundings (``swiglu_triton``)."""
+    names = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    parts = [getattr(module, name, None) for name in names]
+    if not all(callable(part) for part in parts) or not _swiglu_on_kernel(probe):
+        return None
+    gate_proj, up_proj, down_proj, act_fn = parts
+    values = torch.linspace(-12.0, 12.0, 4096, device=probe.device).to(probe.dtype)
+    with torch.no_grad():
+        if not torch.equal(act_fn(values), torch.nn.functional.silu(values)):
+            return None
+
+    def forward(piece: Tensor) -> Tensor:
+        return down_proj(silu_mul_triton(gate_proj(piece), up_proj(piece)))
+
+    with torch.no_grad():
+        expected, got = module(probe), forward(probe)
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return None
+    scale = expected.abs().max().item()
+    return forward if torch.allclose(got, expected, rtol=2**-6, atol=2**-6 * scale) else None
+
+
+def _swiglu_on_kernel(probe: Tensor) -> bool:
+    """Whether ``kernels.swiglu_triton`` takes this input's dtype and device (CUDA bf16)."""
+    return probe.is_cuda and probe.dtype in SWIGLU_DTYPES

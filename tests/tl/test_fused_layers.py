@@ -1,0 +1,81 @@
+"""Fused replacements of HF layers in chunked forwards (tl.fused_layers): found by form, checked
+against the module, refused for other forms."""
+
+import pytest
+import torch
+from transformers import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+import sparse_lens as sl
+import sparse_lens.tl.fused_layers as fused_layers
+from sparse_lens.tl.fused_layers import fused_gated_mlp, fused_rms_norm
+from tests.conftest import tiny_qwen2_config
+
+
+class _GemmaStyleNorm(torch.nn.Module):
+    """Gemma's RMSNorm form: ``1 + weight``, applied in float32 before the cast."""
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(weight), eps
+
+    def forward(self, x):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_reproduces_the_llama_form_and_refuses_others(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(48, generator=generator) * 0.3 + 1.0).to(dtype)  # not ones: a dropped weight shows
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    x = (torch.randn(2, 100, 48, generator=generator) * 3).to(dtype)
+    fused = fused_rms_norm(norm, x[:, :8])
+    assert fused is not None
+    assert torch.equal(fused(x), norm(x))  # bit-identical on the CPU
+    assert fused_rms_norm(_GemmaStyleNorm(weight.float() - 1.0).to(dtype), x[:, :8]) is None
+    assert fused_rms_norm(torch.nn.LayerNorm(48).to(dtype), x[:, :8]) is None  # no variance_epsilon / eps float
+    assert fused_rms_norm(norm, x[:, :0]) is None
+
+
+
+def gated_mlp(hidden_act="silu", seed=0):
+    torch.manual_seed(seed)
+    return Qwen2MLP(Qwen2Config(hidden_size=32, intermediate_size=64, hidden_act=hidden_act)).bfloat16()
+
+
+def test_fused_gated_mlp_reproduces_the_silu_form_on_the_kernel(monkeypatch):
+    mlp = gated_mlp()
+    x = torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert fused_gated_mlp(mlp, x[:, :8]) is None  # a CPU tensor: not the kernel's
+    monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)  # the interpreter runs it
+    fused = fused_gated_mlp(mlp, x[:, :8])
+    assert fused is not None
+    with torch.no_grad():
+        expected, got = mlp(x), fused(x)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    assert fused_gated_mlp(gated_mlp("gelu"), x[:, :8]) is None  # another activation
+    del mlp.up_proj
+    assert fused_gated_mlp(mlp, x[:, :8]) is None  # another form
+
+
+def test_long_forward_runs_the_fused_mlp(monkeypatch):
+    import sparse_lens.kernels.swiglu_triton as swiglu_triton
+
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4)
+    sparse = sl.HookedSparseTransformer.from_config(tiny_qwen2_config(), stream, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 90, (1, 150), generator=torch.Generator().manual_seed(2))
+    calls = []
+    real = swiglu_triton.silu_mul_triton
+    monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
+    monkeypatch.setattr(fused_layers, "silu_mul_triton", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        logits = sparse(tokens)
+        sparse.mlp_chunk_tokens = 64
+        chunked = sparse(tokens)
+    assert len(calls) >= 3 * sparse.cfg.n_layers  # three chunks of every MLP (and the probes)
+    torch.testing.assert_close(chunked, logits, atol=5e-2, rtol=5e-2)
