@@ -20,6 +20,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from jaxtyping import Float
 from torch import Tensor
 
@@ -38,8 +39,6 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_elements, BLOCK: tl.constexpr,
     gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     if LIBDEVICE_EXP:
-        from triton.language.extra import libdevice
-
         decay = libdevice.exp(-gate)
     else:
         decay = tl.exp(-gate)
