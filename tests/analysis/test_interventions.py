@@ -155,6 +155,29 @@ def test_top_blocks_labels_the_chosen_layers():
         assert float(gradient[indices == block]) == value
 
 
+def test_top_blocks_rank_kept_blocks_by_absolute_attribution():
+    model, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
+    attribution = block_attribution(model, TOKENS, metric)
+    every = attribution.top_blocks(10_000)  # more than there are slots: every kept block, no unused slot
+    assert len(every) == sum(int((indices[0] >= 0).sum()) for indices in attribution.block_indices)
+    assert all(block >= 0 for _, _, _, block, _ in every)
+    magnitudes = [abs(value) for *_, value in every]
+    assert magnitudes == sorted(magnitudes, reverse=True) and min(value for *_, value in every[:20]) < 0
+
+
+def test_suppress_span_unembeds_chunk_tokens_positions_at_a_time_and_reports_the_first_measured():
+    model, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
+    widths = []
+    handle = model.unembed.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    try:
+        result = suppress_span(model, TOKENS, (16, 32), chunk_tokens=7)
+    finally:
+        handle.remove()
+    assert result.kl.shape == (1, 64) and max(widths) == 7
+    chosen = suppress_span(model, TOKENS, (16, 32), positions=[20, 95])
+    assert chosen.first_position == 20 and chosen.positions.tolist() == [20, 95]
+
+
 def test_bad_suppressions_and_attributions_raise_named_errors():
     model, _ = sparse_and_dense(tiny_llama_config(), sl.StreamConfig(query_block=16, key_block=16, top_k=3))
     for options in (dict(heads=[9]), dict(layers=[9]), dict(heads=[-1]), dict(layers=["0"])):  # 2 layers, 4 heads

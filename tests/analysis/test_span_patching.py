@@ -57,7 +57,8 @@ def brute_force(model, activation, ablation, units):
         return results
 
 
-@pytest.mark.parametrize("activation, ablation", [("resid_pre", "patch"), ("resid_post", "mean"), ("z", "zero"), ("z", "patch")])
+@pytest.mark.parametrize("activation, ablation", [("resid_pre", "patch"), ("resid_post", "mean"), ("z", "zero"), ("z", "patch"),
+                                                 ("z", "mean")])
 def test_equals_the_brute_force_loop_on_a_pruned_model(models, activation, ablation):
     pruned = models[0]
     heads = [(0, 1), (1, 2), (2, 0)] if activation == "z" else None
@@ -78,6 +79,24 @@ def test_default_heads_are_every_head_layer_major_and_positions_keep_the_last_lo
     last = span_patch(pruned, CLEAN, CORRUPTED, lambda logits: logits[0, 0, 5] - logits[0, 0, 9], SPANS[:2],
                       activation="z", layers=[1], positions=[63], progress=False)
     torch.testing.assert_close(last, every_head, atol=1e-5, rtol=1e-5)
+
+
+def test_default_heads_over_two_layers_are_layer_major(models):
+    pruned = models[0]
+    result = span_patch(pruned, CLEAN, CORRUPTED, metric, SPANS, activation="z", layers=[0, 2], progress=False)
+    expected = brute_force(pruned, "z", "patch", [(layer, head) for layer in (0, 2) for head in range(4)])
+    torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["resid_post", "z"])
+def test_mean_ablation_takes_each_batch_rows_own_mean(models, activation):
+    """Row 1 of a batch of two (row 0 other tokens) ablates to its own mean: as if run alone."""
+    pruned = models[0]
+    together = span_patch(pruned, torch.cat([CORRUPTED, CLEAN]), None, lambda logits: metric(logits[1:]), SPANS[:2],
+                          activation=activation, layers=[0, 1], ablation="mean", progress=False)
+    alone = span_patch(pruned, CLEAN, None, metric, SPANS[:2], activation=activation, layers=[0, 1], ablation="mean",
+                       progress=False)
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-5)
 
 
 def test_equals_the_dense_bridge_when_nothing_is_pruned(models):
@@ -194,11 +213,14 @@ def test_forward_from_layer_runs_the_later_blocks_only_and_restores_them(four_la
     assert all("forward" not in block.__dict__ for block in model.blocks)
 
 
-@pytest.mark.parametrize("activation, runs", [("resid_pre", {0: 2, 1: 3, 2: 2, 3: 2}),
-                                              ("resid_post", {0: 2, 1: 2, 2: 2, 3: 2})])
-def test_blocks_before_the_patch_run_once_for_all_spans(four_layers, activation, runs):
+@pytest.mark.parametrize("activation, layers, runs", [("resid_pre", [1], {0: 2, 1: 3, 2: 2, 3: 2}),
+                                                      ("resid_post", [1], {0: 2, 1: 2, 2: 2, 3: 2}),
+                                                      ("resid_pre", [1, 3], {0: 3, 1: 5, 2: 4, 3: 5})])
+def test_blocks_before_the_patch_run_once_for_all_spans(four_layers, activation, layers, runs):
     """Two spans at layer 1: blocks 0 (and 1 for resid_post, whose patch enters block 2) run in the
-    clean forward and the patched run's shared forward only; the later blocks once per span."""
+    clean forward and the patched run's shared forward only; the later blocks once per span. At
+    layers 1 and 3 the run's residual entering block 3 is carried on from block 1's (blocks 1-2
+    once), not recomputed from the input (block 0 a fourth time); each layer has its clean forward."""
     calls = {layer: 0 for layer in range(4)}
 
     def count(module, args, layer):
@@ -207,7 +229,7 @@ def test_blocks_before_the_patch_run_once_for_all_spans(four_layers, activation,
     handles = [block.attn.register_forward_pre_hook(lambda module, args, layer=layer: count(module, args, layer))
                for layer, block in enumerate(four_layers.blocks)]
     try:
-        span_patch(four_layers, CLEAN, CORRUPTED, metric, [(0, 16), (32, 48)], activation=activation, layers=[1],
+        span_patch(four_layers, CLEAN, CORRUPTED, metric, [(0, 16), (32, 48)], activation=activation, layers=layers,
                    progress=False)
     finally:
         for handle in handles:
