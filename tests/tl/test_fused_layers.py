@@ -11,6 +11,8 @@ import sparse_lens.tl.fused_layers as fused_layers
 from sparse_lens.tl.fused_layers import fused_gated_mlp, fused_rms_norm
 from tests.conftest import tiny_qwen2_config
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU the kernel runs under TRITON_INTERPRET=1
+
 
 class _GemmaStyleNorm(torch.nn.Module):
     """Gemma's RMSNorm form: ``1 + weight``, applied in float32 before the cast."""
@@ -52,13 +54,15 @@ def test_fused_gated_mlp_reproduces_the_silu_form_on_the_kernel(monkeypatch):
     mlp = gated_mlp()
     x = torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
     assert fused_gated_mlp(mlp, x[:, :8]) is None  # a CPU tensor: not the kernel's
-    monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)  # the interpreter runs it
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)  # the interpreter runs it
+    mlp, x = mlp.to(DEVICE), x.to(DEVICE)
     fused = fused_gated_mlp(mlp, x[:, :8])
     assert fused is not None
     with torch.no_grad():
         expected, got = mlp(x), fused(x)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
-    assert fused_gated_mlp(gated_mlp("gelu"), x[:, :8]) is None  # another activation
+    assert fused_gated_mlp(gated_mlp("gelu").to(DEVICE), x[:, :8]) is None  # another activation
     del mlp.up_proj
     assert fused_gated_mlp(mlp, x[:, :8]) is None  # another form
 
@@ -67,11 +71,12 @@ def test_long_forward_runs_the_fused_mlp(monkeypatch):
     import sparse_lens.kernels.swiglu_triton as swiglu_triton
 
     stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4)
-    sparse = sl.HookedSparseTransformer.from_config(tiny_qwen2_config(), stream, dtype=torch.bfloat16)
-    tokens = torch.randint(0, 90, (1, 150), generator=torch.Generator().manual_seed(2))
+    sparse = sl.HookedSparseTransformer.from_config(tiny_qwen2_config(), stream, dtype=torch.bfloat16, device=DEVICE)
+    tokens = torch.randint(0, 90, (1, 150), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     calls = []
     real = swiglu_triton.silu_mul_triton
-    monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
     monkeypatch.setattr(fused_layers, "silu_mul_triton", lambda *args: calls.append(1) or real(*args))
     with torch.no_grad():
         logits = sparse(tokens)
