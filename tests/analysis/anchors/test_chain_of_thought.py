@@ -103,6 +103,9 @@ def test_budget_forcing_replaces_early_end_of_turn_by_the_continuation(tiny_mode
         generate_chain_of_thought(tiny_model, "Why?", min_new_tokens=13, continuation=())
     # never beyond max_new_tokens: 3 + 7 ("\n\nWait,") + the 2 tokens left
     assert generate_chain_of_thought(tiny_model, "Why?", max_new_tokens=12, min_new_tokens=100) == "abc\n\nWait,ab"
+    # an end at exactly min_new_tokens is kept; a continuation that would fill the budget is not added
+    assert generate_chain_of_thought(tiny_model, "Why?", max_new_tokens=30, min_new_tokens=3) == "abc"
+    assert generate_chain_of_thought(tiny_model, "Why?", max_new_tokens=10, min_new_tokens=100) == "abc"
 
 
 def test_repetition_controls_decode_as_hugging_face_generate_through_the_one_greedy_loop(tiny_model):

@@ -68,3 +68,9 @@ def test_a_sentence_without_a_token_of_its_own_merges_into_the_previous_one():
     assert sentences.texts == ("Hi.", "Yo. Ok.") and sentences.char_spans == ((0, 3), (4, 11))
     assert sentences.token_spans == ((0, 1), (1, 2))
 
+
+def test_a_token_starting_at_the_end_of_the_char_range_is_outside_it():
+    text = "Hi. Yo. Ok."
+    sentences = split_sentences(text, offsets=[(0, 3), (3, 7), (7, 11)], char_range=(0, 8))  # " Ok." starts at 8
+    assert sentences.texts == ("Hi.", "Yo.") and sentences.token_spans == ((0, 1), (1, 2))
+
