@@ -153,7 +153,7 @@ def summary_section(e2e: dict | None, e2e_gpu: dict | None, ruler: dict | None) 
         "attention mass (softmax over the candidates' keys, per query, averaged over the query block) picks the "
         "`top_k` heaviest. It is the only estimator measured near the exact top-k oracle (tables below), it runs "
         "on two Triton kernels (Stream's search, then the fused rescoring, which computes that mass from q . k "
-        "and selects), and its cost stays O(T log T) in time and O(T) in memory (docs/benchmarks.md: 16% of dense "
+        "and selects), and its cost stays O(T log T) in time and O(T) in memory (docs/benchmarks.md: 13-14% of dense "
         "attention at 128k tokens, 2.1% at 1M, on the H200). `estimator=\"adaptive\"` (per-row top-p of that "
         "mass) is the high-recall mode.",
         "",

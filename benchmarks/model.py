@@ -8,8 +8,10 @@ bytes held by the 28 cached patterns. Settings for long inputs: keep_qk=False (p
 indices, masses and lse), MLPs chunked over 65536 positions, logits for the last position only.
 Needs transformer_lens (carry wheels to a GPU machine; see docs/benchmarks.md). Prints a table and
 writes JSON. ``--profile N``: one more forward at the last length under ``torch.profiler``, and the
-``N`` GPU kernels (and ops) taking the most device time, with their share of the summed device time
-and that sum against the wall time (where the rest of the time goes: launch gaps, host work).
+``N`` GPU kernels (and copies) taking the most device time, with their share of the summed kernel
+time and that sum against the wall time (where the rest of the time goes: launch gaps, host work).
+Files written before 2026-12-01 also list ops (``aten::mm``) beside their kernels, so their totals
+count those kernels twice.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def measure(model, length: int, device: str) -> dict:
 def profile(model, length: int, device: str, top: int) -> dict:
     """One forward of ``length`` tokens under ``torch.profiler``: the ``top`` entries by device time
     (``self_device_time_total``, microseconds in the profiler, milliseconds here) and the totals."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -75,7 +78,9 @@ def profile(model, length: int, device: str, top: int) -> dict:
             torch.cuda.synchronize()
     wall = time.perf_counter() - started
     del logits, patterns
-    events = [event for event in prof.key_averages() if event.self_device_time_total > 0]
+    # GPU kernels and copies only (device_type CUDA): an op's row (aten::mm) repeats its kernels' time
+    events = [event for event in prof.key_averages()
+              if event.self_device_time_total > 0 and event.device_type == DeviceType.CUDA]
     total_ms = sum(event.self_device_time_total for event in events) / 1e3
     events.sort(key=lambda event: event.self_device_time_total, reverse=True)
     rows = [{"name": event.key[:120], "calls": event.count, "device_ms": event.self_device_time_total / 1e3,
