@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 import sparse_lens as sl
 from sparse_lens.analysis.needle import needle_recall
-from sparse_lens.analysis.routes import needle_key_blocks, route_to_needle
+from sparse_lens.analysis.routes import RouteStep, needle_key_blocks, route_to_needle
 from sparse_lens.data import needle_prompt
 from sparse_lens.errors import InvalidConfigError, InvalidPositionsError, InvalidSpanError, PatternGeometryError
 from sparse_lens.plots import plot_route
@@ -283,6 +283,19 @@ def test_a_needle_ending_on_the_last_token_is_routed():
     route = route_to_needle(patterns, (28, 32))
     assert route.needle_blocks == (7,) and route.needle_entries
     assert_matches_brute_force(route, patterns, (28, 32), 7)
+
+
+def test_summary_lines_and_needle_node_blocks():
+    """The summary's difference to the best path is the entry's log-mass minus the best's (<= 0);
+    a step names its heaviest heads and counts the rest; the needle's node blocks are query blocks."""
+    route = route_to_needle(hand_built_patterns(), NEEDLE)
+    second = route.needle_entries[1]
+    assert second.log_score < route.best.log_score
+    assert f"{second.log_score:.3f} ({second.log_score - route.best.log_score:+.3f})" in route.summary()
+    step = RouteStep(0, 1, 2, 0.5, ((3, 0.3), (1, 0.1), (2, 0.08), (0, 0.02)), False)
+    assert step.describe(max_heads=2) == "L0: 1 -> 2 (mass 0.500; H3 0.30, H1 0.10, +2)"
+    wide = route_to_needle(random_patterns(0, n_query_blocks=5, query_block=8, key_block=4), NEEDLE)
+    assert wide.needle_blocks == (2,) and wide.needle_node_blocks() == (1,)  # tokens 8..11: key block 2, query block 1
 
 
 def test_patterns_without_a_batch_axis_are_a_batch_of_one():

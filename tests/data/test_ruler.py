@@ -65,7 +65,7 @@ def test_every_needle_span_decodes_to_its_needle_and_holds_the_answers(samples, 
     sample = samples[task, length]
     assert len(sample.needle_spans) == len(sample.needle_texts) >= 1
     for (start, end), text in zip(sample.needle_spans, sample.needle_texts):
-        assert tokenizer.decode(sample.input_ids[start:end]).strip() == text
+        assert tokenizer.decode(sample.input_ids[start:end]).lstrip(" ") == text  # a space may join it, no newline
     starts_and_ends = [position for span in sample.needle_spans for position in span]
     assert starts_and_ends == sorted(starts_and_ends)  # in document order, not overlapping
     for answer in sample.answers:
