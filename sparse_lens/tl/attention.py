@@ -304,7 +304,7 @@ def apply_rotary(
     1) with half-width ``cos``/``sin`` is GPT-OSS' un-duplicated convention: the halves are repeated.
 
     ``chunk_tokens``: without gradients, on sequences longer than that, rotate into contiguous
-    ``[batch, head, pos, d_head]`` outputs: on CUDA in 16-bit dtypes by the one-pass Triton kernel
+    ``[batch, head, pos, d_head]`` outputs: on CUDA in bf16 by the one-pass Triton kernel
     (``kernels.rotary_triton``), else ``chunk_tokens`` positions at a time, in place
     (``_rotate_into``: one chunk-sized temporary, half the passes of HF's formula); the same
     values as HF's formula, bit for bit."""
@@ -328,9 +328,9 @@ def apply_rotary(
 
 
 def _rotary_on_kernel(query: Tensor, key: Tensor, cos: Tensor) -> bool:
-    """Whether the one-pass RoPE kernel (``kernels.rotary_triton``) takes these inputs: CUDA
-    tensors of one 16-bit dtype (the caller checked that ``cos`` / ``sin`` share it), unit last
-    strides, an even ``rotary_dim``."""
+    """Whether the one-pass RoPE kernel (``kernels.rotary_triton``) takes these inputs: CUDA bf16
+    tensors (the caller checked that ``cos`` / ``sin`` share the dtype), unit last strides, an even
+    ``rotary_dim``."""
     return (query.is_cuda and query.dtype in ROTARY_KERNEL_DTYPES and query.stride(-1) == 1 == key.stride(-1)
             and cos.dim() == 3 and cos.shape[-1] % 2 == 0)
 

@@ -84,3 +84,20 @@ def test_long_forward_runs_the_fused_mlp(monkeypatch):
         chunked = sparse(tokens)
     assert len(calls) >= 3 * sparse.cfg.n_layers  # three chunks of every MLP (and the probes)
     torch.testing.assert_close(chunked, logits, atol=5e-2, rtol=5e-2)
+
+
+def test_fused_gated_mlp_refuses_a_module_returning_a_tuple(monkeypatch):
+    class RoutedMLP(torch.nn.Module):  # the gated form's parts, but (hidden states, router scores) out
+        def __init__(self):
+            super().__init__()
+            self.inner = gated_mlp()
+            self.gate_proj, self.up_proj = self.inner.gate_proj, self.inner.up_proj
+            self.down_proj, self.act_fn = self.inner.down_proj, self.inner.act_fn
+
+        def forward(self, x):
+            return self.inner(x), x.sum(-1)
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
+    x = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEVICE)
+    assert fused_gated_mlp(RoutedMLP().to(DEVICE), x) is None
