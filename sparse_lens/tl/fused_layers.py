@@ -30,6 +30,7 @@ from sparse_lens.kernels.swiglu_triton import SUPPORTED_DTYPES as SWIGLU_DTYPES
 from sparse_lens.kernels.swiglu_triton import silu_mul_triton
 
 PROBE_POSITIONS = 64  # positions of the input on which a fused layer is checked against the module
+RARE = 1e-3  # the most elements of a probe that may differ (each by one unit in the last place)
 
 
 def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | None:
@@ -40,11 +41,15 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
     sequence, 1 s of a 1.5B-shaped forward at 1M tokens on the H200. ``torch.rms_norm`` does the
     normalisation in one (a fused kernel on CUDA, float32 inside, one rounding to the input dtype)
     and the weight is applied as HF does. Used when the module has a 1-D ``weight`` and a float
-    ``variance_epsilon`` (or ``eps``) and the two agree on ``probe`` (some of the real input) to
-    within one rounding of the output dtype (a norm of another form, e.g. Gemma's ``1 + weight``
-    applied in float32, differs far more and keeps its own forward). On the CPU the two are
+    ``variance_epsilon`` (or ``eps``) and the two agree on ``probe`` (some of the real input): every
+    element within one rounding of the output dtype, and at most a fraction ``RARE`` of them not
+    equal. A norm of another form keeps its own forward: Gemma's ``1 + weight`` differs far more;
+    OLMo-2's and GPT-OSS' (the weight applied in float32, one rounding after it) are within one
+    rounding but differ in about a quarter of the bf16 elements. On the CPU the two are
     bit-identical; on CUDA the fused kernel sums the variance in another order, which can move a
-    rare element by one unit in the last place.
+    rare element by one unit in the last place (5e-6 of them at 1M tokens on the H200,
+    docs/benchmarks.md). The probe sees only the input's first positions: a norm whose forward
+    differs only on inputs unlike them (e.g. a clamp of large values) is not told apart.
     """
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
@@ -56,10 +61,7 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
 
     with torch.no_grad():
         expected, got = module(probe), forward(probe)
-    if got.shape != expected.shape or got.dtype != expected.dtype:
-        return None
-    finfo = torch.finfo(expected.dtype)
-    return forward if torch.allclose(got, expected, rtol=finfo.eps, atol=finfo.tiny) else None
+    return forward if _agrees(got, expected) else None
 
 
 def fused_gated_mlp(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | None:
@@ -91,6 +93,20 @@ def fused_gated_mlp(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | 
         return None  # e.g. a mixture of experts returning (hidden states, router scores)
     scale = expected.abs().max().item()
     return forward if torch.allclose(got, expected, rtol=2**-6, atol=2**-6 * scale) else None
+
+
+def _agrees(got: Tensor, expected: Tensor) -> bool:
+    """Same shape and dtype, every element within one rounding of the dtype, at most a fraction
+    ``RARE`` of them not equal."""
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return False
+    finfo = torch.finfo(expected.dtype)
+    return torch.allclose(got, expected, rtol=finfo.eps, atol=finfo.tiny) and _rarely_differ(got, expected)
+
+
+def _rarely_differ(got: Tensor, expected: Tensor) -> bool:
+    """Whether at most a fraction ``RARE`` of the elements differ (NaN counts as different)."""
+    return (got != expected).float().mean().item() <= RARE
 
 
 def _swiglu_on_kernel(probe: Tensor) -> bool:

@@ -101,3 +101,22 @@ def test_fused_gated_mlp_refuses_a_module_returning_a_tuple(monkeypatch):
         monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
     x = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEVICE)
     assert fused_gated_mlp(RoutedMLP().to(DEVICE), x) is None
+
+
+@pytest.mark.parametrize("norm_class", ["olmo2.Olmo2RMSNorm", "gpt_oss.GptOssRMSNorm"])
+def test_fused_rms_norm_refuses_a_norm_that_rounds_once_after_the_weight(norm_class):
+    """OLMo-2's and GPT-OSS' RMSNorms multiply by the weight in float32 and round once: within one
+    rounding of the Llama form everywhere, but a quarter of the bf16 outputs differ by one unit in
+    the last place, which a fused norm would change silently (it must keep the module's forward)."""
+    import importlib
+
+    family, name = norm_class.split(".")
+    norm = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)(48)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=generator) * 0.3 + 1.0)
+    norm = norm.bfloat16()
+    x = (torch.randn(2, 64, 48, generator=generator) * 3).bfloat16()
+    llama_form = norm.weight * torch.rms_norm(x, (48,), None, norm.variance_epsilon)
+    assert (llama_form != norm(x)).float().mean() > 0.1  # the two forms round differently
+    assert fused_rms_norm(norm, x) is None
