@@ -57,9 +57,9 @@ def test_fused_gated_mlp_reproduces_the_silu_form_on_the_kernel(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)  # the interpreter runs it
     mlp, x = mlp.to(DEVICE), x.to(DEVICE)
-    fused = fused_gated_mlp(mlp, x[:, :8])
-    assert fused is not None
-    with torch.no_grad():
+    with torch.no_grad():  # as chunked forwards call it (with gradients on it refuses: the kernel has no backward)
+        fused = fused_gated_mlp(mlp, x[:, :8])
+        assert fused is not None
         expected, got = mlp(x), fused(x)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
     assert fused_gated_mlp(gated_mlp("gelu").to(DEVICE), x[:, :8]) is None  # another activation
@@ -120,3 +120,51 @@ def test_fused_rms_norm_refuses_a_norm_that_rounds_once_after_the_weight(norm_cl
     llama_form = norm.weight * torch.rms_norm(x, (48,), None, norm.variance_epsilon)
     assert (llama_form != norm(x)).float().mean() > 0.1  # the two forms round differently
     assert fused_rms_norm(norm, x) is None
+
+
+class _ScaledMLP(torch.nn.Module):
+    """The gated SiLU MLP's parts, with the product (``inside``) or the output scaled by ``factor``."""
+
+    def __init__(self, factor: float, inside: bool):
+        super().__init__()
+        self.inner, self.factor, self.inside = gated_mlp(), factor, inside
+        self.gate_proj, self.up_proj = self.inner.gate_proj, self.inner.up_proj
+        self.down_proj, self.act_fn = self.inner.down_proj, self.inner.act_fn
+
+    def forward(self, x):
+        if self.inside:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * self.factor)
+        return self.inner(x) * self.factor
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["scaled-product", "scaled-output"])
+def test_fused_gated_mlp_refuses_a_slightly_scaled_form(monkeypatch, inside):
+    # a 1% scale is within bf16's "close" on most elements but changes every output
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
+    x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(4)).bfloat16().to(DEVICE)
+    with torch.no_grad():
+        assert fused_gated_mlp(_ScaledMLP(1.0, inside).to(DEVICE), x) is not None  # the form itself is taken
+        assert fused_gated_mlp(_ScaledMLP(1.01, inside).to(DEVICE), x) is None
+
+
+def test_no_fused_mlp_with_gradients_on(monkeypatch):
+    """With gradients on and an input that needs none (e.g. frozen layers before a trained MLP),
+    the chunked MLP must keep the module's forward: the kernel has no backward, so the gate and up
+    projections' gradients would be lost."""
+    from sparse_lens.tl.checkpointing import RecomputeState
+    from sparse_lens.tl.chunking import _chunked_forward
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
+    mlp = gated_mlp().to(DEVICE)
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+    with torch.no_grad():
+        assert fused_gated_mlp(mlp, x) is not None  # the form is taken without gradients
+    assert fused_gated_mlp(mlp, x) is None
+    mlp(x).float().square().sum().backward()
+    expected = mlp.gate_proj.weight.grad.clone()
+    mlp.zero_grad()
+    _chunked_forward(mlp, mlp.forward, 16, RecomputeState(), [], set(), x).float().square().sum().backward()
+    assert mlp.gate_proj.weight.grad is not None
+    torch.testing.assert_close(mlp.gate_proj.weight.grad, expected, atol=2e-2, rtol=2e-2)  # bf16, summed by chunks
