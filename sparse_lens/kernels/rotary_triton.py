@@ -50,8 +50,11 @@ def _rotary_kernel(
     sin_second = tl.load(sin_ptr + trig + HALF, mask=in_half, other=0.0).to(tl.float32)
     pass_dims = 2 * HALF + tl.arange(0, PASS_PAD)
     in_pass = rows & (pass_dims[None, :] < d_head)
+    # x's head advanced by stride_xh per head: an int32 product head * stride_xh would pass 2**31 on
+    # long contiguous inputs (the 16th head of [1, 16+, 1M, 128]) and read another head's memory
+    x_head = x_ptr + batch * stride_xb
     for head in range(n_heads):
-        x_at = x_ptr + batch * stride_xb + head * stride_xh + positions[:, None].to(tl.int64) * stride_xt
+        x_at = x_head + positions[:, None].to(tl.int64) * stride_xt
         out_at = out_ptr + ((batch * n_heads + head) * seq_len + positions[:, None].to(tl.int64)) * d_head
         first = tl.load(x_at + dims[None, :], mask=in_half, other=0.0)
         second = tl.load(x_at + HALF + dims[None, :], mask=in_half, other=0.0)
@@ -63,6 +66,7 @@ def _rotary_kernel(
         tl.store(out_at + HALF + dims[None, :], out_second.to(first.dtype), mask=in_half)
         if HAS_PASS:  # partial rotary: the other dims pass through
             tl.store(out_at + pass_dims[None, :], tl.load(x_at + pass_dims[None, :], mask=in_pass), mask=in_pass)
+        x_head += stride_xh
 
 
 @launch_on_tensor_device

@@ -54,3 +54,17 @@ def test_bad_inputs_raise():
         rotary_triton(x, cos[..., :7], sin[..., :7])  # odd rotary_dim
     with pytest.raises(ShapeError):
         rotary_triton(x, cos[:, :10], sin[:, :10])  # positions differ
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA only: 10 GB of inputs and outputs")
+def test_head_offsets_past_int32():
+    """A contiguous x whose 16th head starts at element 2**31 (17 heads x 2**23 positions x 16 dims):
+    with an int32 ``head * stride`` the last head read another head's memory."""
+    heads, seq_len, d_head = 17, 2**23, 16
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(1, heads, seq_len, d_head, device=DEVICE, generator=generator, dtype=torch.bfloat16)
+    cos, sin = (torch.randn(1, seq_len, d_head, device=DEVICE, generator=generator, dtype=torch.bfloat16)
+                for _ in range(2))
+    assert (heads - 1) * x.stride(1) >= 2**31
+    got = rotary_triton(x, cos, sin)[:, heads - 1:]
+    assert torch.equal(got, rotary(x[:, heads - 1:], cos, sin))
