@@ -164,11 +164,13 @@ def test_the_registry_is_the_one_list_of_estimators():
 
 
 def checks_entered(run) -> Counter:
-    """Calls of functions defined in sparse_lens/kernels/checks.py while ``run()`` runs."""
+    """Calls of the ``check_*`` functions of sparse_lens/kernels/checks.py while ``run()`` runs (not
+    its predicates, e.g. ``is_int_at_least``, which the settings' own validation calls)."""
     entered = Counter()
 
     def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename.replace("\\", "/").endswith("sparse_lens/kernels/checks.py"):
+        if (event == "call" and frame.f_code.co_name.startswith("check_")
+                and frame.f_code.co_filename.replace("\\", "/").endswith("sparse_lens/kernels/checks.py")):
             entered[frame.f_code.co_name] += 1
 
     sys.setprofile(profile)
