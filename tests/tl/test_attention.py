@@ -70,3 +70,29 @@ def test_a_windowed_layer_and_a_global_one_stay_the_same_width():
     torch.testing.assert_close(wide_logits, logits, atol=0, rtol=0)
     assert [p.block_indices.shape[-1] for p in wide_patterns] == [N_KEY_BLOCKS, N_KEY_BLOCKS]
     assert all(torch.equal(w.block_indices, p.block_indices) for w, p in zip(wide_patterns, patterns))
+
+
+@pytest.mark.parametrize("cos_dtype", [torch.bfloat16, torch.float32], ids=["bf16-cos", "float32-cos"])
+@pytest.mark.parametrize("kernel", [False, True], ids=["in-place-chunks", "kernel"])
+@pytest.mark.parametrize("rotary_dim, full_rotary", [(16, True), (8, True), (8, False)])
+def test_long_rotary_per_batch_cos_and_strided_key_equal_hf(monkeypatch, cos_dtype, kernel, rotary_dim, full_rotary):
+    """apply_rotary's long-input paths (chunks rotated in place; the Triton kernel, forced here as on
+    CUDA) equal HF's whole-sequence formula bit for bit, dtype included, with a cos / sin per batch
+    row, a key in the bridge's transposed layout, full, half-width (GPT-OSS) and partial rotary;
+    float32 cos / sin with bf16 q / k promote as HF's formula does (float32 outputs)."""
+    from sparse_lens.tl import attention
+
+    generator = torch.Generator().manual_seed(3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
+    query, key = (torch.randn(2, 30, heads, 16, generator=generator).bfloat16().transpose(1, 2).to(device)
+                  for heads in (4, 2))
+    cos, sin = (torch.randn(2, 30, rotary_dim, generator=generator).to(cos_dtype).to(device) for _ in range(2))
+    calls = []
+    if kernel:
+        monkeypatch.setattr(attention, "_rotary_on_kernel", lambda *args: calls.append(1) or True)
+    chunked = attention.apply_rotary(query, key, cos, sin, full_rotary=full_rotary, chunk_tokens=7)
+    whole = attention.apply_rotary(query, key, cos, sin, full_rotary=full_rotary)
+    assert len(calls) == (kernel and cos_dtype == torch.bfloat16)  # other dtypes: HF's formula
+    assert whole[0].dtype == torch.promote_types(torch.bfloat16, cos_dtype)
+    for expected, actual in zip(whole, chunked):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected)
