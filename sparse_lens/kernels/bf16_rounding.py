@@ -15,8 +15,10 @@ import triton.language as tl
 
 @triton.jit
 def round_to_bf16(value):
-    """float32 ``value`` rounded to the nearest bf16 (ties to even), kept as float32 (NaN stays NaN
-    for the quiet NaNs arithmetic makes; infinities and overflow to infinity as a cast would)."""
+    """float32 ``value`` rounded to the nearest bf16 (ties to even), kept as float32; infinities,
+    and overflow to infinity, as a cast would. A NaN is returned as it is: with low mantissa bits
+    set (NVIDIA's canonical NaN is 0x7FFFFFFF) the rounding bias would carry out of the mantissa
+    and make it -0.0, +0.0 or infinity."""
     bits = value.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
