@@ -198,3 +198,42 @@ def test_launch_variants_match_reference(seq_len, query_stride, tuning):
     expected = exact_candidate_mass(query, key, candidates.long(), query_block=16, key_block=16, scale=0.3,
                                     query_stride=query_stride)
     torch.testing.assert_close(mass, expected, atol=2e-5, rtol=1e-4)
+
+
+# (seq, query_block, key_block, width, query_stride, batch, q_heads, kv_heads, dtype, tuning)
+EDGE_CASES = {
+    # batch 2, GQA groups of 3 side by side on a query block; 8 of 32 queries sampled
+    "batch-2-group-3-heads-inner-stride-3": (150, 32, 16, 5, 3, 2, 6, 2, torch.float32, {"HEADS_INNER": True}),
+    # key_block 128: two key tiles; seq 192 a multiple of the 64-key tile (EVEN, unmasked loads) but
+    # not of the block, so block 1's second tile lies past seq_len (must be read at block 0, masked)
+    "group-1-key-128-tile-past-seq": (192, 16, 128, 2, 5, 2, 2, 2, torch.float32, {"HEADS_INNER": True}),
+    # 22 sampled queries in a 32-row tile whose real rows span more than the tile: padding rows
+    "group-6-query-64-stride-3": (256, 64, 16, 9, 3, 1, 6, 1, torch.float32, None),
+    "query-64-key-32-bf16-stride-7": (130, 64, 32, 4, 7, 2, 3, 3, torch.bfloat16, None),
+}
+
+
+@pytest.mark.parametrize("case", EDGE_CASES.values(), ids=EDGE_CASES.keys())
+def test_edge_geometries_match_reference(case):
+    seq_len, query_block, key_block, width, query_stride, batch, q_heads, kv_heads, dtype, tuning = case
+    generator = torch.Generator().manual_seed(6)
+    query = torch.randn(batch, q_heads, seq_len, 16, generator=generator).to(DEVICE, dtype)
+    key = torch.randn(batch, kv_heads, seq_len, 16, generator=generator).to(DEVICE, dtype)
+    key[:, :, ::37] *= 3.0
+    candidates = torch.cat([random_candidates(seq_len, query_block, key_block, width, q_heads, generator)
+                            for _ in range(batch)])
+    candidates = candidates.masked_fill(torch.rand(candidates.shape, generator=generator).to(DEVICE) < 0.4, -1)
+    settings = dict(query_block=query_block, key_block=key_block, scale=0.3, query_stride=query_stride)
+    mass = torch.full(candidates.shape, -7.0, device=DEVICE)
+    _launch(query, key, candidates.to(torch.int32), mass, mode=MODE_MASS, tuning=tuning, **settings)
+    expected = exact_candidate_mass(query.float(), key.float(), candidates, **settings)
+    torch.testing.assert_close(mass, expected, atol=1e-4 if dtype == torch.bfloat16 else 2e-5, rtol=1e-3)
+    # top_k 3: rows with fewer valid candidates keep them all, then -1
+    kept = rescore_top_k_triton(query, key, candidates, top_k=3, sink_blocks=1, local_blocks=0, **settings)
+    reference = rescore_top_k(query.float(), key.float(), candidates, top_k=3, sink_blocks=1, local_blocks=0,
+                              **settings)
+    keep = fixed_slot_mask(candidates, seq_len=seq_len, query_block=query_block, key_block=key_block,
+                           sink_blocks=1, local_blocks=0)
+    clear = clear_rows(candidates, expected, keep, 3)
+    assert clear.float().mean() > 0.8 and ((candidates >= 0).sum(-1) < 3).any()
+    assert torch.equal(kept[clear], reference[clear])
