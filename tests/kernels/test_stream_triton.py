@@ -98,6 +98,10 @@ CASES = {
     "one-searched-branch": (161, 16, 16, 3, 1, 1, 4, 2, 2, 2, torch.bfloat16, False),
     "nothing-searched": (160, 16, 16, 3, 1, 2, 4, 1, 2, 1, torch.float32, True),
     "query-8-key-16-head-dim-24": (100, 8, 16, 4, 1, 1, 4, 1, 2, 1, torch.float32, True),
+    # no local blocks (causal selection's inner estimate): the search reaches the diagonal's key
+    # blocks, several per query block, and a round masks only when a centre block reaches the block
+    "query-32-key-16-no-local-batch-2-gqa-3": (250, 32, 16, 6, 1, 0, 4, 2, 6, 2, torch.float32, True),
+    "query-64-key-16-no-local-no-sink-bf16": (300, 64, 16, 8, 0, 0, 2, 1, 2, 1, torch.bfloat16, True),
 }
 
 
@@ -247,6 +251,22 @@ def test_a_query_does_not_see_a_later_key_of_its_own_block(seed, key_major, monk
     settings = dict(query_block=32, key_block=16, top_k=3, sink_blocks=1, local_blocks=1, representative_keys=1)
     chosen = stream_estimate_triton(query, key, **settings)
     assert chosen[0, 0, 1].tolist() == [0, 1, 3], f"seed={seed}"
+    assert torch.equal(chosen, stream_estimate(query, key, **settings)), f"seed={seed}"
+
+
+@pytest.mark.parametrize("key_major", [False, True], ids=["queries-x-keys", "keys-x-queries"])
+def test_without_local_blocks_a_round_reaching_the_block_is_masked(seed, key_major, monkeypatch):
+    # local_blocks 0, 32-query blocks over 16-key blocks: query block 1 (queries 32-63) searches key
+    # blocks 1-3 in one branch; the first round scores [1, 3) by key 23 and [3, 4) by key 55 (rk = 1
+    # reads key 7 of a block). Key 55 aligns with query 32 only, which must not see it; the queries
+    # that do see it are anti-aligned, so only a round left unmasked lets block 3 win.
+    monkeypatch.setattr(stream_launch, "MIN_KEY_MAJOR_CANDIDATES", 2 if key_major else 2**20)  # both score tiles
+    query, key = random_qk(seed, q_heads=1, kv_heads=1, seq=64)
+    query[:, 0, 33:] = -query[:, 0, 32:33]
+    key[:, 0, 55] = 10 * query[:, 0, 32]
+    settings = dict(query_block=32, key_block=16, top_k=2, sink_blocks=1, local_blocks=0, representative_keys=1)
+    chosen = stream_estimate_triton(query, key, **settings)
+    assert chosen[0, 0, 1, 0] == 0 and chosen[0, 0, 1, 1] in (1, 2), f"seed={seed}: {chosen[0, 0, 1].tolist()}"
     assert torch.equal(chosen, stream_estimate(query, key, **settings)), f"seed={seed}"
 
 
