@@ -96,7 +96,8 @@ def _chunked_forward(
                 unchunked.add("not a tensor")
                 return forward(hidden_states)
         return torch.cat(parts, dim=-2)
-    fused = fused_gated_mlp(mlp, hidden_states[..., :PROBE_POSITIONS, :])
+    # the probe runs the module itself (this forward): at most one chunk, so that it is not chunked
+    fused = fused_gated_mlp(mlp, hidden_states[..., :min(PROBE_POSITIONS, chunk_tokens), :])
     try:
         return _fill_by_chunks(forward if fused is None else fused, hidden_states, chunk_tokens)
     except _NotATensor:

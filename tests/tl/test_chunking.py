@@ -112,3 +112,26 @@ def test_long_forward_runs_the_fused_norm_and_changes_no_result(monkeypatch):
         chunked = sparse(tokens)
     assert len(calls) >= 3 * (2 * sparse.cfg.n_layers + 1)  # three chunks of every block norm and the final norm
     assert torch.equal(chunked, logits)
+
+
+def test_chunks_shorter_than_the_probe_run_the_fused_mlp(monkeypatch):
+    """mlp_chunk_tokens below fused_layers.PROBE_POSITIONS: the probe that checks the fused MLP
+    against the module must not itself be chunked (it recursed until RecursionError)."""
+    import sparse_lens.tl.fused_layers as fused_layers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
+    if device == "cpu":
+        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4)
+    sparse = sl.HookedSparseTransformer.from_config(tiny_qwen2_config(), stream, dtype=torch.bfloat16, device=device)
+    tokens = torch.randint(0, 90, (1, 100), generator=torch.Generator().manual_seed(3)).to(device)
+    calls = []
+    real = fused_layers.silu_mul_triton
+    monkeypatch.setattr(fused_layers, "silu_mul_triton", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        logits = sparse(tokens)
+        sparse.mlp_chunk_tokens = 16
+        chunked = sparse(tokens)
+    assert 16 < fused_layers.PROBE_POSITIONS
+    assert len(calls) == sparse.cfg.n_layers * (1 + 7)  # per MLP the probe and 7 chunks of at most 16
+    torch.testing.assert_close(chunked, logits, atol=5e-2, rtol=5e-2)
