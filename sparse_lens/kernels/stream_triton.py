@@ -28,8 +28,8 @@ candidates fill a 16-wide ``tl.dot``; padding is masked). The query block's tile
    precedes the block's first query. Otherwise (e.g. ``local_blocks`` 0, the inner estimate of
    causal selection) a round masks only when some candidate's centre block reaches the block's
    first query: in most rounds the branch holding the diagonal is still wide and its centre far
-   back (H200, 1M tokens, the 1.5B model's default estimate: the wide search took 117.6 ms per
-   layer masking every round);
+   back (H200, 1M tokens, the 1.5B model's default estimate, ``benchmarks/model.py --profile``: the
+   wide search took 117.6 ms per layer masking every round, 96.9 ms masking only these);
 3. keeps the best ``n_search`` candidates by rank counting (no sort): a candidate's rank is the
    number of candidates that beat it (higher score; on equal scores a non-empty half beats an
    empty one, then the lower candidate index wins). Ranks are a permutation, so the candidate of

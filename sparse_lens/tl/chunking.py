@@ -15,9 +15,9 @@ final norm over ``chunk_tokens`` positions at a time in forwards without gradien
 ``hook_scale`` nor ``hook_normalized`` carries a hook it calls the HF norm alone (what the bridge
 returns then), else the bridge's own computation runs unchunked. ``hook_in`` / ``hook_out`` see
 whole-sequence tensors. The chunks' outputs are written into one output tensor (no concatenation,
-which would hold the output twice). Norms of the Llama RMSNorm form and gated SiLU MLPs run fused
-(``sparse_lens.tl.fused_layers``: fewer passes over the sequence, checked against the module on
-the input's first positions).
+which would hold the output twice). Norms of the Llama RMSNorm form and gated SiLU MLPs (CUDA,
+bf16, no parameter needing a gradient) run fused (``sparse_lens.tl.fused_layers``: fewer passes
+over the sequence, checked against the module on the input's first positions, at most one chunk).
 
 With gradients on, each MLP chunk runs under activation checkpointing (``checkpoint_blocks``'
 helper): the backward keeps only the chunk inputs and recomputes one chunk's intermediates at a
