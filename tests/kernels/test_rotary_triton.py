@@ -29,9 +29,10 @@ def test_reference_is_hf_formula():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-@pytest.mark.parametrize("rotary_dim,d_head", [(16, 16), (8, 16), (8, 12)])
+@pytest.mark.parametrize("rotary_dim,d_head", [(16, 16), (8, 16), (8, 12), (24, 24), (32, 80)])
 def test_kernel_equals_reference_bit_for_bit(dtype, rotary_dim, d_head):
-    # 45 positions: a partial last program of 32; (8, 12): partial rotary, 4 dims passed through
+    # 45 positions: a partial last program of 32; (8, 12): partial rotary, 4 dims passed through;
+    # (24, 24): halves of 12 in 16 lanes (masked); (32, 80): Phi-2's 40%, 48 dims passed in 64 lanes
     x, cos, sin = inputs(dtype, rotary_dim, d_head)
     got = rotary_triton(x, cos, sin)
     assert got.is_contiguous() and got.dtype == dtype
