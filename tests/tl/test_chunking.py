@@ -135,3 +135,30 @@ def test_chunks_shorter_than_the_probe_run_the_fused_mlp(monkeypatch):
     assert 16 < fused_layers.PROBE_POSITIONS
     assert len(calls) == sparse.cfg.n_layers * (1 + 7)  # per MLP the probe and 7 chunks of at most 16
     torch.testing.assert_close(chunked, logits, atol=5e-2, rtol=5e-2)
+
+
+def test_an_mlp_with_a_hook_inside_runs_unfused(monkeypatch):
+    """An editing hook inside one MLP (blocks.1.mlp.hook_pre) with the fused MLP on (forced as on
+    CUDA): that MLP runs whole and unfused, so the edit applies as without chunks (the kernel
+    between the projections would skip it); the other MLP still runs fused."""
+    import sparse_lens.tl.fused_layers as fused_layers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
+    if device == "cpu":
+        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4)
+    sparse = sl.HookedSparseTransformer.from_config(tiny_qwen2_config(), stream, dtype=torch.bfloat16, device=device)
+    tokens = torch.randint(0, 90, (1, 64), generator=torch.Generator().manual_seed(4)).to(device)
+    shapes = []
+    real = fused_layers.silu_mul_triton
+    monkeypatch.setattr(fused_layers, "silu_mul_triton", lambda *args: shapes.append(args[0].shape[-2]) or real(*args))
+    hooks = [("blocks.1.mlp.hook_pre", lambda value, hook: value * 1.5)]
+    with torch.no_grad():
+        logits = sparse.run_with_hooks(tokens, fwd_hooks=hooks)
+        sparse.mlp_chunk_tokens = 32
+        chunked = sparse.run_with_hooks(tokens, fwd_hooks=hooks)
+        assert shapes == [32, 32, 32]  # layer 0 only: its probe and 2 chunks
+        plain = sparse(tokens)
+    assert len(shapes) == 3 + 2 * 3  # without the hook both layers run fused
+    torch.testing.assert_close(chunked, logits, atol=5e-2, rtol=5e-2)
+    assert not torch.allclose(plain, logits, atol=5e-2, rtol=5e-2)  # the edit matters
