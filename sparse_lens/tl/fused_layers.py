@@ -38,6 +38,10 @@ RARE = 1e-3  # the most elements of a probe that may differ (each by one unit in
 def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | None:
     """``weight * torch.rms_norm(x, eps)``, or ``None`` unless that reproduces ``module`` on ``probe``.
 
+    ``probe``: ``[..., pos, d_model]``, some of the real input (``tl.chunking`` passes its first
+    ``PROBE_POSITIONS`` positions); the returned function maps ``[..., pos, d_model]`` to the
+    module's output shape and dtype, position by position.
+
     HF's RMSNorms of the Llama form (Llama, Qwen2, Mistral, ...) upcast to float32, square, average,
     take ``rsqrt``, multiply, cast back and multiply by ``weight``: about six passes over the
     sequence, 1 s of a 1.5B-shaped forward at 1M tokens on the H200. ``torch.rms_norm`` does the
@@ -69,7 +73,10 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
 def fused_gated_mlp(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | None:
     """``down_proj(silu_mul_triton(gate_proj(x), up_proj(x)))``, or ``None`` unless ``module`` is a
     gated SiLU MLP (Llama, Qwen2, Mistral: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``) on a
-    CUDA bf16 ``probe``, without gradients to compute.
+    CUDA bf16 ``probe``, without gradients to compute. ``probe``: ``[..., pos, d_model]``, some of
+    the real input (``tl.chunking``: its first ``PROBE_POSITIONS`` positions, at most one chunk, since
+    running the module on it must not chunk again); the returned function maps ``[..., pos, d_model]``
+    to ``[..., pos, d_model]`` in bf16.
 
     Checks: the three projections and ``act_fn`` exist (``down_proj`` a module); no parameter of
     ``module`` needs a gradient while gradients are on (the kernel has no backward: the gate and up
