@@ -41,6 +41,13 @@ TOLERANCE = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
     torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
 }
+# Gradients (divided by max(1, their largest magnitude)): in bf16 one element in a few thousand
+# strays past 3e-2 for some draws (0.034 for seed 622316441 in 2 of 3,072 elements of dq; the same
+# on the kernels of cbe7aed, so rounding, not a change); a wrong mask or term errs by O(1).
+GRAD_TOLERANCE = {
+    torch.float32: TOLERANCE[torch.float32],
+    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+}
 
 
 @pytest.fixture
@@ -163,7 +170,7 @@ def test_gradients_match_autograd_through_the_reference(case, seed):
     for grad, expected, name in zip(grads, expected_grads, ("query", "key", "value", "gate")):
         assert grad.dtype == expected.dtype
         scale = expected.abs().max().clamp(min=1.0)  # bf16 errors grow with the gradient's magnitude
-        assert_close(grad / scale, expected / scale, seed, f"grad of {name}", **TOLERANCE[dtype])
+        assert_close(grad / scale, expected / scale, seed, f"grad of {name}", **GRAD_TOLERANCE[dtype])
 
 
 def test_backward_writes_every_element_of_dq_and_dgate(seed):
@@ -271,7 +278,8 @@ def test_every_launch_variant_matches_the_reference_forward_and_backward(case, l
     assert len(grads) == len(expected_grads) == len(names)
     for grad, reference, name in zip(grads, expected_grads, names):
         scale = reference.abs().max().clamp(min=1.0)
-        assert_close(grad.to(reference.dtype) / scale, reference / scale, seed, f"grad of {name}", **tolerance)
+        assert_close(grad.to(reference.dtype) / scale, reference / scale, seed, f"grad of {name}",
+                     **GRAD_TOLERANCE[dtype])
 
 
 def test_wide_rows_always_branch_around_unreached_tiles():
@@ -321,4 +329,4 @@ def test_d_head_256_at_64_token_blocks_matches_the_reference(seed, dtype):
     grads = torch.autograd.grad(output, inputs, grad_output.to(dtype))
     for grad, reference, name in zip(grads, torch.autograd.grad(expected[0], exact, grad_output), ("query", "key", "value")):
         scale = reference.abs().max().clamp(min=1.0)
-        assert_close(grad.float() / scale, reference / scale, seed, f"grad of {name}", **TOLERANCE[dtype])
+        assert_close(grad.float() / scale, reference / scale, seed, f"grad of {name}", **GRAD_TOLERANCE[dtype])
