@@ -238,16 +238,23 @@ def assert_expanded_rows_valid(block_indices, seq, settings, message):
             assert n_slots >> settings["expand_levels"] <= n_found <= n_slots, (row, message)
 
 
+def _query_32_aligned_with(key_pos, seed, key_major, monkeypatch):
+    """One head of 64 tokens: key ``key_pos`` made to align with query 32 (10x), every later query
+    anti-aligned, so that only a causal mask missing where query 32 cannot see that key lets its
+    block win. ``key_major``: the keys x queries score tile, else queries x keys (both forced)."""
+    monkeypatch.setattr(stream_launch, "MIN_KEY_MAJOR_CANDIDATES", 2 if key_major else 2**20)
+    query, key = random_qk(seed, q_heads=1, kv_heads=1, seq=64)
+    query[:, 0, 33:] = -query[:, 0, 32:33]
+    key[:, 0, key_pos] = 10 * query[:, 0, 32]
+    return query, key
+
+
 @pytest.mark.parametrize("key_major", [False, True], ids=["queries-x-keys", "keys-x-queries"])
 def test_a_query_does_not_see_a_later_key_of_its_own_block(seed, key_major, monkeypatch):
     # 32-query blocks over 16-key blocks, one local block: query block 1 (queries 32-63) searches
     # key blocks 1-2, and block 2 (keys 32-47) lies partly after its queries. rk = 1 reads key 7 of
-    # a block: key 39, made to align with query 32, which must not see it; every later query is
-    # anti-aligned, so only a missing causal mask lets block 2 beat block 1.
-    monkeypatch.setattr(stream_launch, "MIN_KEY_MAJOR_CANDIDATES", 16 if key_major else 2**20)  # both score tiles
-    query, key = random_qk(seed, q_heads=1, kv_heads=1, seq=64)
-    query[:, 0, 33:] = -query[:, 0, 32:33]
-    key[:, 0, 39] = 10 * query[:, 0, 32]
+    # a block: key 39, which query 32 must not see.
+    query, key = _query_32_aligned_with(39, seed, key_major, monkeypatch)
     settings = dict(query_block=32, key_block=16, top_k=3, sink_blocks=1, local_blocks=1, representative_keys=1)
     chosen = stream_estimate_triton(query, key, **settings)
     assert chosen[0, 0, 1].tolist() == [0, 1, 3], f"seed={seed}"
@@ -258,12 +265,8 @@ def test_a_query_does_not_see_a_later_key_of_its_own_block(seed, key_major, monk
 def test_without_local_blocks_a_round_reaching_the_block_is_masked(seed, key_major, monkeypatch):
     # local_blocks 0, 32-query blocks over 16-key blocks: query block 1 (queries 32-63) searches key
     # blocks 1-3 in one branch; the first round scores [1, 3) by key 23 and [3, 4) by key 55 (rk = 1
-    # reads key 7 of a block). Key 55 aligns with query 32 only, which must not see it; the queries
-    # that do see it are anti-aligned, so only a round left unmasked lets block 3 win.
-    monkeypatch.setattr(stream_launch, "MIN_KEY_MAJOR_CANDIDATES", 2 if key_major else 2**20)  # both score tiles
-    query, key = random_qk(seed, q_heads=1, kv_heads=1, seq=64)
-    query[:, 0, 33:] = -query[:, 0, 32:33]
-    key[:, 0, 55] = 10 * query[:, 0, 32]
+    # reads key 7 of a block), which query 32 must not see: only a round left unmasked lets block 3 win.
+    query, key = _query_32_aligned_with(55, seed, key_major, monkeypatch)
     settings = dict(query_block=32, key_block=16, top_k=2, sink_blocks=1, local_blocks=0, representative_keys=1)
     chosen = stream_estimate_triton(query, key, **settings)
     assert chosen[0, 0, 1, 0] == 0 and chosen[0, 0, 1, 1] in (1, 2), f"seed={seed}: {chosen[0, 0, 1].tolist()}"

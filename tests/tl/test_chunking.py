@@ -114,9 +114,9 @@ def test_long_forward_runs_the_fused_norm_and_changes_no_result(monkeypatch):
     assert torch.equal(chunked, logits)
 
 
-def test_chunks_shorter_than_the_probe_run_the_fused_mlp(monkeypatch):
-    """mlp_chunk_tokens below fused_layers.PROBE_POSITIONS: the probe that checks the fused MLP
-    against the module must not itself be chunked (it recursed until RecursionError)."""
+def _fused_mlp_model(monkeypatch, seq_len: int, seed: int):
+    """A tiny bf16 Qwen2 model with the fused MLP on (on the CPU forced, the kernel under the
+    interpreter), ``seq_len`` tokens, and the positions of every SiLU-and-product kernel call."""
     import sparse_lens.tl.fused_layers as fused_layers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
@@ -124,10 +124,19 @@ def test_chunks_shorter_than_the_probe_run_the_fused_mlp(monkeypatch):
         monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
     stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4)
     sparse = sl.HookedSparseTransformer.from_config(tiny_qwen2_config(), stream, dtype=torch.bfloat16, device=device)
-    tokens = torch.randint(0, 90, (1, 100), generator=torch.Generator().manual_seed(3)).to(device)
-    calls = []
+    tokens = torch.randint(0, 90, (1, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    positions = []
     real = fused_layers.silu_mul_triton
-    monkeypatch.setattr(fused_layers, "silu_mul_triton", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(fused_layers, "silu_mul_triton", lambda *args: positions.append(args[0].shape[-2]) or real(*args))
+    return sparse, tokens, positions
+
+
+def test_chunks_shorter_than_the_probe_run_the_fused_mlp(monkeypatch):
+    """mlp_chunk_tokens below fused_layers.PROBE_POSITIONS: the probe that checks the fused MLP
+    against the module must not itself be chunked (it recursed until RecursionError)."""
+    import sparse_lens.tl.fused_layers as fused_layers
+
+    sparse, tokens, calls = _fused_mlp_model(monkeypatch, 100, seed=3)
     with torch.no_grad():
         logits = sparse(tokens)
         sparse.mlp_chunk_tokens = 16
@@ -141,17 +150,7 @@ def test_an_mlp_with_a_hook_inside_runs_unfused(monkeypatch):
     """An editing hook inside one MLP (blocks.1.mlp.hook_pre) with the fused MLP on (forced as on
     CUDA): that MLP runs whole and unfused, so the edit applies as without chunks (the kernel
     between the projections would skip it); the other MLP still runs fused."""
-    import sparse_lens.tl.fused_layers as fused_layers
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
-    if device == "cpu":
-        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
-    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4)
-    sparse = sl.HookedSparseTransformer.from_config(tiny_qwen2_config(), stream, dtype=torch.bfloat16, device=device)
-    tokens = torch.randint(0, 90, (1, 64), generator=torch.Generator().manual_seed(4)).to(device)
-    shapes = []
-    real = fused_layers.silu_mul_triton
-    monkeypatch.setattr(fused_layers, "silu_mul_triton", lambda *args: shapes.append(args[0].shape[-2]) or real(*args))
+    sparse, tokens, shapes = _fused_mlp_model(monkeypatch, 64, seed=4)
     hooks = [("blocks.1.mlp.hook_pre", lambda value, hook: value * 1.5)]
     with torch.no_grad():
         logits = sparse.run_with_hooks(tokens, fwd_hooks=hooks)
