@@ -132,7 +132,7 @@ def _candidate_mass(
         row = query_tile * QUERY_TILE + tl.arange(0, QUERY_TILE)
         query_pos = block_last - QUERY_STRIDE * (N_QUERIES - 1 - row)
         real = (row < N_QUERIES) & (query_pos < seq_len)
-        query_pos = tl.where(real, query_pos, seq_len)  # padded rows: loaded as 0, masked everywhere
+        query_pos = tl.where(real, query_pos, seq_len)  # padded rows: loaded as 0, left out of the mass (real)
         row_limit = tl.where(real, query_pos, -1)
         first_query = tl.min(query_pos, axis=0)
         last_query = tl.max(row_limit, axis=0)
