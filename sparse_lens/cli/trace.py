@@ -50,6 +50,7 @@ from sparse_lens.errors import ContextTooLongError, InvalidConfigError
 from sparse_lens.data import needle_prompt, string_match_all
 from sparse_lens.report.trace import describe, parse_layers, write_trace_figures, write_trace_page
 from sparse_lens.tl import DEFAULT_MODEL, HookedSparseTransformer
+from sparse_lens.tl.attention import top_k_within_key_blocks
 
 DENSE_FIDELITY_LIMIT = 16_384
 GPU_LENGTH, CPU_LENGTH = 4096, 1024
@@ -323,20 +324,14 @@ def fidelity_skip_reason(setting: str, length: int) -> str:
 
 
 def _top_k_within_prompt(stream: TracingConfig, prompt_length: int) -> TracingConfig:
-    """``stream`` with ``top_k`` at most the prompt's key blocks: slots beyond them stay empty (-1) but
-    the estimator and attention still process each one (``--top-k 1000`` on 31 blocks: 30-45x the
-    work per layer), and every estimator then keeps the same blocks (tests/cli/test_trace_arguments.py).
-    Unchanged where the smaller top_k is not a valid config (e.g. ``--min-blocks`` above it)."""
-    n_key_blocks = -(-prompt_length // stream.key_block)
-    if stream.top_k <= n_key_blocks:
-        return stream
-    try:
-        clamped = stream.replace(top_k=n_key_blocks)
-    except InvalidConfigError:
-        return stream
-    print(f"      top_k {stream.top_k} is more than the prompt's {n_key_blocks} key blocks: using top_k "
-          f"{n_key_blocks} (the same blocks, without the empty slots)", flush=True)
-    return clamped
+    """``stream`` with ``top_k`` at most the prompt's key blocks (``tl.attention.top_k_within_key_blocks``,
+    which every prefill applies too: the same blocks without the empty slots), said once here so
+    that the printed budget and ``summary.json``'s config are the ones that run."""
+    lowered = top_k_within_key_blocks(stream, prompt_length)
+    if lowered is not stream:
+        print(f"      top_k {stream.top_k} is more than the prompt's {-(-prompt_length // stream.key_block)} key "
+              f"blocks: using top_k {lowered.top_k} (the same blocks, without the empty slots)", flush=True)
+    return lowered
 
 
 def _warn_if_short(prompt_length: int, budget: int, document: Path | None, stream: TracingConfig) -> None:
