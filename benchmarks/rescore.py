@@ -97,10 +97,15 @@ def make_timer(device: str):
     return wall
 
 
+def wide_width(top_k: int, beam: int, local: int) -> int:
+    """Slots of the rescored estimator's wide search: the sink and local blocks and ``beam`` times
+    the searched ones (``rescore.rescored_estimate_unchecked``: ``n_fixed + beam * n_search``)."""
+    return SINK + local + beam * (top_k - SINK - local)
+
+
 def two_kernel_rescored(query, key, *, top_k, beam, rk, geometry):
     """The previous Triton path of estimate_blocks("rescored"): search, attention kernel's block_mass, torch top-k."""
-    local = geometry["local_blocks"]
-    width = SINK + local + beam * (top_k - SINK - local)
+    width = wide_width(top_k, beam, geometry["local_blocks"])
     candidates = stream_estimate(query, key, top_k=width, representative_keys=rk, backend="triton", **geometry)
     _, _, mass = block_sparse_attention(query, key, key, candidates, scale=query.shape[-1] ** -0.5, backend="triton",
                                         query_block=geometry["query_block"], key_block=geometry["key_block"])
@@ -115,8 +120,7 @@ def variant_fn(settings: dict, query, key, top_k: int, geometry: dict):
     if kind == "stream":
         return lambda: estimate_blocks(query, key, estimator="stream", **common)
     if kind == "rescored" and settings["sqs"] != 1:  # not a package setting: the two kernels composed here
-        local = geometry["local_blocks"]
-        width = SINK + local + beam * (top_k - SINK - local)
+        width = wide_width(top_k, beam, geometry["local_blocks"])
         search = candidate_search(settings, query, key, width, geometry)
         return lambda: rescore_top_k_triton(query, key, search(), top_k=top_k, query_stride=qs, **geometry)
     if kind == "rescored":
@@ -155,7 +159,7 @@ def bench_length(shape: str, seq_len: int, args, dense_predicted: float | None, 
         fn = variant_fn(settings, query, key, args.top_k, geometry)
         row = {**base, "variant": spec, "estimate_s": timer(fn, repeats)}
         if settings["kind"] == "rescored":  # its two halves alone
-            width = SINK + args.local + settings["beam"] * (args.top_k - SINK - args.local)
+            width = wide_width(args.top_k, settings["beam"], args.local)
             search = candidate_search(settings, query, key, width, geometry)
             candidates = search()
             row["search_s"] = timer(search, repeats)
