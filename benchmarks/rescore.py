@@ -53,7 +53,7 @@ from sparse_lens.kernels.blocks import kept_pairs_per_slot  # noqa: E402
 from sparse_lens.kernels.bounds_triton import bounds_estimate_triton  # noqa: E402
 from sparse_lens.kernels.dispatch import block_sparse_attention, stream_estimate  # noqa: E402
 from sparse_lens.kernels.estimate import estimate_blocks  # noqa: E402
-from sparse_lens.kernels.rescore_ref import keep_heaviest  # noqa: E402
+from sparse_lens.kernels.rescore import keep_heaviest  # noqa: E402
 from sparse_lens.kernels.rescore_triton import rescore_top_k_triton  # noqa: E402
 
 SHAPES = {"qwen2.5-1.5b": attention_heads("qwen2.5-1.5b"), "llama-3.1-8b": attention_heads("llama-3.1-8b"),
