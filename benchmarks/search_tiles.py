@@ -14,7 +14,7 @@ another order can flip a near-tied row). A launch that does not fit the GPU is r
 error. CUDA-event medians. Prints a table, writes JSON. ``--rescore`` sweeps the fused rescoring
 (``rescore_triton``, top-k mode) of the wide search's candidates instead: every tile masked
 (``MASK_ALL``), the GQA group's heads side by side (``HEADS_INNER``), ``num_warps:num_stages``; every
-query and every 4th.
+query and every 4th; for each ``--beams`` width (default 4: 58 slots).
 """
 
 from __future__ import annotations
@@ -84,9 +84,11 @@ def sweep_search(query, key, launches, selects, dense_s: float, repeats: int, se
     return rows
 
 
-def sweep_rescoring(query, key, launches, dense_s: float, repeats: int, seq_len: int) -> list[dict]:
-    """The fused rescoring (top-k mode) of the wide search's candidates, per launch and query stride."""
-    candidates = search(query, key, WIDE_TOP_K, "rank", None)
+def sweep_rescoring(query, key, launches, dense_s: float, repeats: int, seq_len: int, beam: int) -> list[dict]:
+    """The fused rescoring (top-k mode) of a wide search's candidates (``beam`` x the branches), per
+    launch and query stride."""
+    width = SINK + LOCAL + beam * (TOP_K - SINK - LOCAL)
+    candidates = search(query, key, width, "rank", None)
     candidates = candidates.to(torch.int32).contiguous()
     rows = []
     for stride in (1, 4):
@@ -95,7 +97,7 @@ def sweep_rescoring(query, key, launches, dense_s: float, repeats: int, seq_len:
             {"num_warps": warps, "num_stages": stages, "HEADS_INNER": heads_inner}
             for warps, stages in launches for heads_inner in (False, True)]
         for tuning in tunings:
-            row = measure(f"rescore every {stride} query", lambda: rescore(query, key, candidates, stride, tuning),
+            row = measure(f"rescore {width} slots, every {stride} query", lambda: rescore(query, key, candidates, stride, tuning),
                           reference, dense_s, repeats)
             setting = "package default" if tuning is None else ", ".join(f"{k}={v}" for k, v in tuning.items())
             rows.append({**row, "seq_len": seq_len, "setting": setting, **(tuning or {})})
@@ -111,6 +113,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rescore", action="store_true",
                         help="sweep the fused rescoring (num_warps:num_stages, every query and every 4th) instead")
+    parser.add_argument("--beams", type=int, nargs="+", default=[BEAM],
+                        help="--rescore: the wide search's widths (beam x the branches) whose candidates are rescored")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_tiles.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -126,7 +130,8 @@ def main() -> None:
         rows.append({"kernel": "dense SDPA", "seq_len": seq_len, "ms": dense_s * 1e3, "share_of_dense": 1.0})
         print(rows[-1], flush=True)
         if args.rescore:
-            rows += sweep_rescoring(query, key, launches, dense_s, args.repeats, seq_len)
+            for beam in args.beams:
+                rows += sweep_rescoring(query, key, launches, dense_s, args.repeats, seq_len, beam)
         else:
             rows += sweep_search(query, key, launches, args.selects, dense_s, args.repeats, seq_len)
         del query, key, value

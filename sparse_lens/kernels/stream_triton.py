@@ -37,6 +37,13 @@ candidates fill a 16-wide ``tl.dot``; padding is masked). The query block's tile
 
 At the end the branch starts are sorted by the same rank counting and stored after the sinks.
 
+Rounds per row: the reference runs ``n_rounds`` (``BlockGeometry.search_rounds``, set by the widest
+row, the last) for every row; a program stops after ``ceil(log2(ceil(range / n_search)))``, its own
+row's count (``search.expanded_rounds`` with ``E = 0``). The skipped rounds change nothing: once
+every branch is one block, its halves are the block itself and an empty half, which ranks below
+every non-empty candidate, so the same blocks are kept. Rows early in the sequence need fewer rounds
+(at 128k the last row needs 6 for the default's 56 branches, a row halfway 5, a quarter of the way 4).
+
 ``select="sort"`` replaces both rank countings by ``tl.sort`` (a bitonic network,
 ``O(C log^2 C)`` compare-swaps for ``C = CAND_PAD`` candidates instead of ``C**2`` compares and
 the ``BRANCH_PAD x CAND_PAD`` placement): each candidate's key packs, in one int64, its score
@@ -190,12 +197,14 @@ def _stream_estimate_kernel(
             branch_end = tl.where(branch_is_real, SINK_BLOCKS + (branch + 1) * range_len // N_SEARCH, 0)
             cand = tl.arange(0, 2 * BRANCH_PAD)
             cand_is_real = cand < 2 * N_SEARCH
-            row_rounds = n_rounds
-            if EXPAND_LEVELS > 0:  # stop once every branch spans <= 2**E blocks (expanded_rounds)
-                widest_branch = (range_len + N_SEARCH - 1) // N_SEARCH
-                row_rounds = n_rounds * 0
-                for level in range(n_rounds):
-                    row_rounds += (widest_branch > ((1 << EXPAND_LEVELS) << level)).to(tl.int32)
+            # The row stops once every branch spans <= 2**E blocks (expanded_rounds; E = 0: one block).
+            # With E = 0 the reference runs n_rounds for every row, but the rounds after this count
+            # change nothing: a one-block branch's halves are itself and an empty one, which ranks
+            # below it, so the same blocks are kept (module doc, "Rounds per row").
+            widest_branch = (range_len + N_SEARCH - 1) // N_SEARCH
+            row_rounds = n_rounds * 0
+            for level in range(n_rounds):
+                row_rounds += (widest_branch > ((1 << EXPAND_LEVELS) << level)).to(tl.int32)
 
             for _ in range(row_rounds):
                 mid = branch_start + (branch_end - branch_start + 1) // 2
