@@ -253,7 +253,11 @@ def launch_constants(*, mode: int, d_head: int, dtype: torch.dtype, width: int, 
     As the attention forward's defaults (``sparse_attention_launch.FORWARD_LAUNCH``): key tiles
     unmasked where every query of the tile sees every key (``MASK_ALL`` off; a branch per tile),
     wholly in-range tiles loaded without row masks (``EVEN``), the scale folded into the ``exp2``'s
-    multiply-add (``FOLD_SCALE``), query blocks fastest within one head (``HEADS_INNER`` off)."""
+    multiply-add (``FOLD_SCALE``), query blocks fastest within one head (``HEADS_INNER`` off).
+    4 warps at every width, and 2 pipeline stages above 64 candidates (H200, 128k tokens,
+    ``benchmarks/search_tiles.py --rescore --beams 6 8``, ``benchmarks/results/h200_2026-12-01/c3/``:
+    86 candidates 7.65 ms with 2 stages, 9.01 ms with 3, 18.0 ms with 8 warps, the earlier rule above
+    64 candidates; 114 candidates 9.88, 11.93 and 23.4 ms)."""
     n_queries = -(-query_block // query_stride)
     key_tile = min(key_block, MAX_TILE)
     block_d = max(MIN_BLOCK, triton.next_power_of_2(d_head))
@@ -266,7 +270,7 @@ def launch_constants(*, mode: int, d_head: int, dtype: torch.dtype, width: int, 
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         DOT_UPCAST=dtype == torch.bfloat16 and interpreting, MASKED_LOOP=bool(masked_loop),
         EVEN=seq_len % key_tile == 0 and block_d == d_head, FOLD_SCALE=scale > 0, MASK_ALL=False,
-        HEADS_INNER=False, num_warps=8 if width > 64 else 4,
+        HEADS_INNER=False, num_warps=4, num_stages=3 if width <= 64 else 2,
     )
 
 
