@@ -5,20 +5,25 @@ that eager HF layers make one operation at a time. Two layer forms common to Lla
 in fewer passes when ``tl.chunking`` runs a layer over chunks (forwards without gradients, no
 hook inside the layer):
 
-- :func:`fused_rms_norm`: the RMSNorm as ``weight * torch.rms_norm(x)``;
+- :func:`fused_rms_norm`: the RMSNorm with its elementwise tail fused (``kernels.rms_norm_triton``:
+  CUDA, bf16 / fp16, bit for bit HF's), else as ``weight * torch.rms_norm(x)``;
 - :func:`fused_gated_mlp`: the gated SiLU MLP with ``kernels.swiglu_triton`` between its
   projections (CUDA, bf16).
 
 Each is found by its form, not by architecture: the attributes it needs, then the replacement run
 beside the module on the input's first ``PROBE_POSITIONS`` positions must agree with it (every
 element to one rounding of the dtype, at most a fraction ``RARE`` of them not equal; for the MLP
-the product before the down projection, then the output). Anything else keeps the module's own
-forward (``None``); so does a gated MLP while gradients are on (the SiLU-and-product kernel has no
-backward). Measured on the H200 (``benchmarks/model.py --profile``, the
+the product before the down projection, then the output; on the norm's kernel path, which is
+exact, no element should differ). Anything else keeps the module's own forward (``None``); so does
+a gated MLP while gradients are on (the SiLU-and-product kernel has no backward), and a norm runs on
+torch then. Measured on the H200 (``benchmarks/model.py --profile``, the
 1.5B shape at 1M tokens; docs/benchmarks.md, seventh session): the forward's elementwise kernels
 took 3.24 s before these and the RoPE kernel, 1.33 s after (the fused norms 0.12 s, their weight
 multiply 0.26 s; the MLP's SiLU and product 0.66 s before, 0.48 s fused); the forward 11.29 s
-before, 9.95 s after.
+before, 9.95 s after. Those norm figures are of ``torch.rms_norm`` on CUDA, which moved rare
+elements by one unit in the last place; the exact kernel path that replaced it reads more (the
+variance by HF's torch operations: about 22 bytes per bf16 element against 8) and is yet to be
+measured.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from sparse_lens.kernels.rms_norm_ref import inverse_rms
+from sparse_lens.kernels.rms_norm_triton import SUPPORTED_DTYPES as RMS_NORM_DTYPES
+from sparse_lens.kernels.rms_norm_triton import rms_norm_triton
 from sparse_lens.kernels.swiglu_triton import SUPPORTED_DTYPES as SWIGLU_DTYPES
 from sparse_lens.kernels.swiglu_triton import silu_mul_triton
 
@@ -36,7 +44,7 @@ RARE = 1e-3  # the most elements of a probe that may differ (each by one unit in
 
 
 def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | None:
-    """``weight * torch.rms_norm(x, eps)``, or ``None`` unless that reproduces ``module`` on ``probe``.
+    """HF's Llama-form RMSNorm in fewer passes, or ``None`` unless it reproduces ``module`` on ``probe``.
 
     ``probe``: ``[..., pos, d_model]``, some of the real input (``tl.chunking`` passes its first
     ``PROBE_POSITIONS`` positions); the returned function maps ``[..., pos, d_model]`` to the
@@ -44,27 +52,41 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
 
     HF's RMSNorms of the Llama form (Llama, Qwen2, Mistral, ...) upcast to float32, square, average,
     take ``rsqrt``, multiply, cast back and multiply by ``weight``: about six passes over the
-    sequence, 1 s of a 1.5B-shaped forward at 1M tokens on the H200. ``torch.rms_norm`` does the
-    normalisation in one (a fused kernel on CUDA, float32 inside, one rounding to the input dtype)
-    and the weight is applied as HF does. Used when the module has a 1-D ``weight`` and a float
-    ``variance_epsilon`` (or ``eps``) and the two agree on ``probe`` (some of the real input): every
-    element within one rounding of the output dtype, and at most a fraction ``RARE`` of them not
-    equal. A norm of another form keeps its own forward: Gemma's ``1 + weight`` differs far more;
-    OLMo-2's and GPT-OSS' (the weight applied in float32, one rounding after it) are within one
-    rounding but differ in about a quarter of the bf16 elements. On the CPU the two are
-    bit-identical; on CUDA the fused kernel sums the variance in another order, which can move a
-    rare element by one unit in the last place (5e-6 of them at 1M tokens on the H200,
-    docs/benchmarks.md). The probe sees only the input's first positions: a norm whose forward
-    differs only on inputs unlike them (e.g. a clamp of large values) is not told apart.
+    sequence, 1 s of a 1.5B-shaped forward at 1M tokens on the H200. Two paths:
+
+    - CUDA, bf16 / fp16 input with a ``weight`` of its dtype (none needing a gradient while
+      gradients are on: the kernel has no backward): the per-row inverse RMS by HF's own
+      torch operations (``rms_norm_ref.inverse_rms``: upcast, square, mean, ``rsqrt``, in pieces of
+      bounded float32 memory), then ``rms_norm_triton`` for the rest (one read of ``x``, one write,
+      PyTorch's roundings): bit for bit HF's output, no element differs;
+    - otherwise (the CPU, float32, a weight of another dtype) ``weight * torch.rms_norm(x, eps)``:
+      the normalisation in one pass, the weight applied as HF does. On the CPU this is bit for bit
+      HF's (kept as is: fewer passes than the reference); on CUDA ``torch.rms_norm`` sums the
+      variance in another order, which moved rare elements by one unit in the last place (5e-6 of
+      them at 1M tokens on the H200, docs/benchmarks.md) and changed near-ties downstream.
+
+    Used when the module has a 1-D ``weight`` and a float ``variance_epsilon`` (or ``eps``) and the
+    two agree on ``probe`` (some of the real input): every element within one rounding of the
+    output dtype, and at most a fraction ``RARE`` of them not equal. A norm of another form keeps
+    its own forward: Gemma's ``1 + weight`` differs far more; OLMo-2's and GPT-OSS' (the weight
+    applied in float32, one rounding after it) are within one rounding but differ in about a
+    quarter of the bf16 elements. The probe sees only the input's first positions: a norm whose
+    forward differs only on inputs unlike them (e.g. a clamp of large values) is not told apart.
     """
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if not isinstance(weight, Tensor) or weight.dim() != 1 or not isinstance(eps, float) or probe.numel() == 0:
         return None
 
-    def forward(piece: Tensor) -> Tensor:
+    def on_kernel(piece: Tensor) -> Tensor:
+        piece = piece.contiguous()
+        return rms_norm_triton(piece, inverse_rms(piece, eps), weight)
+
+    def on_torch(piece: Tensor) -> Tensor:
         return weight * torch.rms_norm(piece, (piece.shape[-1],), None, eps)
 
+    # the kernel has no backward: a weight needing a gradient keeps the torch path
+    forward = on_kernel if _rms_norm_on_kernel(probe, weight) and not _needs_gradients(module) else on_torch
     with torch.no_grad():
         expected, got = module(probe), forward(probe)
     return forward if _agrees(got, expected) else None
@@ -137,6 +159,11 @@ def _agrees(got: Tensor, expected: Tensor) -> bool:
 def _rarely_differ(got: Tensor, expected: Tensor) -> bool:
     """Whether at most a fraction ``RARE`` of the elements differ (NaN counts as different)."""
     return (got != expected).float().mean().item() <= RARE
+
+
+def _rms_norm_on_kernel(probe: Tensor, weight: Tensor) -> bool:
+    """Whether ``kernels.rms_norm_triton`` takes this input and weight (CUDA, bf16 / fp16, one dtype)."""
+    return probe.is_cuda and probe.dtype in RMS_NORM_DTYPES and weight.dtype == probe.dtype and weight.is_cuda
 
 
 def _swiglu_on_kernel(probe: Tensor) -> bool:

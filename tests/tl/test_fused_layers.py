@@ -44,6 +44,69 @@ def test_fused_rms_norm_reproduces_the_llama_form_and_refuses_others(dtype):
     assert fused_rms_norm(norm, x[:, :0]) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["llama.LlamaRMSNorm", "qwen2.Qwen2RMSNorm"])
+def test_fused_rms_norm_on_the_kernel_is_hf_bit_for_bit(monkeypatch, family, dtype):
+    """The kernel path (CUDA bf16 / fp16) equals HF's module bit for bit: on a zero position,
+    large values, a non-contiguous chunk (batch 2) and with the variance computed in pieces."""
+    import importlib
+    from functools import partial
+
+    from sparse_lens.kernels.rms_norm_ref import inverse_rms
+
+    module, name = family.split(".")
+    norm = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)(48, eps=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=generator) * 0.3 + 1.0)
+    x = torch.randn(2, 100, 48, generator=generator) * 3
+    x[0, 5] = 0.0
+    x[1, 7] *= 1e3
+    norm, x = norm.to(dtype).to(DEVICE), x.to(dtype).to(DEVICE)
+    calls = []
+    if DEVICE == "cpu":  # the interpreter runs the kernel
+        monkeypatch.setattr(fused_layers, "_rms_norm_on_kernel", lambda probe, weight: True)
+    real = fused_layers.rms_norm_triton
+    monkeypatch.setattr(fused_layers, "rms_norm_triton", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        fused = fused_rms_norm(norm, x[:, :8])
+        assert fused is not None and calls  # the probe ran on the kernel
+        chunk = x[:, 10:90]  # a chunk of a batch of two: not contiguous
+        assert torch.equal(fused(chunk), norm(chunk))
+        monkeypatch.setattr(fused_layers, "inverse_rms", partial(inverse_rms, piece_elements=1000, min_positions=16))
+        assert torch.equal(fused(x), norm(x))  # variance in 6 pieces of 16 or 17 positions (32+ rows)
+    # with a weight that needs a gradient the torch path keeps autograd (the kernel has no backward)
+    calls.clear()
+    assert fused_rms_norm(norm, x[:, :8]) is not None and not calls
+
+
+def test_long_forward_runs_the_norm_kernel_and_changes_nothing(monkeypatch):
+    """Chunked norms on the kernel give the same logits, bit for bit, as HF's norms on the same
+    chunks (the MLPs stay HF's in both runs, so nothing else differs). The norm weights are made
+    random: at HF's initial ones a kernel rounding once instead of twice would not show."""
+    from sparse_lens.tl import chunking
+
+    stream = sl.StreamConfig(query_block=16, key_block=16, top_k=4)
+    sparse = sl.HookedSparseTransformer.from_config(tiny_qwen2_config(), stream, dtype=torch.bfloat16, device=DEVICE)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in sparse.named_parameters():
+            if name.endswith("norm._original_component.weight"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3 + 1.0)
+    tokens = torch.randint(0, 90, (1, 150), generator=generator).to(DEVICE)
+    monkeypatch.setattr(chunking, "fused_gated_mlp", lambda *args: None)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fused_layers, "_rms_norm_on_kernel", lambda probe, weight: True)
+    calls = []
+    real = fused_layers.rms_norm_triton
+    monkeypatch.setattr(fused_layers, "rms_norm_triton", lambda *args: calls.append(1) or real(*args))
+    sparse.mlp_chunk_tokens = 64
+    with torch.no_grad():
+        fused = sparse(tokens)
+        assert len(calls) >= 3 * (2 * sparse.cfg.n_layers + 1)  # three chunks of every norm (and the probes)
+        monkeypatch.setattr(chunking, "fused_rms_norm", lambda *args: None)  # HF's norms on the chunks
+        assert torch.equal(fused, sparse(tokens))
+
 
 def gated_mlp(hidden_act="silu", seed=0):
     torch.manual_seed(seed)
