@@ -8,10 +8,15 @@ HF's RMSNorm of Llama, Qwen2, Mistral, ... (``transformers``' ``LlamaRMSNorm``):
 is split here in two: :func:`inverse_rms`, the per-row ``rsqrt(variance + eps)`` computed by those
 very torch operations (so its reduction order is HF's own on every device), and :func:`rms_norm`,
 the elementwise tail that ``rms_norm_triton`` fuses into one pass. Together they are HF's norm bit
-for bit: ``rms_norm(x, inverse_rms(x, eps), weight) == LlamaRMSNorm(x)``.
+for bit: ``rms_norm(x, inverse_rms(x, eps), weight) == LlamaRMSNorm(x)``. Within
+:func:`inverse_rms`, :func:`squares` (the upcast and the square) is the reference of
+``rms_norm_triton.squares_triton``, which writes them in one pass; :func:`inverse_rms_of_squares`
+is the piece logic both share.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
@@ -25,6 +30,37 @@ VARIANCE_PIECE_ELEMENTS = 2**26
 VARIANCE_PIECE_MIN_POSITIONS = 1024
 
 
+def squares(x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
+    """``x.to(float32).pow(2)``: HF's upcast and square, float32, ``x``'s shape (PyTorch computes
+    ``pow(h, 2)`` as ``h * h``, one rounding)."""
+    return x.to(torch.float32).pow(2)
+
+
+def inverse_rms_of_squares(
+    x: Float[Tensor, "*batch pos d"],
+    eps: float,
+    squares_of: Callable[[Tensor], Tensor],
+    piece_elements: int = VARIANCE_PIECE_ELEMENTS,
+    min_positions: int = VARIANCE_PIECE_MIN_POSITIONS,
+) -> Float[Tensor, "*batch pos 1"]:
+    """float32 ``rsqrt(squares_of(piece).mean(-1, keepdim=True) + eps)`` over pieces of ``x``'s positions.
+
+    ``squares_of`` maps a piece ``[..., p, d]`` (a view of ``x``, not necessarily contiguous) to its
+    float32 squares of the same shape (:func:`squares` or ``rms_norm_triton.squares_triton``). To
+    bound memory (a 65,536-position chunk of a d_model = 3584 residual is 0.9 GB per float32
+    temporary) the positions are split into equal pieces whose temporaries hold at most
+    ``piece_elements`` elements, none shorter than ``min_positions`` positions; each row is reduced
+    by the same torch operations, so a row's result does not depend on the split. A 1-D ``x`` (one
+    row) is one piece."""
+    pieces = 1
+    if x.dim() >= 2:
+        pieces = max(1, min(-(-x.numel() // max(piece_elements, 1)), x.shape[-2] // max(min_positions, 1)))
+    if pieces == 1:
+        return torch.rsqrt(squares_of(x).mean(-1, keepdim=True) + eps)
+    return torch.cat([torch.rsqrt(squares_of(piece).mean(-1, keepdim=True) + eps)
+                      for piece in x.tensor_split(pieces, dim=-2)], dim=-2)
+
+
 def inverse_rms(
     x: Float[Tensor, "*batch pos d"],
     eps: float,
@@ -33,18 +69,11 @@ def inverse_rms(
 ) -> Float[Tensor, "*batch pos 1"]:
     """float32 ``rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)``, HF's operations, bit for bit.
 
-    ``x``: ``[..., pos, d]`` of any float dtype. To bound memory (a 65,536-position chunk of a
-    d_model = 3584 residual is 0.9 GB per float32 temporary) the positions are split into equal
-    pieces whose temporaries hold at most ``piece_elements`` elements, none shorter than
-    ``min_positions`` positions; each row is reduced by the same torch operations, so a row's
-    result does not depend on the split. A 1-D ``x`` (one row) is one piece."""
-    pieces = 1
-    if x.dim() >= 2:
-        pieces = max(1, min(-(-x.numel() // max(piece_elements, 1)), x.shape[-2] // max(min_positions, 1)))
-    if pieces == 1:
-        return torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
-    return torch.cat([torch.rsqrt(piece.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
-                      for piece in x.tensor_split(pieces, dim=-2)], dim=-2)
+    ``x``: ``[..., pos, d]`` of any float dtype, in pieces of positions as
+    :func:`inverse_rms_of_squares` splits it (at most ``piece_elements`` elements per float32
+    temporary, at least ``min_positions`` positions per piece), each piece's squares by
+    :func:`squares`."""
+    return inverse_rms_of_squares(x, eps, squares, piece_elements, min_positions)
 
 
 def rms_norm(

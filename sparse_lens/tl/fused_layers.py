@@ -21,8 +21,10 @@ torch then. Measured on the H200 (``benchmarks/model.py --profile``, the
 took 3.24 s before these and the RoPE kernel, 1.33 s after (the fused norms 0.12 s, their weight
 multiply 0.26 s; the MLP's SiLU and product 0.66 s before, 0.48 s fused); the forward 11.29 s
 before, 9.95 s after. Those norm figures are of ``torch.rms_norm`` on CUDA, which moved rare
-elements by one unit in the last place; the exact kernel path that replaced it reads more (the
-variance by HF's torch operations: about 22 bytes per bf16 element against 8) and is yet to be
+elements by one unit in the last place. The exact kernel path that replaced it, with the variance
+by HF's torch operations (about 22 bytes moved per bf16 element against 8), took about 0.55 s
+against 0.38 s (the forward 9.85 s; benchmarks/results/h200_2026-12-01/c4); its squares now come
+from one Triton pass instead of an upcast copy and ``pow`` (about 14 bytes per element), yet to be
 measured.
 """
 
@@ -33,9 +35,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from sparse_lens.kernels.rms_norm_ref import inverse_rms
 from sparse_lens.kernels.rms_norm_triton import SUPPORTED_DTYPES as RMS_NORM_DTYPES
-from sparse_lens.kernels.rms_norm_triton import rms_norm_triton
+from sparse_lens.kernels.rms_norm_triton import inverse_rms_triton, rms_norm_triton
 from sparse_lens.kernels.swiglu_triton import SUPPORTED_DTYPES as SWIGLU_DTYPES
 from sparse_lens.kernels.swiglu_triton import silu_mul_triton
 
@@ -55,10 +56,11 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
     sequence, 1 s of a 1.5B-shaped forward at 1M tokens on the H200. Two paths:
 
     - CUDA, bf16 / fp16 input with a ``weight`` of its dtype (none needing a gradient while
-      gradients are on: the kernel has no backward): the per-row inverse RMS by HF's own
-      torch operations (``rms_norm_ref.inverse_rms``: upcast, square, mean, ``rsqrt``, in pieces of
-      bounded float32 memory), then ``rms_norm_triton`` for the rest (one read of ``x``, one write,
-      PyTorch's roundings): bit for bit HF's output, no element differs;
+      gradients are on: the kernel has no backward): the per-row inverse RMS as HF computes it
+      (``rms_norm_triton.inverse_rms_triton``: the float32 squares in one Triton pass, then torch's
+      mean and ``rsqrt`` on them, in pieces of bounded float32 memory), then ``rms_norm_triton``
+      for the rest (one read of ``x``, one write, PyTorch's roundings): bit for bit HF's output,
+      no element differs;
     - otherwise (the CPU, float32, a weight of another dtype) ``weight * torch.rms_norm(x, eps)``:
       the normalisation in one pass, the weight applied as HF does. On the CPU this is bit for bit
       HF's (kept as is: fewer passes than the reference); on CUDA ``torch.rms_norm`` sums the
@@ -80,7 +82,7 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
 
     def on_kernel(piece: Tensor) -> Tensor:
         piece = piece.contiguous()
-        return rms_norm_triton(piece, inverse_rms(piece, eps), weight)
+        return rms_norm_triton(piece, inverse_rms_triton(piece, eps), weight)
 
     def on_torch(piece: Tensor) -> Tensor:
         return weight * torch.rms_norm(piece, (piece.shape[-1],), None, eps)

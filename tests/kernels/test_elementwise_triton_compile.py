@@ -1,5 +1,5 @@
-"""The elementwise kernels of long forwards (``rotary_triton``, ``swiglu_triton``, ``rms_norm_triton``)
-compile for sm_90.
+"""The elementwise kernels of long forwards (``rotary_triton``, ``swiglu_triton``, ``rms_norm_triton``'s
+tail and squares) compile for sm_90.
 
 Under the interpreter a ``@triton.jit`` function is plain Python: an ``import`` inside it, or a
 construct only the compiler refuses, passes the CPU tests and fails on the H200 (it did, for the
@@ -40,9 +40,13 @@ for dtype, block_d in (("bf16", rms_norm_triton.MAX_BLOCK_D), ("fp16", 256)):  #
     print(compile_kernel(rms_norm_triton._rms_norm_kernel,
                          dict(BLOCK_R=rms_norm_triton.BLOCK_ELEMENTS // block_d, BLOCK_D=block_d,
                               IS_BF16=dtype == "bf16"), f"*{dtype}", {"inverse_rms_ptr": "*fp32"}))
+for dtype in ("bf16", "fp16"):
+    print(compile_kernel(rms_norm_triton._squares_kernel, dict(BLOCK=rms_norm_triton.SQUARES_BLOCK), f"*{dtype}",
+                         {"out_ptr": "*fp32"}))
 '''
 
 
 def test_elementwise_kernels_compile_for_sm90():
     names = run_compile_script(COMPILE_SCRIPT).split()
-    assert names == ["_rotary_kernel", "_rotary_kernel", "_silu_mul_kernel", "_rms_norm_kernel", "_rms_norm_kernel"]
+    assert names == ["_rotary_kernel", "_rotary_kernel", "_silu_mul_kernel", "_rms_norm_kernel", "_rms_norm_kernel",
+                     "_squares_kernel", "_squares_kernel"]

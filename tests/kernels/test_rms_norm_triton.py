@@ -1,4 +1,5 @@
-"""The RMSNorm tail kernel against its torch reference (rms_norm_ref), and the reference against HF's norm."""
+"""The RMSNorm kernels against their torch references (rms_norm_ref): the tail, the squares and the
+inverse RMS on them; and the references against HF's norm."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from sparse_lens.errors import ShapeError
-from sparse_lens.kernels.rms_norm_ref import inverse_rms, rms_norm
-from sparse_lens.kernels.rms_norm_triton import rms_norm_triton
+from sparse_lens.kernels.rms_norm_ref import inverse_rms, rms_norm, squares
+from sparse_lens.kernels.rms_norm_triton import (
+    inverse_rms_triton,
+    rms_norm_triton,
+    squares_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton under TRITON_INTERPRET=1
 DTYPES = [torch.bfloat16, torch.float16]
@@ -75,6 +80,65 @@ def test_kernel_roundings_over_the_whole_range(dtype):
     assert torch.equal(got, expected)
 
 
+def every_finite_value(dtype):
+    """All finite values of a 16-bit dtype (from their 65,536 bit patterns), shuffled, as [256, 256]:
+    squares from 0 and float32 subnormals (bf16's smallest) to float32 overflow (bf16's largest)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype)
+    values = values[values.isfinite()]
+    values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(3))]
+    return torch.cat([values, values[: 65536 - values.numel()]]).view(256, 256).to(DEVICE)
+
+
+def same_layout(a, b):
+    """Same strides on every dim longer than 1 (a stride of a dim of size 1 is never used; an empty
+    tensor has no layout)."""
+    return a.numel() == 0 or all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply")  # the interpreter's numpy, at bf16's largest
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_squares_equal_torch_bit_for_bit(dtype):
+    """squares_triton == x.to(float32).pow(2): every finite value of the dtype (a kernel squaring in
+    the 16-bit dtype, or rounding otherwise, fails), in torch's layout for each kind of input."""
+    values = every_finite_value(dtype)
+    expected = values.float().pow(2)
+    assert expected.isinf().any() == (dtype == torch.bfloat16)  # bf16: past float32's largest
+    assert torch.equal(squares_triton(values), squares(values))
+    x = values[:60, :80].reshape(3, 20, 80)
+    layouts = [
+        x,  # contiguous
+        x[:, 5:17],  # a piece of positions (inverse_rms_of_squares): not contiguous, read in place
+        x.transpose(1, 2),  # dense, not contiguous: squares in its layout
+        x.transpose(0, 1)[4:15],  # neither: copied to empty_like's layout first
+        x[:1].expand(3, 20, 80),  # outer stride 0
+        x[:, :, ::2],  # every other element
+        x[1, 7], x[1, 7, 3],  # one row; 0-d
+        x[:, :0],  # empty
+    ]
+    for layout in layouts:
+        got, expected = squares_triton(layout), squares(layout)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert torch.equal(got, expected) and same_layout(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, piece_elements, min_positions", [
+    ((2, 50, 48), 500, 16),  # three pieces of a batch of two (pieces not contiguous)
+    ((1, 100, 64), 1000, 8),  # seven pieces of one sequence
+    ((3, 37, 40), 2**26, 1024),  # one piece
+    ((5, 1), 2, 1),  # d = 1, five pieces of one row
+    ((40,), 8, 1),  # 1-D: one row, one piece
+])
+def test_inverse_rms_triton_equals_reference_bit_for_bit(dtype, shape, piece_elements, min_positions):
+    x, _, _ = inputs(shape, dtype)  # a zero row and a row of large values
+    got = inverse_rms_triton(x, 1e-6, piece_elements, min_positions)
+    expected = inverse_rms(x, 1e-6, piece_elements, min_positions)
+    assert got.dtype == torch.float32 and got.shape == (*shape[:-1], 1)
+    assert torch.equal(got, expected)
+    assert torch.equal(expected, inverse_rms(x, 1e-6))  # the split changes no row
+
+
 def test_bad_inputs_raise():
     x, scale, weight = inputs((4, 8), torch.bfloat16)
     bad = [
@@ -89,6 +153,9 @@ def test_bad_inputs_raise():
     for arguments in bad:
         with pytest.raises(ShapeError):
             rms_norm_triton(*arguments)
+    for function in (squares_triton, lambda x: inverse_rms_triton(x, 1e-6)):
+        with pytest.raises(ShapeError):
+            function(x.float())  # float32 stays on torch
 
 
 def test_empty_input():

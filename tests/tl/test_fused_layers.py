@@ -52,7 +52,7 @@ def test_fused_rms_norm_on_the_kernel_is_hf_bit_for_bit(monkeypatch, family, dty
     import importlib
     from functools import partial
 
-    from sparse_lens.kernels.rms_norm_ref import inverse_rms
+    from sparse_lens.kernels.rms_norm_triton import inverse_rms_triton
 
     module, name = family.split(".")
     norm = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)(48, eps=1e-5)
@@ -73,7 +73,8 @@ def test_fused_rms_norm_on_the_kernel_is_hf_bit_for_bit(monkeypatch, family, dty
         assert fused is not None and calls  # the probe ran on the kernel
         chunk = x[:, 10:90]  # a chunk of a batch of two: not contiguous
         assert torch.equal(fused(chunk), norm(chunk))
-        monkeypatch.setattr(fused_layers, "inverse_rms", partial(inverse_rms, piece_elements=1000, min_positions=16))
+        monkeypatch.setattr(fused_layers, "inverse_rms_triton",
+                            partial(inverse_rms_triton, piece_elements=1000, min_positions=16))
         assert torch.equal(fused(x), norm(x))  # variance in 6 pieces of 16 or 17 positions (32+ rows)
     # with a weight that needs a gradient the torch path keeps autograd (the kernel has no backward)
     calls.clear()
