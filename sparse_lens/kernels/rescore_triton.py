@@ -68,7 +68,7 @@ from torch import Tensor
 
 from sparse_lens.errors import ShapeError
 from sparse_lens.kernels.blocks import check_estimator_settings, num_blocks
-from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices
+from sparse_lens.kernels.checks import check_attention_inputs, check_block_indices, is_int_at_least
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.sparse_attention_launch import (
     MAX_TILE,
@@ -282,7 +282,7 @@ def _prepare(query, key, candidates, query_block: int, key_block: int, query_str
     check_triton_block_sizes(query_block, key_block)
     if not inputs_checked:
         check_block_indices(candidates, query, num_blocks(query.shape[2], query_block))
-    if not isinstance(query_stride, int) or not 1 <= query_stride <= query_block:
+    if not is_int_at_least(query_stride, 1) or query_stride > query_block:
         raise ValueError(f"query_stride must be an int in [1, query_block={query_block}], got {query_stride!r}.")
     if query.dtype != key.dtype or query.dtype not in SUPPORTED_DTYPES:
         raise ShapeError(f"query and key must share one dtype of {SUPPORTED_DTYPES}, got {query.dtype}, {key.dtype}.")

@@ -149,8 +149,9 @@ def test_bad_inputs_raise():
         exact_candidate_mass_triton(query, key, candidates, query_block=24, key_block=24)
     with pytest.raises(ShapeError):
         exact_candidate_mass_triton(query, key, candidates[:, :, :2], query_block=16, key_block=16)
-    with pytest.raises(ValueError):
-        exact_candidate_mass_triton(query, key, candidates, query_block=16, key_block=16, query_stride=0)
+    for bad_stride in (0, 17, True, 2.0):  # a bool is not a stride (bounds_triton refuses it too)
+        with pytest.raises(ValueError):
+            exact_candidate_mass_triton(query, key, candidates, query_block=16, key_block=16, query_stride=bad_stride)
 
 
 @pytest.mark.parametrize("estimator", ["rescored", "adaptive"])
