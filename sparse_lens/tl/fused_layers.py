@@ -60,7 +60,8 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
       (``rms_norm_triton.inverse_rms_triton``: the float32 squares in one Triton pass, then torch's
       mean and ``rsqrt`` on them, in pieces of bounded float32 memory), then ``rms_norm_triton``
       for the rest (one read of ``x``, one write, PyTorch's roundings): bit for bit HF's output,
-      no element differs;
+      no element differs; a call with gradients on whose input or weight needs one runs the module
+      itself;
     - otherwise (the CPU, float32, a weight of another dtype) ``weight * torch.rms_norm(x, eps)``:
       the normalisation in one pass, the weight applied as HF does. On the CPU this is bit for bit
       HF's (kept as is: fewer passes than the reference); on CUDA ``torch.rms_norm`` sums the
@@ -81,6 +82,8 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
         return None
 
     def on_kernel(piece: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (piece.requires_grad or weight.requires_grad):
+            return module(piece)  # the kernel has no backward: HF's norm and its autograd, whatever the probe saw
         piece = piece.contiguous()
         return rms_norm_triton(piece, inverse_rms_triton(piece, eps), weight)
 

@@ -81,6 +81,32 @@ def test_fused_rms_norm_on_the_kernel_is_hf_bit_for_bit(monkeypatch, family, dty
     assert fused_rms_norm(norm, x[:, :8]) is not None and not calls
 
 
+def test_fused_rms_norm_keeps_gradients_the_kernel_cannot_give(monkeypatch):
+    """The kernel path has no backward: with gradients on, an input or a weight that needs a
+    gradient is normed by the module itself (HF's autograd), whatever mode the probe ran in."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(48, eps=1e-5).to(torch.bfloat16).to(DEVICE)
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 20, 48, generator=generator) * 3).to(torch.bfloat16).to(DEVICE)
+    if DEVICE == "cpu":  # the interpreter runs the kernel
+        monkeypatch.setattr(fused_layers, "_rms_norm_on_kernel", lambda probe, weight: True)
+    norm.weight.requires_grad_(False)
+    fused = fused_rms_norm(norm, x[:, :8])  # with gradients on, nothing needs one: the kernel path
+    assert fused is not None
+    leaf = x.clone().requires_grad_(True)
+    fused(leaf).float().sum().backward()
+    expected = leaf.clone().detach().requires_grad_(True)
+    norm(expected).float().sum().backward()
+    assert leaf.grad is not None and torch.equal(leaf.grad, expected.grad)
+    norm.weight.requires_grad_(True)
+    with torch.no_grad():
+        fused = fused_rms_norm(norm, x[:, :8])  # probed without gradients: the kernel path
+    assert fused is not None
+    fused(x).float().sum().backward()  # called with gradients on: the weight's gradient is kept
+    assert norm.weight.grad is not None
+
+
 def test_long_forward_runs_the_norm_kernel_and_changes_nothing(monkeypatch):
     """Chunked norms on the kernel give the same logits, bit for bit, as HF's norms on the same
     chunks (the MLPs stay HF's in both runs, so nothing else differs). The norm weights are made
