@@ -191,3 +191,16 @@ def test_round_to_fp16_is_the_cast_around_every_boundary():
     assert out[nan].isnan().all()
     assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32))
     assert (expected.abs() < 2**-14).logical_and(expected != 0).sum() > 1000  # subnormals were checked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's reductions: their launch depends on the rows")
+@pytest.mark.parametrize("d, positions", [(1536, 43700), (3584, 18730), (8192, 8200), (16384, 4100)])
+def test_pieces_of_wide_rows_are_reduced_as_the_whole_on_cuda(d, positions):
+    """Just past VARIANCE_PIECE_ELEMENTS the positions split into two pieces of the fewest
+    positions a split makes (half of 2**26 / d: 2,050 at d = 16384); PyTorch's CUDA reduction
+    chooses its launch (blocks per row for long rows) from the number of rows, so this checks that
+    every row is still summed as HF sums it on the whole tensor."""
+    x = torch.randn(1, positions, d, device="cuda").to(torch.bfloat16)
+    whole = torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + 1e-6)  # HF's operations
+    assert torch.equal(inverse_rms(x, 1e-6), whole)
+    assert torch.equal(inverse_rms_triton(x, 1e-6), whole)
