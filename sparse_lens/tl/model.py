@@ -164,8 +164,10 @@ class HookedSparseTransformer(TransformerBridge):
     def mlp_chunk_tokens(self) -> int | None:
         """Positions each MLP and each norm (in forwards without gradients) processes at a time
         (``None``: the whole sequence). Results do not change (the fused layers of chunked forwards,
-        ``tl.fused_layers``, equal HF's bit for bit, on CUDA too); set it (e.g. to 65536) for very
-        long inputs, whose MLP and float32 norm intermediates are large (``sparse_lens.tl.chunking``)."""
+        ``tl.fused_layers``, equal HF's bit for bit, on CUDA too, except a norm in float32 or with a
+        weight of another dtype on CUDA: ``torch.rms_norm`` may move a rare element by one unit in
+        the last place); set it (e.g. to 65536) for very long inputs, whose MLP and float32 norm
+        intermediates are large (``sparse_lens.tl.chunking``)."""
         return getattr(self, "_mlp_chunk_tokens", None)
 
     @mlp_chunk_tokens.setter
