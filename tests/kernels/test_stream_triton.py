@@ -102,6 +102,9 @@ CASES = {
     # blocks, several per query block, and a round masks only when a centre block reaches the block
     "query-32-key-16-no-local-batch-2-gqa-3": (250, 32, 16, 6, 1, 0, 4, 2, 6, 2, torch.float32, True),
     "query-64-key-16-no-local-no-sink-bf16": (300, 64, 16, 8, 0, 0, 2, 1, 2, 1, torch.bfloat16, True),
+    # 66 key blocks of 4: the last row searches 5 rounds, the first searched rows 1 (each row stops
+    # after its own rounds, the reference runs 5 for every row)
+    "blocks-of-4-one-to-five-rounds": (263, 4, 4, 4, 0, 0, 4, 1, 1, 1, torch.float32, True),
 }
 
 
