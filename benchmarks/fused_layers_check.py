@@ -4,9 +4,9 @@
 
 A random-init Qwen2.5-1.5B-shaped model (``--layers`` layers, bf16) run three times on the same
 ``--length`` tokens: ``plain``, ``mlp_chunk_tokens=None`` (every layer as HF runs it over the whole
-sequence); ``chunked``, ``mlp_chunk_tokens`` 65,536 with the fused layers switched off (HF's norms and
-MLPs on each chunk: only the GEMMs' shapes differ); ``fused``, the default chunking (fused RMSNorm,
-the SiLU-and-product kernel). Two comparisons per mode: ``chunked`` against ``plain`` (what chunking
+sequence); ``chunked``, ``mlp_chunk_tokens = --chunk`` (65,536) with the fused layers switched off
+(HF's norms and MLPs on each chunk: only the GEMMs' shapes differ); ``fused``, the same chunking
+with the fused layers (fused RMSNorm, the SiLU-and-product kernel). Two comparisons per mode: ``chunked`` against ``plain`` (what chunking
 alone changes) and ``fused`` against ``chunked`` (what the fused layers change). Dense mode (no
 selection): the largest difference of the last position's logits, and of the final residual stream
 (``ln_final.hook_in``) over all positions, in units of its largest magnitude, and the share of its
@@ -62,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=65536,
+                        help="positions per chunk of the chunked runs (below --length, or nothing is chunked)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fused_layers_check.json"))
@@ -72,11 +74,11 @@ def main() -> None:
     rows = []
     for mode in ("dense", "sparse"):
         plain = run(model, tokens, None, mode)
-        chunked = run(model, tokens, 65536, mode, fuse=False)
+        chunked = run(model, tokens, args.chunk, mode, fuse=False)
         rows.append(compare(mode, args.length, "chunked vs plain", chunked, plain))
         print(rows[-1], flush=True)
         del plain
-        fused = run(model, tokens, 65536, mode)
+        fused = run(model, tokens, args.chunk, mode)
         rows.append(compare(mode, args.length, "fused vs chunked", fused, chunked))
         print(rows[-1], flush=True)
         del fused, chunked

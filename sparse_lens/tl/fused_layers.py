@@ -107,7 +107,8 @@ def fused_gated_mlp(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | 
 
     Checks: the three projections and ``act_fn`` exist (``down_proj`` a module); no parameter of
     ``module`` needs a gradient while gradients are on (the kernel has no backward: the gate and up
-    projections' gradients would be lost); ``act_fn`` computes SiLU exactly on a range of bf16
+    projections' gradients would be lost; a later call with gradients on whose input or parameters need
+    one runs the module itself); ``act_fn`` computes SiLU exactly on a range of bf16
     values; on ``probe``, the module's output is ``down_proj`` of its input to ``down_proj``, and
     that input is the kernel's product, each to within one rounding with at most a fraction
     ``RARE`` of the elements differing (as :func:`fused_rms_norm`). A module of another form is
@@ -128,6 +129,8 @@ def fused_gated_mlp(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | 
             return None
 
     def forward(piece: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (piece.requires_grad or _needs_gradients(module)):
+            return module(piece)  # the kernel has no backward: HF's MLP and its autograd, whatever the probe saw
         return down_proj(silu_mul_triton(gate_proj(piece), up_proj(piece)))
 
     seen: list[Tensor] = []  # the module's input to down_proj (the last call)

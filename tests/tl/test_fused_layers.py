@@ -157,6 +157,26 @@ def test_fused_gated_mlp_reproduces_the_silu_form_on_the_kernel(monkeypatch):
     assert fused_gated_mlp(mlp, x[:, :8]) is None  # another form
 
 
+def test_fused_gated_mlp_keeps_gradients_the_kernel_cannot_give(monkeypatch):
+    """Probed without gradients, then called with them on: an input or a parameter needing a
+    gradient runs the module itself (the SiLU-and-product kernel has no backward)."""
+    mlp = gated_mlp().to(DEVICE)
+    x = torch.randn(1, 20, 32, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEVICE)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fused_layers, "_swiglu_on_kernel", lambda probe: True)
+    with torch.no_grad():
+        fused = fused_gated_mlp(mlp, x[:, :8])
+    assert fused is not None
+    fused(x).float().sum().backward()  # the parameters need gradients
+    assert all(p.grad is not None for p in mlp.parameters())
+    mlp.requires_grad_(False)
+    leaf = x.clone().requires_grad_(True)
+    fused(leaf).float().sum().backward()
+    expected = x.clone().requires_grad_(True)
+    mlp(expected).float().sum().backward()
+    assert leaf.grad is not None and torch.equal(leaf.grad, expected.grad)
+
+
 def test_long_forward_runs_the_fused_mlp(monkeypatch):
     import sparse_lens.kernels.swiglu_triton as swiglu_triton
 
