@@ -105,7 +105,7 @@ def build_model(shape: str | Any, *, layers: int | None = None, stream: Any = No
 
 def parse_config(text: str) -> Any:
     """``estimator:block:top_k[:field=value...]`` -> TracingConfig (sink 1, local 1, query block =
-    key block, ``keep_qk=False``), e.g. ``rescored:16:16`` or ``adaptive:16:128:top_p=0.93``; a
+    key block, ``keep_qk=False`` unless a field says otherwise, e.g. ``local_blocks=0``), e.g. ``rescored:16:16`` or ``adaptive:16:128:top_p=0.93``; a
     ``field`` is a TracingConfig field or one of the estimator's own settings (``top_p`` ->
     ``AdaptiveSettings.top_p``), each typed as its ``sparse-lens`` flag is
     (``causal_selection=false``, ``observe_max_tokens=none``)."""
@@ -119,9 +119,9 @@ def parse_config(text: str) -> Any:
     own = {field: parse_field(estimator.settings, field, value) for field, value in fields.items()
            if field in estimator.setting_names()}
     shared = {field: parse_field(sl.TracingConfig, field, value) for field, value in fields.items() if field not in own}
-    return sl.TracingConfig(query_block=int(block), key_block=int(block), top_k=int(top_k), sink_blocks=1,
-                            local_blocks=1, estimator=name, estimator_settings=estimator.settings(**own),
-                            keep_qk=False, **shared)
+    shared = {"sink_blocks": 1, "local_blocks": 1, "keep_qk": False, **shared}  # a field given overrides these
+    return sl.TracingConfig(query_block=int(block), key_block=int(block), top_k=int(top_k), estimator=name,
+                            estimator_settings=estimator.settings(**own), **shared)
 
 
 def is_pattern(name: str) -> bool:

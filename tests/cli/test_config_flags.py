@@ -101,6 +101,9 @@ def test_benchmark_config_strings_read_fields_as_the_flags_do():
     assert (config.estimator, config.query_block, config.top_k) == ("adaptive", 16, 128)
     assert config.estimator_settings == sl.AdaptiveSettings(top_p=0.9, rescore_search="bounds")
     assert config.causal_selection is False
+    assert (config.sink_blocks, config.local_blocks, config.keep_qk) == (1, 1, False)  # the harness's defaults
+    config = parse_config("rescored:64:15:local_blocks=0:keep_qk=true")  # ... which a field overrides
+    assert (config.sink_blocks, config.local_blocks, config.keep_qk) == (1, 0, True)
 
 
 @pytest.mark.parametrize("command", ["trace", "fidelity"])
