@@ -116,19 +116,21 @@ def block_mass_rows(
     masses = []
     for first in range(0, rows.numel(), chunk):
         ids = rows[first : first + chunk]
+        # keys after the chunk's last query are masked for all of its rows: not scored at all
+        seen_keys = min(-(-min((int(ids.max()) + 1) * query_block, seq_len) // key_block) * key_block, keys.shape[2])
         grouped = query_blocks[:, :, ids].unflatten(1, (n_kv_heads, -1))  # [batch, kv, group, chunk, qb, d]
-        scores = torch.einsum("bhgcqd,bhkd->bhgcqk", grouped, keys).mul_(scale)
+        scores = torch.einsum("bhgcqd,bhkd->bhgcqk", grouped, keys[:, :, :seen_keys]).mul_(scale)
         if softcap is not None:
             scores = torch.tanh(scores / softcap).mul_(softcap)
         query_pos = ids[:, None] * query_block + torch.arange(query_block, device=query.device)
         row_lse = lse_blocks[:, :, ids].unflatten(1, (n_kv_heads, -1))
         seen = torch.isfinite(row_lse) & (query_pos < seq_len)
-        visible = (key_pos <= query_pos[..., None]) & seen[..., None]
+        visible = (key_pos[:seen_keys] <= query_pos[..., None]) & seen[..., None]
         if window is not None:
-            visible &= key_pos > query_pos[..., None] - window
+            visible &= key_pos[:seen_keys] > query_pos[..., None] - window
         scores = scores.sub_(torch.where(seen, row_lse, 0.0)[..., None]).masked_fill_(~visible, float("-inf"))
         per_query = pad_to_blocks(scores.exp_(), key_block, dim=-1).unflatten(-1, (-1, key_block)).sum(-1)
-        per_block = per_query.sum(-2)
+        per_block = F.pad(per_query.sum(-2), (0, n_key_blocks - per_query.shape[-1]))
         n_real = (seq_len - ids * query_block).clamp(max=query_block).to(per_block.dtype)
         masses.append((per_block / n_real[:, None]).flatten(1, 2))
     if not masses:

@@ -56,6 +56,21 @@ def test_block_mass_rows_equal_brute_force(blocks, backend):
     assert early.shape[-1] == visible_key_blocks(SEQ, query_block, key_block)[2]  # as wide as row 2 sees
 
 
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)])
+def test_reference_block_mass_rows_by_one_query_block_at_a_time(blocks, monkeypatch):
+    """One query block per chunk: each chunk scores only the keys its rows can see (the trim), and
+    the rows still equal brute force, zeros past what a row sees included."""
+    import sparse_lens.kernels.dense as dense
+
+    query_block, key_block = blocks
+    query, key, lse = _qk_lse()
+    expected = _brute_force_block_mass(query, key, lse, query_block, key_block, 0.4)
+    monkeypatch.setattr(dense, "query_blocks_per_chunk", lambda _: 1)
+    rows = torch.tensor([0, 1, 3, expected.shape[2] - 1])
+    mass = block_mass_rows_reference(query, key, lse, rows, query_block=query_block, key_block=key_block, scale=0.4)
+    torch.testing.assert_close(mass, expected[:, :, rows], atol=1e-5, rtol=1e-5)
+
+
 def test_block_mass_rows_triton_bf16_close_to_the_reference():
     query, key, lse = _qk_lse(dtype=torch.bfloat16)
     rows = torch.arange(10)
