@@ -14,7 +14,7 @@ Each is found by its form, not by architecture: the attributes it needs, then th
 beside the module on the input's first ``PROBE_POSITIONS`` positions must agree with it (every
 element to one rounding of the dtype, at most a fraction ``RARE`` of them not equal; for the MLP
 the product before the down projection, then the output; on the norm's kernel path, which is
-exact, no element should differ). Anything else keeps the module's own forward (``None``); so does
+exact, every element must be equal). Anything else keeps the module's own forward (``None``); so does
 a gated MLP while gradients are on (the SiLU-and-product kernel has no backward), and a norm runs on
 torch then. Measured on the H200 (``benchmarks/model.py --profile``, the
 1.5B shape at 1M tokens; docs/benchmarks.md, seventh session): the forward's elementwise kernels
@@ -69,8 +69,9 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
       them at 1M tokens on the H200, docs/benchmarks.md) and changed near-ties downstream.
 
     Used when the module has a 1-D ``weight`` and a float ``variance_epsilon`` (or ``eps``) and the
-    two agree on ``probe`` (some of the real input): every element within one rounding of the
-    output dtype, and at most a fraction ``RARE`` of them not equal. A norm of another form keeps
+    two agree on ``probe`` (some of the real input): on the kernel path every element equal (a NaN
+    in the module's output refuses it too), on the torch path every element within one rounding of
+    the output dtype and at most a fraction ``RARE`` of them not equal. A norm of another form keeps
     its own forward: Gemma's ``1 + weight`` differs far more; OLMo-2's and GPT-OSS' (the weight
     applied in float32, one rounding after it) are within one rounding but differ in about a
     quarter of the bf16 elements. The probe sees only the input's first positions: a norm whose
@@ -91,9 +92,12 @@ def fused_rms_norm(module: Any, probe: Tensor) -> Callable[[Tensor], Tensor] | N
         return weight * torch.rms_norm(piece, (piece.shape[-1],), None, eps)
 
     # the kernel has no backward: a weight needing a gradient keeps the torch path
-    forward = on_kernel if _rms_norm_on_kernel(probe, weight) and not _needs_gradients(module) else on_torch
+    exact = _rms_norm_on_kernel(probe, weight) and not _needs_gradients(module)
+    forward = on_kernel if exact else on_torch
     with torch.no_grad():
         expected, got = module(probe), forward(probe)
+    if exact:  # the kernel path is HF's norm bit for bit: a module it does not reproduce exactly is another form
+        return forward if got.dtype == expected.dtype and torch.equal(got, expected) else None
     return forward if _agrees(got, expected) else None
 
 

@@ -81,6 +81,26 @@ def test_fused_rms_norm_on_the_kernel_is_hf_bit_for_bit(monkeypatch, family, dty
     assert fused_rms_norm(norm, x[:, :8]) is not None and not calls
 
 
+def test_fused_rms_norm_kernel_path_refuses_a_module_it_does_not_reproduce_exactly(monkeypatch):
+    """On the kernel path (exact) one element off by one unit in the last place refuses the fused
+    norm, though it is within what the torch path allows (RARE of the probe's 3,072 elements)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class OneUlpOff(LlamaRMSNorm):
+        def forward(self, hidden_states):
+            out = super().forward(hidden_states).clone()  # bf16
+            out.view(torch.int16).view(-1)[0] += 1  # the next bf16 value (away from zero) in one element
+            return out
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 64, 48, generator=generator).to(torch.bfloat16).to(DEVICE)
+    if DEVICE == "cpu":  # the interpreter runs the kernel
+        monkeypatch.setattr(fused_layers, "_rms_norm_on_kernel", lambda probe, weight: True)
+    with torch.no_grad():
+        assert fused_rms_norm(LlamaRMSNorm(48, eps=1e-5).to(torch.bfloat16).to(DEVICE), x) is not None
+        assert fused_rms_norm(OneUlpOff(48, eps=1e-5).to(torch.bfloat16).to(DEVICE), x) is None
+
+
 def test_fused_rms_norm_keeps_gradients_the_kernel_cannot_give(monkeypatch):
     """The kernel path has no backward: with gradients on, an input or a weight that needs a
     gradient is normed by the module itself (HF's autograd), whatever mode the probe ran in."""
