@@ -75,6 +75,7 @@ from sparse_lens.kernels.sparse_attention_launch import (
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     check_triton_block_sizes,
+    query_grid,
 )
 from sparse_lens.kernels.sparse_attention_tiles import (
     block_and_head,
@@ -234,9 +235,7 @@ def _launch(query, key, candidates, out, *, mode: int, query_block: int, key_blo
                                     scale=scale),
                  **(tuning or {})}
     n_kv_heads = key.shape[1]
-    group = n_q_heads // n_kv_heads
-    grid = ((n_query_blocks * group, batch * n_kv_heads) if constants["HEADS_INNER"]
-            else (n_query_blocks, batch * n_q_heads))
+    grid = query_grid(n_query_blocks, batch, n_q_heads, n_kv_heads, constants["HEADS_INNER"])
     _rescore_kernel[grid](
         query, key, candidates, out,
         float(scale), float(p), seq_len, n_q_heads, n_kv_heads, n_query_blocks, width, out.shape[-1], d_head,

@@ -295,7 +295,7 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     With ``launch.kv_chunk`` the first kernel makes dq (and ``delta``) only, and
     ``key_value_grad_kernel`` dk and dv."""
     batch, n_q_heads, seq_len = query.shape[:3]
-    grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch)
+    grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch.heads_inner)
     gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
     sink_args = (sinks, grad_sinks) if sinks is not None else (lse, lse)
     launch = launch_for_sizes(launch, query, value, block_indices, query_block, key_block, backward=True)

@@ -183,7 +183,7 @@ def launch_forward(query, key, value, block_indices, block_gate, output, lse, bl
     exceed ``SHARED_MEMORY_BUDGET`` (e.g. d_head 256 in float32: 2 stages; the backward also 32-key tiles).
     """
     batch, n_q_heads = query.shape[:2]
-    grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch)
+    grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch.heads_inner)
     launch = launch_for_sizes(launch, query, value, block_indices, query_block, key_block, backward=False)
     config = launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
                             scale=scale, launch=launch)

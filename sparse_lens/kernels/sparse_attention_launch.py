@@ -84,9 +84,11 @@ BACKWARD_LAUNCH = KernelLaunch(num_warps=8, skip_unreached=False, mask_all=False
 WIDE_ROWS = 64  # slots per row above which the kernels always branch around unreached tiles
 
 
-def query_grid(n_query_blocks: int, batch: int, n_q_heads: int, n_kv_heads: int, launch: KernelLaunch) -> tuple:
-    """The grid of the per-query-block kernels: one program per (query block, batch, query head)."""
-    if launch.heads_inner:
+def query_grid(n_query_blocks: int, batch: int, n_q_heads: int, n_kv_heads: int, heads_inner: bool) -> tuple:
+    """The grid of the per-query-block kernels: one program per (query block, batch, query head);
+    ``heads_inner`` (``KernelLaunch.heads_inner``, the rescoring's ``HEADS_INNER``): a GQA group's
+    query heads side by side on each query block (``sparse_attention_tiles.block_and_head``)."""
+    if heads_inner:
         return (n_query_blocks * (n_q_heads // n_kv_heads), batch * n_kv_heads)
     return (n_query_blocks, batch * n_q_heads)
 
