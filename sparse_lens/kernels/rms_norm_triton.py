@@ -12,7 +12,7 @@ a program loads ``BLOCK_D`` values of ``weight`` and ``BLOCK_R`` of ``inverse_rm
 fp16, rounded as eager PyTorch rounds them: ``x * inverse_rms`` in float32 (one rounding), rounded
 to the dtype, times ``weight`` in float32 (exact: two 16-bit significands fit in float32's), rounded
 to the dtype; every rounding to nearest, ties to even, by integer arithmetic on the float32 bits
-(``bf16_rounding.round_to_bf16``, :func:`round_to_fp16` here), which behaves alike on the GPU and
+(``rounding.round_to_bf16`` and ``rounding.round_to_fp16``), which behaves alike on the GPU and
 under the interpreter and which no compiler pass can drop (a cast to fp16 and back was no rounding
 on the H200, see ``rotary_triton``). The result equals the reference bit for bit.
 
@@ -33,44 +33,19 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sparse_lens.errors import ShapeError
-from sparse_lens.kernels.bf16_rounding import round_to_bf16
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.rms_norm_ref import (
     VARIANCE_PIECE_ELEMENTS,
     VARIANCE_PIECE_MIN_POSITIONS,
     inverse_rms_of_squares,
 )
+from sparse_lens.kernels.rounding import round_to_bf16, round_to_fp16
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_ELEMENTS = 4096  # elements per program: BLOCK_R rows x BLOCK_D columns
 MAX_BLOCK_D = 1024  # columns per program at most (wider rows take several programs)
 SQUARES_BLOCK = 4096  # squares_triton: elements per program
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (squares_triton: one index per outer slice)
-
-
-@triton.jit
-def round_to_fp16(value):
-    """float32 ``value`` rounded to the nearest fp16 (ties to even), kept as float32, as a cast
-    would: fp16's subnormals (multiples of 2**-24 below 2**-14) included, overflow past 65504 to
-    infinity, a NaN returned as it is."""
-    bits = value.to(tl.uint32, bitcast=True)
-    sign = bits & 0x80000000
-    magnitude = bits & 0x7FFFFFFF
-    # fp16's normal range: 10 of float32's 23 significand bits kept (a carry into the exponent is right)
-    normal = (magnitude + 0xFFF + ((magnitude >> 13) & 1)) & 0x7FFFE000
-    normal = tl.where(normal > 0x477FE000, 0x7F800000, normal)  # past 65504: infinity
-    # below 2**-14: the significand (with its implicit bit) in units of 2**-24, shifted and rounded
-    significand = (magnitude & 0x7FFFFF) | 0x800000
-    # value = significand * 2**(exponent - 150), so units = significand >> (126 - exponent); the
-    # exponent capped at 112 (where this is used it is) and the shift at 31 (below 2**-25: 0)
-    shift = tl.minimum(126 - tl.minimum(magnitude >> 23, 112), 31)
-    units = significand >> shift
-    rest = significand & ((1 << shift) - 1)
-    half = 1 << (shift - 1)
-    units += ((rest > half) | ((rest == half) & ((units & 1) == 1))).to(tl.uint32)
-    subnormal = (units.to(tl.float32) * 5.9604644775390625e-08).to(tl.uint32, bitcast=True)  # * 2**-24, exact
-    rounded = (tl.where(magnitude < 0x38800000, subnormal, normal) | sign).to(tl.float32, bitcast=True)
-    return tl.where(value != value, value, rounded)
 
 
 @triton.jit

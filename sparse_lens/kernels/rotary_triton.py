@@ -8,7 +8,7 @@ and writes the output once.
 Grid ``(cdiv(pos, BLOCK_T), batch)``: a program loads ``BLOCK_T`` positions of ``cos`` / ``sin``
 once and rotates them for every head of ``x`` (``[batch, head, pos, d_head]``, any strides with a
 unit last one), writing a contiguous output. bf16 only: each product and the sum are rounded to
-bf16 as HF's eager formula rounds them (``bf16_rounding.round_to_bf16``; the product of
+bf16 as HF's eager formula rounds them (``rounding.round_to_bf16``; the product of
 two bf16 values and the sum of two are exact or rounded once in float32, so the result equals the
 reference bit for bit). Other dtypes stay on the torch path: float32 because the compiler may fuse
 a multiply and an add; fp16 because a cast to fp16 and back was not a rounding on the H200 (Triton
@@ -24,8 +24,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sparse_lens.errors import ShapeError
-from sparse_lens.kernels.bf16_rounding import round_to_bf16
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
+from sparse_lens.kernels.rounding import round_to_bf16
 
 SUPPORTED_DTYPES = (torch.bfloat16,)
 BLOCK_T = 32  # positions per program

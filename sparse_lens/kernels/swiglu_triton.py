@@ -8,7 +8,7 @@ reads ``gate`` and ``up`` once and writes the product once.
 One program per ``BLOCK`` elements of the flattened (contiguous) tensors. bf16 only, rounded as eager
 PyTorch rounds it: SiLU in float32 as PyTorch's CUDA kernel writes it, ``x / (1 + exp(-x))``
 (``exp`` as CUDA's ``expf``, libdevice, and an IEEE division), rounded to bf16, then the product
-rounded (``bf16_rounding.round_to_bf16``). On the GPU the result equals the reference bit for bit;
+rounded (``rounding.round_to_bf16``). On the GPU the result equals the reference bit for bit;
 under the Triton interpreter (no libdevice there) ``exp`` is numpy's, so a rare element may differ
 by one unit in the last place (the tests allow that, and only that).
 """
@@ -20,13 +20,13 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 from jaxtyping import Float
 from torch import Tensor
+from triton.language.extra import libdevice
 
 from sparse_lens.errors import ShapeError
-from sparse_lens.kernels.bf16_rounding import round_to_bf16
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
+from sparse_lens.kernels.rounding import round_to_bf16
 
 SUPPORTED_DTYPES = (torch.bfloat16,)
 BLOCK = 2048  # elements per program
