@@ -12,8 +12,9 @@ FlexAttention's (its 380-436 TFLOP/s anchor): 64-token key blocks kept per 128 q
 variants (``--other-forward`` / ``--other-backward``). Every variant is a ``KernelLaunch`` of
 ``sparse_attention_triton``, written
 ``w=<num_warps>:s=<num_stages>:skip=<0|1>:m=<mask_all 0|1>:qt=<query tile>:kt=<key tile>:kv=<kv_chunk>``
-``:h=<0|1>:e=<0|1>`` (unnamed settings keep ``KernelLaunch``'s defaults; ``kv`` acts on the
-backward only: dk / dv by a second kernel over chunks of ``kv`` slots per key block; ``h=1``: GQA
+``:h=<0|1>:e=<0|1>:dq=<0|1>`` (unnamed settings keep ``KernelLaunch``'s defaults; ``kv`` acts on the
+backward only: dk / dv by a second kernel over chunks of ``kv`` slots per key block, ``dq=1`` there
+also dq and d gate (fp32 atomics; FlashAttention-2's backward); ``h=1``: GQA
 heads side by side in the grid; ``e=1``: L2 eviction hints; ``mass=0``: the forward without
 block masses). At the lengths after
 the first, only the first spec and the ``--keep`` - 1 fastest of the first length run (compiling
@@ -70,7 +71,7 @@ DEFAULT_BACKWARD = ["w=4:skip=1:m=1", "w=8:skip=0:m=0:h=1", "w=8:skip=0:m=0", "w
 OTHER_FORWARD = ["w=4:skip=0:m=0", "w=8:qt=128:skip=0:m=0", "w=8:qt=128:skip=0:m=0:e=1"]
 OTHER_BACKWARD = ["w=8:skip=0:m=0", "w=8:s=2:skip=0:m=0:kv=32"]
 SPEC_FIELDS = {"w": "num_warps", "s": "num_stages", "skip": "skip_unreached", "m": "mask_all", "qt": "query_tile",
-               "kt": "key_tile", "kv": "kv_chunk", "h": "heads_inner", "e": "l2_hints"}
+               "kt": "key_tile", "kv": "kv_chunk", "h": "heads_inner", "e": "l2_hints", "dq": "dq_atomics"}
 SINK, LOCAL = 1, 1
 
 
@@ -83,9 +84,9 @@ def parse_launch(spec: str) -> tuple[KernelLaunch, bool]:
         if name == "mass":
             with_mass = value == "1"
         elif name in SPEC_FIELDS and value.isdigit():
-            settings[SPEC_FIELDS[name]] = bool(int(value)) if name in ("skip", "m", "h", "e") else int(value)
+            settings[SPEC_FIELDS[name]] = bool(int(value)) if name in ("skip", "m", "h", "e", "dq") else int(value)
         else:
-            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, kv, h, e, mass "
+            raise SystemExit(f"bad launch spec {spec!r}: options w, s, skip, m, qt, kt, kv, h, e, dq, mass "
                              "(e.g. w=8:skip=0)")
     return KernelLaunch(**settings), with_mass
 

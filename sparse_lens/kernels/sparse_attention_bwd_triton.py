@@ -15,7 +15,10 @@ With ``kv_chunk = n`` the backward kernel makes dq, d gate and ``delta`` only, a
 by (kv row, key block) on the device (a stable argsort and a histogram, per call), one program
 per key tile and chunk of at most ``n`` of its block's slots sums their dk, dv in registers and
 adds them once (chunks, because the sink block is kept by every query block). That recomputes
-``s`` and ``dp`` (7 tile products instead of 5) for far fewer atomics. Either way the buffers
+``s`` and ``dp`` (7 tile products instead of 5) for far fewer atomics. ``dq_atomics`` (with
+``kv_chunk``) turns that around as FlashAttention-2 does: the first kernel makes ``delta`` only and
+the key/value kernel also dq and d gate from its own tile products (5 again), adding each slot's
+share with fp32 atomics (dq: ``key_block * d`` adds per slot, half of dk's and dv's). Either way the buffers
 are cast to the input dtype at the end, and the order of the fp32 sums (hence the last bits
 of dk, dv) varies from run to run.
 """
@@ -132,8 +135,11 @@ def backward_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr,
     SKIP_UNREACHED: tl.constexpr, MASK_ALL: tl.constexpr, HEADS_INNER: tl.constexpr, KV_GRADS: tl.constexpr,
-    KV_EVICTION: tl.constexpr, ONCE_EVICTION: tl.constexpr,
+    KV_EVICTION: tl.constexpr, ONCE_EVICTION: tl.constexpr, QUERY_GRADS: tl.constexpr = True,
 ):
+    """One (query head, query block): ``delta`` (stored unless ``KV_GRADS``), d sinks, and with
+    ``QUERY_GRADS`` dq and d gate (plain stores) and with ``KV_GRADS`` dk / dv (atomics). Without
+    ``QUERY_GRADS`` (``KernelLaunch.dq_atomics``) the key/value kernel makes all of them but delta."""
     query_block_id, batch_head = block_and_head(n_q_heads, n_kv_heads, HEADS_INNER)
     kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
     query_offset, key_offset = batch_head * seq_len * d_head, kv_batch_head * seq_len * d_head
@@ -149,7 +155,6 @@ def backward_kernel(
         last_query = tl.minimum(first_query + QUERY_TILE, seq_len) - 1
         real = query_pos < seq_len
         row_limit = tl.where(real, query_pos, -1)
-        queries = load_tile(query_ptr + query_offset, query_pos, seq_len, dims, d_head, EVEN, ONCE_EVICTION)
         grad_out = load_tile(grad_output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN,
                               ONCE_EVICTION)
         output = load_tile(output_ptr + output_offset, query_pos, seq_len, value_dims, d_value, EVEN, ONCE_EVICTION)
@@ -162,32 +167,35 @@ def backward_kernel(
             sink = tl.load(sinks_ptr + batch_head % n_q_heads).to(tl.float32)
             sink_grad = -tl.sum(tl.where(real, tl.exp(sink - lse) * delta, 0.0), axis=0)
             tl.atomic_add(grad_sinks_ptr + batch_head % n_q_heads, sink_grad, sem="relaxed")
-        lse_log2 = lse * LOG2E
-        grad_query = tl.zeros([QUERY_TILE, BLOCK_D], dtype=tl.float32)
-        for step in tl.range(0, top_k * TILES):
-            slot = step // TILES
-            key_block_id = tl.load(block_indices_ptr + slots_row + slot)
-            gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
-            first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
-            reached, mask_first_key, load_first_key, needs_mask = tile_plan(
-                key_block_id, first_key, first_query, last_query, seq_len, window, QUERY_TILE, KEY_TILE, HAS_WINDOW)
-            if SKIP_UNREACHED:
-                if reached:
+        if QUERY_GRADS:
+            queries = load_tile(query_ptr + query_offset, query_pos, seq_len, dims, d_head, EVEN,
+                                ONCE_EVICTION)
+            lse_log2 = lse * LOG2E
+            grad_query = tl.zeros([QUERY_TILE, BLOCK_D], dtype=tl.float32)
+            for step in tl.range(0, top_k * TILES):
+                slot = step // TILES
+                key_block_id = tl.load(block_indices_ptr + slots_row + slot)
+                gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
+                first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
+                reached, mask_first_key, load_first_key, needs_mask = tile_plan(
+                    key_block_id, first_key, first_query, last_query, seq_len, window, QUERY_TILE, KEY_TILE, HAS_WINDOW)
+                if SKIP_UNREACHED:
+                    if reached:
+                        grad_query, gate_grad = _backward_step(
+                            grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr,
+                            grad_key_ptr, grad_value_ptr, key_offset, value_offset, mask_first_key, load_first_key,
+                            reached, needs_mask, row_limit, query_pos, slot, gate, scale, window, softcap, seq_len,
+                            d_head, d_value, KEY_TILE, BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP,
+                            EVEN, FOLD_SCALE, MASK_ALL, KV_GRADS, KV_EVICTION, DOT_PRECISION, DOT_UPCAST)
+                else:
                     grad_query, gate_grad = _backward_step(
                         grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr, grad_key_ptr,
                         grad_value_ptr, key_offset, value_offset, mask_first_key, load_first_key, reached, needs_mask,
                         row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value, KEY_TILE,
                         BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE, MASK_ALL,
                         KV_GRADS, KV_EVICTION, DOT_PRECISION, DOT_UPCAST)
-            else:
-                grad_query, gate_grad = _backward_step(
-                    grad_query, gate_grad, queries, grad_out, delta, lse_log2, key_ptr, value_ptr, grad_key_ptr,
-                    grad_value_ptr, key_offset, value_offset, mask_first_key, load_first_key, reached, needs_mask,
-                    row_limit, query_pos, slot, gate, scale, window, softcap, seq_len, d_head, d_value, KEY_TILE,
-                    BLOCK_D, BLOCK_DV, SLOTS, HAS_GATE, HAS_WINDOW, HAS_SOFTCAP, EVEN, FOLD_SCALE, MASK_ALL,
-                    KV_GRADS, KV_EVICTION, DOT_PRECISION, DOT_UPCAST)
-        store_rows(grad_query_ptr + query_offset, query_pos, seq_len, dims, d_head, grad_query * scale)
-    if HAS_GATE:
+            store_rows(grad_query_ptr + query_offset, query_pos, seq_len, dims, d_head, grad_query * scale)
+    if HAS_GATE and QUERY_GRADS:
         grad_gate_at = grad_gate_ptr + slots_row + slot_ids
         tl.store(grad_gate_at, gate_grad.to(grad_gate_ptr.dtype.element_ty), mask=slot_ids < top_k)
 
@@ -196,16 +204,19 @@ def backward_kernel(
 def key_value_grad_kernel(
     query_ptr, key_ptr, value_ptr, block_gate_ptr, grad_output_ptr, lse_ptr, delta_ptr,
     entry_slots_ptr, item_owners_ptr, item_starts_ptr, item_ends_ptr, grad_key_ptr, grad_value_ptr,
+    grad_query_sums_ptr, grad_gate_sums_ptr,
     scale, window, softcap, seq_len, n_key_blocks, n_query_blocks, top_k, d_head, d_value,
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     EVEN: tl.constexpr, FOLD_SCALE: tl.constexpr, MASK_ALL: tl.constexpr,
-    KV_EVICTION: tl.constexpr, ONCE_EVICTION: tl.constexpr,
+    KV_EVICTION: tl.constexpr, ONCE_EVICTION: tl.constexpr, QUERY_GRADS: tl.constexpr = False,
 ):
     """dk and dv of one key tile over a chunk of the (query head, query block) slots that keep its
     block (``_key_block_entries``), summed in registers and added once (fp32 atomics: a block's
-    chunks meet there)."""
+    chunks meet there). ``QUERY_GRADS`` (``KernelLaunch.dq_atomics``): also each slot's share of dq
+    and d gate, added with fp32 atomics to ``grad_query_sums_ptr`` [batch, q_head, seq, d_head] and
+    ``grad_gate_sums_ptr`` (like ``block_indices``), both fp32 and zero on entry."""
     item = tl.program_id(0)
     owner = tl.load(item_owners_ptr + item).to(tl.int64)  # kv row * n_key_blocks + key block
     kv_batch_head, key_block_id = owner // n_key_blocks, owner % n_key_blocks
@@ -236,10 +247,17 @@ def key_value_grad_kernel(
             lse = tl.load(lse_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(delta_ptr + batch_head * seq_len + query_pos, mask=real, other=0.0)
-            probs_t, _, grad_scores_t = _tile_gradients(  # [key tile, query tile]
+            probs_t, grad_probs_t, grad_scores_t = _tile_gradients(  # [key tile, query tile]
                 queries, grad_out, keys, values, delta, lse * LOG2E, mask_first_key + tl.arange(0, KEY_TILE),
                 needs_mask, tl.where(real, query_pos, -1), query_pos, gate, scale, window, softcap,
                 HAS_WINDOW, HAS_SOFTCAP, FOLD_SCALE, MASK_ALL, DOT_PRECISION, DOT_UPCAST, KEYS_BY_ROWS=True)
+            if QUERY_GRADS:
+                grad_query = dot(tl.trans(grad_scores_t).to(keys.dtype), keys, DOT_PRECISION, DOT_UPCAST)
+                rows_to_add = tl.where(reached, query_pos, seq_len)  # none of an invisible tile
+                add_rows(grad_query_sums_ptr + query_offset, rows_to_add, seq_len, dims, d_head, grad_query * scale)
+                if HAS_GATE:
+                    slot_grad = tl.sum(tl.sum(probs_t * grad_probs_t, axis=1), axis=0)
+                    tl.atomic_add(grad_gate_sums_ptr + slot_at, slot_grad, sem="relaxed")
             grad_key = dot_into(grad_scores_t.to(queries.dtype), queries, grad_key, DOT_PRECISION, DOT_UPCAST)
             grad_value = dot_into((probs_t * gate).to(grad_out.dtype), grad_out, grad_value,
                                    DOT_PRECISION, DOT_UPCAST)
@@ -293,7 +311,10 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     are overwritten, ``grad_key``, ``grad_value`` (fp32 [batch, kv_head, seq, d], zero on entry)
     and ``grad_sinks`` (fp32 [q_head], zero on entry) are accumulated into with atomics.
     With ``launch.kv_chunk`` the first kernel makes dq (and ``delta``) only, and
-    ``key_value_grad_kernel`` dk and dv."""
+    ``key_value_grad_kernel`` dk and dv; with ``launch.dq_atomics`` too, the first kernel makes
+    ``delta`` (and d sinks) only, and the key/value kernel everything else, dq and d gate by fp32
+    atomics (into fp32 buffers here, cast into ``grad_query`` / ``grad_gate`` at the end, unless
+    those are fp32 already)."""
     batch, n_q_heads, seq_len = query.shape[:3]
     grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch.heads_inner)
     gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
@@ -302,22 +323,34 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     config = launch_config(query, value, block_indices, block_gate, query_block, key_block, window, softcap, sinks,
                             scale=scale, launch=launch)
     split = launch.kv_chunk > 0
+    fused = split and launch.dq_atomics
     delta: Float[Tensor, "batch q_head seq"] | None = lse.new_empty(lse.shape) if split else None
     backward_kernel[grid](
         query, key, value, block_indices, gate_args[0], sink_args[0], output, grad_output, lse,
         grad_query, grad_key, grad_value, gate_args[1], sink_args[1], delta if split else lse, float(scale),
         *feature_args(window, softcap), *kernel_sizes(query, key, value, block_indices),
-        **config, KV_GRADS=not split, **launch.kernel_options(),
+        **config, KV_GRADS=not split, QUERY_GRADS=not fused, **launch.kernel_options(),
     )
     if not split:
         return
+    query_sums, gate_sums = grad_query, gate_args[1]
+    if fused:  # fp32 sums, zero on entry (grad_query / grad_gate themselves where fp32 already)
+        query_sums = grad_query.zero_() if grad_query.dtype == torch.float32 else torch.zeros_like(
+            grad_query, dtype=torch.float32)
+        if block_gate is not None:
+            gate_sums = grad_gate.zero_() if grad_gate.dtype == torch.float32 else torch.zeros_like(
+                grad_gate, dtype=torch.float32)
     entries = _key_block_entries(block_indices, seq_len, query_block, key_block, key.shape[1], launch.kv_chunk)
-    if entries[1].numel() == 0:
-        return
-    unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED", "HEADS_INNER")
-    key_value_grad_kernel[(entries[1].numel(), key_block // config["KEY_TILE"])](
-        query, key, value, gate_args[0], grad_output, lse, delta, *entries, grad_key, grad_value,
-        float(scale), *feature_args(window, softcap), seq_len, num_blocks(seq_len, key_block),
-        *block_indices.shape[2:], query.shape[-1], value.shape[-1],
-        **{name: setting for name, setting in config.items() if name not in unused}, **launch.kernel_options(),
-    )
+    if entries[1].numel() > 0:
+        unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED", "HEADS_INNER")
+        key_value_grad_kernel[(entries[1].numel(), key_block // config["KEY_TILE"])](
+            query, key, value, gate_args[0], grad_output, lse, delta, *entries, grad_key, grad_value,
+            query_sums, gate_sums, float(scale), *feature_args(window, softcap), seq_len,
+            num_blocks(seq_len, key_block), *block_indices.shape[2:], query.shape[-1], value.shape[-1],
+            **{name: setting for name, setting in config.items() if name not in unused}, QUERY_GRADS=fused,
+            **launch.kernel_options(),
+        )
+    if fused and query_sums is not grad_query:
+        grad_query.copy_(query_sums)
+    if fused and block_gate is not None and gate_sums is not grad_gate:
+        grad_gate.copy_(gate_sums)

@@ -55,9 +55,14 @@ class KernelLaunch:
     ``kv_chunk`` (backward only): 0 adds each tile's dk / dv to global memory with atomics inside
     the one backward kernel; ``n > 0`` makes dk / dv in a second kernel, one program per key tile
     and chunk of at most ``n`` (query head, query block) slots that keep its block, summed in
-    registers (one atomic add per chunk). ``heads_inner``: the grid runs the query heads of a GQA
-    group side by side on each query block (so that programs running together read one key head's
-    blocks: its local and shared picks hit L2); else query blocks vary fastest, within one head.
+    registers (one atomic add per chunk). ``dq_atomics`` (with ``kv_chunk``): that kernel also makes
+    dq and d gate from the same tile products, adding each slot's share with fp32 atomics, and the
+    first kernel only ``delta`` (FlashAttention-2's backward: no tile product made twice, 5 per
+    (slot, query tile) instead of ``kv_chunk``'s 7, k and v read once per chunk; the price: dq
+    atomics and an fp32 dq buffer, 4 bytes per query element). ``heads_inner``: the grid runs the
+    query heads of a GQA group side by side on each query block (so that programs running together
+    read one key head's blocks: its local and shared picks hit L2); else query blocks vary fastest,
+    within one head.
     ``l2_hints``: tiles read by many programs (k, v; q, dO in the key/value kernel) are loaded with
     ``eviction_policy="evict_last"``, those read once with ``"evict_first"``, to keep the former in L2.
     """
@@ -71,6 +76,7 @@ class KernelLaunch:
     kv_chunk: int = 0
     heads_inner: bool = False
     l2_hints: bool = False
+    dq_atomics: bool = False
 
     def kernel_options(self) -> dict:
         """``num_warps`` / ``num_stages`` keyword arguments of a Triton launch."""

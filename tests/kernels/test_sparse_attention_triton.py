@@ -230,6 +230,9 @@ LAUNCH_VARIANTS = {
     "key_value_kernel_heads_inner": KernelLaunch(skip_unreached=False, kv_chunk=2, heads_inner=True),
     "key_value_kernel_partial_masks_tiles_16": KernelLaunch(mask_all=False, kv_chunk=3, query_tile=16, key_tile=16,
                                                             l2_hints=True),
+    # ... which also makes dq and d gate (fp32 atomics), the first kernel only delta and d sinks
+    "key_value_kernel_dq_atomics": KernelLaunch(skip_unreached=False, mask_all=False, kv_chunk=2, dq_atomics=True),
+    "key_value_kernel_dq_atomics_tiles_16": KernelLaunch(kv_chunk=3, dq_atomics=True, query_tile=16, key_tile=16),
 }
 LAUNCH_CASES = {
     # name: (batch, q_heads, kv_heads, seq, query_block, key_block, top_k, gated, dtype, features);

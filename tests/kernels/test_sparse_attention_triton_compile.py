@@ -27,10 +27,11 @@ import sparse_lens.kernels.sparse_attention_triton as attention
 POINTER_TYPES = {"block_indices_ptr": "*i32", "entry_slots_ptr": "*i32", "item_owners_ptr": "*i32",
                  "item_starts_ptr": "*i32", "item_ends_ptr": "*i32", "grad_key_ptr": "*fp32",
                  "grad_value_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "block_mass_ptr": "*fp32",
-                 "block_gate_ptr": "*fp32", "grad_gate_ptr": "*fp32", "sinks_ptr": "*fp32", "grad_sinks_ptr": "*fp32"}
+                 "block_gate_ptr": "*fp32", "grad_gate_ptr": "*fp32", "sinks_ptr": "*fp32", "grad_sinks_ptr": "*fp32",
+                 "grad_query_sums_ptr": "*fp32", "grad_gate_sums_ptr": "*fp32"}
 
 
-def compile_kernel(kernel, constexprs, launch, tensor_type="*bf16"):
+def compile_kernel(kernel, constexprs, launch, tensor_type="*bf16", products=True):
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -41,7 +42,7 @@ def compile_kernel(kernel, constexprs, launch, tensor_type="*bf16"):
             signature[name] = "fp32" if name in ("scale", "softcap") else "i32"
     source = ASTSource(kernel, signature, {name: constexprs[name] for name in signature if name in constexprs})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch.kernel_options())
-    if tensor_type == "*bf16":
+    if tensor_type == "*bf16" and products:  # (the dq_atomics backward's first kernel has no tile product)
         assert "wgmma" in compiled.asm["ptx"], "no Hopper tensor-core instruction"
     return compiled
 '''
@@ -57,15 +58,19 @@ cases = [
     (Launch(skip_unreached=False, mask_all=False, heads_inner=True, num_warps=8), {}),
     (Launch(skip_unreached=False, mask_all=False, num_warps=8, kv_chunk=32, l2_hints=True),
      dict(window=100, softcap=30.0, sinks=torch.empty(4), block_gate=torch.empty(1, 4, 64, 16))),
+    (Launch(skip_unreached=False, mask_all=False, num_warps=8, kv_chunk=32, dq_atomics=True),
+     dict(block_gate=torch.empty(1, 4, 64, 16))),
 ]
 for launch, features in cases:
     gate = features.pop("block_gate", None)
     config = attention._launch_config(query, value, block_indices, gate, 64, 64, scale=0.1, launch=launch,
                                       **features) | dict(DOT_UPCAST=False)
     compile_kernel(attention._forward_kernel, config, launch)
-    compile_kernel(attention._backward_kernel, config | dict(KV_GRADS=launch.kv_chunk == 0), launch)
+    compile_kernel(attention._backward_kernel, config | dict(KV_GRADS=launch.kv_chunk == 0,
+                                                             QUERY_GRADS=not launch.dq_atomics), launch,
+                   products=not launch.dq_atomics)
     if launch.kv_chunk:
-        compile_kernel(attention._key_value_grad_kernel, config, launch)
+        compile_kernel(attention._key_value_grad_kernel, config | dict(QUERY_GRADS=launch.dq_atomics), launch)
 print("compiled")
 '''
 
