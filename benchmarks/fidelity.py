@@ -99,6 +99,7 @@ def run_length(args: argparse.Namespace, model, length: int) -> None:
     import torch
 
     import sparse_lens as sl
+    from sparse_lens.analysis.fidelity_oracle import OracleCache
 
     device = str(model.cfg.device)
     model_name = args.model or sl.DEFAULT_MODEL
@@ -115,11 +116,13 @@ def run_length(args: argparse.Namespace, model, length: int) -> None:
     if args.next_token_only:
         run_next_token_only(args, model, tokens, results, out)
         return
+    # The exact oracle of each (layer, budget) is computed once on this trace, not once per config.
+    oracle_cache = None if args.no_oracle_cache else OracleCache(dense)
     for text in args.configs:
         stream = parse_config(text)
         started = time.perf_counter()
         report = sl.fidelity(model, tokens, stream, dense=dense, per_layer=True, verbose=True,
-                             oracle_stride=args.oracle_stride)
+                             oracle_stride=args.oracle_stride, oracle_cache=oracle_cache)
         row = {"config": text, **stream.to_dict(), **report, "seconds": time.perf_counter() - started}
         results["rows"] = [r for r in results["rows"] if r["config"] != text] + [row]
         out.write_text(json.dumps(results, indent=2))
@@ -189,6 +192,8 @@ def main() -> None:
                      help="KL, top-1 and pruned fraction only (one sparse forward per config, no recall figures)")
     run.add_argument("--oracle-stride", type=int, default=1,
                      help="the exact oracle on every n-th pruned query block (sl.fidelity's oracle_stride; CPU time)")
+    run.add_argument("--no-oracle-cache", action="store_true",
+                     help="recompute the exact oracle for every config (by default once per layer and budget)")
     ruler = commands.add_parser("ruler", help="RULER accuracy, dense against sparse, and needle recall")
     ruler.add_argument("--length", type=int, default=4096)
     ruler.add_argument("--samples", type=int, default=3, help="samples per task")

@@ -39,6 +39,7 @@ here, their path before the split.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -58,7 +59,8 @@ from sparse_lens.analysis.dense_trace import (  # noqa: F401  (re-exported: thei
 from sparse_lens.analysis.positions import kept_positions, logits_kwargs
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError
-from sparse_lens.kernels import estimate_blocks, kept_block_mass, oracle_blocks
+from sparse_lens.analysis.fidelity_oracle import OracleCache, oracle_recall
+from sparse_lens.kernels import estimate_blocks, kept_block_mass
 from sparse_lens.kernels.blocks import tokens_per_block, visible_key_blocks
 from sparse_lens.pattern import BlockSparsePattern
 from sparse_lens.tl.model import HookedSparseTransformer
@@ -76,6 +78,7 @@ def fidelity(
     per_layer: bool = False,
     positions: Int[Tensor, "n_positions"] | None = None,
     oracle_stride: int = 1,
+    oracle_cache: OracleCache | None = None,
 ) -> dict[str, float]:
     """Fidelity of ``stream`` (default: the model's) against dense attention on ``tokens`` (token ids
     ``[batch, pos]``, or a text, tokenized by ``model.to_tokens``; a token tensor else ``ShapeError``).
@@ -91,10 +94,15 @@ def fidelity(
     (``ContextTooLongError`` up front where they would not fit: 17 GiB a forward at 16k tokens of
     a 262k vocabulary). ``oracle_stride``: the oracle is computed on every n-th pruned query block
     (it costs half a dense attention pass per layer); ``oracle_recall_mean`` and ``oracle_ratio``
-    then compare estimator and oracle on those query blocks.
+    then compare estimator and oracle on those query blocks. ``oracle_cache`` (an
+    ``OracleCache(dense)``, with ``dense=`` its trace, else ``InvalidConfigError``): the oracle of a
+    (layer, budget) already scored on that trace is reused, not recomputed (same figures; for runs
+    that score several configurations on one trace, :mod:`sparse_lens.analysis.fidelity_oracle`).
     """
     if not isinstance(oracle_stride, int) or oracle_stride < 1:
         raise InvalidConfigError(f"oracle_stride must be an int >= 1, got {oracle_stride!r}.")
+    if oracle_cache is not None:
+        oracle_cache.check_trace(dense)
     stream = stream or model.stream
     tokens = as_tokens(model, tokens)
     if dense is not None:
@@ -111,7 +119,7 @@ def fidelity(
 
     def score(layer: int, query: Tensor, key: Tensor, lse: Tensor, scale: float, features: dict) -> None:
         layers.append({"layer": layer, **_score_layer(query, key, lse, scale, stream, searched, oracle_stride,
-                                                      **features)})
+                                                      oracle=_oracle(layer, oracle_cache), **features)})
         progress.update()
 
     if dense is not None:
@@ -147,11 +155,17 @@ def fidelity(
     return report
 
 
+def _oracle(layer: int, cache: OracleCache | None):
+    """The oracle-recall function of ``layer``: :func:`oracle_recall`, or through ``cache``."""
+    return oracle_recall if cache is None else functools.partial(cache.recall, layer)
+
+
 def _score_layer(query: Tensor, key: Tensor, lse: Tensor, scale: float, stream: TracingConfig, searched: Tensor,
-                 oracle_stride: int, *, window: int | None = None, softcap: float | None = None,
+                 oracle_stride: int, *, oracle=oracle_recall, window: int | None = None, softcap: float | None = None,
                  sinks: Tensor | None = None) -> dict:
-    """One layer's figures: the estimate's kept mass under the dense lse, and the exact oracle;
-    a layer whose window binds: its window band's (module docstring)."""
+    """One layer's figures: the estimate's kept mass under the dense lse, and the exact oracle
+    (``oracle``: :func:`oracle_recall`'s signature); a layer whose window binds: its window band's
+    (module docstring)."""
     geometry = {"query_block": stream.query_block, "key_block": stream.key_block}
     features = {"window": window, "softcap": softcap, "sinks": sinks}
     batch, heads, seq_len, _ = query.shape
@@ -176,10 +190,10 @@ def _score_layer(query: Tensor, key: Tensor, lse: Tensor, scale: float, stream: 
                 "recall": nothing, "sampled_recall": nothing, "oracle": nothing, "estimate_seconds": seconds}
     rows = torch.nonzero(searched.to(query.device)).flatten()
     sampled_rows = rows[::oracle_stride]
-    _, oracle_mass = oracle_blocks(query, key, lse, top_k=stream.top_k, scale=scale, rows=sampled_rows,
-                                   backend=stream.backend, **geometry, **features)
+    oracle_recalls = oracle(query, key, lse, top_k=stream.top_k, scale=scale, rows=sampled_rows,
+                            backend=stream.backend, **geometry, **features)
     figures = {"recall": recall[:, :, rows].flatten().cpu(), "sampled_recall": recall[:, :, sampled_rows].flatten().cpu(),
-               "oracle": (oracle_mass.sum(-1) + sink_share[:, :, sampled_rows]).flatten().cpu()}
+               "oracle": (oracle_recalls + sink_share[:, :, sampled_rows]).flatten().cpu()}
     return {"pruned_fraction": pattern.pruned_fraction(),
             **_recall_figures(figures["recall"], figures["sampled_recall"], figures["oracle"]),
             **figures, "estimate_seconds": seconds}
