@@ -11,7 +11,11 @@ adds one: Gemma; SmolLM2 adds none), then
 adaptive:block:cap:p): pruned fraction, mass recall (mean, p5, per layer), the exact top-k
 oracle's recall and the ratio, estimator time, and next-token KL / top-1 of the model run
 sparsely against the dense run over every pruned position. Writes
-benchmarks/results/fidelity_e2e_<length><suffix>.json after every configuration. ``--model``: any
+benchmarks/results/fidelity_e2e_<length><suffix>.json after every configuration. The exact oracle
+of a (layer, budget) is computed once per length and reused by every configuration of that budget
+(``sparse_lens.analysis.fidelity_oracle.OracleCache``; ``--no-oracle-cache``: once per
+configuration, same figures), so a row's ``seconds`` is its own scoring plus the oracle passes it
+was the first to need. ``--model``: any
 model ``from_pretrained`` takes (e.g. Gemma 3 270M: a .gguf path or a gguf_to_dir.py directory).
 
 ``ruler``: RULER NIAH samples (``sparse_lens.data.ruler``) at ``--length``: greedy answers of the

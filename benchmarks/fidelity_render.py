@@ -3,9 +3,14 @@
 Inputs (benchmarks/results/): estimators_smollm2_8192*.json (benchmarks/estimators.py: every
 estimator at equal budget, recall only), fidelity_e2e_8192.json (``fidelity run``: end to end,
 next-token figures, per-layer recall), fidelity_ruler_*.json (``fidelity ruler``: task accuracy and
-needle recall), kernels_estimators_h200.json and model_rescored_h200.json (GPU cost), and the
-Gemma 3 270M files (benchmarks/fidelity_render_gemma3.py, its own section). Every figure
-printed comes from those files; a missing file leaves its section out with a note.
+needle recall), kernels_estimators_h200.json and model_rescored_h200.json (GPU cost),
+fidelity_e2e_8192_oracle.json and fidelity_e2e_8192_rk.json (issue 11: the oracle's own blocks, the
+wide search's width; benchmarks/fidelity_render_oracle.py), and the Gemma 3 270M files
+(benchmarks/fidelity_render_gemma3.py, its own section). Every figure printed in a table comes
+from those files; a missing file leaves its section out. The prose lives here and in those
+modules, so the page is never edited by hand: tests/benchmarks/test_fidelity_render.py checks that
+docs/fidelity.md is :func:`render_page`'s text. The figures are drawn by
+benchmarks/fidelity_render_figures.py.
 """
 
 from __future__ import annotations
@@ -13,19 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from benchmarks.fidelity_render_gemma3 import gemma3_section, is_gemma3  # noqa: E402
+from benchmarks.fidelity_render_gemma3 import gemma3_section, is_gemma3
+from benchmarks.fidelity_render_oracle import oracle_section, representative_keys_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 IMAGES = DOCS / "img"
-PAPER = "stream"
-DEFAULT = "rescored"
 ESTIMATOR_NAMES = {
     "stream": "stream (paper)", "pooled": "pooled", "bounds": "bounds", "oneshot_pooled": "one-shot pooled",
     "antidiagonal": "antidiagonal", "rescored_beam2": "rescored (bounds, beam 2)",
@@ -34,8 +33,8 @@ ESTIMATOR_NAMES = {
 }
 
 
-def load(name: str) -> dict | None:
-    path = RESULTS / name
+def load(name: str, results: Path = RESULTS) -> dict | None:
+    path = results / name
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -143,8 +142,9 @@ def gpu_section(kernels: dict, model: dict | None) -> list[str]:
     return lines + [""]
 
 
-def summary_section(e2e: dict | None, e2e_gpu: dict | None, ruler: dict | None) -> list[str]:
-    """The chosen default against the paper-faithful estimator, and the targets of issue #5."""
+def summary_section(e2e: dict | None, e2e_gpu: dict | None, ruler: dict | None, results: Path = RESULTS) -> list[str]:
+    """The chosen default against the paper-faithful estimator, the targets of issue #5, and the
+    default against the oracle's own blocks (issue #11)."""
     rows = {r["config"]: r for source in (e2e, e2e_gpu) if source for r in source["rows"]}
     ruler_rows = {r["config"]: r for r in ruler["rows"]} if ruler else {}
     lines = [
@@ -177,17 +177,20 @@ def summary_section(e2e: dict | None, e2e_gpu: dict | None, ruler: dict | None) 
               "e.g. rescored 64:4, recall 0.724, KL 0.1175 on both) and the RULER run "
               f"({ruler['length'] if ruler else '-'} tokens, {len(ruler['tasks']) * ruler['samples_per_task'] if ruler else 0} "
               "samples, 9 task types, 2 each).", ""]
-    lines += targets_section(rows, ruler_rows, load("estimators_smollm2_8192_adaptive_sweep.json"))
+    lines += targets_section(rows, ruler_rows, load("estimators_smollm2_8192_adaptive_sweep.json", results), results)
+    oracle = load("fidelity_e2e_8192_oracle.json", results)
+    if oracle:
+        lines += oracle_section(rows, oracle)
     return lines
 
 
-def targets_section(rows: dict, ruler_rows: dict, sweep: dict | None = None) -> list[str]:
+def targets_section(rows: dict, ruler_rows: dict, sweep: dict | None = None, results: Path = RESULTS) -> list[str]:
     """Issue #5's targets, each with the measured figure and met / missed."""
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**missed**"
 
     lines = ["### Targets (issue #5)", "", "| target | measured | |", "|---|---|---|"]
-    default_source = load("estimators_smollm2_8192_rescored_stream.json")
+    default_source = load("estimators_smollm2_8192_rescored_stream.json", results)
     if default_source:
         default_rows = [r for r in default_source["rows"] if r["kind"] == "fixed"]
         if default_rows:
@@ -228,71 +231,6 @@ def targets_section(rows: dict, ruler_rows: dict, sweep: dict | None = None) -> 
     return lines + [""]
 
 
-# ----- figures ------------------------------------------------------------------------------------
-def plot_recall_vs_pruned(comparison: dict, extra_rows: list[dict], path: Path) -> None:
-    rows = [r for r in comparison["rows"] if r["kind"] == "fixed"] + extra_rows
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    for ax, block in zip(axes, (16, 32, 64)):
-        by_name: dict[str, list] = {}
-        for r in rows:
-            if r["block"] == block:
-                by_name.setdefault(r["estimator"], []).append((r["pruned"], r["recall_mean"], r["oracle_mean"]))
-        oracle = sorted((p, o) for p, _, o in by_name.get(PAPER, []))  # same budgets for every estimator
-        if oracle:
-            ax.plot(*zip(*oracle), "k--", label="exact top-k oracle")
-        for name, points in by_name.items():
-            points.sort()
-            ax.plot([p for p, _, _ in points], [r for _, r, _ in points], "o-",
-                    label=ESTIMATOR_NAMES.get(name, name).strip("*"), lw=2.5 if name.startswith("rescored_stream") else 1)
-        for r in comparison["rows"]:
-            if r["kind"] == "adaptive" and r["block"] == block and "exact mass" in r["estimator"]:
-                ax.plot(r["pruned"], r["recall_mean"], "s", color="grey", ms=4)
-        ax.set(title=f"{block}-token blocks", xlabel="pruned fraction")
-    axes[0].set_ylabel("attention mass recall (mean)")
-    axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Recall against pruning (grey squares: adaptive budget)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_layer_recall(e2e: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    for r in e2e["rows"]:
-        if "layers" not in r:
-            continue
-        label = f"{r['config']} (pruned {r['pruned_fraction']:.3f})"
-        ax.plot([layer["layer"] for layer in r["layers"]], [layer["mass_recall_mean"] for layer in r["layers"]],
-                "o-", ms=3, label=label)
-    ax.set(xlabel="layer", ylabel="mass recall (mean)", title="Recall per layer")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_needle_heads(ruler: dict, path: Path) -> None:
-    heads = ruler.get("needle_head_table")
-    if not heads:
-        return
-    import numpy as np
-
-    mass, kept = np.array(heads["dense_mass"]), np.array(heads["kept"], dtype=bool)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    image = ax.imshow(mass, aspect="auto", cmap="viridis", vmin=0)
-    missed = (mass >= ruler.get("threshold", 0.1)) & ~kept
-    hit = (mass >= ruler.get("threshold", 0.1)) & kept
-    ax.scatter(*np.nonzero(hit.T), marker="o", facecolors="none", edgecolors="white", s=30, label="needle head, kept")
-    ax.scatter(*np.nonzero(missed.T), marker="x", color="red", s=30, label="needle head, missed")
-    ax.set(xlabel="head", ylabel="layer")
-    ax.set_title(heads.get("title", "dense attention mass on the needle"), fontsize=8)
-    fig.colorbar(image, ax=ax)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----- page ---------------------------------------------------------------------------------------
 HEADER = """# Fidelity: how true is the sparse trace to the model?
 
@@ -300,7 +238,7 @@ Generated by `python -m benchmarks.fidelity render` from the JSON files in `benc
 (each section names the command that produced its numbers). Model: SmolLM2-135M-Instruct
 (the embedded default), 30 layers x 9 heads, on the CPU unless stated.
 
-Metrics (`sl.fidelity`, `sparse_lens/analysis/fidelity.py`; no T x T tensor anywhere):
+Metrics (`sl.fidelity`, `sparse_lens/analysis/fidelity_metrics.py`; no T x T tensor anywhere):
 
 - **pruned** = 1 - kept query-key pairs / causal pairs, over all layers and heads;
 - **recall** = share of the dense softmax mass that falls in the kept blocks, per (layer, head,
@@ -342,37 +280,57 @@ def causal_section(runs: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def render() -> Path:
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    comparison = load("estimators_smollm2_8192.json")
-    default_rows = load("estimators_smollm2_8192_rescored_stream.json")
+def render_page(results: Path = RESULTS) -> str:
+    """docs/fidelity.md's text from the JSON files in ``results`` (no figures drawn)."""
+    comparison = load("estimators_smollm2_8192.json", results)
+    default_rows = load("estimators_smollm2_8192_rescored_stream.json", results)
     extra_rows = [r | {"command": default_rows["command"]} for r in default_rows["rows"] if r["kind"] == "fixed"] if default_rows else []
-    e2e, kernels = load("fidelity_e2e_8192.json"), load("kernels_estimators_h200.json")
-    rulers = [path for path in sorted(RESULTS.glob("fidelity_ruler_*.json")) if not is_gemma3(path)]
+    e2e, kernels = load("fidelity_e2e_8192.json", results), load("kernels_estimators_h200.json", results)
+    e2e_gpu, ruler_gpu = load("fidelity_e2e_8192_h200.json", results), load("fidelity_ruler_8192_h200.json", results)
     lines = [HEADER]
-    e2e_gpu = load("fidelity_e2e_8192_h200.json")
-    ruler_gpu = load("fidelity_ruler_8192_h200.json")
     if e2e or e2e_gpu:
-        lines += summary_section(e2e, e2e_gpu, ruler_gpu)
+        lines += summary_section(e2e, e2e_gpu, ruler_gpu, results)
     for source, figure in ((e2e_gpu, "fidelity_layer_recall_h200.png"), (e2e, "fidelity_layer_recall_cpu.png")):
         if source:
             lines += end_to_end_section(source, figure)
-            plot_layer_recall(source, IMAGES / figure)
     if comparison:
         lines += estimator_section(comparison, extra_rows) + ["![recall vs pruned](img/fidelity_recall_vs_pruned.png)", ""]
-        plot_recall_vs_pruned(comparison, extra_rows, IMAGES / "fidelity_recall_vs_pruned.png")
-        lines += adaptive_section(comparison, load("estimators_smollm2_8192_adaptive_sweep.json"))
-    for path in rulers:
-        ruler = json.loads(path.read_text())
-        lines += ruler_section(ruler)
-        plot_needle_heads(ruler, IMAGES / "fidelity_needle_heads.png")
-    lines += gemma3_section(RESULTS)
+        lines += adaptive_section(comparison, load("estimators_smollm2_8192_adaptive_sweep.json", results))
+    for path in _rulers(results):
+        lines += ruler_section(json.loads(path.read_text()))
+    lines += gemma3_section(results)
     if kernels:
-        lines += gpu_section(kernels, load("model_rescored_h200.json"))
-    causal_runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("causal_selection_*.json"))]
+        lines += gpu_section(kernels, load("model_rescored_h200.json", results))
+    causal_runs = [json.loads(path.read_text()) for path in sorted(results.glob("causal_selection_*.json"))]
     if causal_runs:
         lines += causal_section(causal_runs)
-    out = DOCS / "fidelity.md"
-    out.write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {out} and figures in {IMAGES}")
+    representative_keys = load("fidelity_e2e_8192_rk.json", results)
+    if representative_keys:
+        lines += representative_keys_section(representative_keys)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _rulers(results: Path) -> list[Path]:
+    return [path for path in sorted(results.glob("fidelity_ruler_*.json")) if not is_gemma3(path)]
+
+
+def render(out: Path = DOCS / "fidelity.md", images: Path = IMAGES, results: Path = RESULTS) -> Path:
+    """Write ``out`` (:func:`render_page`) and its figures in ``images``."""
+    from benchmarks.fidelity_render_figures import plot_layer_recall, plot_needle_heads, plot_recall_vs_pruned
+
+    images.mkdir(parents=True, exist_ok=True)
+    for name, figure in (("fidelity_e2e_8192_h200.json", "fidelity_layer_recall_h200.png"),
+                         ("fidelity_e2e_8192.json", "fidelity_layer_recall_cpu.png")):
+        source = load(name, results)
+        if source:
+            plot_layer_recall(source, images / figure)
+    comparison = load("estimators_smollm2_8192.json", results)
+    if comparison:
+        default_rows = load("estimators_smollm2_8192_rescored_stream.json", results)
+        extra_rows = [r for r in default_rows["rows"] if r["kind"] == "fixed"] if default_rows else []
+        plot_recall_vs_pruned(comparison, extra_rows, images / "fidelity_recall_vs_pruned.png")
+    for path in _rulers(results):
+        plot_needle_heads(json.loads(path.read_text()), images / "fidelity_needle_heads.png")
+    out.write_text(render_page(results))
+    print(f"wrote {out} and figures in {images}")
     return out
