@@ -204,7 +204,7 @@ def backward_kernel(
 def key_value_grad_kernel(
     query_ptr, key_ptr, value_ptr, block_gate_ptr, grad_output_ptr, lse_ptr, delta_ptr,
     entry_slots_ptr, item_owners_ptr, item_starts_ptr, item_ends_ptr, grad_key_ptr, grad_value_ptr,
-    grad_query_sums_ptr, grad_gate_sums_ptr,
+    grad_query_sums_ptr, grad_gate_sums_ptr, first_item, first_sum_row,
     scale, window, softcap, seq_len, n_key_blocks, n_query_blocks, top_k, d_head, d_value,
     QUERY_BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -215,9 +215,10 @@ def key_value_grad_kernel(
     """dk and dv of one key tile over a chunk of the (query head, query block) slots that keep its
     block (``_key_block_entries``), summed in registers and added once (fp32 atomics: a block's
     chunks meet there). ``QUERY_GRADS`` (``KernelLaunch.dq_atomics``): also each slot's share of dq
-    and d gate, added with fp32 atomics to ``grad_query_sums_ptr`` [batch, q_head, seq, d_head] and
-    ``grad_gate_sums_ptr`` (like ``block_indices``), both fp32 and zero on entry."""
-    item = tl.program_id(0)
+    and d gate, added with fp32 atomics to ``grad_query_sums_ptr`` (fp32 [rows, seq, d_head]: query
+    row ``batch * q_head + head`` at row ``- first_sum_row``) and ``grad_gate_sums_ptr`` (fp32, like
+    ``block_indices``), zero on entry. Program ``i`` runs item ``first_item + i``."""
+    item = first_item + tl.program_id(0)
     owner = tl.load(item_owners_ptr + item).to(tl.int64)  # kv row * n_key_blocks + key block
     kv_batch_head, key_block_id = owner // n_key_blocks, owner % n_key_blocks
     first_key = key_block_id * KEY_BLOCK + tl.program_id(1) * KEY_TILE
@@ -254,7 +255,8 @@ def key_value_grad_kernel(
             if QUERY_GRADS:
                 grad_query = dot(tl.trans(grad_scores_t).to(keys.dtype), keys, DOT_PRECISION, DOT_UPCAST)
                 rows_to_add = tl.where(reached, query_pos, seq_len)  # none of an invisible tile
-                add_rows(grad_query_sums_ptr + query_offset, rows_to_add, seq_len, dims, d_head, grad_query * scale)
+                sums_at = grad_query_sums_ptr + (batch_head - first_sum_row) * seq_len * d_head
+                add_rows(sums_at, rows_to_add, seq_len, dims, d_head, grad_query * scale)
                 if HAS_GATE:
                     slot_grad = tl.sum(tl.sum(probs_t * grad_probs_t, axis=1), axis=0)
                     tl.atomic_add(grad_gate_sums_ptr + slot_at, slot_grad, sem="relaxed")
@@ -333,24 +335,39 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     )
     if not split:
         return
-    query_sums, gate_sums = grad_query, gate_args[1]
-    if fused:  # fp32 sums, zero on entry (grad_query / grad_gate themselves where fp32 already)
-        query_sums = grad_query.zero_() if grad_query.dtype == torch.float32 else torch.zeros_like(
-            grad_query, dtype=torch.float32)
-        if block_gate is not None:
-            gate_sums = grad_gate.zero_() if grad_gate.dtype == torch.float32 else torch.zeros_like(
-                grad_gate, dtype=torch.float32)
     entries = _key_block_entries(block_indices, seq_len, query_block, key_block, key.shape[1], launch.kv_chunk)
-    if entries[1].numel() > 0:
-        unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED", "HEADS_INNER")
-        key_value_grad_kernel[(entries[1].numel(), key_block // config["KEY_TILE"])](
+    unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED", "HEADS_INNER")
+    constants = {name: setting for name, setting in config.items() if name not in unused}
+
+    def key_value_grads(items: range, query_sums: Tensor, gate_sums: Tensor, first_sum_row: int) -> None:
+        if len(items) == 0:
+            return
+        key_value_grad_kernel[(len(items), key_block // config["KEY_TILE"])](
             query, key, value, gate_args[0], grad_output, lse, delta, *entries, grad_key, grad_value,
-            query_sums, gate_sums, float(scale), *feature_args(window, softcap), seq_len,
-            num_blocks(seq_len, key_block), *block_indices.shape[2:], query.shape[-1], value.shape[-1],
-            **{name: setting for name, setting in config.items() if name not in unused}, QUERY_GRADS=fused,
-            **launch.kernel_options(),
+            query_sums, gate_sums, items.start, first_sum_row, float(scale), *feature_args(window, softcap),
+            seq_len, num_blocks(seq_len, key_block), *block_indices.shape[2:], query.shape[-1], value.shape[-1],
+            **constants, QUERY_GRADS=fused, **launch.kernel_options(),
         )
-    if fused and query_sums is not grad_query:
-        grad_query.copy_(query_sums)
-    if fused and block_gate is not None and gate_sums is not grad_gate:
+
+    if not fused:
+        key_value_grads(range(entries[1].numel()), grad_query, gate_args[1], 0)
+        return
+    # dq sums one GQA group at a time (its query heads read one key head, whose items are contiguous):
+    # an fp32 buffer of group x seq x d_head instead of the whole dq's, cast into grad_query after each.
+    gate_sums = None if block_gate is None else (
+        grad_gate.zero_() if grad_gate.dtype == torch.float32 else torch.zeros_like(grad_gate, dtype=torch.float32))
+    n_kv_rows, group = batch * key.shape[1], n_q_heads // key.shape[1]
+    owner_bounds = torch.arange(n_kv_rows + 1, device=query.device) * num_blocks(seq_len, key_block)
+    item_bounds = torch.searchsorted(entries[1].long(), owner_bounds).tolist()
+    query_rows = grad_query.view(batch * n_q_heads, seq_len, -1)
+    scratch = None if grad_query.dtype == torch.float32 else query_rows.new_empty(
+        (group, seq_len, query.shape[-1]), dtype=torch.float32)
+    for kv_row in range(n_kv_rows):
+        rows = query_rows[kv_row * group:(kv_row + 1) * group]
+        sums = rows.zero_() if scratch is None else scratch.zero_()
+        key_value_grads(range(item_bounds[kv_row], item_bounds[kv_row + 1]), sums,
+                        gate_sums if gate_sums is not None else lse, kv_row * group)
+        if scratch is not None:
+            rows.copy_(scratch)
+    if gate_sums is not None and gate_sums is not grad_gate:
         grad_gate.copy_(gate_sums)

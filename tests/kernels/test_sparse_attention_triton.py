@@ -241,6 +241,7 @@ LAUNCH_CASES = {
     "ragged_end_mixed_blocks": (1, 2, 1, 75, 32, 16, 3, False, torch.float32, {}),
     "bf16_whole_tiles": (1, 2, 1, 96, 32, 32, 2, True, torch.bfloat16, {}),
     "window_softcap_sinks": (1, 2, 1, 75, 16, 16, 4, True, torch.float32, dict(window=21, softcap=2.0, sinks=True)),
+    "two_sequences_gqa_bf16": (2, 4, 2, 64, 16, 16, 3, True, torch.bfloat16, {}),  # dq_atomics: a group at a time
 }
 
 
