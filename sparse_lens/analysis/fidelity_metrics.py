@@ -56,10 +56,10 @@ from sparse_lens.analysis.dense_trace import (  # noqa: F401  (re-exported: thei
     collect_dense,
     model_fingerprint,
 )
+from sparse_lens.analysis.fidelity_oracle import OracleCache, oracle_recall
 from sparse_lens.analysis.positions import kept_positions, logits_kwargs
 from sparse_lens.config import TracingConfig
 from sparse_lens.errors import InvalidConfigError
-from sparse_lens.analysis.fidelity_oracle import OracleCache, oracle_recall
 from sparse_lens.kernels import estimate_blocks, kept_block_mass
 from sparse_lens.kernels.blocks import tokens_per_block, visible_key_blocks
 from sparse_lens.pattern import BlockSparsePattern

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparse_lens as sl
-import sparse_lens.analysis.fidelity_oracle as fidelity_oracle
+from sparse_lens.analysis import fidelity_oracle
 from sparse_lens.analysis.fidelity_oracle import OracleCache
 from sparse_lens.errors import InvalidConfigError
 from tests.conftest import sparse_and_dense, tiny_llama_config
