@@ -34,8 +34,8 @@ from torch import Tensor
 from sparse_lens.kernels.blocks import num_blocks
 from sparse_lens.kernels.device_guard import launch_on_tensor_device
 from sparse_lens.kernels.sparse_attention_launch import (
-    BACKWARD_LAUNCH,
     KernelLaunch,
+    backward_launch,
     feature_args,
     kernel_sizes,
     launch_config,
@@ -307,7 +307,7 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
                     grad_query, grad_key, grad_value, grad_gate, *, query_block: int, key_block: int,
                     scale: float, window: int | None = None, softcap: float | None = None,
                     sinks: Tensor | None = None, grad_sinks: Tensor | None = None,
-                    launch: KernelLaunch = BACKWARD_LAUNCH) -> None:
+                    launch: KernelLaunch | None = None) -> None:
     """Run the backward kernel(s), inputs as ``launch_forward`` takes them plus its ``output`` and
     ``lse`` and ``grad_output`` (like ``output``): ``grad_query`` (like ``query``) and ``grad_gate``
     are overwritten, ``grad_key``, ``grad_value`` (fp32 [batch, kv_head, seq, d], zero on entry)
@@ -316,8 +316,10 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     ``key_value_grad_kernel`` dk and dv; with ``launch.dq_atomics`` too, the first kernel makes
     ``delta`` (and d sinks) only, and the key/value kernel everything else, dq and d gate by fp32
     atomics (into fp32 buffers here, cast into ``grad_query`` / ``grad_gate`` at the end, unless
-    those are fp32 already)."""
+    those are fp32 already). ``launch`` None: ``backward_launch``'s for the sizes."""
     batch, n_q_heads, seq_len = query.shape[:3]
+    if launch is None:
+        launch = backward_launch(seq_len, max(query.shape[-1], value.shape[-1]))
     grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch.heads_inner)
     gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
     sink_args = (sinks, grad_sinks) if sinks is not None else (lse, lse)

@@ -4,7 +4,8 @@
 loop, which tiles are masked, tile sizes, the split dk / dv backward, the grid order, L2 hints);
 every setting leaves the results unchanged up to fp32 rounding. ``FORWARD_LAUNCH`` /
 ``BACKWARD_LAUNCH``: the defaults, the fastest of the first H200 sweep (figures in
-``sparse_attention_triton``). The plan of one launch: ``query_grid`` (one program per query block
+``sparse_attention_triton``); from ``LONG_BACKWARD_FROM`` tokens on (head dims up to 128) the
+backward runs ``LONG_BACKWARD_LAUNCH`` (``backward_launch``). The plan of one launch: ``query_grid`` (one program per query block
 and query head), ``launch_for_rows`` (branch on rows wider than ``WIDE_ROWS`` slots),
 ``fit_shared_memory`` (fewer stages / smaller tiles where the tiles' ``shared_memory_bytes`` exceed
 ``SHARED_MEMORY_BUDGET``, e.g. d_head 256: the backward, and float32's forward), ``launch_for_sizes``
@@ -87,6 +88,14 @@ class KernelLaunch:
 # attention_sweep.json; the previous default was KernelLaunch(): 4 warps, branching, every tile masked).
 FORWARD_LAUNCH = KernelLaunch(skip_unreached=False, mask_all=False)
 BACKWARD_LAUNCH = KernelLaunch(num_warps=8, skip_unreached=False, mask_all=False, heads_inner=True)
+# FlashAttention-2's order (dk / dv by key block, dq by atomics) from 256k tokens on: H200, bf16, 64x64 blocks,
+# Stream's top-16, effective TFLOP/s of BACKWARD_LAUNCH / this (benchmarks/results/h200_2026-12-01s10/c2/):
+# Qwen2.5-1.5B heads 149 / 137 at 128k, 135 / 149 at 256k, 122 / 153 at 512k, 115 / 155 at 1M; Llama-3.1-8B
+# heads 152 / 147 at 128k, 121 / 153 at 512k, 114 / 153 at 1M (chunks of 64 slots: within 1-3% of 128).
+# BACKWARD_LAUNCH's fp32 dk / dv atomics (64 KB per kept tile) stop hitting L2 as the sequence grows.
+LONG_BACKWARD_LAUNCH = KernelLaunch(num_warps=8, skip_unreached=False, mask_all=False, kv_chunk=128, dq_atomics=True)
+LONG_BACKWARD_FROM = 262_144  # tokens
+LONG_BACKWARD_MAX_HEAD_DIM = 128  # measured there only; at 256 its key/value kernel can exceed shared memory
 WIDE_ROWS = 64  # slots per row above which the kernels always branch around unreached tiles
 
 
@@ -97,6 +106,16 @@ def query_grid(n_query_blocks: int, batch: int, n_q_heads: int, n_kv_heads: int,
     if heads_inner:
         return (n_query_blocks * (n_q_heads // n_kv_heads), batch * n_kv_heads)
     return (n_query_blocks, batch * n_q_heads)
+
+
+def backward_launch(seq_len: int, head_dim: int) -> KernelLaunch:
+    """The backward's default launch for ``seq_len`` tokens and the larger of the query / value head
+    dims: ``LONG_BACKWARD_LAUNCH`` from ``LONG_BACKWARD_FROM`` tokens on and up to
+    ``LONG_BACKWARD_MAX_HEAD_DIM`` (measured ahead at 256k and beyond, behind at 128k; lengths
+    between are unmeasured), else ``BACKWARD_LAUNCH``."""
+    if seq_len >= LONG_BACKWARD_FROM and head_dim <= LONG_BACKWARD_MAX_HEAD_DIM:
+        return LONG_BACKWARD_LAUNCH
+    return BACKWARD_LAUNCH
 
 
 def launch_for_rows(launch: KernelLaunch, top_k: int) -> KernelLaunch:

@@ -11,12 +11,13 @@ The pieces (each module's docstring has the details):
   flash-attention online softmax in base 2 over the block's kept key tiles, ``block_mass`` in the
   same pass) and ``launch_forward``;
 - ``sparse_attention_bwd_triton``: the backward kernel (dq, d gate, d sink; dk, dv by atomics)
-  and, with ``KernelLaunch.kv_chunk``, the key/value gradient kernel (dk, dv by key tile), and
+  and, with ``KernelLaunch.kv_chunk``, the key/value gradient kernel (dk, dv by key tile; with
+  ``dq_atomics`` also dq and d gate, FlashAttention-2's order, the default from 256k tokens), and
   ``launch_backward``;
 - ``sparse_attention_tiles``: the device helpers both share (tile loads and stores,
   products, base-2 scores and the soft-cap, the causal / window mask, the per-tile plan);
 - ``sparse_attention_launch``: ``KernelLaunch``, the default launches ``FORWARD_LAUNCH`` /
-  ``BACKWARD_LAUNCH``, the grid and the kernels' compile-time constants;
+  ``BACKWARD_LAUNCH`` / ``LONG_BACKWARD_LAUNCH`` (``backward_launch`` picks by length), the grid and the kernels' compile-time constants;
 - here: ``block_sparse_attention_triton`` (checks its inputs once, runs the autograd Function that
   calls the two launches) and the names other modules, tests and benchmarks import from this module.
 

@@ -26,10 +26,15 @@ from sparse_lens.kernels.sparse_attention_triton import (
     block_sparse_attention_triton,
     launch_for_rows,
 )
+import sparse_lens.kernels.sparse_attention_bwd_triton as backward_module
+import sparse_lens.kernels.sparse_attention_launch as launch_module
 from sparse_lens.kernels.sparse_attention_launch import (
     BACKWARD_LAUNCH,
     FORWARD_LAUNCH,
+    LONG_BACKWARD_FROM,
+    LONG_BACKWARD_LAUNCH,
     SHARED_MEMORY_BUDGET,
+    backward_launch,
     fit_shared_memory,
     launch_for_sizes,
     shared_memory_bytes,
@@ -284,6 +289,44 @@ def test_every_launch_variant_matches_the_reference_forward_and_backward(case, l
         scale = reference.abs().max().clamp(min=1.0)
         assert_close(grad.to(reference.dtype) / scale, reference / scale, seed, f"grad of {name}",
                      **GRAD_TOLERANCE[dtype])
+
+
+def test_long_sequences_default_to_the_key_major_backward_where_measured():
+    assert backward_launch(LONG_BACKWARD_FROM - 1, 128) == BACKWARD_LAUNCH
+    assert backward_launch(LONG_BACKWARD_FROM, 128) == LONG_BACKWARD_LAUNCH
+    assert LONG_BACKWARD_LAUNCH.kv_chunk > 0 and LONG_BACKWARD_LAUNCH.dq_atomics
+    assert backward_launch(4 * LONG_BACKWARD_FROM, 256) == BACKWARD_LAUNCH  # unmeasured; shared memory
+
+
+def test_the_autograd_backward_takes_the_default_launch_for_its_length(monkeypatch, seed):
+    # With the threshold lowered to this test's 64 tokens, the autograd backward must run the
+    # key/value kernel with dq atomics (spied) and still give the reference's gradients.
+    monkeypatch.setattr(launch_module, "LONG_BACKWARD_FROM", 64)
+    launched = []
+    kernel = backward_module.key_value_grad_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(kwargs["QUERY_GRADS"])
+                return kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(backward_module, "key_value_grad_kernel", Spy())
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = draw_qkv(generator, 1, 4, 2, 64)
+    block_indices = draw_block_indices(generator, 1, 4, 64, 16, 16, 3)
+    blocks = dict(query_block=16, key_block=16, scale=0.35)
+    inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+    output = block_sparse_attention_triton(*inputs, block_indices, with_block_mass=False, **blocks)[0]
+    grad_output = torch.randn(output.shape, generator=generator).to(DEVICE)
+    grads = torch.autograd.grad(output, inputs, grad_output)
+    reference_inputs = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+    expected = reference_with_autograd(*reference_inputs, block_indices, **blocks)[0]
+    expected_grads = torch.autograd.grad(expected, reference_inputs, grad_output)
+    assert launched and all(launched)  # one launch per key head, each with dq and d gate
+    for grad, reference, name in zip(grads, expected_grads, ("query", "key", "value")):
+        assert_close(grad, reference, seed, f"grad of {name}", **GRAD_TOLERANCE[torch.float32])
 
 
 def test_wide_rows_always_branch_around_unreached_tiles():
