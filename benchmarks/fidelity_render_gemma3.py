@@ -155,7 +155,7 @@ def _score(value: float) -> str:
 def _ruler_table(run: dict) -> list[str]:
     lines = ["  | task | dense output | sparse output | dense / sparse score | needle heads kept |",
              "  |---|---|---|---|---|"]
-    labelled = False
+    labelled = False  # the first row with needle heads names its figure ("mass recall"), the others give it bare
     for record in run["rows"][0]["records"]:
         task, needle = record["task"], record["needle"]
         dense = OUTPUTS.get((task, "dense"), "-")
