@@ -32,7 +32,8 @@ backward times the kernel launch(es) with the fp32 dk / dv buffers zeroed (as th
 does). Dense causal SDPA (cuDNN, flash fallback; GQA) runs on the same tensors in the same run,
 forward and backward, each skipped where predicted above ``--dense-limit`` seconds from the
 previous length (x (T'/T)^2). Variants stop being started once ``--budget`` seconds have passed
-(their rows say so). Prints a table, writes JSON.
+(their rows say so). ``--profile N``: one more call of each variant under ``torch.profiler``, its
+``N`` costliest kernels (``common.device_profile``). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == [
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    attention_heads, command, dense_sdpa, environment, print_table, save_json, time_cuda,
+    attention_heads, command, dense_sdpa, device_profile, environment, print_table, save_json, time_cuda,
 )
 from sparse_lens.kernels.blocks import kept_pairs_per_slot  # noqa: E402
 from sparse_lens.kernels.dispatch import stream_estimate  # noqa: E402
@@ -225,6 +226,8 @@ def sweep_length(qkv: tuple, geometry: str, args, timer, started: float, specs: 
                 if direction == "forward":
                     query_tiles = query_block // min(query_block, launch.query_tile)
                     row["kv_tb_s"] = problem.kv_bytes * query_tiles / row["s"] / 1e12
+                if args.profile:
+                    row["profile"] = device_profile(run, args.device, args.profile)
             except Exception as error:  # noqa: BLE001 (a variant that fails to compile must not lose the others)
                 row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             rows.append(row)
@@ -247,6 +250,8 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=5, help="variants per direction timed after the first length")
     parser.add_argument("--dense-limit", type=float, default=8.0, help="skip dense SDPA predicted above (s)")
     parser.add_argument("--budget", type=float, default=100.0, help="start no variant after this many seconds")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="one more call of each variant under torch.profiler; keep its N costliest kernels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_sweep.json"))
     args = parser.parse_args()
@@ -279,6 +284,12 @@ def main() -> None:
           f"{result['total_s']:.0f} s in all")
     print_table(["T", "blocks", "direction", "variant", "ms", "TFLOP/s", "K/V TB/s", "vs first", "of dense",
                  "max diff vs first"], table_rows(rows))
+    for row in rows:
+        if "profile" in row:
+            print(f"\nprofile: {row['seq_len']:,} tokens, {row['geometry']}, {row['direction']} {row['variant']}, "
+                  f"{row['profile']['device_ms_total']:.2f} ms of device time")
+            print_table(["kernel", "calls", "ms", "share"], [[kernel["name"], kernel["calls"],
+                        f"{kernel['device_ms']:.3f}", f"{kernel['share']:.1%}"] for kernel in row["profile"]["top"]])
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:

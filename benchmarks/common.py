@@ -11,6 +11,7 @@ run with its peak GPU memory, CUDA-event medians, and the JSON / markdown-table 
 - :func:`cached_forward`: one forward with every layer's ``hook_pattern`` cached, last position's
   logits only;
 - :func:`timed`: seconds and peak GPU GB of one call, an error recorded as the row's ``error``;
+  :func:`device_profile`: one call under ``torch.profiler``, its costliest GPU kernels;
 - :func:`time_cuda`: median seconds over CUDA-event-timed repeats; :func:`dense_sdpa`: the dense
   baseline (cuDNN / flash SDPA on CUDA);
 - :func:`parse_config`: ``estimator:block:top_k[:field=value...]`` -> a ``TracingConfig``;
@@ -333,6 +334,30 @@ def machine() -> str:
 
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
+def device_profile(fn: Callable[[], Any], device: str, top: int) -> dict:
+    """``fn()`` once under ``torch.profiler``: the ``top`` GPU kernels and copies by device time
+    (``self_device_time_total``: microseconds in the profiler, milliseconds here), the total device
+    milliseconds and the wall seconds of the profiled call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    # GPU kernels and copies only (device_type CUDA): an op's row (aten::mm) repeats its kernels' time
+    events = [event for event in prof.key_averages()
+              if event.self_device_time_total > 0 and event.device_type == DeviceType.CUDA]
+    total_ms = sum(event.self_device_time_total for event in events) / 1e3
+    events.sort(key=lambda event: event.self_device_time_total, reverse=True)
+    rows = [{"name": event.key[:120], "calls": event.count, "device_ms": event.self_device_time_total / 1e3,
+             "share": event.self_device_time_total / 1e3 / total_ms if total_ms else 0.0} for event in events[:top]]
+    return {"wall_s_profiled": wall, "device_ms_total": total_ms, "top": rows}
 
 
 def environment(device: str, *, triton: bool = True) -> dict:

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (QWEN25_15B, add_model_flags, add_stream_flags, build_model,  # noqa: E402
-                               cached_forward, command, config, environment, estimator_settings, print_table,
-                               save_json, timed)
+                               cached_forward, command, config, device_profile, environment, estimator_settings,
+                               print_table, save_json, timed)
 
 
 def build(args):
@@ -63,29 +63,11 @@ def measure(model, length: int, device: str) -> dict:
 
 
 def profile(model, length: int, device: str, top: int) -> dict:
-    """One forward of ``length`` tokens under ``torch.profiler``: the ``top`` entries by device time
-    (``self_device_time_total``, microseconds in the profiler, milliseconds here) and the totals."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
+    """One forward of ``length`` tokens under ``torch.profiler`` (``device_profile``): the ``top``
+    kernels by device time and the totals."""
     tokens = torch.randint(0, model.cfg.d_vocab, (1, length), device=device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    started = time.perf_counter()
-    with torch_profile(activities=activities) as prof:
-        logits, patterns = cached_forward(model, tokens)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    wall = time.perf_counter() - started
-    del logits, patterns
-    # GPU kernels and copies only (device_type CUDA): an op's row (aten::mm) repeats its kernels' time
-    events = [event for event in prof.key_averages()
-              if event.self_device_time_total > 0 and event.device_type == DeviceType.CUDA]
-    total_ms = sum(event.self_device_time_total for event in events) / 1e3
-    events.sort(key=lambda event: event.self_device_time_total, reverse=True)
-    rows = [{"name": event.key[:120], "calls": event.count, "device_ms": event.self_device_time_total / 1e3,
-             "share": event.self_device_time_total / 1e3 / total_ms if total_ms else 0.0} for event in events[:top]]
-    return {"length": length, "wall_s_profiled": wall, "device_ms_total": total_ms, "top": rows}
+    found = device_profile(lambda: cached_forward(model, tokens), device, top)
+    return {"length": length} | found
 
 
 def main() -> None:
