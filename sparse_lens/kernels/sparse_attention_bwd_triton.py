@@ -12,15 +12,16 @@ default (``kv_chunk = 0``) each tile's dk and dv are added with ``tl.atomic_add`
 [batch, kv_head, seq, d] buffers (``top_k * key_block * (d + d_value)`` adds per query block).
 With ``kv_chunk = n`` the backward kernel makes dq, d gate and ``delta`` only, and
 ``key_value_grad_kernel`` makes dk and dv by key tile: ``_key_block_entries`` sorts the slots
-by (kv row, key block) on the device (a stable argsort and a histogram, per call), one program
-per key tile and chunk of at most ``n`` of its block's slots sums their dk, dv in registers and
-adds them once (chunks, because the sink block is kept by every query block). That recomputes
-``s`` and ``dp`` (7 tile products instead of 5) for far fewer atomics. ``dq_atomics`` (with
-``kv_chunk``) turns that around as FlashAttention-2 does: the first kernel makes ``delta`` only and
-the key/value kernel also dq and d gate from its own tile products (5 again), adding each slot's
-share with fp32 atomics (dq: ``key_block * d`` adds per slot, half of dk's and dv's). Either way the buffers
-are cast to the input dtype at the end, and the order of the fp32 sums (hence the last bits
-of dk, dv) varies from run to run.
+by (kv row, key block) on the device (a stable argsort, a histogram and a search per call, with
+no host synchronisation: a key head's programs are laid out for the most it can need, the unused
+ones empty), one program per key tile and chunk of at most ``n`` of its block's slots sums their
+dk, dv in registers and adds them once (chunks, because the sink block is kept by every query
+block). That recomputes ``s`` and ``dp`` (7 tile products instead of 5) for far fewer atomics.
+``dq_atomics`` (with ``kv_chunk``) turns that around as FlashAttention-2 does: the first kernel
+makes ``delta`` only and the key/value kernel also dq and d gate from its own tile products (5
+again), adding each slot's share with fp32 atomics (dq: ``key_block * d`` adds per slot, half of
+dk's and dv's). Either way the buffers are cast to the input dtype at the end, and the order of
+the fp32 sums (hence the last bits of dk, dv) varies from run to run.
 """
 
 from __future__ import annotations
@@ -263,43 +264,59 @@ def key_value_grad_kernel(
             grad_key = dot_into(grad_scores_t.to(queries.dtype), queries, grad_key, DOT_PRECISION, DOT_UPCAST)
             grad_value = dot_into((probs_t * gate).to(grad_out.dtype), grad_out, grad_value,
                                    DOT_PRECISION, DOT_UPCAST)
-    add_rows(grad_key_ptr + key_offset, key_pos, seq_len, dims, d_head, grad_key * scale)
-    add_rows(grad_value_ptr + value_offset, key_pos, seq_len, value_dims, d_value, grad_value)
+    rows_to_add = tl.where(tl.load(item_starts_ptr + item) < tl.load(item_ends_ptr + item), key_pos, seq_len)
+    add_rows(grad_key_ptr + key_offset, rows_to_add, seq_len, dims, d_head, grad_key * scale)  # none if empty
+    add_rows(grad_value_ptr + value_offset, rows_to_add, seq_len, value_dims, d_value, grad_value)
 
 
 def _key_block_entries(block_indices: Tensor, seq_len: int, query_block: int, key_block: int, n_kv_heads: int,
-                       chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The slots of ``block_indices`` grouped by the key block they keep, for ``key_value_grad_kernel``.
+                       chunk: int) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
+    """The slots of ``block_indices`` grouped by the key block they keep, for ``key_value_grad_kernel``,
+    made without a host synchronisation (every shape follows from the inputs' shapes).
 
-    Returns ``(entry_slots, item_owners, item_starts, item_ends)``: ``entry_slots`` [n_entries] are
-    flat indices into ``block_indices`` of the used, causally reachable slots, sorted by owner
-    ``kv row * n_key_blocks + key block`` (kv row = batch * n_kv_heads + kv head: the query heads
-    of a GQA group meet there); item ``i`` (one program) is the entries
-    ``[item_starts[i], item_ends[i])`` of owner ``item_owners[i]``, at most ``chunk`` of them (the
-    sink block is kept by every query block: unchunked, its program would run alone for long).
+    Returns ``((entry_slots, item_owners, item_starts, item_ends), items_per_row)``: ``entry_slots``
+    [batch * q_head * n_query_blocks * top_k] are flat indices into ``block_indices``, the used,
+    causally reachable slots first, sorted by owner ``kv row * n_key_blocks + key block`` (kv row =
+    batch * n_kv_heads + kv head: the query heads of a GQA group meet there), the other slots after
+    them (never read). Item ``i`` (one program) is the entries ``[item_starts[i], item_ends[i])`` of
+    owner ``item_owners[i]``, at most ``chunk`` of them (the sink block is kept by every query block:
+    unchunked, its program would run alone for long). Kv row ``r``'s items are
+    ``[r * items_per_row, (r + 1) * items_per_row)``: its real items first, then empty ones
+    (``item_starts == item_ends``, which add nothing); ``items_per_row`` is the most a row can need
+    (one chunk more per key block than its slots fill).
     """
     batch, n_q_heads, n_query_blocks, top_k = block_indices.shape
     device = block_indices.device
     n_key_blocks = num_blocks(seq_len, key_block)
+    n_rows, group = batch * n_kv_heads, n_q_heads // n_kv_heads
     flat = block_indices.reshape(-1).long()
     slot_at = torch.arange(flat.numel(), device=device)
     query_row, query_block_id = slot_at // (n_query_blocks * top_k), (slot_at // top_k) % n_query_blocks
     last_query = torch.clamp((query_block_id + 1) * query_block, max=seq_len) - 1
     kept = (flat >= 0) & (flat * key_block <= last_query)
-    kv_row = (query_row // n_q_heads) * n_kv_heads + (query_row % n_q_heads) // (n_q_heads // n_kv_heads)
-    owners = (kv_row * n_key_blocks + flat)[kept]
+    kv_row = (query_row // n_q_heads) * n_kv_heads + (query_row % n_q_heads) // group
+    n_owners = n_rows * n_key_blocks
+    owners = torch.where(kept, kv_row * n_key_blocks + flat, n_owners)  # unkept slots: past every owner
     order = torch.argsort(owners, stable=True)
     index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
-    entry_slots = slot_at[kept][order].to(index_dtype)
-    counts = torch.bincount(owners, minlength=batch * n_kv_heads * n_key_blocks)
+    entry_slots = slot_at[order].to(index_dtype)
+    counts = torch.zeros(n_owners + 1, dtype=torch.long, device=device).scatter_add_(
+        0, owners, torch.ones_like(owners))[:n_owners]
     firsts = torch.cumsum(counts, 0) - counts
-    n_chunks = (counts + chunk - 1) // chunk
-    item_owners = torch.repeat_interleave(torch.arange(counts.numel(), device=device), n_chunks)
-    chunk_of_item = torch.arange(item_owners.numel(), device=device) - torch.repeat_interleave(
-        torch.cumsum(n_chunks, 0) - n_chunks, n_chunks)
-    item_starts = firsts[item_owners] + chunk_of_item * chunk
-    item_ends = torch.minimum(item_starts + chunk, firsts[item_owners] + counts[item_owners])
-    return entry_slots, item_owners.to(index_dtype), item_starts.to(index_dtype), item_ends.to(index_dtype)
+    n_chunks = ((counts + chunk - 1) // chunk).view(n_rows, n_key_blocks)
+    chunk_ends = torch.cumsum(n_chunks, 1)  # per row, the items up to each key block's last
+    items_per_row = -(-group * n_query_blocks * top_k // chunk) + n_key_blocks
+    local = torch.arange(items_per_row, device=device).expand(n_rows, items_per_row).contiguous()
+    key_block_of_item = torch.searchsorted(chunk_ends, local, right=True)  # n_key_blocks: an empty item
+    real = key_block_of_item < n_key_blocks
+    key_block_of_item = key_block_of_item.clamp(max=n_key_blocks - 1)
+    owner = torch.arange(n_rows, device=device)[:, None] * n_key_blocks + key_block_of_item
+    chunk_of_item = local - (chunk_ends.gather(1, key_block_of_item) - n_chunks.gather(1, key_block_of_item))
+    item_starts = torch.where(real, firsts[owner] + chunk_of_item * chunk, 0)
+    item_ends = torch.where(real, torch.minimum(item_starts + chunk, firsts[owner] + counts[owner]), 0)
+    items = (entry_slots, owner.reshape(-1).to(index_dtype), item_starts.reshape(-1).to(index_dtype),
+             item_ends.reshape(-1).to(index_dtype))
+    return items, items_per_row
 
 
 @launch_on_tensor_device
@@ -337,38 +354,36 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     )
     if not split:
         return
-    entries = _key_block_entries(block_indices, seq_len, query_block, key_block, key.shape[1], launch.kv_chunk)
+    entries, items_per_row = _key_block_entries(block_indices, seq_len, query_block, key_block, key.shape[1],
+                                                launch.kv_chunk)
     unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED", "HEADS_INNER")
     constants = {name: setting for name, setting in config.items() if name not in unused}
 
-    def key_value_grads(items: range, query_sums: Tensor, gate_sums: Tensor, first_sum_row: int) -> None:
-        if len(items) == 0:
-            return
-        key_value_grad_kernel[(len(items), key_block // config["KEY_TILE"])](
+    def key_value_grads(first_item: int, n_items: int, query_sums: Tensor, gate_sums: Tensor,
+                        first_sum_row: int) -> None:
+        key_value_grad_kernel[(n_items, key_block // config["KEY_TILE"])](
             query, key, value, gate_args[0], grad_output, lse, delta, *entries, grad_key, grad_value,
-            query_sums, gate_sums, items.start, first_sum_row, float(scale), *feature_args(window, softcap),
+            query_sums, gate_sums, first_item, first_sum_row, float(scale), *feature_args(window, softcap),
             seq_len, num_blocks(seq_len, key_block), *block_indices.shape[2:], query.shape[-1], value.shape[-1],
             **constants, QUERY_GRADS=fused, **launch.kernel_options(),
         )
 
+    n_kv_rows, group = batch * key.shape[1], n_q_heads // key.shape[1]
     if not fused:
-        key_value_grads(range(entries[1].numel()), grad_query, gate_args[1], 0)
+        key_value_grads(0, n_kv_rows * items_per_row, grad_query, gate_args[1], 0)
         return
     # dq sums one GQA group at a time (its query heads read one key head, whose items are contiguous):
     # an fp32 buffer of group x seq x d_head instead of the whole dq's, cast into grad_query after each.
     gate_sums = None if block_gate is None else (
         grad_gate.zero_() if grad_gate.dtype == torch.float32 else torch.zeros_like(grad_gate, dtype=torch.float32))
-    n_kv_rows, group = batch * key.shape[1], n_q_heads // key.shape[1]
-    owner_bounds = torch.arange(n_kv_rows + 1, device=query.device) * num_blocks(seq_len, key_block)
-    item_bounds = torch.searchsorted(entries[1].long(), owner_bounds).tolist()
     query_rows = grad_query.view(batch * n_q_heads, seq_len, -1)
     scratch = None if grad_query.dtype == torch.float32 else query_rows.new_empty(
         (group, seq_len, query.shape[-1]), dtype=torch.float32)
     for kv_row in range(n_kv_rows):
         rows = query_rows[kv_row * group:(kv_row + 1) * group]
         sums = rows.zero_() if scratch is None else scratch.zero_()
-        key_value_grads(range(item_bounds[kv_row], item_bounds[kv_row + 1]), sums,
-                        gate_sums if gate_sums is not None else lse, kv_row * group)
+        key_value_grads(kv_row * items_per_row, items_per_row, sums, gate_sums if gate_sums is not None else lse,
+                        kv_row * group)
         if scratch is not None:
             rows.copy_(scratch)
     if gate_sums is not None and gate_sums is not grad_gate:

@@ -329,6 +329,51 @@ def test_the_autograd_backward_takes_the_default_launch_for_its_length(monkeypat
         assert_close(grad, reference, seed, f"grad of {name}", **GRAD_TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_key_block_entries_cover_every_kept_slot_once_grouped_by_key_block(chunk, seed):
+    # Brute force: the used, causally reachable slots; each must sit in exactly one item of its own
+    # (kv row, key block), chunks of at most ``chunk``, every row's items inside that row's range.
+    batch, q_heads, kv_heads, seq, query_block, key_block, top_k = 2, 4, 2, 80, 16, 16, 3
+    generator = torch.Generator().manual_seed(seed)
+    block_indices = draw_block_indices(generator, batch, q_heads, seq, query_block, key_block, top_k)
+    block_indices[0, 1, 2, 0] = 4  # a block after the query block's last query: not reachable
+    (slots, owners, starts, ends), per_row = backward_module._key_block_entries(
+        block_indices, seq, query_block, key_block, kv_heads, chunk)
+    n_key_blocks, group = seq // key_block, q_heads // kv_heads
+    expected = {}
+    for flat, block in enumerate(block_indices.reshape(-1).tolist()):
+        row, query_block_id = divmod(flat // top_k, block_indices.shape[2])
+        if block >= 0 and block * key_block <= min((query_block_id + 1) * query_block, seq) - 1:
+            kv = (row // q_heads) * kv_heads + (row % q_heads) // group
+            expected[flat] = kv * n_key_blocks + block
+    seen = []
+    for item, (owner, start, end) in enumerate(zip(owners.tolist(), starts.tolist(), ends.tolist())):
+        assert 0 <= end - start <= chunk
+        assert owner // n_key_blocks == item // per_row  # a kv row's items lie in its range
+        for entry in slots[start:end].tolist():
+            assert expected[entry] == owner
+            seen.append(entry)
+    assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's synchronisation check")
+def test_the_key_major_backward_never_waits_for_the_device():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = draw_qkv(generator, 1, 4, 2, 256, dtype=torch.bfloat16)
+    block_indices = draw_block_indices(generator, 1, 4, 256, 64, 64, 3).to(torch.int32)
+    output, lse, _ = forward_into_poisoned_buffers(query, key, value, block_indices, None, query_block=64,
+                                                   key_block=64, scale=0.1)
+    grads = (torch.empty_like(query), torch.zeros_like(key, dtype=torch.float32),
+             torch.zeros_like(value, dtype=torch.float32))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _launch_backward(query, key, value, block_indices, None, output, torch.randn_like(output), lse, *grads,
+                         None, query_block=64, key_block=64, scale=0.1, launch=LONG_BACKWARD_LAUNCH)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_wide_rows_always_branch_around_unreached_tiles():
     branch_free = KernelLaunch(skip_unreached=False, num_warps=8)
     assert launch_for_rows(branch_free, WIDE_ROWS) == branch_free
