@@ -24,7 +24,8 @@ import torch
 import triton
 from torch import Tensor
 
-from sparse_lens.errors import BlockSizeError
+from sparse_lens.errors import BlockSizeError, InvalidConfigError
+from sparse_lens.kernels.checks import is_int_at_least
 
 MAX_TILE = 64  # rows of a query tile and keys of a key tile, at most
 MIN_BLOCK = 16  # smallest tile tl.dot accepts
@@ -66,6 +67,8 @@ class KernelLaunch:
     within one head.
     ``l2_hints``: tiles read by many programs (k, v; q, dO in the key/value kernel) are loaded with
     ``eviction_policy="evict_last"``, those read once with ``"evict_first"``, to keep the former in L2.
+    Raises ``InvalidConfigError`` for a ``kv_chunk`` that is not an int >= 0, or ``dq_atomics``
+    without ``kv_chunk`` (it would be ignored).
     """
 
     num_warps: int = 4
@@ -78,6 +81,13 @@ class KernelLaunch:
     heads_inner: bool = False
     l2_hints: bool = False
     dq_atomics: bool = False
+
+    def __post_init__(self) -> None:
+        if not is_int_at_least(self.kv_chunk, 0):
+            raise InvalidConfigError(f"kv_chunk must be an int >= 0 (slots per chunk, 0: off), got {self.kv_chunk!r}.")
+        if self.dq_atomics and self.kv_chunk == 0:
+            raise InvalidConfigError("dq_atomics needs kv_chunk > 0: dq and d gate are added by the key/value "
+                                     "kernel, which runs only with kv_chunk.")
 
     def kernel_options(self) -> dict:
         """``num_warps`` / ``num_stages`` keyword arguments of a Triton launch."""

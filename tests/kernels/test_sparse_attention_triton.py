@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sparse_lens.errors import BlockSizeError, ShapeError
+from sparse_lens.errors import BlockSizeError, InvalidConfigError, ShapeError
 from sparse_lens.kernels.blocks import visible_key_blocks
 from sparse_lens.kernels.sparse_attention import block_sparse_attention
 from sparse_lens.kernels.sparse_attention_triton import (
@@ -372,6 +372,18 @@ def test_the_key_major_backward_never_waits_for_the_device():
                          None, query_block=64, key_block=64, scale=0.1, launch=LONG_BACKWARD_LAUNCH)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_launch_settings_that_would_be_ignored_raise():
+    # dq_atomics acts inside the key/value kernel only: without kv_chunk the backward would silently
+    # run the one-kernel order (and a sweep would time it under a dq=1 label).
+    with pytest.raises(InvalidConfigError, match="dq_atomics needs kv_chunk"):
+        KernelLaunch(dq_atomics=True)
+    with pytest.raises(InvalidConfigError, match="kv_chunk"):
+        KernelLaunch(kv_chunk=-1)
+    with pytest.raises(InvalidConfigError, match="dq_atomics needs kv_chunk"):
+        replace(LONG_BACKWARD_LAUNCH, kv_chunk=0)
+    assert KernelLaunch(kv_chunk=1, dq_atomics=True).dq_atomics
 
 
 def test_wide_rows_always_branch_around_unreached_tiles():
