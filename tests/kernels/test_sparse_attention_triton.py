@@ -52,6 +52,7 @@ TOLERANCE = {
 GRAD_TOLERANCE = {
     torch.float32: TOLERANCE[torch.float32],
     torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
 }
 
 
@@ -434,3 +435,41 @@ def test_d_head_256_at_64_token_blocks_matches_the_reference(seed, dtype):
     for grad, reference, name in zip(grads, torch.autograd.grad(expected[0], exact, grad_output), ("query", "key", "value")):
         scale = reference.abs().max().clamp(min=1.0)
         assert_close(grad.float() / scale, reference / scale, seed, f"grad of {name}", **GRAD_TOLERANCE[dtype])
+
+
+DQ_ATOMICS_BUFFER_CASES = {
+    # name: (batch, q_heads, kv_heads, dtype, gate dtype): the key-major backward's dq and d gate are fp32
+    # sums, made in place where grad_query / grad_gate are fp32, else in fp32 buffers cast into them.
+    "fp16_inputs_fp16_gates": (2, 4, 2, torch.float16, torch.float16),
+    "fp32_inputs_bf16_gates_mha": (2, 2, 2, torch.float32, torch.bfloat16),
+    "bf16_inputs_fp32_gates_group_of_8": (1, 8, 1, torch.bfloat16, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", DQ_ATOMICS_BUFFER_CASES.values(), ids=DQ_ATOMICS_BUFFER_CASES.keys())
+def test_the_key_major_backward_fills_dq_and_dgate_of_every_dtype(case, seed):
+    # Into NaN-filled grad_query / grad_gate: every element must be written, in the caller's dtype, and
+    # match autograd through the float32 reference on the same (rounded) inputs and gates.
+    batch, q_heads, kv_heads, dtype, gate_dtype = case
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = draw_qkv(generator, batch, q_heads, kv_heads, 48, dtype=dtype)
+    block_indices = draw_block_indices(generator, batch, q_heads, 48, 16, 16, 3)
+    block_indices[0, -1, 1] = -1  # a query block that keeps nothing
+    gate = torch.rand(block_indices.shape, generator=generator).to(DEVICE, gate_dtype)
+    blocks = dict(query_block=16, key_block=16, scale=0.35)
+    output, lse, _ = forward_into_poisoned_buffers(query, key, value, block_indices, gate, **blocks)
+    grad_output = torch.randn(output.shape, generator=generator).to(DEVICE, dtype)
+    grad_query, grad_gate = torch.full_like(query, float("nan")), torch.full_like(gate, float("nan"))
+    grad_key = torch.zeros_like(key, dtype=torch.float32)
+    grad_value = torch.zeros_like(value, dtype=torch.float32)
+    _launch_backward(query, key, value, block_indices.to(torch.int32), gate, output, grad_output, lse, grad_query,
+                     grad_key, grad_value, grad_gate, launch=replace(LONG_BACKWARD_LAUNCH, kv_chunk=2), **blocks)
+    exact = [tensor.float().requires_grad_() for tensor in (query, key, value, gate)]
+    expected_output = reference_with_autograd(*exact[:3], block_indices, block_gate=exact[3], **blocks)[0]
+    expected_grads = torch.autograd.grad(expected_output, exact, grad_output.float())
+    assert grad_query.dtype == dtype and grad_gate.dtype == gate_dtype
+    for grad, reference, name in zip((grad_query, grad_key, grad_value, grad_gate), expected_grads,
+                                     ("query", "key", "value", "gate")):
+        tolerance = max((GRAD_TOLERANCE[dtype], GRAD_TOLERANCE[grad.dtype]), key=lambda close: close["atol"])
+        scale = reference.abs().max().clamp(min=1.0)
+        assert_close(grad.float() / scale, reference / scale, seed, f"grad of {name}", **tolerance)
