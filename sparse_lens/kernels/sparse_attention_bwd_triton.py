@@ -10,7 +10,7 @@ dq and d gate belong to one program and are stored plainly. A key block is kept 
 blocks (and, with GQA, by several query heads), so dk and dv meet from many programs. By
 default (``kv_chunk = 0``) each tile's dk and dv are added with ``tl.atomic_add`` into fp32
 [batch, kv_head, seq, d] buffers (``top_k * key_block * (d + d_value)`` adds per query block).
-With ``kv_chunk = n`` the backward kernel makes dq, d gate and ``delta`` only, and
+With ``kv_chunk = n`` the backward kernel makes dq, d gate, d sinks and ``delta`` only, and
 ``key_value_grad_kernel`` makes dk and dv by key tile: ``_key_block_entries`` sorts the slots
 by (kv row, key block) on the device (a stable argsort, a histogram and a search per call, with
 no host synchronisation: a key head's programs are laid out for the most it can need, the unused
@@ -18,10 +18,12 @@ ones empty), one program per key tile and chunk of at most ``n`` of its block's 
 dk, dv in registers and adds them once (chunks, because the sink block is kept by every query
 block). That recomputes ``s`` and ``dp`` (7 tile products instead of 5) for far fewer atomics.
 ``dq_atomics`` (with ``kv_chunk``) turns that around as FlashAttention-2 does: the first kernel
-makes ``delta`` only and the key/value kernel also dq and d gate from its own tile products (5
-again), adding each slot's share with fp32 atomics (dq: ``key_block * d`` adds per slot, half of
-dk's and dv's). Either way the buffers are cast to the input dtype at the end, and the order of
-the fp32 sums (hence the last bits of dk, dv) varies from run to run.
+makes ``delta`` (and d sinks) only and the key/value kernel also dq and d gate from its own tile
+products (5 again), adding each slot's share with fp32 atomics (dq: ``query_block * d`` adds per slot
+and key tile, against ``kv_chunk = 0``'s ``key_block * (d + d_value)`` dk / dv adds per slot and
+query tile). Either way the fp32 buffers are cast to the input dtype at the end (dq: one GQA group
+at a time), and the order of the fp32 sums (hence the last bits of dk, dv, and with ``dq_atomics``
+of dq and d gate) varies from run to run.
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ def backward_kernel(
 ):
     """One (query head, query block): ``delta`` (stored unless ``KV_GRADS``), d sinks, and with
     ``QUERY_GRADS`` dq and d gate (plain stores) and with ``KV_GRADS`` dk / dv (atomics). Without
-    ``QUERY_GRADS`` (``KernelLaunch.dq_atomics``) the key/value kernel makes all of them but delta."""
+    ``QUERY_GRADS`` (``KernelLaunch.dq_atomics``) the key/value kernel makes dq and d gate; delta
+    and d sinks are still made here."""
     query_block_id, batch_head = block_and_head(n_q_heads, n_kv_heads, HEADS_INNER)
     kv_batch_head = kv_row(batch_head, n_q_heads, n_kv_heads)
     query_offset, key_offset = batch_head * seq_len * d_head, kv_batch_head * seq_len * d_head
@@ -217,8 +220,8 @@ def key_value_grad_kernel(
     block (``_key_block_entries``), summed in registers and added once (fp32 atomics: a block's
     chunks meet there). ``QUERY_GRADS`` (``KernelLaunch.dq_atomics``): also each slot's share of dq
     and d gate, added with fp32 atomics to ``grad_query_sums_ptr`` (fp32 [rows, seq, d_head]: query
-    row ``batch * q_head + head`` at row ``- first_sum_row``) and ``grad_gate_sums_ptr`` (fp32, like
-    ``block_indices``), zero on entry. Program ``i`` runs item ``first_item + i``."""
+    row ``r = batch * n_q_heads + q_head`` at row ``r - first_sum_row``) and ``grad_gate_sums_ptr``
+    (fp32, like ``block_indices``), zero on entry. Program ``i`` runs item ``first_item + i``."""
     item = first_item + tl.program_id(0)
     owner = tl.load(item_owners_ptr + item).to(tl.int64)  # kv row * n_key_blocks + key block
     kv_batch_head, key_block_id = owner // n_key_blocks, owner % n_key_blocks
@@ -329,11 +332,13 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     ``lse`` and ``grad_output`` (like ``output``): ``grad_query`` (like ``query``) and ``grad_gate``
     are overwritten, ``grad_key``, ``grad_value`` (fp32 [batch, kv_head, seq, d], zero on entry)
     and ``grad_sinks`` (fp32 [q_head], zero on entry) are accumulated into with atomics.
-    With ``launch.kv_chunk`` the first kernel makes dq (and ``delta``) only, and
+    With ``launch.kv_chunk`` the first kernel makes dq, d gate, d sinks and ``delta``, and
     ``key_value_grad_kernel`` dk and dv; with ``launch.dq_atomics`` too, the first kernel makes
     ``delta`` (and d sinks) only, and the key/value kernel everything else, dq and d gate by fp32
-    atomics (into fp32 buffers here, cast into ``grad_query`` / ``grad_gate`` at the end, unless
-    those are fp32 already). ``launch`` None: ``backward_launch``'s for the sizes."""
+    atomics: dq one GQA group at a time, in place where ``grad_query`` is fp32, else into an fp32
+    buffer of [group, seq, d_head] cast into ``grad_query`` after each group; d gate in place where
+    ``grad_gate`` is fp32, else into an fp32 copy cast at the end. ``grad_query`` must then be
+    contiguous. ``launch`` None: ``backward_launch``'s for the sizes."""
     batch, n_q_heads, seq_len = query.shape[:3]
     if launch is None:
         launch = backward_launch(seq_len, max(query.shape[-1], value.shape[-1]))

@@ -61,7 +61,8 @@ class KernelLaunch:
     dq and d gate from the same tile products, adding each slot's share with fp32 atomics, and the
     first kernel only ``delta`` (FlashAttention-2's backward: no tile product made twice, 5 per
     (slot, query tile) instead of ``kv_chunk``'s 7, k and v read once per chunk; the price: dq
-    atomics and an fp32 dq buffer, 4 bytes per query element). ``heads_inner``: the grid runs the
+    atomics, an fp32 buffer of one GQA group's dq, 4 x group x seq x d_head bytes (none where dq is
+    fp32), and dq / d gate whose last bits vary from run to run). ``heads_inner``: the grid runs the
     query heads of a GQA group side by side on each query block (so that programs running together
     read one key head's blocks: its local and shared picks hit L2); else query blocks vary fastest,
     within one head.
