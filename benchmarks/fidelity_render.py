@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from benchmarks.fidelity_render_gemma3 import gemma3_section, is_gemma3
-from benchmarks.fidelity_render_oracle import oracle_section, representative_keys_section
+from benchmarks.fidelity_render_oracle import causal_oracle_section, oracle_section, representative_keys_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -307,6 +307,9 @@ def render_page(results: Path = RESULTS) -> str:
     representative_keys = load("fidelity_e2e_8192_rk.json", results)
     if representative_keys:
         lines += representative_keys_section(representative_keys)
+        causal_oracle = load("fidelity_e2e_8192_oracle_causal.json", results)
+        if causal_oracle:
+            lines += [""] + causal_oracle_section(representative_keys, causal_oracle)
     return "\n".join(lines).rstrip() + "\n"
 
 
