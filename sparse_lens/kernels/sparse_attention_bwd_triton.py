@@ -350,6 +350,18 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
                             scale=scale, launch=launch)
     split = launch.kv_chunk > 0
     fused = split and launch.dq_atomics
+    n_kv_rows, group = batch * key.shape[1], n_q_heads // key.shape[1]
+    # What the key/value kernel needs is made before any kernel runs: a failure there (out of memory
+    # for the slot table or the dq buffer) leaves the accumulated buffers as they were.
+    if split:
+        entries, items_per_row = _key_block_entries(block_indices, seq_len, query_block, key_block, key.shape[1],
+                                                    launch.kv_chunk)
+    if fused:
+        gate_sums = None if block_gate is None else (grad_gate.zero_() if grad_gate.dtype == torch.float32
+                                                     else torch.zeros_like(grad_gate, dtype=torch.float32))
+        query_rows = grad_query.view(batch * n_q_heads, seq_len, -1)
+        scratch = None if grad_query.dtype == torch.float32 else query_rows.new_empty(
+            (group, seq_len, query.shape[-1]), dtype=torch.float32)
     delta: Float[Tensor, "batch q_head seq"] | None = lse.new_empty(lse.shape) if split else None
     backward_kernel[grid](
         query, key, value, block_indices, gate_args[0], sink_args[0], output, grad_output, lse,
@@ -359,8 +371,6 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     )
     if not split:
         return
-    entries, items_per_row = _key_block_entries(block_indices, seq_len, query_block, key_block, key.shape[1],
-                                                launch.kv_chunk)
     unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED", "HEADS_INNER")
     constants = {name: setting for name, setting in config.items() if name not in unused}
 
@@ -373,17 +383,11 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
             **constants, QUERY_GRADS=fused, **launch.kernel_options(),
         )
 
-    n_kv_rows, group = batch * key.shape[1], n_q_heads // key.shape[1]
     if not fused:
         key_value_grads(0, n_kv_rows * items_per_row, grad_query, gate_args[1], 0)
         return
     # dq sums one GQA group at a time (its query heads read one key head, whose items are contiguous):
     # an fp32 buffer of group x seq x d_head instead of the whole dq's, cast into grad_query after each.
-    gate_sums = None if block_gate is None else (
-        grad_gate.zero_() if grad_gate.dtype == torch.float32 else torch.zeros_like(grad_gate, dtype=torch.float32))
-    query_rows = grad_query.view(batch * n_q_heads, seq_len, -1)
-    scratch = None if grad_query.dtype == torch.float32 else query_rows.new_empty(
-        (group, seq_len, query.shape[-1]), dtype=torch.float32)
     for kv_row in range(n_kv_rows):
         rows = query_rows[kv_row * group:(kv_row + 1) * group]
         sums = rows.zero_() if scratch is None else scratch.zero_()

@@ -375,6 +375,29 @@ def test_the_key_major_backward_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_a_key_major_backward_failing_before_its_kernels_leaves_every_buffer_as_it_was(monkeypatch, seed):
+    # E.g. out of memory for its slot table (``_key_block_entries``, ~90 B per slot while it is made:
+    # gigabytes for a dense band's rows at 256k tokens): grad_sinks / grad_key / grad_value are
+    # accumulated into, so they must not have been added to already, nor grad_query written.
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(backward_module, "_key_block_entries", out_of_memory)
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = draw_qkv(generator, 1, 2, 1, 32)
+    block_indices = draw_block_indices(generator, 1, 2, 32, 16, 16, 2).to(torch.int32)
+    sinks = torch.randn(2, generator=generator).to(DEVICE)
+    blocks = dict(query_block=16, key_block=16, scale=0.35, sinks=sinks)
+    output, lse, _ = forward_into_poisoned_buffers(query, key, value, block_indices, None, **blocks)
+    grad_query = torch.full_like(query, float("nan"))
+    grad_key, grad_value, grad_sinks = torch.zeros_like(key), torch.zeros_like(value), torch.zeros_like(sinks)
+    with pytest.raises(torch.OutOfMemoryError):
+        _launch_backward(query, key, value, block_indices, None, output, torch.randn_like(output), lse, grad_query,
+                         grad_key, grad_value, None, grad_sinks=grad_sinks, launch=LONG_BACKWARD_LAUNCH, **blocks)
+    assert torch.all(grad_sinks == 0) and torch.all(grad_key == 0) and torch.all(grad_value == 0)
+    assert torch.all(grad_query.isnan())
+
+
 def test_launch_settings_that_would_be_ignored_raise():
     # dq_atomics acts inside the key/value kernel only: without kv_chunk the backward would silently
     # run the one-kernel order (and a sweep would time it under a dq=1 label).
