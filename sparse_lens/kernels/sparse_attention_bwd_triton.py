@@ -204,7 +204,7 @@ def backward_kernel(
         tl.store(grad_gate_at, gate_grad.to(grad_gate_ptr.dtype.element_ty), mask=slot_ids < top_k)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_item", "first_sum_row"])  # one compile for every key head's launch
 def key_value_grad_kernel(
     query_ptr, key_ptr, value_ptr, block_gate_ptr, grad_output_ptr, lse_ptr, delta_ptr,
     entry_slots_ptr, item_owners_ptr, item_starts_ptr, item_ends_ptr, grad_key_ptr, grad_value_ptr,
@@ -297,9 +297,9 @@ def _key_block_entries(block_indices: Tensor, seq_len: int, query_block: int, ke
     query_row, query_block_id = slot_at // (n_query_blocks * top_k), (slot_at // top_k) % n_query_blocks
     last_query = torch.clamp((query_block_id + 1) * query_block, max=seq_len) - 1
     kept = (flat >= 0) & (flat * key_block <= last_query)
-    kv_row = (query_row // n_q_heads) * n_kv_heads + (query_row % n_q_heads) // group
+    key_row = (query_row // n_q_heads) * n_kv_heads + (query_row % n_q_heads) // group
     n_owners = n_rows * n_key_blocks
-    owners = torch.where(kept, kv_row * n_key_blocks + flat, n_owners)  # unkept slots: past every owner
+    owners = torch.where(kept, key_row * n_key_blocks + flat, n_owners)  # unkept slots: past every owner
     order = torch.argsort(owners, stable=True)
     index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
     entry_slots = slot_at[order].to(index_dtype)
@@ -341,7 +341,7 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
     contiguous. ``launch`` None: ``backward_launch``'s for the sizes."""
     batch, n_q_heads, seq_len = query.shape[:3]
     if launch is None:
-        launch = backward_launch(seq_len, max(query.shape[-1], value.shape[-1]))
+        launch = backward_launch(seq_len, max(query.shape[-1], value.shape[-1]), block_indices.shape[-1])
     grid = query_grid(block_indices.shape[2], batch, n_q_heads, key.shape[1], launch.heads_inner)
     gate_args = (block_gate, grad_gate) if block_gate is not None else (lse, lse)  # unread placeholders
     sink_args = (sinks, grad_sinks) if sinks is not None else (lse, lse)
@@ -388,11 +388,11 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
         return
     # dq sums one GQA group at a time (its query heads read one key head, whose items are contiguous):
     # an fp32 buffer of group x seq x d_head instead of the whole dq's, cast into grad_query after each.
-    for kv_row in range(n_kv_rows):
-        rows = query_rows[kv_row * group:(kv_row + 1) * group]
+    for key_row in range(n_kv_rows):  # batch * n_kv_heads + kv head
+        rows = query_rows[key_row * group:(key_row + 1) * group]
         sums = rows.zero_() if scratch is None else scratch.zero_()
-        key_value_grads(kv_row * items_per_row, items_per_row, sums, gate_sums if gate_sums is not None else lse,
-                        kv_row * group)
+        key_value_grads(key_row * items_per_row, items_per_row, sums, gate_sums if gate_sums is not None else lse,
+                        key_row * group)
         if scratch is not None:
             rows.copy_(scratch)
     if gate_sums is not None and gate_sums is not grad_gate:

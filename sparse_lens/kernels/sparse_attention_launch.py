@@ -4,8 +4,8 @@
 loop, which tiles are masked, tile sizes, the split dk / dv backward, the grid order, L2 hints);
 every setting leaves the results unchanged up to fp32 rounding. ``FORWARD_LAUNCH`` /
 ``BACKWARD_LAUNCH``: the defaults, the fastest of the first H200 sweep (figures in
-``sparse_attention_triton``); from ``LONG_BACKWARD_FROM`` tokens on (head dims up to 128) the
-backward runs ``LONG_BACKWARD_LAUNCH`` (``backward_launch``). The plan of one launch: ``query_grid`` (one program per query block
+``sparse_attention_triton``); from ``LONG_BACKWARD_FROM`` tokens on (head dims up to 128, rows of
+up to ``WIDE_ROWS`` slots) the backward runs ``LONG_BACKWARD_LAUNCH`` (``backward_launch``). The plan of one launch: ``query_grid`` (one program per query block
 and query head), ``launch_for_rows`` (branch on rows wider than ``WIDE_ROWS`` slots),
 ``fit_shared_memory`` (fewer stages / smaller tiles where the tiles' ``shared_memory_bytes`` exceed
 ``SHARED_MEMORY_BUDGET``, e.g. d_head 256: the backward, and float32's forward), ``launch_for_sizes``
@@ -119,12 +119,14 @@ def query_grid(n_query_blocks: int, batch: int, n_q_heads: int, n_kv_heads: int,
     return (n_query_blocks, batch * n_q_heads)
 
 
-def backward_launch(seq_len: int, head_dim: int) -> KernelLaunch:
-    """The backward's default launch for ``seq_len`` tokens and the larger of the query / value head
-    dims: ``LONG_BACKWARD_LAUNCH`` from ``LONG_BACKWARD_FROM`` tokens on and up to
-    ``LONG_BACKWARD_MAX_HEAD_DIM`` (measured ahead at 256k and beyond, behind at 128k; lengths
-    between are unmeasured), else ``BACKWARD_LAUNCH``."""
-    if seq_len >= LONG_BACKWARD_FROM and head_dim <= LONG_BACKWARD_MAX_HEAD_DIM:
+def backward_launch(seq_len: int, head_dim: int, top_k: int) -> KernelLaunch:
+    """The backward's default launch for ``seq_len`` tokens, the larger of the query / value head
+    dims and ``top_k`` slots per row: ``LONG_BACKWARD_LAUNCH`` from ``LONG_BACKWARD_FROM`` tokens on,
+    up to ``LONG_BACKWARD_MAX_HEAD_DIM`` and ``WIDE_ROWS`` slots (measured ahead at 256k and beyond,
+    behind at 128k, at top_k 16; lengths between are unmeasured; a dense band's thousands of slots
+    per row would make its slot table, about 90 bytes a slot while it is built, tens of gigabytes),
+    else ``BACKWARD_LAUNCH``."""
+    if seq_len >= LONG_BACKWARD_FROM and head_dim <= LONG_BACKWARD_MAX_HEAD_DIM and top_k <= WIDE_ROWS:
         return LONG_BACKWARD_LAUNCH
     return BACKWARD_LAUNCH
 

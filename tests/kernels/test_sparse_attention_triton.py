@@ -293,10 +293,11 @@ def test_every_launch_variant_matches_the_reference_forward_and_backward(case, l
 
 
 def test_long_sequences_default_to_the_key_major_backward_where_measured():
-    assert backward_launch(LONG_BACKWARD_FROM - 1, 128) == BACKWARD_LAUNCH
-    assert backward_launch(LONG_BACKWARD_FROM, 128) == LONG_BACKWARD_LAUNCH
+    assert backward_launch(LONG_BACKWARD_FROM - 1, 128, 16) == BACKWARD_LAUNCH
+    assert backward_launch(LONG_BACKWARD_FROM, 128, 16) == LONG_BACKWARD_LAUNCH
+    assert backward_launch(LONG_BACKWARD_FROM, 128, WIDE_ROWS + 1) == BACKWARD_LAUNCH  # a dense band's rows
     assert LONG_BACKWARD_LAUNCH.kv_chunk > 0 and LONG_BACKWARD_LAUNCH.dq_atomics
-    assert backward_launch(4 * LONG_BACKWARD_FROM, 256) == BACKWARD_LAUNCH  # unmeasured; shared memory
+    assert backward_launch(4 * LONG_BACKWARD_FROM, 256, 16) == BACKWARD_LAUNCH  # unmeasured; shared memory
 
 
 def test_the_autograd_backward_takes_the_default_launch_for_its_length(monkeypatch, seed):

@@ -133,7 +133,7 @@ def measure(case):
     # The long sequences' backward (FlashAttention-2's order), where it is the default (head dims up to
     # 128): its key/value kernel must fit as well (shared_memory_bytes does not model it: the budget
     # is its bound).
-    if backward_launch(LONG_BACKWARD_FROM, d) != LONG_BACKWARD_LAUNCH:
+    if backward_launch(LONG_BACKWARD_FROM, d, top_k) != LONG_BACKWARD_LAUNCH:
         return rows
     launch_backward(query, key, key, block_indices, gate, output, output, lse, torch.empty_like(query),
                     torch.empty(key.shape), torch.empty(key.shape), gate, launch=LONG_BACKWARD_LAUNCH, **blocks)
