@@ -306,7 +306,8 @@ def render_page(results: Path = RESULTS) -> str:
         lines += causal_section(causal_runs)
     representative_keys = load("fidelity_e2e_8192_rk.json", results)
     if representative_keys:
-        lines += representative_keys_section(representative_keys)
+        wider = load("fidelity_e2e_8192_beam.json", results)  # the wider beams, a later run of the same harness
+        lines += representative_keys_section(representative_keys, wider)
         causal_oracle = load("fidelity_e2e_8192_oracle_causal.json", results)
         if causal_oracle:
             lines += [""] + causal_oracle_section(representative_keys, causal_oracle)
