@@ -373,27 +373,28 @@ def launch_backward(query, key, value, block_indices, block_gate, output, grad_o
         return
     unused = ("SLOTS", "HAS_SINKS", "SKIP_UNREACHED", "HEADS_INNER")
     constants = {name: setting for name, setting in config.items() if name not in unused}
-
-    def key_value_grads(first_item: int, n_items: int, query_sums: Tensor, gate_sums: Tensor,
-                        first_sum_row: int) -> None:
+    # Without dq_atomics one launch runs every item. With it, dq is summed one GQA group at a time
+    # (its query heads read one key head, whose items are contiguous): an fp32 buffer of group x seq
+    # x d_head instead of the whole dq's, cast into grad_query after each group.
+    groups = range(n_kv_rows) if fused else [None]
+    for key_row in groups:  # batch * n_kv_heads + kv head
+        if key_row is None:  # every item in one launch; dq and d gate unread
+            first_item, n_items, first_sum_row = 0, n_kv_rows * items_per_row, 0
+            query_sums, gate_out = grad_query, gate_args[1]
+        else:
+            rows = query_rows[key_row * group:(key_row + 1) * group]
+            query_sums = rows.zero_() if scratch is None else scratch.zero_()
+            first_item, n_items, first_sum_row = key_row * items_per_row, items_per_row, key_row * group
+            gate_out = gate_sums if gate_sums is not None else lse
         key_value_grad_kernel[(n_items, key_block // config["KEY_TILE"])](
             query, key, value, gate_args[0], grad_output, lse, delta, *entries, grad_key, grad_value,
-            query_sums, gate_sums, first_item, first_sum_row, float(scale), *feature_args(window, softcap),
+            query_sums, gate_out, first_item, first_sum_row, float(scale), *feature_args(window, softcap),
             seq_len, num_blocks(seq_len, key_block), *block_indices.shape[2:], query.shape[-1], value.shape[-1],
             **constants, QUERY_GRADS=fused, **launch.kernel_options(),
         )
-
-    if not fused:
-        key_value_grads(0, n_kv_rows * items_per_row, grad_query, gate_args[1], 0)
-        return
-    # dq sums one GQA group at a time (its query heads read one key head, whose items are contiguous):
-    # an fp32 buffer of group x seq x d_head instead of the whole dq's, cast into grad_query after each.
-    for key_row in range(n_kv_rows):  # batch * n_kv_heads + kv head
-        rows = query_rows[key_row * group:(key_row + 1) * group]
-        sums = rows.zero_() if scratch is None else scratch.zero_()
-        key_value_grads(key_row * items_per_row, items_per_row, sums, gate_sums if gate_sums is not None else lse,
-                        key_row * group)
-        if scratch is not None:
+        if key_row is not None and scratch is not None:
             rows.copy_(scratch)
+    if not fused:
+        return
     if gate_sums is not None and gate_sums is not grad_gate:
         grad_gate.copy_(gate_sums)
