@@ -5,12 +5,12 @@ loop, which tiles are masked, tile sizes, the split dk / dv backward, the grid o
 every setting leaves the results unchanged up to fp32 rounding. ``FORWARD_LAUNCH`` /
 ``BACKWARD_LAUNCH``: the defaults, the fastest of the first H200 sweep (figures in
 ``sparse_attention_triton``); from ``LONG_BACKWARD_FROM`` tokens on (head dims up to 128, rows of
-up to ``WIDE_ROWS`` slots) the backward runs ``LONG_BACKWARD_LAUNCH`` (``backward_launch``). The plan of one launch: ``query_grid`` (one program per query block
-and query head), ``launch_for_rows`` (branch on rows wider than ``WIDE_ROWS`` slots),
-``fit_shared_memory`` (fewer stages / smaller tiles where the tiles' ``shared_memory_bytes`` exceed
-``SHARED_MEMORY_BUDGET``, e.g. d_head 256: the backward, and float32's forward), ``launch_for_sizes``
-(both, as the launches use them),
-``launch_config`` (the kernels' compile-time constants), ``kernel_sizes`` and ``feature_args``
+up to ``WIDE_ROWS`` slots) the backward runs ``LONG_BACKWARD_LAUNCH`` (``backward_launch``). The
+plan of one launch: ``query_grid`` (one program per query block and query head),
+``launch_for_rows`` (branch on rows wider than ``WIDE_ROWS`` slots), ``fit_shared_memory`` (fewer
+stages / smaller tiles where the tiles' ``shared_memory_bytes`` exceed ``SHARED_MEMORY_BUDGET``,
+e.g. d_head 256: the backward, and float32's forward), ``launch_for_sizes`` (both, as the launches
+use them), ``launch_config`` (the kernels' compile-time constants), ``kernel_sizes`` and ``feature_args``
 (their runtime integer and feature arguments). ``check_triton_block_sizes`` and the tile limits
 ``MAX_TILE`` / ``MIN_BLOCK``, the ``SUPPORTED_DTYPES``.
 """
@@ -103,7 +103,7 @@ BACKWARD_LAUNCH = KernelLaunch(num_warps=8, skip_unreached=False, mask_all=False
 # Stream's top-16, effective TFLOP/s of BACKWARD_LAUNCH / this (benchmarks/results/h200_2026-12-01s10/c2/):
 # Qwen2.5-1.5B heads 149 / 137 at 128k, 135 / 149 at 256k, 122 / 153 at 512k, 115 / 155 at 1M; Llama-3.1-8B
 # heads 152 / 147 at 128k, 121 / 153 at 512k, 114 / 153 at 1M (chunks of 64 slots: within 1-3% of 128).
-# BACKWARD_LAUNCH's fp32 dk / dv atomics (64 KB per kept tile) stop hitting L2 as the sequence grows.
+# Likely (not profiled): BACKWARD_LAUNCH's fp32 dk / dv atomics (64 KB per kept tile) miss L2 more as T grows.
 LONG_BACKWARD_LAUNCH = KernelLaunch(num_warps=8, skip_unreached=False, mask_all=False, kv_chunk=128, dq_atomics=True)
 LONG_BACKWARD_FROM = 262_144  # tokens
 LONG_BACKWARD_MAX_HEAD_DIM = 128  # measured there only; at 256 its key/value kernel can exceed shared memory

@@ -17,7 +17,8 @@ The pieces (each module's docstring has the details):
 - ``sparse_attention_tiles``: the device helpers both share (tile loads and stores,
   products, base-2 scores and the soft-cap, the causal / window mask, the per-tile plan);
 - ``sparse_attention_launch``: ``KernelLaunch``, the default launches ``FORWARD_LAUNCH`` /
-  ``BACKWARD_LAUNCH`` / ``LONG_BACKWARD_LAUNCH`` (``backward_launch`` picks by length), the grid and the kernels' compile-time constants;
+  ``BACKWARD_LAUNCH`` / ``LONG_BACKWARD_LAUNCH`` (``backward_launch`` picks by length), the grid
+  and the kernels' compile-time constants;
 - here: ``block_sparse_attention_triton`` (checks its inputs once, runs the autograd Function that
   calls the two launches) and the names other modules, tests and benchmarks import from this module.
 
