@@ -83,7 +83,7 @@ from sparse_lens.kernels.sparse_attention_tiles import (
     load_rows,
     load_tile,
     scores_log2,
-    tile_plan,
+    step_tile_plan,
     visibility,
 )
 
@@ -141,11 +141,9 @@ def _candidate_mass(
         row_max = tl.full([QUERY_TILE], float("-inf"), dtype=tl.float32)
         slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
         for step in tl.range(0, width * TILES):  # (slot, key tile) pairs, key tiles fastest
-            slot = step // TILES
-            key_block_id = tl.load(candidates_ptr + slots_row + slot)
-            first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
-            reached, mask_first_key, load_first_key, needs_mask = tile_plan(
-                key_block_id, first_key, first_query, last_query, seq_len, 0, QUERY_TILE, KEY_TILE, False)
+            slot, reached, mask_first_key, load_first_key, needs_mask = step_tile_plan(
+                step, candidates_ptr, slots_row, first_query, last_query, seq_len, 0, KEY_BLOCK, TILES, QUERY_TILE,
+                KEY_TILE, False)
             if MASKED_LOOP:  # no branch: an unreached tile is read at block 0 and masked (adds 0)
                 row_max, slot_sums = _add_key_tile(
                     queries, key_base, mask_first_key, load_first_key, needs_mask, row_limit, query_pos, seq_len,

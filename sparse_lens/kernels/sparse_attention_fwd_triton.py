@@ -46,8 +46,8 @@ from sparse_lens.kernels.sparse_attention_tiles import (
     kv_row,
     load_tile,
     scores_log2,
+    step_tile_plan,
     store_rows,
-    tile_plan,
     visibility,
 )
 
@@ -130,12 +130,10 @@ def forward_kernel(
         slot_sums = tl.zeros([QUERY_TILE, SLOTS], dtype=tl.float32)
         accumulator = tl.zeros([QUERY_TILE, BLOCK_DV], dtype=tl.float32)
         for step in tl.range(0, top_k * TILES):  # (slot, key tile) pairs, key tiles fastest
-            slot = step // TILES
-            key_block_id = tl.load(block_indices_ptr + slots_row + slot)
+            slot, reached, mask_first_key, load_first_key, needs_mask = step_tile_plan(
+                step, block_indices_ptr, slots_row, first_query, last_query, seq_len, window, KEY_BLOCK, TILES,
+                QUERY_TILE, KEY_TILE, HAS_WINDOW)
             gate = tl.load(block_gate_ptr + slots_row + slot).to(tl.float32) if HAS_GATE else 1.0
-            first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
-            reached, mask_first_key, load_first_key, needs_mask = tile_plan(
-                key_block_id, first_key, first_query, last_query, seq_len, window, QUERY_TILE, KEY_TILE, HAS_WINDOW)
             if SKIP_UNREACHED:  # branch around unreached tiles (no load, no product)
                 if reached:
                     accumulator, row_max, row_sum, slot_sums = _forward_step(

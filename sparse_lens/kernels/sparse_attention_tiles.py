@@ -7,7 +7,7 @@ head: ``kv_row`` (GQA). Tile products with fp32 accumulation: ``dot``, ``dot_int
 bf16 operands multiplied in fp32, the Triton interpreter's workaround). Scores: ``scores_log2``
 (base 2, the scale folded into the caller's exp2, the optional soft-cap ``soft_cap``),
 ``masked_scores``; the causal / window mask: ``visibility``; per key tile, what to load and whether
-to mask: ``tile_plan``. The forward (``sparse_attention_fwd_triton``) and backward
+to mask: ``tile_plan``, and per step of the (slot, key tile) loop: ``step_tile_plan``. The forward (``sparse_attention_fwd_triton``) and backward
 (``sparse_attention_bwd_triton``) kernels use them, ``rescore_triton`` and ``block_mass_triton``
 some; ``sparse_attention_triton``'s docstring maps the pieces.
 """
@@ -170,3 +170,18 @@ def tile_plan(key_block_id, first_key, first_query, last_query, seq_len, window,
         needs_mask = needs_mask | (first_key <= last_query - window)
     return reached, mask_first_key, tl.where(reached, first_key, 0), needs_mask
 
+
+@triton.jit
+def step_tile_plan(step, block_indices_ptr, slots_row, first_query, last_query, seq_len, window,
+                   KEY_BLOCK: tl.constexpr, TILES: tl.constexpr, QUERY_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr):
+    """Step ``step`` of a query tile's loop over its row's (slot, key tile) pairs, key tiles fastest
+    (``TILES`` key tiles per block): ``(slot, reached, mask_first_key, load_first_key, needs_mask)``,
+    the slot read from the row at ``block_indices_ptr + slots_row`` and ``tile_plan``'s four for key
+    tile ``step % TILES`` of its block."""
+    slot = step // TILES
+    key_block_id = tl.load(block_indices_ptr + slots_row + slot)
+    first_key = key_block_id * KEY_BLOCK + (step % TILES) * KEY_TILE
+    reached, mask_first_key, load_first_key, needs_mask = tile_plan(
+        key_block_id, first_key, first_query, last_query, seq_len, window, QUERY_TILE, KEY_TILE, HAS_WINDOW)
+    return slot, reached, mask_first_key, load_first_key, needs_mask
