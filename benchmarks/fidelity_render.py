@@ -33,6 +33,9 @@ ESTIMATOR_NAMES = {
 }
 
 
+BEAM_COSTS = "h200_2026-12-01s10/c8/rescore_beams.json"
+
+
 def load(name: str, results: Path = RESULTS) -> dict | None:
     path = results / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -307,7 +310,8 @@ def render_page(results: Path = RESULTS) -> str:
     representative_keys = load("fidelity_e2e_8192_rk.json", results)
     if representative_keys:
         wider = load("fidelity_e2e_8192_beam.json", results)  # the wider beams, a later run of the same harness
-        lines += representative_keys_section(representative_keys, wider)
+        costs = load(BEAM_COSTS, results)  # their cost on the H200 (benchmarks/rescore.py)
+        lines += representative_keys_section(representative_keys, wider, costs)
         causal_oracle = load("fidelity_e2e_8192_oracle_causal.json", results)
         if causal_oracle:
             lines += [""] + causal_oracle_section(representative_keys, causal_oracle)

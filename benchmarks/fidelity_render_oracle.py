@@ -110,9 +110,10 @@ def oracle_section(rows: dict, run: dict) -> list[str]:
     return lines
 
 
-def representative_keys_section(run: dict, wider: dict | None = None) -> list[str]:
+def representative_keys_section(run: dict, wider: dict | None = None, costs: dict | None = None) -> list[str]:
     """The wide search's beam and representative keys, from fidelity_e2e_8192_rk.json, with the
-    wider beams of fidelity_e2e_8192_beam.json (``wider``) where that run exists."""
+    wider beams of fidelity_e2e_8192_beam.json (``wider``) where that run exists and their H200 cost
+    from ``costs`` (benchmarks/rescore.py's JSON) where that exists."""
     extra = wider["rows"] if wider else []
     rows = sorted(run["rows"] + extra, key=lambda r: (r["query_block"], -r["top_k"], -r["beam"], -r["representative_keys"]))
     default = {(r["query_block"], r["top_k"]): r for r in rows if r["config"].count(":") == 2}  # no settings given
@@ -173,11 +174,12 @@ def representative_keys_section(run: dict, wider: dict | None = None) -> list[st
         f"{d_beam} with {d_keys} keys; `RescoredSettings(representative_keys=4)`",
         "is the cheaper choice where 64-token blocks are used. With the default (causal) selection the default's oracle",
         f"ratios are {min(ratios):.3f}-{max(ratios):.3f}, below the target of 0.98 at the pruned budgets.",
-    ] + (_wider_beams(rows, default, d_beam, d_keys) if extra else [])
+    ] + (_wider_beams(rows, default, d_beam, d_keys, costs) if extra else [])
 
 
-def _wider_beams(rows: list[dict], default: dict, d_beam: int, d_keys: int) -> list[str]:
-    """What the beams wider than the default buy, at the default's representative keys."""
+def _wider_beams(rows: list[dict], default: dict, d_beam: int, d_keys: int, costs: dict | None) -> list[str]:
+    """What the beams wider than the default buy, at the default's representative keys, and (``costs``:
+    ``benchmarks/rescore.py``'s rows of ``rescored:beam=B`` at 128k and 1M) what they cost."""
     wider = [r for r in rows if r["beam"] > d_beam and r["representative_keys"] == d_keys
              and (r["query_block"], r["top_k"]) in default]
     gains = [(r, default[(r["query_block"], r["top_k"])]) for r in wider]
@@ -185,11 +187,19 @@ def _wider_beams(rows: list[dict], default: dict, d_beam: int, d_keys: int) -> l
                           f"against {d['oracle_ratio']:.3f}, KL {r['next_token_kl']:.4f} against {d['next_token_kl']:.4f}"
                           for r, d in sorted(gains, key=lambda pair: (-pair[0]["beam"], pair[0]["query_block"])))
     best = max(r["oracle_ratio"] for r in wider)
+    cost = ""
+    if costs:
+        ms = {(r["variant"], r["seq_len"]): 1e3 * r["estimate_s"] for r in costs["rows"] if r.get("estimate_s")}
+
+        def at(beam: int) -> str:
+            return f"{ms[(f'rescored:beam={beam}', 131072)]:.1f} / {ms[(f'rescored:beam={beam}', 1048576)]:.1f} ms"
+        beams = sorted({r["beam"] for r in wider})
+        cost = ("; they cost " + _listed(f"{at(beam)} (beam {beam})" for beam in beams) + " at 128k / 1M on the H200, "
+                f"against the default's {at(d_beam)} (docs/benchmarks.md, ninth session)")
     return [
         "",
-        f"Wider beams at {d_keys} keys raise the oracle ratio a little and the end-to-end figures not at all ({described}),",
-        f"at about twice the default's cost on the H200 (beam 6: 21.2 / 256.5 ms, beam 8: 22.5 / 274.5 ms at 128k / 1M, against",
-        f"10.9 / 121.1 ms; docs/benchmarks.md, ninth session). The best, {best:.3f}, is still below 0.98: 1.5 to 2",
+        f"Wider beams at {d_keys} keys raise the oracle ratio a little and the end-to-end figures not at all ({described})"
+        + cost + f". The best, {best:.3f}, is still below 0.98: 1.5 to 2",
         "times the candidates recover little of the mass the oracle's blocks hold beyond the default's, and that mass",
         "costs almost no KL or top-1 (the oracle sections above).",
     ]
